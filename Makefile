@@ -1,0 +1,44 @@
+# Two promises: `make devnet` runs the three-node demo, `make test` runs the suite.
+# Both create .venv and install what they need; re-running is cheap (stamp file).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint devnet devnet-check bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@# fastecdsa (a libp2p dependency) builds from source against GMP.
+	@if ! [ -f /usr/include/gmp.h ] && ! ls /usr/include/*/gmp.h >/dev/null 2>&1; then \
+		echo "installing libgmp-dev (needed to build fastecdsa)"; \
+		(apt-get update -qq && apt-get install -y -qq libgmp-dev) || \
+		{ echo "error: libgmp-dev is missing and could not be installed; install it with your package manager" >&2; exit 1; }; \
+	fi
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/ruff check vcoind tests devnet bench
+	$(BIN)/mypy
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check vcoind tests devnet bench
+	$(BIN)/ruff format --check vcoind tests devnet bench
+	$(BIN)/mypy
+
+devnet: install
+	$(BIN)/python -m devnet $(DEVNET_ARGS)
+
+devnet-check: install
+	$(BIN)/python -m devnet --check $(DEVNET_ARGS)
+
+bench: install
+	$(BIN)/python bench/gossip.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

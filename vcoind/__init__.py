@@ -1,0 +1,3 @@
+"""VCoin node daemon."""
+
+__version__ = "0.1.0"
