@@ -1,0 +1,222 @@
+"""Local devnet: N vcoind processes on loopback that find each other.
+
+    python -m devnet                 # 3 nodes, live status line, Ctrl-C stops all
+    python -m devnet --nodes 5
+    python -m devnet --check         # bring up, verify full mesh, stop cleanly; exit 0/1
+
+Node 1 starts first; the others bootstrap to it and learn each other through
+gossip. Each node has its own datadir (keys, config, SQLite, log) under --dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vcoind.cli import ClientError, RPCClient
+from vcoind.datadir import DataDir
+
+
+class DevnetError(Exception):
+    pass
+
+
+@dataclass
+class DevNode:
+    index: int
+    datadir: Path
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    info: dict[str, Any]
+
+    @property
+    def rpc(self) -> RPCClient:
+        return RPCClient(self.info["rpc_url"], DataDir(self.datadir).read_cookie(), timeout=5)
+
+    @property
+    def p2p_addr(self) -> str:
+        return str(self.info["p2p_addrs"][0])
+
+
+def start_node(index: int, base: Path, *, bootstrap: str | None, heartbeat: float,
+               peer_timeout: float, network: str, extra: list[str] | None = None,
+               timeout: float = 60.0) -> DevNode:
+    datadir = base / f"node{index}"
+    datadir.mkdir(parents=True, exist_ok=True)
+    log_path = datadir / "vcoind.log"
+    cmd = [sys.executable, "-m", "vcoind", "--datadir", str(datadir), "--network", network,
+           "--listen", "/ip4/127.0.0.1/tcp/0", "--rpc-addr", "127.0.0.1:0",
+           "--heartbeat-interval", str(heartbeat), "--peer-timeout", str(peer_timeout),
+           *(["--bootstrap", bootstrap] if bootstrap else []), *(extra or [])]
+    dd = DataDir(datadir)
+    dd.remove_run_file()  # a stale file from a killed run must not be mistaken for ours
+    log = log_path.open("ab")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = dd.read_run_file()
+        if info and info.get("pid") == proc.pid:
+            return DevNode(index, datadir, proc, log_path, info)
+        if proc.poll() is not None:
+            raise DevnetError(f"node {index} exited with code {proc.returncode}:\n"
+                              + tail(log_path))
+        time.sleep(0.1)
+    proc.kill()
+    raise DevnetError(f"node {index} did not start within {timeout:.0f} s:\n" + tail(log_path))
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def peer_ids(node: DevNode) -> set[str]:
+    return {p["peer_id"] for p in node.rpc.call("vcoin_peers")}
+
+
+def wait_for_mesh(nodes: list[DevNode], timeout: float) -> float:
+    """Wait until every node lists every other node; returns seconds taken."""
+    t0 = time.monotonic()
+    ids = {n.info["peer_id"] for n in nodes}
+    while True:
+        missing = {}
+        for n in nodes:
+            try:
+                seen = peer_ids(n)
+            except ClientError as exc:
+                seen, missing[n.index] = set(), {str(exc)}
+            want = ids - {n.info["peer_id"]}
+            if not want <= seen:
+                missing[n.index] = want - seen
+        if not missing:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            detail = "; ".join(f"node {i} misses {len(m)}" for i, m in missing.items())
+            raise DevnetError(f"no full mesh after {timeout:.0f} s: {detail}")
+        time.sleep(0.2)
+
+
+def stop_all(nodes: list[DevNode], timeout: float = 20.0) -> list[str]:
+    """SIGTERM every node; returns problems (non-zero exit, leftover run.json)."""
+    problems = []
+    for n in nodes:
+        if n.proc.poll() is None:
+            n.proc.send_signal(signal.SIGTERM)
+    for n in nodes:
+        try:
+            code = n.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            n.proc.kill()
+            code = n.proc.wait()
+            problems.append(f"node {n.index} did not stop within {timeout:.0f} s (killed)")
+        if code != 0:
+            problems.append(f"node {n.index} exited with code {code}:\n" + tail(n.log_path))
+        if (n.datadir / "run.json").exists():
+            problems.append(f"node {n.index} left run.json behind")
+    return problems
+
+
+def print_table(nodes: list[DevNode]) -> None:
+    rows = [("NODE", "PEER ID", "P2P ADDRESS", "RPC URL")]
+    for n in nodes:
+        rows.append((str(n.index), n.info["peer_id"], n.p2p_addr.split("/p2p/")[0],
+                     n.info["rpc_url"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def status_line(nodes: list[DevNode], started: float) -> str:
+    parts = []
+    for n in nodes:
+        try:
+            st = n.rpc.call("vcoin_clusterStatus")
+            lat = st["gossip"]["latency"]
+            parts.append(f"n{n.index}:{st['active_nodes'] - 1}p/"
+                         f"{lat.get('p95_ms', '-')}ms")
+        except ClientError:
+            parts.append(f"n{n.index}:down")
+    return f"[{time.monotonic() - started:6.0f}s] peers/gossip-p95  " + "  ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="devnet", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, default=3, help="number of daemons (default 3)")
+    p.add_argument("--dir", type=Path, help="where the datadirs go (default: a new temp dir, "
+                   "removed on exit unless --keep)")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir on exit")
+    p.add_argument("--check", action="store_true",
+                   help="non-interactive: bring up, verify the mesh, stop; exit 0 or 1")
+    p.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="S")
+    p.add_argument("--peer-timeout", type=float, default=6.0, metavar="S")
+    p.add_argument("--network", default="devnet")
+    p.add_argument("--timeout", type=float, default=60.0, help="mesh deadline in seconds")
+    ns = p.parse_args(argv)
+    if ns.nodes < 1:
+        p.error("--nodes must be at least 1")
+    base = ns.dir or Path(tempfile.mkdtemp(prefix="vcoin-devnet-"))
+    temp = ns.dir is None and not ns.keep
+    nodes: list[DevNode] = []
+    started = time.monotonic()
+    code = 0
+    try:
+        print(f"devnet: {ns.nodes} nodes, datadirs under {base}", flush=True)
+        common = dict(heartbeat=ns.heartbeat_interval, peer_timeout=ns.peer_timeout,
+                      network=ns.network)
+        nodes.append(start_node(1, base, bootstrap=None, **common))
+        for i in range(2, ns.nodes + 1):
+            nodes.append(start_node(i, base, bootstrap=nodes[0].p2p_addr,
+                                    **common))
+        took = wait_for_mesh(nodes, ns.timeout)
+        print(f"full mesh: every node lists the other {ns.nodes - 1} "
+              f"({took:.1f} s after the last start)\n", flush=True)
+        print_table(nodes)
+        print(f"\ntry: vcoin --datadir {nodes[0].datadir} peers", flush=True)
+        if not ns.check:
+            print("running; Ctrl-C stops all nodes", flush=True)
+            while True:
+                line = status_line(nodes, started)
+                if sys.stdout.isatty():
+                    print("\r" + line, end="", flush=True)
+                else:
+                    print(line, flush=True)
+                time.sleep(2 if sys.stdout.isatty() else 10)
+    except DevnetError as exc:
+        print(f"devnet: error: {exc}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        print("\nstopping", flush=True)
+    finally:
+        problems = stop_all(nodes)
+        for pr in problems:
+            print(f"devnet: {pr}", file=sys.stderr)
+        if problems:
+            code = 1
+        elif nodes:
+            print(f"stopped {len(nodes)} nodes cleanly", flush=True)
+        if temp and code == 0:
+            shutil.rmtree(base, ignore_errors=True)
+        elif code != 0:
+            print(f"devnet: logs kept in {base}", file=sys.stderr)
+    return code
+
+
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # stop the nodes the same way as Ctrl-C
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _sigterm)
+    sys.exit(main())

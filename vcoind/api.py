@@ -1,0 +1,137 @@
+"""The node's JSON-RPC methods (vcoin_*). Each is declared once; rpc.discover documents it."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Any
+
+from vcoind import __version__
+from vcoind.p2p.peers import PeerState
+from vcoind.rpc import MethodRegistry, Param, RPCMethod
+
+if TYPE_CHECKING:
+    from vcoind.node import Node
+
+OBJ: dict[str, Any] = {"type": "object"}
+
+
+def peer_view(st: PeerState, connected: bool) -> dict[str, Any]:
+    hb = st.heartbeat
+    return {
+        "peer_id": hb.peer_id,
+        "eth_address": hb.eth_address,
+        "addrs": list(hb.listen_addrs),
+        "connected": connected,
+        "status": "online",
+        "health": st.health,
+        "self_health": hb.health,
+        "latency_ms": round(st.latency_s * 1000, 3),
+        "first_seen": st.first_seen,
+        "last_seen": st.last_seen,
+        "interval": hb.interval,
+        "device": dataclasses.asdict(hb.device),
+        "cpu_percent": hb.cpu_percent,
+        "memory_percent": hb.memory_percent,
+        "models": list(hb.models),
+        "spans": [dataclasses.asdict(s) for s in hb.spans],
+        "profile": dataclasses.asdict(hb.profile),
+        "queue_length": hb.queue_length,
+        "software": hb.software,
+    }
+
+
+def register_node_api(reg: MethodRegistry, node: Node) -> None:
+    async def node_info(params: dict[str, Any]) -> dict[str, Any]:
+        hb = node.heartbeat.last
+        return {
+            "peer_id": node.identity.peer_id,
+            "eth_address": node.identity.eth_address,
+            "network": node.config.network,
+            "version": __version__,
+            "p2p_addrs": node.advertised_addrs(),
+            "rpc_url": node.info.rpc_url if node.info else None,
+            "uptime_s": round(time.time() - node.started_at, 3),
+            "heartbeat_interval": node.heartbeat.interval,
+            "peer_count": len(node.peers),
+            "connections": len(node.p2p.connected_peers()),
+            "device": dataclasses.asdict(hb.device) if hb else None,
+            "health": hb.health if hb else None,
+            "capabilities": dataclasses.asdict(node.heartbeat.capabilities),
+            "datadir": str(node.datadir.path),
+        }
+
+    async def peers(params: dict[str, Any]) -> list[dict[str, Any]]:
+        connected = {p.to_base58() for p in node.p2p.connected_peers()}
+        out = [peer_view(st, st.peer_id in connected) for st in node.peers.peers()]
+        if params["include_offline"]:
+            online = {p["peer_id"] for p in out}
+            for row in await node.store.list_peers(status="offline"):
+                if row.peer_id not in online:
+                    out.append({"peer_id": row.peer_id, "eth_address": row.eth_address,
+                                "addrs": list(row.addrs), "connected": row.peer_id in connected,
+                                "status": "offline", "health": row.health_score,
+                                "last_seen": row.last_heartbeat, "software": row.software})
+        return out
+
+    async def cluster_status(params: dict[str, Any]) -> dict[str, Any]:
+        me = node.heartbeat.last
+        nodes: list[dict[str, Any]] = []
+        if me is not None:
+            nodes.append({"peer_id": me.peer_id, "self": True, "health": me.health,
+                          "cpu_percent": me.cpu_percent, "memory_percent": me.memory_percent,
+                          "device_utilization": me.device.utilization,
+                          "queue_length": me.queue_length, "error_rate": 0.0})
+        for st in node.peers.peers():
+            hb = st.heartbeat
+            nodes.append({"peer_id": hb.peer_id, "self": False, "health": st.health,
+                          "cpu_percent": hb.cpu_percent, "memory_percent": hb.memory_percent,
+                          "device_utilization": hb.device.utilization,
+                          "queue_length": hb.queue_length,
+                          "error_rate": round(node.gossip.error_rate(hb.peer_id), 6)})
+        healths = [n["health"] for n in nodes]
+        return {
+            "network": node.config.network,
+            "active_nodes": len(nodes),
+            "queue_length": sum(n["queue_length"] for n in nodes),
+            "average_health": round(sum(healths) / len(healths), 6) if healths else None,
+            "load_distribution": nodes,
+            "gossip": gossip_stats_view(node),
+        }
+
+    async def gossip_stats(params: dict[str, Any]) -> dict[str, Any]:
+        return gossip_stats_view(node)
+
+    reg.add(RPCMethod("vcoin_nodeInfo", "Identity, addresses, device and health of this node.",
+                      (), OBJ, node_info))
+    reg.add(RPCMethod(
+        "vcoin_peers", "Peers in the peer table (alive within the peer timeout).",
+        (Param("include_offline", {"type": "boolean"}, default=False,
+               description="also list peers known from the store that are offline"),),
+        {"type": "array", "items": OBJ}, peers))
+    reg.add(RPCMethod("vcoin_clusterStatus",
+                      "Active nodes, load distribution, error rates and gossip totals.",
+                      (), OBJ, cluster_status))
+    reg.add(RPCMethod("vcoin_gossipStats",
+                      "Heartbeat propagation latency (p50/p95/max) and gossip counters.",
+                      (), OBJ, gossip_stats))
+
+
+def _counter_values(counter: Any) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for metric in counter.collect():
+        for s in metric.samples:
+            if s.name.endswith("_total"):
+                key = "/".join(v for v in s.labels.values()) or "all"
+                out[key] = s.value
+    return out
+
+
+def gossip_stats_view(node: Node) -> dict[str, Any]:
+    m = node.metrics
+    return {
+        "latency": node.peers.latency_stats(),
+        "received": _counter_values(m.gossip_in),
+        "published": _counter_values(m.gossip_out),
+        "rejected": _counter_values(m.gossip_rejected),
+    }

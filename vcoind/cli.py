@@ -1,0 +1,319 @@
+"""Entry points: ``vcoind`` (the daemon) and ``vcoin`` (a client of its JSON-RPC)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from vcoind import __version__
+from vcoind.config import DEFAULT_DATADIR, LOG_LEVELS, Config, ConfigError, load, render_toml
+from vcoind.datadir import DataDir, DataDirError
+
+EXIT_USAGE = 2
+
+DAEMON_EPILOG = """\
+configuration precedence: built-in defaults < DATADIR/config.toml < VCOIN_* environment
+(e.g. VCOIN_P2P_HEARTBEAT_INTERVAL=2, VCOIN_RPC_ADDR=127.0.0.1:9000, lists comma-separated)
+< command-line flags.
+
+examples:
+  vcoind init --datadir ~/.vcoin
+  vcoind                                   # standalone node on ~/.vcoin
+  vcoind --bootstrap /ip4/127.0.0.1/tcp/4001/p2p/12D3KooW...
+  vcoind --datadir /tmp/n2 --listen /ip4/127.0.0.1/tcp/4002 --rpc-addr 127.0.0.1:8646
+"""
+
+
+def _add_node_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("node")
+    g.add_argument("--network", help="network name; nodes only talk within one (default devnet)")
+    g.add_argument("--log-level", choices=LOG_LEVELS, help="log verbosity (default info)")
+    g = p.add_argument_group("p2p")
+    g.add_argument("--listen", action="append", metavar="MULTIADDR",
+                   help="libp2p listen address, repeatable (default /ip4/127.0.0.1/tcp/4001; "
+                        "port 0 picks a free port)")
+    g.add_argument("--bootstrap", action="append", metavar="MULTIADDR",
+                   help="peer to join through, /ip4/H/tcp/P/p2p/<peer id>; repeatable")
+    g.add_argument("--announce", action="append", metavar="MULTIADDR",
+                   help="address to advertise instead of the listen address (e.g. public IP)")
+    g.add_argument("--heartbeat-interval", type=float, metavar="SECONDS",
+                   help="heartbeat gossip interval (default 5)")
+    g.add_argument("--peer-timeout", type=float, metavar="SECONDS",
+                   help="drop peers silent for this long (default 30)")
+    g.add_argument("--no-discover", action="store_true",
+                   help="dial only bootstrap peers, not peers learned through gossip")
+    g = p.add_argument_group("rpc")
+    g.add_argument("--rpc-addr", metavar="HOST:PORT",
+                   help="JSON-RPC/HTTP bind address (default 127.0.0.1:8645; port 0 = any; "
+                        "a non-loopback host requires the auth cookie)")
+
+
+def _flags(ns: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "datadir": ns.datadir,
+        "network": ns.network,
+        "log_level": ns.log_level,
+        "p2p.listen": ns.listen,
+        "p2p.bootstrap": ns.bootstrap,
+        "p2p.announce": ns.announce,
+        "p2p.heartbeat_interval": ns.heartbeat_interval,
+        "p2p.peer_timeout": ns.peer_timeout,
+        "p2p.discover": False if ns.no_discover else None,
+        "rpc.addr": ns.rpc_addr,
+    }
+
+
+def daemon_parser(command: str = "run") -> argparse.ArgumentParser:
+    if command == "init":
+        p = argparse.ArgumentParser(
+            prog="vcoind init", description="Create the data directory: Ed25519 libp2p key "
+            "(peer id), secp256k1 Ethereum key (node address), config.toml and the RPC auth "
+            "cookie, all 0600. Never overwrites existing keys.")
+    else:
+        p = argparse.ArgumentParser(
+            prog="vcoind", usage="vcoind [init] [options]",
+            description="VCoin node daemon: joins the network over libp2p, gossips its "
+            "capabilities, serves JSON-RPC on loopback. `vcoind init` only creates the data "
+            "directory (the daemon also creates it on first start).",
+            epilog=DAEMON_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--version", action="version", version=f"vcoind {__version__}")
+    p.add_argument("--datadir", type=Path, metavar="DIR",
+                   help=f"data directory (default {DEFAULT_DATADIR}; env VCOIN_DATADIR)")
+    _add_node_flags(p)
+    return p
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    for noisy in ("libp2p", "multiaddr", "hypercorn", "async_service"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _die(msg: str, code: int = 1) -> int:
+    print(f"vcoind: error: {msg}", file=sys.stderr)
+    return code
+
+
+def daemon_main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = "init" if args[:1] == ["init"] else "run"
+    if command == "init":
+        args = args[1:]
+    ns = daemon_parser(command).parse_args(args)
+    try:
+        cfg = load(flags=_flags(ns))
+    except ConfigError as exc:
+        return _die(str(exc), EXIT_USAGE)
+    dd = DataDir(cfg.datadir)
+    if command == "init":
+        try:
+            created = dd.init(render_toml(cfg))
+        except (DataDirError, OSError) as exc:
+            return _die(str(exc))
+        ident = dd.load_identity()
+        print(f"initialised {dd.path}")
+        for f in created:
+            print(f"  created {f}")
+        print(f"peer id      {ident.peer_id}\neth address  {ident.eth_address}")
+        return 0
+    _setup_logging(cfg.log_level)
+    try:
+        dd.init(render_toml(cfg), exist_ok=True)  # first start initialises the datadir
+        ident = dd.load_identity()
+        with dd.lock():
+            return trio.run(_serve, cfg, dd, ident)
+    except DataDirError as exc:
+        return _die(str(exc))
+    except OSError as exc:
+        return _die(f"{exc}")
+
+
+async def _serve(cfg: Config, dd: DataDir, ident: Any) -> int:
+    from vcoind.node import Node  # heavy imports only when actually running
+
+    node = Node(cfg, dd, ident)
+    try:
+        async with trio.open_nursery() as nursery:
+            info = await nursery.start(node.run)
+            print(f"vcoind {__version__}  network {cfg.network}", flush=True)
+            print(f"peer id  {info.peer_id}\neth      {info.eth_address}", flush=True)
+            for a in info.p2p_addrs:
+                print(f"p2p      {a}", flush=True)
+            print(f"rpc      {info.rpc_url}\ndatadir  {dd.path}", flush=True)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    logging.getLogger("vcoind").info("received %s, shutting down",
+                                                     signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+    except BaseExceptionGroup as group:
+        leaf = _first_leaf(group)
+        if isinstance(leaf, OSError | RuntimeError | ValueError):
+            print(f"vcoind: error: {leaf}", file=sys.stderr)
+            return 1
+        raise
+    print("vcoind stopped", flush=True)
+    return 0
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+# --- client -------------------------------------------------------------------
+
+
+class ClientError(Exception):
+    pass
+
+
+class RPCClient:
+    def __init__(self, url: str, cookie: str | None, timeout: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self.cookie = cookie
+        self.timeout = timeout
+        self._id = 0
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        self._id += 1
+        body = json.dumps({"jsonrpc": "2.0", "id": self._id, "method": method,
+                           "params": params or {}}).encode()
+        req = urllib.request.Request(self.url + "/rpc", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        if self.cookie:
+            req.add_header("Authorization", f"Bearer {self.cookie}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                reply = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            raise ClientError(f"{self.url}: HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise ClientError(f"cannot reach the daemon at {self.url}: {exc}") from None
+        if "error" in reply:
+            err = reply["error"]
+            raise ClientError(f"{method}: {err.get('message')} (code {err.get('code')})")
+        return reply["result"]
+
+
+def _client_from(ns: argparse.Namespace) -> RPCClient:
+    if ns.rpc:
+        cookie = os.environ.get("VCOIN_RPC_COOKIE")
+        return RPCClient(ns.rpc, cookie)
+    raw = ns.datadir or os.environ.get("VCOIN_DATADIR") or DEFAULT_DATADIR
+    dd = DataDir(Path(raw))
+    info = dd.read_run_file()
+    if not info or "rpc_url" not in info:
+        raise ClientError(f"no daemon running on {dd.path} (no run.json); start `vcoind "
+                          f"--datadir {dd.path}` or pass --rpc URL")
+    return RPCClient(str(info["rpc_url"]), dd.read_cookie())
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+              for r in rows]
+    return "\n".join(lines)
+
+
+def _short(pid: str) -> str:
+    return pid if len(pid) <= 16 else f"{pid[:8]}…{pid[-6:]}"
+
+
+def _fmt_node_info(r: dict[str, Any]) -> str:
+    dev = r.get("device") or {}
+    lines = [
+        f"peer id      {r['peer_id']}",
+        f"eth address  {r['eth_address']}",
+        f"network      {r['network']}   version {r['version']}",
+        f"rpc          {r['rpc_url']}",
+        *[f"p2p          {a}" for a in r["p2p_addrs"]],
+        f"uptime       {r['uptime_s']:.0f} s   peers {r['peer_count']}   "
+        f"connections {r['connections']}   heartbeat every {r['heartbeat_interval']:g} s",
+        f"device       {dev.get('kind', '?')} {dev.get('name', '')} "
+        f"{dev.get('memory_used_mb', 0)}/{dev.get('memory_total_mb', 0)} MiB "
+        f"util {dev.get('utilization', 0):.0f}%",
+        f"health       {r['health']}",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt_peers(peers: list[dict[str, Any]]) -> str:
+    if not peers:
+        return "no peers"
+    now = time.time()
+    rows = [[_short(p["peer_id"]), p.get("status", ""), "yes" if p.get("connected") else "no",
+             f"{p['health']:.2f}" if p.get("health") is not None else "-",
+             f"{p['latency_ms']:.1f}" if "latency_ms" in p else "-",
+             f"{now - p['last_seen']:.1f}s" if p.get("last_seen") else "-",
+             (p.get("device") or {}).get("name", "-"),
+             (p.get("addrs") or ["-"])[0].split("/p2p/")[0]] for p in peers]
+    return _table(rows, ["PEER", "STATUS", "CONN", "HEALTH", "LAT(ms)", "SEEN", "DEVICE", "ADDR"])
+
+
+def _fmt_status(r: dict[str, Any]) -> str:
+    rows = [[_short(n["peer_id"]) + (" (self)" if n["self"] else ""), f"{n['health']:.2f}",
+             f"{n['cpu_percent']:.0f}%", f"{n['memory_percent']:.0f}%",
+             f"{n['device_utilization']:.0f}%", str(n["queue_length"]),
+             f"{n['error_rate']:.3f}"] for n in r["load_distribution"]]
+    lat = r["gossip"]["latency"]
+    head = (f"network {r['network']}: {r['active_nodes']} active nodes, queue "
+            f"{r['queue_length']}, average health {r['average_health']}\n"
+            f"gossip latency p50 {lat.get('p50_ms', '-')} ms, p95 {lat.get('p95_ms', '-')} ms "
+            f"over {lat.get('count', 0)} heartbeats; rejected {r['gossip']['rejected'] or 0}\n")
+    return head + _table(rows, ["NODE", "HEALTH", "CPU", "MEM", "DEVICE", "QUEUE", "ERRORS"])
+
+
+CLIENT_COMMANDS: dict[str, tuple[str, str, Callable[[Any], str]]] = {
+    "node-info": ("vcoin_nodeInfo", "identity, addresses, device and health of the node",
+                  _fmt_node_info),
+    "peers": ("vcoin_peers", "the peer table", _fmt_peers),
+    "status": ("vcoin_clusterStatus", "cluster status: nodes, load, error rates",
+               _fmt_status),
+}
+
+
+def client_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vcoin", description="Client of a local vcoind over JSON-RPC. Finds the daemon "
+        "through DATADIR/run.json, or talks to --rpc URL.")
+    p.add_argument("--version", action="version", version=f"vcoin {__version__}")
+    p.add_argument("--datadir", type=Path, metavar="DIR",
+                   help=f"daemon data directory (default {DEFAULT_DATADIR})")
+    p.add_argument("--rpc", metavar="URL", help="daemon RPC URL, e.g. http://127.0.0.1:8645 "
+                   "(auth cookie from env VCOIN_RPC_COOKIE)")
+    p.add_argument("--json", action="store_true", help="print raw JSON for scripts")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text, _) in CLIENT_COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text)
+        if name == "peers":
+            sp.add_argument("--all", action="store_true", help="include offline peers")
+    return p
+
+
+def client_main(argv: Sequence[str] | None = None) -> int:
+    ns = client_parser().parse_args(argv)
+    method, _, fmt = CLIENT_COMMANDS[ns.command]
+    params = {"include_offline": True} if getattr(ns, "all", False) else {}
+    try:
+        result = _client_from(ns).call(method, params)
+    except ClientError as exc:
+        print(f"vcoin: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2) if ns.json else fmt(result))
+    return 0

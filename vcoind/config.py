@@ -1,0 +1,293 @@
+"""One typed config tree: built-in defaults < DATADIR/config.toml < VCOIN_* environment < flags.
+
+Every section is a frozen dataclass. Sources are merged as plain dicts keyed by
+dotted names (``p2p.heartbeat_interval``), then converted and validated field by
+field, so an error always names the key and the problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import multiaddr
+
+DEFAULT_DATADIR = Path("~/.vcoin").expanduser()
+LOG_LEVELS = ("debug", "info", "warning", "error")
+ENV_PREFIX = "VCOIN_"
+
+
+class ConfigError(Exception):
+    """A configuration value is wrong; ``key`` names it (dotted)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"config {key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class P2PConfig:
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/4001",)
+    bootstrap: tuple[str, ...] = ()
+    # Addresses to advertise instead of the listen addresses (e.g. a public IP).
+    announce: tuple[str, ...] = ()
+    heartbeat_interval: float = 5.0
+    peer_timeout: float = 30.0
+    # Dial peers learned from gossip (full mesh); off = only bootstrap peers.
+    discover: bool = True
+    # Invalid gossip messages a forwarder may send before it is blacklisted.
+    max_invalid_messages: int = 50
+
+
+@dataclass(frozen=True)
+class RPCConfig:
+    addr: str = "127.0.0.1:8645"
+    max_body_bytes: int = 1_048_576
+
+    @property
+    def host(self) -> str:
+        return split_host_port(self.addr)[0]
+
+    @property
+    def port(self) -> int:
+        return split_host_port(self.addr)[1]
+
+
+@dataclass(frozen=True)
+class Config:
+    datadir: Path = DEFAULT_DATADIR
+    network: str = "devnet"
+    log_level: str = "info"
+    p2p: P2PConfig = field(default_factory=P2PConfig)
+    rpc: RPCConfig = field(default_factory=RPCConfig)
+
+
+def split_host_port(addr: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:PORT`` for IPv6); raises ValueError."""
+    host, sep, port_s = addr.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {addr!r}")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ValueError(f"port must be a number, got {port_s!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0..65535, got {port}")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --- conversion -------------------------------------------------------------
+
+
+def _convert(key: str, tp: Any, value: Any) -> Any:
+    """Convert a raw value (TOML value, env string or flag value) to ``tp``."""
+    origin = get_origin(tp)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(key, f"must be a list of strings, got {value!r}")
+        (item_tp, _) = get_args(tp)
+        return tuple(_convert(key, item_tp, v) for v in value)
+    if origin in (Union, types.UnionType):
+        raise ConfigError(key, "unsupported type")  # no optional fields yet
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(key, f"must be true or false, got {value!r}")
+    if tp is int or tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        try:
+            num = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(key, f"must be {'an integer' if tp is int else 'a number'}, "
+                                   f"got {value!r}") from None
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        return num
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, str | Path):
+            raise ConfigError(key, f"must be a path, got {value!r}")
+        return Path(value).expanduser()
+    raise ConfigError(key, f"unsupported type {tp!r}")
+
+
+def _build(cls: type[Any], prefix: str, values: Mapping[str, Any]) -> Any:
+    hints = get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp: Any = hints[f.name]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, f"{key}.", values)
+        elif key in values:
+            kwargs[f.name] = _convert(key, tp, values[key])
+    return cls(**kwargs)
+
+
+def known_keys(cls: type[Any] = Config, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> field type, for every leaf of the config tree."""
+    hints = get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp: Any = hints[f.name]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            out.update(known_keys(tp, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = tp
+    return out
+
+
+def _flatten_toml(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flatten_toml(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Flattened values of a config file; unknown keys are errors."""
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"not valid TOML: {exc}") from None
+    flat = _flatten_toml(raw)
+    known = known_keys()
+    for key in flat:
+        if key not in known or key == "datadir":
+            raise ConfigError(key, f"unknown key in {path}")
+    return flat
+
+
+def read_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """``VCOIN_P2P_HEARTBEAT_INTERVAL`` -> ``p2p.heartbeat_interval``; lists comma-separated."""
+    out: dict[str, Any] = {}
+    by_env = {ENV_PREFIX + k.replace(".", "_").upper(): k for k in known_keys()}
+    for name, value in env.items():
+        if name in by_env:
+            out[by_env[name]] = value
+    return out
+
+
+# --- validation -------------------------------------------------------------
+
+_NETWORK_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+
+def _check_multiaddrs(key: str, addrs: tuple[str, ...], *, need_peer_id: bool) -> None:
+    for a in addrs:
+        try:
+            ma = multiaddr.Multiaddr(a)
+        except Exception as exc:  # multiaddr raises several unrelated types
+            raise ConfigError(key, f"not a valid multiaddr {a!r}: {exc}") from None
+        protos = [p.name for p in ma.protocols()]
+        if need_peer_id and "p2p" not in protos:
+            raise ConfigError(key, f"{a!r} must end in /p2p/<peer id>")
+        if not need_peer_id and "tcp" not in protos:
+            raise ConfigError(key, f"{a!r} must be a TCP address (/ip4/HOST/tcp/PORT)")
+
+
+def validate(cfg: Config) -> Config:
+    if not _NETWORK_RE.match(cfg.network):
+        raise ConfigError("network", f"must match {_NETWORK_RE.pattern}, got {cfg.network!r}")
+    if cfg.log_level.lower() not in LOG_LEVELS:
+        raise ConfigError("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+    p = cfg.p2p
+    if not p.listen:
+        raise ConfigError("p2p.listen", "needs at least one address")
+    _check_multiaddrs("p2p.listen", p.listen, need_peer_id=False)
+    _check_multiaddrs("p2p.bootstrap", p.bootstrap, need_peer_id=True)
+    _check_multiaddrs("p2p.announce", p.announce, need_peer_id=False)
+    if not 0.05 <= p.heartbeat_interval <= 3600:
+        raise ConfigError("p2p.heartbeat_interval",
+                          f"must be between 0.05 and 3600 seconds, got {p.heartbeat_interval}")
+    if p.peer_timeout <= p.heartbeat_interval:
+        raise ConfigError("p2p.peer_timeout",
+                          f"must be longer than p2p.heartbeat_interval ({p.heartbeat_interval} s), "
+                          f"got {p.peer_timeout}")
+    if p.max_invalid_messages < 1:
+        raise ConfigError("p2p.max_invalid_messages", "must be at least 1")
+    try:
+        split_host_port(cfg.rpc.addr)
+    except ValueError as exc:
+        raise ConfigError("rpc.addr", str(exc)) from None
+    if cfg.rpc.max_body_bytes < 1024:
+        raise ConfigError("rpc.max_body_bytes", "must be at least 1024")
+    return cfg
+
+
+def load(
+    datadir: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Merge the four layers and validate. ``flags`` uses dotted keys; None values are unset."""
+    env = os.environ if env is None else env
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    if datadir is None:
+        raw_dir = flags.get("datadir") or env.get(ENV_PREFIX + "DATADIR") or DEFAULT_DATADIR
+        datadir = Path(raw_dir).expanduser()
+    values: dict[str, Any] = {}
+    values.update(read_toml(datadir / "config.toml"))
+    values.update(read_env(env))
+    values.update(flags)
+    values["datadir"] = datadir
+    return validate(_build(Config, "", values))
+
+
+def render_toml(cfg: Config) -> str:
+    """The config as a commented TOML file (what ``vcoind init`` writes)."""
+    lines = ["# vcoind configuration. Precedence: defaults < this file < VCOIN_* env < flags.", ""]
+    lines.append(f'network = "{cfg.network}"')
+    lines.append(f'log_level = "{cfg.log_level}"')
+    for section in ("p2p", "rpc"):
+        lines += ["", f"[{section}]"]
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            lines.append(f"{f.name} = {_toml_value(getattr(obj, f.name))}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return str(v)

@@ -1,0 +1,164 @@
+"""Node: owns the root nursery and wires the services together.
+
+Start-up order (each service signals readiness through ``nursery.start``):
+store -> libp2p host + pubsub -> gossip -> peer table -> peer keeper ->
+heartbeat -> RPC server -> run.json. Shutdown is cancellation; the run file
+is removed and the store closed on the way out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from vcoind import __version__
+from vcoind.api import register_node_api
+from vcoind.compute.telemetry import HostSample, Telemetry
+from vcoind.config import Config
+from vcoind.consensus.health import health_score
+from vcoind.datadir import DataDir, Identity
+from vcoind.metrics import NodeMetrics
+from vcoind.p2p.gossip import Gossip
+from vcoind.p2p.heartbeat import BindingCheck, HeartbeatService
+from vcoind.p2p.host import P2PHost, build_host, running
+from vcoind.p2p.keeper import PeerKeeper
+from vcoind.p2p.messages import Heartbeat
+from vcoind.p2p.peers import PeerTable
+from vcoind.rpc import MethodRegistry, RPCServer, RPCServerConfig
+from vcoind.store import Store
+
+if TYPE_CHECKING:
+    # libp2p pulls in trio-typing, whose stale stubs shadow trio's own types for mypy.
+    from trio_typing import TaskStatus
+
+log = logging.getLogger("vcoind.node")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    pid: int
+    peer_id: str
+    eth_address: str
+    network: str
+    rpc_url: str
+    p2p_addrs: tuple[str, ...]
+    started_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"pid": self.pid, "peer_id": self.peer_id, "eth_address": self.eth_address,
+                "network": self.network, "rpc_url": self.rpc_url,
+                "p2p_addrs": list(self.p2p_addrs), "started_at": self.started_at}
+
+
+class RPCStats:
+    """Own response time (EWMA) and error rate, for the node's self-assessed health."""
+
+    def __init__(self, metrics: NodeMetrics) -> None:
+        self._metrics = metrics
+        self.calls = 0
+        self.errors = 0
+
+    def on_call(self, method: str, outcome: str) -> None:
+        self.calls += 1
+        self.errors += outcome != "ok"
+        self._metrics.rpc_call(method, outcome)
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.calls if self.calls else 0.0
+
+
+class Node:
+    def __init__(self, config: Config, datadir: DataDir, identity: Identity) -> None:
+        self.config = config
+        self.datadir = datadir
+        self.identity = identity
+        self.metrics = NodeMetrics()
+        self.store = Store(datadir.db_file)
+        self.telemetry = Telemetry()
+        self.started_at = time.time()
+        self.info: RunInfo | None = None
+        self._rpc_stats = RPCStats(self.metrics)
+        p2p_cfg = config.p2p
+        self.p2p: P2PHost = build_host(identity.key_pair, self._on_bad_signature)
+        self.gossip = Gossip(self.p2p, config.network, self.metrics,
+                             max_age_s=p2p_cfg.peer_timeout,
+                             max_invalid=p2p_cfg.max_invalid_messages)
+        self.peers = PeerTable(self.store, self.metrics, peer_timeout=p2p_cfg.peer_timeout,
+                               base_interval=p2p_cfg.heartbeat_interval,
+                               error_rate=self.gossip.error_rate)
+        self.keeper = PeerKeeper(self.p2p, self.metrics, bootstrap=p2p_cfg.bootstrap,
+                                 discover=p2p_cfg.discover)
+        self.heartbeat = HeartbeatService(
+            self.gossip, identity, config.network, base_interval=p2p_cfg.heartbeat_interval,
+            telemetry=self.telemetry, peer_count=lambda: len(self.peers),
+            addrs=self.advertised_addrs, health=self._self_health)
+        self.gossip.on("heartbeat", Heartbeat, self.peers.on_heartbeat, check=BindingCheck())
+        self.peers.on_seen.append(lambda hb: self.keeper.learn(hb.peer_id, hb.listen_addrs))
+        host, port = config.rpc.host, config.rpc.port
+        self.registry = MethodRegistry()
+        register_node_api(self.registry, self)
+        self.rpc = RPCServer(
+            RPCServerConfig(host=host, port=port, max_body_bytes=config.rpc.max_body_bytes,
+                            cookie=datadir.read_cookie()),
+            self.registry, ready=self.is_ready, metrics=self.render_metrics,
+            title="vcoind", version=__version__, on_call=self._rpc_stats.on_call)
+        self._p2p_listening = False
+
+    # --- callbacks --------------------------------------------------------
+
+    def _on_bad_signature(self, forwarder: Any, msg: Any) -> None:
+        self.gossip.on_bad_signature(forwarder, msg)
+
+    def _self_health(self, sample: HostSample) -> float:
+        return health_score(sample.cpu_percent, sample.memory_percent, None,
+                            self._rpc_stats.error_rate)
+
+    def advertised_addrs(self) -> list[str]:
+        pid = self.identity.peer_id
+        if self.config.p2p.announce:
+            return [f"{a}/p2p/{pid}" for a in self.config.p2p.announce]
+        return self.p2p.addrs()
+
+    def is_ready(self) -> bool:
+        return self._p2p_listening and self.store.is_open
+
+    def render_metrics(self) -> bytes:
+        self.metrics.connections.set(len(self.p2p.connected_peers()))
+        return self.metrics.render()
+
+    # --- lifecycle --------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[RunInfo] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        await self.store.open()
+        try:
+            await self.store.mark_all_offline()
+            async with running(self.p2p, self.config.p2p.listen), trio.open_nursery() as nursery:
+                self._p2p_listening = True
+                for row in await self.store.list_peers():
+                    self.keeper.learn(row.peer_id, row.addrs)
+                await nursery.start(self.gossip.run)
+                await nursery.start(self.peers.run)
+                await nursery.start(self.keeper.run)
+                await nursery.start(self.heartbeat.run)
+                rpc_url = await nursery.start(self.rpc.run)
+                self.info = RunInfo(
+                    pid=os.getpid(), peer_id=self.identity.peer_id,
+                    eth_address=self.identity.eth_address, network=self.config.network,
+                    rpc_url=rpc_url, p2p_addrs=tuple(self.p2p.addrs()),
+                    started_at=self.started_at)
+                self.datadir.write_run_file(self.info.as_dict())
+                log.info("vcoind %s up: peer %s, eth %s, network %s", __version__,
+                         self.identity.peer_id, self.identity.eth_address, self.config.network)
+                task_status.started(self.info)
+        finally:
+            self._p2p_listening = False
+            self.datadir.remove_run_file()
+            with trio.CancelScope(shield=True):
+                await self.store.close()

@@ -1,0 +1,192 @@
+"""Gossip topics, validation and dispatch.
+
+Every gossip record carries ``network``, ``peer_id``, ``seq`` and ``timestamp``.
+A topic validator decodes the message (size limit first), checks that the
+record's ``peer_id`` is the envelope's signer, that it belongs to our network,
+is neither stale nor from the future, and that its ``seq`` is newer than the
+last one accepted from that sender (replays and late duplicates are dropped).
+Each rejection is counted by reason; forwarders of malformed, oversized,
+unsigned or forged messages are penalised and, past a threshold, blacklisted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+from libp2p.peer.id import ID
+from libp2p.pubsub.pb import rpc_pb2
+
+from vcoind.metrics import NodeMetrics
+from vcoind.p2p.codec import decode, encode
+from vcoind.p2p.errors import CodecError
+from vcoind.p2p.host import P2PHost
+
+if TYPE_CHECKING:
+    # libp2p pulls in trio-typing, whose stale stubs shadow trio's own types for mypy.
+    from trio_typing import TaskStatus
+
+log = logging.getLogger("vcoind.gossip")
+
+TOPIC_NAMES = ("heartbeat", "tasks", "votes")
+MAX_CLOCK_SKEW_S = 30.0
+BLACKLIST_S = 600.0
+# Rejections that prove the forwarder misbehaves (stale/replayed ones can be honest relays).
+PENALISED = frozenset({"malformed", "oversized", "unsigned", "sender_mismatch", "forged",
+                       "wrong_network"})
+
+Handler = Callable[[Any], Awaitable[None]]
+# Extra per-kind check: returns a rejection reason or None.
+Check = Callable[[Any], str | None]
+
+
+def topic_name(network: str, name: str) -> str:
+    return f"/vcoin/{network}/{name}/1"
+
+
+@dataclass
+class _Route:
+    cls: type[Any]
+    handler: Handler
+    check: Check | None
+
+
+class Gossip:
+    def __init__(self, p2p: P2PHost, network: str, metrics: NodeMetrics, *, max_age_s: float,
+                 max_invalid: int) -> None:
+        self._p2p = p2p
+        self._network = network
+        self._metrics = metrics
+        self._max_age_s = max_age_s
+        self._max_invalid = max_invalid
+        self._routes: dict[str, _Route] = {}
+        self._last_seq: dict[tuple[str, str], int] = {}
+        self._decoded: OrderedDict[bytes, Any] = OrderedDict()
+        self._invalid_from: dict[str, int] = {}
+        self._valid_from: dict[str, int] = {}
+        self._blacklisted: dict[ID, float] = {}
+        self._self_b58 = p2p.peer_id.to_base58()
+
+    def topic(self, name: str) -> str:
+        return topic_name(self._network, name)
+
+    def on(self, name: str, cls: type[Any], handler: Handler, check: Check | None = None) -> None:
+        """Route valid ``cls`` records on topic ``name`` to ``handler`` (before run())."""
+        self._routes[self.topic(name)] = _Route(cls, handler, check)
+
+    async def publish(self, name: str, record: Any) -> None:
+        topic = self.topic(name)
+        await self._p2p.pubsub.publish(topic, encode(record))
+        self._metrics.gossip_out.labels(topic=name).inc()
+
+    def error_rate(self, peer_id: str) -> float:
+        """Share of a peer's forwarded messages we rejected as invalid."""
+        bad = self._invalid_from.get(peer_id, 0)
+        total = bad + self._valid_from.get(peer_id, 0)
+        return bad / total if total else 0.0
+
+    def rejected(self, peer_id: str) -> int:
+        return self._invalid_from.get(peer_id, 0)
+
+    # --- validation -------------------------------------------------------
+
+    def _reject(self, topic: str, reason: str, forwarder: ID) -> bool:
+        short = topic.rsplit("/", 2)[-2] if topic.startswith("/vcoin/") else "other"
+        self._metrics.gossip_rejected.labels(topic=short, reason=reason).inc()
+        fwd = forwarder.to_base58()
+        log.debug("rejected %s message from %s: %s", short, fwd, reason)
+        if reason in PENALISED and fwd != self._self_b58:
+            n = self._invalid_from[fwd] = self._invalid_from.get(fwd, 0) + 1
+            if n >= self._max_invalid and forwarder not in self._blacklisted:
+                log.warning("blacklisting %s for %d s: %d invalid gossip messages", fwd,
+                            int(BLACKLIST_S), n)
+                self._blacklisted[forwarder] = trio.current_time() + BLACKLIST_S
+                self._metrics.peers_blacklisted.inc()
+                self._p2p.pubsub.add_to_blacklist(forwarder)
+        return False
+
+    def on_bad_signature(self, forwarder: ID, msg: rpc_pb2.Message) -> None:
+        for topic in msg.topicIDs or ["other"]:
+            self._reject(topic, "unsigned", forwarder)
+
+    def _validator(self, topic: str, route: _Route) -> Callable[[ID, rpc_pb2.Message], bool]:
+        limit = route.cls.MAX_BYTES
+
+        def validate(forwarder: ID, msg: rpc_pb2.Message) -> bool:
+            if len(msg.data) > limit:
+                return self._reject(topic, "oversized", forwarder)
+            try:
+                rec = decode(msg.data, route.cls)
+            except CodecError as exc:
+                log.debug("malformed gossip from %s: %s", forwarder, exc)
+                return self._reject(topic, "malformed", forwarder)
+            try:
+                signer = ID(msg.from_id).to_base58()
+            except Exception:  # a garbage from-id: base58 of arbitrary bytes can fail
+                return self._reject(topic, "sender_mismatch", forwarder)
+            if rec.peer_id != signer:
+                return self._reject(topic, "sender_mismatch", forwarder)
+            if rec.network != self._network:
+                return self._reject(topic, "wrong_network", forwarder)
+            now = time.time()
+            if rec.timestamp > now + MAX_CLOCK_SKEW_S:
+                return self._reject(topic, "future", forwarder)
+            if rec.timestamp < now - self._max_age_s:
+                return self._reject(topic, "stale", forwarder)
+            key = (route.cls.KIND, rec.peer_id)
+            last = self._last_seq.get(key)
+            if last is not None and rec.seq <= last:
+                return self._reject(topic, "replayed", forwarder)
+            if route.check is not None and (reason := route.check(rec)) is not None:
+                return self._reject(topic, reason, forwarder)
+            self._last_seq[key] = rec.seq
+            fwd = forwarder.to_base58()
+            self._valid_from[fwd] = self._valid_from.get(fwd, 0) + 1
+            self._decoded[msg.from_id + msg.seqno] = rec
+            while len(self._decoded) > 4096:
+                self._decoded.popitem(last=False)
+            return True
+
+        return validate
+
+    # --- service ----------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        pubsub = self._p2p.pubsub
+        async with trio.open_nursery() as nursery:
+            for name in TOPIC_NAMES:
+                topic = self.topic(name)
+                route = self._routes.get(topic)
+                if route is None:
+                    continue  # reserved: not subscribed until a service handles it
+                pubsub.set_topic_validator(topic, self._validator(topic, route), False)
+                sub = await pubsub.subscribe(topic)
+                nursery.start_soon(self._receive, name, route, sub)
+            nursery.start_soon(self._expire_blacklist)
+            task_status.started()
+
+    async def _receive(self, name: str, route: _Route, sub: Any) -> None:
+        async for msg in sub:
+            rec = self._decoded.pop(msg.from_id + msg.seqno, None)
+            if rec is None or rec.peer_id == self._self_b58:
+                continue  # our own publication, or evicted (cannot happen below 4096 in flight)
+            self._metrics.gossip_in.labels(topic=name).inc()
+            try:
+                await route.handler(rec)
+            except Exception:  # a bug in one handler must not take the node down
+                log.exception("handler for %s gossip failed", name)
+
+    async def _expire_blacklist(self) -> None:
+        while True:
+            await trio.sleep(10)
+            now = trio.current_time()
+            for peer, until in list(self._blacklisted.items()):
+                if until <= now:
+                    del self._blacklisted[peer]
+                    self._invalid_from.pop(peer.to_base58(), None)
+                    self._p2p.pubsub.remove_from_blacklist(peer)

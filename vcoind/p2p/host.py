@@ -1,0 +1,88 @@
+"""The libp2p host: TCP, Noise only (no plaintext), yamux, GossipSub v1.1/v1.2."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+import multiaddr
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.peer.id import ID
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.validators import signature_validator
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.tools.anyio_service import background_trio_service
+
+# /meshsub/1.3.0 alone silently breaks interop with js-libp2p; keep 1.1/1.2 on offer.
+GOSSIP_PROTOCOLS = (PROTOCOL_ID_V12, PROTOCOL_ID_V11)
+GOSSIP_HEARTBEAT_S = 1  # py-libp2p defaults to 120 s, far too slow to repair a mesh
+MAX_PUBSUB_RPC_BYTES = 1 << 20
+
+BadSignatureHook = Callable[[ID, rpc_pb2.Message], None]
+
+
+class VerifyingPubsub(Pubsub):
+    """Pubsub that reports unsigned or badly signed messages instead of dropping them silently.
+
+    py-libp2p's strict signing drops such messages before topic validators run,
+    so they would never be counted against the forwarder.
+    """
+
+    def __init__(self, host: IHost, router: GossipSub, on_bad_signature: BadSignatureHook) -> None:
+        super().__init__(host, router, strict_signing=True,
+                         max_inbound_rpc_size=MAX_PUBSUB_RPC_BYTES)
+        self._on_bad_signature = on_bad_signature
+
+    async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+        if (msg_forwarder != self.my_id and not self._is_msg_seen(msg)
+                and not signature_validator(msg)):
+            self._on_bad_signature(msg_forwarder, msg)
+            return
+        await super().push_msg(msg_forwarder, msg)
+
+
+@dataclass
+class P2PHost:
+    host: IHost
+    pubsub: VerifyingPubsub
+    router: GossipSub
+
+    @property
+    def peer_id(self) -> ID:
+        return self.host.get_id()
+
+    def addrs(self) -> list[str]:
+        return [str(a) for a in self.host.get_addrs()]
+
+    def connected_peers(self) -> set[ID]:
+        return set(self.host.get_connected_peers())
+
+
+def build_host(key_pair: KeyPair, on_bad_signature: BadSignatureHook) -> P2PHost:
+    noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+    host = new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise},
+                    muxer_preference="YAMUX")
+    router = GossipSub(protocols=list(GOSSIP_PROTOCOLS), degree=6, degree_low=4, degree_high=12,
+                       heartbeat_interval=GOSSIP_HEARTBEAT_S)
+    pubsub = VerifyingPubsub(host, router, on_bad_signature)
+    return P2PHost(host=host, pubsub=pubsub, router=router)
+
+
+@contextlib.asynccontextmanager
+async def running(p2p: P2PHost, listen: Sequence[str]) -> AsyncIterator[P2PHost]:
+    """Listen on ``listen`` and run pubsub; yields once pubsub is ready."""
+    addrs = [multiaddr.Multiaddr(a) for a in listen]
+    async with (
+        p2p.host.run(listen_addrs=addrs),
+        background_trio_service(p2p.pubsub),
+        background_trio_service(p2p.router),
+    ):
+        await p2p.pubsub.wait_until_ready()
+        yield p2p

@@ -1,0 +1,128 @@
+"""The peer table: who is alive, what they can do, how healthy they look from here.
+
+A peer enters on its first valid heartbeat and leaves when it has been silent
+for its expiry: max(peer_timeout, peer_timeout / base_interval x the interval the
+peer announces), so a peer that stretched its interval in a big network is
+not dropped early. It rejoins on its next heartbeat. The observer-side health
+score uses the peer's own CPU/memory figures, the publish-to-receive latency we
+measure, and the share of its messages we rejected.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from vcoind.consensus.health import health_score
+from vcoind.metrics import NodeMetrics
+from vcoind.p2p.messages import Heartbeat
+from vcoind.store import Store
+
+if TYPE_CHECKING:
+    # libp2p pulls in trio-typing, whose stale stubs shadow trio's own types for mypy.
+    from trio_typing import TaskStatus
+
+log = logging.getLogger("vcoind.peers")
+LATENCY_SAMPLES = 10_000
+EWMA_ALPHA = 0.2
+
+
+@dataclass
+class PeerState:
+    heartbeat: Heartbeat
+    first_seen: float  # unix time
+    last_seen: float  # unix time
+    expires_at: float  # trio clock
+    latency_s: float  # EWMA of publish-to-receive latency
+    health: float  # observer-side health score
+
+    @property
+    def peer_id(self) -> str:
+        return self.heartbeat.peer_id
+
+
+class PeerTable:
+    def __init__(self, store: Store, metrics: NodeMetrics, *, peer_timeout: float,
+                 base_interval: float, error_rate: Callable[[str], float]) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._timeout = peer_timeout
+        self._ratio = peer_timeout / base_interval
+        self._error_rate = error_rate
+        self._peers: dict[str, PeerState] = {}
+        self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.on_seen: list[Callable[[Heartbeat], None]] = []
+        self._changed = trio.Event()
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def get(self, peer_id: str) -> PeerState | None:
+        return self._peers.get(peer_id)
+
+    def peers(self) -> list[PeerState]:
+        return sorted(self._peers.values(), key=lambda p: p.peer_id)
+
+    def expiry_for(self, hb: Heartbeat) -> float:
+        return max(self._timeout, self._ratio * hb.interval)
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+        self._metrics.peers.set(len(self._peers))
+
+    async def on_heartbeat(self, hb: Heartbeat) -> None:
+        now = time.time()
+        latency = max(0.0, now - hb.timestamp)
+        self.latencies.append(latency)
+        self._metrics.gossip_latency.observe(latency)
+        prev = self._peers.get(hb.peer_id)
+        ewma = latency if prev is None else (1 - EWMA_ALPHA) * prev.latency_s + EWMA_ALPHA * latency
+        health = health_score(hb.cpu_percent, hb.memory_percent, ewma,
+                              self._error_rate(hb.peer_id))
+        self._peers[hb.peer_id] = PeerState(
+            heartbeat=hb, first_seen=prev.first_seen if prev else now, last_seen=now,
+            expires_at=trio.current_time() + self.expiry_for(hb), latency_s=ewma, health=health)
+        if prev is None:
+            log.info("peer joined %s (%s)", hb.peer_id, hb.eth_address)
+            self._notify()
+        for cb in self.on_seen:
+            cb(hb)
+        await self._store.upsert_peer(
+            hb.peer_id, hb.eth_address, hb.listen_addrs, hb.device.name,
+            hb.device.memory_total_mb, hb.device.cuda_version, health, hb.software, now)
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        tick = min(1.0, self._timeout / 4)
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            for peer_id, st in list(self._peers.items()):
+                if st.expires_at <= now:
+                    del self._peers[peer_id]
+                    log.info("peer left %s (silent for %.1f s)", peer_id,
+                             time.time() - st.last_seen)
+                    self._notify()
+                    await self._store.mark_offline(peer_id)
+
+    def latency_stats(self) -> dict[str, float | int]:
+        samples = sorted(self.latencies)
+        if not samples:
+            return {"count": 0}
+        return {
+            "count": len(samples),
+            "p50_ms": round(1000 * statistics.median(samples), 3),
+            "p95_ms": round(1000 * samples[min(len(samples) - 1, int(0.95 * len(samples)))], 3),
+            "max_ms": round(1000 * samples[-1], 3),
+        }
