@@ -48,12 +48,12 @@ class DevNode:
 
 def start_node(index: int, base: Path, *, bootstrap: str | None, heartbeat: float,
                peer_timeout: float, network: str, extra: list[str] | None = None,
-               timeout: float = 60.0) -> DevNode:
+               listen: str = "/ip4/127.0.0.1/tcp/0", timeout: float = 60.0) -> DevNode:
     datadir = base / f"node{index}"
     datadir.mkdir(parents=True, exist_ok=True)
     log_path = datadir / "vcoind.log"
     cmd = [sys.executable, "-m", "vcoind", "--datadir", str(datadir), "--network", network,
-           "--listen", "/ip4/127.0.0.1/tcp/0", "--rpc-addr", "127.0.0.1:0",
+           "--listen", listen, "--rpc-addr", "127.0.0.1:0",
            "--heartbeat-interval", str(heartbeat), "--peer-timeout", str(peer_timeout),
            *(["--bootstrap", bootstrap] if bootstrap else []), *(extra or [])]
     dd = DataDir(datadir)

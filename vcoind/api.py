@@ -100,7 +100,10 @@ def register_node_api(reg: MethodRegistry, node: Node) -> None:
         }
 
     async def gossip_stats(params: dict[str, Any]) -> dict[str, Any]:
-        return gossip_stats_view(node)
+        out = gossip_stats_view(node)
+        if params["include_samples"]:
+            out["samples_ms"] = [round(x * 1000, 3) for x in node.peers.latencies]
+        return out
 
     reg.add(RPCMethod("vcoin_nodeInfo", "Identity, addresses, device and health of this node.",
                       (), OBJ, node_info))
@@ -112,9 +115,11 @@ def register_node_api(reg: MethodRegistry, node: Node) -> None:
     reg.add(RPCMethod("vcoin_clusterStatus",
                       "Active nodes, load distribution, error rates and gossip totals.",
                       (), OBJ, cluster_status))
-    reg.add(RPCMethod("vcoin_gossipStats",
-                      "Heartbeat propagation latency (p50/p95/max) and gossip counters.",
-                      (), OBJ, gossip_stats))
+    reg.add(RPCMethod(
+        "vcoin_gossipStats", "Heartbeat propagation latency (p50/p95/max) and gossip counters.",
+        (Param("include_samples", {"type": "boolean"}, default=False,
+               description="also return the raw latency samples (ms, newest last)"),),
+        OBJ, gossip_stats))
 
 
 def _counter_values(counter: Any) -> dict[str, float]:

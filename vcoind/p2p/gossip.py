@@ -71,6 +71,7 @@ class Gossip:
         self._valid_from: dict[str, int] = {}
         self._blacklisted: dict[ID, float] = {}
         self._self_b58 = p2p.peer_id.to_base58()
+        self._nursery: trio.Nursery | None = None
 
     def topic(self, name: str) -> str:
         return topic_name(self._network, name)
@@ -108,6 +109,8 @@ class Gossip:
                 self._blacklisted[forwarder] = trio.current_time() + BLACKLIST_S
                 self._metrics.peers_blacklisted.inc()
                 self._p2p.pubsub.add_to_blacklist(forwarder)
+                if self._nursery is not None:  # pubsub only resets its stream: hang up too
+                    self._nursery.start_soon(self._p2p.host.disconnect, forwarder)
         return False
 
     def on_bad_signature(self, forwarder: ID, msg: rpc_pb2.Message) -> None:
@@ -159,6 +162,7 @@ class Gossip:
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         pubsub = self._p2p.pubsub
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for name in TOPIC_NAMES:
                 topic = self.topic(name)
                 route = self._routes.get(topic)

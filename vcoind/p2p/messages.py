@@ -14,6 +14,8 @@ from typing import ClassVar
 
 from eth_account import Account
 from eth_account.messages import encode_defunct
+from eth_keys.exceptions import BadSignature
+from eth_utils.exceptions import ValidationError as EthKeysValidationError
 
 from vcoind.p2p.codec import Message, lim, message
 
@@ -109,5 +111,5 @@ def recover_binding(network: str, peer_id: str, eth_address: str, sig: bytes) ->
     try:
         return str(Account.recover_message(
             encode_defunct(text=binding_text(network, peer_id, eth_address)), signature=sig))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, BadSignature, EthKeysValidationError):
         return None

@@ -1,0 +1,97 @@
+"""In-process daemons (real libp2p hosts on loopback, real HTTP): the node's RPC surface."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from vcoind.config import load
+from vcoind.datadir import DataDir
+from vcoind.node import Node, RunInfo
+
+
+@asynccontextmanager
+async def node_in_process(datadir: Path, **flags: Any) -> AsyncIterator[tuple[Node, RunInfo]]:
+    base = {"network": "unit", "p2p.listen": ["/ip4/127.0.0.1/tcp/0"], "rpc.addr": "127.0.0.1:0",
+            "p2p.heartbeat_interval": 0.2, "p2p.peer_timeout": 2.0}
+    cfg = load(datadir, env={}, flags={**base, **flags})
+    dd = DataDir(datadir)
+    dd.init(exist_ok=True)
+    node = Node(cfg, dd, dd.load_identity())
+    async with trio.open_nursery() as nursery:
+        info = await nursery.start(node.run)
+        yield node, info
+        nursery.cancel_scope.cancel()
+
+
+async def rpc(client: httpx.AsyncClient, url: str, method: str, params: Any = None) -> Any:
+    body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params or {}}
+    reply = (await client.post(url + "/rpc", json=body)).json()
+    return reply
+
+
+async def test_node_rpc_methods_and_endpoints(tmp_path: Path) -> None:
+    async with (node_in_process(tmp_path / "a") as (a, ia),
+                node_in_process(tmp_path / "b", **{"p2p.bootstrap": [ia.p2p_addrs[0]]})
+                as (b, ib), httpx.AsyncClient(timeout=10) as client):
+        assert (tmp_path / "a" / "run.json").exists()
+        with trio.fail_after(15):
+            for n in (a, b):
+                while len(n.peers) < 1:
+                    await n.peers.wait_changed()
+
+        info = (await rpc(client, ia.rpc_url, "vcoin_nodeInfo"))["result"]
+        assert info["peer_id"] == ia.peer_id and info["network"] == "unit"
+        assert info["p2p_addrs"][0].endswith("/p2p/" + ia.peer_id)
+        assert info["device"]["kind"] in ("cpu", "cuda")
+
+        peers = (await rpc(client, ia.rpc_url, "vcoin_peers"))["result"]
+        assert [p["peer_id"] for p in peers] == [ib.peer_id]
+        assert peers[0]["eth_address"] == ib.eth_address
+        assert 0.0 <= peers[0]["health"] <= 1.0
+
+        status = (await rpc(client, ia.rpc_url, "vcoin_clusterStatus"))["result"]
+        assert status["active_nodes"] == 2
+        assert {n["peer_id"] for n in status["load_distribution"]} == {ia.peer_id, ib.peer_id}
+        assert status["gossip"]["received"]["heartbeat"] >= 1
+
+        bad = await rpc(client, ia.rpc_url, "vcoin_peers", {"include_offline": "yes"})
+        assert bad["error"]["code"] == -32602 and "include_offline" in bad["error"]["message"]
+
+        doc = (await rpc(client, ia.rpc_url, "rpc.discover"))["result"]
+        methods = {m["name"]: m for m in doc["methods"]}
+        assert {"vcoin_nodeInfo", "vcoin_peers", "vcoin_clusterStatus", "vcoin_gossipStats",
+                "rpc.discover"} <= set(methods)
+        assert methods["vcoin_peers"]["params"][0]["name"] == "include_offline"
+
+        assert (await client.get(ia.rpc_url + "/health")).status_code == 200
+        assert (await client.get(ia.rpc_url + "/ready")).status_code == 200
+        metrics = (await client.get(ia.rpc_url + "/metrics")).text
+        assert "vcoin_peers 1.0" in metrics
+        assert 'vcoin_rpc_calls_total{method="vcoin_nodeInfo",outcome="ok"} 1.0' in metrics
+        assert 'vcoin_rpc_calls_total{method="vcoin_peers",outcome="error"} 1.0' in metrics
+        assert "vcoin_gossip_received_total" in metrics
+    assert not (tmp_path / "a" / "run.json").exists()
+
+
+async def test_non_loopback_rpc_requires_cookie(tmp_path: Path) -> None:
+    async with (node_in_process(tmp_path, **{"rpc.addr": "0.0.0.0:0"}) as (_node, info),
+                httpx.AsyncClient(timeout=10) as client):
+        port = info.rpc_url.rsplit(":", 1)[1]
+        url = f"http://127.0.0.1:{port}"  # only ever talk to loopback
+        body = {"jsonrpc": "2.0", "id": 1, "method": "vcoin_nodeInfo"}
+        assert (await client.post(url + "/rpc", json=body)).status_code == 401
+        assert (await client.get(url + "/metrics")).status_code == 401
+        assert (await client.get(url + "/health")).status_code == 200
+        cookie = DataDir(tmp_path).read_cookie()
+        ok = await client.post(url + "/rpc", json=body,
+                               headers={"Authorization": f"Bearer {cookie}"})
+        assert ok.status_code == 200 and ok.json()["result"]["peer_id"] == info.peer_id
+        wrong = await client.post(url + "/rpc", json=body,
+                                  headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401

@@ -1,0 +1,551 @@
+"""The RPC server over real HTTP and WebSocket connections on loopback."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio_websocket
+
+from vcoind.rpc import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    NOT_FOUND,
+    PARSE_ERROR,
+    MethodRegistry,
+    Param,
+    RPCConfigError,
+    RPCError,
+    RPCMethod,
+    RPCServer,
+    RPCServerConfig,
+)
+
+COOKIE = "s3cret-cookie"
+METRICS = b"# TYPE vcoin_up gauge\nvcoin_up 1\n"
+MAX_BODY = 4096
+
+
+async def _echo(params: dict[str, Any]) -> Any:
+    return {"text": params["text"], "times": params["times"]}
+
+
+async def _add(params: dict[str, Any]) -> Any:
+    return params["a"] + params["b"]
+
+
+async def _boom(params: dict[str, Any]) -> Any:
+    raise ValueError("secret internals")
+
+
+async def _fail(params: dict[str, Any]) -> Any:
+    raise RPCError(NOT_FOUND, "not found", {"task": "abc"})
+
+
+def sample_registry() -> MethodRegistry:
+    registry = MethodRegistry()
+    registry.add(
+        RPCMethod(
+            "echo",
+            "Echo a text.",
+            (
+                Param("text", {"type": "string", "maxLength": 100}, required=True),
+                Param("times", {"type": "integer", "minimum": 1}, default=1),
+            ),
+            {"type": "object"},
+            _echo,
+        )
+    )
+    non_negative = {"type": "integer", "minimum": 0}
+    registry.add(
+        RPCMethod(
+            "add",
+            "Add two integers.",
+            (Param("a", non_negative, required=True), Param("b", non_negative, required=True)),
+            {"type": "integer"},
+            _add,
+        )
+    )
+    registry.add(RPCMethod("boom", "Always crashes.", (), {}, _boom))
+    registry.add(RPCMethod("fail", "Always fails cleanly.", (), {}, _fail))
+    registry.add(
+        RPCMethod(
+            "pick",
+            "Pick a colour.",
+            (Param("colour", {"enum": ["red", "green"]}, required=True),),
+            {"type": "string"},
+            _echo,
+        )
+    )
+    return registry
+
+
+@dataclass
+class Harness:
+    server: RPCServer
+    url: str
+    http: httpx.AsyncClient
+    is_ready: bool = False
+    calls: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://") + "/ws"
+
+    async def post(self, payload: Any) -> httpx.Response:
+        return await self.http.post(self.url + "/rpc", json=payload)
+
+    async def call(self, method: str, params: Any = None, request_id: Any = 1) -> dict[str, Any]:
+        request: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": request_id}
+        if params is not None:
+            request["params"] = params
+        response = await self.post(request)
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/json"
+        body: dict[str, Any] = response.json()
+        return body
+
+
+@pytest.fixture
+async def rpc(nursery: trio.Nursery) -> AsyncIterator[Harness]:
+    holder: list[Harness] = []
+    server = RPCServer(
+        RPCServerConfig(max_body_bytes=MAX_BODY, max_batch=5),
+        sample_registry(),
+        ready=lambda: holder[0].is_ready,
+        metrics=lambda: METRICS,
+        title="vcoind-test",
+        version="9.9.9",
+        on_call=lambda method, outcome: holder[0].calls.append((method, outcome)),
+    )
+    url = await nursery.start(server.run)
+    async with httpx.AsyncClient(timeout=10) as http:
+        holder.append(Harness(server, url, http))
+        yield holder[0]
+
+
+def error_of(body: dict[str, Any]) -> tuple[int, str]:
+    return body["error"]["code"], body["error"]["message"]
+
+
+async def test_call_returns_result_with_defaults_filled(rpc: Harness) -> None:
+    assert rpc.url.startswith("http://127.0.0.1:")
+    assert await rpc.call("echo", {"text": "hi"}, request_id="a") == {
+        "jsonrpc": "2.0",
+        "result": {"text": "hi", "times": 1},
+        "id": "a",
+    }
+    assert (await rpc.call("add", [2, 3]))["result"] == 5
+    # "/" is an alias of "/rpc".
+    response = await rpc.http.post(
+        rpc.url + "/", json={"jsonrpc": "2.0", "method": "add", "params": [1, 1], "id": None}
+    )
+    assert response.json() == {"jsonrpc": "2.0", "result": 2, "id": None}
+
+
+async def test_batch_mixes_results_errors_and_notifications(rpc: Harness) -> None:
+    response = await rpc.post(
+        [
+            {"jsonrpc": "2.0", "method": "add", "params": {"a": 1, "b": 2}, "id": 1},
+            {"jsonrpc": "2.0", "method": "add", "params": {"a": 1, "b": 2}},
+            {"jsonrpc": "2.0", "method": "nope", "id": 2},
+            {"jsonrpc": "2.0", "method": "fail"},
+            42,
+        ]
+    )
+    assert response.status_code == 200
+    replies = response.json()
+    assert replies[0] == {"jsonrpc": "2.0", "result": 3, "id": 1}
+    assert error_of(replies[1]) == (METHOD_NOT_FOUND, "method not found: nope")
+    assert replies[1]["id"] == 2
+    assert replies[2]["error"]["code"] == INVALID_REQUEST
+    assert len(replies) == 3
+
+
+async def test_notifications_only_get_204(rpc: Harness) -> None:
+    single = await rpc.post({"jsonrpc": "2.0", "method": "add", "params": [1, 2]})
+    batch = await rpc.post([{"jsonrpc": "2.0", "method": "echo", "params": ["x"]}] * 2)
+    assert (single.status_code, single.content) == (204, b"")
+    assert (batch.status_code, batch.content) == (204, b"")
+    assert rpc.calls == [("add", "ok"), ("echo", "ok"), ("echo", "ok")]
+
+
+async def test_parse_errors(rpc: Harness) -> None:
+    for body in (b'{"jsonrpc": "2.0", "method": ', b"NaN", b"\xff\xfe{", b"[" * 100_000):
+        response = await rpc.http.post(rpc.url + "/rpc", content=body[:MAX_BODY])
+        assert response.status_code == 200
+        code, message = error_of(response.json())
+        assert code == PARSE_ERROR
+        assert message.startswith("parse error: ")
+        assert response.json()["id"] is None
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        ([], "empty batch"),
+        ([{"jsonrpc": "2.0", "method": "add"}] * 6, "batch too large (6 > 5)"),
+        ("hello", "request must be an object"),
+        ({"jsonrpc": "1.0", "method": "add", "id": 1}, 'jsonrpc must be "2.0"'),
+        ({"method": "add", "id": 1}, 'jsonrpc must be "2.0"'),
+        ({"jsonrpc": "2.0", "method": 7, "id": 1}, "method must be a string"),
+        ({"jsonrpc": "2.0", "id": 1}, "method must be a string"),
+        ({"jsonrpc": "2.0", "method": "add", "id": 1.5}, "id must be"),
+        ({"jsonrpc": "2.0", "method": "add", "id": True}, "id must be"),
+        ({"jsonrpc": "2.0", "method": "add", "id": {}}, "id must be"),
+        ({"jsonrpc": "2.0", "method": "add", "params": 3, "id": 1}, "params must be"),
+        ({"jsonrpc": "2.0", "method": "add", "params": "x"}, "params must be"),
+    ],
+)
+async def test_invalid_requests(rpc: Harness, payload: Any, problem: str) -> None:
+    response = await rpc.post(payload)
+    assert response.status_code == 200
+    code, message = error_of(response.json())
+    assert code == INVALID_REQUEST
+    assert problem in message
+    assert rpc.calls == [("<invalid>", "error")]
+
+
+async def test_unknown_method_uses_a_bounded_metrics_label(rpc: Harness) -> None:
+    body = await rpc.call("vcoin_doesNotExist", request_id=7)
+    assert error_of(body) == (METHOD_NOT_FOUND, "method not found: vcoin_doesNotExist")
+    assert body["id"] == 7
+    assert rpc.calls == [("<unknown>", "error")]
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "message"),
+    [
+        ("echo", {}, "missing required param 'text'"),
+        ("echo", [], "missing required param 'text'"),
+        ("echo", {"text": 5}, "param 'text' must be string"),
+        ("echo", {"text": "x" * 101}, "param 'text' must be at most 100 characters"),
+        ("echo", {"text": "x", "times": 0}, "param 'times' must be >= 1"),
+        ("echo", {"text": "x", "loud": True}, "unknown param 'loud'"),
+        ("add", {"a": True, "b": 1}, "param 'a' must be integer"),
+        ("add", {"a": 1.5, "b": 1}, "param 'a' must be integer"),
+        ("add", {"a": -1, "b": 1}, "param 'a' must be >= 0"),
+        ("add", [1, 2, 3], "too many params: add takes at most 2, got 3"),
+        ("pick", ["blue"], "param 'colour' must be one of"),
+        ("rpc.discover", [1], "too many params"),
+    ],
+)
+async def test_invalid_params(rpc: Harness, method: str, params: Any, message: str) -> None:
+    code, text = error_of(await rpc.call(method, params))
+    assert code == INVALID_PARAMS
+    assert text.startswith(message)
+    assert rpc.calls == [(method, "error")]
+
+
+async def test_handler_errors(rpc: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    failed = await rpc.call("fail")
+    assert failed["error"] == {"code": NOT_FOUND, "message": "not found", "data": {"task": "abc"}}
+
+    with caplog.at_level(logging.ERROR, logger="vcoind.rpc"):
+        crashed = await rpc.call("boom", request_id="b")
+    assert crashed == {
+        "jsonrpc": "2.0",
+        "error": {"code": INTERNAL_ERROR, "message": "internal error"},
+        "id": "b",
+    }
+    assert "secret internals" not in json.dumps(crashed)
+    logged = [r for r in caplog.records if r.name == "vcoind.rpc"]
+    assert logged and logged[0].exc_info is not None
+    # The server keeps serving after a handler crash.
+    assert (await rpc.call("add", [20, 22]))["result"] == 42
+    assert rpc.calls == [("fail", "error"), ("boom", "error"), ("add", "ok")]
+
+
+async def test_oversized_body_with_content_length(rpc: Harness) -> None:
+    response = await rpc.http.post(rpc.url + "/rpc", content=b" " * (MAX_BODY + 1))
+    assert response.status_code == 413
+    code, message = error_of(response.json())
+    assert code == INVALID_REQUEST
+    assert message == f"request body too large ({MAX_BODY + 1} bytes > {MAX_BODY})"
+
+
+async def test_oversized_chunked_body_is_cut_off_while_streaming(rpc: Harness) -> None:
+    sent = 0
+
+    async def chunks() -> AsyncIterator[bytes]:
+        nonlocal sent
+        for _ in range(8):
+            sent += 1024
+            yield b" " * 1024
+
+    request = rpc.http.build_request("POST", rpc.url + "/rpc", content=chunks())
+    assert "content-length" not in request.headers
+    response = await rpc.http.send(request)
+    assert response.status_code == 413
+    code, message = error_of(response.json())
+    assert code == INVALID_REQUEST
+    assert message.startswith("request body too large (")
+    # A body under the limit streamed the same way is served.
+    small = [json.dumps({"jsonrpc": "2.0", "method": "add", "params": [1, 2], "id": 1}).encode()]
+
+    async def one_chunk() -> AsyncIterator[bytes]:
+        for piece in small:
+            yield piece
+
+    ok = await rpc.http.post(rpc.url + "/rpc", content=one_chunk())
+    assert ok.json()["result"] == 3
+
+
+async def test_health_ready_and_metrics(rpc: Harness) -> None:
+    health = await rpc.http.get(rpc.url + "/health")
+    assert (health.status_code, health.json()) == (200, {"status": "ok"})
+
+    not_ready = await rpc.http.get(rpc.url + "/ready")
+    assert (not_ready.status_code, not_ready.json()) == (503, {"ready": False})
+    rpc.is_ready = True
+    ready = await rpc.http.get(rpc.url + "/ready")
+    assert (ready.status_code, ready.json()) == (200, {"ready": True})
+
+    metrics = await rpc.http.get(rpc.url + "/metrics")
+    assert metrics.status_code == 200
+    assert metrics.content == METRICS
+    assert metrics.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+
+
+async def test_discover_describes_every_method(rpc: Harness) -> None:
+    doc = (await rpc.call("rpc.discover"))["result"]
+    assert doc["openrpc"] == "1.2.6"
+    assert doc["info"] == {"title": "vcoind-test", "version": "9.9.9"}
+    methods = {m["name"]: m for m in doc["methods"]}
+    assert {"echo", "add", "boom", "fail", "rpc.discover", "vcoin_subscribe"} <= set(methods)
+    echo = methods["echo"]
+    assert echo["summary"] == "Echo a text."
+    assert echo["params"] == [
+        {"name": "text", "required": True, "schema": {"type": "string", "maxLength": 100}},
+        {
+            "name": "times",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1, "default": 1},
+        },
+    ]
+    assert echo["result"] == {"name": "result", "schema": {"type": "object"}}
+
+
+async def test_subscribe_over_http_explains_it_needs_a_websocket(rpc: Harness) -> None:
+    code, message = error_of(await rpc.call("vcoin_subscribe", {"channel": "tasks"}))
+    assert code == METHOD_NOT_FOUND
+    assert "WebSocket" in message
+
+
+def test_registry_rejects_duplicates_and_unsupported_schemas() -> None:
+    registry = sample_registry()
+    with pytest.raises(ValueError, match="already registered"):
+        registry.add(RPCMethod("add", "again", (), {}, _add))
+    with pytest.raises(ValueError, match="unsupported schema keywords"):
+        registry.add(RPCMethod("x", "", (Param("p", {"format": "uri"}),), {}, _add))
+    assert registry.names() == ["add", "boom", "echo", "fail", "pick"]
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "::", "example.com"])
+def test_non_loopback_bind_needs_a_cookie(host: str) -> None:
+    with pytest.raises(RPCConfigError, match="not loopback") as raised:
+        RPCServer(
+            RPCServerConfig(host=host), MethodRegistry(), ready=lambda: True, metrics=lambda: b""
+        )
+    assert isinstance(raised.value, ValueError)
+    assert isinstance(raised.value, RPCError)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "::1", "localhost"])
+def test_loopback_bind_needs_no_cookie(host: str) -> None:
+    server = RPCServer(
+        RPCServerConfig(host=host), MethodRegistry(), ready=lambda: True, metrics=lambda: b""
+    )
+    with pytest.raises(RuntimeError, match="not running"):
+        _ = server.url
+
+
+async def test_cookie_is_required_off_loopback(nursery: trio.Nursery) -> None:
+    server = RPCServer(
+        RPCServerConfig(host="0.0.0.0", cookie=COOKIE),
+        sample_registry(),
+        ready=lambda: True,
+        metrics=lambda: METRICS,
+    )
+    await nursery.start(server.run)
+    # Bound on all interfaces, but only ever talk to loopback.
+    base = f"http://127.0.0.1:{server.port}"
+    request = {"jsonrpc": "2.0", "method": "add", "params": [1, 2], "id": 1}
+    async with httpx.AsyncClient(timeout=10) as http:
+        denied = await http.post(base + "/rpc", json=request)
+        assert denied.status_code == 401
+        assert "error" in denied.json()
+        wrong = await http.post(
+            base + "/rpc", json=request, headers={"Authorization": "Bearer nope"}
+        )
+        assert wrong.status_code == 401
+        assert (await http.get(base + "/metrics")).status_code == 401
+        assert (await http.get(base + "/health")).status_code == 200
+
+        bearer = await http.post(
+            base + "/rpc", json=request, headers={"Authorization": f"Bearer {COOKIE}"}
+        )
+        assert (bearer.status_code, bearer.json()["result"]) == (200, 3)
+        header = await http.get(base + "/metrics", headers={"X-VCoin-Cookie": COOKIE})
+        assert (header.status_code, header.content) == (200, METRICS)
+
+        # A WebSocket upgrade without the cookie is denied with a plain HTTP 401.
+        upgrade = {
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        }
+        rejected = await http.get(base + "/ws", headers=upgrade)
+        assert (rejected.status_code, "error" in rejected.json()) == (401, True)
+
+    ws_url = f"ws://127.0.0.1:{server.port}/ws"
+    headers = [(b"Authorization", f"Bearer {COOKIE}".encode())]
+    async with trio_websocket.open_websocket_url(ws_url, extra_headers=headers) as ws:
+        await ws.send_message(json.dumps(request))
+        assert json.loads(await ws.get_message())["result"] == 3
+
+
+async def ws_call(ws: trio_websocket.WebSocketConnection, request: Any) -> Any:
+    await ws.send_message(json.dumps(request))
+    return json.loads(await ws.get_message())
+
+
+async def test_websocket_request_response(rpc: Harness) -> None:
+    async with trio_websocket.open_websocket_url(rpc.ws_url) as ws:
+        single = {"jsonrpc": "2.0", "method": "add", "params": [4, 5], "id": "w"}
+        assert await ws_call(ws, single) == {"jsonrpc": "2.0", "result": 9, "id": "w"}
+        batch = [single, {"jsonrpc": "2.0", "method": "boom", "id": 2}]
+        replies = await ws_call(ws, batch)
+        assert [r.get("result") for r in replies] == [9, None]
+        assert replies[1]["error"]["code"] == INTERNAL_ERROR
+        await ws.send_message("{not json")
+        assert json.loads(await ws.get_message())["error"]["code"] == PARSE_ERROR
+        # An oversized frame is answered with an error, the connection stays up.
+        await ws.send_message(" " * (MAX_BODY + 1))
+        too_large = json.loads(await ws.get_message())
+        assert too_large["error"]["code"] == INVALID_REQUEST
+        assert "too large" in too_large["error"]["message"]
+        assert (await ws_call(ws, single))["result"] == 9
+    # The root path accepts WebSocket upgrades too.
+    async with trio_websocket.open_websocket_url(rpc.url.replace("http", "ws") + "/") as ws:
+        assert (await ws_call(ws, single))["result"] == 9
+
+
+async def test_grossly_oversized_websocket_frame_closes_with_1009(rpc: Harness) -> None:
+    # Own the TCP stream: trio-websocket leaves a client socket unclosed when
+    # the server closes first, which filterwarnings=error would report later.
+    port = int(rpc.url.rsplit(":", 1)[1])
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream, trio.open_nursery() as nursery:
+        ws = await trio_websocket.wrap_client_stream(nursery, stream, "127.0.0.1", "/ws")
+        await ws.send_message(b" " * (MAX_BODY * 8))
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            await ws.get_message()
+        nursery.cancel_scope.cancel()
+    assert closed.value.reason is not None
+    assert closed.value.reason.code == 1009
+
+
+async def test_subscriptions_deliver_to_subscribers_of_the_channel(rpc: Harness) -> None:
+    def subscribe(channel: str) -> dict[str, Any]:
+        return {"jsonrpc": "2.0", "method": "vcoin_subscribe", "params": [channel], "id": 1}
+
+    async with (
+        trio_websocket.open_websocket_url(rpc.ws_url) as tasks_ws,
+        trio_websocket.open_websocket_url(rpc.ws_url) as peers_ws,
+    ):
+        sub_id = (await ws_call(tasks_ws, subscribe("tasks")))["result"]
+        peers_sub = (await ws_call(peers_ws, subscribe("peers:new")))["result"]
+        assert isinstance(sub_id, str) and sub_id != peers_sub
+        bad = await ws_call(tasks_ws, subscribe("bad channel!"))
+        assert bad["error"]["code"] == INVALID_PARAMS
+
+        await rpc.server.publish("tasks", {"task": "t1", "state": "done"})
+        await rpc.server.publish("peers:new", {"peer": "p1"})
+        assert json.loads(await tasks_ws.get_message()) == {
+            "jsonrpc": "2.0",
+            "method": "vcoin_subscription",
+            "params": {
+                "subscription": sub_id,
+                "channel": "tasks",
+                "result": {"task": "t1", "state": "done"},
+            },
+        }
+        # The peers client got only its own channel's notification.
+        peers_note = json.loads(await peers_ws.get_message())
+        assert peers_note["params"]["result"] == {"peer": "p1"}
+
+        unsubscribe = {
+            "jsonrpc": "2.0",
+            "method": "vcoin_unsubscribe",
+            "params": {"subscription": sub_id},
+            "id": 2,
+        }
+        assert (await ws_call(tasks_ws, unsubscribe))["result"] is True
+        assert (await ws_call(tasks_ws, unsubscribe))["error"]["code"] == NOT_FOUND
+        await rpc.server.publish("tasks", {"task": "t2"})
+        # Nothing for t2 arrives: the next message is the reply to this call.
+        ping = {"jsonrpc": "2.0", "method": "add", "params": [1, 1], "id": 3}
+        assert await ws_call(tasks_ws, ping) == {"jsonrpc": "2.0", "result": 2, "id": 3}
+    assert ("vcoin_subscribe", "ok") in rpc.calls
+    assert ("vcoin_unsubscribe", "error") in rpc.calls
+
+
+async def test_add_route_serves_extra_endpoints(nursery: trio.Nursery) -> None:
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+
+    async def cluster_status(request: Request) -> Response:
+        return JSONResponse({"nodes": 3})
+
+    server = RPCServer(RPCServerConfig(), MethodRegistry(), ready=lambda: True, metrics=bytes)
+    server.add_route("/api/cluster/status", cluster_status, methods=["GET"])
+    url = await nursery.start(server.run)
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.get(url + "/api/cluster/status")).json() == {"nodes": 3}
+    with pytest.raises(RuntimeError, match="before"):
+        server.add_route("/late", cluster_status, methods=["GET"])
+
+
+async def test_cancellation_shuts_down_promptly(caplog: pytest.LogCaptureFixture) -> None:
+    server = RPCServer(RPCServerConfig(), sample_registry(), ready=lambda: True, metrics=bytes)
+    stopped = trio.Event()
+
+    async def run_server(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with server_scope:
+            await server.run(task_status=task_status)
+        stopped.set()
+
+    server_scope = trio.CancelScope()
+    with caplog.at_level(logging.DEBUG), trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(run_server)
+            async with trio_websocket.open_websocket_url(url.replace("http", "ws") + "/ws") as ws:
+                reply = await ws_call(
+                    ws, {"jsonrpc": "2.0", "method": "add", "params": [1, 1], "id": 1}
+                )
+                assert reply["result"] == 2
+                started = trio.current_time()
+                server_scope.cancel()
+                await stopped.wait()
+                # Connected clients are told the server is going away.
+                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                    await ws.get_message()
+        assert trio.current_time() - started < 0.5
+    assert closed.value.reason is not None
+    assert closed.value.reason.code == 1001
+    with pytest.raises(RuntimeError):
+        _ = server.url
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(httpx.ConnectError):
+            await http.get(url + "/health")

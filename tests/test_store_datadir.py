@@ -1,0 +1,110 @@
+"""SQLite store (real file, WAL, migrations) and the data directory (keys, lock, run file)."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+
+from vcoind.datadir import DataDir, DataDirError
+from vcoind.store import MIGRATIONS, Store, StoreError
+
+
+async def test_store_migrates_and_round_trips(tmp_path: Path) -> None:
+    store = Store(tmp_path / "vcoin.db")
+    await store.open()
+    assert await store.schema_version() == len(MIGRATIONS)
+    await store.upsert_peer("peerA", "0xabc", ("/ip4/127.0.0.1/tcp/1/p2p/peerA",), "Tesla T4",
+                            15360, "12.2", 0.9, "vcoind/0.1.0", 100.0)
+    await store.upsert_peer("peerA", "0xabc", (), "Tesla T4", 15360, "12.2", 0.8,
+                            "vcoind/0.1.0", 200.0)
+    await store.upsert_peer("peerB", "0xdef", (), "cpu", 0, "", 0.5, "vcoind/0.1.0", 150.0)
+    await store.mark_offline("peerB")
+    rows = await store.list_peers()
+    assert [r.peer_id for r in rows] == ["peerA", "peerB"]
+    a = rows[0]
+    assert (a.health_score, a.last_heartbeat, a.status, a.addrs) == (0.8, 200.0, "online", ())
+    assert a.reputation_score == 100 and a.staked_amount == 0  # the seed's defaults
+    assert [r.peer_id for r in await store.list_peers(status="offline")] == ["peerB"]
+    await store.close()
+
+    conn = sqlite3.connect(tmp_path / "vcoin.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+    # reopening does not re-run migrations
+    store = Store(tmp_path / "vcoin.db")
+    await store.open()
+    assert len(await store.list_peers()) == 2
+    await store.close()
+
+
+async def test_store_refuses_newer_schema_and_garbage(tmp_path: Path) -> None:
+    path = tmp_path / "vcoin.db"
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 5}")
+    conn.close()
+    with pytest.raises(StoreError, match="newer than this vcoind"):
+        await Store(path).open()
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match="cannot open"):
+        await Store(junk).open()
+
+
+async def test_closed_store_errors(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="closed"):
+        await Store(tmp_path / "x.db").list_peers()
+
+
+def test_init_creates_private_files_and_never_overwrites(tmp_path: Path) -> None:
+    dd = DataDir(tmp_path / "dd")
+    created = dd.init("network = \"devnet\"\n")
+    assert {p.name for p in created} == {"p2p.key", "eth.key", "rpc.cookie", "config.toml"}
+    for name in ("p2p.key", "eth.key", "rpc.cookie"):
+        assert stat.S_IMODE((dd.path / name).stat().st_mode) == 0o600
+    ident = dd.load_identity()
+    assert ident.peer_id.startswith("12D3KooW")
+    assert ident.eth_address.startswith("0x") and len(ident.eth_address) == 42
+    before = (dd.p2p_key.read_bytes(), dd.eth_key.read_bytes())
+    with pytest.raises(DataDirError, match="refusing to overwrite"):
+        dd.init()
+    assert dd.init(exist_ok=True) == []
+    assert (dd.p2p_key.read_bytes(), dd.eth_key.read_bytes()) == before
+    assert dd.load_identity().peer_id == ident.peer_id
+
+
+def test_corrupt_keys_are_clear_errors(tmp_path: Path) -> None:
+    dd = DataDir(tmp_path)
+    dd.init()
+    dd.eth_key.write_text("zz")
+    with pytest.raises(DataDirError, match="not hold a valid secp256k1 key"):
+        dd.load_identity()
+    dd.p2p_key.write_bytes(b"garbage")
+    with pytest.raises(DataDirError, match="corrupted"):
+        dd.load_identity()
+
+
+def test_lock_is_exclusive(tmp_path: Path) -> None:
+    dd = DataDir(tmp_path)
+    with dd.lock():
+        dd.write_run_file({"pid": 4242})
+        with pytest.raises(DataDirError, match=r"already running .* \(pid 4242\)"), dd.lock():
+            pass
+    with dd.lock():  # released
+        pass
+    dd.remove_run_file()
+    assert dd.read_run_file() is None
+
+
+def test_cli_init(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vcoind.cli import daemon_main
+
+    assert daemon_main(["init", "--datadir", str(tmp_path / "n")]) == 0
+    out = capsys.readouterr().out
+    assert "peer id      12D3KooW" in out and "eth address  0x" in out
+    assert (tmp_path / "n" / "config.toml").exists()
+    assert daemon_main(["init", "--datadir", str(tmp_path / "n")]) == 1
+    assert "refusing to overwrite" in capsys.readouterr().err
