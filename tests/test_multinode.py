@@ -124,3 +124,29 @@ def test_client_cli_against_running_daemon(cluster: Cluster) -> None:
     missing = subprocess.run([*vcoin, "--datadir", str(cluster.base / "nowhere"), "peers"],
                              capture_output=True, text=True, timeout=30)
     assert missing.returncode == 1 and "no daemon running" in missing.stderr
+
+
+def test_sigint_is_a_clean_shutdown(cluster: Cluster) -> None:
+    n1 = cluster.start(1)
+    n1.proc.send_signal(signal.SIGINT)
+    assert n1.proc.wait(20) == 0
+    assert not (n1.datadir / "run.json").exists()
+    log = n1.log_path.read_text()
+    assert "received SIGINT, shutting down" in log and "Traceback" not in log
+
+
+def test_taken_ports_are_clear_errors(cluster: Cluster) -> None:
+    port = free_port()
+    n1 = cluster.start(1, listen=f"/ip4/127.0.0.1/tcp/{port}")
+    base = [sys.executable, "-m", "vcoind", "--datadir", str(cluster.base / "other")]
+    p2p = subprocess.run([*base, "--listen", f"/ip4/127.0.0.1/tcp/{port}", "--rpc-addr",
+                          "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
+    assert p2p.returncode == 1
+    assert f"cannot listen on /ip4/127.0.0.1/tcp/{port}: Address already in use" in p2p.stderr
+    rpc_addr = n1.info["rpc_url"].removeprefix("http://")
+    rpc = subprocess.run([*base, "--listen", "/ip4/127.0.0.1/tcp/0", "--rpc-addr", rpc_addr],
+                         capture_output=True, text=True, timeout=60)
+    assert rpc.returncode == 1
+    assert f"cannot serve RPC on {rpc_addr}: Address already in use" in rpc.stderr
+    assert "Traceback" not in rpc.stderr + p2p.stderr
+    assert not (cluster.base / "other" / "run.json").exists()

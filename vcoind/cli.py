@@ -20,6 +20,8 @@ import trio
 from vcoind import __version__
 from vcoind.config import DEFAULT_DATADIR, LOG_LEVELS, Config, ConfigError, load, render_toml
 from vcoind.datadir import DataDir, DataDirError
+from vcoind.p2p.errors import P2PError
+from vcoind.store import StoreError
 
 EXIT_USAGE = 2
 
@@ -142,7 +144,7 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _serve(cfg: Config, dd: DataDir, ident: Any) -> int:
-    from vcoind.node import Node  # heavy imports only when actually running
+    from vcoind.node import Node, NodeError  # heavy imports only when actually running
 
     node = Node(cfg, dd, ident)
     try:
@@ -161,7 +163,7 @@ async def _serve(cfg: Config, dd: DataDir, ident: Any) -> int:
                     break
     except BaseExceptionGroup as group:
         leaf = _first_leaf(group)
-        if isinstance(leaf, OSError | RuntimeError | ValueError):
+        if isinstance(leaf, OSError | NodeError | P2PError | StoreError):
             print(f"vcoind: error: {leaf}", file=sys.stderr)
             return 1
         raise

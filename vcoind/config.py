@@ -8,7 +8,6 @@ field, so an error always names the key and the problem.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import re
 import tomllib
@@ -84,15 +83,6 @@ def split_host_port(addr: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be 0..65535, got {port}")
     return host, port
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # --- conversion -------------------------------------------------------------

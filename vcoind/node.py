@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("vcoind.node")
 
 
+class NodeError(Exception):
+    """The node could not start (a port taken, ...)."""
+
+
 @dataclass(frozen=True)
 class RunInfo:
     pid: int
@@ -147,7 +151,15 @@ class Node:
                 await nursery.start(self.peers.run)
                 await nursery.start(self.keeper.run)
                 await nursery.start(self.heartbeat.run)
-                rpc_url = await nursery.start(self.rpc.run)
+                try:
+                    rpc_url = await nursery.start(self.rpc.run)
+                except* OSError as group:
+                    exc: BaseException = group
+                    while isinstance(exc, BaseExceptionGroup):
+                        exc = exc.exceptions[0]
+                    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                    raise NodeError(f"cannot serve RPC on {self.config.rpc.addr}: {reason}"
+                                    ) from None
                 self.info = RunInfo(
                     pid=os.getpid(), peer_id=self.identity.peer_id,
                     eth_address=self.identity.eth_address, network=self.config.network,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ from libp2p.pubsub.validators import signature_validator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
+
+from vcoind.p2p.errors import P2PError
 
 # /meshsub/1.3.0 alone silently breaks interop with js-libp2p; keep 1.1/1.2 on offer.
 GOSSIP_PROTOCOLS = (PROTOCOL_ID_V12, PROTOCOL_ID_V11)
@@ -75,9 +78,34 @@ def build_host(key_pair: KeyPair, on_bad_signature: BadSignatureHook) -> P2PHost
     return P2PHost(host=host, pubsub=pubsub, router=router)
 
 
+def check_listen_free(listen: Sequence[str]) -> None:
+    """Fail clearly if a fixed listen port is taken.
+
+    py-libp2p binds with SO_REUSEPORT (for hole punching), so a second daemon on
+    the same port would silently share it with the first. A plain bind probe
+    (no SO_REUSEPORT) fails with EADDRINUSE in that case.
+    """
+    for addr in listen:
+        ma = multiaddr.Multiaddr(addr)
+        protos = {p.name for p in ma.protocols()}
+        if "tcp" not in protos or not ({"ip4", "ip6"} & protos):
+            continue
+        port = int(ma.value_for_protocol("tcp"))
+        if port == 0:
+            continue
+        family, host = ((socket.AF_INET6, ma.value_for_protocol("ip6")) if "ip6" in protos
+                        else (socket.AF_INET, ma.value_for_protocol("ip4")))
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise P2PError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
+
+
 @contextlib.asynccontextmanager
 async def running(p2p: P2PHost, listen: Sequence[str]) -> AsyncIterator[P2PHost]:
     """Listen on ``listen`` and run pubsub; yields once pubsub is ready."""
+    check_listen_free(listen)
     addrs = [multiaddr.Multiaddr(a) for a in listen]
     async with (
         p2p.host.run(listen_addrs=addrs),
