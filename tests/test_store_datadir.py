@@ -9,18 +9,20 @@ from pathlib import Path
 import pytest
 
 from vcoind.datadir import DataDir, DataDirError
-from vcoind.store import MIGRATIONS, Store, StoreError
+from vcoind.store import MIGRATIONS, PeerUpdate, Store, StoreError
 
 
 async def test_store_migrates_and_round_trips(tmp_path: Path) -> None:
     store = Store(tmp_path / "vcoin.db")
     await store.open()
     assert await store.schema_version() == len(MIGRATIONS)
-    await store.upsert_peer("peerA", "0xabc", ("/ip4/127.0.0.1/tcp/1/p2p/peerA",), "Tesla T4",
-                            15360, "12.2", 0.9, "vcoind/0.1.0", 100.0)
-    await store.upsert_peer("peerA", "0xabc", (), "Tesla T4", 15360, "12.2", 0.8,
-                            "vcoind/0.1.0", 200.0)
-    await store.upsert_peer("peerB", "0xdef", (), "cpu", 0, "", 0.5, "vcoind/0.1.0", 150.0)
+    await store.upsert_peers([
+        PeerUpdate("peerA", "0xabc", ("/ip4/127.0.0.1/tcp/1/p2p/peerA",), "Tesla T4", 15360,
+                   "12.2", 0.9, "vcoind/0.1.0", 100.0),
+        PeerUpdate("peerB", "0xdef", (), "cpu", 0, "", 0.5, "vcoind/0.1.0", 150.0)])
+    await store.upsert_peers([PeerUpdate("peerA", "0xabc", (), "Tesla T4", 15360, "12.2", 0.8,
+                                         "vcoind/0.1.0", 200.0)])
+    await store.upsert_peers([])
     await store.mark_offline("peerB")
     rows = await store.list_peers()
     assert [r.peer_id for r in rows] == ["peerA", "peerB"]

@@ -6,10 +6,11 @@ of 1), so the trio thread never blocks on disk.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,6 +46,32 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX peers_status ON peers(status);
     """,
 )
+
+
+@contextlib.contextmanager
+def _transaction(c: sqlite3.Connection) -> Iterator[None]:
+    c.execute("BEGIN")
+    try:
+        yield
+    except BaseException:
+        c.execute("ROLLBACK")
+        raise
+    c.execute("COMMIT")
+
+
+@dataclass(frozen=True)
+class PeerUpdate:
+    """What a heartbeat tells the store about a peer."""
+
+    peer_id: str
+    eth_address: str
+    addrs: tuple[str, ...]
+    gpu_model: str
+    gpu_memory: int
+    cuda_version: str
+    health_score: float
+    software: str
+    seen_at: float
 
 
 @dataclass(frozen=True)
@@ -126,25 +153,29 @@ class Store:
 
         return await self._run(q)
 
-    async def upsert_peer(self, peer_id: str, eth_address: str, addrs: tuple[str, ...],
-                          gpu_model: str, gpu_memory: int, cuda_version: str,
-                          health_score: float, software: str, seen_at: float) -> None:
-        def q(c: sqlite3.Connection) -> None:
-            c.execute(
-                """INSERT INTO peers (peer_id, eth_address, addrs, gpu_model, gpu_memory,
-                       cuda_version, health_score, software, status, last_heartbeat, created_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'online', ?, ?)
-                   ON CONFLICT(peer_id) DO UPDATE SET
-                       eth_address=excluded.eth_address, addrs=excluded.addrs,
-                       gpu_model=excluded.gpu_model, gpu_memory=excluded.gpu_memory,
-                       cuda_version=excluded.cuda_version, health_score=excluded.health_score,
-                       software=excluded.software, status='online',
-                       last_heartbeat=excluded.last_heartbeat""",
-                (peer_id, eth_address, json.dumps(list(addrs)), gpu_model, gpu_memory,
-                 cuda_version, health_score, software, seen_at, time.time()),
-            )
+    async def upsert_peers(self, updates: Sequence[PeerUpdate]) -> None:
+        """Record heartbeats (one transaction for the batch); the peers become online."""
+        now = time.time()
+        rows = [(u.peer_id, u.eth_address, json.dumps(list(u.addrs)), u.gpu_model, u.gpu_memory,
+                 u.cuda_version, u.health_score, u.software, u.seen_at, now) for u in updates]
 
-        await self._run(q)
+        def q(c: sqlite3.Connection) -> None:
+            with _transaction(c):
+                c.executemany(
+                    """INSERT INTO peers (peer_id, eth_address, addrs, gpu_model, gpu_memory,
+                           cuda_version, health_score, software, status, last_heartbeat,
+                           created_at)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'online', ?, ?)
+                       ON CONFLICT(peer_id) DO UPDATE SET
+                           eth_address=excluded.eth_address, addrs=excluded.addrs,
+                           gpu_model=excluded.gpu_model, gpu_memory=excluded.gpu_memory,
+                           cuda_version=excluded.cuda_version,
+                           health_score=excluded.health_score, software=excluded.software,
+                           status='online', last_heartbeat=excluded.last_heartbeat""",
+                    rows)
+
+        if rows:
+            await self._run(q)
 
     async def mark_offline(self, peer_id: str) -> None:
         await self._run(lambda c: c.execute(

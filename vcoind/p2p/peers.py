@@ -23,7 +23,7 @@ import trio
 from vcoind.consensus.health import health_score
 from vcoind.metrics import NodeMetrics
 from vcoind.p2p.messages import Heartbeat
-from vcoind.store import Store
+from vcoind.store import PeerUpdate, Store
 
 if TYPE_CHECKING:
     # libp2p pulls in trio-typing, whose stale stubs shadow trio's own types for mypy.
@@ -60,6 +60,7 @@ class PeerTable:
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.on_seen: list[Callable[[Heartbeat], None]] = []
         self._changed = trio.Event()
+        self._dirty: dict[str, PeerUpdate] = {}
 
     def __len__(self) -> int:
         return len(self._peers)
@@ -98,23 +99,35 @@ class PeerTable:
             self._notify()
         for cb in self.on_seen:
             cb(hb)
-        await self._store.upsert_peer(
+        # Written in batches by run(): a busy network must not cost one transaction per beat.
+        self._dirty[hb.peer_id] = PeerUpdate(
             hb.peer_id, hb.eth_address, hb.listen_addrs, hb.device.name,
             hb.device.memory_total_mb, hb.device.cuda_version, health, hb.software, now)
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         tick = min(1.0, self._timeout / 4)
-        while True:
-            await trio.sleep(tick)
-            now = trio.current_time()
-            for peer_id, st in list(self._peers.items()):
-                if st.expires_at <= now:
-                    del self._peers[peer_id]
-                    log.info("peer left %s (silent for %.1f s)", peer_id,
-                             time.time() - st.last_seen)
-                    self._notify()
-                    await self._store.mark_offline(peer_id)
+        try:
+            while True:
+                await trio.sleep(tick)
+                await self.flush()
+                now = trio.current_time()
+                for peer_id, st in list(self._peers.items()):
+                    if st.expires_at <= now:
+                        del self._peers[peer_id]
+                        log.info("peer left %s (silent for %.1f s)", peer_id,
+                                 time.time() - st.last_seen)
+                        self._notify()
+                        await self._store.mark_offline(peer_id)
+        finally:
+            with trio.CancelScope(shield=True):  # keep what we heard before shutdown
+                await self.flush()
+
+    async def flush(self) -> None:
+        """Write the heartbeats received since the last flush to the store."""
+        if self._dirty:
+            batch, self._dirty = list(self._dirty.values()), {}
+            await self._store.upsert_peers(batch)
 
     def latency_stats(self) -> dict[str, float | int]:
         samples = sorted(self.latencies)
