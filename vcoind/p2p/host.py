@@ -99,6 +99,9 @@ def check_listen_free(listen: Sequence[str]) -> None:
         family, host = ((socket.AF_INET6, ma.value_for_protocol("ip6")) if "ip6" in protos
                         else (socket.AF_INET, ma.value_for_protocol("ip4")))
         with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # SO_REUSEADDR: TIME_WAIT leftovers of our own previous run are fine; a live
+            # listener still makes the bind fail.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((host, port))
             except OSError as exc:
