@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/ruff check vcoind tests devnet bench
+	$(BIN)/ruff format --check vcoind tests devnet bench
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 

@@ -29,8 +29,9 @@ def pct(samples: list[float], q: float) -> float:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--messages", type=int, default=200, help="samples per node (>= 200)")
     p.add_argument("--interval", type=float, default=0.1, help="heartbeat interval, s")
     p.add_argument("--relay", action="store_true", help="nodes 2 and 3 only reach node 1")
@@ -38,21 +39,31 @@ def main() -> int:
     extra = ["--no-discover"] if ns.relay else []
     with tempfile.TemporaryDirectory(prefix="vcoin-bench-") as tmp:
         base = Path(tmp)
-        opts = {"heartbeat": ns.interval, "peer_timeout": max(3.0, 10 * ns.interval),
-                "network": "bench"}
+        opts = {
+            "heartbeat": ns.interval,
+            "peer_timeout": max(3.0, 10 * ns.interval),
+            "network": "bench",
+        }
         nodes = [start_node(1, base, bootstrap=None, **opts)]
         for i in (2, 3):
-            nodes.append(start_node(i, base, bootstrap=nodes[0].p2p_addr, extra=extra,
-                                    **opts))
+            nodes.append(start_node(i, base, bootstrap=nodes[0].p2p_addr, extra=extra, **opts))
         try:
             wait_for_mesh(nodes, 30)
             # discard the start-up phase (connects, mesh building, replays to joiners)
-            skip = {n.index: len(n.rpc.call("vcoin_gossipStats", {"include_samples": True})
-                                 ["samples_ms"]) for n in nodes}
+            skip = {
+                n.index: len(
+                    n.rpc.call("vcoin_gossipStats", {"include_samples": True})["samples_ms"]
+                )
+                for n in nodes
+            }
             t0 = time.monotonic()
             while True:
-                per = {n.index: n.rpc.call("vcoin_gossipStats", {"include_samples": True})
-                       ["samples_ms"][skip[n.index]:] for n in nodes}
+                per = {
+                    n.index: n.rpc.call("vcoin_gossipStats", {"include_samples": True})[
+                        "samples_ms"
+                    ][skip[n.index] :]
+                    for n in nodes
+                }
                 if all(len(v) >= ns.messages for v in per.values()):
                     break
                 if time.monotonic() - t0 > 600:
@@ -67,10 +78,14 @@ def main() -> int:
     everything: list[float] = []
     for idx, samples in per.items():
         everything += samples
-        print(f"{idx:<8}{len(samples):>8}{statistics.median(samples):>10.2f}"
-              f"{pct(samples, 0.95):>10.2f}{max(samples):>10.2f}")
-    print(f"{'all':<8}{len(everything):>8}{statistics.median(everything):>10.2f}"
-          f"{pct(everything, 0.95):>10.2f}{max(everything):>10.2f}")
+        print(
+            f"{idx:<8}{len(samples):>8}{statistics.median(samples):>10.2f}"
+            f"{pct(samples, 0.95):>10.2f}{max(samples):>10.2f}"
+        )
+    print(
+        f"{'all':<8}{len(everything):>8}{statistics.median(everything):>10.2f}"
+        f"{pct(everything, 0.95):>10.2f}{max(everything):>10.2f}"
+    )
     for pr in problems:
         print(f"bench: {pr}", file=sys.stderr)
     return 1 if problems else 0

@@ -46,16 +46,40 @@ class DevNode:
         return str(self.info["p2p_addrs"][0])
 
 
-def start_node(index: int, base: Path, *, bootstrap: str | None, heartbeat: float,
-               peer_timeout: float, network: str, extra: list[str] | None = None,
-               listen: str = "/ip4/127.0.0.1/tcp/0", timeout: float = 60.0) -> DevNode:
+def start_node(
+    index: int,
+    base: Path,
+    *,
+    bootstrap: str | None,
+    heartbeat: float,
+    peer_timeout: float,
+    network: str,
+    extra: list[str] | None = None,
+    listen: str = "/ip4/127.0.0.1/tcp/0",
+    timeout: float = 60.0,
+) -> DevNode:
     datadir = base / f"node{index}"
     datadir.mkdir(parents=True, exist_ok=True)
     log_path = datadir / "vcoind.log"
-    cmd = [sys.executable, "-m", "vcoind", "--datadir", str(datadir), "--network", network,
-           "--listen", listen, "--rpc-addr", "127.0.0.1:0",
-           "--heartbeat-interval", str(heartbeat), "--peer-timeout", str(peer_timeout),
-           *(["--bootstrap", bootstrap] if bootstrap else []), *(extra or [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vcoind",
+        "--datadir",
+        str(datadir),
+        "--network",
+        network,
+        "--listen",
+        listen,
+        "--rpc-addr",
+        "127.0.0.1:0",
+        "--heartbeat-interval",
+        str(heartbeat),
+        "--peer-timeout",
+        str(peer_timeout),
+        *(["--bootstrap", bootstrap] if bootstrap else []),
+        *(extra or []),
+    ]
     dd = DataDir(datadir)
     dd.remove_run_file()  # a stale file from a killed run must not be mistaken for ours
     log = log_path.open("ab")
@@ -67,8 +91,9 @@ def start_node(index: int, base: Path, *, bootstrap: str | None, heartbeat: floa
         if info and info.get("pid") == proc.pid:
             return DevNode(index, datadir, proc, log_path, info)
         if proc.poll() is not None:
-            raise DevnetError(f"node {index} exited with code {proc.returncode}:\n"
-                              + tail(log_path))
+            raise DevnetError(
+                f"node {index} exited with code {proc.returncode}:\n" + tail(log_path)
+            )
         time.sleep(0.1)
     proc.kill()
     raise DevnetError(f"node {index} did not start within {timeout:.0f} s:\n" + tail(log_path))
@@ -130,8 +155,9 @@ def stop_all(nodes: list[DevNode], timeout: float = 20.0) -> list[str]:
 def print_table(nodes: list[DevNode]) -> None:
     rows = [("NODE", "PEER ID", "P2P ADDRESS", "RPC URL")]
     for n in nodes:
-        rows.append((str(n.index), n.info["peer_id"], n.p2p_addr.split("/p2p/")[0],
-                     n.info["rpc_url"]))
+        rows.append(
+            (str(n.index), n.info["peer_id"], n.p2p_addr.split("/p2p/")[0], n.info["rpc_url"])
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -143,22 +169,28 @@ def status_line(nodes: list[DevNode], started: float) -> str:
         try:
             st = n.rpc.call("vcoin_clusterStatus")
             lat = st["gossip"]["latency"]
-            parts.append(f"n{n.index}:{st['active_nodes'] - 1}p/"
-                         f"{lat.get('p95_ms', '-')}ms")
+            parts.append(f"n{n.index}:{st['active_nodes'] - 1}p/{lat.get('p95_ms', '-')}ms")
         except ClientError:
             parts.append(f"n{n.index}:down")
     return f"[{time.monotonic() - started:6.0f}s] peers/gossip-p95  " + "  ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="devnet", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="devnet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--nodes", type=int, default=3, help="number of daemons (default 3)")
-    p.add_argument("--dir", type=Path, help="where the datadirs go (default: a new temp dir, "
-                   "removed on exit unless --keep)")
+    p.add_argument(
+        "--dir",
+        type=Path,
+        help="where the datadirs go (default: a new temp dir, removed on exit unless --keep)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp dir on exit")
-    p.add_argument("--check", action="store_true",
-                   help="non-interactive: bring up, verify the mesh, stop; exit 0 or 1")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="non-interactive: bring up, verify the mesh, stop; exit 0 or 1",
+    )
     p.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="S")
     p.add_argument("--peer-timeout", type=float, default=6.0, metavar="S")
     p.add_argument("--network", default="devnet")
@@ -173,15 +205,18 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         print(f"devnet: {ns.nodes} nodes, datadirs under {base}", flush=True)
-        common = dict(heartbeat=ns.heartbeat_interval, peer_timeout=ns.peer_timeout,
-                      network=ns.network)
+        common = dict(
+            heartbeat=ns.heartbeat_interval, peer_timeout=ns.peer_timeout, network=ns.network
+        )
         nodes.append(start_node(1, base, bootstrap=None, **common))
         for i in range(2, ns.nodes + 1):
-            nodes.append(start_node(i, base, bootstrap=nodes[0].p2p_addr,
-                                    **common))
+            nodes.append(start_node(i, base, bootstrap=nodes[0].p2p_addr, **common))
         took = wait_for_mesh(nodes, ns.timeout)
-        print(f"full mesh: every node lists the other {ns.nodes - 1} "
-              f"({took:.1f} s after the last start)\n", flush=True)
+        print(
+            f"full mesh: every node lists the other {ns.nodes - 1} "
+            f"({took:.1f} s after the last start)\n",
+            flush=True,
+        )
         print_table(nodes)
         print(f"\ntry: vcoin --datadir {nodes[0].datadir} peers", flush=True)
         if not ns.check:

@@ -43,8 +43,9 @@ class Cluster:
 
     def start(self, index: int, bootstrap: DevNode | None = None, **kw: Any) -> DevNode:
         opts = {**FAST, **kw}
-        node = start_node(index, self.base, bootstrap=bootstrap.p2p_addr if bootstrap else None,
-                          **opts)
+        node = start_node(
+            index, self.base, bootstrap=bootstrap.p2p_addr if bootstrap else None, **opts
+        )
         self.nodes = [n for n in self.nodes if n.index != index] + [node]
         return node
 

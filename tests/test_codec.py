@@ -20,14 +20,29 @@ ACCT = Account.from_key("0x" + "11" * 32)
 
 def make(**over: object) -> Heartbeat:
     hb = Heartbeat(
-        network="devnet", peer_id=PEER, eth_address=ACCT.address,
-        eth_sig=sign_binding(ACCT.key, "devnet", PEER, ACCT.address), seq=7,
-        timestamp=time.time(), interval=5.0, listen_addrs=(f"/ip4/127.0.0.1/tcp/4001/p2p/{PEER}",),
-        device=DeviceInfo(kind="cuda", name="Tesla T4", memory_total_mb=15360,
-                          memory_used_mb=100, utilization=12.5, temperature_c=41.0,
-                          cuda_version="12.2"),
-        models=("tiny-qwen2",), spans=(LayerSpan("tiny-qwen2", 0, 13),), queue_length=2,
-        health=0.9, software="vcoind/0.1.0")
+        network="devnet",
+        peer_id=PEER,
+        eth_address=ACCT.address,
+        eth_sig=sign_binding(ACCT.key, "devnet", PEER, ACCT.address),
+        seq=7,
+        timestamp=time.time(),
+        interval=5.0,
+        listen_addrs=(f"/ip4/127.0.0.1/tcp/4001/p2p/{PEER}",),
+        device=DeviceInfo(
+            kind="cuda",
+            name="Tesla T4",
+            memory_total_mb=15360,
+            memory_used_mb=100,
+            utilization=12.5,
+            temperature_c=41.0,
+            cuda_version="12.2",
+        ),
+        models=("tiny-qwen2",),
+        spans=(LayerSpan("tiny-qwen2", 0, 13),),
+        queue_length=2,
+        health=0.9,
+        software="vcoind/0.1.0",
+    )
     return dataclasses.replace(hb, **over)  # type: ignore[arg-type]
 
 
@@ -77,34 +92,37 @@ def mutate(**changes: object) -> bytes:
     return pack(body)
 
 
-@pytest.mark.parametrize(("data", "problem"), [
-    (b"", "not valid msgpack"),
-    (b"\xc1", "not valid msgpack"),
-    (pack([1, 2, 3]), "must be a map"),
-    (pack({"kind": "nope", "version": 1}), "unknown message kind"),
-    (pack({"version": 1}), "unknown message kind"),
-    (mutate(version=2), "unsupported version"),
-    (mutate(version=KeyError), "unsupported version"),
-    (mutate(seq=KeyError), "seq: missing"),
-    (mutate(seq="7"), "seq: must be an integer"),
-    (mutate(seq=True), "seq: must be an integer"),
-    (mutate(seq=-1), "seq: must be >= 0"),
-    (mutate(timestamp=float("nan")), "timestamp: must be finite"),
-    (mutate(health=1.5), "health: must be <= 1"),
-    (mutate(peer_id="not a peer id!"), "peer_id: bad format"),
-    (mutate(eth_address="0x1234"), "eth_address: bad format"),
-    (mutate(eth_sig=b"\x01" * 64), "eth_sig: must be 65 bytes"),
-    (mutate(eth_sig="ab" * 65), "eth_sig: must be bytes"),
-    (mutate(network="Dev Net"), "network: bad format"),
-    (mutate(listen_addrs=["/ip4/1.2.3.4/tcp/1"] * 9), "listen_addrs: too many items"),
-    (mutate(listen_addrs=["x" * 300]), "listen_addrs[0]: too long"),
-    (mutate(listen_addrs="one"), "listen_addrs: must be an array"),
-    (mutate(device={"kind": "tpu"}), "device.kind: must be one of"),
-    (mutate(device=[1]), "device: must be a map"),
-    (mutate(spans=[{"model": "m", "start": 0}]), "spans[0].end: missing"),
-    (mutate(extra_field=1), "unknown fields"),
-    (mutate(models=[1]), "models[0]: must be a string"),
-])
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"", "not valid msgpack"),
+        (b"\xc1", "not valid msgpack"),
+        (pack([1, 2, 3]), "must be a map"),
+        (pack({"kind": "nope", "version": 1}), "unknown message kind"),
+        (pack({"version": 1}), "unknown message kind"),
+        (mutate(version=2), "unsupported version"),
+        (mutate(version=KeyError), "unsupported version"),
+        (mutate(seq=KeyError), "seq: missing"),
+        (mutate(seq="7"), "seq: must be an integer"),
+        (mutate(seq=True), "seq: must be an integer"),
+        (mutate(seq=-1), "seq: must be >= 0"),
+        (mutate(timestamp=float("nan")), "timestamp: must be finite"),
+        (mutate(health=1.5), "health: must be <= 1"),
+        (mutate(peer_id="not a peer id!"), "peer_id: bad format"),
+        (mutate(eth_address="0x1234"), "eth_address: bad format"),
+        (mutate(eth_sig=b"\x01" * 64), "eth_sig: must be 65 bytes"),
+        (mutate(eth_sig="ab" * 65), "eth_sig: must be bytes"),
+        (mutate(network="Dev Net"), "network: bad format"),
+        (mutate(listen_addrs=["/ip4/1.2.3.4/tcp/1"] * 9), "listen_addrs: too many items"),
+        (mutate(listen_addrs=["x" * 300]), "listen_addrs[0]: too long"),
+        (mutate(listen_addrs="one"), "listen_addrs: must be an array"),
+        (mutate(device={"kind": "tpu"}), "device.kind: must be one of"),
+        (mutate(device=[1]), "device: must be a map"),
+        (mutate(spans=[{"model": "m", "start": 0}]), "spans[0].end: missing"),
+        (mutate(extra_field=1), "unknown fields"),
+        (mutate(models=[1]), "models[0]: must be a string"),
+    ],
+)
 def test_malformed_rejected(data: bytes, problem: str) -> None:
     with pytest.raises(CodecError, match=problem.replace("[", r"\[").replace("]", r"\]")):
         decode(data, Heartbeat)

@@ -25,19 +25,27 @@ def test_defaults(tmp_path: Path) -> None:
 def test_precedence_file_env_flags(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text(
         'network = "filenet"\nlog_level = "debug"\n[p2p]\nheartbeat_interval = 2\n'
-        'peer_timeout = 20\n[rpc]\naddr = "127.0.0.1:9000"\n')
+        'peer_timeout = 20\n[rpc]\naddr = "127.0.0.1:9000"\n'
+    )
     cfg = load(tmp_path, env={})
     assert (cfg.network, cfg.log_level, cfg.p2p.heartbeat_interval) == ("filenet", "debug", 2.0)
-    env = {"VCOIN_NETWORK": "envnet", "VCOIN_P2P_HEARTBEAT_INTERVAL": "3",
-           "VCOIN_P2P_BOOTSTRAP": BOOT, "VCOIN_P2P_DISCOVER": "false"}
+    env = {
+        "VCOIN_NETWORK": "envnet",
+        "VCOIN_P2P_HEARTBEAT_INTERVAL": "3",
+        "VCOIN_P2P_BOOTSTRAP": BOOT,
+        "VCOIN_P2P_DISCOVER": "false",
+    }
     cfg = load(tmp_path, env=env)
     assert cfg.network == "envnet"
     assert cfg.p2p.heartbeat_interval == 3.0
     assert cfg.p2p.peer_timeout == 20.0  # from the file, untouched by env
     assert cfg.p2p.bootstrap == (BOOT,)
     assert cfg.p2p.discover is False
-    cfg = load(tmp_path, env=env, flags={"network": "flagnet", "p2p.heartbeat_interval": 4.0,
-                                         "rpc.addr": None})
+    cfg = load(
+        tmp_path,
+        env=env,
+        flags={"network": "flagnet", "p2p.heartbeat_interval": 4.0, "rpc.addr": None},
+    )
     assert cfg.network == "flagnet"
     assert cfg.p2p.heartbeat_interval == 4.0
     assert cfg.rpc.addr == "127.0.0.1:9000"  # None flag = not given
@@ -52,22 +60,26 @@ def test_datadir_from_env_and_flag(tmp_path: Path) -> None:
     assert cfg.datadir == b and cfg.network == "bnet"
 
 
-@pytest.mark.parametrize(("source", "key", "problem"), [
-    ({"p2p.heartbeat_interval": "fast"}, "p2p.heartbeat_interval", "must be a number"),
-    ({"p2p.heartbeat_interval": -1}, "p2p.heartbeat_interval", "between"),
-    ({"p2p.peer_timeout": 1, "p2p.heartbeat_interval": 5}, "p2p.peer_timeout", "longer than"),
-    ({"p2p.bootstrap": ["/ip4/127.0.0.1/tcp/1"]}, "p2p.bootstrap", "/p2p/<peer id>"),
-    ({"p2p.bootstrap": ["not-a-multiaddr"]}, "p2p.bootstrap", "not a valid multiaddr"),
-    ({"p2p.listen": ["/ip4/127.0.0.1/udp/1"]}, "p2p.listen", "TCP address"),
-    ({"p2p.discover": "maybe"}, "p2p.discover", "true or false"),
-    ({"rpc.addr": "localhost"}, "rpc.addr", "HOST:PORT"),
-    ({"rpc.addr": "127.0.0.1:99999"}, "rpc.addr", "0..65535"),
-    ({"network": "Bad Net"}, "network", "must match"),
-    ({"log_level": "loud"}, "log_level", "one of"),
-    ({"p2p.max_invalid_messages": 1.5}, "p2p.max_invalid_messages", "integer"),
-])
-def test_errors_name_the_key(tmp_path: Path, source: dict[str, object], key: str,
-                             problem: str) -> None:
+@pytest.mark.parametrize(
+    ("source", "key", "problem"),
+    [
+        ({"p2p.heartbeat_interval": "fast"}, "p2p.heartbeat_interval", "must be a number"),
+        ({"p2p.heartbeat_interval": -1}, "p2p.heartbeat_interval", "between"),
+        ({"p2p.peer_timeout": 1, "p2p.heartbeat_interval": 5}, "p2p.peer_timeout", "longer than"),
+        ({"p2p.bootstrap": ["/ip4/127.0.0.1/tcp/1"]}, "p2p.bootstrap", "/p2p/<peer id>"),
+        ({"p2p.bootstrap": ["not-a-multiaddr"]}, "p2p.bootstrap", "not a valid multiaddr"),
+        ({"p2p.listen": ["/ip4/127.0.0.1/udp/1"]}, "p2p.listen", "TCP address"),
+        ({"p2p.discover": "maybe"}, "p2p.discover", "true or false"),
+        ({"rpc.addr": "localhost"}, "rpc.addr", "HOST:PORT"),
+        ({"rpc.addr": "127.0.0.1:99999"}, "rpc.addr", "0..65535"),
+        ({"network": "Bad Net"}, "network", "must match"),
+        ({"log_level": "loud"}, "log_level", "one of"),
+        ({"p2p.max_invalid_messages": 1.5}, "p2p.max_invalid_messages", "integer"),
+    ],
+)
+def test_errors_name_the_key(
+    tmp_path: Path, source: dict[str, object], key: str, problem: str
+) -> None:
     with pytest.raises(ConfigError) as info:
         load(tmp_path, env={}, flags=source)
     assert info.value.key == key
@@ -99,6 +111,8 @@ def test_cli_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
     code = daemon_main(["--datadir", str(tmp_path), "--heartbeat-interval", "0"])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["vcoind: error: config p2p.heartbeat_interval: must be between 0.05 and "
-                   "3600 seconds, got 0.0"]
+    assert err == [
+        "vcoind: error: config p2p.heartbeat_interval: must be between 0.05 and "
+        "3600 seconds, got 0.0"
+    ]
     assert not (tmp_path / "p2p.key").exists()  # nothing created on a bad config

@@ -36,14 +36,25 @@ TOPIC = "/vcoin/testnet/heartbeat/1"
 @asynccontextmanager
 async def raw_host(*, strict_signing: bool = True) -> AsyncIterator[Any]:
     kp = create_new_key_pair()
-    host = new_host(key_pair=kp, muxer_preference="YAMUX", sec_opt={
-        NOISE_ID: NoiseTransport(kp, noise_privkey=create_x25519_key_pair().private_key)})
-    router = GossipSub(protocols=list(GOSSIP_PROTOCOLS), degree=6, degree_low=4,
-                       degree_high=12, heartbeat_interval=1)
+    host = new_host(
+        key_pair=kp,
+        muxer_preference="YAMUX",
+        sec_opt={NOISE_ID: NoiseTransport(kp, noise_privkey=create_x25519_key_pair().private_key)},
+    )
+    router = GossipSub(
+        protocols=list(GOSSIP_PROTOCOLS),
+        degree=6,
+        degree_low=4,
+        degree_high=12,
+        heartbeat_interval=1,
+    )
     pubsub = Pubsub(host, router, strict_signing=strict_signing)
 
-    async with (host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]),
-                background_trio_service(pubsub), background_trio_service(router)):
+    async with (
+        host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]),
+        background_trio_service(pubsub),
+        background_trio_service(router),
+    ):
         await pubsub.wait_until_ready()
         yield host, pubsub
 
@@ -51,9 +62,15 @@ async def raw_host(*, strict_signing: bool = True) -> AsyncIterator[Any]:
 def heartbeat_for(host: Any, **over: Any) -> Heartbeat:
     acct = Account.create()
     pid = host.get_id().to_base58()
-    hb = Heartbeat(network="testnet", peer_id=pid, eth_address=acct.address,
-                   eth_sig=sign_binding(acct.key, "testnet", pid, acct.address),
-                   seq=int(time.time() * 1000), timestamp=time.time(), interval=0.3)
+    hb = Heartbeat(
+        network="testnet",
+        peer_id=pid,
+        eth_address=acct.address,
+        eth_sig=sign_binding(acct.key, "testnet", pid, acct.address),
+        seq=int(time.time() * 1000),
+        timestamp=time.time(),
+        interval=0.3,
+    )
     return dataclasses.replace(hb, **over)
 
 
@@ -80,10 +97,10 @@ async def test_junk_is_rejected_counted_and_harmless(cluster: Cluster) -> None:
         junk = {
             "heartbeat/malformed": b"\x00\xffnot msgpack at all",
             "heartbeat/oversized": msgpack.packb({"kind": "heartbeat", "pad": b"x" * 20_000}),
-            "heartbeat/sender_mismatch": encode(heartbeat_for(host,
-                                                              peer_id=n2.info["peer_id"])),
-            "heartbeat/forged": encode(heartbeat_for(host, eth_sig=sign_binding(
-                other.key, "testnet", pid, other.address))),
+            "heartbeat/sender_mismatch": encode(heartbeat_for(host, peer_id=n2.info["peer_id"])),
+            "heartbeat/forged": encode(
+                heartbeat_for(host, eth_sig=sign_binding(other.key, "testnet", pid, other.address))
+            ),
             "heartbeat/stale": encode(heartbeat_for(host, timestamp=time.time() - 3600)),
             "heartbeat/future": encode(heartbeat_for(host, timestamp=time.time() + 3600)),
             "heartbeat/wrong_network": encode(heartbeat_for(host, network="othernet")),
@@ -95,17 +112,24 @@ async def test_junk_is_rejected_counted_and_harmless(cluster: Cluster) -> None:
         await call(wait_until, lambda: pid in peers_of(n1), 10, "valid heartbeat accepted")
         await pubsub.publish(TOPIC, encode(good))  # same record again, new envelope
         expected = {**{k: 1.0 for k in junk}, "heartbeat/replayed": 1.0}
-        await call(wait_until, lambda: all(rejected(n1).get(k, 0) >= v
-                                           for k, v in expected.items()),
-                   10, "every junk message counted")
+        await call(
+            wait_until,
+            lambda: all(rejected(n1).get(k, 0) >= v for k, v in expected.items()),
+            10,
+            "every junk message counted",
+        )
 
     async with raw_host(strict_signing=False) as (host, pubsub):
         await host.connect(parse_peer_addr(n1.p2p_addr))
         await pubsub.subscribe(TOPIC)
         await pubsub.wait_for_subscription(parse_peer_addr(n1.p2p_addr).peer_id, TOPIC)
         await pubsub.publish(TOPIC, encode(heartbeat_for(host)))
-        await call(wait_until, lambda: rejected(n1).get("heartbeat/unsigned", 0) >= 1, 10,
-                   "unsigned message counted")
+        await call(
+            wait_until,
+            lambda: rejected(n1).get("heartbeat/unsigned", 0) >= 1,
+            10,
+            "unsigned message counted",
+        )
 
     # junk never reached node 2 (node 1 did not forward it), and both daemons are fine
     assert not any(k != "heartbeat/replayed" for k in rejected(n2)), rejected(n2)
@@ -129,8 +153,9 @@ async def test_persistent_junk_sender_is_blacklisted(cluster: Cluster) -> None:
         await pubsub.wait_for_subscription(parse_peer_addr(n1.p2p_addr).peer_id, TOPIC)
         for i in range(5):
             await pubsub.publish(TOPIC, b"junk %d" % i)
-        await call(wait_until, lambda: not host.get_connected_peers(), 10,
-                   "node 1 dropped the junk sender")
+        await call(
+            wait_until, lambda: not host.get_connected_peers(), 10, "node 1 dropped the junk sender"
+        )
     with urllib.request.urlopen(n1.info["rpc_url"] + "/metrics") as resp:
         text = resp.read().decode()
     assert "vcoin_peers_blacklisted_total 1.0" in text

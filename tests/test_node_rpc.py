@@ -13,12 +13,18 @@ import trio
 from vcoind.config import load
 from vcoind.datadir import DataDir
 from vcoind.node import Node, RunInfo
+from vcoind.p2p.heartbeat import Capabilities
 
 
 @asynccontextmanager
 async def node_in_process(datadir: Path, **flags: Any) -> AsyncIterator[tuple[Node, RunInfo]]:
-    base = {"network": "unit", "p2p.listen": ["/ip4/127.0.0.1/tcp/0"], "rpc.addr": "127.0.0.1:0",
-            "p2p.heartbeat_interval": 0.2, "p2p.peer_timeout": 2.0}
+    base = {
+        "network": "unit",
+        "p2p.listen": ["/ip4/127.0.0.1/tcp/0"],
+        "rpc.addr": "127.0.0.1:0",
+        "p2p.heartbeat_interval": 0.2,
+        "p2p.peer_timeout": 2.0,
+    }
     cfg = load(datadir, env={}, flags={**base, **flags})
     dd = DataDir(datadir)
     dd.init(exist_ok=True)
@@ -36,9 +42,11 @@ async def rpc(client: httpx.AsyncClient, url: str, method: str, params: Any = No
 
 
 async def test_node_rpc_methods_and_endpoints(tmp_path: Path) -> None:
-    async with (node_in_process(tmp_path / "a") as (a, ia),
-                node_in_process(tmp_path / "b", **{"p2p.bootstrap": [ia.p2p_addrs[0]]})
-                as (b, ib), httpx.AsyncClient(timeout=10) as client):
+    async with (
+        node_in_process(tmp_path / "a") as (a, ia),
+        node_in_process(tmp_path / "b", **{"p2p.bootstrap": [ia.p2p_addrs[0]]}) as (b, ib),
+        httpx.AsyncClient(timeout=10) as client,
+    ):
         assert (tmp_path / "a" / "run.json").exists()
         with trio.fail_after(15):
             for n in (a, b):
@@ -65,8 +73,13 @@ async def test_node_rpc_methods_and_endpoints(tmp_path: Path) -> None:
 
         doc = (await rpc(client, ia.rpc_url, "rpc.discover"))["result"]
         methods = {m["name"]: m for m in doc["methods"]}
-        assert {"vcoin_nodeInfo", "vcoin_peers", "vcoin_clusterStatus", "vcoin_gossipStats",
-                "rpc.discover"} <= set(methods)
+        assert {
+            "vcoin_nodeInfo",
+            "vcoin_peers",
+            "vcoin_clusterStatus",
+            "vcoin_gossipStats",
+            "rpc.discover",
+        } <= set(methods)
         assert methods["vcoin_peers"]["params"][0]["name"] == "include_offline"
 
         assert (await client.get(ia.rpc_url + "/health")).status_code == 200
@@ -80,8 +93,10 @@ async def test_node_rpc_methods_and_endpoints(tmp_path: Path) -> None:
 
 
 async def test_non_loopback_rpc_requires_cookie(tmp_path: Path) -> None:
-    async with (node_in_process(tmp_path, **{"rpc.addr": "0.0.0.0:0"}) as (_node, info),
-                httpx.AsyncClient(timeout=10) as client):
+    async with (
+        node_in_process(tmp_path, **{"rpc.addr": "0.0.0.0:0"}) as (_node, info),
+        httpx.AsyncClient(timeout=10) as client,
+    ):
         port = info.rpc_url.rsplit(":", 1)[1]
         url = f"http://127.0.0.1:{port}"  # only ever talk to loopback
         body = {"jsonrpc": "2.0", "id": 1, "method": "vcoin_nodeInfo"}
@@ -89,9 +104,30 @@ async def test_non_loopback_rpc_requires_cookie(tmp_path: Path) -> None:
         assert (await client.get(url + "/metrics")).status_code == 401
         assert (await client.get(url + "/health")).status_code == 200
         cookie = DataDir(tmp_path).read_cookie()
-        ok = await client.post(url + "/rpc", json=body,
-                               headers={"Authorization": f"Bearer {cookie}"})
+        ok = await client.post(
+            url + "/rpc", json=body, headers={"Authorization": f"Bearer {cookie}"}
+        )
         assert ok.status_code == 200 and ok.json()["result"]["peer_id"] == info.peer_id
-        wrong = await client.post(url + "/rpc", json=body,
-                                  headers={"Authorization": "Bearer nope"})
+        wrong = await client.post(url + "/rpc", json=body, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401
+
+
+async def test_capability_change_is_announced_at_once(tmp_path: Path) -> None:
+    slow = {"p2p.heartbeat_interval": 30.0, "p2p.peer_timeout": 120.0}
+    async with (
+        node_in_process(tmp_path / "a", **slow) as (a, ia),
+        node_in_process(tmp_path / "b", **{"p2p.bootstrap": [ia.p2p_addrs[0]]}) as (b, _ib),
+    ):
+        with trio.fail_after(15):
+            while len(a.peers) < 1:
+                await a.peers.wait_changed()
+        started = trio.current_time()
+        a.heartbeat.set_capabilities(Capabilities(models=("tiny-qwen2",), queue_length=3))
+        with trio.fail_after(10):  # far less than the 30 s interval
+            while True:
+                st = b.peers.get(ia.peer_id)
+                if st is not None and st.heartbeat.models == ("tiny-qwen2",):
+                    break
+                await trio.sleep(0.02)
+        assert st.heartbeat.queue_length == 3
+        assert trio.current_time() - started < 10

@@ -16,12 +16,25 @@ async def test_store_migrates_and_round_trips(tmp_path: Path) -> None:
     store = Store(tmp_path / "vcoin.db")
     await store.open()
     assert await store.schema_version() == len(MIGRATIONS)
-    await store.upsert_peers([
-        PeerUpdate("peerA", "0xabc", ("/ip4/127.0.0.1/tcp/1/p2p/peerA",), "Tesla T4", 15360,
-                   "12.2", 0.9, "vcoind/0.1.0", 100.0),
-        PeerUpdate("peerB", "0xdef", (), "cpu", 0, "", 0.5, "vcoind/0.1.0", 150.0)])
-    await store.upsert_peers([PeerUpdate("peerA", "0xabc", (), "Tesla T4", 15360, "12.2", 0.8,
-                                         "vcoind/0.1.0", 200.0)])
+    await store.upsert_peers(
+        [
+            PeerUpdate(
+                "peerA",
+                "0xabc",
+                ("/ip4/127.0.0.1/tcp/1/p2p/peerA",),
+                "Tesla T4",
+                15360,
+                "12.2",
+                0.9,
+                "vcoind/0.1.0",
+                100.0,
+            ),
+            PeerUpdate("peerB", "0xdef", (), "cpu", 0, "", 0.5, "vcoind/0.1.0", 150.0),
+        ]
+    )
+    await store.upsert_peers(
+        [PeerUpdate("peerA", "0xabc", (), "Tesla T4", 15360, "12.2", 0.8, "vcoind/0.1.0", 200.0)]
+    )
     await store.upsert_peers([])
     await store.mark_offline("peerB")
     rows = await store.list_peers()
@@ -63,7 +76,7 @@ async def test_closed_store_errors(tmp_path: Path) -> None:
 
 def test_init_creates_private_files_and_never_overwrites(tmp_path: Path) -> None:
     dd = DataDir(tmp_path / "dd")
-    created = dd.init("network = \"devnet\"\n")
+    created = dd.init('network = "devnet"\n')
     assert {p.name for p in created} == {"p2p.key", "eth.key", "rpc.cookie", "config.toml"}
     for name in ("p2p.key", "eth.key", "rpc.cookie"):
         assert stat.S_IMODE((dd.path / name).stat().st_mode) == 0o600

@@ -68,27 +68,50 @@ def register_node_api(reg: MethodRegistry, node: Node) -> None:
             online = {p["peer_id"] for p in out}
             for row in await node.store.list_peers(status="offline"):
                 if row.peer_id not in online:
-                    out.append({"peer_id": row.peer_id, "eth_address": row.eth_address,
-                                "addrs": list(row.addrs), "connected": row.peer_id in connected,
-                                "status": "offline", "health": row.health_score,
-                                "last_seen": row.last_heartbeat, "software": row.software})
+                    out.append(
+                        {
+                            "peer_id": row.peer_id,
+                            "eth_address": row.eth_address,
+                            "addrs": list(row.addrs),
+                            "connected": row.peer_id in connected,
+                            "status": "offline",
+                            "health": row.health_score,
+                            "last_seen": row.last_heartbeat,
+                            "software": row.software,
+                        }
+                    )
         return out
 
     async def cluster_status(params: dict[str, Any]) -> dict[str, Any]:
         me = node.heartbeat.last
         nodes: list[dict[str, Any]] = []
         if me is not None:
-            nodes.append({"peer_id": me.peer_id, "self": True, "health": me.health,
-                          "cpu_percent": me.cpu_percent, "memory_percent": me.memory_percent,
-                          "device_utilization": me.device.utilization,
-                          "queue_length": me.queue_length, "error_rate": 0.0})
+            nodes.append(
+                {
+                    "peer_id": me.peer_id,
+                    "self": True,
+                    "health": me.health,
+                    "cpu_percent": me.cpu_percent,
+                    "memory_percent": me.memory_percent,
+                    "device_utilization": me.device.utilization,
+                    "queue_length": me.queue_length,
+                    "error_rate": 0.0,
+                }
+            )
         for st in node.peers.peers():
             hb = st.heartbeat
-            nodes.append({"peer_id": hb.peer_id, "self": False, "health": st.health,
-                          "cpu_percent": hb.cpu_percent, "memory_percent": hb.memory_percent,
-                          "device_utilization": hb.device.utilization,
-                          "queue_length": hb.queue_length,
-                          "error_rate": round(node.gossip.error_rate(hb.peer_id), 6)})
+            nodes.append(
+                {
+                    "peer_id": hb.peer_id,
+                    "self": False,
+                    "health": st.health,
+                    "cpu_percent": hb.cpu_percent,
+                    "memory_percent": hb.memory_percent,
+                    "device_utilization": hb.device.utilization,
+                    "queue_length": hb.queue_length,
+                    "error_rate": round(node.gossip.error_rate(hb.peer_id), 6),
+                }
+            )
         healths = [n["health"] for n in nodes]
         return {
             "network": node.config.network,
@@ -105,21 +128,56 @@ def register_node_api(reg: MethodRegistry, node: Node) -> None:
             out["samples_ms"] = [round(x * 1000, 3) for x in node.peers.latencies]
         return out
 
-    reg.add(RPCMethod("vcoin_nodeInfo", "Identity, addresses, device and health of this node.",
-                      (), OBJ, node_info))
-    reg.add(RPCMethod(
-        "vcoin_peers", "Peers in the peer table (alive within the peer timeout).",
-        (Param("include_offline", {"type": "boolean"}, default=False,
-               description="also list peers known from the store that are offline"),),
-        {"type": "array", "items": OBJ}, peers))
-    reg.add(RPCMethod("vcoin_clusterStatus",
-                      "Active nodes, load distribution, error rates and gossip totals.",
-                      (), OBJ, cluster_status))
-    reg.add(RPCMethod(
-        "vcoin_gossipStats", "Heartbeat propagation latency (p50/p95/max) and gossip counters.",
-        (Param("include_samples", {"type": "boolean"}, default=False,
-               description="also return the raw latency samples (ms, newest last)"),),
-        OBJ, gossip_stats))
+    reg.add(
+        RPCMethod(
+            "vcoin_nodeInfo",
+            "Identity, addresses, device and health of this node.",
+            (),
+            OBJ,
+            node_info,
+        )
+    )
+    reg.add(
+        RPCMethod(
+            "vcoin_peers",
+            "Peers in the peer table (alive within the peer timeout).",
+            (
+                Param(
+                    "include_offline",
+                    {"type": "boolean"},
+                    default=False,
+                    description="also list peers known from the store that are offline",
+                ),
+            ),
+            {"type": "array", "items": OBJ},
+            peers,
+        )
+    )
+    reg.add(
+        RPCMethod(
+            "vcoin_clusterStatus",
+            "Active nodes, load distribution, error rates and gossip totals.",
+            (),
+            OBJ,
+            cluster_status,
+        )
+    )
+    reg.add(
+        RPCMethod(
+            "vcoin_gossipStats",
+            "Heartbeat propagation latency (p50/p95/max) and gossip counters.",
+            (
+                Param(
+                    "include_samples",
+                    {"type": "boolean"},
+                    default=False,
+                    description="also return the raw latency samples (ms, newest last)",
+                ),
+            ),
+            OBJ,
+            gossip_stats,
+        )
+    )
 
 
 def _counter_values(counter: Any) -> dict[str, float]:

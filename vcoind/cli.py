@@ -43,23 +43,49 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--network", help="network name; nodes only talk within one (default devnet)")
     g.add_argument("--log-level", choices=LOG_LEVELS, help="log verbosity (default info)")
     g = p.add_argument_group("p2p")
-    g.add_argument("--listen", action="append", metavar="MULTIADDR",
-                   help="libp2p listen address, repeatable (default /ip4/127.0.0.1/tcp/4001; "
-                        "port 0 picks a free port)")
-    g.add_argument("--bootstrap", action="append", metavar="MULTIADDR",
-                   help="peer to join through, /ip4/H/tcp/P/p2p/<peer id>; repeatable")
-    g.add_argument("--announce", action="append", metavar="MULTIADDR",
-                   help="address to advertise instead of the listen address (e.g. public IP)")
-    g.add_argument("--heartbeat-interval", type=float, metavar="SECONDS",
-                   help="heartbeat gossip interval (default 5)")
-    g.add_argument("--peer-timeout", type=float, metavar="SECONDS",
-                   help="drop peers silent for this long (default 30)")
-    g.add_argument("--no-discover", action="store_true",
-                   help="dial only bootstrap peers, not peers learned through gossip")
+    g.add_argument(
+        "--listen",
+        action="append",
+        metavar="MULTIADDR",
+        help="libp2p listen address, repeatable (default /ip4/127.0.0.1/tcp/4001; "
+        "port 0 picks a free port)",
+    )
+    g.add_argument(
+        "--bootstrap",
+        action="append",
+        metavar="MULTIADDR",
+        help="peer to join through, /ip4/H/tcp/P/p2p/<peer id>; repeatable",
+    )
+    g.add_argument(
+        "--announce",
+        action="append",
+        metavar="MULTIADDR",
+        help="address to advertise instead of the listen address (e.g. public IP)",
+    )
+    g.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        metavar="SECONDS",
+        help="heartbeat gossip interval (default 5)",
+    )
+    g.add_argument(
+        "--peer-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="drop peers silent for this long (default 30)",
+    )
+    g.add_argument(
+        "--no-discover",
+        action="store_true",
+        help="dial only bootstrap peers, not peers learned through gossip",
+    )
     g = p.add_argument_group("rpc")
-    g.add_argument("--rpc-addr", metavar="HOST:PORT",
-                   help="JSON-RPC/HTTP bind address (default 127.0.0.1:8645; port 0 = any; "
-                        "a non-loopback host requires the auth cookie)")
+    g.add_argument(
+        "--rpc-addr",
+        metavar="HOST:PORT",
+        help="JSON-RPC/HTTP bind address (default 127.0.0.1:8645; port 0 = any; "
+        "a non-loopback host requires the auth cookie)",
+    )
 
 
 def _flags(ns: argparse.Namespace) -> dict[str, Any]:
@@ -80,26 +106,38 @@ def _flags(ns: argparse.Namespace) -> dict[str, Any]:
 def daemon_parser(command: str = "run") -> argparse.ArgumentParser:
     if command == "init":
         p = argparse.ArgumentParser(
-            prog="vcoind init", description="Create the data directory: Ed25519 libp2p key "
+            prog="vcoind init",
+            description="Create the data directory: Ed25519 libp2p key "
             "(peer id), secp256k1 Ethereum key (node address), config.toml and the RPC auth "
-            "cookie, all 0600. Never overwrites existing keys.")
+            "cookie, all 0600. Never overwrites existing keys.",
+        )
     else:
         p = argparse.ArgumentParser(
-            prog="vcoind", usage="vcoind [init] [options]",
+            prog="vcoind",
+            usage="vcoind [init] [options]",
             description="VCoin node daemon: joins the network over libp2p, gossips its "
             "capabilities, serves JSON-RPC on loopback. `vcoind init` only creates the data "
             "directory (the daemon also creates it on first start).",
-            epilog=DAEMON_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+            epilog=DAEMON_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument("--version", action="version", version=f"vcoind {__version__}")
-    p.add_argument("--datadir", type=Path, metavar="DIR",
-                   help=f"data directory (default {DEFAULT_DATADIR}; env VCOIN_DATADIR)")
+    p.add_argument(
+        "--datadir",
+        type=Path,
+        metavar="DIR",
+        help=f"data directory (default {DEFAULT_DATADIR}; env VCOIN_DATADIR)",
+    )
     _add_node_flags(p)
     return p
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
     for noisy in ("libp2p", "multiaddr", "hypercorn", "async_service"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
@@ -157,8 +195,9 @@ async def _serve(cfg: Config, dd: DataDir, ident: Any) -> int:
             print(f"rpc      {info.rpc_url}\ndatadir  {dd.path}", flush=True)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
-                    logging.getLogger("vcoind").info("received %s, shutting down",
-                                                     signal.Signals(signum).name)
+                    logging.getLogger("vcoind").info(
+                        "received %s, shutting down", signal.Signals(signum).name
+                    )
                     nursery.cancel_scope.cancel()
                     break
     except BaseExceptionGroup as group:
@@ -193,10 +232,15 @@ class RPCClient:
 
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         self._id += 1
-        body = json.dumps({"jsonrpc": "2.0", "id": self._id, "method": method,
-                           "params": params or {}}).encode()
-        req = urllib.request.Request(self.url + "/rpc", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+        body = json.dumps(
+            {"jsonrpc": "2.0", "id": self._id, "method": method, "params": params or {}}
+        ).encode()
+        req = urllib.request.Request(
+            self.url + "/rpc",
+            data=body,
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         if self.cookie:
             req.add_header("Authorization", f"Bearer {self.cookie}")
         try:
@@ -220,16 +264,19 @@ def _client_from(ns: argparse.Namespace) -> RPCClient:
     dd = DataDir(Path(raw))
     info = dd.read_run_file()
     if not info or "rpc_url" not in info:
-        raise ClientError(f"no daemon running on {dd.path} (no run.json); start `vcoind "
-                          f"--datadir {dd.path}` or pass --rpc URL")
+        raise ClientError(
+            f"no daemon running on {dd.path} (no run.json); start `vcoind "
+            f"--datadir {dd.path}` or pass --rpc URL"
+        )
     return RPCClient(str(info["rpc_url"]), dd.read_cookie())
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-              for r in rows]
+    lines += [
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -259,46 +306,74 @@ def _fmt_peers(peers: list[dict[str, Any]]) -> str:
     if not peers:
         return "no peers"
     now = time.time()
-    rows = [[_short(p["peer_id"]), p.get("status", ""), "yes" if p.get("connected") else "no",
-             f"{p['health']:.2f}" if p.get("health") is not None else "-",
-             f"{p['latency_ms']:.1f}" if "latency_ms" in p else "-",
-             f"{now - p['last_seen']:.1f}s" if p.get("last_seen") else "-",
-             (p.get("device") or {}).get("name", "-"),
-             (p.get("addrs") or ["-"])[0].split("/p2p/")[0]] for p in peers]
+    rows = [
+        [
+            _short(p["peer_id"]),
+            p.get("status", ""),
+            "yes" if p.get("connected") else "no",
+            f"{p['health']:.2f}" if p.get("health") is not None else "-",
+            f"{p['latency_ms']:.1f}" if "latency_ms" in p else "-",
+            f"{now - p['last_seen']:.1f}s" if p.get("last_seen") else "-",
+            (p.get("device") or {}).get("name", "-"),
+            (p.get("addrs") or ["-"])[0].split("/p2p/")[0],
+        ]
+        for p in peers
+    ]
     return _table(rows, ["PEER", "STATUS", "CONN", "HEALTH", "LAT(ms)", "SEEN", "DEVICE", "ADDR"])
 
 
 def _fmt_status(r: dict[str, Any]) -> str:
-    rows = [[_short(n["peer_id"]) + (" (self)" if n["self"] else ""), f"{n['health']:.2f}",
-             f"{n['cpu_percent']:.0f}%", f"{n['memory_percent']:.0f}%",
-             f"{n['device_utilization']:.0f}%", str(n["queue_length"]),
-             f"{n['error_rate']:.3f}"] for n in r["load_distribution"]]
+    rows = [
+        [
+            _short(n["peer_id"]) + (" (self)" if n["self"] else ""),
+            f"{n['health']:.2f}",
+            f"{n['cpu_percent']:.0f}%",
+            f"{n['memory_percent']:.0f}%",
+            f"{n['device_utilization']:.0f}%",
+            str(n["queue_length"]),
+            f"{n['error_rate']:.3f}",
+        ]
+        for n in r["load_distribution"]
+    ]
     lat = r["gossip"]["latency"]
-    head = (f"network {r['network']}: {r['active_nodes']} active nodes, queue "
-            f"{r['queue_length']}, average health {r['average_health']}\n"
-            f"gossip latency p50 {lat.get('p50_ms', '-')} ms, p95 {lat.get('p95_ms', '-')} ms "
-            f"over {lat.get('count', 0)} heartbeats; rejected {r['gossip']['rejected'] or 0}\n")
+    head = (
+        f"network {r['network']}: {r['active_nodes']} active nodes, queue "
+        f"{r['queue_length']}, average health {r['average_health']}\n"
+        f"gossip latency p50 {lat.get('p50_ms', '-')} ms, p95 {lat.get('p95_ms', '-')} ms "
+        f"over {lat.get('count', 0)} heartbeats; rejected {r['gossip']['rejected'] or 0}\n"
+    )
     return head + _table(rows, ["NODE", "HEALTH", "CPU", "MEM", "DEVICE", "QUEUE", "ERRORS"])
 
 
 CLIENT_COMMANDS: dict[str, tuple[str, str, Callable[[Any], str]]] = {
-    "node-info": ("vcoin_nodeInfo", "identity, addresses, device and health of the node",
-                  _fmt_node_info),
+    "node-info": (
+        "vcoin_nodeInfo",
+        "identity, addresses, device and health of the node",
+        _fmt_node_info,
+    ),
     "peers": ("vcoin_peers", "the peer table", _fmt_peers),
-    "status": ("vcoin_clusterStatus", "cluster status: nodes, load, error rates",
-               _fmt_status),
+    "status": ("vcoin_clusterStatus", "cluster status: nodes, load, error rates", _fmt_status),
 }
 
 
 def client_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="vcoin", description="Client of a local vcoind over JSON-RPC. Finds the daemon "
-        "through DATADIR/run.json, or talks to --rpc URL.")
+        prog="vcoin",
+        description="Client of a local vcoind over JSON-RPC. Finds the daemon "
+        "through DATADIR/run.json, or talks to --rpc URL.",
+    )
     p.add_argument("--version", action="version", version=f"vcoin {__version__}")
-    p.add_argument("--datadir", type=Path, metavar="DIR",
-                   help=f"daemon data directory (default {DEFAULT_DATADIR})")
-    p.add_argument("--rpc", metavar="URL", help="daemon RPC URL, e.g. http://127.0.0.1:8645 "
-                   "(auth cookie from env VCOIN_RPC_COOKIE)")
+    p.add_argument(
+        "--datadir",
+        type=Path,
+        metavar="DIR",
+        help=f"daemon data directory (default {DEFAULT_DATADIR})",
+    )
+    p.add_argument(
+        "--rpc",
+        metavar="URL",
+        help="daemon RPC URL, e.g. http://127.0.0.1:8645 (auth cookie from env VCOIN_RPC_COOKIE)",
+    )
     p.add_argument("--json", action="store_true", help="print raw JSON for scripts")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, help_text, _) in CLIENT_COMMANDS.items():

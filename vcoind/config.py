@@ -114,8 +114,9 @@ def _convert(key: str, tp: Any, value: Any) -> Any:
         try:
             num = tp(value)
         except (TypeError, ValueError):
-            raise ConfigError(key, f"must be {'an integer' if tp is int else 'a number'}, "
-                                   f"got {value!r}") from None
+            raise ConfigError(
+                key, f"must be {'an integer' if tp is int else 'a number'}, got {value!r}"
+            ) from None
         if tp is int and isinstance(value, float) and not value.is_integer():
             raise ConfigError(key, f"must be an integer, got {value!r}")
         return num
@@ -223,12 +224,16 @@ def validate(cfg: Config) -> Config:
     _check_multiaddrs("p2p.bootstrap", p.bootstrap, need_peer_id=True)
     _check_multiaddrs("p2p.announce", p.announce, need_peer_id=False)
     if not 0.05 <= p.heartbeat_interval <= 3600:
-        raise ConfigError("p2p.heartbeat_interval",
-                          f"must be between 0.05 and 3600 seconds, got {p.heartbeat_interval}")
+        raise ConfigError(
+            "p2p.heartbeat_interval",
+            f"must be between 0.05 and 3600 seconds, got {p.heartbeat_interval}",
+        )
     if p.peer_timeout <= p.heartbeat_interval:
-        raise ConfigError("p2p.peer_timeout",
-                          f"must be longer than p2p.heartbeat_interval ({p.heartbeat_interval} s), "
-                          f"got {p.peer_timeout}")
+        raise ConfigError(
+            "p2p.peer_timeout",
+            f"must be longer than p2p.heartbeat_interval ({p.heartbeat_interval} s), "
+            f"got {p.peer_timeout}",
+        )
     if p.max_invalid_messages < 1:
         raise ConfigError("p2p.max_invalid_messages", "must be at least 1")
     try:

@@ -74,8 +74,9 @@ class DataDir:
     def init(self, config_text: str | None = None, *, exist_ok: bool = False) -> list[Path]:
         """Create whatever is missing; never overwrite keys. Returns the files created."""
         if self.is_initialised() and not exist_ok:
-            raise DataDirError(f"{self.path} is already initialised (keys exist); refusing to "
-                               "overwrite them")
+            raise DataDirError(
+                f"{self.path} is already initialised (keys exist); refusing to overwrite them"
+            )
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         created: list[Path] = []
         if not self.p2p_key.exists():
@@ -124,8 +125,9 @@ class DataDir:
             except BlockingIOError:
                 owner = self.read_run_file()
                 pid = f" (pid {owner['pid']})" if owner and "pid" in owner else ""
-                raise DataDirError(f"another vcoind is already running on {self.path}{pid}") \
-                    from None
+                raise DataDirError(
+                    f"another vcoind is already running on {self.path}{pid}"
+                ) from None
             yield
         finally:
             os.close(fd)

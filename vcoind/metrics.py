@@ -10,26 +10,37 @@ class NodeMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.peers = Gauge("vcoin_peers", "Peers currently in the peer table", registry=r)
-        self.connections = Gauge("vcoin_p2p_connections", "Open libp2p connections",
-                                 registry=r)
-        self.gossip_in = Counter("vcoin_gossip_received_total",
-                                 "Valid gossip messages received", ["topic"], registry=r)
-        self.gossip_out = Counter("vcoin_gossip_published_total",
-                                  "Gossip messages published", ["topic"], registry=r)
+        self.connections = Gauge("vcoin_p2p_connections", "Open libp2p connections", registry=r)
+        self.gossip_in = Counter(
+            "vcoin_gossip_received_total", "Valid gossip messages received", ["topic"], registry=r
+        )
+        self.gossip_out = Counter(
+            "vcoin_gossip_published_total", "Gossip messages published", ["topic"], registry=r
+        )
         self.gossip_rejected = Counter(
             "vcoin_gossip_rejected_total",
-            "Gossip messages rejected by validation, by reason", ["topic", "reason"],
-            registry=r)
+            "Gossip messages rejected by validation, by reason",
+            ["topic", "reason"],
+            registry=r,
+        )
         self.gossip_latency = Histogram(
-            "vcoin_gossip_latency_seconds", "Heartbeat publish-to-receive latency",
+            "vcoin_gossip_latency_seconds",
+            "Heartbeat publish-to-receive latency",
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-            registry=r)
-        self.peers_blacklisted = Counter("vcoin_peers_blacklisted_total",
-                                         "Peers blacklisted for invalid gossip", registry=r)
-        self.dials = Counter("vcoin_dials_total", "Outbound dials by outcome", ["outcome"],
-                             registry=r)
-        self.rpc_calls = Counter("vcoin_rpc_calls_total", "JSON-RPC calls by method and outcome",
-                                 ["method", "outcome"], registry=r)
+            registry=r,
+        )
+        self.peers_blacklisted = Counter(
+            "vcoin_peers_blacklisted_total", "Peers blacklisted for invalid gossip", registry=r
+        )
+        self.dials = Counter(
+            "vcoin_dials_total", "Outbound dials by outcome", ["outcome"], registry=r
+        )
+        self.rpc_calls = Counter(
+            "vcoin_rpc_calls_total",
+            "JSON-RPC calls by method and outcome",
+            ["method", "outcome"],
+            registry=r,
+        )
 
     def rpc_call(self, method: str, outcome: str) -> None:
         self.rpc_calls.labels(method=method, outcome=outcome).inc()

@@ -54,9 +54,15 @@ class RunInfo:
     started_at: float
 
     def as_dict(self) -> dict[str, Any]:
-        return {"pid": self.pid, "peer_id": self.peer_id, "eth_address": self.eth_address,
-                "network": self.network, "rpc_url": self.rpc_url,
-                "p2p_addrs": list(self.p2p_addrs), "started_at": self.started_at}
+        return {
+            "pid": self.pid,
+            "peer_id": self.peer_id,
+            "eth_address": self.eth_address,
+            "network": self.network,
+            "rpc_url": self.rpc_url,
+            "p2p_addrs": list(self.p2p_addrs),
+            "started_at": self.started_at,
+        }
 
 
 class RPCStats:
@@ -90,28 +96,52 @@ class Node:
         self._rpc_stats = RPCStats(self.metrics)
         p2p_cfg = config.p2p
         self.p2p: P2PHost = build_host(identity.key_pair, self._on_bad_signature)
-        self.gossip = Gossip(self.p2p, config.network, self.metrics,
-                             max_age_s=p2p_cfg.peer_timeout,
-                             max_invalid=p2p_cfg.max_invalid_messages)
-        self.peers = PeerTable(self.store, self.metrics, peer_timeout=p2p_cfg.peer_timeout,
-                               base_interval=p2p_cfg.heartbeat_interval,
-                               error_rate=self.gossip.error_rate)
-        self.keeper = PeerKeeper(self.p2p, self.metrics, bootstrap=p2p_cfg.bootstrap,
-                                 discover=p2p_cfg.discover)
+        self.gossip = Gossip(
+            self.p2p,
+            config.network,
+            self.metrics,
+            max_age_s=p2p_cfg.peer_timeout,
+            max_invalid=p2p_cfg.max_invalid_messages,
+        )
+        self.peers = PeerTable(
+            self.store,
+            self.metrics,
+            peer_timeout=p2p_cfg.peer_timeout,
+            base_interval=p2p_cfg.heartbeat_interval,
+            error_rate=self.gossip.error_rate,
+        )
+        self.keeper = PeerKeeper(
+            self.p2p, self.metrics, bootstrap=p2p_cfg.bootstrap, discover=p2p_cfg.discover
+        )
         self.heartbeat = HeartbeatService(
-            self.gossip, identity, config.network, base_interval=p2p_cfg.heartbeat_interval,
-            telemetry=self.telemetry, peer_count=lambda: len(self.peers),
-            addrs=self.advertised_addrs, health=self._self_health)
+            self.gossip,
+            identity,
+            config.network,
+            base_interval=p2p_cfg.heartbeat_interval,
+            telemetry=self.telemetry,
+            peer_count=lambda: len(self.peers),
+            addrs=self.advertised_addrs,
+            health=self._self_health,
+        )
         self.gossip.on("heartbeat", Heartbeat, self.peers.on_heartbeat, check=BindingCheck())
         self.peers.on_seen.append(lambda hb: self.keeper.learn(hb.peer_id, hb.listen_addrs))
         host, port = config.rpc.host, config.rpc.port
         self.registry = MethodRegistry()
         register_node_api(self.registry, self)
         self.rpc = RPCServer(
-            RPCServerConfig(host=host, port=port, max_body_bytes=config.rpc.max_body_bytes,
-                            cookie=datadir.read_cookie()),
-            self.registry, ready=self.is_ready, metrics=self.render_metrics,
-            title="vcoind", version=__version__, on_call=self._rpc_stats.on_call)
+            RPCServerConfig(
+                host=host,
+                port=port,
+                max_body_bytes=config.rpc.max_body_bytes,
+                cookie=datadir.read_cookie(),
+            ),
+            self.registry,
+            ready=self.is_ready,
+            metrics=self.render_metrics,
+            title="vcoind",
+            version=__version__,
+            on_call=self._rpc_stats.on_call,
+        )
         self._p2p_listening = False
 
     # --- callbacks --------------------------------------------------------
@@ -120,8 +150,9 @@ class Node:
         self.gossip.on_bad_signature(forwarder, msg)
 
     def _self_health(self, sample: HostSample) -> float:
-        return health_score(sample.cpu_percent, sample.memory_percent, None,
-                            self._rpc_stats.error_rate)
+        return health_score(
+            sample.cpu_percent, sample.memory_percent, None, self._rpc_stats.error_rate
+        )
 
     def advertised_addrs(self) -> list[str]:
         pid = self.identity.peer_id
@@ -138,8 +169,7 @@ class Node:
 
     # --- lifecycle --------------------------------------------------------
 
-    async def run(self, *, task_status: TaskStatus[RunInfo] = trio.TASK_STATUS_IGNORED
-                  ) -> None:
+    async def run(self, *, task_status: TaskStatus[RunInfo] = trio.TASK_STATUS_IGNORED) -> None:
         await self.store.open()
         try:
             await self.store.mark_all_offline()
@@ -158,16 +188,26 @@ class Node:
                     while isinstance(exc, BaseExceptionGroup):
                         exc = exc.exceptions[0]
                     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-                    raise NodeError(f"cannot serve RPC on {self.config.rpc.addr}: {reason}"
-                                    ) from None
+                    raise NodeError(
+                        f"cannot serve RPC on {self.config.rpc.addr}: {reason}"
+                    ) from None
                 self.info = RunInfo(
-                    pid=os.getpid(), peer_id=self.identity.peer_id,
-                    eth_address=self.identity.eth_address, network=self.config.network,
-                    rpc_url=rpc_url, p2p_addrs=tuple(self.p2p.addrs()),
-                    started_at=self.started_at)
+                    pid=os.getpid(),
+                    peer_id=self.identity.peer_id,
+                    eth_address=self.identity.eth_address,
+                    network=self.config.network,
+                    rpc_url=rpc_url,
+                    p2p_addrs=tuple(self.p2p.addrs()),
+                    started_at=self.started_at,
+                )
                 self.datadir.write_run_file(self.info.as_dict())
-                log.info("vcoind %s up: peer %s, eth %s, network %s", __version__,
-                         self.identity.peer_id, self.identity.eth_address, self.config.network)
+                log.info(
+                    "vcoind %s up: peer %s, eth %s, network %s",
+                    __version__,
+                    self.identity.peer_id,
+                    self.identity.eth_address,
+                    self.config.network,
+                )
                 task_status.started(self.info)
         finally:
             self._p2p_listening = False

@@ -94,8 +94,10 @@ class PeerRow:
 def _migrate(conn: sqlite3.Connection) -> int:
     (version,) = conn.execute("PRAGMA user_version").fetchone()
     if version > len(MIGRATIONS):
-        raise StoreError(f"database schema version {version} is newer than this vcoind "
-                         f"({len(MIGRATIONS)}); upgrade vcoind")
+        raise StoreError(
+            f"database schema version {version} is newer than this vcoind "
+            f"({len(MIGRATIONS)}); upgrade vcoind"
+        )
     for i in range(version, len(MIGRATIONS)):
         # One transaction per step: a crash leaves the schema at a consistent version.
         try:
@@ -109,8 +111,7 @@ def _migrate(conn: sqlite3.Connection) -> int:
 
 def open_db(path: Path) -> sqlite3.Connection:
     try:
-        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
-                               timeout=10.0)
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10.0)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
@@ -156,8 +157,21 @@ class Store:
     async def upsert_peers(self, updates: Sequence[PeerUpdate]) -> None:
         """Record heartbeats (one transaction for the batch); the peers become online."""
         now = time.time()
-        rows = [(u.peer_id, u.eth_address, json.dumps(list(u.addrs)), u.gpu_model, u.gpu_memory,
-                 u.cuda_version, u.health_score, u.software, u.seen_at, now) for u in updates]
+        rows = [
+            (
+                u.peer_id,
+                u.eth_address,
+                json.dumps(list(u.addrs)),
+                u.gpu_model,
+                u.gpu_memory,
+                u.cuda_version,
+                u.health_score,
+                u.software,
+                u.seen_at,
+                now,
+            )
+            for u in updates
+        ]
 
         def q(c: sqlite3.Connection) -> None:
             with _transaction(c):
@@ -172,14 +186,16 @@ class Store:
                            cuda_version=excluded.cuda_version,
                            health_score=excluded.health_score, software=excluded.software,
                            status='online', last_heartbeat=excluded.last_heartbeat""",
-                    rows)
+                    rows,
+                )
 
         if rows:
             await self._run(q)
 
     async def mark_offline(self, peer_id: str) -> None:
-        await self._run(lambda c: c.execute(
-            "UPDATE peers SET status='offline' WHERE peer_id=?", (peer_id,)))
+        await self._run(
+            lambda c: c.execute("UPDATE peers SET status='offline' WHERE peer_id=?", (peer_id,))
+        )
 
     async def mark_all_offline(self) -> None:
         await self._run(lambda c: c.execute("UPDATE peers SET status='offline'"))
@@ -203,9 +219,17 @@ def _peer_row(r: sqlite3.Row) -> PeerRow:
     except (ValueError, TypeError):
         addrs = ()
     return PeerRow(
-        peer_id=r["peer_id"], eth_address=r["eth_address"], addrs=addrs,
-        gpu_model=r["gpu_model"], gpu_memory=r["gpu_memory"], cuda_version=r["cuda_version"],
-        reputation_score=r["reputation_score"], staked_amount=r["staked_amount"],
-        health_score=r["health_score"], software=r["software"], status=r["status"],
-        last_heartbeat=r["last_heartbeat"], created_at=r["created_at"],
+        peer_id=r["peer_id"],
+        eth_address=r["eth_address"],
+        addrs=addrs,
+        gpu_model=r["gpu_model"],
+        gpu_memory=r["gpu_memory"],
+        cuda_version=r["cuda_version"],
+        reputation_score=r["reputation_score"],
+        staked_amount=r["staked_amount"],
+        health_score=r["health_score"],
+        software=r["software"],
+        status=r["status"],
+        last_heartbeat=r["last_heartbeat"],
+        created_at=r["created_at"],
     )

@@ -71,9 +71,14 @@ class Telemetry:
         if device is None:
             vm = psutil.virtual_memory()
             device = DeviceSample(
-                kind="cpu", name=self._cpu_name, count=psutil.cpu_count() or 1,
-                memory_total_mb=vm.total // (1 << 20), memory_used_mb=vm.used // (1 << 20),
-                utilization=cpu, temperature_c=_cpu_temperature(), cuda_version="",
+                kind="cpu",
+                name=self._cpu_name,
+                count=psutil.cpu_count() or 1,
+                memory_total_mb=vm.total // (1 << 20),
+                memory_used_mb=vm.used // (1 << 20),
+                utilization=cpu,
+                temperature_c=_cpu_temperature(),
+                cuda_version="",
             )
         return HostSample(cpu_percent=cpu, memory_percent=mem, device=device)
 
@@ -87,11 +92,13 @@ class Telemetry:
             temp = nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)
             cuda = nv.nvmlSystemGetCudaDriverVersion_v2()
             return DeviceSample(
-                kind="cuda", name=name.decode() if isinstance(name, bytes) else str(name),
+                kind="cuda",
+                name=name.decode() if isinstance(name, bytes) else str(name),
                 count=int(nv.nvmlDeviceGetCount()),
                 memory_total_mb=int(mem.total) // (1 << 20),
                 memory_used_mb=int(mem.used) // (1 << 20),
-                utilization=float(util.gpu), temperature_c=float(temp),
+                utilization=float(util.gpu),
+                temperature_c=float(temp),
                 cuda_version=f"{cuda // 1000}.{(cuda % 1000) // 10}",
             )
         except Exception as exc:  # a GPU that falls off the bus must not kill the heartbeat

@@ -32,8 +32,9 @@ def response_score(response_s: float | None) -> float:
     return _clamp(1.0 - (response_s - RESPONSE_GOOD_S) / (RESPONSE_BAD_S - RESPONSE_GOOD_S))
 
 
-def health_score(cpu_percent: float, memory_percent: float, response_s: float | None,
-                 error_rate: float) -> float:
+def health_score(
+    cpu_percent: float, memory_percent: float, response_s: float | None, error_rate: float
+) -> float:
     """Weighted health in [0, 1]; see the module docstring for the formula."""
     score = (
         W_CPU * (1.0 - _clamp(cpu_percent / 100.0))

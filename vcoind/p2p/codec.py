@@ -121,8 +121,7 @@ def _value(tp: Any, raw: Any, path: str, meta: dict[str, Any]) -> Any:
         _range(raw, path, meta)
         return raw
     if tp is float:
-        _check(isinstance(raw, int | float) and not isinstance(raw, bool), path,
-               "must be a number")
+        _check(isinstance(raw, int | float) and not isinstance(raw, bool), path, "must be a number")
         val = float(raw)
         _check(math.isfinite(val), path, "must be finite")
         _range(val, path, meta)
@@ -160,8 +159,12 @@ def _record(cls: type[M], raw: dict[Any, Any], path: str) -> M:
     for name, f in fields.items():
         sub = f"{path}.{name}" if path else name
         if name not in raw:
-            _check(f.default is not dataclasses.MISSING
-                   or f.default_factory is not dataclasses.MISSING, sub, "missing")
+            _check(
+                f.default is not dataclasses.MISSING
+                or f.default_factory is not dataclasses.MISSING,
+                sub,
+                "missing",
+            )
             continue
         kwargs[name] = _value(hints[name], raw[name], sub, dict(f.metadata))
     return cls(**kwargs)
@@ -176,9 +179,15 @@ def decode(data: bytes, expect: type[M] | None = None) -> M:
         raise CodecError(f"message is {len(data)} bytes, limit {limit}")
     try:
         raw = msgpack.unpackb(
-            data, raw=False, strict_map_key=True, use_list=True,
-            max_str_len=limit, max_bin_len=limit,
-            max_array_len=4096, max_map_len=256, max_ext_len=0,
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=limit,
+            max_bin_len=limit,
+            max_array_len=4096,
+            max_map_len=256,
+            max_ext_len=0,
         )
     except (ValueError, msgpack.UnpackException, TypeError) as exc:
         raise CodecError(f"not valid msgpack: {exc}") from None

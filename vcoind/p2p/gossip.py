@@ -37,8 +37,9 @@ TOPIC_NAMES = ("heartbeat", "tasks", "votes")
 MAX_CLOCK_SKEW_S = 30.0
 BLACKLIST_S = 600.0
 # Rejections that prove the forwarder misbehaves (stale/replayed ones can be honest relays).
-PENALISED = frozenset({"malformed", "oversized", "unsigned", "sender_mismatch", "forged",
-                       "wrong_network"})
+PENALISED = frozenset(
+    {"malformed", "oversized", "unsigned", "sender_mismatch", "forged", "wrong_network"}
+)
 
 Handler = Callable[[Any], Awaitable[None]]
 # Extra per-kind check: returns a rejection reason or None.
@@ -57,8 +58,15 @@ class _Route:
 
 
 class Gossip:
-    def __init__(self, p2p: P2PHost, network: str, metrics: NodeMetrics, *, max_age_s: float,
-                 max_invalid: int) -> None:
+    def __init__(
+        self,
+        p2p: P2PHost,
+        network: str,
+        metrics: NodeMetrics,
+        *,
+        max_age_s: float,
+        max_invalid: int,
+    ) -> None:
         self._p2p = p2p
         self._network = network
         self._metrics = metrics
@@ -104,8 +112,9 @@ class Gossip:
         if reason in PENALISED and fwd != self._self_b58:
             n = self._invalid_from[fwd] = self._invalid_from.get(fwd, 0) + 1
             if n >= self._max_invalid and forwarder not in self._blacklisted:
-                log.warning("blacklisting %s for %d s: %d invalid gossip messages", fwd,
-                            int(BLACKLIST_S), n)
+                log.warning(
+                    "blacklisting %s for %d s: %d invalid gossip messages", fwd, int(BLACKLIST_S), n
+                )
                 self._blacklisted[forwarder] = trio.current_time() + BLACKLIST_S
                 self._metrics.peers_blacklisted.inc()
                 self._p2p.pubsub.add_to_blacklist(forwarder)

@@ -50,9 +50,18 @@ def adaptive_interval(base: float, peer_count: int) -> float:
 
 
 class HeartbeatService:
-    def __init__(self, gossip: Gossip, identity: Identity, network: str, *, base_interval: float,
-                 telemetry: Telemetry, peer_count: Callable[[], int],
-                 addrs: Callable[[], list[str]], health: Callable[[HostSample], float]) -> None:
+    def __init__(
+        self,
+        gossip: Gossip,
+        identity: Identity,
+        network: str,
+        *,
+        base_interval: float,
+        telemetry: Telemetry,
+        peer_count: Callable[[], int],
+        addrs: Callable[[], list[str]],
+        health: Callable[[HostSample], float],
+    ) -> None:
         self._gossip = gossip
         self._id = identity
         self._network = network
@@ -62,8 +71,7 @@ class HeartbeatService:
         self._addrs = addrs
         self._health = health
         self._peer_id = identity.peer_id
-        self._binding = sign_binding(identity.eth.key, network, self._peer_id,
-                                     identity.eth_address)
+        self._binding = sign_binding(identity.eth.key, network, self._peer_id, identity.eth_address)
         # Strictly increasing across restarts, so peers never take a new beat for a replay.
         self._seq = time.time_ns() // 1000
         self._wake = trio.Event()
@@ -72,7 +80,9 @@ class HeartbeatService:
         self._profile = NumericProfile(
             device_kind="cuda" if telemetry.has_gpu else "cpu",
             dtype="float16" if telemetry.has_gpu else "float32",
-            torch=package_version("torch"), transformers=package_version("transformers"))
+            torch=package_version("torch"),
+            transformers=package_version("transformers"),
+        )
 
     @property
     def interval(self) -> float:
@@ -92,18 +102,31 @@ class HeartbeatService:
         self._seq += 1
         caps = self.capabilities
         return Heartbeat(
-            network=self._network, peer_id=self._peer_id, eth_address=self._id.eth_address,
-            eth_sig=self._binding, seq=self._seq, timestamp=time.time(),
+            network=self._network,
+            peer_id=self._peer_id,
+            eth_address=self._id.eth_address,
+            eth_sig=self._binding,
+            seq=self._seq,
+            timestamp=time.time(),
             interval=float(self.interval),
             listen_addrs=tuple(self._addrs()[:8]),
-            device=DeviceInfo(kind=d.kind, name=d.name[:128], count=d.count,
-                              memory_total_mb=d.memory_total_mb, memory_used_mb=d.memory_used_mb,
-                              utilization=min(100.0, d.utilization),
-                              temperature_c=d.temperature_c, cuda_version=d.cuda_version),
+            device=DeviceInfo(
+                kind=d.kind,
+                name=d.name[:128],
+                count=d.count,
+                memory_total_mb=d.memory_total_mb,
+                memory_used_mb=d.memory_used_mb,
+                utilization=min(100.0, d.utilization),
+                temperature_c=d.temperature_c,
+                cuda_version=d.cuda_version,
+            ),
             cpu_percent=min(100.0, sample.cpu_percent),
             memory_percent=min(100.0, sample.memory_percent),
-            models=caps.models, spans=caps.spans, profile=self._profile,
-            queue_length=caps.queue_length, health=self._health(sample),
+            models=caps.models,
+            spans=caps.spans,
+            profile=self._profile,
+            queue_length=caps.queue_length,
+            health=self._health(sample),
             software=f"vcoind/{__version__}",
         )
 

@@ -42,13 +42,17 @@ class VerifyingPubsub(Pubsub):
     """
 
     def __init__(self, host: IHost, router: GossipSub, on_bad_signature: BadSignatureHook) -> None:
-        super().__init__(host, router, strict_signing=True,
-                         max_inbound_rpc_size=MAX_PUBSUB_RPC_BYTES)
+        super().__init__(
+            host, router, strict_signing=True, max_inbound_rpc_size=MAX_PUBSUB_RPC_BYTES
+        )
         self._on_bad_signature = on_bad_signature
 
     async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
-        if (msg_forwarder != self.my_id and not self._is_msg_seen(msg)
-                and not signature_validator(msg)):
+        if (
+            msg_forwarder != self.my_id
+            and not self._is_msg_seen(msg)
+            and not signature_validator(msg)
+        ):
             self._on_bad_signature(msg_forwarder, msg)
             return
         await super().push_msg(msg_forwarder, msg)
@@ -73,10 +77,14 @@ class P2PHost:
 
 def build_host(key_pair: KeyPair, on_bad_signature: BadSignatureHook) -> P2PHost:
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
-    host = new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise},
-                    muxer_preference="YAMUX")
-    router = GossipSub(protocols=list(GOSSIP_PROTOCOLS), degree=6, degree_low=4, degree_high=12,
-                       heartbeat_interval=GOSSIP_HEARTBEAT_S)
+    host = new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise}, muxer_preference="YAMUX")
+    router = GossipSub(
+        protocols=list(GOSSIP_PROTOCOLS),
+        degree=6,
+        degree_low=4,
+        degree_high=12,
+        heartbeat_interval=GOSSIP_HEARTBEAT_S,
+    )
     pubsub = VerifyingPubsub(host, router, on_bad_signature)
     return P2PHost(host=host, pubsub=pubsub, router=router)
 
@@ -96,8 +104,11 @@ def check_listen_free(listen: Sequence[str]) -> None:
         port = int(ma.value_for_protocol("tcp"))
         if port == 0:
             continue
-        family, host = ((socket.AF_INET6, ma.value_for_protocol("ip6")) if "ip6" in protos
-                        else (socket.AF_INET, ma.value_for_protocol("ip4")))
+        family, host = (
+            (socket.AF_INET6, ma.value_for_protocol("ip6"))
+            if "ip6" in protos
+            else (socket.AF_INET, ma.value_for_protocol("ip4"))
+        )
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             # SO_REUSEADDR: TIME_WAIT leftovers of our own previous run are fine; a live
             # listener still makes the bind fail.

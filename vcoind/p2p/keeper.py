@@ -54,8 +54,9 @@ def parse_peer_addr(addr: str) -> PeerInfo:
 
 
 class PeerKeeper:
-    def __init__(self, p2p: P2PHost, metrics: NodeMetrics, *, bootstrap: tuple[str, ...],
-                 discover: bool) -> None:
+    def __init__(
+        self, p2p: P2PHost, metrics: NodeMetrics, *, bootstrap: tuple[str, ...], discover: bool
+    ) -> None:
         self._p2p = p2p
         self._metrics = metrics
         self._discover = discover
@@ -84,8 +85,9 @@ class PeerKeeper:
         known = self._known.get(pid)
         deadline = trio.current_time() + LEARNED_TTL_S
         if known is None:
-            self._known[pid] = KnownPeer(info=merged, bootstrap=False, forget_at=deadline,
-                                         addrs=list(addrs))
+            self._known[pid] = KnownPeer(
+                info=merged, bootstrap=False, forget_at=deadline, addrs=list(addrs)
+            )
         elif not known.bootstrap:
             known.info, known.forget_at, known.addrs = merged, deadline, list(addrs)
 
@@ -120,9 +122,13 @@ class PeerKeeper:
         except Exception as exc:  # py-libp2p raises many unrelated types on dial failure
             kp.failures += 1
             kp.next_attempt = trio.current_time() + kp.backoff
-            log.log(logging.INFO if kp.failures == 1 else logging.DEBUG,
-                    "dial %s failed (%s); retry in %.1f s", pid, exc or type(exc).__name__,
-                    kp.backoff)
+            log.log(
+                logging.INFO if kp.failures == 1 else logging.DEBUG,
+                "dial %s failed (%s); retry in %.1f s",
+                pid,
+                exc or type(exc).__name__,
+                kp.backoff,
+            )
             kp.backoff = min(BACKOFF_MAX_S, kp.backoff * 2)
             self._metrics.dials.labels(outcome="error").inc()
         else:

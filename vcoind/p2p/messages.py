@@ -101,15 +101,19 @@ def binding_text(network: str, peer_id: str, eth_address: str) -> str:
 
 
 def sign_binding(eth_key: bytes, network: str, peer_id: str, eth_address: str) -> bytes:
-    signed = Account.sign_message(encode_defunct(text=binding_text(network, peer_id,
-                                                                   eth_address)), eth_key)
+    signed = Account.sign_message(
+        encode_defunct(text=binding_text(network, peer_id, eth_address)), eth_key
+    )
     return bytes(signed.signature)
 
 
 def recover_binding(network: str, peer_id: str, eth_address: str, sig: bytes) -> str | None:
     """The address that signed the binding, or None if the signature is unusable."""
     try:
-        return str(Account.recover_message(
-            encode_defunct(text=binding_text(network, peer_id, eth_address)), signature=sig))
+        return str(
+            Account.recover_message(
+                encode_defunct(text=binding_text(network, peer_id, eth_address)), signature=sig
+            )
+        )
     except (ValueError, TypeError, BadSignature, EthKeysValidationError):
         return None

@@ -49,8 +49,15 @@ class PeerState:
 
 
 class PeerTable:
-    def __init__(self, store: Store, metrics: NodeMetrics, *, peer_timeout: float,
-                 base_interval: float, error_rate: Callable[[str], float]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        metrics: NodeMetrics,
+        *,
+        peer_timeout: float,
+        base_interval: float,
+        error_rate: Callable[[str], float],
+    ) -> None:
         self._store = store
         self._metrics = metrics
         self._timeout = peer_timeout
@@ -89,11 +96,15 @@ class PeerTable:
         self._metrics.gossip_latency.observe(latency)
         prev = self._peers.get(hb.peer_id)
         ewma = latency if prev is None else (1 - EWMA_ALPHA) * prev.latency_s + EWMA_ALPHA * latency
-        health = health_score(hb.cpu_percent, hb.memory_percent, ewma,
-                              self._error_rate(hb.peer_id))
+        health = health_score(hb.cpu_percent, hb.memory_percent, ewma, self._error_rate(hb.peer_id))
         self._peers[hb.peer_id] = PeerState(
-            heartbeat=hb, first_seen=prev.first_seen if prev else now, last_seen=now,
-            expires_at=trio.current_time() + self.expiry_for(hb), latency_s=ewma, health=health)
+            heartbeat=hb,
+            first_seen=prev.first_seen if prev else now,
+            last_seen=now,
+            expires_at=trio.current_time() + self.expiry_for(hb),
+            latency_s=ewma,
+            health=health,
+        )
         if prev is None:
             log.info("peer joined %s (%s)", hb.peer_id, hb.eth_address)
             self._notify()
@@ -101,8 +112,16 @@ class PeerTable:
             cb(hb)
         # Written in batches by run(): a busy network must not cost one transaction per beat.
         self._dirty[hb.peer_id] = PeerUpdate(
-            hb.peer_id, hb.eth_address, hb.listen_addrs, hb.device.name,
-            hb.device.memory_total_mb, hb.device.cuda_version, health, hb.software, now)
+            hb.peer_id,
+            hb.eth_address,
+            hb.listen_addrs,
+            hb.device.name,
+            hb.device.memory_total_mb,
+            hb.device.cuda_version,
+            health,
+            hb.software,
+            now,
+        )
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -115,8 +134,9 @@ class PeerTable:
                 for peer_id, st in list(self._peers.items()):
                     if st.expires_at <= now:
                         del self._peers[peer_id]
-                        log.info("peer left %s (silent for %.1f s)", peer_id,
-                                 time.time() - st.last_seen)
+                        log.info(
+                            "peer left %s (silent for %.1f s)", peer_id, time.time() - st.last_seen
+                        )
                         self._notify()
                         await self._store.mark_offline(peer_id)
         finally:
