@@ -82,6 +82,12 @@ async def test_node_rpc_methods_and_endpoints(tmp_path: Path) -> None:
         } <= set(methods)
         assert methods["vcoin_peers"]["params"][0]["name"] == "include_offline"
 
+        rest = (await client.get(ia.rpc_url + "/api/cluster/status")).json()
+        assert rest["active_nodes"] == 2 and rest["network"] == "unit"
+        nodes = (await client.get(ia.rpc_url + "/api/cluster/nodes")).json()
+        assert [n["peer_id"] for n in nodes] == [ib.peer_id]
+        assert "latency" in (await client.get(ia.rpc_url + "/api/cluster/metrics")).json()
+
         assert (await client.get(ia.rpc_url + "/health")).status_code == 200
         assert (await client.get(ia.rpc_url + "/ready")).status_code == 200
         metrics = (await client.get(ia.rpc_url + "/metrics")).text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -30,14 +31,24 @@ def mock_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0.02)
 
 
-async def test_peer_expires_after_timeout_and_rejoins(
-    tmp_path: Path, mock_clock: trio.testing.MockClock
-) -> None:
-    store = Store(tmp_path / "db")
-    await store.open()
-    table = PeerTable(
-        store, NodeMetrics(), peer_timeout=30.0, base_interval=5.0, error_rate=lambda _peer: 0.0
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = Store(tmp_path / "db")
+    await s.open()
+    yield s
+    await s.close()
+
+
+def table_for(store: Store, error_rate: Callable[[str], float] = lambda _peer: 0.0) -> PeerTable:
+    return PeerTable(
+        store, NodeMetrics(), peer_timeout=30.0, base_interval=5.0, error_rate=error_rate
     )
+
+
+async def test_peer_expires_after_timeout_and_rejoins(
+    store: Store, mock_clock: trio.testing.MockClock
+) -> None:
+    table = table_for(store)
     hb = make(interval=5.0)
     async with trio.open_nursery() as nursery:
         await nursery.start(table.run)
@@ -57,17 +68,12 @@ async def test_peer_expires_after_timeout_and_rejoins(
         await table.flush()
         assert (await store.list_peers())[0].status == "online"
         nursery.cancel_scope.cancel()
-    await store.close()
 
 
 async def test_stretched_interval_stretches_expiry(
-    tmp_path: Path, mock_clock: trio.testing.MockClock
+    store: Store, mock_clock: trio.testing.MockClock
 ) -> None:
-    store = Store(tmp_path / "db")
-    await store.open()
-    table = PeerTable(
-        store, NodeMetrics(), peer_timeout=30.0, base_interval=5.0, error_rate=lambda _peer: 0.0
-    )
+    table = table_for(store)
     hb = make(interval=20.0)  # a peer in a 1000-node network beats every 20 s
     assert table.expiry_for(hb) == 120.0
     async with trio.open_nursery() as nursery:
@@ -81,24 +87,14 @@ async def test_stretched_interval_stretches_expiry(
         assert len(table) == 0
         assert 120.0 <= trio.current_time() - seen_at <= 125.0
         nursery.cancel_scope.cancel()
-    await store.close()
 
 
-async def test_health_uses_error_rate_and_latency(tmp_path: Path) -> None:
-    store = Store(tmp_path / "db")
-    await store.open()
-    rates = {"good": 0.0}
-    table = PeerTable(
-        store,
-        NodeMetrics(),
-        peer_timeout=30.0,
-        base_interval=5.0,
-        error_rate=lambda peer: rates.get(peer, 0.5),
-    )
+async def test_health_uses_error_rate_and_latency(store: Store) -> None:
+    table = table_for(store, error_rate=lambda _peer: 0.5)  # half its messages were invalid
     hb = make(cpu_percent=0.0, memory_percent=0.0)
     await table.on_heartbeat(hb)
     st = table.get(hb.peer_id)
     assert st is not None
-    assert st.health == pytest.approx(0.85 + 0.15 * 0.5, abs=1e-3)  # half its messages invalid
+    # CPU and memory idle; latency ~0 s scores 1; errors cost half of their 15 %
+    assert st.health == pytest.approx(0.30 + 0.30 + 0.25 + 0.15 * 0.5, abs=1e-3)
     assert table.latency_stats()["count"] == 1
-    await store.close()

@@ -14,6 +14,12 @@ if TYPE_CHECKING:
     from vcoind.node import Node
 
 OBJ: dict[str, Any] = {"type": "object"}
+# The planning documents' REST paths, served as aliases of the RPC methods.
+REST_ALIASES = {
+    "/api/cluster/status": "vcoin_clusterStatus",
+    "/api/cluster/nodes": "vcoin_peers",
+    "/api/cluster/metrics": "vcoin_gossipStats",
+}
 
 
 def peer_view(st: PeerState, connected: bool) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from vcoind import __version__
-from vcoind.api import register_node_api
+from vcoind.api import REST_ALIASES, register_node_api
 from vcoind.compute.telemetry import HostSample, Telemetry
 from vcoind.config import Config
 from vcoind.consensus.health import health_score
@@ -142,6 +142,8 @@ class Node:
             version=__version__,
             on_call=self._rpc_stats.on_call,
         )
+        for path, method in REST_ALIASES.items():
+            self.rpc.add_get_alias(path, method)
         self._p2p_listening = False
 
     # --- callbacks --------------------------------------------------------

@@ -32,7 +32,14 @@ from vcoind.rpc.errors import (
     RPCConfigError,
     RPCError,
 )
-from vcoind.rpc.methods import DISCOVER, MethodRegistry, Param, RPCMethod, discover_method
+from vcoind.rpc.methods import (
+    DISCOVER,
+    MethodRegistry,
+    Param,
+    RPCMethod,
+    bind_params,
+    discover_method,
+)
 
 if TYPE_CHECKING:
     # libp2p depends on trio-typing, whose stale trio-stubs shadow trio's own
@@ -199,6 +206,24 @@ class RPCServer:
         if self._running:
             raise RuntimeError("routes must be added before the RPC server runs")
         self._extra_routes.append(Route(path, endpoint, methods=methods))
+
+    def add_get_alias(self, path: str, method: str) -> None:
+        """Serve ``GET path`` as a thin REST alias of RPC ``method`` called with its defaults.
+
+        The planning documents' REST paths (e.g. ``/api/cluster/status``) work this way.
+        """
+        rpc_method = self._registry.get(method)
+        if rpc_method is None:
+            raise ValueError(f"no RPC method {method!r} to alias")
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                result = await rpc_method.handler(bind_params(rpc_method, None))
+            except RPCError as exc:
+                return JSONResponse({"error": exc.to_json()}, status_code=400)
+            return JSONResponse(result)
+
+        self.add_route(path, endpoint, ["GET"])
 
     async def run(self, *, task_status: TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         if self._running:
