@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from devnet.__main__ import start_node, stop_all, wait_for_mesh
+from devnet.__main__ import DevNode, start_node, stop_all, wait_for_mesh
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -28,14 +28,24 @@ def pct(samples: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+def new_samples(node: DevNode, skip_total: int) -> list[float]:
+    """Latency samples (ms) taken after the node had taken ``skip_total`` of them."""
+    stats = node.rpc.call("vcoin_gossipStats", {"include_samples": True})
+    new = stats["latency"]["total"] - skip_total
+    samples: list[float] = stats["samples_ms"]
+    return samples[-new:] if new > 0 else []
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--messages", type=int, default=200, help="samples per node (>= 200)")
+    p.add_argument("--messages", type=int, default=200, help="samples per node (200-1000)")
     p.add_argument("--interval", type=float, default=0.1, help="heartbeat interval, s")
     p.add_argument("--relay", action="store_true", help="nodes 2 and 3 only reach node 1")
     ns = p.parse_args()
+    if not 1 <= ns.messages <= 1000:
+        p.error("--messages must be 1..1000 (the daemon keeps its last 1000 samples)")
     extra = ["--no-discover"] if ns.relay else []
     with tempfile.TemporaryDirectory(prefix="vcoin-bench-") as tmp:
         base = Path(tmp)
@@ -50,20 +60,10 @@ def main() -> int:
         try:
             wait_for_mesh(nodes, 30)
             # discard the start-up phase (connects, mesh building, replays to joiners)
-            skip = {
-                n.index: len(
-                    n.rpc.call("vcoin_gossipStats", {"include_samples": True})["samples_ms"]
-                )
-                for n in nodes
-            }
+            skip = {n.index: n.rpc.call("vcoin_gossipStats")["latency"]["total"] for n in nodes}
             t0 = time.monotonic()
             while True:
-                per = {
-                    n.index: n.rpc.call("vcoin_gossipStats", {"include_samples": True})[
-                        "samples_ms"
-                    ][skip[n.index] :]
-                    for n in nodes
-                }
+                per = {n.index: new_samples(n, skip[n.index]) for n in nodes}
                 if all(len(v) >= ns.messages for v in per.values()):
                     break
                 if time.monotonic() - t0 > 600:

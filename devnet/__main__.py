@@ -254,4 +254,6 @@ def _sigterm(signum: int, frame: object) -> None:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _sigterm)
+    # Ctrl-C even when started from a script that ignores SIGINT for background jobs
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())

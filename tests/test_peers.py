@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import trio.testing
 
 from tests.test_codec import make
 from vcoind.metrics import NodeMetrics
+from vcoind.p2p import peers as peers_module
 from vcoind.p2p.heartbeat import adaptive_interval
 from vcoind.p2p.peers import PeerTable
 from vcoind.store import Store
@@ -89,12 +91,27 @@ async def test_stretched_interval_stretches_expiry(
         nursery.cancel_scope.cancel()
 
 
-async def test_health_uses_error_rate_and_latency(store: Store) -> None:
+async def test_health_uses_error_rate(store: Store) -> None:
     table = table_for(store, error_rate=lambda _peer: 0.5)  # half its messages were invalid
     hb = make(cpu_percent=0.0, memory_percent=0.0)
     await table.on_heartbeat(hb)
     st = table.get(hb.peer_id)
     assert st is not None
-    # CPU and memory idle; latency ~0 s scores 1; errors cost half of their 15 %
-    assert st.health == pytest.approx(0.30 + 0.30 + 0.25 + 0.15 * 0.5, abs=1e-3)
-    assert table.latency_stats()["count"] == 1
+    # CPU and memory idle; no latency measured yet scores 1; errors cost half of their 15 %
+    assert st.health == pytest.approx(0.30 + 0.30 + 0.25 + 0.15 * 0.5, abs=1e-6)
+
+
+async def test_latency_sampled_only_after_warmup(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = table_for(store)
+    hb = make(timestamp=time.time() - 3.0)  # a replayed beat, 3 s old, at join time
+    await table.on_heartbeat(hb)
+    assert table.latency_stats() == {"count": 0, "total": 0}
+    monkeypatch.setattr(peers_module, "LATENCY_WARMUP_S", 0.0)
+    await table.on_heartbeat(make(seq=hb.seq + 1, timestamp=time.time() - 2.0))
+    stats = table.latency_stats()
+    assert stats["count"] == 1 and 1900 < stats["p50_ms"] < 2500
+    st = table.get(hb.peer_id)
+    assert st is not None and st.latency_s == pytest.approx(2.0, abs=0.5)
+    assert st.health < 0.30 + 0.30 + 0.25 + 0.15  # 2 s response costs health

@@ -30,7 +30,12 @@ if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
 log = logging.getLogger("vcoind.peers")
-LATENCY_SAMPLES = 10_000
+# Latency statistics cover the most recent samples.
+LATENCY_SAMPLES = 1000
+# GossipSub replays its recent messages (a few seconds old) to a peer that joins, so
+# the first seconds of a peer's heartbeats measure their age, not the network: latency
+# is sampled once a peer has been in the table this long.
+LATENCY_WARMUP_S = 5.0
 EWMA_ALPHA = 0.2
 
 
@@ -65,6 +70,7 @@ class PeerTable:
         self._error_rate = error_rate
         self._peers: dict[str, PeerState] = {}
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.latency_total = 0  # samples ever taken (the deque keeps the recent ones)
         self.on_seen: list[Callable[[Heartbeat], None]] = []
         self._changed = trio.Event()
         self._dirty: dict[str, PeerUpdate] = {}
@@ -91,11 +97,14 @@ class PeerTable:
 
     async def on_heartbeat(self, hb: Heartbeat) -> None:
         now = time.time()
-        latency = max(0.0, now - hb.timestamp)
-        self.latencies.append(latency)
-        self._metrics.gossip_latency.observe(latency)
         prev = self._peers.get(hb.peer_id)
-        ewma = latency if prev is None else (1 - EWMA_ALPHA) * prev.latency_s + EWMA_ALPHA * latency
+        ewma = prev.latency_s if prev is not None else 0.0
+        if prev is not None and now - prev.first_seen >= LATENCY_WARMUP_S:
+            latency = max(0.0, now - hb.timestamp)
+            self.latencies.append(latency)
+            self.latency_total += 1
+            self._metrics.gossip_latency.observe(latency)
+            ewma = (1 - EWMA_ALPHA) * ewma + EWMA_ALPHA * latency if ewma else latency
         health = health_score(hb.cpu_percent, hb.memory_percent, ewma, self._error_rate(hb.peer_id))
         self._peers[hb.peer_id] = PeerState(
             heartbeat=hb,
@@ -152,9 +161,10 @@ class PeerTable:
     def latency_stats(self) -> dict[str, float | int]:
         samples = sorted(self.latencies)
         if not samples:
-            return {"count": 0}
+            return {"count": 0, "total": self.latency_total}
         return {
             "count": len(samples),
+            "total": self.latency_total,
             "p50_ms": round(1000 * statistics.median(samples), 3),
             "p95_ms": round(1000 * samples[min(len(samples) - 1, int(0.95 * len(samples)))], 3),
             "max_ms": round(1000 * samples[-1], 3),
