@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import trio
 
 from vcoind import __version__
 from vcoind.config import DEFAULT_DATADIR, LOG_LEVELS, Config, ConfigError, load, render_toml
-from vcoind.datadir import DataDir, DataDirError
+from vcoind.datadir import DataDir, DataDirError, Identity
 from vcoind.p2p.errors import P2PError
 from vcoind.store import StoreError
 
@@ -181,25 +181,21 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
         return _die(f"{exc}")
 
 
-async def _serve(cfg: Config, dd: DataDir, ident: Any) -> int:
+async def _serve(cfg: Config, dd: DataDir, ident: Identity) -> int:
     from vcoind.node import Node, NodeError  # heavy imports only when actually running
 
     node = Node(cfg, dd, ident)
     try:
-        async with trio.open_nursery() as nursery:
-            info = await nursery.start(node.run)
-            print(f"vcoind {__version__}  network {cfg.network}", flush=True)
-            print(f"peer id  {info.peer_id}\neth      {info.eth_address}", flush=True)
-            for a in info.p2p_addrs:
-                print(f"p2p      {a}", flush=True)
-            print(f"rpc      {info.rpc_url}\ndatadir  {dd.path}", flush=True)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    logging.getLogger("vcoind").info(
-                        "received %s, shutting down", signal.Signals(signum).name
-                    )
-                    nursery.cancel_scope.cancel()
-                    break
+        # Signals are caught from the very start, so Ctrl-C during start-up is clean too.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signal, signals, nursery.cancel_scope)
+                info = await nursery.start(node.run)
+                print(f"vcoind {__version__}  network {cfg.network}", flush=True)
+                print(f"peer id  {info.peer_id}\neth      {info.eth_address}", flush=True)
+                for a in info.p2p_addrs:
+                    print(f"p2p      {a}", flush=True)
+                print(f"rpc      {info.rpc_url}\ndatadir  {dd.path}", flush=True)
     except BaseExceptionGroup as group:
         leaf = _first_leaf(group)
         if isinstance(leaf, OSError | NodeError | P2PError | StoreError):
@@ -208,6 +204,13 @@ async def _serve(cfg: Config, dd: DataDir, ident: Any) -> int:
         raise
     print("vcoind stopped", flush=True)
     return 0
+
+
+async def _stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for signum in signals:
+        logging.getLogger("vcoind").info("received %s, shutting down", signal.Signals(signum).name)
+        scope.cancel()
+        return
 
 
 def _first_leaf(exc: BaseException) -> BaseException:
