@@ -65,3 +65,13 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 def peers_of(node: DevNode) -> set[str]:
     return {p["peer_id"] for p in node.rpc.call("vcoin_peers")}
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model store with the random test model (real safetensors + tokenizer), made once."""
+    from vcoind.compute.testmodel import make_test_model
+
+    root = tmp_path_factory.mktemp("models")
+    make_test_model(root / "tiny-qwen2")
+    return root

@@ -12,7 +12,7 @@ from eth_account import Account
 from vcoind.p2p.codec import decode, encode
 from vcoind.p2p.errors import CodecError
 from vcoind.p2p.heartbeat import BindingCheck
-from vcoind.p2p.messages import DeviceInfo, Heartbeat, LayerSpan, sign_binding
+from vcoind.p2p.messages import DeviceInfo, Heartbeat, LayerSpan, ModelServed, sign_binding
 
 PEER = "12D3KooWEAFCy2zHaWq3TPHeHx8F35FTbdWa12zjgDUzEWrp2RmC"
 ACCT = Account.from_key("0x" + "11" * 32)
@@ -37,7 +37,7 @@ def make(**over: object) -> Heartbeat:
             temperature_c=41.0,
             cuda_version="12.2",
         ),
-        models=("tiny-qwen2",),
+        models=(ModelServed("tiny-qwen2", "sha256:" + "ab" * 32),),
         spans=(LayerSpan("tiny-qwen2", 0, 13),),
         queue_length=2,
         health=0.9,
@@ -120,7 +120,12 @@ def mutate(**changes: object) -> bytes:
         (mutate(device=[1]), "device: must be a map"),
         (mutate(spans=[{"model": "m", "start": 0}]), "spans[0].end: missing"),
         (mutate(extra_field=1), "unknown fields"),
-        (mutate(models=[1]), "models[0]: must be a string"),
+        (mutate(models=[1]), "models[0]: must be a map"),
+        (mutate(models=[{"name": "m", "model_id": "md5:00"}]), "models[0].model_id: bad format"),
+        (
+            mutate(models=[{"name": "../etc", "model_id": "sha256:" + "0" * 64}]),
+            "models[0].name: bad format",
+        ),
     ],
 )
 def test_malformed_rejected(data: bytes, problem: str) -> None:
@@ -133,7 +138,7 @@ def test_oversized_rejected_before_parsing() -> None:
     with pytest.raises(CodecError, match="limit 8192"):
         decode(big, Heartbeat)
     with pytest.raises(CodecError, match="limit"):
-        encode(make(models=tuple("m" * 200 for _ in range(60))))
+        encode(make(models=tuple(ModelServed("m" * 100, "sha256:" + "0" * 64) for _ in range(60))))
 
 
 def test_deep_or_huge_containers_rejected() -> None:

@@ -14,6 +14,7 @@ from vcoind.config import load
 from vcoind.datadir import DataDir
 from vcoind.node import Node, RunInfo
 from vcoind.p2p.heartbeat import Capabilities
+from vcoind.p2p.messages import ModelServed
 
 
 @asynccontextmanager
@@ -118,6 +119,26 @@ async def test_non_loopback_rpc_requires_cookie(tmp_path: Path) -> None:
         assert wrong.status_code == 401
 
 
+async def test_models_are_served_and_advertised(tmp_path: Path, models_dir: Path) -> None:
+    flags = {"compute.models_dir": str(models_dir)}
+    async with (
+        node_in_process(tmp_path / "a", **flags) as (_a, ia),
+        node_in_process(tmp_path / "b", **{"p2p.bootstrap": [ia.p2p_addrs[0]]}) as (b, ib),
+        httpx.AsyncClient(timeout=10) as client,
+    ):
+        reply = (await rpc(client, ia.rpc_url, "vcoin_models"))["result"]
+        assert reply["models_dir"] == str(models_dir)
+        (model,) = reply["models"]
+        assert model["name"] == "tiny-qwen2" and model["loaded"] is False
+        assert model["model_id"].startswith("sha256:")
+        with trio.fail_after(15):  # b hears a's heartbeat, which lists the model
+            while (st := b.peers.get(ia.peer_id)) is None:
+                await b.peers.wait_changed()
+        assert st.heartbeat.models == (ModelServed("tiny-qwen2", model["model_id"]),)
+        peers = (await rpc(client, ib.rpc_url, "vcoin_peers"))["result"]
+        assert peers[0]["models"] == [{"name": "tiny-qwen2", "model_id": model["model_id"]}]
+
+
 async def test_capability_change_is_announced_at_once(tmp_path: Path) -> None:
     slow = {"p2p.heartbeat_interval": 30.0, "p2p.peer_timeout": 120.0}
     async with (
@@ -128,11 +149,12 @@ async def test_capability_change_is_announced_at_once(tmp_path: Path) -> None:
             while len(a.peers) < 1:
                 await a.peers.wait_changed()
         started = trio.current_time()
-        a.heartbeat.set_capabilities(Capabilities(models=("tiny-qwen2",), queue_length=3))
+        served = (ModelServed("tiny-qwen2", "sha256:" + "12" * 32),)
+        a.heartbeat.set_capabilities(Capabilities(models=served, queue_length=3))
         with trio.fail_after(10):  # far less than the 30 s interval
             while True:
                 st = b.peers.get(ia.peer_id)
-                if st is not None and st.heartbeat.models == ("tiny-qwen2",):
+                if st is not None and st.heartbeat.models == served:
                     break
                 await trio.sleep(0.02)
         assert st.heartbeat.queue_length == 3

@@ -123,3 +123,23 @@ def test_cli_init(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (tmp_path / "n" / "config.toml").exists()
     assert daemon_main(["init", "--datadir", str(tmp_path / "n")]) == 1
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_cli_model_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vcoind.cli import daemon_main
+
+    models = tmp_path / "models"
+    assert daemon_main(["model", "make-test", "--out", str(models / "tiny-qwen2")]) == 0
+    made = capsys.readouterr().out
+    assert "model id  sha256:" in made
+    assert daemon_main(["model", "list", "--models-dir", str(models)]) == 0
+    listing = capsys.readouterr().out
+    assert "tiny-qwen2" in listing and "Qwen2ForCausalLM" in listing
+    assert daemon_main(["model", "info", "tiny-qwen2", "--models-dir", str(models), "--json"]) == 0
+    info = capsys.readouterr().out
+    assert '"num_layers": 4' in info and made.split("model id  ")[1].split()[0] in info
+    assert daemon_main(["model", "info", "nope", "--models-dir", str(models)]) == 1
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    # the default store is DATADIR/models
+    assert daemon_main(["model", "list", "--datadir", str(tmp_path)]) == 0
+    assert "tiny-qwen2" in capsys.readouterr().out

@@ -39,7 +39,7 @@ def peer_view(st: PeerState, connected: bool) -> dict[str, Any]:
         "device": dataclasses.asdict(hb.device),
         "cpu_percent": hb.cpu_percent,
         "memory_percent": hb.memory_percent,
-        "models": list(hb.models),
+        "models": [dataclasses.asdict(m) for m in hb.models],
         "spans": [dataclasses.asdict(s) for s in hb.spans],
         "profile": dataclasses.asdict(hb.profile),
         "queue_length": hb.queue_length,
@@ -134,6 +134,31 @@ def register_node_api(reg: MethodRegistry, node: Node) -> None:
             out["samples_ms"] = [round(x * 1000, 3) for x in node.peers.latencies]
         return out
 
+    async def models(params: dict[str, Any]) -> dict[str, Any]:
+        if params["rescan"]:
+            await node.rescan_models()
+        loaded = {m.model_id for m in node.executor.loaded()} if node.has_executor else set()
+        return {
+            "models_dir": str(node.models.root),
+            "models": [{**m.as_dict(), "loaded": m.model_id in loaded} for m in node.models.all()],
+        }
+
+    reg.add(
+        RPCMethod(
+            "vcoin_models",
+            "Models in this node's store (name, weight-hash id, size) and which are loaded.",
+            (
+                Param(
+                    "rescan",
+                    {"type": "boolean"},
+                    default=False,
+                    description="re-read the models directory first (new models are announced)",
+                ),
+            ),
+            OBJ,
+            models,
+        )
+    )
     reg.add(
         RPCMethod(
             "vcoin_nodeInfo",

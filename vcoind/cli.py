@@ -18,7 +18,15 @@ from typing import Any
 import trio
 
 from vcoind import __version__
-from vcoind.config import DEFAULT_DATADIR, LOG_LEVELS, Config, ConfigError, load, render_toml
+from vcoind.config import (
+    DEFAULT_DATADIR,
+    DEVICES,
+    LOG_LEVELS,
+    Config,
+    ConfigError,
+    load,
+    render_toml,
+)
 from vcoind.datadir import DataDir, DataDirError, Identity
 from vcoind.p2p.errors import P2PError
 from vcoind.store import StoreError
@@ -79,6 +87,13 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="dial only bootstrap peers, not peers learned through gossip",
     )
+    g = p.add_argument_group("compute")
+    g.add_argument(
+        "--models-dir",
+        metavar="DIR",
+        help="serve every model directory found here (default DATADIR/models)",
+    )
+    g.add_argument("--device", choices=DEVICES, help="inference device (default auto)")
     g = p.add_argument_group("rpc")
     g.add_argument(
         "--rpc-addr",
@@ -100,6 +115,8 @@ def _flags(ns: argparse.Namespace) -> dict[str, Any]:
         "p2p.peer_timeout": ns.peer_timeout,
         "p2p.discover": False if ns.no_discover else None,
         "rpc.addr": ns.rpc_addr,
+        "compute.models_dir": ns.models_dir,
+        "compute.device": ns.device,
     }
 
 
@@ -114,10 +131,11 @@ def daemon_parser(command: str = "run") -> argparse.ArgumentParser:
     else:
         p = argparse.ArgumentParser(
             prog="vcoind",
-            usage="vcoind [init] [options]",
+            usage="vcoind [init | model ...] [options]",
             description="VCoin node daemon: joins the network over libp2p, gossips its "
             "capabilities, serves JSON-RPC on loopback. `vcoind init` only creates the data "
-            "directory (the daemon also creates it on first start).",
+            "directory (the daemon also creates it on first start); `vcoind model --help` "
+            "manages the model store.",
             epilog=DAEMON_EPILOG,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
@@ -147,8 +165,79 @@ def _die(msg: str, code: int = 1) -> int:
     return code
 
 
+def model_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vcoind model",
+        description="Manage the model store: a directory of model directories, each with "
+        "config.json, *.safetensors weights and a tokenizer. A model's id is a hash of its "
+        "weight files, so nodes can prove they serve the same weights.",
+    )
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    mk = sub.add_parser(
+        "make-test",
+        help="write a small random-weight Qwen2 model (the DeepSeek-R1-Distill-Qwen-1.5B "
+        "architecture at toy size) with a locally trained tokenizer",
+    )
+    mk.add_argument("--out", type=Path, required=True, metavar="DIR", help="model directory")
+    mk.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    for name, help_text in (("list", "list the models in the store"), ("info", "one model")):
+        sp = sub.add_parser(name, help=help_text)
+        if name == "info":
+            sp.add_argument("model", help="short name or model id")
+        sp.add_argument("--datadir", type=Path, metavar="DIR", help="data directory")
+        sp.add_argument("--models-dir", metavar="DIR", help="default DATADIR/models")
+        sp.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def model_main(args: list[str]) -> int:
+    from vcoind.compute.models import ModelError, ModelStore, inspect_model
+
+    ns = model_parser().parse_args(args)
+    if ns.action == "make-test":
+        from vcoind.compute.testmodel import TinyModelSpec, make_test_model
+
+        out = make_test_model(ns.out, TinyModelSpec(seed=ns.seed))
+        info = inspect_model(out)
+        print(f"wrote {out}\nmodel id  {info.model_id}\nweights   {info.weight_bytes} bytes")
+        return 0
+    try:
+        cfg = load(flags={"datadir": ns.datadir, "compute.models_dir": ns.models_dir})
+    except ConfigError as exc:
+        return _die(str(exc), EXIT_USAGE)
+    store = ModelStore(cfg.models_dir)
+    models = store.scan()
+    if ns.action == "list":
+        if ns.json:
+            print(json.dumps([m.as_dict() for m in models], indent=2))
+        elif not models:
+            print(f"no models in {cfg.models_dir}")
+        else:
+            rows = [
+                [
+                    m.name,
+                    m.model_id[:19] + "…",
+                    m.architecture,
+                    str(m.num_layers),
+                    f"{m.weight_bytes / (1 << 20):.1f}",
+                ]
+                for m in models
+            ]
+            print(_table(rows, ["NAME", "MODEL ID", "ARCHITECTURE", "LAYERS", "MiB"]))
+        return 0
+    try:
+        info = store.resolve(ns.model)
+    except ModelError as exc:
+        return _die(str(exc))
+    d = info.as_dict()
+    print(json.dumps(d, indent=2) if ns.json else "\n".join(f"{k:<16}{v}" for k, v in d.items()))
+    return 0
+
+
 def daemon_main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["model"]:
+        return model_main(args[1:])
     command = "init" if args[:1] == ["init"] else "run"
     if command == "init":
         args = args[1:]

@@ -21,6 +21,7 @@ import multiaddr
 
 DEFAULT_DATADIR = Path("~/.vcoin").expanduser()
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEVICES = ("auto", "cpu", "cuda")
 ENV_PREFIX = "VCOIN_"
 
 
@@ -62,12 +63,30 @@ class RPCConfig:
 
 
 @dataclass(frozen=True)
+class ComputeConfig:
+    # Directory of model directories; "" = DATADIR/models.
+    models_dir: str = ""
+    device: str = "auto"  # auto | cpu | cuda
+    # Models kept loaded; 0 = 80 % of GPU memory, or 50 % of RAM on CPU.
+    memory_budget_mb: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     datadir: Path = DEFAULT_DATADIR
     network: str = "devnet"
     log_level: str = "info"
     p2p: P2PConfig = field(default_factory=P2PConfig)
     rpc: RPCConfig = field(default_factory=RPCConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+
+    @property
+    def models_dir(self) -> Path:
+        return (
+            Path(self.compute.models_dir).expanduser()
+            if self.compute.models_dir
+            else (self.datadir / "models")
+        )
 
 
 def split_host_port(addr: str) -> tuple[str, int]:
@@ -240,6 +259,10 @@ def validate(cfg: Config) -> Config:
         split_host_port(cfg.rpc.addr)
     except ValueError as exc:
         raise ConfigError("rpc.addr", str(exc)) from None
+    if cfg.compute.device not in DEVICES:
+        raise ConfigError("compute.device", f"must be one of {', '.join(DEVICES)}")
+    if cfg.compute.memory_budget_mb < 0:
+        raise ConfigError("compute.memory_budget_mb", "must be >= 0 (0 = automatic)")
     if cfg.rpc.max_body_bytes < 1024:
         raise ConfigError("rpc.max_body_bytes", "must be at least 1024")
     return cfg
@@ -270,7 +293,7 @@ def render_toml(cfg: Config) -> str:
     lines = ["# vcoind configuration. Precedence: defaults < this file < VCOIN_* env < flags.", ""]
     lines.append(f'network = "{cfg.network}"')
     lines.append(f'log_level = "{cfg.log_level}"')
-    for section in ("p2p", "rpc"):
+    for section in ("p2p", "rpc", "compute"):
         lines += ["", f"[{section}]"]
         obj = getattr(cfg, section)
         for f in dataclasses.fields(obj):

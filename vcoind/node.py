@@ -8,6 +8,7 @@ is removed and the store closed on the way out.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -18,6 +19,7 @@ import trio
 
 from vcoind import __version__
 from vcoind.api import REST_ALIASES, register_node_api
+from vcoind.compute.models import ModelStore
 from vcoind.compute.telemetry import HostSample, Telemetry
 from vcoind.config import Config
 from vcoind.consensus.health import health_score
@@ -27,7 +29,7 @@ from vcoind.p2p.gossip import Gossip
 from vcoind.p2p.heartbeat import BindingCheck, HeartbeatService
 from vcoind.p2p.host import P2PHost, build_host, running
 from vcoind.p2p.keeper import PeerKeeper
-from vcoind.p2p.messages import Heartbeat
+from vcoind.p2p.messages import Heartbeat, ModelServed
 from vcoind.p2p.peers import PeerTable
 from vcoind.rpc import MethodRegistry, RPCServer, RPCServerConfig
 from vcoind.store import Store
@@ -35,6 +37,8 @@ from vcoind.store import Store
 if TYPE_CHECKING:
     # libp2p pulls in trio-typing, whose stale stubs shadow trio's own types for mypy.
     from trio_typing import TaskStatus
+
+    from vcoind.compute.executor import Executor
 
 log = logging.getLogger("vcoind.node")
 
@@ -91,6 +95,8 @@ class Node:
         self.metrics = NodeMetrics()
         self.store = Store(datadir.db_file)
         self.telemetry = Telemetry()
+        self.models = ModelStore(config.models_dir)
+        self._executor: Executor | None = None
         self.started_at = time.time()
         self.info: RunInfo | None = None
         self._rpc_stats = RPCStats(self.metrics)
@@ -162,6 +168,31 @@ class Node:
             return [f"{a}/p2p/{pid}" for a in self.config.p2p.announce]
         return self.p2p.addrs()
 
+    @property
+    def has_executor(self) -> bool:
+        return self._executor is not None
+
+    @property
+    def executor(self) -> Executor:
+        """Created on first use: importing torch costs seconds a node without work need not pay."""
+        if self._executor is None:
+            from vcoind.compute.executor import Executor, ExecutorConfig
+
+            cc = self.config.compute
+            self._executor = Executor(
+                self.models, ExecutorConfig(device=cc.device, memory_budget_mb=cc.memory_budget_mb)
+            )
+        return self._executor
+
+    async def rescan_models(self) -> None:
+        """Re-read the model store (hashing new weights off the trio thread) and announce it."""
+        infos = await trio.to_thread.run_sync(self.models.scan)
+        served = tuple(ModelServed(m.name, m.model_id) for m in infos)
+        if served != self.heartbeat.capabilities.models:
+            log.info("serving models: %s", ", ".join(m.name for m in infos) or "none")
+            caps = dataclasses.replace(self.heartbeat.capabilities, models=served)
+            self.heartbeat.set_capabilities(caps)
+
     def is_ready(self) -> bool:
         return self._p2p_listening and self.store.is_open
 
@@ -177,6 +208,7 @@ class Node:
             await self.store.mark_all_offline()
             async with running(self.p2p, self.config.p2p.listen), trio.open_nursery() as nursery:
                 self._p2p_listening = True
+                await self.rescan_models()
                 for row in await self.store.list_peers():
                     self.keeper.learn(row.peer_id, row.addrs)
                 await nursery.start(self.gossip.run)

@@ -23,6 +23,7 @@ from vcoind.p2p.messages import (
     DeviceInfo,
     Heartbeat,
     LayerSpan,
+    ModelServed,
     NumericProfile,
     recover_binding,
     sign_binding,
@@ -40,7 +41,7 @@ PRESENCE_BUDGET_PER_S = 50.0
 class Capabilities:
     """What the node serves; the compute layer fills this in as models load."""
 
-    models: tuple[str, ...] = ()
+    models: tuple[ModelServed, ...] = ()
     spans: tuple[LayerSpan, ...] = ()
     queue_length: int = 0
 

@@ -52,6 +52,14 @@ class NumericProfile:
 
 
 @dataclass(frozen=True)
+class ModelServed:
+    """A whole model the node serves: its short ``name`` and its weight-hash ``model_id``."""
+
+    name: str = field(metadata=lim(max_len=128, pattern=r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"))
+    model_id: str = field(metadata=lim(max_len=71, pattern=r"sha256:[0-9a-f]{64}"))
+
+
+@dataclass(frozen=True)
 class LayerSpan:
     """Layers ``start``..``end`` inclusive of model ``model`` (a model id or name)."""
 
@@ -87,7 +95,7 @@ class Heartbeat(Message):
     device: DeviceInfo = field(default_factory=lambda: DeviceInfo())
     cpu_percent: float = field(default=0.0, metadata=lim(min=0, max=100))
     memory_percent: float = field(default=0.0, metadata=lim(min=0, max=100))
-    models: tuple[str, ...] = field(default=(), metadata=lim(max_len=64))
+    models: tuple[ModelServed, ...] = field(default=(), metadata=lim(max_len=64))
     spans: tuple[LayerSpan, ...] = field(default=(), metadata=lim(max_len=64))
     profile: NumericProfile = field(default_factory=lambda: NumericProfile())
     queue_length: int = field(default=0, metadata=lim(min=0, max=1_000_000))

@@ -1,0 +1,216 @@
+"""Token generation: prefill, then one decode step per token over a KV cache.
+
+Synchronous and free of the daemon (no trio, no network): it runs in a worker
+thread of the node, and alone on a GPU box for benchmarks. Greedy when
+temperature is 0; otherwise temperature, top-k, top-p sampling from a
+``torch.Generator`` seeded per request, so a (model, device, seed) triple always
+gives the same tokens. Progress is reported after every token and cancellation is
+checked between tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MAX_NEW_TOKENS_LIMIT = 8192
+MAX_STOP_STRINGS = 8
+
+
+class GenerationError(Exception):
+    """Bad generation parameters or a model that cannot generate."""
+
+
+class GenerationCancelled(Exception):
+    """The request was cancelled between two tokens."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling parameters of one request (validated on construction)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise GenerationError(f"max_new_tokens must be 1..{MAX_NEW_TOKENS_LIMIT}")
+        if not (0.0 <= self.temperature <= 100.0) or math.isnan(self.temperature):
+            raise GenerationError("temperature must be 0..100 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise GenerationError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise GenerationError("top_k must be >= 0 (0 = off)")
+        if not 0 <= self.seed < 2**63:
+            raise GenerationError("seed must be 0..2^63-1")
+        if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > 64 for s in self.stop):
+            raise GenerationError(
+                f"stop: at most {MAX_STOP_STRINGS} non-empty strings of <= 64 chars"
+            )
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    finish_reason: str  # "length" | "eos" | "stop"
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        n = len(self.token_ids)
+        return n / self.decode_s if self.decode_s > 0 and n else 0.0
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers causal LM
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    cache_kwarg: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        # transformers 5.x renamed past_key_values= to cache=; accept both generations.
+        params = inspect.signature(self.model.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+
+def pick_device(prefer: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """cuda + fp16 where a GPU is usable (the T4 has no bf16), else cpu + fp32."""
+    if prefer == "cpu" or (prefer == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu"), torch.float32
+    return torch.device("cuda"), torch.float16
+
+
+def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+    model.to(device)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype)
+
+
+def encode_prompt(lm: LoadedModel, prompt: str) -> list[int]:
+    """Token ids of the prompt; chat models get their chat template applied."""
+    tok = lm.tokenizer
+    if getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    return [int(i) for i in tok(prompt)["input_ids"]]
+
+
+def sample_next(logits: torch.Tensor, p: GenerationParams, gen: torch.Generator | None) -> int:
+    """Pick the next token from 1-D logits (fp32 math whatever the model dtype)."""
+    logits = logits.float()
+    if p.temperature == 0.0:
+        return int(torch.argmax(logits).item())
+    logits = logits / p.temperature
+    if p.top_k > 0 and p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        drop = cumulative - sorted_probs >= p.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=gen).item())
+
+
+def _find_stop(text: str, stops: tuple[str, ...]) -> int:
+    hits = [i for s in stops if (i := text.find(s)) >= 0]
+    return min(hits) if hits else -1
+
+
+@torch.inference_mode()
+def generate(
+    lm: LoadedModel,
+    prompt: str,
+    params: GenerationParams,
+    *,
+    on_token: Callable[[int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` after ``prompt``; see the module docstring."""
+    from transformers import DynamicCache
+
+    prompt_ids = encode_prompt(lm, prompt)
+    if not prompt_ids:
+        raise GenerationError("the prompt encodes to no tokens")
+    max_pos = int(getattr(lm.model.config, "max_position_embeddings", 1 << 30))
+    if len(prompt_ids) + params.max_new_tokens > max_pos:
+        raise GenerationError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens exceeds the model's "
+            f"context of {max_pos}"
+        )
+    eos = lm.tokenizer.eos_token_id
+    gen = None
+    if params.temperature > 0:
+        gen = torch.Generator(device=lm.device)
+        gen.manual_seed(params.seed)
+    cache = DynamicCache(config=lm.model.config)
+    kw = {lm.cache_kwarg: cache, "use_cache": True}
+
+    t0 = time.perf_counter()
+    ids = torch.tensor([prompt_ids], device=lm.device)
+    logits = lm.model(input_ids=ids, logits_to_keep=1, **kw).logits[0, -1]
+    t1 = time.perf_counter()
+    out: list[int] = []
+    finish, text = "length", ""
+    for _ in range(params.max_new_tokens):
+        if cancel is not None and cancel.is_set():
+            raise GenerationCancelled()
+        nxt = sample_next(logits, params, gen)
+        if eos is not None and nxt == eos:
+            finish = "eos"
+            break
+        out.append(nxt)
+        if on_token is not None:
+            on_token(len(out))
+        if params.stop:
+            text = lm.tokenizer.decode(out, skip_special_tokens=True)
+            cut = _find_stop(text, params.stop)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+                break
+        if len(out) == params.max_new_tokens:
+            break
+        step = torch.tensor([[nxt]], device=lm.device)
+        logits = lm.model(input_ids=step, **kw).logits[0, -1]
+    t2 = time.perf_counter()
+    if finish != "stop":
+        text = lm.tokenizer.decode(out, skip_special_tokens=True)
+    return GenerationResult(
+        text=text,
+        token_ids=tuple(out),
+        prompt_tokens=len(prompt_ids),
+        finish_reason=finish,
+        prefill_s=t1 - t0,
+        decode_s=t2 - t1,
+    )

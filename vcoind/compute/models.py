@@ -1,0 +1,154 @@
+"""Model store: a directory of model directories (config.json + safetensors + tokenizer).
+
+A model's id is ``sha256`` over the sorted ``(file name, sha256 of file)`` pairs of
+its ``*.safetensors`` files, so two nodes holding the same weights compute the same
+id and can prove it. Its short name is the directory name. Hashing a multi-GB
+checkpoint takes seconds, so the id is cached in ``.vcoin-model-id`` next to the
+weights, keyed by the files' sizes and modification times.
+
+Imports nothing heavy (no torch): listing models is cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("vcoind.models")
+
+ID_CACHE = ".vcoin-model-id"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ModelError(Exception):
+    """A model directory is missing, incomplete or unknown."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    model_id: str  # "sha256:<hex>"
+    path: Path
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    weight_bytes: int
+    tied_embeddings: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "model_id": self.model_id,
+            "path": str(self.path),
+            "architecture": self.architecture,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "weight_bytes": self.weight_bytes,
+            "tied_embeddings": self.tied_embeddings,
+        }
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weight_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.glob("*.safetensors") if p.is_file())
+
+
+def compute_model_id(path: Path) -> str:
+    """The model id of the weights in ``path`` (cached by file sizes and mtimes)."""
+    files = weight_files(path)
+    if not files:
+        raise ModelError(f"{path}: no *.safetensors weight files")
+    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    cache = path / ID_CACHE
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("files") == stamp and isinstance(cached.get("model_id"), str):
+            return str(cached["model_id"])
+    except (OSError, ValueError):
+        pass
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + _file_sha256(f).encode() + b"\n")
+    model_id = "sha256:" + h.hexdigest()
+    try:
+        cache.write_text(json.dumps({"files": stamp, "model_id": model_id}) + "\n")
+    except OSError:  # a read-only model dir still works, just re-hashes next time
+        log.debug("cannot cache the model id in %s", cache)
+    return model_id
+
+
+def inspect_model(path: Path) -> ModelInfo:
+    """Check that ``path`` holds a usable model and describe it."""
+    cfg_file = path / "config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no config.json") from None
+    except ValueError as exc:
+        raise ModelError(f"{cfg_file}: not valid JSON ({exc})") from None
+    if not any((path / t).exists() for t in TOKENIZER_FILES):
+        raise ModelError(f"{path}: no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+    files = weight_files(path)
+    archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
+    return ModelInfo(
+        name=path.name,
+        model_id=compute_model_id(path),
+        path=path,
+        architecture=str(archs[0]),
+        num_layers=int(cfg.get("num_hidden_layers", 0)),
+        hidden_size=int(cfg.get("hidden_size", 0)),
+        vocab_size=int(cfg.get("vocab_size", 0)),
+        weight_bytes=sum(f.stat().st_size for f in files),
+        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    )
+
+
+class ModelStore:
+    """The models under one directory, by short name and by id."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = root
+        self._models: dict[str, ModelInfo] = {}
+
+    def scan(self) -> list[ModelInfo]:
+        """(Re)read the directory; broken model dirs are logged and skipped."""
+        found: dict[str, ModelInfo] = {}
+        if self.root is not None and self.root.is_dir():
+            for sub in sorted(self.root.iterdir()):
+                if not sub.is_dir() or not NAME_RE.match(sub.name):
+                    continue
+                try:
+                    found[sub.name] = inspect_model(sub)
+                except ModelError as exc:
+                    log.warning("skipping model directory: %s", exc)
+        self._models = found
+        return list(found.values())
+
+    def all(self) -> list[ModelInfo]:
+        return list(self._models.values())
+
+    def resolve(self, ref: str) -> ModelInfo:
+        """A model by short name or by id."""
+        info = self._models.get(ref)
+        if info is not None:
+            return info
+        for m in self._models.values():
+            if m.model_id == ref:
+                return m
+        known = ", ".join(sorted(self._models)) or "none"
+        raise ModelError(f"unknown model {ref!r} (this node serves: {known})")
