@@ -103,7 +103,9 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedMo
 
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, attn_implementation="sdpa"
+    )
     model.to(device)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype)

@@ -80,6 +80,7 @@ class Gossip:
         self._blacklisted: dict[ID, float] = {}
         self._self_b58 = p2p.peer_id.to_base58()
         self._nursery: trio.Nursery | None = None
+        self._short_names = {self.topic(n): n for n in TOPIC_NAMES}
 
     def topic(self, name: str) -> str:
         return topic_name(self._network, name)
@@ -99,13 +100,12 @@ class Gossip:
         total = bad + self._valid_from.get(peer_id, 0)
         return bad / total if total else 0.0
 
-    def rejected(self, peer_id: str) -> int:
-        return self._invalid_from.get(peer_id, 0)
-
     # --- validation -------------------------------------------------------
 
     def _reject(self, topic: str, reason: str, forwarder: ID) -> bool:
-        short = topic.rsplit("/", 2)[-2] if topic.startswith("/vcoin/") else "other"
+        # Label only our own topics: a metric label per attacker-chosen topic would grow
+        # without bound.
+        short = self._short_names.get(topic, "other")
         self._metrics.gossip_rejected.labels(topic=short, reason=reason).inc()
         fwd = forwarder.to_base58()
         log.debug("rejected %s message from %s: %s", short, fwd, reason)
