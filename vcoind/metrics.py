@@ -35,6 +35,12 @@ class NodeMetrics:
         self.dials = Counter(
             "vcoin_dials_total", "Outbound dials by outcome", ["outcome"], registry=r
         )
+        self.stream_errors = Counter(
+            "vcoin_stream_errors_total",
+            "Direct-protocol streams reset (oversized, cut short, timed out)",
+            ["protocol"],
+            registry=r,
+        )
         self.rpc_calls = Counter(
             "vcoin_rpc_calls_total",
             "JSON-RPC calls by method and outcome",

@@ -31,6 +31,7 @@ from vcoind.p2p.host import P2PHost, build_host, running
 from vcoind.p2p.keeper import PeerKeeper
 from vcoind.p2p.messages import Heartbeat, ModelServed
 from vcoind.p2p.peers import PeerTable
+from vcoind.p2p.streams import StreamService
 from vcoind.rpc import MethodRegistry, RPCServer, RPCServerConfig
 from vcoind.store import Store
 
@@ -109,6 +110,8 @@ class Node:
             max_age_s=p2p_cfg.peer_timeout,
             max_invalid=p2p_cfg.max_invalid_messages,
         )
+        # Direct protocols (/vcoin/task/1.0.0, /vcoin/shard/1.0.0) register here.
+        self.streams = StreamService(self.p2p, self.metrics)
         self.peers = PeerTable(
             self.store,
             self.metrics,

@@ -1,0 +1,194 @@
+"""Direct request/response protocols over libp2p streams (``/vcoin/task/1.0.0``, ...).
+
+Framing, the same for every protocol and language-neutral: a 4-byte big-endian
+length, then that many bytes of one msgpack record (see ``codec``). A request
+stream carries exactly one request frame from the dialler and one reply frame
+back, then closes. The reply is the handler's record, or an ``ErrorReply``.
+
+Limits are enforced before reading: a declared length above the protocol's
+maximum resets the stream at once (the bytes are never read), a peer that
+stalls mid-frame is cut off by a timeout, and malformed records get an
+``ErrorReply``. Nothing a peer sends can make the node read unbounded data or
+crash a handler loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import trio
+from libp2p.abc import INetStream
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.peer.id import ID
+
+from vcoind.metrics import NodeMetrics
+from vcoind.p2p.codec import Message, decode, encode, lim, message
+from vcoind.p2p.errors import CodecError, P2PError
+from vcoind.p2p.host import P2PHost
+
+log = logging.getLogger("vcoind.streams")
+
+HEADER = struct.Struct(">I")
+DEFAULT_TIMEOUT_S = 30.0
+R = TypeVar("R")
+
+
+class StreamProtocolError(P2PError):
+    """The remote answered with an error, broke the framing, or did not answer in time."""
+
+
+@message
+@dataclass(frozen=True)
+class ErrorReply(Message):
+    """Reply sent instead of the expected record when a request cannot be served."""
+
+    KIND: ClassVar[str] = "error"
+    MAX_BYTES: ClassVar[int] = 4096
+
+    code: str = field(metadata=lim(max_len=64))  # "bad_request", "too_large", "internal", ...
+    message: str = field(default="", metadata=lim(max_len=1024))
+
+
+async def read_frame(stream: INetStream, max_bytes: int) -> bytes:
+    """One length-prefixed frame; StreamProtocolError if too large or cut short."""
+    header = await _read_exactly(stream, HEADER.size)
+    (length,) = HEADER.unpack(header)
+    if length > max_bytes:
+        raise StreamProtocolError(f"frame of {length} bytes exceeds the limit of {max_bytes}")
+    return await _read_exactly(stream, length)
+
+
+async def _read_exactly(stream: INetStream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            chunk = await stream.read(n - len(buf))
+        except BaseLibp2pError as exc:
+            raise StreamProtocolError(
+                f"stream ended after {len(buf)} of {n} bytes ({exc!r})"
+            ) from None
+        if not chunk:
+            raise StreamProtocolError(f"stream ended after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+async def write_frame(stream: INetStream, data: bytes) -> None:
+    await stream.write(HEADER.pack(len(data)) + data)
+
+
+@dataclass(frozen=True)
+class StreamProtocol:
+    """A direct protocol: its id, the request record it accepts and its size limit."""
+
+    protocol_id: str
+    request: type[Any]
+    max_request_bytes: int
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+
+Handler = Callable[[ID, Any], Awaitable[Any]]
+
+
+class StreamService:
+    """Serves registered protocols and sends requests to peers."""
+
+    def __init__(self, p2p: P2PHost, metrics: NodeMetrics) -> None:
+        self._p2p = p2p
+        self._metrics = metrics
+
+    def serve(self, proto: StreamProtocol, handler: Handler) -> None:
+        """Answer ``proto`` requests with ``handler(peer, request) -> reply record``."""
+
+        async def on_stream(stream: INetStream) -> None:
+            peer = stream.muxed_conn.peer_id
+            try:
+                with trio.fail_after(proto.timeout_s):
+                    await self._answer(stream, peer, proto, handler)
+            except (StreamProtocolError, trio.TooSlowError, BaseLibp2pError) as exc:
+                log.info("%s from %s: %s; resetting the stream", proto.protocol_id, peer, exc)
+                self._metrics.stream_errors.labels(protocol=proto.protocol_id).inc()
+                await _reset(stream)
+            else:
+                await _close(stream)
+
+        self._p2p.host.set_stream_handler(proto.protocol_id, on_stream)  # type: ignore[arg-type]
+
+    async def _answer(
+        self, stream: INetStream, peer: ID, proto: StreamProtocol, handler: Handler
+    ) -> None:
+        data = await read_frame(stream, proto.max_request_bytes)
+        try:
+            request = decode(data, proto.request)
+        except CodecError as exc:
+            reply: Any = ErrorReply("bad_request", str(exc))
+        else:
+            try:
+                reply = await handler(peer, request)
+            except StreamProtocolError as exc:
+                reply = ErrorReply("refused", str(exc))
+            except Exception:  # a handler bug answers "internal", the node keeps serving
+                log.exception("%s handler failed", proto.protocol_id)
+                reply = ErrorReply("internal", "internal error")
+        await write_frame(stream, encode(reply))
+
+    async def request(
+        self,
+        peer: ID,
+        proto: StreamProtocol,
+        record: Any,
+        reply_type: type[R],
+        *,
+        max_reply_bytes: int | None = None,
+        timeout_s: float | None = None,
+    ) -> R:
+        """Send one request and return the decoded reply (StreamProtocolError otherwise)."""
+        limit = max_reply_bytes or reply_type.MAX_BYTES  # type: ignore[attr-defined]
+        with trio.move_on_after(timeout_s or proto.timeout_s) as scope:
+            try:
+                stream = await self._p2p.host.new_stream(peer, [proto.protocol_id])  # type: ignore[list-item]
+            except BaseLibp2pError as exc:
+                raise StreamProtocolError(
+                    f"cannot open {proto.protocol_id} to {peer}: {exc}"
+                ) from None
+            try:
+                await write_frame(stream, encode(record))
+                data = await read_frame(stream, max(limit, ErrorReply.MAX_BYTES))
+            except BaseLibp2pError as exc:
+                await _reset(stream)
+                raise StreamProtocolError(f"{proto.protocol_id} to {peer}: {exc}") from None
+            except BaseException:
+                await _reset(stream)
+                raise
+            await _close(stream)
+        if scope.cancelled_caught:
+            raise StreamProtocolError(f"{proto.protocol_id} to {peer}: no reply in time")
+        try:
+            reply: Any = decode(data)
+        except CodecError as exc:
+            raise StreamProtocolError(f"{proto.protocol_id} reply from {peer}: {exc}") from None
+        if isinstance(reply, ErrorReply):
+            raise StreamProtocolError(f"{peer} answered {reply.code}: {reply.message}")
+        if not isinstance(reply, reply_type):
+            raise StreamProtocolError(f"{peer} answered a {type(reply).__name__}")
+        return reply
+
+
+async def _reset(stream: INetStream) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        try:
+            await stream.reset()
+        except BaseLibp2pError as exc:
+            log.debug("stream reset failed: %s", exc)
+
+
+async def _close(stream: INetStream) -> None:
+    with trio.move_on_after(1):
+        try:
+            await stream.close()
+        except BaseLibp2pError as exc:
+            log.debug("stream close failed: %s", exc)
