@@ -175,6 +175,45 @@ def status_line(nodes: list[DevNode], started: float) -> str:
     return f"[{time.monotonic() - started:6.0f}s] peers/gossip-p95  " + "  ".join(parts)
 
 
+TEST_MODEL = "tiny-qwen2"
+
+
+def ensure_test_model(models: Path) -> Path:
+    """The random Qwen2 test model every devnet node serves (made once per devnet dir)."""
+    if not (models / TEST_MODEL / "config.json").exists():
+        from vcoind.compute.testmodel import make_test_model
+
+        print(f"making the test model {TEST_MODEL} in {models}", flush=True)
+        make_test_model(models / TEST_MODEL)
+    return models
+
+
+def demo_task(origin: DevNode, prompt: str, timeout: float = 120.0) -> dict[str, Any]:
+    """Submit a prompt to ``origin``; show the bids, the chosen node and the answer."""
+    print(f'\ndemo task: "{prompt}" -> node {origin.index}', flush=True)
+    req = {"model": TEST_MODEL, "input": prompt, "parameters": {"max_new_tokens": 48}}
+    task_id = origin.rpc.call("vcoin_submitTask", req)["task_id"]
+    deadline = time.monotonic() + timeout
+    while True:
+        t: dict[str, Any] = origin.rpc.call("vcoin_getTask", {"task_id": task_id})
+        if t["finished"]:
+            break
+        if time.monotonic() > deadline:
+            raise DevnetError(f"demo task {task_id} did not finish within {timeout:.0f} s")
+        time.sleep(0.1)
+    for b in t["bids"]:
+        print(f"  bid  {b['peer_id']}  eta {b['eta_s']:.3f} s  queue {b['queue_length']}  "
+              f"health {b['health']:.2f}", flush=True)  # fmt: skip
+    if t["status"] != "completed":
+        raise DevnetError(f"demo task {task_id} {t['status']}: {t['error']}")
+    tm = t["timings"]
+    print(f"  chosen {t['node_id']} (attempts {t['attempts']}); assigned after "
+          f"{1000 * tm['assigned_s']:.0f} ms, done after {tm['total_s']:.2f} s, "
+          f"{tm['tokens']} tokens at {tm['tokens_per_s']:.0f} tokens/s", flush=True)  # fmt: skip
+    print(f"  answer: {t['result']!r}", flush=True)
+    return t
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="devnet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -195,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-timeout", type=float, default=6.0, metavar="S")
     p.add_argument("--network", default="devnet")
     p.add_argument("--timeout", type=float, default=60.0, help="mesh deadline in seconds")
+    p.add_argument("--prompt", default="Explain proof of stake", help="the demo task's prompt")
+    p.add_argument("--no-demo", action="store_true", help="skip the demo task")
     ns = p.parse_args(argv)
     if ns.nodes < 1:
         p.error("--nodes must be at least 1")
@@ -205,8 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         print(f"devnet: {ns.nodes} nodes, datadirs under {base}", flush=True)
+        models = ensure_test_model(base / "models")
         common = dict(
-            heartbeat=ns.heartbeat_interval, peer_timeout=ns.peer_timeout, network=ns.network
+            heartbeat=ns.heartbeat_interval,
+            peer_timeout=ns.peer_timeout,
+            network=ns.network,
+            extra=["--models-dir", str(models)],
         )
         nodes.append(start_node(1, base, bootstrap=None, **common))
         for i in range(2, ns.nodes + 1):
@@ -218,7 +263,14 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         print_table(nodes)
+        if not ns.no_demo:
+            demo_task(nodes[0], ns.prompt)
         print(f"\ntry: vcoin --datadir {nodes[0].datadir} peers", flush=True)
+        print(
+            f'     vcoin --datadir {nodes[0].datadir} submit "What is a Merkle tree?" '
+            f"--model {TEST_MODEL} --wait",
+            flush=True,
+        )
         if not ns.check:
             print("running; Ctrl-C stops all nodes", flush=True)
             while True:

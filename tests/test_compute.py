@@ -138,7 +138,8 @@ async def test_executor_progress_and_warm_models(models_dir: Path) -> None:
     r = await ex.generate(
         "tiny-qwen2", PROMPTS[0], GenerationParams(max_new_tokens=16), on_progress=seen.append
     )
-    assert seen == list(range(1, len(r.token_ids) + 1))
+    assert seen and seen[-1] == len(r.token_ids)  # throttled, but always the final count
+    assert seen == sorted(seen) and seen[0] >= 1
     assert [m.name for m in ex.loaded()] == ["tiny-qwen2"]
     slot_model = ex._loaded[store.resolve("tiny-qwen2").model_id].lm.model
     await ex.generate("tiny-qwen2", PROMPTS[1], GenerationParams(max_new_tokens=4))
@@ -158,7 +159,7 @@ async def test_executor_cancel_stops_between_tokens(models_dir: Path) -> None:
 
     def progress(n: int) -> None:
         seen.append(n)
-        if n == 3:
+        if n >= 3:
             got_three.set()
 
     async with trio.open_nursery() as nursery:

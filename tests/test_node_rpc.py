@@ -129,7 +129,11 @@ async def test_models_are_served_and_advertised(tmp_path: Path, models_dir: Path
         reply = (await rpc(client, ia.rpc_url, "vcoin_models"))["result"]
         assert reply["models_dir"] == str(models_dir)
         (model,) = reply["models"]
-        assert model["name"] == "tiny-qwen2" and model["loaded"] is False
+        assert model["name"] == "tiny-qwen2"
+        with trio.fail_after(60):  # the worker preloads served models in the background
+            while not model["loaded"]:
+                await trio.sleep(0.1)
+                (model,) = (await rpc(client, ia.rpc_url, "vcoin_models"))["result"]["models"]
         assert model["model_id"].startswith("sha256:")
         with trio.fail_after(15):  # b hears a's heartbeat, which lists the model
             while (st := b.peers.get(ia.peer_id)) is None:

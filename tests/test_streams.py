@@ -45,7 +45,7 @@ class EchoReply(Message):
     peer: str = field(metadata=lim(max_len=64))
 
 
-ECHO = StreamProtocol("/vcoin/test-echo/1.0.0", EchoRequest, max_request_bytes=1024, timeout_s=2)
+ECHO = StreamProtocol("/vcoin/test-echo/1.0.0", (EchoRequest,), max_request_bytes=1024, timeout_s=2)
 
 
 async def echo(peer: ID, req: EchoRequest) -> EchoReply:

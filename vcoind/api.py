@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from vcoind import __version__
+from vcoind.compute.params import GenerationError, GenerationParams
+from vcoind.market.messages import MAX_INPUT_CHARS, TASK_ID_RE, GenParams
+from vcoind.market.origin import task_view
 from vcoind.p2p.peers import PeerState
-from vcoind.rpc import MethodRegistry, Param, RPCMethod
+from vcoind.rpc import INVALID_PARAMS, NOT_FOUND, MethodRegistry, Param, RPCError, RPCMethod
 
 if TYPE_CHECKING:
     from vcoind.node import Node
@@ -19,6 +22,7 @@ REST_ALIASES = {
     "/api/cluster/status": "vcoin_clusterStatus",
     "/api/cluster/nodes": "vcoin_peers",
     "/api/cluster/metrics": "vcoin_gossipStats",
+    "/api/cluster/tasks": "vcoin_listTasks",
 }
 
 
@@ -229,3 +233,122 @@ def gossip_stats_view(node: Node) -> dict[str, Any]:
         "published": _counter_values(m.gossip_out),
         "rejected": _counter_values(m.gossip_rejected),
     }
+
+
+PARAM_SCHEMAS: dict[str, tuple[type, ...]] = {
+    "max_new_tokens": (int,),
+    "temperature": (int, float),
+    "top_p": (int, float),
+    "top_k": (int,),
+    "seed": (int,),
+    "stop": (list,),
+}
+
+
+def parse_gen_params(raw: dict[str, Any]) -> GenParams:
+    """Validate the ``parameters`` object of vcoin_submitTask (errors name the field)."""
+    for key, value in raw.items():
+        if key not in PARAM_SCHEMAS:
+            raise RPCError(INVALID_PARAMS, f"parameters.{key}: unknown parameter "
+                           f"(known: {', '.join(PARAM_SCHEMAS)})")  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, PARAM_SCHEMAS[key]):
+            raise RPCError(INVALID_PARAMS, f"parameters.{key}: wrong type")
+        if key == "stop" and not all(isinstance(s, str) for s in cast(list[Any], value)):
+            raise RPCError(INVALID_PARAMS, "parameters.stop: must be a list of strings")
+    merged = {**raw, "stop": tuple(raw.get("stop", ()))}
+    try:
+        checked = GenerationParams(**merged)
+    except GenerationError as exc:
+        raise RPCError(INVALID_PARAMS, f"parameters.{exc}") from None
+    return GenParams(**{k: getattr(checked, k) for k in PARAM_SCHEMAS})
+
+
+def network_models(node: Node) -> dict[str, str]:
+    """Model names and ids served anywhere in the network we know of -> a name."""
+    known: dict[str, str] = {}
+    for m in node.models.all():
+        known[m.name] = known[m.model_id] = m.name
+    for st in node.peers.peers():
+        for served in st.heartbeat.models:
+            known[served.name] = known[served.model_id] = served.name
+    return known
+
+
+def register_task_api(reg: MethodRegistry, node: Node) -> None:
+    async def submit(params: dict[str, Any]) -> dict[str, Any]:
+        known = network_models(node)
+        if params["model"] not in known:
+            names = ", ".join(sorted({v for v in known.values()})) or "none"
+            raise RPCError(INVALID_PARAMS, f"model: unknown model {params['model']!r} "
+                           f"(served in the network: {names})")  # fmt: skip
+        if params["mode"] != "single" or params["replicas"] != 1:
+            raise RPCError(INVALID_PARAMS, "replicas: only single-replica tasks are supported "
+                           "until consensus mode lands")  # fmt: skip
+        gen = parse_gen_params(params["parameters"] or {})
+        task_id = await node.origin.submit(
+            params["model"], params["input"], gen, priority=params["priority"],
+            timeout_s=params["timeout_s"], max_price=params["max_price"],
+        )  # fmt: skip
+        return {"task_id": task_id}
+
+    async def get_task(params: dict[str, Any]) -> dict[str, Any]:
+        row = await node.tasks.get(params["task_id"])
+        if row is None:
+            raise RPCError(NOT_FOUND, f"task_id: no task {params['task_id']!r} on this node")
+        attempts = await node.tasks.attempts(row.id)
+        view = task_view(row, len(attempts), node.origin.live_progress(row.id))
+        view["route"] = [
+            {"attempt": a.attempt, "node_id": a.peer_id, "status": a.status, "error": a.error,
+             "assigned_at": a.assigned_at, "finished_at": a.finished_at}
+            for a in attempts
+        ]  # fmt: skip
+        view["bids"] = [dataclasses.asdict(b) for b in await node.tasks.bids(row.id)]
+        return view
+
+    async def list_tasks(params: dict[str, Any]) -> dict[str, Any]:
+        rows, total = await node.tasks.page(params["status"], params["limit"], params["offset"])
+        return {
+            "total": total,
+            "tasks": [task_view(r, r.retry_count + (r.node_id is not None)) for r in rows],
+        }
+
+    async def cancel_task(params: dict[str, Any]) -> dict[str, Any]:
+        row = await node.origin.cancel(params["task_id"])
+        if row is None:
+            raise RPCError(NOT_FOUND, f"task_id: no task {params['task_id']!r} on this node")
+        return {"task_id": row.id, "status": row.status}
+
+    task_id = Param("task_id", {"type": "string", "pattern": TASK_ID_RE}, required=True)
+    reg.add(RPCMethod(
+        "vcoin_submitTask",
+        "Submit an inference task; this node becomes its origin. Returns once it is on disk.",
+        (
+            Param("model", {"type": "string", "minLength": 1, "maxLength": 128}, required=True,
+                  description="model name or id, served by some node"),
+            Param("input", {"type": "string", "minLength": 1, "maxLength": MAX_INPUT_CHARS},
+                  required=True, description="the prompt"),
+            Param("parameters", {"type": "object"}, default=None,
+                  description="max_new_tokens, temperature, top_p, top_k, seed, stop"),
+            Param("priority", {"type": "integer", "minimum": -1000, "maximum": 1000}, default=0),
+            Param("replicas", {"type": "integer", "minimum": 1, "maximum": 5}, default=1),
+            Param("mode", {"enum": ["single", "consensus", "auto"]}, default="single"),
+            Param("timeout_s", {"type": "number", "minimum": 0.5, "maximum": 86400},
+                  default=None, description="reassign after this long without progress"),
+            Param("max_price", {"type": "number", "minimum": 0}, default=None),
+        ),
+        {"type": "object"}, submit,
+    ))  # fmt: skip
+    reg.add(RPCMethod("vcoin_getTask", "Status, progress, result, route, bids and timings.",
+                      (task_id,), OBJ, get_task))  # fmt: skip
+    reg.add(RPCMethod(
+        "vcoin_listTasks", "Tasks this node is origin of, newest first.",
+        (
+            Param("status", {"enum": ["pending", "running", "completed", "failed", "cancelled"]},
+                  default=None),
+            Param("limit", {"type": "integer", "minimum": 1, "maximum": 500}, default=50),
+            Param("offset", {"type": "integer", "minimum": 0}, default=0),
+        ),
+        OBJ, list_tasks,
+    ))  # fmt: skip
+    reg.add(RPCMethod("vcoin_cancelTask", "Cancel a task (the worker stops between tokens).",
+                      (task_id,), OBJ, cancel_task))  # fmt: skip

@@ -28,6 +28,7 @@ from vcoind.config import (
     render_toml,
 )
 from vcoind.datadir import DataDir, DataDirError, Identity
+from vcoind.market.selection import STRATEGIES
 from vcoind.p2p.errors import P2PError
 from vcoind.store import StoreError
 
@@ -94,6 +95,24 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
         help="serve every model directory found here (default DATADIR/models)",
     )
     g.add_argument("--device", choices=DEVICES, help="inference device (default auto)")
+    g = p.add_argument_group("market")
+    g.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        help="how this node picks workers for its tasks (default resource_aware)",
+    )
+    g.add_argument(
+        "--bid-window",
+        type=float,
+        metavar="SECONDS",
+        help="wait this long for more bids after the first (default 0.25)",
+    )
+    g.add_argument(
+        "--task-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="reassign a task with no progress for this long (default 30)",
+    )
     g = p.add_argument_group("rpc")
     g.add_argument(
         "--rpc-addr",
@@ -117,6 +136,9 @@ def _flags(ns: argparse.Namespace) -> dict[str, Any]:
         "rpc.addr": ns.rpc_addr,
         "compute.models_dir": ns.models_dir,
         "compute.device": ns.device,
+        "market.strategy": ns.strategy,
+        "market.bid_window_s": ns.bid_window,
+        "market.task_timeout_s": ns.task_timeout,
     }
 
 
@@ -472,17 +494,121 @@ def client_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text)
         if name == "peers":
             sp.add_argument("--all", action="store_true", help="include offline peers")
+    s = sub.add_parser("submit", help="submit an inference task (this daemon is its origin)")
+    s.add_argument("prompt", help="the input text")
+    s.add_argument("--model", required=True, help="model name or id served in the network")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--priority", type=int, default=0, help="higher runs first")
+    s.add_argument("--timeout", type=float, help="reassign after this long without progress")
+    s.add_argument("--wait", action="store_true", help="show progress, then print the answer")
+    t = sub.add_parser("task", help="one task: status, progress, node, route, timings")
+    t.add_argument("task_id")
+    t.add_argument("--wait", action="store_true", help="wait until it finishes")
+    ts = sub.add_parser("tasks", help="tasks this daemon is origin of")
+    ts.add_argument("--status", choices=("pending", "running", "completed", "failed", "cancelled"))
+    ts.add_argument("--limit", type=int, default=20)
+    c = sub.add_parser("cancel", help="cancel a task")
+    c.add_argument("task_id")
     return p
+
+
+def _fmt_task(t: dict[str, Any]) -> str:
+    tm = t.get("timings") or {}
+    lines = [
+        f"task      {t['task_id']}",
+        f"status    {t['status']} ({t['phase']})   progress {t['progress']} tokens   "
+        f"attempts {t['attempts']}",
+        f"model     {t['model']}   node {t.get('node_id') or '-'}",
+    ]
+    for hop in t.get("route", []):
+        err = f" ({hop['error']})" if hop.get("error") else ""
+        lines.append(f"attempt {hop['attempt']}  {hop['node_id']}  {hop['status']}{err}")
+    if tm:
+        keys = ("assigned_s", "total_s", "prefill_s", "decode_s", "tokens_per_s")
+        lines.append("timings   " + "  ".join(f"{k}={tm[k]}" for k in keys if k in tm))
+    if t.get("error"):
+        lines.append(f"error     {t['error']}")
+    if t.get("result") is not None:
+        lines += ["", t["result"]]
+    return "\n".join(lines)
+
+
+def _fmt_tasks(r: dict[str, Any]) -> str:
+    rows = [
+        [t["task_id"][:12], t["status"], t["model"], str(t["progress"]),
+         _short(t["node_id"]) if t.get("node_id") else "-", (t["input"] or "")[:40]]
+        for t in r["tasks"]
+    ]  # fmt: skip
+    if not rows:
+        return "no tasks"
+    table = _table(rows, ["TASK", "STATUS", "MODEL", "TOKENS", "NODE", "INPUT"])
+    return table + f"\n{len(rows)} of {r['total']}"
+
+
+def _wait_task(client: RPCClient, task_id: str, show_progress: bool) -> dict[str, Any]:
+    last = ""
+    while True:
+        t: dict[str, Any] = client.call("vcoin_getTask", {"task_id": task_id})
+        if show_progress and sys.stderr.isatty():
+            line = (
+                f"\r{t['status']:<9} {t['progress']:>5} tokens  node {_short(t['node_id'] or '-')}"
+            )
+            if line != last:
+                print(line, end="", file=sys.stderr, flush=True)
+                last = line
+        if t["finished"]:
+            if last:
+                print(file=sys.stderr)
+            return t
+        time.sleep(0.2)
+
+
+def _task_command(ns: argparse.Namespace, client: RPCClient) -> tuple[Any, Callable[[Any], str]]:
+    if ns.command == "submit":
+        params = {
+            "max_new_tokens": ns.max_new_tokens, "temperature": ns.temperature,
+            "top_p": ns.top_p, "top_k": ns.top_k, "seed": ns.seed, "stop": ns.stop,
+        }  # fmt: skip
+        req: dict[str, Any] = {"model": ns.model, "input": ns.prompt, "parameters": params,
+                               "priority": ns.priority}  # fmt: skip
+        if ns.timeout is not None:
+            req["timeout_s"] = ns.timeout
+        task_id = client.call("vcoin_submitTask", req)["task_id"]
+        if not ns.wait:
+            return {"task_id": task_id}, lambda r: f"submitted {r['task_id']}"
+        _wait_task(client, task_id, show_progress=True)
+        return client.call("vcoin_getTask", {"task_id": task_id}), _fmt_task
+    if ns.command == "task":
+        if ns.wait:
+            _wait_task(client, ns.task_id, show_progress=True)
+        return client.call("vcoin_getTask", {"task_id": ns.task_id}), _fmt_task
+    if ns.command == "tasks":
+        return client.call("vcoin_listTasks", {"status": ns.status, "limit": ns.limit}), _fmt_tasks
+    r = client.call("vcoin_cancelTask", {"task_id": ns.task_id})
+    return r, lambda r: f"task {r['task_id']}: {r['status']}"
 
 
 def client_main(argv: Sequence[str] | None = None) -> int:
     ns = client_parser().parse_args(argv)
-    method, _, fmt = CLIENT_COMMANDS[ns.command]
-    params = {"include_offline": True} if getattr(ns, "all", False) else {}
     try:
-        result = _client_from(ns).call(method, params)
+        client = _client_from(ns)
+        if ns.command in CLIENT_COMMANDS:
+            method, _, fmt = CLIENT_COMMANDS[ns.command]
+            params = {"include_offline": True} if getattr(ns, "all", False) else {}
+            result = client.call(method, params)
+        else:
+            result, fmt = _task_command(ns, client)
     except ClientError as exc:
         print(f"vcoin: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     print(json.dumps(result, indent=2) if ns.json else fmt(result))
+    if ns.command in ("submit", "task") and isinstance(result, dict):
+        return 0 if result.get("status", "completed") == "completed" or not ns.wait else 1
     return 0

@@ -19,6 +19,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import multiaddr
 
+from vcoind.market.selection import STRATEGIES
+
 DEFAULT_DATADIR = Path("~/.vcoin").expanduser()
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEVICES = ("auto", "cpu", "cuda")
@@ -72,6 +74,15 @@ class ComputeConfig:
 
 
 @dataclass(frozen=True)
+class MarketSection:
+    strategy: str = "resource_aware"
+    bid_window_s: float = 0.25
+    no_bid_timeout_s: float = 10.0
+    task_timeout_s: float = 30.0
+    max_retries: int = 3
+
+
+@dataclass(frozen=True)
 class Config:
     datadir: Path = DEFAULT_DATADIR
     network: str = "devnet"
@@ -79,6 +90,7 @@ class Config:
     p2p: P2PConfig = field(default_factory=P2PConfig)
     rpc: RPCConfig = field(default_factory=RPCConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    market: MarketSection = field(default_factory=MarketSection)
 
     @property
     def models_dir(self) -> Path:
@@ -263,6 +275,17 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("compute.device", f"must be one of {', '.join(DEVICES)}")
     if cfg.compute.memory_budget_mb < 0:
         raise ConfigError("compute.memory_budget_mb", "must be >= 0 (0 = automatic)")
+    m = cfg.market
+    if m.strategy not in STRATEGIES:
+        raise ConfigError("market.strategy", f"must be one of {', '.join(STRATEGIES)}")
+    for key, value, lo, hi in (
+        ("bid_window_s", m.bid_window_s, 0.0, 60.0),
+        ("no_bid_timeout_s", m.no_bid_timeout_s, 0.1, 3600.0),
+        ("task_timeout_s", m.task_timeout_s, 0.5, 86_400.0),
+        ("max_retries", m.max_retries, 0, 100),
+    ):
+        if not lo <= value <= hi:
+            raise ConfigError(f"market.{key}", f"must be between {lo:g} and {hi:g}, got {value}")
     if cfg.rpc.max_body_bytes < 1024:
         raise ConfigError("rpc.max_body_bytes", "must be at least 1024")
     return cfg
@@ -293,7 +316,7 @@ def render_toml(cfg: Config) -> str:
     lines = ["# vcoind configuration. Precedence: defaults < this file < VCOIN_* env < flags.", ""]
     lines.append(f'network = "{cfg.network}"')
     lines.append(f'log_level = "{cfg.log_level}"')
-    for section in ("p2p", "rpc", "compute"):
+    for section in ("p2p", "rpc", "compute", "market"):
         lines += ["", f"[{section}]"]
         obj = getattr(cfg, section)
         for f in dataclasses.fields(obj):

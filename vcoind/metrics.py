@@ -41,6 +41,27 @@ class NodeMetrics:
             ["protocol"],
             registry=r,
         )
+        self.tasks = Counter(
+            "vcoin_tasks_total", "Tasks at this origin by outcome (submitted, completed, ...)",
+            ["status"], registry=r,
+        )  # fmt: skip
+        self.tasks_in_flight = Gauge(
+            "vcoin_tasks_in_flight", "Unfinished tasks this node is origin of", registry=r
+        )
+        self.queue_length = Gauge(
+            "vcoin_worker_queue_length", "Assignments waiting or running here", registry=r
+        )
+        self.dispatch_latency = Histogram(
+            "vcoin_task_dispatch_seconds", "Submit to assignment accepted by a worker",
+            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r,
+        )  # fmt: skip
+        self.exec_time = Histogram(
+            "vcoin_task_execution_seconds", "Worker-reported prefill + decode time",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300), registry=r,
+        )  # fmt: skip
+        self.tokens_per_s = Gauge(
+            "vcoin_tokens_per_second", "Measured decode speed of this node", ["model"], registry=r
+        )
         self.rpc_calls = Counter(
             "vcoin_rpc_calls_total",
             "JSON-RPC calls by method and outcome",

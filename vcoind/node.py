@@ -16,14 +16,27 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
+from libp2p.peer.id import ID
 
 from vcoind import __version__
-from vcoind.api import REST_ALIASES, register_node_api
+from vcoind.api import REST_ALIASES, register_node_api, register_task_api
 from vcoind.compute.models import ModelStore
 from vcoind.compute.telemetry import HostSample, Telemetry
 from vcoind.config import Config
 from vcoind.consensus.health import health_score
 from vcoind.datadir import DataDir, Identity
+from vcoind.market.messages import (
+    TASK_PROTOCOL,
+    Ack,
+    Assign,
+    Bid,
+    Cancel,
+    Progress,
+    TaskAnnounce,
+    TaskResult,
+)
+from vcoind.market.origin import MarketConfig, TaskOrigin
+from vcoind.market.worker import TaskWorker
 from vcoind.metrics import NodeMetrics
 from vcoind.p2p.gossip import Gossip
 from vcoind.p2p.heartbeat import BindingCheck, HeartbeatService
@@ -31,9 +44,9 @@ from vcoind.p2p.host import P2PHost, build_host, running
 from vcoind.p2p.keeper import PeerKeeper
 from vcoind.p2p.messages import Heartbeat, ModelServed
 from vcoind.p2p.peers import PeerTable
-from vcoind.p2p.streams import StreamService
+from vcoind.p2p.streams import StreamProtocol, StreamProtocolError, StreamService
 from vcoind.rpc import MethodRegistry, RPCServer, RPCServerConfig
-from vcoind.store import Store
+from vcoind.store import Store, TaskStore
 
 if TYPE_CHECKING:
     # libp2p pulls in trio-typing, whose stale stubs shadow trio's own types for mypy.
@@ -42,6 +55,10 @@ if TYPE_CHECKING:
     from vcoind.compute.executor import Executor
 
 log = logging.getLogger("vcoind.node")
+
+TASK_STREAM = StreamProtocol(
+    TASK_PROTOCOL, (Assign, Cancel, Progress, TaskResult), max_request_bytes=TaskResult.MAX_BYTES
+)
 
 
 class NodeError(Exception):
@@ -134,9 +151,11 @@ class Node:
         )
         self.gossip.on("heartbeat", Heartbeat, self.peers.on_heartbeat, check=BindingCheck())
         self.peers.on_seen.append(lambda hb: self.keeper.learn(hb.peer_id, hb.listen_addrs))
+        self._wire_market()
         host, port = config.rpc.host, config.rpc.port
         self.registry = MethodRegistry()
         register_node_api(self.registry, self)
+        register_task_api(self.registry, self)
         self.rpc = RPCServer(
             RPCServerConfig(
                 host=host,
@@ -154,6 +173,97 @@ class Node:
         for path, method in REST_ALIASES.items():
             self.rpc.add_get_alias(path, method)
         self._p2p_listening = False
+
+    def _wire_market(self) -> None:
+        cfg = self.config
+        self.tasks = TaskStore(self.store)
+        pid = self.identity.peer_id
+        self.worker = TaskWorker(
+            self.models,
+            lambda: self.executor,
+            self.tasks,
+            peer_id=pid,
+            network=cfg.network,
+            publish_bid=lambda bid: self.gossip.publish("tasks", bid),
+            send=self.task_send,
+            health=lambda: self.heartbeat.last.health if self.heartbeat.last else 1.0,
+        )
+        m = cfg.market
+        self.origin = TaskOrigin(
+            self.tasks,
+            self.metrics,
+            MarketConfig(
+                bid_window_s=m.bid_window_s,
+                no_bid_timeout_s=m.no_bid_timeout_s,
+                strategy=m.strategy,
+                default_timeout_s=m.task_timeout_s,
+                max_retries=m.max_retries,
+            ),
+            peer_id=pid,
+            network=cfg.network,
+            publish_announce=lambda ann: self.gossip.publish("tasks", ann),
+            local_bid=self._local_bid,
+            send=self.task_send,
+            notify=self._notify_task,
+            peer_alive=lambda peer: peer == pid or self.peers.get(peer) is not None,
+            expected_bidders=self._serving,
+        )
+        self.worker.on_change = self._worker_changed
+        self.gossip.on("tasks", TaskAnnounce, self.worker.on_announce)
+        self.gossip.on("tasks", Bid, self.origin.on_bid)
+        self.streams.serve(TASK_STREAM, self._task_request)
+
+    def _serving(self, model: str) -> set[str]:
+        """Peers (and us) whose last heartbeat says they serve ``model`` (name or id)."""
+        out = {
+            st.peer_id
+            for st in self.peers.peers()
+            if any(model in (m.name, m.model_id) for m in st.heartbeat.models)
+        }
+        if any(model in (m.name, m.model_id) for m in self.heartbeat.capabilities.models):
+            out.add(self.identity.peer_id)
+        return out
+
+    async def _local_bid(self, ann: TaskAnnounce) -> Bid | None:
+        bid = self.worker.make_bid(ann)
+        if bid is not None:  # public like every bid, so others can re-check the choice
+            await self.gossip.publish("tasks", bid)
+        return bid
+
+    async def _task_request(self, peer: ID, record: Any) -> Ack:
+        return await self._dispatch_task(peer.to_base58(), record)
+
+    async def _dispatch_task(self, peer: str, record: Any) -> Ack:
+        if isinstance(record, Assign):
+            return await self.worker.on_assign(peer, record)
+        if isinstance(record, Cancel):
+            return await self.worker.on_cancel(peer, record)
+        if isinstance(record, Progress):
+            return await self.origin.on_progress(peer, record)
+        if isinstance(record, TaskResult):
+            return await self.origin.on_result(peer, record)
+        raise StreamProtocolError(f"unexpected {type(record).__name__}")
+
+    async def task_send(self, peer: str, record: Any, reply_type: type[Any]) -> Any:
+        """A task-protocol request to ``peer``; to ourselves it is a plain call."""
+        if peer == self.identity.peer_id:
+            return await self._dispatch_task(peer, record)
+        return await self.streams.request(ID.from_base58(peer), TASK_STREAM, record, reply_type)
+
+    async def _notify_task(self, view: dict[str, Any]) -> None:
+        self.metrics.tasks_in_flight.set(self.origin.in_flight())
+        await self.rpc.publish(f"task:{view['task_id']}", view)
+        await self.rpc.publish("tasks", view)
+
+    def _worker_changed(self) -> None:
+        q = self.worker.queue_length
+        self.metrics.queue_length.set(q)
+        for model_id, tps in self.worker.tokens_per_s.items():
+            self.metrics.tokens_per_s.labels(model=model_id).set(tps)
+        # Queue length rides on the next heartbeat (bids carry it at once).
+        self.heartbeat.capabilities = dataclasses.replace(
+            self.heartbeat.capabilities, queue_length=q
+        )
 
     # --- callbacks --------------------------------------------------------
 
@@ -218,6 +328,8 @@ class Node:
                 await nursery.start(self.peers.run)
                 await nursery.start(self.keeper.run)
                 await nursery.start(self.heartbeat.run)
+                await nursery.start(self.worker.run)
+                await nursery.start(self.origin.run)
                 try:
                     rpc_url = await nursery.start(self.rpc.run)
                 except* OSError as group:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from vcoind.compute.models import ModelError, ModelInfo, ModelStore
 
 log = logging.getLogger("vcoind.executor")
 EWMA_ALPHA = 0.3
+PROGRESS_EVERY_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -128,12 +130,19 @@ class Executor:
         cancel = threading.Event()
         token = trio.lowlevel.current_trio_token()
 
+        last_report = 0.0
+
         def progress(n: int) -> None:
-            if on_progress is not None and not cancel.is_set():
-                try:
-                    trio.from_thread.run_sync(on_progress, n, trio_token=token)
-                except trio.RunFinishedError:
-                    cancel.set()
+            # A trip into trio per token would starve the trio thread on fast models.
+            nonlocal last_report
+            now = time.monotonic()
+            if on_progress is None or cancel.is_set() or now - last_report < PROGRESS_EVERY_S:
+                return
+            last_report = now
+            try:
+                trio.from_thread.run_sync(on_progress, n, trio_token=token)
+            except trio.RunFinishedError:
+                cancel.set()
 
         def work() -> GenerationResult:
             return generate(slot.lm, prompt, params, on_token=progress, cancel=cancel)
@@ -150,6 +159,8 @@ class Executor:
         finally:
             self.running -= 1
             slot.in_use -= 1
+        if on_progress is not None and result.token_ids:
+            on_progress(len(result.token_ids))  # the final count, whatever the throttle skipped
         if result.token_ids:
             old = self.tokens_per_s.get(slot.info.model_id)
             tps = result.tokens_per_s

@@ -11,7 +11,6 @@ checked between tokens.
 from __future__ import annotations
 
 import inspect
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -20,45 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.utils import logging as hf_logging
 
-MAX_NEW_TOKENS_LIMIT = 8192
-MAX_STOP_STRINGS = 8
+from vcoind.compute.params import GenerationError, GenerationParams
 
-
-class GenerationError(Exception):
-    """Bad generation parameters or a model that cannot generate."""
+__all__ = ["GenerationError", "GenerationParams", "generate", "load_model", "pick_device"]
 
 
 class GenerationCancelled(Exception):
     """The request was cancelled between two tokens."""
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """Sampling parameters of one request (validated on construction)."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = no top-k filter
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise GenerationError(f"max_new_tokens must be 1..{MAX_NEW_TOKENS_LIMIT}")
-        if not (0.0 <= self.temperature <= 100.0) or math.isnan(self.temperature):
-            raise GenerationError("temperature must be 0..100 (0 = greedy)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise GenerationError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise GenerationError("top_k must be >= 0 (0 = off)")
-        if not 0 <= self.seed < 2**63:
-            raise GenerationError("seed must be 0..2^63-1")
-        if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > 64 for s in self.stop):
-            raise GenerationError(
-                f"stop: at most {MAX_STOP_STRINGS} non-empty strings of <= 64 chars"
-            )
 
 
 @dataclass(frozen=True)
@@ -98,9 +68,6 @@ def pick_device(prefer: str = "auto") -> tuple[torch.device, torch.dtype]:
 
 
 def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model: Any = AutoModelForCausalLM.from_pretrained(
@@ -160,8 +127,6 @@ def generate(
     cancel: threading.Event | None = None,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` after ``prompt``; see the module docstring."""
-    from transformers import DynamicCache
-
     prompt_ids = encode_prompt(lm, prompt)
     if not prompt_ids:
         raise GenerationError("the prompt encodes to no tokens")

@@ -185,7 +185,7 @@ def decode(data: bytes, expect: type[M] | None = None) -> M:
             use_list=True,
             max_str_len=limit,
             max_bin_len=limit,
-            max_array_len=4096,
+            max_array_len=16384,
             max_map_len=256,
             max_ext_len=0,
         )

@@ -72,7 +72,7 @@ class Gossip:
         self._metrics = metrics
         self._max_age_s = max_age_s
         self._max_invalid = max_invalid
-        self._routes: dict[str, _Route] = {}
+        self._routes: dict[str, dict[str, _Route]] = {}  # topic -> kind -> route
         self._last_seq: dict[tuple[str, str], int] = {}
         self._decoded: OrderedDict[bytes, Any] = OrderedDict()
         self._invalid_from: dict[str, int] = {}
@@ -86,8 +86,12 @@ class Gossip:
         return topic_name(self._network, name)
 
     def on(self, name: str, cls: type[Any], handler: Handler, check: Check | None = None) -> None:
-        """Route valid ``cls`` records on topic ``name`` to ``handler`` (before run())."""
-        self._routes[self.topic(name)] = _Route(cls, handler, check)
+        """Route valid ``cls`` records on topic ``name`` to ``handler`` (before run()).
+
+        A topic may carry several kinds; each record must carry ``network``,
+        ``peer_id``, ``seq`` and ``timestamp``.
+        """
+        self._routes.setdefault(self.topic(name), {})[cls.KIND] = _Route(cls, handler, check)
 
     async def publish(self, name: str, record: Any) -> None:
         topic = self.topic(name)
@@ -126,14 +130,19 @@ class Gossip:
         for topic in msg.topicIDs or ["other"]:
             self._reject(topic, "unsigned", forwarder)
 
-    def _validator(self, topic: str, route: _Route) -> Callable[[ID, rpc_pb2.Message], bool]:
-        limit = route.cls.MAX_BYTES
+    def _validator(
+        self, topic: str, routes: dict[str, _Route]
+    ) -> Callable[[ID, rpc_pb2.Message], bool]:
+        limit = max(r.cls.MAX_BYTES for r in routes.values())
 
         def validate(forwarder: ID, msg: rpc_pb2.Message) -> bool:
             if len(msg.data) > limit:
                 return self._reject(topic, "oversized", forwarder)
             try:
-                rec = decode(msg.data, route.cls)
+                rec: Any = decode(msg.data)
+                route = routes.get(rec.KIND)
+                if route is None:
+                    raise CodecError(f"{rec.KIND} does not belong on this topic")
             except CodecError as exc:
                 log.debug("malformed gossip from %s: %s", forwarder, exc)
                 return self._reject(topic, "malformed", forwarder)
@@ -174,23 +183,23 @@ class Gossip:
             self._nursery = nursery
             for name in TOPIC_NAMES:
                 topic = self.topic(name)
-                route = self._routes.get(topic)
-                if route is None:
+                routes = self._routes.get(topic)
+                if routes is None:
                     continue  # reserved: not subscribed until a service handles it
-                pubsub.set_topic_validator(topic, self._validator(topic, route), False)
+                pubsub.set_topic_validator(topic, self._validator(topic, routes), False)
                 sub = await pubsub.subscribe(topic)
-                nursery.start_soon(self._receive, name, route, sub)
+                nursery.start_soon(self._receive, name, routes, sub)
             nursery.start_soon(self._expire_blacklist)
             task_status.started()
 
-    async def _receive(self, name: str, route: _Route, sub: Any) -> None:
+    async def _receive(self, name: str, routes: dict[str, _Route], sub: Any) -> None:
         async for msg in sub:
             rec = self._decoded.pop(msg.from_id + msg.seqno, None)
             if rec is None or rec.peer_id == self._self_b58:
                 continue  # our own publication, or evicted (cannot happen below 4096 in flight)
             self._metrics.gossip_in.labels(topic=name).inc()
             try:
-                await route.handler(rec)
+                await routes[rec.KIND].handler(rec)
             except Exception:  # a bug in one handler must not take the node down
                 log.exception("handler for %s gossip failed", name)
 

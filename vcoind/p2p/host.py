@@ -30,6 +30,7 @@ from vcoind.p2p.errors import P2PError
 GOSSIP_PROTOCOLS = (PROTOCOL_ID_V11,)
 GOSSIP_HEARTBEAT_S = 1  # py-libp2p defaults to 120 s, far too slow to repair a mesh
 MAX_PUBSUB_RPC_BYTES = 1 << 20
+MAX_MESSAGES_PER_TOPIC_PER_S = 1000.0
 
 BadSignatureHook = Callable[[ID, rpc_pb2.Message], None]
 
@@ -84,6 +85,9 @@ def build_host(key_pair: KeyPair, on_bad_signature: BadSignatureHook) -> P2PHost
         degree_low=4,
         degree_high=12,
         heartbeat_interval=GOSSIP_HEARTBEAT_S,
+        # py-libp2p drops anything past 10 messages/s per peer and topic -- our own
+        # publications included -- which silently loses a burst of task announcements.
+        max_messages_per_topic_per_second=MAX_MESSAGES_PER_TOPIC_PER_S,
     )
     pubsub = VerifyingPubsub(host, router, on_bad_signature)
     return P2PHost(host=host, pubsub=pubsub, router=router)

@@ -18,7 +18,7 @@ import logging
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import trio
 from libp2p.abc import INetStream
@@ -83,10 +83,10 @@ async def write_frame(stream: INetStream, data: bytes) -> None:
 
 @dataclass(frozen=True)
 class StreamProtocol:
-    """A direct protocol: its id, the request record it accepts and its size limit."""
+    """A direct protocol: its id, the request records it accepts and its size limit."""
 
     protocol_id: str
-    request: type[Any]
+    requests: tuple[type[Any], ...]
     max_request_bytes: int
     timeout_s: float = DEFAULT_TIMEOUT_S
 
@@ -123,7 +123,10 @@ class StreamService:
     ) -> None:
         data = await read_frame(stream, proto.max_request_bytes)
         try:
-            request = decode(data, proto.request)
+            request: Any = decode(data)
+            if not isinstance(request, proto.requests):
+                kinds = ", ".join(r.KIND for r in proto.requests)
+                raise CodecError(f"expected {kinds}, got {request.KIND}")
         except CodecError as exc:
             reply: Any = ErrorReply("bad_request", str(exc))
         else:
@@ -149,6 +152,9 @@ class StreamService:
         """Send one request and return the decoded reply (StreamProtocolError otherwise)."""
         limit = max_reply_bytes or reply_type.MAX_BYTES  # type: ignore[attr-defined]
         with trio.move_on_after(timeout_s or proto.timeout_s) as scope:
+            # py-libp2p refuses to redial a peer for 60 s after a failed dial; callers
+            # have their own retry policy, so lift that block first.
+            cast(Any, self._p2p.host.get_network()).unblock_peer(peer)
             try:
                 stream = await self._p2p.host.new_stream(peer, [proto.protocol_id])  # type: ignore[list-item]
             except BaseLibp2pError as exc:

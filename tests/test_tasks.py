@@ -1,0 +1,189 @@
+"""Tasks end to end: real daemons (separate processes) on loopback, the random test model."""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devnet.__main__ import DevNode
+from tests.conftest import Cluster, free_port, wait_until
+from vcoind.cli import ClientError
+
+pytestmark = pytest.mark.slow
+MODEL = "tiny-qwen2"
+
+
+def serving(models_dir: Path) -> list[str]:
+    return ["--models-dir", str(models_dir)]
+
+
+def submit(node: DevNode, prompt: str, **params: Any) -> str:
+    req: dict[str, Any] = {"model": MODEL, "input": prompt}
+    timeout = params.pop("timeout_s", None)
+    if timeout is not None:
+        req["timeout_s"] = timeout
+    req["parameters"] = {"max_new_tokens": 16, **params}
+    return str(node.rpc.call("vcoin_submitTask", req)["task_id"])
+
+
+def task(node: DevNode, task_id: str) -> dict[str, Any]:
+    result: dict[str, Any] = node.rpc.call("vcoin_getTask", {"task_id": task_id})
+    return result
+
+
+def finished(node: DevNode, task_id: str, timeout: float = 60) -> dict[str, Any]:
+    return dict(wait_until(lambda: (t := task(node, task_id))["finished"] and t, timeout,
+                           f"task {task_id} to finish"))  # fmt: skip
+
+
+def knows_model(node: DevNode, n_peers: int) -> bool:
+    return sum(bool(p["models"]) for p in node.rpc.call("vcoin_peers")) >= n_peers
+
+
+def test_submit_completes_and_greedy_output_is_the_same_on_every_node(
+    cluster: Cluster, models_dir: Path
+) -> None:
+    n1 = cluster.start(1, extra=[*serving(models_dir), "--strategy", "round_robin"])
+    n2 = cluster.start(2, bootstrap=n1, extra=serving(models_dir))
+    n3 = cluster.start(3, bootstrap=n1, extra=serving(models_dir))
+    wait_until(lambda: knows_model(n1, 2), 20, "node 1 sees the model on both peers")
+    results = []
+    for _ in range(3):
+        t = finished(n1, submit(n1, "What is a Merkle tree?"))
+        assert t["status"] == "completed", t
+        assert t["result"] and t["attempts"] == 1
+        assert len(t["bids"]) == 3
+        assert t["route"][0]["status"] == "completed"
+        assert t["timings"]["tokens"] > 0 and t["timings"]["assigned_s"] > 0
+        results.append((t["node_id"], t["result"]))
+    assert {node for node, _ in results} == {n.info["peer_id"] for n in (n1, n2, n3)}
+    assert len({text for _, text in results}) == 1  # same weights, greedy: same answer
+    listed = n1.rpc.call("vcoin_listTasks", {"status": "completed"})
+    assert listed["total"] == 3
+    assert n2.rpc.call("vcoin_listTasks")["total"] == 0  # tasks live at their origin
+
+
+def test_bad_task_requests_are_clear_errors(cluster: Cluster, models_dir: Path) -> None:
+    n1 = cluster.start(1, extra=serving(models_dir))
+
+    def error(method: str, params: dict[str, Any]) -> str:
+        with pytest.raises(ClientError) as info:
+            n1.rpc.call(method, params)
+        return str(info.value)
+
+    ok = {"model": MODEL, "input": "hi"}
+    assert "model: unknown model 'gpt-9'" in error("vcoin_submitTask", {**ok, "model": "gpt-9"})
+    assert "input" in error("vcoin_submitTask", {**ok, "input": ""})
+    assert "input" in error("vcoin_submitTask", {**ok, "input": "x" * 40_000})
+    assert "missing required param 'model'" in error("vcoin_submitTask", {"input": "hi"})
+    for params, field in (
+        ({"temperature": -1}, "parameters.temperature"),
+        ({"top_p": 0}, "parameters.top_p"),
+        ({"max_new_tokens": 0}, "parameters.max_new_tokens"),
+        ({"max_new_tokens": "many"}, "parameters.max_new_tokens"),
+        ({"stop": "x"}, "parameters.stop"),
+        ({"stop": [1]}, "parameters.stop"),
+        ({"beam_width": 3}, "parameters.beam_width"),
+    ):
+        msg = error("vcoin_submitTask", {**ok, "parameters": params})
+        assert field in msg and "-32602" in msg, msg
+    assert "replicas" in error("vcoin_submitTask", {**ok, "replicas": 3})
+    assert "priority" in error("vcoin_submitTask", {**ok, "priority": 10**6})
+    assert "no task" in error("vcoin_getTask", {"task_id": "0" * 32})
+    assert "task_id" in error("vcoin_getTask", {"task_id": "../etc/passwd"})
+    assert "status" in error("vcoin_listTasks", {"status": "weird"})
+    assert n1.rpc.call("vcoin_listTasks")["total"] == 0  # nothing half-created
+    assert n1.proc.poll() is None
+
+
+def test_no_bidder_fails_with_a_reason(cluster: Cluster, models_dir: Path) -> None:
+    n1 = cluster.start(1)
+    (n1.datadir / "config.toml").write_text("[market]\nno_bid_timeout_s = 1.5\n")
+    n1.proc.terminate()
+    n1.proc.wait()
+    n1 = cluster.start(1)
+    n2 = cluster.start(2, bootstrap=n1, extra=serving(models_dir))
+    wait_until(lambda: knows_model(n1, 1), 20, "node 1 sees node 2's model")
+    n2.proc.send_signal(signal.SIGKILL)  # still in node 1's peer table for a while
+    n2.proc.wait()
+    t = finished(n1, submit(n1, "anyone?"))
+    assert t["status"] == "failed"
+    assert "no bid for model 'tiny-qwen2' within 1.5 s" in t["error"]
+
+
+def long_running(origin: DevNode, **kw: Any) -> tuple[str, dict[str, Any]]:
+    task_id = submit(origin, "Explain proof of stake", max_new_tokens=4000, **kw)
+    t = wait_until(lambda: (t := task(origin, task_id))["progress"] > 0 and t, 60,
+                   "the task to make progress")  # fmt: skip
+    return task_id, dict(t)
+
+
+def test_worker_killed_mid_task_is_replaced(cluster: Cluster, models_dir: Path) -> None:
+    n1 = cluster.start(1)  # origin only: it serves no model
+    workers = [cluster.start(i, bootstrap=n1, extra=serving(models_dir)) for i in (2, 3)]
+    wait_until(lambda: knows_model(n1, 2), 20, "node 1 sees both workers")
+    task_id, t = long_running(n1, timeout_s=5)
+    victim = next(w for w in workers if w.info["peer_id"] == t["node_id"])
+    survivor = next(w for w in workers if w is not victim)
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait()
+    t = finished(n1, task_id, timeout=120)
+    assert t["status"] == "completed", t
+    assert t["attempts"] == 2
+    assert t["node_id"] == survivor.info["peer_id"]
+    assert [hop["status"] for hop in t["route"]] == ["failed", "completed"], t["route"]
+    assert t["route"][0]["node_id"] == victim.info["peer_id"]
+
+
+def test_cancel_reaches_the_worker(cluster: Cluster, models_dir: Path) -> None:
+    n1 = cluster.start(1)
+    n2 = cluster.start(2, bootstrap=n1, extra=serving(models_dir))
+    wait_until(lambda: knows_model(n1, 1), 20, "node 1 sees node 2's model")
+    task_id, _ = long_running(n1)
+    reply = n1.rpc.call("vcoin_cancelTask", {"task_id": task_id})
+    assert reply["status"] == "cancelled"
+    t = task(n1, task_id)
+    assert t["status"] == "cancelled" and t["result"] is None
+    wait_until(
+        lambda: "cancelled by its origin" in n2.log_path.read_text(),
+        10,
+        "the worker to hear of the cancel",
+    )
+    # the worker is free again: a new task runs at once
+    t2 = finished(n1, submit(n1, "next"))
+    assert t2["status"] == "completed"
+
+
+def test_origin_restarted_mid_task_still_completes(cluster: Cluster, models_dir: Path) -> None:
+    listen = f"/ip4/127.0.0.1/tcp/{free_port()}"
+    n1 = cluster.start(1, listen=listen)
+    n2 = cluster.start(2, bootstrap=n1, extra=serving(models_dir))
+    wait_until(lambda: knows_model(n1, 1), 20, "node 1 sees node 2's model")
+    task_id, _ = long_running(n1)
+    n1.proc.send_signal(signal.SIGKILL)
+    n1.proc.wait()
+    n1 = cluster.start(1, listen=listen)
+    t = finished(n1, task_id, timeout=120)
+    assert t["status"] == "completed", t
+    assert t["result"]
+    assert n2.proc.poll() is None
+
+
+def test_50_concurrent_tasks_round_robin_spreads_them_evenly(
+    cluster: Cluster, models_dir: Path
+) -> None:
+    # A window long enough for every bid under load (it closes early once all have bid).
+    strategy = ["--strategy", "round_robin", "--bid-window", "5"]
+    n1 = cluster.start(1, extra=[*serving(models_dir), *strategy])
+    for i in (2, 3):
+        cluster.start(i, bootstrap=n1, extra=serving(models_dir))
+    wait_until(lambda: knows_model(n1, 2), 20, "node 1 sees both peers' models")
+    ids = [submit(n1, f"prompt {i}", max_new_tokens=2) for i in range(50)]
+    done = [finished(n1, i, timeout=120) for i in ids]
+    assert all(t["status"] == "completed" for t in done), [t["error"] for t in done]
+    per_node = Counter(t["node_id"] for t in done)
+    assert len(per_node) == 3 and min(per_node.values()) >= 15, per_node

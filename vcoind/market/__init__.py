@@ -1,0 +1,1 @@
+"""Task market: announce, bids, selection, assignment (origin); bids, execution (worker)."""

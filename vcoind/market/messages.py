@@ -1,0 +1,144 @@
+"""Wire records of the task market.
+
+Gossip on ``/vcoin/<network>/tasks/1`` (signed by the sender's libp2p key, checked
+like every gossip record: sender, network, freshness, sequence):
+
+- ``TaskAnnounce``: the origin offers a task.
+- ``Bid``: a node that holds the model offers to run it. Bids are public so any
+  node can re-check the origin's choice.
+
+Direct protocol ``/vcoin/task/1.0.0`` (one request, one reply per stream):
+
+- origin -> worker: ``Assign`` (reply ``Ack``), ``Cancel`` (reply ``Ack``)
+- worker -> origin: ``Progress`` and ``TaskResult`` (reply ``Ack``)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from vcoind.p2p.codec import Message, lim, message
+from vcoind.p2p.messages import NETWORK_RE, PEER_ID_RE
+
+TASK_PROTOCOL = "/vcoin/task/1.0.0"
+TASK_ID_RE = r"[0-9a-f]{32}"
+MODEL_RE = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
+MAX_INPUT_CHARS = 32_768
+MAX_RESULT_CHARS = 262_144
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """Sampling parameters (see ``vcoind.compute.generate.GenerationParams``)."""
+
+    max_new_tokens: int = field(default=64, metadata=lim(min=1, max=8192))
+    temperature: float = field(default=0.0, metadata=lim(min=0, max=100))
+    top_p: float = field(default=1.0, metadata=lim(min=0, max=1))
+    top_k: int = field(default=0, metadata=lim(min=0, max=1_000_000))
+    seed: int = field(default=0, metadata=lim(min=0, max=(1 << 63) - 1))
+    stop: tuple[str, ...] = field(default=(), metadata=lim(max_len=8, items={"max_len": 64}))
+
+
+@message
+@dataclass(frozen=True)
+class TaskAnnounce(Message):
+    KIND: ClassVar[str] = "task_announce"
+    MAX_BYTES: ClassVar[int] = 4096
+
+    network: str = field(metadata=lim(pattern=NETWORK_RE, max_len=32))
+    peer_id: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))  # the origin
+    seq: int = field(metadata=lim(min=0, max=(1 << 63) - 1))
+    timestamp: float = field(metadata=lim(min=0))
+    task_id: str = field(metadata=lim(pattern=TASK_ID_RE, max_len=32))
+    model: str = field(metadata=lim(pattern=MODEL_RE, max_len=128))
+    max_new_tokens: int = field(metadata=lim(min=1, max=8192))
+    input_chars: int = field(metadata=lim(min=0, max=MAX_INPUT_CHARS))
+    priority: int = field(default=0, metadata=lim(min=-1000, max=1000))
+    max_price: float | None = field(default=None, metadata=lim(min=0))
+
+
+@message
+@dataclass(frozen=True)
+class Bid(Message):
+    """A node's offer: ``eta_s`` from its measured tokens/s and its queue."""
+
+    KIND: ClassVar[str] = "bid"
+    MAX_BYTES: ClassVar[int] = 2048
+
+    network: str = field(metadata=lim(pattern=NETWORK_RE, max_len=32))
+    peer_id: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))  # the bidder
+    seq: int = field(metadata=lim(min=0, max=(1 << 63) - 1))
+    timestamp: float = field(metadata=lim(min=0))
+    task_id: str = field(metadata=lim(pattern=TASK_ID_RE, max_len=32))
+    origin: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))
+    model_id: str = field(metadata=lim(max_len=71))
+    price: float = field(metadata=lim(min=0, max=1e12))
+    eta_s: float = field(metadata=lim(min=0, max=1e6))
+    health: float = field(metadata=lim(min=0, max=1))
+    queue_length: int = field(metadata=lim(min=0, max=1_000_000))
+    tokens_per_s: float = field(metadata=lim(min=0, max=1e9))
+
+
+@message
+@dataclass(frozen=True)
+class Assign(Message):
+    KIND: ClassVar[str] = "task_assign"
+    MAX_BYTES: ClassVar[int] = 160 * 1024
+
+    task_id: str = field(metadata=lim(pattern=TASK_ID_RE, max_len=32))
+    attempt: int = field(metadata=lim(min=1, max=100))
+    model: str = field(metadata=lim(pattern=MODEL_RE, max_len=128))
+    input: str = field(metadata=lim(max_len=MAX_INPUT_CHARS))
+    params: GenParams = field(default_factory=lambda: GenParams())
+    priority: int = field(default=0, metadata=lim(min=-1000, max=1000))
+
+
+@message
+@dataclass(frozen=True)
+class Cancel(Message):
+    KIND: ClassVar[str] = "task_cancel"
+    MAX_BYTES: ClassVar[int] = 256
+
+    task_id: str = field(metadata=lim(pattern=TASK_ID_RE, max_len=32))
+    attempt: int = field(metadata=lim(min=1, max=100))
+
+
+@message
+@dataclass(frozen=True)
+class Progress(Message):
+    KIND: ClassVar[str] = "task_progress"
+    MAX_BYTES: ClassVar[int] = 256
+
+    task_id: str = field(metadata=lim(pattern=TASK_ID_RE, max_len=32))
+    attempt: int = field(metadata=lim(min=1, max=100))
+    tokens: int = field(metadata=lim(min=0, max=1_000_000))
+
+
+@message
+@dataclass(frozen=True)
+class TaskResult(Message):
+    """The worker's answer. ``error`` set means the attempt failed (no text)."""
+
+    KIND: ClassVar[str] = "task_result"
+    MAX_BYTES: ClassVar[int] = 1024 * 1024
+
+    task_id: str = field(metadata=lim(pattern=TASK_ID_RE, max_len=32))
+    attempt: int = field(metadata=lim(min=1, max=100))
+    text: str = field(default="", metadata=lim(max_len=MAX_RESULT_CHARS))
+    token_ids: tuple[int, ...] = field(default=(), metadata=lim(max_len=8192))
+    finish_reason: str = field(default="", metadata=lim(max_len=16))
+    model_id: str = field(default="", metadata=lim(max_len=71))
+    prompt_tokens: int = field(default=0, metadata=lim(min=0, max=1_000_000))
+    prefill_s: float = field(default=0.0, metadata=lim(min=0))
+    decode_s: float = field(default=0.0, metadata=lim(min=0))
+    error: str = field(default="", metadata=lim(max_len=1024))
+
+
+@message
+@dataclass(frozen=True)
+class Ack(Message):
+    KIND: ClassVar[str] = "ack"
+    MAX_BYTES: ClassVar[int] = 256
+
+    ok: bool = True

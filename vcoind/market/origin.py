@@ -1,0 +1,459 @@
+"""Origin side of the market: the daemon a client submits to drives the task to the end.
+
+    pending (bidding -> assigned) -> running -> completed | failed | cancelled
+
+The task is on disk before ``submit`` returns. The origin gossips a
+``TaskAnnounce``, collects ``Bid``s for a short window (its own node may bid too),
+ranks them with the configured strategy and assigns over ``/vcoin/task/1.0.0``.
+No progress for ``timeout_s``, an assignment refused, or a worker that drops
+out -> the next bidder (fresh bids when the list runs out), at most
+``max_retries`` times; then ``failed`` with the reason. A restarted origin
+resumes every unfinished task from SQLite; a late result from an earlier
+attempt's worker still completes the task (first result wins).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from vcoind.market.messages import (
+    Ack,
+    Assign,
+    Bid,
+    Cancel,
+    GenParams,
+    Progress,
+    TaskAnnounce,
+    TaskResult,
+)
+from vcoind.market.selection import STRATEGIES, SelectionState, rank
+from vcoind.metrics import NodeMetrics
+from vcoind.p2p.streams import StreamProtocolError
+from vcoind.store import FINISHED, BidRow, TaskRow, TaskStore
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+log = logging.getLogger("vcoind.origin")
+
+ASSIGN_TIMEOUT_S = 5.0
+REANNOUNCE_S = 1.0
+PROGRESS_WRITE_EVERY_S = 0.5
+
+Send = Callable[[str, Any, type[Any]], Awaitable[Any]]
+
+
+class TaskError(Exception):
+    """A task request that cannot be accepted (names the field)."""
+
+    def __init__(self, field_name: str, problem: str) -> None:
+        super().__init__(f"{field_name}: {problem}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class MarketConfig:
+    bid_window_s: float = 0.25  # after the first bid, wait at most this long for the rest
+    no_bid_timeout_s: float = 10.0  # fail when nobody bids within this
+    strategy: str = "resource_aware"
+    default_timeout_s: float = 30.0  # no progress for this long -> reassign
+    max_retries: int = 3
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
+
+
+@dataclass
+class _Live:
+    row: TaskRow
+    attempt: int = 0
+    bids: list[Bid] = field(default_factory=list)
+    tried: set[str] = field(default_factory=set)
+    attempt_peers: dict[int, str] = field(default_factory=dict)
+    changed: trio.Event = field(default_factory=trio.Event)
+    last_progress: float = 0.0
+    progress: int = 0
+    result: TaskResult | None = None
+    attempt_error: str | None = None
+    cancelled: bool = False
+    scope: trio.CancelScope | None = None
+    submitted_mono: float = field(default_factory=time.monotonic)
+
+    def wake(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class TaskOrigin:
+    def __init__(
+        self,
+        tasks: TaskStore,
+        metrics: NodeMetrics,
+        config: MarketConfig,
+        *,
+        peer_id: str,
+        network: str,
+        publish_announce: Callable[[TaskAnnounce], Awaitable[None]],
+        local_bid: Callable[[TaskAnnounce], Awaitable[Bid | None]],
+        send: Send,
+        notify: Callable[[dict[str, Any]], Awaitable[None]],
+        peer_alive: Callable[[str], bool],
+        expected_bidders: Callable[[str], set[str]],
+    ) -> None:
+        self._tasks = tasks
+        self._metrics = metrics
+        self.config = config
+        self._peer_id = peer_id
+        self._network = network
+        self._publish_announce = publish_announce
+        self._local_bid = local_bid
+        self._send = send
+        self._notify = notify
+        self._peer_alive = peer_alive
+        self._expected_bidders = expected_bidders
+        self._seq = time.time_ns() // 1000
+        self._live: dict[str, _Live] = {}
+        self._selection = SelectionState()
+        self._nursery: trio.Nursery | None = None
+
+    # --- API --------------------------------------------------------------
+
+    async def submit(
+        self,
+        model: str,
+        input_text: str,
+        params: GenParams,
+        *,
+        priority: int = 0,
+        timeout_s: float | None = None,
+        max_price: float | None = None,
+    ) -> str:
+        if self._nursery is None:
+            raise TaskError("node", "the task market is not running")
+        now = time.time()
+        row = TaskRow(
+            id=secrets.token_hex(16), model=model, input=input_text,
+            parameters=_params_dict(params), timeout_s=timeout_s or self.config.default_timeout_s,
+            status="pending", phase="bidding", created_at=now, priority=priority,
+            max_price=max_price,
+        )  # fmt: skip
+        await self._tasks.insert(row)  # on disk before the id is returned
+        self._metrics.tasks.labels(status="submitted").inc()
+        self._start(row)
+        return row.id
+
+    async def cancel(self, task_id: str) -> TaskRow | None:
+        live = self._live.get(task_id)
+        if live is None:
+            return await self._tasks.get(task_id)  # finished (or unknown): nothing to do
+        live.cancelled = True
+        if live.scope is not None:
+            live.scope.cancel()
+        live.wake()
+        with trio.fail_after(10):
+            while task_id in self._live:
+                await live.changed.wait()
+        return await self._tasks.get(task_id)
+
+    def in_flight(self) -> int:
+        return len(self._live)
+
+    def live_progress(self, task_id: str) -> int | None:
+        live = self._live.get(task_id)
+        return live.progress if live else None
+
+    # --- gossip and stream handlers ---------------------------------------
+
+    async def on_bid(self, bid: Bid) -> None:
+        live = self._live.get(bid.task_id)
+        if live is None or bid.origin != self._peer_id:
+            return  # not ours, or already decided
+        if all(b.peer_id != bid.peer_id for b in live.bids):
+            live.bids.append(bid)
+            live.wake()
+
+    async def on_progress(self, peer: str, p: Progress) -> Ack:
+        live = self._live.get(p.task_id)
+        if live is not None and live.attempt_peers.get(p.attempt) == peer:
+            if p.attempt == live.attempt:
+                live.last_progress = trio.current_time()
+            live.progress = max(live.progress, p.tokens)
+            live.wake()
+        return Ack()
+
+    async def on_result(self, peer: str, r: TaskResult) -> Ack:
+        live = self._live.get(r.task_id)
+        if live is None:
+            return Ack()  # already finished: the first result won
+        if live.attempt_peers.get(r.attempt) != peer:
+            raise StreamProtocolError(f"attempt {r.attempt} of {r.task_id} is not yours")
+        if r.error:
+            if r.attempt == live.attempt:
+                live.attempt_error = f"worker {peer} failed: {r.error}"
+                live.wake()
+        elif live.result is None:
+            live.result = r
+            live.wake()
+        return Ack()
+
+    # --- lifecycle --------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for row in await self._tasks.unfinished():
+                log.info("resuming task %s (%s)", row.id, row.phase)
+                self._start(row, resumed=True)
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _start(self, row: TaskRow, resumed: bool = False) -> None:
+        assert self._nursery is not None  # checked by submit(); run() sets it first
+        live = _Live(row=row)
+        self._live[row.id] = live
+        self._nursery.start_soon(self._drive, live, resumed)
+
+    async def _drive(self, live: _Live, resumed: bool) -> None:
+        task_id = live.row.id
+        try:
+            with trio.CancelScope() as scope:
+                live.scope = scope
+                if resumed:  # a late result of an earlier attempt still counts
+                    for a in await self._tasks.attempts(task_id):
+                        live.attempt_peers[a.attempt] = a.peer_id
+                        live.attempt = max(live.attempt, a.attempt)
+                outcome = await self._run_attempts(live, resumed)
+            if live.cancelled:
+                outcome = ("cancelled", "cancelled by the client")
+            await self._conclude(live, *outcome)
+        except Exception:  # never lose a task silently: record why and move on
+            log.exception("task %s failed unexpectedly", task_id)
+            await self._conclude(live, "failed", "internal error at the origin")
+        finally:
+            self._live.pop(task_id, None)
+            live.wake()
+
+    async def _run_attempts(self, live: _Live, resumed: bool) -> tuple[str, str | None]:
+        cfg = self.config
+        last_error = "no node bid for the task"
+        candidates: list[Bid] = []
+        if resumed and live.attempt and live.row.phase in ("assigned", "running"):
+            # Restarted mid-attempt: give its worker the task timeout to report back.
+            peer = live.attempt_peers[live.attempt]
+            live.last_progress = trio.current_time()
+            error = await self._await_result(live, peer, require_alive=False)
+            if error is None:
+                return "completed", None
+            await self._attempt_failed(live, peer, error)
+            last_error = error
+        while True:
+            if live.result is not None:
+                return "completed", None
+            if not candidates:
+                candidates = await self._collect_bids(live)
+                if not candidates:
+                    return "failed", (
+                        f"{last_error}: no bid for model {live.row.model!r} within "
+                        f"{cfg.no_bid_timeout_s:g} s"
+                        if live.attempt == 0
+                        else f"gave up after {live.attempt} attempts: {last_error}"
+                    )
+            if live.attempt >= 1 + cfg.max_retries:
+                return "failed", f"gave up after {live.attempt} attempts: {last_error}"
+            bid = candidates.pop(0)
+            live.attempt += 1
+            error = await self._attempt(live, bid)
+            if error is None:
+                return "completed", None
+            last_error = error
+            await self._attempt_failed(live, bid.peer_id, error)
+
+    async def _attempt_failed(self, live: _Live, peer: str, error: str) -> None:
+        live.tried.add(peer)
+        await self._tasks.finish_attempt(live.row.id, live.attempt, "failed", error, time.time())
+        log.info("task %s attempt %d on %s failed: %s", live.row.id, live.attempt, peer, error)
+        await self._update(live, retry_count=live.attempt, phase="bidding", status="pending")
+
+    async def _collect_bids(self, live: _Live) -> list[Bid]:
+        """Announce and gather bids; ranked, minus peers that already failed this task."""
+        cfg = self.config
+        live.bids = []
+        row = live.row
+        self._seq += 1
+        ann = TaskAnnounce(
+            network=self._network, peer_id=self._peer_id, seq=self._seq, timestamp=time.time(),
+            task_id=row.id, model=row.model,
+            max_new_tokens=int(row.parameters.get("max_new_tokens", 64)),
+            input_chars=len(row.input), priority=row.priority, max_price=row.max_price,
+        )  # fmt: skip
+        await self._publish_announce(ann)
+        own = await self._local_bid(ann)
+        if own is not None:
+            live.bids.append(own)
+        # Announce again while nobody has bid: a node that just (re)started may not be
+        # connected yet when the first announcement goes out.
+        with trio.move_on_after(cfg.no_bid_timeout_s):
+            while not live.bids and not live.cancelled:
+                with trio.move_on_after(REANNOUNCE_S) as wait:
+                    await live.changed.wait()
+                if wait.cancelled_caught:
+                    self._seq += 1
+                    ann = dataclasses.replace(ann, seq=self._seq, timestamp=time.time())
+                    await self._publish_announce(ann)
+        # The window closes early once every node known to serve the model has bid.
+        expected = self._expected_bidders(row.model)
+        with trio.move_on_after(cfg.bid_window_s):
+            while not live.cancelled and not expected <= {b.peer_id for b in live.bids}:
+                await live.changed.wait()
+        bids = [b for b in live.bids if b.peer_id not in live.tried]
+        await self._tasks.add_bids(row.id, [_bid_row(b) for b in live.bids])
+        ranked = rank(cfg.strategy, row.id, bids, self._selection)
+        return [b for b in ranked if isinstance(b, Bid)]
+
+    async def _attempt(self, live: _Live, bid: Bid) -> str | None:
+        """Assign to ``bid``'s node and wait; None when a result arrived, else the error."""
+        row, peer, n = live.row, bid.peer_id, live.attempt
+        live.attempt_peers[n] = peer
+        live.attempt_error = None
+        await self._tasks.add_attempt(row.id, n, peer, time.time())
+        await self._update(live, phase="assigned", node_id=peer)
+        assign = Assign(
+            task_id=row.id, attempt=n, model=row.model, input=row.input,
+            params=params_from_dict(row.parameters), priority=row.priority,
+        )  # fmt: skip
+        self._selection.in_flight[peer] = self._selection.in_flight.get(peer, 0) + 1
+        try:
+            t0 = time.monotonic()
+            try:
+                with trio.fail_after(ASSIGN_TIMEOUT_S):
+                    await self._send(peer, assign, Ack)
+            except (StreamProtocolError, trio.TooSlowError) as exc:
+                return f"assignment to {peer} failed: {exc or 'timeout'}"
+            self._metrics.dispatch_latency.observe(time.monotonic() - live.submitted_mono)
+            log.info("task %s attempt %d assigned to %s (%.1f ms)", row.id, n, peer,
+                     (time.monotonic() - t0) * 1000)  # fmt: skip
+            live.last_progress = trio.current_time()
+            await self._update(live, phase="running", status="running",
+                               timings={**row.timings, "assigned_s": _since(row)})  # fmt: skip
+            return await self._await_result(live, peer)
+        finally:
+            self._selection.in_flight[peer] -= 1
+
+    async def _await_result(self, live: _Live, peer: str, require_alive: bool = True) -> str | None:
+        last_written = 0.0
+        while True:
+            if live.result is not None:
+                return None
+            if live.attempt_error is not None:
+                return live.attempt_error
+            if require_alive and not self._peer_alive(peer):
+                return f"worker {peer} left the network"
+            silent = trio.current_time() - live.last_progress
+            if silent >= live.row.timeout_s:
+                return f"no progress from {peer} for {live.row.timeout_s:g} s"
+            if live.progress and time.monotonic() - last_written >= PROGRESS_WRITE_EVERY_S:
+                last_written = time.monotonic()
+                await self._update(live, progress=live.progress)
+            with trio.move_on_after(min(1.0, live.row.timeout_s - silent)):
+                await live.changed.wait()
+
+    async def _conclude(self, live: _Live, status: str, error: str | None) -> None:
+        row = live.row
+        r = live.result
+        if r is not None and status == "completed":
+            peer = next((p for a, p in live.attempt_peers.items() if a == r.attempt), row.node_id)
+            await self._tasks.finish_attempt(row.id, r.attempt, "completed", None, time.time())
+            if r.attempt != live.attempt:  # an earlier attempt won: stop the later one
+                await self._tasks.finish_attempt(
+                    row.id, live.attempt, "superseded", f"attempt {r.attempt} finished first",
+                    time.time(),
+                )  # fmt: skip
+                await self._cancel_worker(live)
+            tokens = len(r.token_ids)
+            timings = {
+                **row.timings, "total_s": _since(row), "prefill_s": r.prefill_s,
+                "decode_s": r.decode_s, "tokens": tokens, "prompt_tokens": r.prompt_tokens,
+                "tokens_per_s": round(tokens / r.decode_s, 3) if r.decode_s else 0.0,
+                "finish_reason": r.finish_reason, "model_id": r.model_id,
+            }  # fmt: skip
+            self._metrics.exec_time.observe(r.prefill_s + r.decode_s)
+            await self._update(
+                live, status="completed", phase="completed", result=r.text, node_id=peer,
+                retry_count=live.attempt - 1,
+                progress=tokens, completed_at=time.time(), timings=timings, error=None,
+                model_id=r.model_id,
+            )  # fmt: skip
+        else:
+            if live.attempt and status == "cancelled":
+                await self._cancel_worker(live)
+            await self._update(live, status=status, phase=status, error=error,
+                               completed_at=time.time(), timings={**row.timings,
+                               "total_s": _since(row)})  # fmt: skip
+        self._metrics.tasks.labels(status=status).inc()
+        log.info("task %s %s%s", row.id, status, f": {error}" if error else "")
+
+    async def _cancel_worker(self, live: _Live) -> None:
+        peer = live.attempt_peers.get(live.attempt)
+        if peer is None:
+            return
+        try:
+            with trio.move_on_after(3):
+                await self._send(peer, Cancel(live.row.id, live.attempt), Ack)
+        except StreamProtocolError as exc:
+            log.info("could not tell %s to cancel %s: %s", peer, live.row.id, exc)
+
+    async def _update(self, live: _Live, **changes: Any) -> None:
+        with trio.CancelScope(shield=True):  # a cancel must not leave the row half-updated
+            await self._tasks.update(live.row.id, **changes)
+        live.row = TaskRow(**{**live.row.__dict__, **changes})
+        await self._notify(task_view(live.row, live.attempt, live.progress))
+
+
+def _since(row: TaskRow) -> float:
+    return round(time.time() - row.created_at, 6)
+
+
+def _params_dict(p: GenParams) -> dict[str, Any]:
+    return {"max_new_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
+            "top_k": p.top_k, "seed": p.seed, "stop": list(p.stop)}  # fmt: skip
+
+
+def params_from_dict(d: dict[str, Any]) -> GenParams:
+    return GenParams(**{**d, "stop": tuple(d.get("stop", ()))})
+
+
+def _bid_row(b: Bid) -> BidRow:
+    return BidRow(b.peer_id, b.price, b.eta_s, b.health, b.queue_length, b.tokens_per_s,
+                  b.timestamp)  # fmt: skip
+
+
+def task_view(row: TaskRow, attempts: int, live_progress: int | None = None) -> dict[str, Any]:
+    """The public shape of a task (vcoin_getTask, notifications)."""
+    return {
+        "task_id": row.id,
+        "status": row.status,
+        "phase": row.phase,
+        "model": row.model,
+        "model_id": row.model_id or None,
+        "input": row.input,
+        "parameters": row.parameters,
+        "priority": row.priority,
+        "progress": max(row.progress, live_progress or 0),
+        "result": row.result,
+        "node_id": row.node_id,
+        "attempts": attempts,
+        "error": row.error,
+        "timings": row.timings,
+        "created_at": row.created_at,
+        "completed_at": row.completed_at,
+        "finished": row.status in FINISHED,
+    }

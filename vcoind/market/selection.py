@@ -1,0 +1,90 @@
+"""Choosing the winning bid: pure, deterministic functions.
+
+Every strategy returns the bids in preference order (the first wins, the next
+ones are the fallbacks for retries). Ties break by ``sha256(task_id + peer_id)``,
+so any node holding the same bids and state can re-check the origin's choice.
+
+- ``round_robin``: rotate through the bidders by an origin-wide counter.
+- ``weighted_round_robin``: smooth weighted round robin by measured tokens/s.
+- ``least_connections``: fewest tasks this origin has in flight on the peer,
+  then the shorter advertised queue.
+- ``resource_aware`` (default): highest score
+  ``0.4 health + 0.3 / (1 + queue) + 0.3 / (1 + eta_s)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+STRATEGIES = ("round_robin", "weighted_round_robin", "least_connections", "resource_aware")
+
+
+class BidLike(Protocol):
+    @property
+    def peer_id(self) -> str: ...
+    @property
+    def health(self) -> float: ...
+    @property
+    def queue_length(self) -> int: ...
+    @property
+    def eta_s(self) -> float: ...
+    @property
+    def tokens_per_s(self) -> float: ...
+
+
+def tie_break(task_id: str, peer_id: str) -> str:
+    return hashlib.sha256((task_id + peer_id).encode()).hexdigest()
+
+
+def resource_score(b: BidLike) -> float:
+    return 0.4 * b.health + 0.3 / (1 + b.queue_length) + 0.3 / (1 + b.eta_s)
+
+
+@dataclass
+class SelectionState:
+    """What an origin remembers between choices."""
+
+    rr_counter: int = 0
+    wrr_current: dict[str, float] = field(default_factory=dict)
+    in_flight: dict[str, int] = field(default_factory=dict)
+
+
+def rank(
+    strategy: str, task_id: str, bids: Sequence[BidLike], state: SelectionState
+) -> list[BidLike]:
+    """Bids in preference order by ``strategy``; updates the rotation state."""
+    if not bids:
+        return []
+    tb: Callable[[BidLike], str] = lambda b: tie_break(task_id, b.peer_id)  # noqa: E731
+    if strategy == "round_robin":
+        ordered = sorted(bids, key=lambda b: b.peer_id)
+        k = state.rr_counter % len(ordered)
+        state.rr_counter += 1
+        return ordered[k:] + ordered[:k]
+    if strategy == "weighted_round_robin":
+        return _smooth_weighted(task_id, bids, state.wrr_current, tb)
+    if strategy == "least_connections":
+        flight: Mapping[str, int] = state.in_flight
+        return sorted(bids, key=lambda b: (flight.get(b.peer_id, 0), b.queue_length, tb(b)))
+    if strategy == "resource_aware":
+        return sorted(bids, key=lambda b: (-round(resource_score(b), 9), tb(b)))
+    raise ValueError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
+
+
+def _smooth_weighted(
+    task_id: str,
+    bids: Sequence[BidLike],
+    current: dict[str, float],
+    tb: Callable[[BidLike], str],
+) -> list[BidLike]:
+    # nginx's smooth weighted round robin: add each weight, pick the max, subtract the total.
+    weights = {b.peer_id: max(b.tokens_per_s, 1e-3) for b in bids}
+    total = sum(weights.values())
+    for pid, w in weights.items():
+        current[pid] = current.get(pid, 0.0) + w
+    order = sorted(bids, key=lambda b: (-current[b.peer_id], tb(b)))
+    current[order[0].peer_id] -= total
+    return order

@@ -1,0 +1,246 @@
+"""Worker side of the market: bid for tasks we can run, run assigned ones, report back.
+
+Accepted assignments wait in a priority queue (higher ``priority`` first, then
+arrival order) and run one at a time on the executor. Each accepted
+(task, attempt) is recorded in SQLite before it is acknowledged, so a worker
+restarted mid-task never runs the same attempt twice. Progress goes to the
+origin at most every ``PROGRESS_EVERY_S``; the result is retried a few times.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from vcoind.compute.models import ModelError, ModelStore
+from vcoind.compute.params import GenerationError, GenerationParams
+from vcoind.market.messages import (
+    Ack,
+    Assign,
+    Bid,
+    Cancel,
+    Progress,
+    TaskAnnounce,
+    TaskResult,
+)
+from vcoind.p2p.streams import StreamProtocolError
+from vcoind.store import TaskStore
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+    from vcoind.compute.executor import Executor
+
+log = logging.getLogger("vcoind.worker")
+
+PROGRESS_EVERY_S = 0.25
+RESULT_TRIES = 8  # ~1 min with backoff: long enough for an origin to restart
+DEFAULT_TOKENS_PER_S = 50.0  # until this node has measured itself
+
+# send(peer_id, record, reply_type) -> reply; the node routes it (stream or local call)
+Send = Callable[[str, Any, type[Any]], Awaitable[Any]]
+
+
+@dataclass(order=True)
+class _Job:
+    sort_key: tuple[int, int]
+    origin: str = field(compare=False)
+    assign: Assign = field(compare=False)
+    scope: trio.CancelScope | None = field(default=None, compare=False)
+    cancelled: bool = field(default=False, compare=False)
+
+
+class TaskWorker:
+    def __init__(
+        self,
+        models: ModelStore,
+        executor: Callable[[], Executor],
+        tasks: TaskStore,
+        *,
+        peer_id: str,
+        network: str,
+        publish_bid: Callable[[Bid], Awaitable[None]],
+        send: Send,
+        health: Callable[[], float],
+        price_per_token: float = 0.0,
+    ) -> None:
+        self._models = models
+        self._executor = executor
+        self._tasks = tasks
+        self._peer_id = peer_id
+        self._network = network
+        self._publish_bid = publish_bid
+        self._send = send
+        self._health = health
+        self._price = price_per_token
+        self._seq = time.time_ns() // 1000
+        self._queue: list[_Job] = []
+        self._jobs: dict[tuple[str, int], _Job] = {}
+        self._arrivals = itertools.count()
+        self._wake = trio.Event()
+        self._executor_lock = trio.Lock()
+        self.running: _Job | None = None
+        self.tokens_per_s: dict[str, float] = {}  # model id -> measured decode speed
+        self.on_change: Callable[[], None] = lambda: None
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queue) + (self.running is not None)
+
+    # --- bidding ----------------------------------------------------------
+
+    def make_bid(self, ann: TaskAnnounce) -> Bid | None:
+        """Our offer for ``ann``, or None if we do not serve its model."""
+        try:
+            info = self._models.resolve(ann.model)
+        except ModelError:
+            return None
+        tps = self.tokens_per_s.get(info.model_id, DEFAULT_TOKENS_PER_S)
+        queued_tokens = sum(j.assign.params.max_new_tokens for j in self._queue)
+        if self.running is not None:
+            queued_tokens += self.running.assign.params.max_new_tokens
+        price = self._price * ann.max_new_tokens
+        if ann.max_price is not None and price > ann.max_price:
+            return None
+        self._seq += 1
+        return Bid(
+            network=self._network, peer_id=self._peer_id, seq=self._seq, timestamp=time.time(),
+            task_id=ann.task_id, origin=ann.peer_id, model_id=info.model_id, price=price,
+            eta_s=round((queued_tokens + ann.max_new_tokens) / tps, 4),
+            health=self._health(), queue_length=self.queue_length, tokens_per_s=round(tps, 3),
+        )  # fmt: skip
+
+    async def on_announce(self, ann: TaskAnnounce) -> None:
+        bid = self.make_bid(ann)
+        if bid is not None:
+            await self._publish_bid(bid)
+
+    # --- assignments ------------------------------------------------------
+
+    async def on_assign(self, origin: str, a: Assign) -> Ack:
+        try:
+            self._models.resolve(a.model)
+        except ModelError as exc:
+            raise StreamProtocolError(str(exc)) from None
+        if not await self._tasks.claim_assignment(a.task_id, a.attempt, origin, time.time()):
+            raise StreamProtocolError(f"attempt {a.attempt} of {a.task_id} was accepted before")
+        job = _Job((-a.priority, next(self._arrivals)), origin, a)
+        self._jobs[(a.task_id, a.attempt)] = job
+        heapq.heappush(self._queue, job)
+        self._wake.set()
+        self.on_change()
+        log.info("accepted task %s attempt %d from %s", a.task_id, a.attempt, origin)
+        return Ack()
+
+    async def on_cancel(self, origin: str, c: Cancel) -> Ack:
+        job = self._jobs.get((c.task_id, c.attempt))
+        if job is not None and job.origin == origin:
+            job.cancelled = True
+            if job.scope is not None:
+                job.scope.cancel()
+            log.info("task %s attempt %d cancelled by its origin", c.task_id, c.attempt)
+        return Ack()
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            if self._models.all():  # import torch and load models off the trio thread, early
+                nursery.start_soon(self._warm_up)
+            while True:
+                while not self._queue:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                job = heapq.heappop(self._queue)
+                if job.cancelled:
+                    await self._finish(job, "cancelled")
+                    continue
+                self.running = job
+                self.on_change()
+                try:
+                    await self._execute(job)
+                finally:
+                    self.running = None
+                    self.on_change()
+
+    async def executor(self) -> Executor:
+        """The node's executor; created (torch imported) once, in a worker thread."""
+        async with self._executor_lock:  # two threads importing transformers at once break it
+            return await trio.to_thread.run_sync(self._executor)
+
+    async def _warm_up(self) -> None:
+        executor = await self.executor()
+        for info in self._models.all():
+            try:
+                await executor.load(info.name)
+            except ModelError as exc:
+                log.warning("not preloading %s: %s", info.name, exc)
+
+    async def _execute(self, job: _Job) -> None:
+        a = job.assign
+        p = a.params
+        last_sent = 0.0
+
+        def progress(n: int) -> None:
+            nonlocal last_sent
+            now = time.monotonic()
+            if now - last_sent >= PROGRESS_EVERY_S:
+                last_sent = now
+                nursery.start_soon(self._report_progress, job, n)
+
+        result: TaskResult
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as scope:
+                job.scope = scope
+                try:
+                    executor = await self.executor()
+                    params = GenerationParams(p.max_new_tokens, p.temperature, p.top_p, p.top_k,
+                                              p.seed, p.stop)  # fmt: skip
+                    r = await executor.generate(a.model, a.input, params, on_progress=progress)
+                    model_id = self._models.resolve(a.model).model_id
+                    self.tokens_per_s[model_id] = executor.tokens_per_s.get(model_id, 0.0)
+                    result = TaskResult(
+                        task_id=a.task_id, attempt=a.attempt, text=r.text, token_ids=r.token_ids,
+                        finish_reason=r.finish_reason, model_id=model_id,
+                        prompt_tokens=r.prompt_tokens, prefill_s=round(r.prefill_s, 6),
+                        decode_s=round(r.decode_s, 6),
+                    )  # fmt: skip
+                except (GenerationError, ModelError) as exc:
+                    result = TaskResult(task_id=a.task_id, attempt=a.attempt, error=str(exc))
+            if scope.cancelled_caught:
+                await self._finish(job, "cancelled")
+                return
+            nursery.cancel_scope.cancel()  # stop pending progress reports: the result follows
+        await self._finish(job, "failed" if result.error else "completed")
+        await self._report_result(job, result)
+
+    async def _report_progress(self, job: _Job, tokens: int) -> None:
+        a = job.assign
+        try:
+            await self._send(job.origin, Progress(a.task_id, a.attempt, tokens), Ack)
+        except StreamProtocolError as exc:
+            log.debug("progress for %s not delivered: %s", a.task_id, exc)
+
+    async def _report_result(self, job: _Job, result: TaskResult) -> None:
+        delay = 0.5
+        for i in range(RESULT_TRIES):
+            try:
+                await self._send(job.origin, result, Ack)
+                return
+            except StreamProtocolError as exc:
+                log.warning(
+                    "result of %s not delivered (try %d/%d): %s", result.task_id, i + 1,
+                    RESULT_TRIES, exc,
+                )  # fmt: skip
+                await trio.sleep(delay)
+                delay = min(delay * 2, 15.0)
+
+    async def _finish(self, job: _Job, status: str) -> None:
+        self._jobs.pop((job.assign.task_id, job.assign.attempt), None)
+        await self._tasks.finish_assignment(job.assign.task_id, job.assign.attempt, status)
