@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -163,3 +164,43 @@ async def test_capability_change_is_announced_at_once(tmp_path: Path) -> None:
                 await trio.sleep(0.02)
         assert st.heartbeat.queue_length == 3
         assert trio.current_time() - started < 10
+
+
+async def test_task_notifications_over_websocket(tmp_path: Path, models_dir: Path) -> None:
+    from trio_websocket import open_websocket_url
+
+    async with (
+        node_in_process(tmp_path / "a", **{"compute.models_dir": str(models_dir)}) as (a, ia),
+        httpx.AsyncClient(timeout=10) as client,
+    ):
+        ws_url = ia.rpc_url.replace("http://", "ws://") + "/ws"
+        async with open_websocket_url(ws_url) as ws:
+            await ws.send_message(
+                json.dumps(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": 1,
+                        "method": "vcoin_subscribe",
+                        "params": {"channel": "tasks"},
+                    }
+                )
+            )
+            assert "result" in json.loads(await ws.get_message())
+            req = {"model": "tiny-qwen2", "input": "hello", "parameters": {"max_new_tokens": 8}}
+            task_id = (await rpc(client, ia.rpc_url, "vcoin_submitTask", req))["result"]["task_id"]
+            phases = []
+            with trio.fail_after(60):
+                while not phases or phases[-1] != "completed":
+                    note = json.loads(await ws.get_message())
+                    assert note["method"] == "vcoin_subscription"
+                    view = note["params"]["result"]
+                    assert view["task_id"] == task_id
+                    phases.append(view["phase"])
+            assert phases[0] in ("bidding", "assigned") and "running" in phases
+            assert view["result"] and view["node_id"] == ia.peer_id  # alone: it ran it itself
+        status = (await rpc(client, ia.rpc_url, "vcoin_clusterStatus"))["result"]
+        assert status["tasks"]["by_status"] == {"completed": 1}
+        metrics = (await client.get(ia.rpc_url + "/metrics")).text
+        assert 'vcoin_tasks_total{status="completed"} 1.0' in metrics
+        assert "vcoin_task_dispatch_seconds_count 1.0" in metrics
+        assert a.worker.queue_length == 0

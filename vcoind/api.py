@@ -130,6 +130,11 @@ def register_node_api(reg: MethodRegistry, node: Node) -> None:
             "average_health": round(sum(healths) / len(healths), 6) if healths else None,
             "load_distribution": nodes,
             "gossip": gossip_stats_view(node),
+            "tasks": {
+                "by_status": await node.tasks.count_by_status(),
+                "in_flight": node.origin.in_flight(),
+                "local_queue": node.worker.queue_length,
+            },
         }
 
     async def gossip_stats(params: dict[str, Any]) -> dict[str, Any]:
