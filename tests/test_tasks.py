@@ -187,3 +187,38 @@ def test_50_concurrent_tasks_round_robin_spreads_them_evenly(
     assert all(t["status"] == "completed" for t in done), [t["error"] for t in done]
     per_node = Counter(t["node_id"] for t in done)
     assert len(per_node) == 3 and min(per_node.values()) >= 15, per_node
+
+
+async def test_task_protocol_rejects_oversized_frames_and_replayed_assignments(
+    cluster: Cluster, models_dir: Path
+) -> None:
+    import trio
+
+    from tests.test_gossip_junk import raw_host
+    from vcoind.market.messages import TASK_PROTOCOL, Ack, Assign, GenParams
+    from vcoind.metrics import NodeMetrics
+    from vcoind.node import TASK_STREAM
+    from vcoind.p2p.keeper import parse_peer_addr
+    from vcoind.p2p.streams import HEADER, StreamProtocolError, StreamService, read_frame
+
+    n1 = await trio.to_thread.run_sync(lambda: cluster.start(1, extra=serving(models_dir)))
+    target = parse_peer_addr(n1.p2p_addr)
+    async with raw_host() as (host, _pubsub):
+        await host.connect(target)
+        stream = await host.new_stream(target.peer_id, [TASK_PROTOCOL])
+        await stream.write(HEADER.pack(64 * 1024 * 1024))  # declares 64 MiB
+        with pytest.raises(StreamProtocolError):
+            await read_frame(stream, 4096)
+
+        p2p = type("Raw", (), {"host": host})()  # StreamService only needs .host
+        svc = StreamService(p2p, NodeMetrics())  # type: ignore[arg-type]
+        assign = Assign(task_id="ab" * 16, attempt=1, model=MODEL, input="hi",
+                        params=GenParams(max_new_tokens=2))  # fmt: skip
+        assert await svc.request(target.peer_id, TASK_STREAM, assign, Ack) == Ack()
+        with pytest.raises(StreamProtocolError, match="accepted before"):
+            await svc.request(target.peer_id, TASK_STREAM, assign, Ack)
+        unknown = Assign(task_id="cd" * 16, attempt=1, model="nope", input="hi")
+        with pytest.raises(StreamProtocolError, match="unknown model"):
+            await svc.request(target.peer_id, TASK_STREAM, unknown, Ack)
+    info = await trio.to_thread.run_sync(n1.rpc.call, "vcoin_nodeInfo")
+    assert info["peer_id"] == n1.info["peer_id"]  # the daemon is fine
