@@ -14,7 +14,6 @@ attempt's worker still completes the task (first result wins).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import secrets
 import time
@@ -120,7 +119,6 @@ class TaskOrigin:
         self._notify = notify
         self._peer_alive = peer_alive
         self._expected_bidders = expected_bidders
-        self._seq = time.time_ns() // 1000
         self._live: dict[str, _Live] = {}
         self._selection = SelectionState()
         self._nursery: trio.Nursery | None = None
@@ -159,7 +157,7 @@ class TaskOrigin:
         if live.scope is not None:
             live.scope.cancel()
         live.wake()
-        with trio.fail_after(10):
+        with trio.move_on_after(10):  # normally milliseconds: the driver is cancelled
             while task_id in self._live:
                 await live.changed.wait()
         return await self._tasks.get(task_id)
@@ -288,9 +286,8 @@ class TaskOrigin:
         cfg = self.config
         live.bids = []
         row = live.row
-        self._seq += 1
         ann = TaskAnnounce(
-            network=self._network, peer_id=self._peer_id, seq=self._seq, timestamp=time.time(),
+            network=self._network, peer_id=self._peer_id, seq=0, timestamp=0.0,  # set by gossip
             task_id=row.id, model=row.model,
             max_new_tokens=int(row.parameters.get("max_new_tokens", 64)),
             input_chars=len(row.input), priority=row.priority, max_price=row.max_price,
@@ -306,8 +303,6 @@ class TaskOrigin:
                 with trio.move_on_after(REANNOUNCE_S) as wait:
                     await live.changed.wait()
                 if wait.cancelled_caught:
-                    self._seq += 1
-                    ann = dataclasses.replace(ann, seq=self._seq, timestamp=time.time())
                     await self._publish_announce(ann)
         # The window closes early once every node known to serve the model has bid.
         expected = self._expected_bidders(row.model)

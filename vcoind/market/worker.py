@@ -80,7 +80,6 @@ class TaskWorker:
         self._send = send
         self._health = health
         self._price = price_per_token
-        self._seq = time.time_ns() // 1000
         self._queue: list[_Job] = []
         self._jobs: dict[tuple[str, int], _Job] = {}
         self._arrivals = itertools.count()
@@ -109,9 +108,8 @@ class TaskWorker:
         price = self._price * ann.max_new_tokens
         if ann.max_price is not None and price > ann.max_price:
             return None
-        self._seq += 1
         return Bid(
-            network=self._network, peer_id=self._peer_id, seq=self._seq, timestamp=time.time(),
+            network=self._network, peer_id=self._peer_id, seq=0, timestamp=time.time(),
             task_id=ann.task_id, origin=ann.peer_id, model_id=info.model_id, price=price,
             eta_s=round((queued_tokens + ann.max_new_tokens) / tps, 4),
             health=self._health(), queue_length=self.queue_length, tokens_per_s=round(tps, 3),
@@ -175,11 +173,15 @@ class TaskWorker:
             return await trio.to_thread.run_sync(self._executor)
 
     async def _warm_up(self) -> None:
-        executor = await self.executor()
+        try:
+            executor = await self.executor()
+        except Exception:  # e.g. a broken torch install: tasks will report the error
+            log.exception("cannot start the inference executor")
+            return
         for info in self._models.all():
             try:
                 await executor.load(info.name)
-            except ModelError as exc:
+            except Exception as exc:  # a broken model dir must not stop the node
                 log.warning("not preloading %s: %s", info.name, exc)
 
     async def _execute(self, job: _Job) -> None:
@@ -213,6 +215,10 @@ class TaskWorker:
                     )  # fmt: skip
                 except (GenerationError, ModelError) as exc:
                     result = TaskResult(task_id=a.task_id, attempt=a.attempt, error=str(exc))
+                except Exception as exc:  # a failing model must not take the worker down
+                    log.exception("task %s attempt %d crashed", a.task_id, a.attempt)
+                    err = f"internal error: {type(exc).__name__}"
+                    result = TaskResult(task_id=a.task_id, attempt=a.attempt, error=err)
             if scope.cancelled_caught:
                 await self._finish(job, "cancelled")
                 return

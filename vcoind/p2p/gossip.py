@@ -11,6 +11,7 @@ unsigned or forged messages are penalised and, past a threshold, blacklisted.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -80,6 +81,9 @@ class Gossip:
         self._blacklisted: dict[ID, float] = {}
         self._self_b58 = p2p.peer_id.to_base58()
         self._nursery: trio.Nursery | None = None
+        self._publish_lock = trio.Lock()
+        # Strictly increasing across restarts, so peers never take a new message for a replay.
+        self._seq = time.time_ns() // 1000
         self._short_names = {self.topic(n): n for n in TOPIC_NAMES}
 
     def topic(self, name: str) -> str:
@@ -94,8 +98,17 @@ class Gossip:
         self._routes.setdefault(self.topic(name), {})[cls.KIND] = _Route(cls, handler, check)
 
     async def publish(self, name: str, record: Any) -> None:
+        """Stamp ``seq`` and ``timestamp`` and publish.
+
+        Stamping and publishing happen under one lock, so our messages leave in ``seq``
+        order: receivers (and our own validator) drop anything older than the last
+        ``seq`` they saw from us, and concurrent publishers would otherwise race.
+        """
         topic = self.topic(name)
-        await self._p2p.pubsub.publish(topic, encode(record))
+        async with self._publish_lock:
+            self._seq += 1
+            record = dataclasses.replace(record, seq=self._seq, timestamp=time.time())
+            await self._p2p.pubsub.publish(topic, encode(record))
         self._metrics.gossip_out.labels(topic=name).inc()
 
     def error_rate(self, peer_id: str) -> float:

@@ -73,8 +73,6 @@ class HeartbeatService:
         self._health = health
         self._peer_id = identity.peer_id
         self._binding = sign_binding(identity.eth.key, network, self._peer_id, identity.eth_address)
-        # Strictly increasing across restarts, so peers never take a new beat for a replay.
-        self._seq = time.time_ns() // 1000
         self._wake = trio.Event()
         self.capabilities = Capabilities()
         self.last: Heartbeat | None = None
@@ -100,14 +98,13 @@ class HeartbeatService:
     async def build(self) -> Heartbeat:
         sample = await trio.to_thread.run_sync(self._telemetry.sample)
         d = sample.device
-        self._seq += 1
         caps = self.capabilities
         return Heartbeat(
             network=self._network,
             peer_id=self._peer_id,
             eth_address=self._id.eth_address,
             eth_sig=self._binding,
-            seq=self._seq,
+            seq=0,  # stamped by Gossip.publish
             timestamp=time.time(),
             interval=float(self.interval),
             listen_addrs=tuple(self._addrs()[:8]),

@@ -3,8 +3,8 @@
 Every gossip message travels inside a libp2p pubsub envelope signed with the
 sender's Ed25519 key (strict signing); the record's ``peer_id`` must equal the
 envelope's ``from`` peer. ``timestamp`` (unix seconds, float) and ``seq``
-(strictly increasing per sender, across restarts) let receivers drop stale
-and replayed messages.
+(strictly increasing per sender and kind, across restarts; stamped by the
+gossip layer at publication) let receivers drop stale and replayed messages.
 """
 
 from __future__ import annotations
