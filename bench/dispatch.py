@@ -80,6 +80,7 @@ def main() -> int:
                             done[tid] = t
                 time.sleep(0.05)
             wall = time.monotonic() - t0
+            rejected = n1.rpc.call("vcoin_gossipStats")["rejected"]
         finally:
             problems = stop_all(nodes)
     tasks = list(done.values())
@@ -95,6 +96,9 @@ def main() -> int:
           f"p95 {pct(assigned, 0.95):7.1f} ms  max {max(assigned):7.1f} ms")  # fmt: skip
     print(f"submit -> completed p50 {statistics.median(total):7.3f} s   "
           f"p95 {pct(total, 0.95):7.3f} s   max {max(total):7.3f} s")  # fmt: skip
+    bids = [len(t["bids"]) for t in ok]
+    print(f"bids per task: min {min(bids)}, median {statistics.median(bids)}; "
+          f"gossip rejected at node 1: {rejected or 'none'}")  # fmt: skip
     if tps:
         print(f"worker decode speed median {statistics.median(tps):.0f} tokens/s")
     for pr in problems:
