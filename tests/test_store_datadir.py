@@ -143,3 +143,35 @@ def test_cli_model_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     # the default store is DATADIR/models
     assert daemon_main(["model", "list", "--datadir", str(tmp_path)]) == 0
     assert "tiny-qwen2" in capsys.readouterr().out
+
+
+async def test_task_tables_round_trip(tmp_path: Path) -> None:
+    from vcoind.store import BidRow, TaskRow, TaskStore
+
+    store = Store(tmp_path / "vcoin.db")
+    await store.open()
+    tasks = TaskStore(store)
+    row = TaskRow(id="a" * 32, model="tiny-qwen2", input="hi", parameters={"seed": 3},
+                  timeout_s=30.0, status="pending", phase="bidding", created_at=1.0)  # fmt: skip
+    await tasks.insert(row)
+    await tasks.insert(TaskRow(**{**row.__dict__, "id": "b" * 32, "created_at": 2.0}))
+    await tasks.update("a" * 32, status="completed", phase="completed", result="ok",
+                       timings={"total_s": 0.5})  # fmt: skip
+    got = await tasks.get("a" * 32)
+    assert got is not None and got.result == "ok" and got.timings == {"total_s": 0.5}
+    assert got.parameters == {"seed": 3}
+    with pytest.raises(StoreError, match="unknown task columns"):
+        await tasks.update("a" * 32, nonsense=1)
+    page, total = await tasks.page(limit=1)
+    assert total == 2 and [t.id for t in page] == ["b" * 32]  # newest first
+    assert [t.id for t in await tasks.unfinished()] == ["b" * 32]
+    assert await tasks.count_by_status() == {"completed": 1, "pending": 1}
+    await tasks.add_bids("a" * 32, [BidRow("p1", 0.0, 1.5, 0.9, 0, 50.0, 3.0)])
+    assert (await tasks.bids("a" * 32))[0].eta_s == 1.5
+    await tasks.add_attempt("a" * 32, 1, "p1", 4.0)
+    await tasks.finish_attempt("a" * 32, 1, "failed", "boom", 5.0)
+    (att,) = await tasks.attempts("a" * 32)
+    assert (att.attempt, att.peer_id, att.status, att.error) == (1, "p1", "failed", "boom")
+    assert await tasks.claim_assignment("a" * 32, 1, "origin", 6.0) is True
+    assert await tasks.claim_assignment("a" * 32, 1, "origin", 7.0) is False  # never twice
+    await store.close()

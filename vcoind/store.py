@@ -433,16 +433,19 @@ class TaskStore:
         if rows:
             await self._store._run(q)
 
-    async def bids(self, task_id: str) -> list[BidRow]:
-        def q(c: sqlite3.Connection) -> list[BidRow]:
-            rows = c.execute(
-                "SELECT peer_id, price, eta_s, health, queue_length, tokens_per_s, received_at "
-                "FROM bids WHERE task_id=? ORDER BY received_at",
-                (task_id,),
-            ).fetchall()
-            return [BidRow(*tuple(r)) for r in rows]
+    async def _select(self, cls: Callable[..., T], sql: str, *args: Any) -> list[T]:
+        """Rows of ``sql`` as ``cls`` records (columns in field order)."""
+        return await self._store._run(
+            lambda c: [cls(*tuple(r)) for r in c.execute(sql, args).fetchall()]
+        )
 
-        return await self._store._run(q)
+    async def bids(self, task_id: str) -> list[BidRow]:
+        return await self._select(
+            BidRow,
+            "SELECT peer_id, price, eta_s, health, queue_length, tokens_per_s, received_at "
+            "FROM bids WHERE task_id=? ORDER BY received_at",
+            task_id,
+        )
 
     async def add_attempt(self, task_id: str, attempt: int, peer_id: str, at: float) -> None:
         await self._store._run(lambda c: c.execute(
@@ -457,15 +460,12 @@ class TaskStore:
             (status, error, at, task_id, attempt)))  # fmt: skip
 
     async def attempts(self, task_id: str) -> list[AttemptRow]:
-        def q(c: sqlite3.Connection) -> list[AttemptRow]:
-            rows = c.execute(
-                "SELECT attempt, peer_id, status, error, assigned_at, finished_at FROM attempts "
-                "WHERE task_id=? ORDER BY attempt",
-                (task_id,),
-            ).fetchall()
-            return [AttemptRow(*tuple(r)) for r in rows]
-
-        return await self._store._run(q)
+        return await self._select(
+            AttemptRow,
+            "SELECT attempt, peer_id, status, error, assigned_at, finished_at FROM attempts "
+            "WHERE task_id=? ORDER BY attempt",
+            task_id,
+        )
 
     async def claim_assignment(self, task_id: str, attempt: int, origin: str, at: float) -> bool:
         """Worker side: record an accepted attempt; False if it was accepted before."""
