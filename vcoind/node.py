@@ -202,7 +202,8 @@ class Node:
             peer_id=pid,
             network=cfg.network,
             publish_announce=lambda ann: self.gossip.publish("tasks", ann),
-            local_bid=self._local_bid,
+            local_bid=self.worker.make_bid,
+            publish_bid=lambda bid: self.gossip.publish("tasks", bid),
             send=self.task_send,
             notify=self._notify_task,
             peer_alive=lambda peer: peer == pid or self.peers.get(peer) is not None,
@@ -223,12 +224,6 @@ class Node:
         if any(model in (m.name, m.model_id) for m in self.heartbeat.capabilities.models):
             out.add(self.identity.peer_id)
         return out
-
-    async def _local_bid(self, ann: TaskAnnounce) -> Bid | None:
-        bid = self.worker.make_bid(ann)
-        if bid is not None:  # public like every bid, so others can re-check the choice
-            await self.gossip.publish("tasks", bid)
-        return bid
 
     async def _task_request(self, peer: ID, record: Any) -> Ack:
         return await self._dispatch_task(peer.to_base58(), record)

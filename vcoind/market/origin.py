@@ -102,7 +102,8 @@ class TaskOrigin:
         peer_id: str,
         network: str,
         publish_announce: Callable[[TaskAnnounce], Awaitable[None]],
-        local_bid: Callable[[TaskAnnounce], Awaitable[Bid | None]],
+        local_bid: Callable[[TaskAnnounce], Bid | None],
+        publish_bid: Callable[[Bid], Awaitable[None]],
         send: Send,
         notify: Callable[[dict[str, Any]], Awaitable[None]],
         peer_alive: Callable[[str], bool],
@@ -115,6 +116,7 @@ class TaskOrigin:
         self._network = network
         self._publish_announce = publish_announce
         self._local_bid = local_bid
+        self._publish_bid = publish_bid
         self._send = send
         self._notify = notify
         self._peer_alive = peer_alive
@@ -293,9 +295,12 @@ class TaskOrigin:
             input_chars=len(row.input), priority=row.priority, max_price=row.max_price,
         )  # fmt: skip
         await self._publish_announce(ann)
-        own = await self._local_bid(ann)
+        own = self._local_bid(ann)
         if own is not None:
             live.bids.append(own)
+            # Public like every bid (anyone can re-check the choice), but off the critical path.
+            assert self._nursery is not None
+            self._nursery.start_soon(self._publish_bid, own)
         # Announce again while nobody has bid: a node that just (re)started may not be
         # connected yet when the first announcement goes out.
         with trio.move_on_after(cfg.no_bid_timeout_s):
