@@ -74,11 +74,13 @@ class ComputeConfig:
 
 
 @dataclass(frozen=True)
-class MarketSection:
+class MarketConfig:
+    """How this node, as a task's origin, runs the market."""
+
     strategy: str = "resource_aware"
-    bid_window_s: float = 0.25
-    no_bid_timeout_s: float = 10.0
-    task_timeout_s: float = 30.0
+    bid_window_s: float = 0.25  # after the first bid, wait at most this long for the rest
+    no_bid_timeout_s: float = 10.0  # fail when nobody bids within this
+    task_timeout_s: float = 30.0  # no progress for this long -> reassign
     max_retries: int = 3
 
 
@@ -90,7 +92,7 @@ class Config:
     p2p: P2PConfig = field(default_factory=P2PConfig)
     rpc: RPCConfig = field(default_factory=RPCConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
-    market: MarketSection = field(default_factory=MarketSection)
+    market: MarketConfig = field(default_factory=MarketConfig)
 
     @property
     def models_dir(self) -> Path:

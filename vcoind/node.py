@@ -35,7 +35,7 @@ from vcoind.market.messages import (
     TaskAnnounce,
     TaskResult,
 )
-from vcoind.market.origin import MarketConfig, TaskOrigin
+from vcoind.market.origin import TaskOrigin
 from vcoind.market.worker import TaskWorker
 from vcoind.metrics import NodeMetrics
 from vcoind.p2p.gossip import Gossip
@@ -188,17 +188,10 @@ class Node:
             send=self.task_send,
             health=lambda: self.heartbeat.last.health if self.heartbeat.last else 1.0,
         )
-        m = cfg.market
         self.origin = TaskOrigin(
             self.tasks,
             self.metrics,
-            MarketConfig(
-                bid_window_s=m.bid_window_s,
-                no_bid_timeout_s=m.no_bid_timeout_s,
-                strategy=m.strategy,
-                default_timeout_s=m.task_timeout_s,
-                max_retries=m.max_retries,
-            ),
+            cfg.market,
             peer_id=pid,
             network=cfg.network,
             publish_announce=lambda ann: self.gossip.publish("tasks", ann),

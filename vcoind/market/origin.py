@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from vcoind.config import MarketConfig
 from vcoind.market.messages import (
     Ack,
     Assign,
@@ -33,7 +34,7 @@ from vcoind.market.messages import (
     TaskAnnounce,
     TaskResult,
 )
-from vcoind.market.selection import STRATEGIES, SelectionState, rank
+from vcoind.market.selection import SelectionState, rank
 from vcoind.metrics import NodeMetrics
 from vcoind.p2p.streams import StreamProtocolError
 from vcoind.store import FINISHED, BidRow, TaskRow, TaskStore
@@ -56,19 +57,6 @@ class TaskError(Exception):
     def __init__(self, field_name: str, problem: str) -> None:
         super().__init__(f"{field_name}: {problem}")
         self.field = field_name
-
-
-@dataclass(frozen=True)
-class MarketConfig:
-    bid_window_s: float = 0.25  # after the first bid, wait at most this long for the rest
-    no_bid_timeout_s: float = 10.0  # fail when nobody bids within this
-    strategy: str = "resource_aware"
-    default_timeout_s: float = 30.0  # no progress for this long -> reassign
-    max_retries: int = 3
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
 
 
 @dataclass
@@ -142,7 +130,7 @@ class TaskOrigin:
         now = time.time()
         row = TaskRow(
             id=secrets.token_hex(16), model=model, input=input_text,
-            parameters=_params_dict(params), timeout_s=timeout_s or self.config.default_timeout_s,
+            parameters=_params_dict(params), timeout_s=timeout_s or self.config.task_timeout_s,
             status="pending", phase="bidding", created_at=now, priority=priority,
             max_price=max_price,
         )  # fmt: skip
