@@ -115,3 +115,27 @@ async def test_latency_sampled_only_after_warmup(
     st = table.get(hb.peer_id)
     assert st is not None and st.latency_s == pytest.approx(2.0, abs=0.5)
     assert st.health < 0.30 + 0.30 + 0.25 + 0.15  # 2 s response costs health
+
+
+def test_replay_window_accepts_reordering_but_not_repeats() -> None:
+    from vcoind.p2p.gossip import ReplayWindow
+
+    w = ReplayWindow(size=8)
+    for seq in (100, 102, 101):  # 101 overtaken by 102 on another mesh path: still fresh
+        assert w.fresh(seq)
+        w.add(seq)
+    assert not w.fresh(101) and not w.fresh(102)  # exact repeats
+    assert not w.fresh(92)  # too far behind the highest seen
+    assert w.fresh(95)  # inside the window, never seen
+    for seq in range(103, 200):
+        w.add(seq)
+    assert len(w._seen) <= 2 * w.size + 1  # memory stays bounded
+
+
+async def test_late_older_heartbeat_does_not_roll_back(store: Store) -> None:
+    table = table_for(store)
+    new = make(seq=10, queue_length=5)
+    await table.on_heartbeat(new)
+    await table.on_heartbeat(make(seq=9, queue_length=0))
+    st = table.get(new.peer_id)
+    assert st is not None and st.heartbeat.seq == 10 and st.heartbeat.queue_length == 5

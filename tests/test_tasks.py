@@ -222,3 +222,20 @@ async def test_task_protocol_rejects_oversized_frames_and_replayed_assignments(
             await svc.request(target.peer_id, TASK_STREAM, unknown, Ack)
     info = await trio.to_thread.run_sync(n1.rpc.call, "vcoin_nodeInfo")
     assert info["peer_id"] == n1.info["peer_id"]  # the daemon is fine
+
+
+@pytest.mark.parametrize("strategy", ["weighted_round_robin", "least_connections"])
+def test_other_strategies_share_concurrent_load(
+    cluster: Cluster, models_dir: Path, strategy: str
+) -> None:
+    n1 = cluster.start(1, extra=["--strategy", strategy, "--bid-window", "5"])  # no model
+    workers = [cluster.start(i, bootstrap=n1, extra=serving(models_dir)) for i in (2, 3)]
+    wait_until(lambda: knows_model(n1, 2), 20, "node 1 sees both workers")
+    ids = [submit(n1, f"prompt {i}", max_new_tokens=2) for i in range(24)]
+    done = [finished(n1, i, timeout=120) for i in ids]
+    assert all(t["status"] == "completed" for t in done), [t["error"] for t in done]
+    assert all(len(t["bids"]) == 2 for t in done)
+    per_node = Counter(t["node_id"] for t in done)
+    # equal measured speed (weighted RR) / in-flight counts (least connections): both work
+    assert set(per_node) == {w.info["peer_id"] for w in workers}
+    assert min(per_node.values()) >= 6, per_node

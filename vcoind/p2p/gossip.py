@@ -37,6 +37,7 @@ log = logging.getLogger("vcoind.gossip")
 TOPIC_NAMES = ("heartbeat", "tasks", "votes")
 MAX_CLOCK_SKEW_S = 30.0
 BLACKLIST_S = 600.0
+REPLAY_WINDOW = 1024
 # Rejections that prove the forwarder misbehaves (stale/replayed ones can be honest relays).
 PENALISED = frozenset(
     {"malformed", "oversized", "unsigned", "sender_mismatch", "forged", "wrong_network"}
@@ -45,6 +46,31 @@ PENALISED = frozenset(
 Handler = Callable[[Any], Awaitable[None]]
 # Extra per-kind check: returns a rejection reason or None.
 Check = Callable[[Any], str | None]
+
+
+class ReplayWindow:
+    """Sequence numbers seen from one sender (IPsec-style sliding window).
+
+    Gossip can deliver a sender's messages out of order (they race along different
+    mesh paths), so "newer than the last" would drop honest messages. A message is
+    fresh if its seq was not seen and is within ``size`` of the highest seen.
+    """
+
+    def __init__(self, size: int = REPLAY_WINDOW) -> None:
+        self.size = size
+        self.highest = -1
+        self._seen: set[int] = set()
+
+    def fresh(self, seq: int) -> bool:
+        return seq > self.highest - self.size and seq not in self._seen
+
+    def add(self, seq: int) -> None:
+        self._seen.add(seq)
+        if seq > self.highest:
+            self.highest = seq
+            floor = seq - self.size
+            if len(self._seen) > 2 * self.size:
+                self._seen = {s for s in self._seen if s > floor}
 
 
 def topic_name(network: str, name: str) -> str:
@@ -74,7 +100,7 @@ class Gossip:
         self._max_age_s = max_age_s
         self._max_invalid = max_invalid
         self._routes: dict[str, dict[str, _Route]] = {}  # topic -> kind -> route
-        self._last_seq: dict[tuple[str, str], int] = {}
+        self._replay: dict[tuple[str, str], ReplayWindow] = {}
         self._decoded: OrderedDict[bytes, Any] = OrderedDict()
         self._invalid_from: dict[str, int] = {}
         self._valid_from: dict[str, int] = {}
@@ -172,13 +198,14 @@ class Gossip:
                 return self._reject(topic, "future", forwarder)
             if rec.timestamp < now - self._max_age_s:
                 return self._reject(topic, "stale", forwarder)
-            key = (route.cls.KIND, rec.peer_id)
-            last = self._last_seq.get(key)
-            if last is not None and rec.seq <= last:
+            window = self._replay.get((route.cls.KIND, rec.peer_id))
+            if window is not None and not window.fresh(rec.seq):
                 return self._reject(topic, "replayed", forwarder)
             if route.check is not None and (reason := route.check(rec)) is not None:
                 return self._reject(topic, reason, forwarder)
-            self._last_seq[key] = rec.seq
+            if window is None:
+                window = self._replay[(route.cls.KIND, rec.peer_id)] = ReplayWindow()
+            window.add(rec.seq)
             fwd = forwarder.to_base58()
             self._valid_from[fwd] = self._valid_from.get(fwd, 0) + 1
             self._decoded[msg.from_id + msg.seqno] = rec

@@ -98,6 +98,8 @@ class PeerTable:
     async def on_heartbeat(self, hb: Heartbeat) -> None:
         now = time.time()
         prev = self._peers.get(hb.peer_id)
+        if prev is not None and hb.seq <= prev.heartbeat.seq:
+            return  # an older beat that arrived late (gossip reorders): keep the newer state
         ewma = prev.latency_s if prev is not None else 0.0
         if prev is not None and now - prev.first_seen >= LATENCY_WARMUP_S:
             latency = max(0.0, now - hb.timestamp)
