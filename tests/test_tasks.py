@@ -47,7 +47,9 @@ def knows_model(node: DevNode, n_peers: int) -> bool:
 def test_submit_completes_and_greedy_output_is_the_same_on_every_node(
     cluster: Cluster, models_dir: Path
 ) -> None:
-    n1 = cluster.start(1, extra=[*serving(models_dir), "--strategy", "round_robin"])
+    # The bid window closes as soon as all have bid; 5 s only matters on a loaded CI box.
+    strategy = ["--strategy", "round_robin", "--bid-window", "5"]
+    n1 = cluster.start(1, extra=[*serving(models_dir), *strategy])
     n2 = cluster.start(2, bootstrap=n1, extra=serving(models_dir))
     n3 = cluster.start(3, bootstrap=n1, extra=serving(models_dir))
     wait_until(lambda: knows_model(n1, 2), 20, "node 1 sees the model on both peers")
