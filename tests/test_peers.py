@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from libp2p.peer.id import ID
 
 from tests.test_codec import make
 from vcoind.metrics import NodeMetrics
 from vcoind.p2p import peers as peers_module
+from vcoind.p2p.gossip import Gossip, ReplayWindow
 from vcoind.p2p.heartbeat import adaptive_interval
 from vcoind.p2p.peers import PeerTable
 from vcoind.store import Store
@@ -118,8 +120,6 @@ async def test_latency_sampled_only_after_warmup(
 
 
 def test_replay_window_accepts_reordering_but_not_repeats() -> None:
-    from vcoind.p2p.gossip import ReplayWindow
-
     w = ReplayWindow(size=8)
     for seq in (100, 102, 101):  # 101 overtaken by 102 on another mesh path: still fresh
         assert w.fresh(seq)
@@ -139,3 +139,16 @@ async def test_late_older_heartbeat_does_not_roll_back(store: Store) -> None:
     await table.on_heartbeat(make(seq=9, queue_length=0))
     st = table.get(new.peer_id)
     assert st is not None and st.heartbeat.seq == 10 and st.heartbeat.queue_length == 5
+
+
+def test_idle_replay_windows_are_pruned_only_once_stale() -> None:
+    class FakeP2P:  # Gossip only needs our peer id until it runs
+        peer_id = ID(b"\x00\x01")
+
+    g = Gossip(FakeP2P(), "devnet", NodeMetrics(), max_age_s=30.0, max_invalid=5)  # type: ignore[arg-type]
+    for sender, updated in (("a", 1000.0), ("b", 1025.0)):
+        window = g._replay[("heartbeat", sender)] = ReplayWindow()
+        window.add(1)
+        window.updated = updated
+    g.prune(now=1040.0)  # a idle 40 s > 30 s max age: its messages are stale anyway
+    assert set(g._replay) == {("heartbeat", "b")}

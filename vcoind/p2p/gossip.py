@@ -59,12 +59,14 @@ class ReplayWindow:
     def __init__(self, size: int = REPLAY_WINDOW) -> None:
         self.size = size
         self.highest = -1
+        self.updated = 0.0  # unix time of the last accepted message
         self._seen: set[int] = set()
 
     def fresh(self, seq: int) -> bool:
         return seq > self.highest - self.size and seq not in self._seen
 
     def add(self, seq: int) -> None:
+        self.updated = time.time()
         self._seen.add(seq)
         if seq > self.highest:
             self.highest = seq
@@ -229,7 +231,7 @@ class Gossip:
                 pubsub.set_topic_validator(topic, self._validator(topic, routes), False)
                 sub = await pubsub.subscribe(topic)
                 nursery.start_soon(self._receive, name, routes, sub)
-            nursery.start_soon(self._expire_blacklist)
+            nursery.start_soon(self._housekeeping)
             task_status.started()
 
     async def _receive(self, name: str, routes: dict[str, _Route], sub: Any) -> None:
@@ -243,9 +245,19 @@ class Gossip:
             except Exception:  # a bug in one handler must not take the node down
                 log.exception("handler for %s gossip failed", name)
 
-    async def _expire_blacklist(self) -> None:
+    def prune(self, now: float) -> None:
+        """Forget replay windows idle longer than the maximum message age.
+
+        Safe: any message they could still reject is now rejected as stale.
+        """
+        for key, window in list(self._replay.items()):
+            if window.updated < now - self._max_age_s:
+                del self._replay[key]
+
+    async def _housekeeping(self) -> None:
         while True:
             await trio.sleep(10)
+            self.prune(time.time())
             now = trio.current_time()
             for peer, until in list(self._blacklisted.items()):
                 if until <= now:
