@@ -15,8 +15,9 @@ Direct protocol ``/vcoin/task/1.0.0`` (one request, one reply per stream):
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from vcoind.p2p.codec import Message, lim, message
 from vcoind.p2p.messages import NETWORK_RE, PEER_ID_RE
@@ -26,6 +27,10 @@ TASK_ID_RE = r"[0-9a-f]{32}"
 MODEL_RE = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
 MAX_INPUT_CHARS = 32_768
 MAX_RESULT_CHARS = 262_144
+
+# send(peer_id, request, reply_type) -> reply on /vcoin/task/1.0.0; the node routes it
+# over a stream, or as a plain call when the peer is itself.
+Send = Callable[[str, Any, type[Any]], Awaitable[Any]]
 
 
 @dataclass(frozen=True)

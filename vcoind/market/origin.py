@@ -31,6 +31,7 @@ from vcoind.market.messages import (
     Cancel,
     GenParams,
     Progress,
+    Send,
     TaskAnnounce,
     TaskResult,
 )
@@ -47,8 +48,6 @@ log = logging.getLogger("vcoind.origin")
 ASSIGN_TIMEOUT_S = 5.0
 REANNOUNCE_S = 1.0
 PROGRESS_WRITE_EVERY_S = 0.5
-
-Send = Callable[[str, Any, type[Any]], Awaitable[Any]]
 
 
 class TaskError(Exception):

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -27,6 +27,7 @@ from vcoind.market.messages import (
     Bid,
     Cancel,
     Progress,
+    Send,
     TaskAnnounce,
     TaskResult,
 )
@@ -43,9 +44,6 @@ log = logging.getLogger("vcoind.worker")
 PROGRESS_EVERY_S = 0.25
 RESULT_TRIES = 8  # ~1 min with backoff: long enough for an origin to restart
 DEFAULT_TOKENS_PER_S = 50.0  # until this node has measured itself
-
-# send(peer_id, record, reply_type) -> reply; the node routes it (stream or local call)
-Send = Callable[[str, Any, type[Any]], Awaitable[Any]]
 
 
 @dataclass(order=True)
@@ -85,6 +83,7 @@ class TaskWorker:
         self._arrivals = itertools.count()
         self._wake = trio.Event()
         self._executor_lock = trio.Lock()
+        self._executor_ready: Executor | None = None
         self.running: _Job | None = None
         self.tokens_per_s: dict[str, float] = {}  # model id -> measured decode speed
         self.on_change: Callable[[], None] = lambda: None
@@ -169,8 +168,11 @@ class TaskWorker:
 
     async def executor(self) -> Executor:
         """The node's executor; created (torch imported) once, in a worker thread."""
-        async with self._executor_lock:  # two threads importing transformers at once break it
-            return await trio.to_thread.run_sync(self._executor)
+        if self._executor_ready is None:  # after the first call, no thread hop per task
+            async with self._executor_lock:  # two threads importing transformers break it
+                if self._executor_ready is None:
+                    self._executor_ready = await trio.to_thread.run_sync(self._executor)
+        return self._executor_ready
 
     async def _warm_up(self) -> None:
         try:
