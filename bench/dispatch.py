@@ -1,11 +1,11 @@
 """Task dispatch latency: N concurrent submissions to one of 3 daemons on loopback.
 
-    .venv/bin/python bench/dispatch.py [--tasks 50] [--strategy resource_aware] [--tokens 8]
+    .venv/bin/python bench/dispatch.py [--tasks 50] [--rate 0] [--strategy resource_aware]
 
 Starts three real vcoind processes serving the random test model, submits --tasks
-prompts at once to node 1 and reports submit -> assigned latency (p50/p95/max; the
-seeds ask < 100 ms), end-to-end completion time, the spread over nodes and the
-workers' decode speed.
+prompts to node 1 (all at once, or --rate per second) and reports submit -> assigned
+latency (p50/p95/max; the seeds ask < 100 ms), end-to-end completion time, the
+spread over nodes, bids per task and the workers' decode speed.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=8, help="max_new_tokens per task")
     p.add_argument("--strategy", default="resource_aware")
     p.add_argument("--bid-window", type=float, default=0.25)
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="submissions per second (0: all at once)")  # fmt: skip
     ns = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="vcoin-bench-") as tmp:
         base = Path(tmp)
@@ -64,6 +66,8 @@ def main() -> int:
                 time.sleep(0.1)
 
             def one(i: int) -> str:
+                if ns.rate > 0:
+                    time.sleep(max(0.0, t0 + i / ns.rate - time.monotonic()))
                 req = {"model": TEST_MODEL, "input": f"prompt number {i}",
                        "parameters": {"max_new_tokens": ns.tokens}}  # fmt: skip
                 return str(n1.rpc.call("vcoin_submitTask", req)["task_id"])
@@ -89,7 +93,8 @@ def main() -> int:
     total = [t["timings"]["total_s"] for t in ok]
     tps = [t["timings"]["tokens_per_s"] for t in ok if t["timings"].get("tokens_per_s")]
     spread = Counter(t["node_id"][-6:] for t in ok)
-    print(f"{ns.tasks} concurrent tasks -> node 1 of 3 daemons, strategy {ns.strategy}, "
+    how = f"at {ns.rate:g}/s" if ns.rate > 0 else "at once"
+    print(f"{ns.tasks} tasks {how} -> node 1 of 3 daemons, strategy {ns.strategy}, "
           f"{ns.tokens} new tokens each, test model on CPU")  # fmt: skip
     print(f"completed {len(ok)}/{len(tasks)} in {wall:.2f} s; per node {dict(spread)}")
     print(f"submit -> assigned  p50 {statistics.median(assigned):7.1f} ms  "

@@ -197,7 +197,7 @@ async def test_task_protocol_rejects_oversized_frames_and_replayed_assignments(
     import trio
 
     from tests.test_gossip_junk import raw_host
-    from vcoind.market.messages import TASK_PROTOCOL, Ack, Assign, GenParams
+    from vcoind.market.messages import TASK_PROTOCOL, Accepted, Assign, Assignments, GenParams
     from vcoind.metrics import NodeMetrics
     from vcoind.node import TASK_STREAM
     from vcoind.p2p.keeper import parse_peer_addr
@@ -216,12 +216,16 @@ async def test_task_protocol_rejects_oversized_frames_and_replayed_assignments(
         svc = StreamService(p2p, NodeMetrics())  # type: ignore[arg-type]
         assign = Assign(task_id="ab" * 16, attempt=1, model=MODEL, input="hi",
                         params=GenParams(max_new_tokens=2))  # fmt: skip
-        assert await svc.request(target.peer_id, TASK_STREAM, assign, Ack) == Ack()
-        with pytest.raises(StreamProtocolError, match="accepted before"):
-            await svc.request(target.peer_id, TASK_STREAM, assign, Ack)
+        first = await svc.request(target.peer_id, TASK_STREAM, Assignments((assign,)), Accepted)
+        assert first == Accepted(("",))
         unknown = Assign(task_id="cd" * 16, attempt=1, model="nope", input="hi")
-        with pytest.raises(StreamProtocolError, match="unknown model"):
-            await svc.request(target.peer_id, TASK_STREAM, unknown, Ack)
+        again = await svc.request(
+            target.peer_id, TASK_STREAM, Assignments((assign, unknown)), Accepted
+        )
+        assert "accepted before" in again.errors[0]
+        assert "unknown model" in again.errors[1]
+        with pytest.raises(StreamProtocolError, match="too few items"):  # an empty batch
+            await svc.request(target.peer_id, TASK_STREAM, Assignments(()), Accepted)
     info = await trio.to_thread.run_sync(n1.rpc.call, "vcoin_nodeInfo")
     assert info["peer_id"] == n1.info["peer_id"]  # the daemon is fine
 

@@ -27,8 +27,9 @@ from vcoind.consensus.health import health_score
 from vcoind.datadir import DataDir, Identity
 from vcoind.market.messages import (
     TASK_PROTOCOL,
+    Accepted,
     Ack,
-    Assign,
+    Assignments,
     Bid,
     Cancel,
     Progress,
@@ -57,7 +58,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("vcoind.node")
 
 TASK_STREAM = StreamProtocol(
-    TASK_PROTOCOL, (Assign, Cancel, Progress, TaskResult), max_request_bytes=TaskResult.MAX_BYTES
+    TASK_PROTOCOL,
+    (Assignments, Cancel, Progress, TaskResult),
+    max_request_bytes=max(TaskResult.MAX_BYTES, Assignments.MAX_BYTES),
 )
 
 
@@ -218,12 +221,12 @@ class Node:
             out.add(self.identity.peer_id)
         return out
 
-    async def _task_request(self, peer: ID, record: Any) -> Ack:
+    async def _task_request(self, peer: ID, record: Any) -> Ack | Accepted:
         return await self._dispatch_task(peer.to_base58(), record)
 
-    async def _dispatch_task(self, peer: str, record: Any) -> Ack:
-        if isinstance(record, Assign):
-            return await self.worker.on_assign(peer, record)
+    async def _dispatch_task(self, peer: str, record: Any) -> Ack | Accepted:
+        if isinstance(record, Assignments):
+            return await self.worker.on_assignments(peer, record)
         if isinstance(record, Cancel):
             return await self.worker.on_cancel(peer, record)
         if isinstance(record, Progress):

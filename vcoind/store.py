@@ -1,7 +1,10 @@
 """SQLite store (WAL) under the data dir, with versioned migrations.
 
-One connection, used from worker threads one call at a time (a CapacityLimiter
-of 1), so the trio thread never blocks on disk.
+One connection, used from a worker thread so the trio thread never blocks on
+disk. Calls made while an earlier one is on the thread queue up and run together
+in the next thread hop, in one transaction (group commit): under a burst of tasks
+that is a few hops instead of several per task. Each call keeps its own savepoint,
+so one failing call rolls back only its own changes.
 """
 
 from __future__ import annotations
@@ -105,13 +108,51 @@ MIGRATIONS: tuple[str, ...] = (
 
 @contextlib.contextmanager
 def _transaction(c: sqlite3.Connection) -> Iterator[None]:
-    c.execute("BEGIN")
+    """All-or-nothing; nests (a savepoint, so it works inside a group commit too)."""
+    c.execute("SAVEPOINT tx")
     try:
         yield
     except BaseException:
-        c.execute("ROLLBACK")
+        c.execute("ROLLBACK TO tx")
+        c.execute("RELEASE tx")
         raise
-    c.execute("COMMIT")
+    c.execute("RELEASE tx")
+
+
+class _Call:
+    """One queued store call and, once run, its outcome."""
+
+    __slots__ = ("done", "error", "fn", "value")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        self.fn = fn
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.done = False
+
+
+def _run_batch(conn: sqlite3.Connection, batch: list[_Call]) -> None:
+    """Run ``batch`` in one transaction, each call in its own savepoint."""
+    conn.execute("BEGIN")
+    try:
+        for call in batch:
+            try:
+                with _transaction(conn):
+                    call.value = call.fn(conn)
+            except Exception as exc:  # the error goes to that call's caller
+                call.error = exc
+        conn.execute("COMMIT")
+    except BaseException as exc:  # COMMIT failed (disk full, I/O): nobody's change stuck
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        for call in batch:
+            call.error = call.error or exc
+            call.value = None
+        if not isinstance(exc, Exception):
+            raise
+    finally:
+        for call in batch:
+            call.done = True
 
 
 @dataclass(frozen=True)
@@ -183,7 +224,8 @@ class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._conn: sqlite3.Connection | None = None
-        self._limiter = trio.CapacityLimiter(1)
+        self._lock = trio.Lock()  # FIFO: one batch on the thread at a time
+        self._queue: list[_Call] = []
 
     @property
     def is_open(self) -> bool:
@@ -198,10 +240,33 @@ class Store:
             await trio.to_thread.run_sync(conn.close)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._conn
-        if conn is None:
-            raise StoreError("store is closed")
-        return await trio.to_thread.run_sync(fn, conn, limiter=self._limiter)
+        call = _Call(fn)
+        self._queue.append(call)
+        try:
+            async with self._lock:
+                if not call.done:  # nobody took us along in their batch: lead one
+                    conn = self._conn
+                    if conn is None:
+                        raise StoreError("store is closed")
+                    batch, self._queue = self._queue, []
+                    await trio.to_thread.run_sync(_run_batch, conn, batch)
+        except trio.Cancelled:
+            if call in self._queue:  # cancelled before it ran: drop it
+                self._queue.remove(call)
+                raise
+            # Another caller's batch took it along: it runs, so wait and report how it
+            # went (the cancellation is delivered at the caller's next checkpoint).
+            with trio.CancelScope(shield=True):
+                while not call.done:
+                    async with self._lock:
+                        pass
+        except BaseException:
+            if call in self._queue:
+                self._queue.remove(call)
+            raise
+        if call.error is not None:
+            raise call.error
+        return call.value  # type: ignore[no-any-return]
 
     async def schema_version(self) -> int:
         def q(c: sqlite3.Connection) -> int:

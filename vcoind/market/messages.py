@@ -3,13 +3,17 @@
 Gossip on ``/vcoin/<network>/tasks/1`` (signed by the sender's libp2p key, checked
 like every gossip record: sender, network, freshness, sequence):
 
-- ``TaskAnnounce``: the origin offers a task.
-- ``Bid``: a node that holds the model offers to run it. Bids are public so any
-  node can re-check the origin's choice.
+- ``TaskAnnounce``: the origin offers tasks (``AnnouncedTask``, up to
+  ``MAX_BATCH`` per message: a burst of submissions costs a few messages, not one
+  per task).
+- ``Bid``: a node's offers (``Offer``, one per task of one origin that it can run).
+  Bids are public so any node can re-check the origin's choice. The origin keeps
+  them per task as ``TaskBid``.
 
 Direct protocol ``/vcoin/task/1.0.0`` (one request, one reply per stream):
 
-- origin -> worker: ``Assign`` (reply ``Ack``), ``Cancel`` (reply ``Ack``)
+- origin -> worker: ``Assignments`` (one or more ``Assign``; reply ``Accepted``,
+  one verdict per assignment), ``Cancel`` (reply ``Ack``)
 - worker -> origin: ``Progress`` and ``TaskResult`` (reply ``Ack``)
 """
 
@@ -27,6 +31,7 @@ TASK_ID_RE = r"[0-9a-f]{32}"
 MODEL_RE = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
 MAX_INPUT_CHARS = 32_768
 MAX_RESULT_CHARS = 262_144
+MAX_BATCH = 64  # tasks per announce, offers per bid
 
 # send(peer_id, request, reply_type) -> reply on /vcoin/task/1.0.0; the node routes it
 # over a stream, or as a plain call when the peer is itself.
@@ -45,16 +50,10 @@ class GenParams:
     stop: tuple[str, ...] = field(default=(), metadata=lim(max_len=8, items={"max_len": 64}))
 
 
-@message
 @dataclass(frozen=True)
-class TaskAnnounce(Message):
-    KIND: ClassVar[str] = "task_announce"
-    MAX_BYTES: ClassVar[int] = 4096
+class AnnouncedTask:
+    """What bidders need to know about a task (not its input)."""
 
-    network: str = field(metadata=lim(pattern=NETWORK_RE, max_len=32))
-    peer_id: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))  # the origin
-    seq: int = field(metadata=lim(min=0, max=(1 << 63) - 1))
-    timestamp: float = field(metadata=lim(min=0))
     task_id: str = field(metadata=lim(pattern=TASK_ID_RE, max_len=32))
     model: str = field(metadata=lim(pattern=MODEL_RE, max_len=128))
     max_new_tokens: int = field(metadata=lim(min=1, max=8192))
@@ -65,31 +64,73 @@ class TaskAnnounce(Message):
 
 @message
 @dataclass(frozen=True)
-class Bid(Message):
-    """A node's offer: ``eta_s`` from its measured tokens/s and its queue."""
-
-    KIND: ClassVar[str] = "bid"
-    MAX_BYTES: ClassVar[int] = 2048
+class TaskAnnounce(Message):
+    KIND: ClassVar[str] = "task_announce"
+    VERSION: ClassVar[int] = 2  # 2: batched
+    MAX_BYTES: ClassVar[int] = 24 * 1024
 
     network: str = field(metadata=lim(pattern=NETWORK_RE, max_len=32))
-    peer_id: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))  # the bidder
+    peer_id: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))  # the origin
     seq: int = field(metadata=lim(min=0, max=(1 << 63) - 1))
     timestamp: float = field(metadata=lim(min=0))
+    tasks: tuple[AnnouncedTask, ...] = field(metadata=lim(min_len=1, max_len=MAX_BATCH))
+
+
+@dataclass(frozen=True)
+class Offer:
+    """A bid for one task: ``eta_s`` from the bidder's measured tokens/s and its queue."""
+
     task_id: str = field(metadata=lim(pattern=TASK_ID_RE, max_len=32))
-    origin: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))
     model_id: str = field(metadata=lim(max_len=71))
     price: float = field(metadata=lim(min=0, max=1e12))
     eta_s: float = field(metadata=lim(min=0, max=1e6))
-    health: float = field(metadata=lim(min=0, max=1))
-    queue_length: int = field(metadata=lim(min=0, max=1_000_000))
     tokens_per_s: float = field(metadata=lim(min=0, max=1e9))
 
 
 @message
 @dataclass(frozen=True)
-class Assign(Message):
-    KIND: ClassVar[str] = "task_assign"
-    MAX_BYTES: ClassVar[int] = 160 * 1024
+class Bid(Message):
+    """A node's offers for tasks of one origin, with its state when it made them."""
+
+    KIND: ClassVar[str] = "bid"
+    VERSION: ClassVar[int] = 2  # 2: batched
+    MAX_BYTES: ClassVar[int] = 16 * 1024
+
+    network: str = field(metadata=lim(pattern=NETWORK_RE, max_len=32))
+    peer_id: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))  # the bidder
+    seq: int = field(metadata=lim(min=0, max=(1 << 63) - 1))
+    timestamp: float = field(metadata=lim(min=0))
+    origin: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))
+    health: float = field(metadata=lim(min=0, max=1))
+    queue_length: int = field(metadata=lim(min=0, max=1_000_000))
+    offers: tuple[Offer, ...] = field(metadata=lim(min_len=1, max_len=MAX_BATCH))
+
+    def task_bids(self) -> list[TaskBid]:
+        return [
+            TaskBid(self.peer_id, o.task_id, o.model_id, o.price, o.eta_s, self.health,
+                    self.queue_length, o.tokens_per_s, self.timestamp)
+            for o in self.offers
+        ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TaskBid:
+    """One bidder's offer for one task, as the origin ranks and stores it."""
+
+    peer_id: str
+    task_id: str
+    model_id: str
+    price: float
+    eta_s: float
+    health: float
+    queue_length: int
+    tokens_per_s: float
+    timestamp: float
+
+
+@dataclass(frozen=True)
+class Assign:
+    """One task for the worker: everything it needs to run it."""
 
     task_id: str = field(metadata=lim(pattern=TASK_ID_RE, max_len=32))
     attempt: int = field(metadata=lim(min=1, max=100))
@@ -97,6 +138,29 @@ class Assign(Message):
     input: str = field(metadata=lim(max_len=MAX_INPUT_CHARS))
     params: GenParams = field(default_factory=lambda: GenParams())
     priority: int = field(default=0, metadata=lim(min=-1000, max=1000))
+
+
+@message
+@dataclass(frozen=True)
+class Assignments(Message):
+    """Assignments to one worker that were ready together (a burst costs one stream)."""
+
+    KIND: ClassVar[str] = "task_assignments"
+    MAX_BYTES: ClassVar[int] = 1024 * 1024
+    BUDGET: ClassVar[int] = 768 * 1024  # what the origin packs into one, input bytes
+
+    items: tuple[Assign, ...] = field(metadata=lim(min_len=1, max_len=MAX_BATCH))
+
+
+@message
+@dataclass(frozen=True)
+class Accepted(Message):
+    """The worker's verdict per assignment, in order: "" accepted, else why not."""
+
+    KIND: ClassVar[str] = "task_accepted"
+    MAX_BYTES: ClassVar[int] = 80 * 1024
+
+    errors: tuple[str, ...] = field(metadata=lim(max_len=MAX_BATCH, items={"max_len": 1024}))
 
 
 @message

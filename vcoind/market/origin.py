@@ -4,10 +4,13 @@
 
 The task is on disk before ``submit`` returns. The origin gossips a
 ``TaskAnnounce``, collects ``Bid``s for a short window (its own node may bid too),
+closed early once every node known to serve the model has bid,
 ranks them with the configured strategy and assigns over ``/vcoin/task/1.0.0``.
 No progress for ``timeout_s``, an assignment refused, or a worker that drops
 out -> the next bidder (fresh bids when the list runs out), at most
-``max_retries`` times; then ``failed`` with the reason. A restarted origin
+``max_retries`` times; then ``failed`` with the reason. Tasks waiting to be
+announced leave together (one announcement per burst, so one bid per bidder per
+burst as well). A restarted origin
 resumes every unfinished task from SQLite; a late result from an earlier
 attempt's worker still completes the task (first result wins).
 """
@@ -25,14 +28,19 @@ import trio
 
 from vcoind.config import MarketConfig
 from vcoind.market.messages import (
+    MAX_BATCH,
+    Accepted,
     Ack,
+    AnnouncedTask,
     Assign,
+    Assignments,
     Bid,
     Cancel,
     GenParams,
     Progress,
     Send,
     TaskAnnounce,
+    TaskBid,
     TaskResult,
 )
 from vcoind.market.selection import SelectionState, rank
@@ -62,7 +70,7 @@ class TaskError(Exception):
 class _Live:
     row: TaskRow
     attempt: int = 0
-    bids: list[Bid] = field(default_factory=list)
+    bids: list[TaskBid] = field(default_factory=list)
     tried: set[str] = field(default_factory=set)
     attempt_peers: dict[int, str] = field(default_factory=dict)
     changed: trio.Event = field(default_factory=trio.Event)
@@ -79,6 +87,12 @@ class _Live:
         self.changed = trio.Event()
 
 
+@dataclass
+class _Verdict:
+    done: trio.Event = field(default_factory=trio.Event)
+    error: str | None = None
+
+
 class TaskOrigin:
     def __init__(
         self,
@@ -89,7 +103,7 @@ class TaskOrigin:
         peer_id: str,
         network: str,
         publish_announce: Callable[[TaskAnnounce], Awaitable[None]],
-        local_bid: Callable[[TaskAnnounce], Bid | None],
+        local_bid: Callable[[str, list[AnnouncedTask]], Bid | None],
         publish_bid: Callable[[Bid], Awaitable[None]],
         send: Send,
         notify: Callable[[dict[str, Any]], Awaitable[None]],
@@ -111,6 +125,9 @@ class TaskOrigin:
         self._live: dict[str, _Live] = {}
         self._selection = SelectionState()
         self._nursery: trio.Nursery | None = None
+        self._to_announce: list[AnnouncedTask] = []
+        self._announce_wake = trio.Event()
+        self._to_assign: dict[str, list[tuple[Assign, _Verdict]]] = {}
 
     # --- API --------------------------------------------------------------
 
@@ -161,12 +178,17 @@ class TaskOrigin:
     # --- gossip and stream handlers ---------------------------------------
 
     async def on_bid(self, bid: Bid) -> None:
-        live = self._live.get(bid.task_id)
-        if live is None or bid.origin != self._peer_id:
-            return  # not ours, or already decided
-        if all(b.peer_id != bid.peer_id for b in live.bids):
-            live.bids.append(bid)
-            live.wake()
+        if bid.origin == self._peer_id:
+            self._take_bid(bid)
+
+    def _take_bid(self, bid: Bid) -> None:
+        for tb in bid.task_bids():
+            live = self._live.get(tb.task_id)
+            if live is None:
+                continue  # not ours, or already decided
+            if all(b.peer_id != tb.peer_id for b in live.bids):
+                live.bids.append(tb)
+                live.wake()
 
     async def on_progress(self, peer: str, p: Progress) -> Ack:
         live = self._live.get(p.task_id)
@@ -197,6 +219,7 @@ class TaskOrigin:
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._announcer)
             for row in await self._tasks.unfinished():
                 log.info("resuming task %s (%s)", row.id, row.phase)
                 self._start(row, resumed=True)
@@ -232,7 +255,7 @@ class TaskOrigin:
     async def _run_attempts(self, live: _Live, resumed: bool) -> tuple[str, str | None]:
         cfg = self.config
         last_error = "no node bid for the task"
-        candidates: list[Bid] = []
+        candidates: list[TaskBid] = []
         if resumed and live.attempt and live.row.phase in ("assigned", "running"):
             # Restarted mid-attempt: give its worker the task timeout to report back.
             peer = live.attempt_peers[live.attempt]
@@ -270,24 +293,44 @@ class TaskOrigin:
         log.info("task %s attempt %d on %s failed: %s", live.row.id, live.attempt, peer, error)
         await self._update(live, retry_count=live.attempt, phase="bidding", status="pending")
 
-    async def _collect_bids(self, live: _Live) -> list[Bid]:
+    def _announce(self, task: AnnouncedTask) -> None:
+        self._to_announce.append(task)
+        self._announce_wake.set()
+
+    async def _announcer(self) -> None:
+        """Send queued tasks in as few announcements as possible; bid on them ourselves."""
+        while True:
+            await self._announce_wake.wait()
+            self._announce_wake = trio.Event()
+            while self._to_announce:
+                batch = self._to_announce[:MAX_BATCH]
+                del self._to_announce[:MAX_BATCH]
+                # drop finished tasks and repeats (re-announced while still queued)
+                batch = list({t.task_id: t for t in batch if t.task_id in self._live}.values())
+                if not batch:
+                    continue
+                own = self._local_bid(self._peer_id, batch)
+                if own is not None:
+                    self._take_bid(own)
+                ann = TaskAnnounce(self._network, self._peer_id, 0, 0.0, tuple(batch))
+                try:  # seq and timestamp are stamped by gossip
+                    await self._publish_announce(ann)
+                    if own is not None:  # public like every bid: anyone can re-check the choice
+                        await self._publish_bid(own)
+                except Exception as exc:  # the tasks' drivers announce again within 1 s
+                    log.warning("announcing %d task(s) failed: %s", len(batch), exc)
+
+    async def _collect_bids(self, live: _Live) -> list[TaskBid]:
         """Announce and gather bids; ranked, minus peers that already failed this task."""
         cfg = self.config
         live.bids = []
         row = live.row
-        ann = TaskAnnounce(
-            network=self._network, peer_id=self._peer_id, seq=0, timestamp=0.0,  # set by gossip
+        task = AnnouncedTask(
             task_id=row.id, model=row.model,
             max_new_tokens=int(row.parameters.get("max_new_tokens", 64)),
             input_chars=len(row.input), priority=row.priority, max_price=row.max_price,
         )  # fmt: skip
-        await self._publish_announce(ann)
-        own = self._local_bid(ann)
-        if own is not None:
-            live.bids.append(own)
-            # Public like every bid (anyone can re-check the choice), but off the critical path.
-            assert self._nursery is not None
-            self._nursery.start_soon(self._publish_bid, own)
+        self._announce(task)
         # Announce again while nobody has bid: a node that just (re)started may not be
         # connected yet when the first announcement goes out.
         with trio.move_on_after(cfg.no_bid_timeout_s):
@@ -295,7 +338,7 @@ class TaskOrigin:
                 with trio.move_on_after(REANNOUNCE_S) as wait:
                     await live.changed.wait()
                 if wait.cancelled_caught:
-                    await self._publish_announce(ann)
+                    self._announce(task)
         # The window closes early once every node known to serve the model has bid.
         expected = self._expected_bidders(row.model)
         with trio.move_on_after(cfg.bid_window_s):
@@ -304,9 +347,9 @@ class TaskOrigin:
         bids = [b for b in live.bids if b.peer_id not in live.tried]
         await self._tasks.add_bids(row.id, [_bid_row(b) for b in live.bids])
         ranked = rank(cfg.strategy, row.id, bids, self._selection)
-        return [b for b in ranked if isinstance(b, Bid)]
+        return [b for b in ranked if isinstance(b, TaskBid)]
 
-    async def _attempt(self, live: _Live, bid: Bid) -> str | None:
+    async def _attempt(self, live: _Live, bid: TaskBid) -> str | None:
         """Assign to ``bid``'s node and wait; None when a result arrived, else the error."""
         row, peer, n = live.row, bid.peer_id, live.attempt
         live.attempt_peers[n] = peer
@@ -320,11 +363,9 @@ class TaskOrigin:
         self._selection.in_flight[peer] = self._selection.in_flight.get(peer, 0) + 1
         try:
             t0 = time.monotonic()
-            try:
-                with trio.fail_after(ASSIGN_TIMEOUT_S):
-                    await self._send(peer, assign, Ack)
-            except (StreamProtocolError, trio.TooSlowError) as exc:
-                return f"assignment to {peer} failed: {exc or 'timeout'}"
+            refused = await self._assign(peer, assign)
+            if refused is not None:
+                return refused
             self._metrics.dispatch_latency.observe(time.monotonic() - live.submitted_mono)
             log.info("task %s attempt %d assigned to %s (%.1f ms)", row.id, n, peer,
                      (time.monotonic() - t0) * 1000)  # fmt: skip
@@ -334,6 +375,50 @@ class TaskOrigin:
             return await self._await_result(live, peer)
         finally:
             self._selection.in_flight[peer] -= 1
+
+    async def _assign(self, peer: str, assign: Assign) -> str | None:
+        """Hand ``assign`` to ``peer``; None when accepted, else why not.
+
+        Assignments for one peer that become ready while an earlier request to it is
+        in flight go together in the next one.
+        """
+        verdict = _Verdict()
+        queue = self._to_assign.get(peer)
+        if queue is None:
+            queue = self._to_assign[peer] = []
+            assert self._nursery is not None
+            self._nursery.start_soon(self._assigner, peer, queue)
+        queue.append((assign, verdict))
+        await verdict.done.wait()
+        return verdict.error
+
+    async def _assigner(self, peer: str, queue: list[tuple[Assign, _Verdict]]) -> None:
+        try:
+            while queue:
+                batch: list[tuple[Assign, _Verdict]] = []
+                size = 0
+                while queue and len(batch) < MAX_BATCH:
+                    size += len(queue[0][0].input.encode()) + 1024
+                    if batch and size > Assignments.BUDGET:
+                        break
+                    batch.append(queue.pop(0))
+                request = Assignments(tuple(a for a, _ in batch))
+                try:
+                    with trio.fail_after(ASSIGN_TIMEOUT_S):
+                        reply = await self._send(peer, request, Accepted)
+                    if len(reply.errors) != len(batch):
+                        raise StreamProtocolError(f"{len(reply.errors)} verdicts for {len(batch)}")
+                    errors = [f"{peer} refused: {e}" if e else None for e in reply.errors]
+                except (StreamProtocolError, trio.TooSlowError) as exc:
+                    errors = [f"assignment to {peer} failed: {exc or 'timeout'}"] * len(batch)
+                for (_, verdict), error in zip(batch, errors, strict=True):
+                    verdict.error = error
+                    verdict.done.set()
+        finally:
+            del self._to_assign[peer]
+            for _, verdict in queue:  # only when cancelled (shutdown)
+                verdict.error = "the origin is shutting down"
+                verdict.done.set()
 
     async def _await_result(self, live: _Live, peer: str, require_alive: bool = True) -> str | None:
         last_written = 0.0
@@ -418,7 +503,7 @@ def params_from_dict(d: dict[str, Any]) -> GenParams:
     return GenParams(**{**d, "stop": tuple(d.get("stop", ()))})
 
 
-def _bid_row(b: Bid) -> BidRow:
+def _bid_row(b: TaskBid) -> BidRow:
     return BidRow(b.peer_id, b.price, b.eta_s, b.health, b.queue_length, b.tokens_per_s,
                   b.timestamp)  # fmt: skip
 

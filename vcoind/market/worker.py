@@ -13,7 +13,7 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,10 +22,14 @@ import trio
 from vcoind.compute.models import ModelError, ModelStore
 from vcoind.compute.params import GenerationError, GenerationParams
 from vcoind.market.messages import (
+    Accepted,
     Ack,
+    AnnouncedTask,
     Assign,
+    Assignments,
     Bid,
     Cancel,
+    Offer,
     Progress,
     Send,
     TaskAnnounce,
@@ -94,32 +98,53 @@ class TaskWorker:
 
     # --- bidding ----------------------------------------------------------
 
-    def make_bid(self, ann: TaskAnnounce) -> Bid | None:
-        """Our offer for ``ann``, or None if we do not serve its model."""
+    def make_offer(self, task: AnnouncedTask, queued_tokens: int) -> Offer | None:
+        """Our offer for ``task``, or None if we do not serve its model or it pays too little."""
         try:
-            info = self._models.resolve(ann.model)
+            info = self._models.resolve(task.model)
         except ModelError:
             return None
         tps = self.tokens_per_s.get(info.model_id, DEFAULT_TOKENS_PER_S)
+        price = self._price * task.max_new_tokens
+        if task.max_price is not None and price > task.max_price:
+            return None
+        eta = round((queued_tokens + task.max_new_tokens) / tps, 4)
+        return Offer(task.task_id, info.model_id, price, eta, round(tps, 3))
+
+    def make_bid(self, origin: str, tasks: Sequence[AnnouncedTask]) -> Bid | None:
+        """One bid with our offers for those of ``tasks`` we can run (None: no offer)."""
         queued_tokens = sum(j.assign.params.max_new_tokens for j in self._queue)
         if self.running is not None:
             queued_tokens += self.running.assign.params.max_new_tokens
-        price = self._price * ann.max_new_tokens
-        if ann.max_price is not None and price > ann.max_price:
+        offers = tuple(o for t in tasks if (o := self.make_offer(t, queued_tokens)) is not None)
+        if not offers:
             return None
         return Bid(
             network=self._network, peer_id=self._peer_id, seq=0, timestamp=time.time(),
-            task_id=ann.task_id, origin=ann.peer_id, model_id=info.model_id, price=price,
-            eta_s=round((queued_tokens + ann.max_new_tokens) / tps, 4),
-            health=self._health(), queue_length=self.queue_length, tokens_per_s=round(tps, 3),
+            origin=origin, health=self._health(), queue_length=self.queue_length, offers=offers,
         )  # fmt: skip
 
     async def on_announce(self, ann: TaskAnnounce) -> None:
-        bid = self.make_bid(ann)
+        bid = self.make_bid(ann.peer_id, ann.tasks)
         if bid is not None:
             await self._publish_bid(bid)
 
     # --- assignments ------------------------------------------------------
+
+    async def on_assignments(self, origin: str, batch: Assignments) -> Accepted:
+        """Accept or refuse each; claimed together (one store transaction for the lot)."""
+        errors = [""] * len(batch.items)
+
+        async def one(i: int, a: Assign) -> None:
+            try:
+                await self.on_assign(origin, a)
+            except StreamProtocolError as exc:
+                errors[i] = str(exc)[:1024]
+
+        async with trio.open_nursery() as nursery:
+            for i, a in enumerate(batch.items):
+                nursery.start_soon(one, i, a)
+        return Accepted(tuple(errors))
 
     async def on_assign(self, origin: str, a: Assign) -> Ack:
         try:

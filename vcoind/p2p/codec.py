@@ -8,7 +8,7 @@ message that fails is rejected whole (``CodecError``), never half-processed.
 
 A record class declares ``KIND``, ``VERSION`` and ``MAX_BYTES`` and is registered
 with ``@message``. Field limits live in ``field(metadata=...)``:
-``max_len`` (str/bytes/tuple), ``min``/``max`` (numbers), ``pattern`` (str),
+``max_len`` (str/bytes/tuple), ``min_len`` (tuple), ``min``/``max`` (numbers), ``pattern`` (str),
 ``choices`` (str).
 """
 
@@ -107,6 +107,7 @@ def _value(tp: Any, raw: Any, path: str, meta: dict[str, Any]) -> Any:
     if origin is tuple:
         _check(isinstance(raw, list), path, "must be an array")
         _check(len(raw) <= meta.get("max_len", DEFAULT_MAX_ITEMS), path, "too many items")
+        _check(len(raw) >= meta.get("min_len", 0), path, "too few items")
         item_tp = get_args(tp)[0]
         item_meta = meta.get("items", {})
         return tuple(_value(item_tp, v, f"{path}[{i}]", item_meta) for i, v in enumerate(raw))
