@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any, cast
 from vcoind import __version__
 from vcoind.compute.params import GenerationError, GenerationParams
 from vcoind.market.messages import MAX_INPUT_CHARS, TASK_ID_RE, GenParams
-from vcoind.market.origin import task_view
+from vcoind.market.origin import TaskError, task_view
 from vcoind.p2p.peers import PeerState
 from vcoind.rpc import INVALID_PARAMS, NOT_FOUND, MethodRegistry, Param, RPCError, RPCMethod
+from vcoind.store import TaskRow
 
 if TYPE_CHECKING:
     from vcoind.node import Node
@@ -23,6 +24,10 @@ REST_ALIASES = {
     "/api/cluster/nodes": "vcoin_peers",
     "/api/cluster/metrics": "vcoin_gossipStats",
     "/api/cluster/tasks": "vcoin_listTasks",
+    "/api/consensus/status": "vcoin_consensusStatus",
+    "/api/consensus/metrics": "vcoin_consensusMetrics",
+    "/api/consensus/history": "vcoin_consensusHistory",
+    "/api/consensus/conflicts": "vcoin_consensusConflicts",
 }
 
 
@@ -74,6 +79,9 @@ def register_node_api(reg: MethodRegistry, node: Node) -> None:
     async def peers(params: dict[str, Any]) -> list[dict[str, Any]]:
         connected = {p.to_base58() for p in node.p2p.connected_peers()}
         out = [peer_view(st, st.peer_id in connected) for st in node.peers.peers()]
+        reps = await node.consensus_store.reputations([p["peer_id"] for p in out], 100.0)
+        for p in out:
+            p["reputation_score"] = reps[p["peer_id"]]
         if params["include_offline"]:
             online = {p["peer_id"] for p in out}
             for row in await node.store.list_peers(status="offline"):
@@ -286,14 +294,20 @@ def register_task_api(reg: MethodRegistry, node: Node) -> None:
             names = ", ".join(sorted({v for v in known.values()})) or "none"
             raise RPCError(INVALID_PARAMS, f"model: unknown model {params['model']!r} "
                            f"(served in the network: {names})")  # fmt: skip
-        if params["mode"] != "single" or params["replicas"] != 1:
-            raise RPCError(INVALID_PARAMS, "replicas: only single-replica tasks are supported "
-                           "until consensus mode lands")  # fmt: skip
+        mode, replicas = params["mode"], params["replicas"]
+        if mode == "single" and replicas not in (None, 1):
+            raise RPCError(INVALID_PARAMS, "replicas: more than 1 needs mode consensus or auto")
+        if mode != "single" and replicas == 1:
+            raise RPCError(INVALID_PARAMS, "replicas: consensus needs 2 to 5")
         gen = parse_gen_params(params["parameters"] or {})
-        task_id = await node.origin.submit(
-            params["model"], params["input"], gen, priority=params["priority"],
-            timeout_s=params["timeout_s"], max_price=params["max_price"],
-        )  # fmt: skip
+        try:
+            task_id = await node.origin.submit(
+                params["model"], params["input"], gen, priority=params["priority"],
+                timeout_s=params["timeout_s"], max_price=params["max_price"], mode=mode,
+                replicas=None if replicas in (None, 1) else replicas,
+            )  # fmt: skip
+        except TaskError as exc:
+            raise RPCError(INVALID_PARAMS, str(exc)) from None
         return {"task_id": task_id}
 
     async def get_task(params: dict[str, Any]) -> dict[str, Any]:
@@ -308,6 +322,10 @@ def register_task_api(reg: MethodRegistry, node: Node) -> None:
             for a in attempts
         ]  # fmt: skip
         view["bids"] = [dataclasses.asdict(b) for b in await node.tasks.bids(row.id)]
+        if row.mode == "consensus":
+            view["validations"] = [
+                dataclasses.asdict(v) for v in await node.consensus_store.validations(row.id)
+            ]
         return view
 
     async def list_tasks(params: dict[str, Any]) -> dict[str, Any]:
@@ -335,8 +353,11 @@ def register_task_api(reg: MethodRegistry, node: Node) -> None:
             Param("parameters", {"type": "object"}, default=None,
                   description="max_new_tokens, temperature, top_p, top_k, seed, stop"),
             Param("priority", {"type": "integer", "minimum": -1000, "maximum": 1000}, default=0),
-            Param("replicas", {"type": "integer", "minimum": 1, "maximum": 5}, default=1),
-            Param("mode", {"enum": ["single", "consensus", "auto"]}, default="single"),
+            Param("replicas", {"type": "integer", "minimum": 1, "maximum": 5}, default=None,
+                  description="replicas in consensus mode, 2-5 (default 3)"),
+            Param("mode", {"enum": ["single", "consensus", "auto"]}, default="single",
+                  description="consensus: several nodes vote; auto: consensus when 3 or "
+                  "more nodes serve the model"),
             Param("timeout_s", {"type": "number", "minimum": 0.5, "maximum": 86400},
                   default=None, description="reassign after this long without progress"),
             Param("max_price", {"type": "number", "minimum": 0}, default=None),
@@ -357,3 +378,87 @@ def register_task_api(reg: MethodRegistry, node: Node) -> None:
     ))  # fmt: skip
     reg.add(RPCMethod("vcoin_cancelTask", "Cancel a task (the worker stops between tokens).",
                       (task_id,), OBJ, cancel_task))  # fmt: skip
+
+
+def register_consensus_api(reg: MethodRegistry, node: Node) -> None:
+    page = (
+        Param("limit", {"type": "integer", "minimum": 1, "maximum": 500}, default=20),
+        Param("offset", {"type": "integer", "minimum": 0}, default=0),
+    )
+
+    def summary(row: TaskRow) -> dict[str, Any]:
+        c = row.consensus or {}
+        return {
+            "task_id": row.id, "status": row.status, "model": row.model,
+            "created_at": row.created_at, "completed_at": row.completed_at,
+            "decision": c.get("decision"), "confidence": c.get("confidence"),
+            "action": c.get("action"), "rounds": c.get("rounds"),
+            "replicas": len(c.get("replicas", [])), "error": row.error,
+        }  # fmt: skip
+
+    async def history(params: dict[str, Any]) -> dict[str, Any]:
+        rows, total = await node.consensus_store.consensus_tasks(params["limit"], params["offset"])
+        return {"total": total, "tasks": [summary(r) for r in rows]}
+
+    async def conflicts(params: dict[str, Any]) -> dict[str, Any]:
+        rows, total = await node.consensus_store.consensus_tasks(
+            params["limit"], params["offset"], conflicts_only=True
+        )
+        out = []
+        for r in rows:
+            c = r.consensus or {}
+            outvoted = [x["node_id"] for x in c.get("replicas", []) if not x.get("agreed")]
+            why = []
+            if outvoted:
+                why.append(f"outvoted: {', '.join(outvoted)}")
+            if (c.get("rounds") or 1) > 1:
+                why.append("low confidence: recomputed with more replicas")
+            if c.get("decision") in ("none", "tie"):
+                why.append(f"no clear winner ({c.get('decision')})")
+            out.append({**summary(r), "why": "; ".join(why), "similarity": [
+                x.get("similarity") for x in c.get("replicas", [])]})  # fmt: skip
+        return {"total": total, "conflicts": out}
+
+    async def metrics(params: dict[str, Any]) -> dict[str, Any]:
+        rows, total = await node.consensus_store.consensus_tasks(500, 0)
+        done = [r for r in rows if r.status == "completed"]
+        singles, _ = await node.tasks.page("completed", 500, 0)
+        single_lat = [r.timings.get("total_s", 0.0) for r in singles if r.mode == "single"]
+        cons_lat = [r.timings.get("total_s", 0.0) for r in done]
+
+        def median(xs: list[float]) -> float | None:
+            return sorted(xs)[len(xs) // 2] if xs else None
+
+        agreed = sum(1 for r in done if not (r.consensus or {}).get("conflict"))
+        recomputed = sum(1 for r in done if ((r.consensus or {}).get("rounds") or 1) > 1)
+        m_single, m_cons = median(single_lat), median(cons_lat)
+        return {
+            "tasks": total, "completed": len(done),
+            "agreement_rate": round(agreed / len(done), 4) if done else None,
+            "recompute_rate": round(recomputed / len(done), 4) if done else None,
+            "median_latency_s": {"consensus": m_cons, "single": m_single},
+            "latency_vs_single": round(m_cons / m_single, 3) if m_cons and m_single else None,
+            "sample": "the latest 500 tasks of each mode",
+        }  # fmt: skip
+
+    async def status(params: dict[str, Any]) -> dict[str, Any]:
+        counts = await node.tasks.count_by_status()
+        serving = node.serving_count_by_model()
+        return {
+            "available": True, "fault_injection": node.config.market.fault or None,
+            "embedding_model": "all-MiniLM-L6-v2",
+            "replicas_possible": serving, "tasks_by_status": counts,
+            "rounds_in_flight": node.coordinator.in_flight(),
+        }  # fmt: skip
+
+    reg.add(RPCMethod("vcoin_consensusStatus",
+                      "Consensus readiness: replicas possible per model, rounds in flight.",
+                      (), OBJ, status))  # fmt: skip
+    reg.add(RPCMethod("vcoin_consensusMetrics",
+                      "Agreement rate, recompute rate, latency of consensus vs single mode.",
+                      (), OBJ, metrics))  # fmt: skip
+    reg.add(RPCMethod("vcoin_consensusHistory", "Finished consensus tasks, newest first.",
+                      page, OBJ, history))  # fmt: skip
+    reg.add(RPCMethod("vcoin_consensusConflicts",
+                      "Consensus tasks where replicas disagreed, and why.", page, OBJ,
+                      conflicts))  # fmt: skip

@@ -113,6 +113,11 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="reassign a task with no progress for this long (default 30)",
     )
+    g.add_argument(
+        "--fault",
+        choices=("junk", "copy", "slow", "silent"),
+        help="TEST ONLY: misbehave as a consensus replica (refused outside devnet/test networks)",
+    )
     g = p.add_argument_group("rpc")
     g.add_argument(
         "--rpc-addr",
@@ -139,6 +144,7 @@ def _flags(ns: argparse.Namespace) -> dict[str, Any]:
         "market.strategy": ns.strategy,
         "market.bid_window_s": ns.bid_window,
         "market.task_timeout_s": ns.task_timeout,
+        "market.fault": ns.fault,
     }
 
 

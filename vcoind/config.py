@@ -82,6 +82,9 @@ class MarketConfig:
     no_bid_timeout_s: float = 10.0  # fail when nobody bids within this
     task_timeout_s: float = 30.0  # no progress for this long -> reassign
     max_retries: int = 3
+    # TEST ONLY: make this node misbehave as a consensus replica (junk, copy, slow,
+    # silent). Refused outside devnet/test networks.
+    fault: str = ""
 
 
 @dataclass(frozen=True)
@@ -269,6 +272,11 @@ def validate(cfg: Config) -> Config:
         )
     if p.max_invalid_messages < 1:
         raise ConfigError("p2p.max_invalid_messages", "must be at least 1")
+    fault = cfg.market.fault
+    if fault and fault not in ("junk", "copy", "slow", "silent"):
+        raise ConfigError("market.fault", "must be one of junk, copy, slow, silent")
+    if fault and not cfg.network.startswith(("devnet", "test", "bench")):
+        raise ConfigError("market.fault", f"fault injection is refused on network {cfg.network!r}")
     try:
         split_host_port(cfg.rpc.addr)
     except ValueError as exc:

@@ -35,6 +35,12 @@ class NodeMetrics:
         self.dials = Counter(
             "vcoin_dials_total", "Outbound dials by outcome", ["outcome"], registry=r
         )
+        self.consensus_rejected = Counter(
+            "vcoin_consensus_rejected_total",
+            "Consensus messages rejected (late commit, early or bad reveal, bad signature, ...)",
+            ["reason"],
+            registry=r,
+        )
         self.stream_errors = Counter(
             "vcoin_stream_errors_total",
             "Direct-protocol streams reset (oversized, cut short, timed out)",

@@ -19,12 +19,18 @@ import trio
 from libp2p.peer.id import ID
 
 from vcoind import __version__
-from vcoind.api import REST_ALIASES, register_node_api, register_task_api
+from vcoind.api import (
+    REST_ALIASES,
+    register_consensus_api,
+    register_node_api,
+    register_task_api,
+)
 from vcoind.compute.models import ModelStore
 from vcoind.compute.telemetry import HostSample, Telemetry
 from vcoind.config import Config
 from vcoind.consensus.health import health_score
 from vcoind.datadir import DataDir, Identity
+from vcoind.market.consensus import Coordinator, Replica
 from vcoind.market.messages import (
     TASK_PROTOCOL,
     Accepted,
@@ -37,6 +43,7 @@ from vcoind.market.messages import (
     TaskResult,
 )
 from vcoind.market.origin import TaskOrigin
+from vcoind.market.votes import CommitsClosed, OutcomeVote, ResultCommitment, ResultReveal
 from vcoind.market.worker import TaskWorker
 from vcoind.metrics import NodeMetrics
 from vcoind.p2p.gossip import Gossip
@@ -47,7 +54,7 @@ from vcoind.p2p.messages import Heartbeat, ModelServed
 from vcoind.p2p.peers import PeerTable
 from vcoind.p2p.streams import StreamProtocol, StreamProtocolError, StreamService
 from vcoind.rpc import MethodRegistry, RPCServer, RPCServerConfig
-from vcoind.store import Store, TaskStore
+from vcoind.store import ConsensusStore, Store, TaskStore
 
 if TYPE_CHECKING:
     # libp2p pulls in trio-typing, whose stale stubs shadow trio's own types for mypy.
@@ -159,6 +166,7 @@ class Node:
         self.registry = MethodRegistry()
         register_node_api(self.registry, self)
         register_task_api(self.registry, self)
+        register_consensus_api(self.registry, self)
         self.rpc = RPCServer(
             RPCServerConfig(
                 host=host,
@@ -176,6 +184,7 @@ class Node:
         for path, method in REST_ALIASES.items():
             self.rpc.add_get_alias(path, method)
         self._p2p_listening = False
+        self._nursery: trio.Nursery | None = None
 
     def _wire_market(self) -> None:
         cfg = self.config
@@ -206,9 +215,100 @@ class Node:
             expected_bidders=self._serving,
         )
         self.worker.on_change = self._worker_changed
+        self._wire_consensus()
         self.gossip.on("tasks", TaskAnnounce, self.worker.on_announce)
         self.gossip.on("tasks", Bid, self.origin.on_bid)
         self.streams.serve(TASK_STREAM, self._task_request)
+
+    def _wire_consensus(self) -> None:
+        cfg, ident = self.config, self.identity
+        self.consensus_store = ConsensusStore(self.store)
+        self._embedder: Any = None
+        self._embed_limiter = trio.CapacityLimiter(1)
+        self._local_votes: trio.MemorySendChannel[Any]
+        self._local_votes, self._local_votes_rx = trio.open_memory_channel[Any](256)
+        common: dict[str, Any] = {
+            "peer_id": ident.peer_id, "network": cfg.network, "eth_key": bytes(ident.eth.key),
+            "eth_address": ident.eth_address, "publish": self._publish_vote,
+            "embed": self.embed, "rejected": self.metrics.consensus_rejected,
+        }  # fmt: skip
+        self.replica = Replica(**common, model_id=lambda m: m, fault=cfg.market.fault)
+        self.coordinator = Coordinator(
+            self.consensus_store, **common, eth_address_of=self._eth_address_of,
+            health_of=self._health_of,
+        )  # fmt: skip
+        self.worker.commit_result = self.replica.commit
+        self.origin.coordinator = self.coordinator
+        self.origin.profile_of = self._profile_of
+        self.gossip.on("votes", ResultCommitment, self._on_vote_record)
+        self.gossip.on("votes", CommitsClosed, self._on_vote_record)
+        self.gossip.on("votes", ResultReveal, self._on_vote_record)
+        self.gossip.on("votes", OutcomeVote, self._on_vote_record)
+
+    def _eth_address_of(self, peer: str) -> str | None:
+        if peer == self.identity.peer_id:
+            return self.identity.eth_address
+        st = self.peers.get(peer)
+        return st.heartbeat.eth_address if st else None
+
+    def _health_of(self, peer: str) -> float:
+        if peer == self.identity.peer_id:
+            return self.heartbeat.last.health if self.heartbeat.last else 1.0
+        st = self.peers.get(peer)
+        return st.health if st else 0.5
+
+    def _profile_of(self, peer: str) -> Any:
+        if peer == self.identity.peer_id:
+            return self.heartbeat.last.profile if self.heartbeat.last else None
+        st = self.peers.get(peer)
+        return st.heartbeat.profile if st else None
+
+    async def embed(self, texts: Any) -> list[tuple[float, ...]]:
+        """Sentence embeddings (all-MiniLM-L6-v2), computed off the trio thread."""
+        if self._embedder is None:
+            from vcoind.consensus.embedding import Embedder
+
+            self._embedder = Embedder()
+        result: list[tuple[float, ...]] = await trio.to_thread.run_sync(
+            self._embedder.embed, list(texts), limiter=self._embed_limiter
+        )
+        return result
+
+    async def _publish_vote(self, record: Any) -> None:
+        await self.gossip.publish("votes", record)
+        # Gossip does not hand our own messages back; our own roles still need them
+        # (the origin may be one of the replicas). Delivered from a queue, not inline:
+        # a handler that publishes must not re-enter the caller.
+        await self._local_votes.send(record)
+
+    async def _deliver_local_votes(self) -> None:
+        async for record in self._local_votes_rx:
+            try:
+                await self._on_vote_record(record)
+            except Exception:  # like gossip handlers: a bug must not take the node down
+                log.exception("local %s handler failed", type(record).__name__)
+
+    async def _on_vote_record(self, record: Any) -> None:
+        if isinstance(record, ResultCommitment):
+            await self.coordinator.on_commitment(record)
+        elif isinstance(record, CommitsClosed):
+            self._spawn(self.replica.on_closed, record)  # may wait for others' reveals
+        elif isinstance(record, ResultReveal):
+            await self.coordinator.on_reveal(record)
+            self._spawn(self.replica.on_reveal, record)  # may tally (embedding) and sign
+        elif isinstance(record, OutcomeVote):
+            await self.coordinator.on_vote(record)
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        assert self._nursery is not None  # handlers only run while the node runs
+        self._nursery.start_soon(fn, *args)
+
+    def serving_count_by_model(self) -> dict[str, int]:
+        """How many nodes (us included) serve each model name: the replicas possible."""
+        names = {m.name for m in self.heartbeat.capabilities.models}
+        for st in self.peers.peers():
+            names |= {m.name for m in st.heartbeat.models}
+        return {name: len(self._serving(name)) for name in sorted(names)}
 
     def _serving(self, model: str) -> set[str]:
         """Peers (and us) whose last heartbeat says they serve ``model`` (name or id)."""
@@ -315,6 +415,8 @@ class Node:
                 await self.rescan_models()
                 for row in await self.store.list_peers():
                     self.keeper.learn(row.peer_id, row.addrs)
+                self._nursery = nursery
+                nursery.start_soon(self._deliver_local_votes)
                 await nursery.start(self.gossip.run)
                 await nursery.start(self.peers.run)
                 await nursery.start(self.keeper.run)

@@ -103,6 +103,36 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (task_id, attempt)
     );
     """,
+    # 3: consensus — replicated tasks, per-replica validations (the seed's table), the
+    # signatures collected on each outcome.
+    """
+    ALTER TABLE tasks ADD COLUMN mode TEXT NOT NULL DEFAULT 'single';
+    ALTER TABLE tasks ADD COLUMN replicas INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE tasks ADD COLUMN consensus TEXT NOT NULL DEFAULT '{}';
+    CREATE TABLE validations (
+        task_id           TEXT NOT NULL,
+        round             INTEGER NOT NULL,
+        validator         TEXT NOT NULL,
+        node_id           TEXT NOT NULL,
+        original_result   TEXT NOT NULL,
+        validation_result TEXT NOT NULL,
+        similarity_score  REAL NOT NULL,
+        passed            INTEGER NOT NULL,
+        created_at        REAL NOT NULL,
+        PRIMARY KEY (task_id, round, validator, node_id)
+    );
+    CREATE INDEX validations_node ON validations(node_id);
+    CREATE TABLE outcome_signatures (
+        task_id      TEXT NOT NULL,
+        signer       TEXT NOT NULL,
+        eth_address  TEXT NOT NULL,
+        result_hash  TEXT NOT NULL,
+        decision     TEXT NOT NULL,
+        signature    TEXT NOT NULL,
+        created_at   REAL NOT NULL,
+        PRIMARY KEY (task_id, signer)
+    );
+    """,
 )
 
 
@@ -360,9 +390,9 @@ def _peer_row(r: sqlite3.Row) -> PeerRow:
 TASK_COLUMNS = (
     "id", "type", "model", "model_id", "input", "parameters", "priority", "timeout_s",
     "max_price", "status", "phase", "progress", "result", "node_id", "retry_count", "error",
-    "timings", "created_at", "completed_at",
+    "timings", "created_at", "completed_at", "mode", "replicas", "consensus",
 )  # fmt: skip
-_JSON_COLUMNS = ("parameters", "timings")
+_JSON_COLUMNS = ("parameters", "timings", "consensus")
 FINISHED = ("completed", "failed", "cancelled")
 
 
@@ -387,6 +417,9 @@ class TaskRow:
     error: str | None = None
     timings: dict[str, Any] = field(default_factory=dict)
     completed_at: float | None = None
+    mode: str = "single"  # or "consensus"
+    replicas: int = 1
+    consensus: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -548,3 +581,126 @@ class TaskStore:
         await self._store._run(lambda c: c.execute(
             "UPDATE assignments SET status=? WHERE task_id=? AND attempt=?",
             (status, task_id, attempt)))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ValidationRow:
+    """One replica's result checked against the agreed answer (the seed's table)."""
+
+    task_id: str
+    round: int
+    validator: str  # the node that judged (the origin)
+    node_id: str  # the replica
+    original_result: str  # the replica's result hash (hex)
+    validation_result: str  # the agreed answer's hash (hex)
+    similarity_score: float
+    passed: bool
+    created_at: float
+
+
+@dataclass(frozen=True)
+class SignatureRow:
+    signer: str
+    eth_address: str
+    result_hash: str
+    decision: str
+    signature: str
+    created_at: float
+
+
+class ConsensusStore:
+    """Validations, reputation and outcome signatures."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def add_validations(self, rows: Sequence[ValidationRow]) -> None:
+        values = [
+            (v.task_id, v.round, v.validator, v.node_id, v.original_result,
+             v.validation_result, v.similarity_score, int(v.passed), v.created_at)
+            for v in rows
+        ]  # fmt: skip
+        if values:
+            sql = "INSERT OR REPLACE INTO validations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            await self._store._run(lambda c: c.executemany(sql, values))
+
+    async def validations(self, task_id: str) -> list[ValidationRow]:
+        def q(c: sqlite3.Connection) -> list[ValidationRow]:
+            rows = c.execute(
+                "SELECT * FROM validations WHERE task_id=? ORDER BY round, node_id", (task_id,)
+            ).fetchall()
+            return [ValidationRow(**{**dict(r), "passed": bool(r["passed"])}) for r in rows]
+
+        return await self._store._run(q)
+
+    async def track_record(self, peer_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """(agreed, validations) per peer, from every validation this node recorded."""
+
+        def q(c: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+            marks = ", ".join("?" * len(peer_ids))
+            rows = c.execute(
+                f"SELECT node_id, SUM(passed), COUNT(*) FROM validations "
+                f"WHERE node_id IN ({marks}) GROUP BY node_id",
+                list(peer_ids),
+            ).fetchall()
+            return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+        return await self._store._run(q) if peer_ids else {}
+
+    async def reputations(self, peer_ids: Sequence[str], default: float) -> dict[str, float]:
+        def q(c: sqlite3.Connection) -> dict[str, float]:
+            marks = ", ".join("?" * len(peer_ids))
+            rows = c.execute(
+                f"SELECT peer_id, reputation_score FROM peers WHERE peer_id IN ({marks})",
+                list(peer_ids),
+            ).fetchall()
+            found = {r[0]: float(r[1]) for r in rows}
+            return {p: found.get(p, default) for p in peer_ids}
+
+        return await self._store._run(q) if peer_ids else {}
+
+    async def adjust_reputation(
+        self, peer_id: str, update: Callable[[float], float]
+    ) -> float | None:
+        """Apply ``update`` to a known peer's reputation; its new value (None: unknown peer)."""
+
+        def q(c: sqlite3.Connection) -> float | None:
+            r = c.execute("SELECT reputation_score FROM peers WHERE peer_id=?", (peer_id,))
+            row = r.fetchone()
+            if row is None:
+                return None
+            new = update(float(row[0]))
+            c.execute("UPDATE peers SET reputation_score=? WHERE peer_id=?", (new, peer_id))
+            return new
+
+        return await self._store._run(q)
+
+    async def add_signature(self, task_id: str, s: SignatureRow) -> None:
+        await self._store._run(lambda c: c.execute(
+            "INSERT OR REPLACE INTO outcome_signatures VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (task_id, s.signer, s.eth_address, s.result_hash, s.decision, s.signature,
+             s.created_at)))  # fmt: skip
+
+    async def signatures(self, task_id: str) -> list[SignatureRow]:
+        return await self._store._run(lambda c: [SignatureRow(*tuple(r)[1:]) for r in c.execute(
+            "SELECT * FROM outcome_signatures WHERE task_id=? ORDER BY created_at, signer",
+            (task_id,)).fetchall()])  # fmt: skip
+
+    async def consensus_tasks(
+        self, limit: int, offset: int, conflicts_only: bool = False
+    ) -> tuple[list[TaskRow], int]:
+        """Finished consensus tasks, newest first; with ``conflicts_only`` those where the
+        replicas disagreed (an outvoted replica, a recompute, or no clear decision)."""
+        where = "mode='consensus' AND status IN ('completed', 'failed')"
+        if conflicts_only:
+            where += " AND json_extract(consensus, '$.conflict') = 1"
+
+        def q(c: sqlite3.Connection) -> tuple[list[TaskRow], int]:
+            total = c.execute(f"SELECT COUNT(*) FROM tasks WHERE {where}").fetchone()[0]
+            rows = c.execute(
+                f"SELECT * FROM tasks WHERE {where} ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
+                (limit, offset),
+            ).fetchall()
+            return [_task_row(r) for r in rows], int(total)
+
+        return await self._store._run(q)

@@ -138,6 +138,7 @@ class Assign:
     input: str = field(metadata=lim(max_len=MAX_INPUT_CHARS))
     params: GenParams = field(default_factory=lambda: GenParams())
     priority: int = field(default=0, metadata=lim(min=-1000, max=1000))
+    consensus: bool = False  # commit and reveal the result on the votes topic instead
 
 
 @message

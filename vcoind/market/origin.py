@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from vcoind.config import MarketConfig
+from vcoind.market.consensus import Coordinator, choose_replicas
 from vcoind.market.messages import (
     MAX_BATCH,
     Accepted,
@@ -44,6 +45,7 @@ from vcoind.market.messages import (
     TaskResult,
 )
 from vcoind.market.selection import SelectionState, rank
+from vcoind.market.votes import MAX_REPLICAS
 from vcoind.metrics import NodeMetrics
 from vcoind.p2p.streams import StreamProtocolError
 from vcoind.store import FINISHED, BidRow, TaskRow, TaskStore
@@ -81,6 +83,7 @@ class _Live:
     cancelled: bool = False
     scope: trio.CancelScope | None = None
     submitted_mono: float = field(default_factory=time.monotonic)
+    final: dict[str, Any] | None = None  # a consensus task's concluding row changes
 
     def wake(self) -> None:
         self.changed.set()
@@ -128,6 +131,8 @@ class TaskOrigin:
         self._to_announce: list[AnnouncedTask] = []
         self._announce_wake = trio.Event()
         self._to_assign: dict[str, list[tuple[Assign, _Verdict]]] = {}
+        self.coordinator: Coordinator | None = None  # set by the node: consensus tasks
+        self.profile_of: Callable[[str], Any] = lambda peer: None
 
     # --- API --------------------------------------------------------------
 
@@ -140,15 +145,28 @@ class TaskOrigin:
         priority: int = 0,
         timeout_s: float | None = None,
         max_price: float | None = None,
+        mode: str = "single",
+        replicas: int | None = None,
     ) -> str:
         if self._nursery is None:
             raise TaskError("node", "the task market is not running")
+        if mode not in ("single", "consensus", "auto"):
+            raise TaskError("mode", "must be single, consensus or auto")
+        if replicas is not None and not 2 <= replicas <= 5:
+            raise TaskError("replicas", "must be 2 to 5")
+        if mode == "auto":  # consensus when enough nodes serve the model to replicate it
+            mode = (
+                "consensus" if len(self._expected_bidders(model)) >= (replicas or 3) else "single"
+            )
+        if mode == "consensus" and self.coordinator is None:
+            raise TaskError("mode", "consensus is not available on this node")
         now = time.time()
         row = TaskRow(
             id=secrets.token_hex(16), model=model, input=input_text,
             parameters=_params_dict(params), timeout_s=timeout_s or self.config.task_timeout_s,
             status="pending", phase="bidding", created_at=now, priority=priority,
-            max_price=max_price,
+            max_price=max_price, mode=mode,
+            replicas=(replicas or 3) if mode == "consensus" else 1,
         )  # fmt: skip
         await self._tasks.insert(row)  # on disk before the id is returned
         self._metrics.tasks.labels(status="submitted").inc()
@@ -205,6 +223,10 @@ class TaskOrigin:
             return Ack()  # already finished: the first result won
         if live.attempt_peers.get(r.attempt) != peer:
             raise StreamProtocolError(f"attempt {r.attempt} of {r.task_id} is not yours")
+        if live.row.mode == "consensus":
+            if r.error and self.coordinator is not None:
+                self.coordinator.on_attempt_failed(r.task_id, r.attempt, r.error)
+            return Ack()  # a replica's answer comes by commit and reveal
         if r.error:
             if r.attempt == live.attempt:
                 live.attempt_error = f"worker {peer} failed: {r.error}"
@@ -253,6 +275,8 @@ class TaskOrigin:
             live.wake()
 
     async def _run_attempts(self, live: _Live, resumed: bool) -> tuple[str, str | None]:
+        if live.row.mode == "consensus":
+            return await self._run_consensus(live)
         cfg = self.config
         last_error = "no node bid for the task"
         candidates: list[TaskBid] = []
@@ -292,6 +316,95 @@ class TaskOrigin:
         await self._tasks.finish_attempt(live.row.id, live.attempt, "failed", error, time.time())
         log.info("task %s attempt %d on %s failed: %s", live.row.id, live.attempt, peer, error)
         await self._update(live, retry_count=live.attempt, phase="bidding", status="pending")
+
+    async def _run_consensus(self, live: _Live) -> tuple[str, str | None]:
+        """Replicas, commit-reveal, vote; one more round with more replicas when the
+        confidence calls for a recompute. A restarted origin starts the rounds afresh."""
+        co = self.coordinator
+        assert co is not None  # submit() refuses consensus tasks without one
+        row = live.row
+        k, max_tokens = row.replicas, int(row.parameters.get("max_new_tokens", 64))
+        rounds: list[dict[str, Any]] = []
+        last = None
+        try:
+            for round_ in (1, 2):
+                bids = await self._collect_bids(live)
+                chosen = choose_replicas(bids, k, self.profile_of)
+                if not chosen:
+                    if last is not None:
+                        break
+                    return "failed", f"no bid for model {row.model!r}"
+                attempts: dict[int, str] = {}
+                for b in chosen:
+                    live.attempt += 1
+                    attempts[live.attempt] = live.attempt_peers[live.attempt] = b.peer_id
+                    await self._tasks.add_attempt(row.id, live.attempt, b.peer_id, time.time())
+                st = co.open_round(row.id, round_, attempts)
+                await self._update(live, phase="assigned", status="running",
+                                   node_id=",".join(attempts.values()))  # fmt: skip
+                params = params_from_dict(row.parameters)
+
+                async def assign(n: int, peer: str, params: GenParams = params) -> None:
+                    a = Assign(row.id, n, row.model, row.input, params, row.priority, True)
+                    error = await self._assign(peer, a)
+                    if error is not None:
+                        co.on_attempt_failed(row.id, n, error)
+
+                async with trio.open_nursery() as nursery:
+                    for n, peer in attempts.items():
+                        nursery.start_soon(assign, n, peer)
+                await self._update(live, phase="committing", timings={
+                    **live.row.timings, "assigned_s": _since(row)})  # fmt: skip
+                rr = await co.run_round(st, row.input, row.timeout_s, max_tokens)
+                for n in attempts:
+                    ok = rr.outcome is not None and any(r.attempt == n for r in rr.results)
+                    await self._tasks.finish_attempt(
+                        row.id, n, "completed" if ok else "failed",
+                        None if ok else st.failed.get(n, "no valid commitment or reveal"),
+                        time.time(),
+                    )  # fmt: skip
+                if rr.outcome is None:
+                    rounds.append({"round": round_, "error": rr.error})
+                    if last is None and round_ == 1:
+                        live.tried = set()
+                        continue
+                    break
+                await co.record(st, rr)
+                rounds.append({"round": round_, **rr.outcome.view(rr.results)})
+                last = (st, rr)
+                if rr.outcome.action == "recompute" and round_ == 1:
+                    log.info("task %s: confidence %.2f, recomputing with %d replicas",
+                             row.id, rr.outcome.confidence, min(MAX_REPLICAS, k + 2))  # fmt: skip
+                    k = min(MAX_REPLICAS, k + 2)
+                    live.tried = set()
+                    co.end(row.id)
+                    continue
+                break
+            if last is None:
+                return "failed", str(rounds[-1].get("error") or "consensus failed")
+            st, rr = last
+            assert rr.outcome is not None
+            model_id = next((b.model_id for b in live.bids if b.peer_id in st.attempts.values()),
+                            "")  # fmt: skip
+            sigs = await co.sign_and_collect(st, rr, model_id)
+            o = rr.outcome
+            answer = rr.results[o.answer]
+            view = {
+                **o.view(rr.results), "rounds": len(rounds), "history": rounds,
+                "conflict": int(not all(o.agreed) or len(rounds) > 1 or o.decision
+                                in ("none", "tie")),
+                "fallback": o.action == "fallback",
+                "note": _NOTES.get(o.action, ""),
+                "signatures": [{"node_id": s.signer, "eth_address": s.eth_address,
+                                "signature": s.signature} for s in sigs],
+            }  # fmt: skip
+            live.final = {
+                "result": answer.text, "node_id": answer.peer_id, "model_id": model_id,
+                "consensus": view, "progress": len(answer.token_ids),
+            }  # fmt: skip
+            return "completed", None
+        finally:
+            co.end(row.id)
 
     def _announce(self, task: AnnouncedTask) -> None:
         self._to_announce.append(task)
@@ -441,7 +554,11 @@ class TaskOrigin:
     async def _conclude(self, live: _Live, status: str, error: str | None) -> None:
         row = live.row
         r = live.result
-        if r is not None and status == "completed":
+        if live.final is not None and status == "completed":
+            timings = {**row.timings, "total_s": _since(row)}
+            await self._update(live, status="completed", phase="completed", error=None,
+                               completed_at=time.time(), timings=timings, **live.final)  # fmt: skip
+        elif r is not None and status == "completed":
             peer = next((p for a, p in live.attempt_peers.items() if a == r.attempt), row.node_id)
             await self._tasks.finish_attempt(row.id, r.attempt, "completed", None, time.time())
             if r.attempt != live.attempt:  # an earlier attempt won: stop the later one
@@ -490,6 +607,13 @@ class TaskOrigin:
         await self._notify(task_view(live.row, live.attempt, live.progress))
 
 
+_NOTES = {
+    "accept_with_note": "accepted with moderate confidence",
+    "recompute": "low confidence after the extra replicas",
+    "fallback": "replicas disagreed: the answer is unverified (conservative fallback)",
+}
+
+
 def _since(row: TaskRow) -> float:
     return round(time.time() - row.created_at, 6)
 
@@ -525,6 +649,9 @@ def task_view(row: TaskRow, attempts: int, live_progress: int | None = None) -> 
         "attempts": attempts,
         "error": row.error,
         "timings": row.timings,
+        "mode": row.mode,
+        "replicas": row.replicas,
+        "consensus": row.consensus or None,
         "created_at": row.created_at,
         "completed_at": row.completed_at,
         "finished": row.status in FINISHED,

@@ -91,6 +91,8 @@ class TaskWorker:
         self.running: _Job | None = None
         self.tokens_per_s: dict[str, float] = {}  # model id -> measured decode speed
         self.on_change: Callable[[], None] = lambda: None
+        # Consensus assignments: the result is committed on the votes topic, not sent.
+        self.commit_result: Callable[[str, TaskResult], Awaitable[None]] | None = None
 
     @property
     def queue_length(self) -> int:
@@ -251,7 +253,10 @@ class TaskWorker:
                 return
             nursery.cancel_scope.cancel()  # stop pending progress reports: the result follows
         await self._finish(job, "failed" if result.error else "completed")
-        await self._report_result(job, result)
+        if a.consensus and not result.error and self.commit_result is not None:
+            await self.commit_result(job.origin, result)
+        else:
+            await self._report_result(job, result)
 
     async def _report_progress(self, job: _Job, tokens: int) -> None:
         a = job.assign

@@ -1,0 +1,480 @@
+"""Consensus tasks: several replicas, commit-reveal, a weighted vote, signed outcomes.
+
+``Replica`` is a worker's part (commit its result, reveal it once the commit phase
+is closed, tally and sign); ``Coordinator`` is the origin's part (choose replicas,
+close the commit phase, check reveals, tally, recompute when confidence is low,
+collect signatures, move reputations). Both tally with ``vcoind.market.tally``
+over the same inputs, so their outcome digests match.
+
+Rules enforced on the votes topic (each breach is logged, counted in
+``vcoin_consensus_rejected_total{reason}`` and, at the origin, costs the sender
+reputation): a commitment after the phase closed (``late_commit``), a reveal
+before it closed (``early_reveal``), a reveal that does not hash to its
+commitment (``bad_reveal``), a reveal or vote from a peer not listed
+(``not_listed``), a signature that does not recover to the signer
+(``bad_signature``).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from vcoind.consensus.outcome import (
+    commitment,
+    outcome_digest,
+    recover_outcome_signer,
+    result_hash,
+    sign_outcome,
+)
+from vcoind.consensus.reputation import DEFAULT_REPUTATION, updated_reputation
+from vcoind.consensus.weights import NodeRecord, node_weight
+from vcoind.market.messages import TaskResult
+from vcoind.market.tally import Outcome, Revealed, tally
+from vcoind.market.votes import (
+    MAX_REPLICAS,
+    CommitsClosed,
+    Committer,
+    OutcomeVote,
+    ResultCommitment,
+    ResultReveal,
+)
+from vcoind.store import ConsensusStore, SignatureRow, ValidationRow
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
+
+log = logging.getLogger("vcoind.consensus")
+
+FAULTS = ("junk", "copy", "slow", "silent")
+REVEAL_TIMEOUT_S = 10.0
+VOTE_WAIT_S = 5.0
+PENDING_S = 300.0  # a replica keeps an unrevealed result this long
+PROMPT_HEAD = 2048
+Publish = Callable[[Any], Awaitable[None]]
+
+
+def fault_allowed(network: str) -> bool:
+    """Fault injection is a test tool: refused outside devnets and test networks."""
+    return network.startswith(("devnet", "test", "bench"))
+
+
+@dataclass
+class _Pending:
+    """A replica's result between commitment and reveal."""
+
+    origin: str
+    result: TaskResult
+    salt: bytes
+    expires: float  # trio clock: forgotten then if the origin never closed the round
+    closed: CommitsClosed | None = None
+    reveals: dict[str, ResultReveal] = field(default_factory=dict)
+    voted: bool = False
+
+
+class Replica:
+    """The worker side of consensus."""
+
+    def __init__(
+        self,
+        *,
+        peer_id: str,
+        network: str,
+        eth_key: bytes,
+        eth_address: str,
+        publish: Publish,
+        embed: Callable[[Sequence[str]], Awaitable[list[tuple[float, ...]]]],
+        model_id: Callable[[str], str],
+        rejected: Counter,
+        fault: str = "",
+    ) -> None:
+        self._peer_id = peer_id
+        self._network = network
+        self._eth_key = eth_key
+        self._eth_address = eth_address
+        self._publish = publish
+        self._embed = embed
+        self._model_id = model_id
+        self._rejected = rejected
+        self.fault = fault
+        self._pending: dict[str, _Pending] = {}  # task id -> our result awaiting reveal
+
+    async def commit(self, origin: str, result: TaskResult) -> None:
+        """Called by the worker with a finished consensus attempt; returns once published."""
+        now = trio.current_time()
+        for task_id in [k for k, p in self._pending.items() if p.expires < now]:
+            del self._pending[task_id]
+        if self.fault == "silent":
+            log.warning("fault injection: staying silent on %s", result.task_id)
+            return
+        if self.fault == "slow":  # commits after any sane commit deadline
+            await trio.sleep(REVEAL_TIMEOUT_S * 6)
+        if self.fault == "junk":
+            words = [secrets.token_hex(3) for _ in range(max(4, len(result.token_ids) // 2))]
+            result = TaskResult(**{**result.__dict__, "text": " ".join(words),
+                                   "token_ids": tuple(range(len(words)))})  # fmt: skip
+        salt = secrets.token_bytes(32)
+        c = commitment(result.task_id, result_hash(result.text), salt)
+        if self.fault == "copy":  # has nothing to copy yet: commits to a guess
+            c = secrets.token_bytes(32)
+        self._pending[result.task_id] = _Pending(origin, result, salt, now + PENDING_S)
+        await self._publish(ResultCommitment(
+            self._network, self._peer_id, 0, 0.0, result.task_id, origin, result.attempt, c,
+        ))  # fmt: skip
+
+    async def on_closed(self, msg: CommitsClosed) -> None:
+        p = self._pending.get(msg.task_id)
+        if p is None or msg.peer_id != p.origin:
+            return
+        me = next((c for c in msg.committers if c.peer_id == self._peer_id), None)
+        if me is None or me.attempt != p.result.attempt:
+            log.info("task %s: our commitment was not accepted", msg.task_id)
+            return
+        p.closed = msg
+        r = p.result
+        text, salt = r.text, p.salt
+        if self.fault == "copy":  # copy the first answer revealed by someone else
+            with trio.move_on_after(REVEAL_TIMEOUT_S / 2):
+                while not any(k != self._peer_id for k in p.reveals):
+                    await trio.sleep(0.05)
+            other = next((v for k, v in p.reveals.items() if k != self._peer_id), None)
+            if other is not None:
+                text = other.text
+        reveal = ResultReveal(self._network, self._peer_id, 0, 0.0, r.task_id, p.origin,
+                              r.attempt, text, r.token_ids, r.finish_reason, salt)  # fmt: skip
+        p.reveals[self._peer_id] = reveal
+        await self._publish(reveal)
+        await self._maybe_vote(msg.task_id)
+
+    async def on_reveal(self, r: ResultReveal) -> None:
+        p = self._pending.get(r.task_id)
+        if p is None:
+            return
+        if p.closed is None:  # we have not seen the close yet: keep it, judge it then
+            p.reveals.setdefault(r.peer_id, r)
+            return
+        if _check_reveal(p.closed, r) is None:
+            p.reveals.setdefault(r.peer_id, r)
+            await self._maybe_vote(r.task_id)
+
+    async def _maybe_vote(self, task_id: str) -> None:
+        p = self._pending.get(task_id)
+        if p is None or p.closed is None or p.voted:
+            return
+        if p.origin == self._peer_id:  # the origin signs its own outcome
+            del self._pending[task_id]
+            return
+        listed = {c.peer_id for c in p.closed.committers}
+        valid = {k: v for k, v in p.reveals.items() if _check_reveal(p.closed, v) is None}
+        if set(valid) != listed:
+            return
+        p.voted = True
+        results, weights = ordered_results(p.closed, valid)
+        outcome = await tally_async(p.closed.prompt, results, weights, self._embed)
+        digest = outcome_digest(self._network, task_id, outcome.result_hash,
+                                self._model_id(p.result.model_id), outcome.decision)  # fmt: skip
+        sig = sign_outcome(self._eth_key, digest)
+        self._pending.pop(task_id, None)
+        await self._publish(OutcomeVote(
+            self._network, self._peer_id, 0, 0.0, task_id, p.origin, p.closed.round,
+            outcome.result_hash, outcome.decision, self._eth_address, sig,
+        ))  # fmt: skip
+
+
+def _check_reveal(closed: CommitsClosed, r: ResultReveal) -> str | None:
+    """Why ``r`` is not a valid reveal for ``closed`` (None: it is)."""
+    c = next((c for c in closed.committers if c.peer_id == r.peer_id), None)
+    if c is None or c.attempt != r.attempt:
+        return "not_listed"
+    if commitment(r.task_id, result_hash(r.text), r.salt) != c.commitment:
+        return "bad_reveal"
+    return None
+
+
+def ordered_results(
+    closed: CommitsClosed, reveals: dict[str, ResultReveal]
+) -> tuple[list[Revealed], list[float]]:
+    """The revealed results and their weights, in the order the origin listed them."""
+    results, weights = [], []
+    for c in closed.committers:
+        r = reveals.get(c.peer_id)
+        if r is not None:
+            results.append(Revealed(c.peer_id, c.attempt, r.text, r.token_ids, r.finish_reason))
+            weights.append(c.weight)
+    return results, weights
+
+
+async def tally_async(
+    prompt: str,
+    results: Sequence[Revealed],
+    weights: Sequence[float],
+    embed: Callable[[Sequence[str]], Awaitable[list[tuple[float, ...]]]],
+) -> Outcome:
+    texts = [prompt, *(r.text for r in results)]
+    vectors = await embed(texts)
+    cached = dict(zip(texts, vectors, strict=True))
+
+    def lookup(ts: Sequence[str]) -> list[tuple[float, ...]]:
+        return [cached[t] for t in ts]
+
+    return tally(prompt, results, weights, lookup)
+
+
+# --- origin side ------------------------------------------------------------
+
+
+@dataclass
+class RoundState:
+    task_id: str
+    round: int
+    attempts: dict[int, str]  # attempt -> replica peer
+    assigned_at: float
+    commits: dict[int, tuple[bytes, float]] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    closed: CommitsClosed | None = None
+    reveals: dict[str, ResultReveal] = field(default_factory=dict)
+    votes: dict[str, OutcomeVote] = field(default_factory=dict)
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def wake(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def wait(self, done: Callable[[], bool], timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            while not done():
+                await self.changed.wait()
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    outcome: Outcome | None
+    results: list[Revealed]
+    closed: CommitsClosed | None
+    error: str | None = None
+
+
+class Coordinator:
+    """The origin's side: one ``RoundState`` per consensus round in flight."""
+
+    def __init__(
+        self,
+        store: ConsensusStore,
+        *,
+        peer_id: str,
+        network: str,
+        eth_key: bytes,
+        eth_address: str,
+        publish: Publish,
+        embed: Callable[[Sequence[str]], Awaitable[list[tuple[float, ...]]]],
+        eth_address_of: Callable[[str], str | None],
+        health_of: Callable[[str], float],
+        rejected: Counter,
+    ) -> None:
+        self._store = store
+        self._peer_id = peer_id
+        self._network = network
+        self._eth_key = eth_key
+        self._eth_address = eth_address
+        self._publish = publish
+        self._embed = embed
+        self._eth_address_of = eth_address_of
+        self._health_of = health_of
+        self._rejected = rejected
+        self._rounds: dict[str, RoundState] = {}
+
+    # --- votes topic handlers ---------------------------------------------
+
+    async def on_commitment(self, c: ResultCommitment) -> None:
+        st = self._rounds.get(c.task_id)
+        if st is None or c.origin != self._peer_id or st.attempts.get(c.attempt) != c.peer_id:
+            return
+        if st.closed is not None:
+            await self._penalise(c.peer_id, "late_commit", c.task_id)
+            return
+        st.commits.setdefault(c.attempt, (c.commitment, time.time()))
+        st.wake()
+
+    async def on_reveal(self, r: ResultReveal) -> None:
+        st = self._rounds.get(r.task_id)
+        if st is None or r.origin != self._peer_id:
+            return
+        if st.closed is None:
+            await self._penalise(r.peer_id, "early_reveal", r.task_id)
+            return
+        reason = _check_reveal(st.closed, r)
+        if reason is not None:
+            await self._penalise(r.peer_id, reason, r.task_id)
+            return
+        st.reveals.setdefault(r.peer_id, r)
+        st.wake()
+
+    async def on_vote(self, v: OutcomeVote) -> None:
+        st = self._rounds.get(v.task_id)
+        if st is None or v.origin != self._peer_id or st.closed is None:
+            return
+        if v.peer_id not in {c.peer_id for c in st.closed.committers}:
+            await self._penalise(v.peer_id, "not_listed", v.task_id)
+            return
+        st.votes.setdefault(v.peer_id, v)
+        st.wake()
+
+    def on_attempt_failed(self, task_id: str, attempt: int, error: str) -> None:
+        st = self._rounds.get(task_id)
+        if st is not None and attempt in st.attempts:
+            st.failed[attempt] = error
+            st.wake()
+
+    async def _penalise(self, peer: str, reason: str, task_id: str) -> None:
+        log.info("task %s: %s from %s rejected", task_id, reason, peer)
+        self._rejected.labels(reason=reason).inc()
+        event = "bad_reveal" if reason in ("bad_reveal", "not_listed", "early_reveal") else reason
+        if event in ("bad_reveal", "late_commit"):
+            await self._store.adjust_reputation(peer, _moved(event))
+
+    # --- one round --------------------------------------------------------
+
+    def in_flight(self) -> int:
+        return len(self._rounds)
+
+    def open_round(self, task_id: str, round_: int, attempts: dict[int, str]) -> RoundState:
+        st = RoundState(task_id, round_, attempts, time.time())
+        self._rounds[task_id] = st
+        return st
+
+    def end(self, task_id: str) -> None:
+        self._rounds.pop(task_id, None)
+
+    async def run_round(
+        self, st: RoundState, prompt: str, commit_timeout_s: float, max_new_tokens: int
+    ) -> RoundResult:
+        """Commit phase, close, reveals, tally. The replicas were assigned already."""
+        want = set(st.attempts)
+        await st.wait(lambda: set(st.commits) | set(st.failed) >= want, commit_timeout_s)
+        silent = [a for a in want if a not in st.commits and a not in st.failed]
+        for a in silent:
+            await self._store.adjust_reputation(st.attempts[a], _moved("timeout"))
+        if not st.commits:
+            return RoundResult(None, [], None, "no replica committed a result in time")
+        weights = await self._weights(st, max_new_tokens)
+        committers = tuple(
+            Committer(st.attempts[a], a, st.commits[a][0], weights[st.attempts[a]])
+            for a in sorted(st.commits)
+        )
+        closed = CommitsClosed(self._network, self._peer_id, 0, 0.0, st.task_id, st.round,
+                               prompt[:PROMPT_HEAD], committers)  # fmt: skip
+        st.closed = closed
+        await self._publish(closed)
+        listed = {c.peer_id for c in committers}
+        await st.wait(lambda: set(st.reveals) >= listed, REVEAL_TIMEOUT_S)
+        for peer in listed - set(st.reveals):
+            await self._store.adjust_reputation(peer, _moved("timeout"))
+        results, ws = ordered_results(closed, st.reveals)
+        if not results:
+            return RoundResult(None, [], closed, "no replica revealed a valid result")
+        outcome = await tally_async(closed.prompt, results, ws, self._embed)
+        return RoundResult(outcome, results, closed)
+
+    async def _weights(self, st: RoundState, max_new_tokens: int) -> dict[str, float]:
+        peers = [st.attempts[a] for a in sorted(st.commits)]
+        record = await self._store.track_record(peers)
+        reps = await self._store.reputations(peers, DEFAULT_REPUTATION)
+        out = {}
+        for a in sorted(st.commits):
+            peer = st.attempts[a]
+            agreed, total = record.get(peer, (0, 0))
+            w = node_weight(NodeRecord(
+                agreed=agreed, validations=total,
+                mean_response_s=st.commits[a][1] - st.assigned_at,
+                health=self._health_of(peer), max_tokens_handled=max_new_tokens,
+            ))  # fmt: skip
+            # A peer whose reputation fell votes with less weight (never more than 1).
+            out[peer] = round(w * min(1.0, reps[peer] / DEFAULT_REPUTATION), 6)
+        return out
+
+    async def record(self, st: RoundState, rr: RoundResult) -> None:
+        """Validations and reputation after a tallied round."""
+        assert rr.outcome is not None
+        o = rr.outcome
+        answer = o.result_hash.hex()
+        now = time.time()
+        rows = [
+            ValidationRow(
+                st.task_id,
+                st.round,
+                self._peer_id,
+                r.peer_id,
+                result_hash(r.text).hex(),
+                answer,
+                o.similarity[i][o.answer],
+                o.agreed[i],
+                now,
+            )
+            for i, r in enumerate(rr.results)
+        ]
+        await self._store.add_validations(rows)
+        for i, r in enumerate(rr.results):
+            await self._store.adjust_reputation(
+                r.peer_id, _moved("agreed" if o.agreed[i] else "outvoted")
+            )
+
+    async def sign_and_collect(
+        self, st: RoundState, rr: RoundResult, model_id: str
+    ) -> list[SignatureRow]:
+        """Sign the outcome, publish it, and gather the replicas' matching signatures."""
+        assert rr.outcome is not None and rr.closed is not None
+        o = rr.outcome
+        digest = outcome_digest(self._network, st.task_id, o.result_hash, model_id, o.decision)
+        own = OutcomeVote(self._network, self._peer_id, 0, 0.0, st.task_id, self._peer_id,
+                          st.round, o.result_hash, o.decision, self._eth_address,
+                          sign_outcome(self._eth_key, digest))  # fmt: skip
+        await self._publish(own)
+        signers = {c.peer_id for c in rr.closed.committers} - {self._peer_id}
+        await st.wait(lambda: set(st.votes) >= signers, VOTE_WAIT_S)
+        now = time.time()
+        rows = [SignatureRow(self._peer_id, self._eth_address, o.result_hash.hex(), o.decision,
+                             own.signature.hex(), now)]  # fmt: skip
+        for peer, v in sorted(st.votes.items()):
+            if v.round != st.round or v.result_hash != o.result_hash or v.decision != o.decision:
+                log.info("task %s: %s signed a different outcome", st.task_id, peer)
+                continue
+            signer = recover_outcome_signer(digest, v.signature)
+            bound = self._eth_address_of(peer)
+            if (
+                signer is None
+                or signer.lower() != v.eth_address.lower()
+                or (bound is not None and bound.lower() != signer.lower())
+            ):
+                await self._penalise(peer, "bad_signature", st.task_id)
+                continue
+            rows.append(SignatureRow(peer, signer, o.result_hash.hex(), o.decision,
+                                     v.signature.hex(), now))  # fmt: skip
+        for row in rows:
+            await self._store.add_signature(st.task_id, row)
+        return rows
+
+
+def _moved(event: str) -> Callable[[float], float]:
+    return lambda rep: updated_reputation(rep, event)
+
+
+def choose_replicas(ranked: Sequence[Any], k: int, profile_of: Callable[[str], Any]) -> list[Any]:
+    """``k`` distinct bidders, best first, preferring the numeric profile most of the
+    best-ranked bidders share (so deterministic answers can match token for token)."""
+    distinct: list[Any] = []
+    for b in ranked:
+        if all(b.peer_id != d.peer_id for d in distinct):
+            distinct.append(b)
+    groups: dict[Any, list[Any]] = {}
+    for b in distinct:
+        groups.setdefault(profile_of(b.peer_id), []).append(b)
+    best = max(groups.values(), key=len, default=[])
+    if len(best) >= k:
+        return best[:k]
+    return (best + [b for b in distinct if b not in best])[: min(k, MAX_REPLICAS)]

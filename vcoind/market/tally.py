@@ -1,0 +1,93 @@
+"""The outcome of one consensus round, computed the same way by every participant.
+
+Input: the prompt, the revealed results in the order the origin listed their
+commitments, and the weights it listed. Output: similarity matrix, decision,
+confidence, the chosen answer and its hash. Only the embedding is not pure (it
+runs the sentence model), so ``tally`` is blocking: call it in a worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vcoind.consensus.confidence import action, completeness, confidence, quality
+from vcoind.consensus.outcome import result_hash
+from vcoind.consensus.similarity import cosine, similarity_matrix
+from vcoind.consensus.voting import vote
+
+Embed = Callable[[Sequence[str]], list[tuple[float, ...]]]
+
+
+@dataclass(frozen=True)
+class Revealed:
+    peer_id: str
+    attempt: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    decision: str
+    share: float
+    confidence: float
+    action: str
+    answer: int  # index into the revealed results
+    agreed: tuple[bool, ...]
+    similarity: tuple[tuple[float, ...], ...]
+    weights: tuple[float, ...]
+    result_hash: bytes
+
+    def view(self, results: Sequence[Revealed]) -> dict[str, Any]:
+        """The public shape (``consensus`` in ``vcoin_getTask``), without the texts."""
+        return {
+            "decision": self.decision,
+            "share": self.share,
+            "confidence": self.confidence,
+            "action": self.action,
+            "answer_replica": results[self.answer].peer_id,
+            "result_hash": self.result_hash.hex(),
+            "replicas": [
+                {
+                    "node_id": r.peer_id,
+                    "attempt": r.attempt,
+                    "result_hash": result_hash(r.text).hex(),
+                    "similarity": self.similarity[i][self.answer],
+                    "weight": self.weights[i],
+                    "agreed": self.agreed[i],
+                }
+                for i, r in enumerate(results)
+            ],
+        }
+
+
+def tally(
+    prompt: str, results: Sequence[Revealed], weights: Sequence[float], embed: Embed
+) -> Outcome:
+    """Vote over ``results`` (at least one) with ``weights``; see ``vcoind.consensus``."""
+    vectors = embed([prompt, *(r.text for r in results)])
+    prompt_vec, answer_vecs = vectors[0], vectors[1:]
+    sim = similarity_matrix([r.text for r in results], answer_vecs, [r.token_ids for r in results])
+    v = vote(sim, weights)
+    chosen = results[v.answer]
+    q = quality(
+        cosine(prompt_vec, answer_vecs[v.answer]),
+        sim,
+        v.winner,
+        completeness(chosen.text, chosen.finish_reason),
+    )
+    conf = confidence(v.share, q)
+    return Outcome(
+        decision=v.decision,
+        share=v.share,
+        confidence=conf,
+        action=action(conf),
+        answer=v.answer,
+        agreed=v.agreed,
+        similarity=tuple(tuple(row) for row in sim),
+        weights=tuple(weights),
+        result_hash=result_hash(chosen.text),
+    )

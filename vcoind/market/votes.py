@@ -1,0 +1,115 @@
+"""Wire records of consensus, gossiped on ``/vcoin/<network>/votes/1``.
+
+A consensus task runs on several replicas. Each replica's round, in order:
+
+1. ``ResultCommitment``: ``commitment = sha256(task_id || sha256(text) || salt)``
+   (``vcoind.consensus.outcome.commitment``), published as soon as the replica has
+   its result. Nobody can copy an answer they have not seen.
+2. ``CommitsClosed``: the origin closes the commit phase once every replica has
+   committed or the deadline passed. It lists the accepted commitments with the
+   vote weight of each replica; later commitments are rejected.
+3. ``ResultReveal``: each listed replica reveals its text and salt. A reveal that
+   does not hash to its commitment, from a replica not listed, or before the
+   phase closed is rejected and counted against the sender.
+4. ``OutcomeVote``: every replica (and the origin) computes the same outcome from
+   the revealed results and the listed weights, and signs
+   ``vcoind.consensus.outcome.outcome_digest`` with its Ethereum key.
+
+Gossip envelopes are signed by the sender's libp2p key, so the ``peer_id`` of a
+record is its author.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from vcoind.market.messages import TASK_ID_RE
+from vcoind.p2p.codec import Message, lim, message
+from vcoind.p2p.messages import NETWORK_RE, PEER_ID_RE
+
+MAX_REPLICAS = 8  # per round (2-5 asked, plus replacements)
+MAX_REVEAL_CHARS = 131_072  # a reveal must fit one gossip frame (1 MiB)
+HASH = {"exact_len": 32, "max_len": 32}
+
+
+@message
+@dataclass(frozen=True)
+class ResultCommitment(Message):
+    KIND: ClassVar[str] = "result_commitment"
+    MAX_BYTES: ClassVar[int] = 512
+
+    network: str = field(metadata=lim(pattern=NETWORK_RE, max_len=32))
+    peer_id: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))  # the replica
+    seq: int = field(metadata=lim(min=0, max=(1 << 63) - 1))
+    timestamp: float = field(metadata=lim(min=0))
+    task_id: str = field(metadata=lim(pattern=TASK_ID_RE, max_len=32))
+    origin: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))
+    attempt: int = field(metadata=lim(min=1, max=100))
+    commitment: bytes = field(metadata=lim(**HASH))
+
+
+@dataclass(frozen=True)
+class Committer:
+    """A replica whose commitment the origin accepted, and its vote weight."""
+
+    peer_id: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))
+    attempt: int = field(metadata=lim(min=1, max=100))
+    commitment: bytes = field(metadata=lim(**HASH))
+    weight: float = field(metadata=lim(min=0, max=1))
+
+
+@message
+@dataclass(frozen=True)
+class CommitsClosed(Message):
+    KIND: ClassVar[str] = "commits_closed"
+    MAX_BYTES: ClassVar[int] = 2048
+
+    network: str = field(metadata=lim(pattern=NETWORK_RE, max_len=32))
+    peer_id: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))  # the origin
+    seq: int = field(metadata=lim(min=0, max=(1 << 63) - 1))
+    timestamp: float = field(metadata=lim(min=0))
+    task_id: str = field(metadata=lim(pattern=TASK_ID_RE, max_len=32))
+    round: int = field(metadata=lim(min=1, max=10))
+    prompt: str = field(metadata=lim(max_len=2048))  # its head: relevance is judged on it
+    committers: tuple[Committer, ...] = field(metadata=lim(min_len=1, max_len=MAX_REPLICAS))
+
+
+@message
+@dataclass(frozen=True)
+class ResultReveal(Message):
+    KIND: ClassVar[str] = "result_reveal"
+    MAX_BYTES: ClassVar[int] = 640 * 1024
+
+    network: str = field(metadata=lim(pattern=NETWORK_RE, max_len=32))
+    peer_id: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))  # the replica
+    seq: int = field(metadata=lim(min=0, max=(1 << 63) - 1))
+    timestamp: float = field(metadata=lim(min=0))
+    task_id: str = field(metadata=lim(pattern=TASK_ID_RE, max_len=32))
+    origin: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))
+    attempt: int = field(metadata=lim(min=1, max=100))
+    text: str = field(metadata=lim(max_len=MAX_REVEAL_CHARS))
+    token_ids: tuple[int, ...] = field(metadata=lim(max_len=8192))
+    finish_reason: str = field(metadata=lim(max_len=16))
+    salt: bytes = field(metadata=lim(**HASH))
+
+
+@message
+@dataclass(frozen=True)
+class OutcomeVote(Message):
+    """A signer's agreement to an outcome: ``signature`` over ``outcome_digest``."""
+
+    KIND: ClassVar[str] = "outcome_vote"
+    MAX_BYTES: ClassVar[int] = 1024
+
+    network: str = field(metadata=lim(pattern=NETWORK_RE, max_len=32))
+    peer_id: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))  # the signer
+    seq: int = field(metadata=lim(min=0, max=(1 << 63) - 1))
+    timestamp: float = field(metadata=lim(min=0))
+    task_id: str = field(metadata=lim(pattern=TASK_ID_RE, max_len=32))
+    origin: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))
+    round: int = field(metadata=lim(min=1, max=10))
+    result_hash: bytes = field(metadata=lim(**HASH))
+    decision: str = field(metadata=lim(choices=("none", "tie", "majority", "supermajority")))
+    eth_address: str = field(metadata=lim(pattern=r"0x[0-9a-fA-F]{40}", max_len=42))
+    signature: bytes = field(metadata=lim(exact_len=65, max_len=65))
