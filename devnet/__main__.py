@@ -188,10 +188,7 @@ def ensure_test_model(models: Path) -> Path:
     return models
 
 
-def demo_task(origin: DevNode, prompt: str, timeout: float = 120.0) -> dict[str, Any]:
-    """Submit a prompt to ``origin``; show the bids, the chosen node and the answer."""
-    print(f'\ndemo task: "{prompt}" -> node {origin.index}', flush=True)
-    req = {"model": TEST_MODEL, "input": prompt, "parameters": {"max_new_tokens": 48}}
+def _wait_task(origin: DevNode, req: dict[str, Any], timeout: float) -> dict[str, Any]:
     task_id = origin.rpc.call("vcoin_submitTask", req)["task_id"]
     deadline = time.monotonic() + timeout
     while True:
@@ -201,17 +198,43 @@ def demo_task(origin: DevNode, prompt: str, timeout: float = 120.0) -> dict[str,
         if time.monotonic() > deadline:
             raise DevnetError(f"demo task {task_id} did not finish within {timeout:.0f} s")
         time.sleep(0.1)
+    if t["status"] != "completed":
+        raise DevnetError(f"demo task {task_id} {t['status']}: {t['error']}")
+    return t
+
+
+def demo_task(origin: DevNode, prompt: str, timeout: float = 120.0) -> dict[str, Any]:
+    """Submit a prompt to ``origin``; show the bids, the chosen node and the answer."""
+    print(f'\ndemo task: "{prompt}" -> node {origin.index}', flush=True)
+    req = {"model": TEST_MODEL, "input": prompt, "parameters": {"max_new_tokens": 48}}
+    t = _wait_task(origin, req, timeout)
     for b in t["bids"]:
         print(f"  bid  {b['peer_id']}  eta {b['eta_s']:.3f} s  queue {b['queue_length']}  "
               f"health {b['health']:.2f}", flush=True)  # fmt: skip
-    if t["status"] != "completed":
-        raise DevnetError(f"demo task {task_id} {t['status']}: {t['error']}")
     tm = t["timings"]
     print(f"  chosen {t['node_id']} (attempts {t['attempts']}); assigned after "
           f"{1000 * tm['assigned_s']:.0f} ms, done after {tm['total_s']:.2f} s, "
           f"{tm['tokens']} tokens at {tm['tokens_per_s']:.0f} tokens/s", flush=True)  # fmt: skip
     print(f"  answer: {t['result']!r}", flush=True)
     return t
+
+
+def demo_consensus(origin: DevNode, prompt: str, replicas: int, timeout: float = 120.0) -> None:
+    """The same prompt on ``replicas`` nodes: commit-reveal, weighted vote, signatures."""
+    print(f'\nconsensus task: "{prompt}" on {replicas} replicas -> node {origin.index}',
+          flush=True)  # fmt: skip
+    req = {"model": TEST_MODEL, "input": prompt, "mode": "consensus", "replicas": replicas,
+           "parameters": {"max_new_tokens": 48}}  # fmt: skip
+    t = _wait_task(origin, req, timeout)
+    c = t["consensus"]
+    for r in c["replicas"]:
+        print(f"  replica {r['node_id']}  similarity {r['similarity']:.3f}  "
+              f"weight {r['weight']:.3f}  {'agreed' if r['agreed'] else 'OUTVOTED'}",
+              flush=True)  # fmt: skip
+    print(f"  decision {c['decision']}, confidence {c['confidence']:.3f} ({c['action']}); "
+          f"outcome {c['result_hash'][:16]}… signed by {len(c['signatures'])} nodes; "
+          f"done after {t['timings']['total_s']:.2f} s", flush=True)  # fmt: skip
+    print(f"  answer: {t['result']!r}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,10 +288,17 @@ def main(argv: list[str] | None = None) -> int:
         print_table(nodes)
         if not ns.no_demo:
             demo_task(nodes[0], ns.prompt)
+            if ns.nodes >= 2:
+                demo_consensus(nodes[0], ns.prompt, min(3, ns.nodes))
         print(f"\ntry: vcoin --datadir {nodes[0].datadir} peers", flush=True)
         print(
             f'     vcoin --datadir {nodes[0].datadir} submit "What is a Merkle tree?" '
             f"--model {TEST_MODEL} --wait",
+            flush=True,
+        )
+        print(
+            f'     vcoin --datadir {nodes[0].datadir} submit "What is a Merkle tree?" '
+            f"--model {TEST_MODEL} --mode consensus --replicas {min(3, ns.nodes)} --wait",
             flush=True,
         )
         if not ns.check:

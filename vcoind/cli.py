@@ -511,6 +511,14 @@ def client_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     s.add_argument("--priority", type=int, default=0, help="higher runs first")
     s.add_argument("--timeout", type=float, help="reassign after this long without progress")
+    s.add_argument(
+        "--mode",
+        choices=("single", "consensus", "auto"),
+        default="single",
+        help="consensus: several nodes run it and vote; auto: consensus when 3+ nodes serve "
+        "the model (default single)",
+    )
+    s.add_argument("--replicas", type=int, help="replicas in consensus mode, 2-5 (default 3)")
     s.add_argument("--wait", action="store_true", help="show progress, then print the answer")
     t = sub.add_parser("task", help="one task: status, progress, node, route, timings")
     t.add_argument("task_id")
@@ -520,7 +528,55 @@ def client_parser() -> argparse.ArgumentParser:
     ts.add_argument("--limit", type=int, default=20)
     c = sub.add_parser("cancel", help="cancel a task")
     c.add_argument("task_id")
+    cs = sub.add_parser("consensus", help="consensus mode: status, metrics, history, conflicts")
+    cs.add_argument("view", choices=("status", "metrics", "history", "conflicts"))
+    cs.add_argument("--limit", type=int, default=20)
     return p
+
+
+def fmt_consensus(c: dict[str, Any]) -> list[str]:
+    lines = [
+        f"consensus {c['decision']}  confidence {c['confidence']:.3f}  share {c['share']:.3f}  "
+        f"action {c['action']}  rounds {c.get('rounds', 1)}",
+    ]
+    if c.get("note"):
+        lines.append(f"note      {c['note']}")
+    for r in c.get("replicas", []):
+        mark = "agreed" if r["agreed"] else "OUTVOTED"
+        answer = "  <- answer" if r["node_id"] == c.get("answer_replica") else ""
+        lines.append(f"  replica {_short(r['node_id'])}  similarity {r['similarity']:.3f}  "
+                     f"weight {r['weight']:.3f}  {mark}{answer}")  # fmt: skip
+    lines.append(f"signed by {len(c.get('signatures', []))} node(s); result hash "
+                 f"{c['result_hash'][:16]}…")  # fmt: skip
+    return lines
+
+
+def _fmt_consensus_tasks(r: dict[str, Any]) -> str:
+    items = r.get("tasks", r.get("conflicts", []))
+    rows = [
+        [t["task_id"][:12], t["status"], str(t.get("decision") or "-"),
+         f"{t['confidence']:.3f}" if t.get("confidence") is not None else "-",
+         str(t.get("rounds") or "-"), t.get("why") or t.get("action") or t.get("error") or ""]
+        for t in items
+    ]  # fmt: skip
+    if not rows:
+        return "no consensus tasks"
+    last = "WHY" if "conflicts" in r else "ACTION"
+    head = ["TASK", "STATUS", "DECISION", "CONFIDENCE", "ROUNDS", last]
+    return _table(rows, head) + f"\n{len(rows)} of {r['total']}"
+
+
+def _fmt_kv(r: dict[str, Any]) -> str:
+    return "\n".join(f"{k:<20} {json.dumps(v) if isinstance(v, dict | list) else v}"
+                     for k, v in r.items())  # fmt: skip
+
+
+CONSENSUS_VIEWS: dict[str, tuple[str, Callable[[Any], str], bool]] = {
+    "status": ("vcoin_consensusStatus", _fmt_kv, False),
+    "metrics": ("vcoin_consensusMetrics", _fmt_kv, False),
+    "history": ("vcoin_consensusHistory", _fmt_consensus_tasks, True),
+    "conflicts": ("vcoin_consensusConflicts", _fmt_consensus_tasks, True),
+}
 
 
 def _fmt_task(t: dict[str, Any]) -> str:
@@ -539,6 +595,8 @@ def _fmt_task(t: dict[str, Any]) -> str:
         lines.append("timings   " + "  ".join(f"{k}={tm[k]}" for k in keys if k in tm))
     if t.get("error"):
         lines.append(f"error     {t['error']}")
+    if t.get("consensus"):
+        lines += fmt_consensus(t["consensus"])
     if t.get("result") is not None:
         lines += ["", t["result"]]
     return "\n".join(lines)
@@ -584,6 +642,8 @@ def _task_command(ns: argparse.Namespace, client: RPCClient) -> tuple[Any, Calla
                                "priority": ns.priority}  # fmt: skip
         if ns.timeout is not None:
             req["timeout_s"] = ns.timeout
+        if ns.mode != "single" or ns.replicas is not None:
+            req["mode"], req["replicas"] = ns.mode, ns.replicas
         task_id = client.call("vcoin_submitTask", req)["task_id"]
         if not ns.wait:
             return {"task_id": task_id}, lambda r: f"submitted {r['task_id']}"
@@ -595,6 +655,9 @@ def _task_command(ns: argparse.Namespace, client: RPCClient) -> tuple[Any, Calla
         return client.call("vcoin_getTask", {"task_id": ns.task_id}), _fmt_task
     if ns.command == "tasks":
         return client.call("vcoin_listTasks", {"status": ns.status, "limit": ns.limit}), _fmt_tasks
+    if ns.command == "consensus":
+        method, fmt, paged = CONSENSUS_VIEWS[ns.view]
+        return client.call(method, {"limit": ns.limit} if paged else {}), fmt
     r = client.call("vcoin_cancelTask", {"task_id": ns.task_id})
     return r, lambda r: f"task {r['task_id']}: {r['status']}"
 

@@ -441,6 +441,8 @@ class Coordinator:
         rows = [SignatureRow(self._peer_id, self._eth_address, o.result_hash.hex(), o.decision,
                              own.signature.hex(), now)]  # fmt: skip
         for peer, v in sorted(st.votes.items()):
+            if peer == self._peer_id:
+                continue  # our own, delivered back locally: signed above
             if v.round != st.round or v.result_hash != o.result_hash or v.decision != o.decision:
                 log.info("task %s: %s signed a different outcome", st.task_id, peer)
                 continue

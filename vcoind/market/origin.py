@@ -17,6 +17,8 @@ attempt's worker still completes the task (first result wins).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import secrets
 import time
@@ -318,8 +320,9 @@ class TaskOrigin:
         await self._update(live, retry_count=live.attempt, phase="bidding", status="pending")
 
     async def _run_consensus(self, live: _Live) -> tuple[str, str | None]:
-        """Replicas, commit-reveal, vote; one more round with more replicas when the
-        confidence calls for a recompute. A restarted origin starts the rounds afresh."""
+        """Replicas, commit-reveal, vote; when confidence is below 75 % one more round with
+        two more replicas (at most 5); if that is still below 60 %, the answer is marked as a
+        conservative fallback. A restarted origin starts the rounds afresh."""
         co = self.coordinator
         assert co is not None  # submit() refuses consensus tasks without one
         row = live.row
@@ -345,6 +348,8 @@ class TaskOrigin:
                 params = params_from_dict(row.parameters)
 
                 async def assign(n: int, peer: str, params: GenParams = params) -> None:
+                    if params.temperature > 0:  # sampled: each replica draws its own sample
+                        params = dataclasses.replace(params, seed=replica_seed(params.seed, n))
                     a = Assign(row.id, n, row.model, row.input, params, row.priority, True)
                     error = await self._assign(peer, a)
                     if error is not None:
@@ -372,7 +377,9 @@ class TaskOrigin:
                 await co.record(st, rr)
                 rounds.append({"round": round_, **rr.outcome.view(rr.results)})
                 last = (st, rr)
-                if rr.outcome.action == "recompute" and round_ == 1:
+                # The seeds' "recompute below 75 %", and, since high disagreement is what a
+                # recompute is for, one more round below 60 % too before falling back.
+                if rr.outcome.action in ("recompute", "fallback") and round_ == 1:
                     log.info("task %s: confidence %.2f, recomputing with %d replicas",
                              row.id, rr.outcome.confidence, min(MAX_REPLICAS, k + 2))  # fmt: skip
                     k = min(MAX_REPLICAS, k + 2)
@@ -612,6 +619,12 @@ _NOTES = {
     "recompute": "low confidence after the extra replicas",
     "fallback": "replicas disagreed: the answer is unverified (conservative fallback)",
 }
+
+
+def replica_seed(seed: int, attempt: int) -> int:
+    """A sampled consensus task's seed for one replica: independent samples, reproducible."""
+    digest = hashlib.sha256(f"{seed}:{attempt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def _since(row: TaskRow) -> float:
