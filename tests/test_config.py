@@ -75,6 +75,8 @@ def test_datadir_from_env_and_flag(tmp_path: Path) -> None:
         ({"network": "Bad Net"}, "network", "must match"),
         ({"log_level": "loud"}, "log_level", "one of"),
         ({"p2p.max_invalid_messages": 1.5}, "p2p.max_invalid_messages", "integer"),
+        ({"market.fault": "evil"}, "market.fault", "one of junk, copy, slow, silent"),
+        ({"market.fault": "junk", "network": "mainnet"}, "market.fault", "refused on network"),
     ],
 )
 def test_errors_name_the_key(

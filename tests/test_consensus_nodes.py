@@ -100,6 +100,12 @@ def test_junk_replica_is_outvoted_and_loses_reputation(cluster: Cluster, models_
     assert peers[junk]["reputation_score"] < 100 <= peers[n2.info["peer_id"]]["reputation_score"]
     conflicts = n1.rpc.call("vcoin_consensusConflicts")
     assert conflicts["total"] == 100 and "outvoted" in conflicts["conflicts"][0]["why"]
+    # Reputation feeds bid selection: the junk node is now last in line.
+    for i in range(4):
+        req = {"model": MODEL, "input": f"after {i}", "parameters": {"max_new_tokens": 2}}
+        t = finished(n1, str(n1.rpc.call("vcoin_submitTask", req)["task_id"]))
+        assert t["status"] == "completed" and t["node_id"] != junk, t
+        assert junk in {b["peer_id"] for b in t["bids"]}  # it bid, and lost
 
 
 def test_silent_replica_is_left_out(cluster: Cluster, models_dir: Path) -> None:

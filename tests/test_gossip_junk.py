@@ -160,3 +160,42 @@ async def test_persistent_junk_sender_is_blacklisted(cluster: Cluster) -> None:
         text = resp.read().decode()
     assert "vcoin_peers_blacklisted_total 1.0" in text
     assert n1.rpc.call("vcoin_nodeInfo")["peer_id"] == n1.info["peer_id"]
+
+
+async def test_junk_on_the_votes_topic_is_rejected_and_harmless(cluster: Cluster) -> None:
+    from vcoind.market.votes import ResultCommitment, ResultReveal
+
+    votes = "/vcoin/testnet/votes/1"
+    n1 = await call(cluster.start, 1)
+    async with raw_host() as (host, pubsub):
+        target = parse_peer_addr(n1.p2p_addr)
+        await host.connect(target)
+        await pubsub.subscribe(votes)
+        await pubsub.wait_for_subscription(target.peer_id, votes)
+        pid = host.get_id().to_base58()
+        now = time.time()
+        commit = ResultCommitment("testnet", pid, 1, now, "ab" * 16, n1.info["peer_id"], 1,
+                                  b"\x01" * 32)  # fmt: skip
+        body = msgpack.unpackb(encode(commit))
+        junk = {
+            "votes/malformed": msgpack.packb({**body, "commitment": b"\x01" * 31}),
+            "votes/oversized": msgpack.packb({"kind": "result_reveal", "pad": b"x" * 700_000}),
+            "votes/sender_mismatch": encode(
+                dataclasses.replace(commit, peer_id=n1.info["peer_id"])
+            ),
+        }
+        for data in junk.values():
+            await pubsub.publish(votes, data)
+        # Well-formed but for a task nobody runs: accepted by the validator, then ignored.
+        await pubsub.publish(votes, encode(dataclasses.replace(commit, seq=2)))
+        reveal = ResultReveal("testnet", pid, 3, now, "ab" * 16, n1.info["peer_id"], 1,
+                              "text", (1, 2), "stop", b"\x02" * 32)  # fmt: skip
+        await pubsub.publish(votes, encode(reveal))
+        await call(
+            wait_until,
+            lambda: all(rejected(n1).get(k, 0) >= 1 for k in junk),
+            10,
+            "every junk vote counted",
+        )
+    assert n1.proc.poll() is None
+    assert (await call(n1.rpc.call, "vcoin_consensusStatus"))["available"] is True

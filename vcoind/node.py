@@ -29,6 +29,7 @@ from vcoind.compute.models import ModelStore
 from vcoind.compute.telemetry import HostSample, Telemetry
 from vcoind.config import Config
 from vcoind.consensus.health import health_score
+from vcoind.consensus.reputation import DEFAULT_REPUTATION
 from vcoind.datadir import DataDir, Identity
 from vcoind.market.consensus import Coordinator, Replica
 from vcoind.market.messages import (
@@ -240,6 +241,9 @@ class Node:
         self.worker.commit_result = self.replica.commit
         self.origin.coordinator = self.coordinator
         self.origin.profile_of = self._profile_of
+        self.origin.reputations = lambda peers: self.consensus_store.reputations(
+            peers, DEFAULT_REPUTATION
+        )
         self.gossip.on("votes", ResultCommitment, self._on_vote_record)
         self.gossip.on("votes", CommitsClosed, self._on_vote_record)
         self.gossip.on("votes", ResultReveal, self._on_vote_record)

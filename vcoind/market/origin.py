@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from vcoind.config import MarketConfig
+from vcoind.consensus.reputation import DEFAULT_REPUTATION
 from vcoind.market.consensus import Coordinator, choose_replicas
 from vcoind.market.messages import (
     MAX_BATCH,
@@ -135,6 +136,7 @@ class TaskOrigin:
         self._to_assign: dict[str, list[tuple[Assign, _Verdict]]] = {}
         self.coordinator: Coordinator | None = None  # set by the node: consensus tasks
         self.profile_of: Callable[[str], Any] = lambda peer: None
+        self.reputations: Callable[[list[str]], Awaitable[dict[str, float]]] = _no_reputations
 
     # --- API --------------------------------------------------------------
 
@@ -466,8 +468,14 @@ class TaskOrigin:
                 await live.changed.wait()
         bids = [b for b in live.bids if b.peer_id not in live.tried]
         await self._tasks.add_bids(row.id, [_bid_row(b) for b in live.bids])
-        ranked = rank(cfg.strategy, row.id, bids, self._selection)
-        return [b for b in ranked if isinstance(b, TaskBid)]
+        ranked = [b for b in rank(cfg.strategy, row.id, bids, self._selection)
+                  if isinstance(b, TaskBid)]  # fmt: skip
+        # Reputation (earned in consensus rounds) decides who goes first: peers that fell
+        # under LOW_REPUTATION are only used when nobody else bid.
+        reps = await self.reputations([b.peer_id for b in ranked])
+        return sorted(
+            ranked, key=lambda b: reps.get(b.peer_id, DEFAULT_REPUTATION) < LOW_REPUTATION
+        )
 
     async def _attempt(self, live: _Live, bid: TaskBid) -> str | None:
         """Assign to ``bid``'s node and wait; None when a result arrived, else the error."""
@@ -598,20 +606,31 @@ class TaskOrigin:
         log.info("task %s %s%s", row.id, status, f": {error}" if error else "")
 
     async def _cancel_worker(self, live: _Live) -> None:
-        peer = live.attempt_peers.get(live.attempt)
-        if peer is None:
-            return
-        try:
-            with trio.move_on_after(3):
-                await self._send(peer, Cancel(live.row.id, live.attempt), Ack)
-        except StreamProtocolError as exc:
-            log.info("could not tell %s to cancel %s: %s", peer, live.row.id, exc)
+        """Stop the current attempt (every replica of a consensus task: stopping a finished
+        one is a no-op)."""
+        attempts = sorted(live.attempt_peers) if live.row.mode == "consensus" else [live.attempt]
+        for n in attempts:
+            peer = live.attempt_peers.get(n)
+            if peer is None:
+                continue
+            try:
+                with trio.move_on_after(3):
+                    await self._send(peer, Cancel(live.row.id, n), Ack)
+            except StreamProtocolError as exc:
+                log.info("could not tell %s to cancel %s: %s", peer, live.row.id, exc)
 
     async def _update(self, live: _Live, **changes: Any) -> None:
         with trio.CancelScope(shield=True):  # a cancel must not leave the row half-updated
             await self._tasks.update(live.row.id, **changes)
         live.row = TaskRow(**{**live.row.__dict__, **changes})
         await self._notify(task_view(live.row, live.attempt, live.progress))
+
+
+LOW_REPUTATION = DEFAULT_REPUTATION / 2
+
+
+async def _no_reputations(peers: list[str]) -> dict[str, float]:
+    return {}
 
 
 _NOTES = {
