@@ -67,6 +67,11 @@ def test_honest_replicas_agree_and_sign(cluster: Cluster, models_dir: Path) -> N
     assert single["result"] == t["result"]  # consensus returns the same greedy answer
     hist = n1.rpc.call("vcoin_consensusHistory")
     assert hist["total"] == 1 and hist["tasks"][0]["decision"] == "supermajority"
+    # auto: three idle nodes serve the model -> consensus
+    auto = {"model": MODEL, "input": "hi", "mode": "auto", "parameters": {"max_new_tokens": 4}}
+    t = finished(n1, str(n1.rpc.call("vcoin_submitTask", auto)["task_id"]))
+    assert t["mode"] == "consensus" and t["consensus"]["decision"] == "supermajority", t
+    assert n1.rpc.call("vcoin_consensusMetrics")["agreement_rate"] == 1.0
 
 
 def test_junk_replica_is_outvoted_and_loses_reputation(cluster: Cluster, models_dir: Path) -> None:

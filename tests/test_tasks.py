@@ -94,11 +94,15 @@ def test_bad_task_requests_are_clear_errors(cluster: Cluster, models_dir: Path) 
         msg = error("vcoin_submitTask", {**ok, "parameters": params})
         assert field in msg and "-32602" in msg, msg
     assert "replicas" in error("vcoin_submitTask", {**ok, "replicas": 3})
+    assert "consensus needs 2 to 5" in error("vcoin_submitTask", {**ok, "mode": "consensus",
+                                                                  "replicas": 1})  # fmt: skip
     assert "priority" in error("vcoin_submitTask", {**ok, "priority": 10**6})
     assert "no task" in error("vcoin_getTask", {"task_id": "0" * 32})
     assert "task_id" in error("vcoin_getTask", {"task_id": "../etc/passwd"})
     assert "status" in error("vcoin_listTasks", {"status": "weird"})
     assert n1.rpc.call("vcoin_listTasks")["total"] == 0  # nothing half-created
+    auto = n1.rpc.call("vcoin_submitTask", {**ok, "mode": "auto"})  # one node: single
+    assert n1.rpc.call("vcoin_getTask", auto)["mode"] == "single"
     assert n1.proc.poll() is None
 
 

@@ -241,6 +241,7 @@ class Node:
         self.worker.commit_result = self.replica.commit
         self.origin.coordinator = self.coordinator
         self.origin.profile_of = self._profile_of
+        self.origin.idle_nodes = self._idle_serving
         self.origin.reputations = lambda peers: self.consensus_store.reputations(
             peers, DEFAULT_REPUTATION
         )
@@ -306,6 +307,15 @@ class Node:
     def _spawn(self, fn: Any, *args: Any) -> None:
         assert self._nursery is not None  # handlers only run while the node runs
         self._nursery.start_soon(fn, *args)
+
+    def _idle_serving(self, model: str) -> int:
+        """Nodes (us included) serving ``model`` whose last word is an empty queue."""
+        serving = self._serving(model)
+        idle = sum(
+            1 for st in self.peers.peers()
+            if st.peer_id in serving and st.heartbeat.queue_length == 0
+        )  # fmt: skip
+        return idle + (self.identity.peer_id in serving and self.worker.queue_length == 0)
 
     def serving_count_by_model(self) -> dict[str, int]:
         """How many nodes (us included) serve each model name: the replicas possible."""

@@ -647,6 +647,21 @@ class ConsensusStore:
 
         return await self._store._run(q) if peer_ids else {}
 
+    async def max_tokens_handled(self, peer_ids: Sequence[str]) -> dict[str, int]:
+        """The longest task (max_new_tokens) each peer completed for this origin."""
+
+        def q(c: sqlite3.Connection) -> dict[str, int]:
+            marks = ", ".join("?" * len(peer_ids))
+            rows = c.execute(
+                f"SELECT a.peer_id, MAX(json_extract(t.parameters, '$.max_new_tokens')) "
+                f"FROM attempts a JOIN tasks t ON t.id = a.task_id "
+                f"WHERE a.status = 'completed' AND a.peer_id IN ({marks}) GROUP BY a.peer_id",
+                list(peer_ids),
+            ).fetchall()
+            return {r[0]: int(r[1] or 0) for r in rows}
+
+        return await self._store._run(q) if peer_ids else {}
+
     async def reputations(self, peer_ids: Sequence[str], default: float) -> dict[str, float]:
         def q(c: sqlite3.Connection) -> dict[str, float]:
             marks = ", ".join("?" * len(peer_ids))

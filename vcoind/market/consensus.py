@@ -351,9 +351,7 @@ class Coordinator:
     def end(self, task_id: str) -> None:
         self._rounds.pop(task_id, None)
 
-    async def run_round(
-        self, st: RoundState, prompt: str, commit_timeout_s: float, max_new_tokens: int
-    ) -> RoundResult:
+    async def run_round(self, st: RoundState, prompt: str, commit_timeout_s: float) -> RoundResult:
         """Commit phase, close, reveals, tally. The replicas were assigned already."""
         want = set(st.attempts)
         await st.wait(lambda: set(st.commits) | set(st.failed) >= want, commit_timeout_s)
@@ -362,7 +360,7 @@ class Coordinator:
             await self._store.adjust_reputation(st.attempts[a], _moved("timeout"))
         if not st.commits:
             return RoundResult(None, [], None, "no replica committed a result in time")
-        weights = await self._weights(st, max_new_tokens)
+        weights = await self._weights(st)
         committers = tuple(
             Committer(st.attempts[a], a, st.commits[a][0], weights[st.attempts[a]])
             for a in sorted(st.commits)
@@ -381,10 +379,11 @@ class Coordinator:
         outcome = await tally_async(closed.prompt, results, ws, self._embed)
         return RoundResult(outcome, results, closed)
 
-    async def _weights(self, st: RoundState, max_new_tokens: int) -> dict[str, float]:
+    async def _weights(self, st: RoundState) -> dict[str, float]:
         peers = [st.attempts[a] for a in sorted(st.commits)]
         record = await self._store.track_record(peers)
         reps = await self._store.reputations(peers, DEFAULT_REPUTATION)
+        handled = await self._store.max_tokens_handled(peers)
         out = {}
         for a in sorted(st.commits):
             peer = st.attempts[a]
@@ -392,7 +391,8 @@ class Coordinator:
             w = node_weight(NodeRecord(
                 agreed=agreed, validations=total,
                 mean_response_s=st.commits[a][1] - st.assigned_at,
-                health=self._health_of(peer), max_tokens_handled=max_new_tokens,
+                health=self._health_of(peer),
+                max_tokens_handled=handled.get(peer, 0),  # its longest completed task
             ))  # fmt: skip
             # A peer whose reputation fell votes with less weight (never more than 1).
             out[peer] = round(w * min(1.0, reps[peer] / DEFAULT_REPUTATION), 6)

@@ -136,6 +136,7 @@ class TaskOrigin:
         self._to_assign: dict[str, list[tuple[Assign, _Verdict]]] = {}
         self.coordinator: Coordinator | None = None  # set by the node: consensus tasks
         self.profile_of: Callable[[str], Any] = lambda peer: None
+        self.idle_nodes: Callable[[str], int] = lambda model: len(expected_bidders(model))
         self.reputations: Callable[[list[str]], Awaitable[dict[str, float]]] = _no_reputations
 
     # --- API --------------------------------------------------------------
@@ -328,7 +329,7 @@ class TaskOrigin:
         co = self.coordinator
         assert co is not None  # submit() refuses consensus tasks without one
         row = live.row
-        k, max_tokens = row.replicas, int(row.parameters.get("max_new_tokens", 64))
+        k = row.replicas
         rounds: list[dict[str, Any]] = []
         last = None
         try:
@@ -362,7 +363,7 @@ class TaskOrigin:
                         nursery.start_soon(assign, n, peer)
                 await self._update(live, phase="committing", timings={
                     **live.row.timings, "assigned_s": _since(row)})  # fmt: skip
-                rr = await co.run_round(st, row.input, row.timeout_s, max_tokens)
+                rr = await co.run_round(st, row.input, row.timeout_s)
                 for n in attempts:
                     ok = rr.outcome is not None and any(r.attempt == n for r in rr.results)
                     await self._tasks.finish_attempt(
