@@ -131,6 +131,8 @@ def main() -> int:
                 t = run_task(n1, {**req, **how}, ns.timeout)
                 (single if mode == "single" else cons).append(t)
         wall = time.monotonic() - t0
+        time.sleep(1.0)  # replicas' signatures are collected after completion: re-read
+        cons = [n1.rpc.call("vcoin_getTask", {"task_id": t["task_id"]}) for t in cons]
     except Exception as exc:  # report, keep the logs
         problems.append(f"{type(exc).__name__}: {exc}")
     finally:
@@ -172,6 +174,13 @@ def main() -> int:
         sigs = Counter(len(c["signatures"]) for c in cs)
         print(f"replicas per task {dict(reps)}, outvoted replicas {outvoted}; "
               f"signatures per task {dict(sigs)}")  # fmt: skip
+        phases = [c["history"][-1].get("phases_s", {}) for c in cs]
+        names = [
+            k for k in ("commits_closed", "revealed", "tallied") if all(k in p for p in phases)
+        ]
+        if names:
+            med = ", ".join(f"{k} {statistics.median(p[k] for p in phases):.3f} s" for k in names)
+            print(f"median phase ends after assignment: {med}")
     by_input = {t["input"]: t["result"] for t in s_ok}
     pairs = [(t["result"], by_input[t["input"]]) for t in c_ok if t["input"] in by_input]
     same = sum(a == b for a, b in pairs)

@@ -11,6 +11,7 @@ gossip. Each node has its own datadir (keys, config, SQLite, log) under --dir.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import subprocess
@@ -57,6 +58,7 @@ def start_node(
     extra: list[str] | None = None,
     listen: str = "/ip4/127.0.0.1/tcp/0",
     timeout: float = 60.0,
+    cpu_threads: int | None = None,
 ) -> DevNode:
     datadir = base / f"node{index}"
     datadir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +80,9 @@ def start_node(
         "--peer-timeout",
         str(peer_timeout),
         *(["--bootstrap", bootstrap] if bootstrap else []),
+        # Several daemons share this box: torch's default (all cores each) oversubscribes it.
+        "--cpu-threads",
+        str(cpu_threads or max(1, (os.cpu_count() or 1) // 3)),
         *(extra or []),
     ]
     dd = DataDir(datadir)

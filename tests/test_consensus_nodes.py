@@ -11,7 +11,7 @@ import pytest
 
 from devnet.__main__ import DevNode
 from tests.conftest import Cluster, wait_until
-from tests.test_tasks import MODEL, finished, knows_model, serving
+from tests.test_tasks import MODEL, finished, knows_model, serving, task
 from vcoind.consensus.outcome import outcome_digest, recover_outcome_signer
 
 pytestmark = pytest.mark.slow
@@ -56,8 +56,14 @@ def test_honest_replicas_agree_and_sign(cluster: Cluster, models_dir: Path) -> N
     # Every replica signed the same outcome; the signatures recover to their addresses.
     digest = outcome_digest("testnet", t["task_id"], bytes.fromhex(c["result_hash"]),
                             t["model_id"], c["decision"])  # fmt: skip
-    sigs = {s["node_id"]: s for s in c["signatures"]}
-    assert set(sigs) == ids and len(c["signatures"]) == 3
+    signed = wait_until(
+        lambda: len((x := task(n1, t["task_id"]))["consensus"]["signatures"]) == 3 and x,
+        15,
+        "every replica's signature",
+    )  # collected after completion
+    assert signed["consensus"]["history"][0]["phases_s"]["tallied"] > 0
+    sigs = {s["node_id"]: s for s in signed["consensus"]["signatures"]}
+    assert set(sigs) == ids and len(signed["consensus"]["signatures"]) == 3
     for s in sigs.values():
         assert recover_outcome_signer(digest, bytes.fromhex(s["signature"])) == s["eth_address"]
     assert len(t["validations"]) == 3 and all(v["passed"] for v in t["validations"])

@@ -95,6 +95,12 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
         help="serve every model directory found here (default DATADIR/models)",
     )
     g.add_argument("--device", choices=DEVICES, help="inference device (default auto)")
+    g.add_argument(
+        "--cpu-threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (default: torch's choice; 1 when several daemons share a box)",
+    )
     g = p.add_argument_group("market")
     g.add_argument(
         "--strategy",
@@ -141,6 +147,7 @@ def _flags(ns: argparse.Namespace) -> dict[str, Any]:
         "rpc.addr": ns.rpc_addr,
         "compute.models_dir": ns.models_dir,
         "compute.device": ns.device,
+        "compute.cpu_threads": ns.cpu_threads,
         "market.strategy": ns.strategy,
         "market.bid_window_s": ns.bid_window,
         "market.task_timeout_s": ns.task_timeout,

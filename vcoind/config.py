@@ -71,6 +71,9 @@ class ComputeConfig:
     device: str = "auto"  # auto | cpu | cuda
     # Models kept loaded; 0 = 80 % of GPU memory, or 50 % of RAM on CPU.
     memory_budget_mb: int = 0
+    # CPU threads for torch (inference and sentence embeddings); 0 = torch's default.
+    # Several daemons on one box (a devnet) each want 1.
+    cpu_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("rpc.addr", str(exc)) from None
     if cfg.compute.device not in DEVICES:
         raise ConfigError("compute.device", f"must be one of {', '.join(DEVICES)}")
+    if cfg.compute.cpu_threads < 0:
+        raise ConfigError("compute.cpu_threads", "must be >= 0 (0 = torch's default)")
     if cfg.compute.memory_budget_mb < 0:
         raise ConfigError("compute.memory_budget_mb", "must be >= 0 (0 = automatic)")
     m = cfg.market

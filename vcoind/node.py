@@ -31,7 +31,7 @@ from vcoind.config import Config
 from vcoind.consensus.health import health_score
 from vcoind.consensus.reputation import DEFAULT_REPUTATION
 from vcoind.datadir import DataDir, Identity
-from vcoind.market.consensus import Coordinator, Replica
+from vcoind.market.consensus import Coordinator, Replica, VoteContext
 from vcoind.market.messages import (
     TASK_PROTOCOL,
     Accepted,
@@ -228,14 +228,13 @@ class Node:
         self._embed_limiter = trio.CapacityLimiter(1)
         self._local_votes: trio.MemorySendChannel[Any]
         self._local_votes, self._local_votes_rx = trio.open_memory_channel[Any](256)
-        common: dict[str, Any] = {
-            "peer_id": ident.peer_id, "network": cfg.network, "eth_key": bytes(ident.eth.key),
-            "eth_address": ident.eth_address, "publish": self._publish_vote,
-            "embed": self.embed, "rejected": self.metrics.consensus_rejected,
-        }  # fmt: skip
-        self.replica = Replica(**common, model_id=lambda m: m, fault=cfg.market.fault)
+        ctx = VoteContext(
+            ident.peer_id, cfg.network, bytes(ident.eth.key), ident.eth_address,
+            self._publish_vote, self.embed, self.metrics.consensus_rejected,
+        )  # fmt: skip
+        self.replica = Replica(ctx, fault=cfg.market.fault)
         self.coordinator = Coordinator(
-            self.consensus_store, **common, eth_address_of=self._eth_address_of,
+            ctx, self.consensus_store, eth_address_of=self._eth_address_of,
             health_of=self._health_of,
         )  # fmt: skip
         self.worker.commit_result = self.replica.commit
@@ -271,6 +270,7 @@ class Node:
     async def embed(self, texts: Any) -> list[tuple[float, ...]]:
         """Sentence embeddings (all-MiniLM-L6-v2), computed off the trio thread."""
         if self._embedder is None:
+            self._torch_threads()
             from vcoind.consensus.embedding import Embedder
 
             self._embedder = Embedder()
@@ -394,6 +394,7 @@ class Node:
     def executor(self) -> Executor:
         """Created on first use: importing torch costs seconds a node without work need not pay."""
         if self._executor is None:
+            self._torch_threads()
             from vcoind.compute.executor import Executor, ExecutorConfig
 
             cc = self.config.compute
@@ -401,6 +402,13 @@ class Node:
                 self.models, ExecutorConfig(device=cc.device, memory_budget_mb=cc.memory_budget_mb)
             )
         return self._executor
+
+    def _torch_threads(self) -> None:
+        n = self.config.compute.cpu_threads
+        if n > 0:
+            import torch
+
+            torch.set_num_threads(n)
 
     async def rescan_models(self) -> None:
         """Re-read the model store (hashing new weights off the trio thread) and announce it."""

@@ -60,6 +60,19 @@ PROMPT_HEAD = 2048
 Publish = Callable[[Any], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class VoteContext:
+    """Who we are on the votes topic, and the means both roles share."""
+
+    peer_id: str
+    network: str
+    eth_key: bytes
+    eth_address: str
+    publish: Publish
+    embed: Callable[[Sequence[str]], Awaitable[list[tuple[float, ...]]]]
+    rejected: Counter  # vcoin_consensus_rejected_total{reason}
+
+
 def fault_allowed(network: str) -> bool:
     """Fault injection is a test tool: refused outside devnets and test networks."""
     return network.startswith(("devnet", "test", "bench"))
@@ -81,27 +94,8 @@ class _Pending:
 class Replica:
     """The worker side of consensus."""
 
-    def __init__(
-        self,
-        *,
-        peer_id: str,
-        network: str,
-        eth_key: bytes,
-        eth_address: str,
-        publish: Publish,
-        embed: Callable[[Sequence[str]], Awaitable[list[tuple[float, ...]]]],
-        model_id: Callable[[str], str],
-        rejected: Counter,
-        fault: str = "",
-    ) -> None:
-        self._peer_id = peer_id
-        self._network = network
-        self._eth_key = eth_key
-        self._eth_address = eth_address
-        self._publish = publish
-        self._embed = embed
-        self._model_id = model_id
-        self._rejected = rejected
+    def __init__(self, ctx: VoteContext, fault: str = "") -> None:
+        self._ctx = ctx
         self.fault = fault
         self._pending: dict[str, _Pending] = {}  # task id -> our result awaiting reveal
 
@@ -124,15 +118,15 @@ class Replica:
         if self.fault == "copy":  # has nothing to copy yet: commits to a guess
             c = secrets.token_bytes(32)
         self._pending[result.task_id] = _Pending(origin, result, salt, now + PENDING_S)
-        await self._publish(ResultCommitment(
-            self._network, self._peer_id, 0, 0.0, result.task_id, origin, result.attempt, c,
+        await self._ctx.publish(ResultCommitment(
+            self._ctx.network, self._ctx.peer_id, 0, 0.0, result.task_id, origin, result.attempt, c,
         ))  # fmt: skip
 
     async def on_closed(self, msg: CommitsClosed) -> None:
         p = self._pending.get(msg.task_id)
         if p is None or msg.peer_id != p.origin:
             return
-        me = next((c for c in msg.committers if c.peer_id == self._peer_id), None)
+        me = next((c for c in msg.committers if c.peer_id == self._ctx.peer_id), None)
         if me is None or me.attempt != p.result.attempt:
             log.info("task %s: our commitment was not accepted", msg.task_id)
             return
@@ -141,15 +135,15 @@ class Replica:
         text, salt = r.text, p.salt
         if self.fault == "copy":  # copy the first answer revealed by someone else
             with trio.move_on_after(REVEAL_TIMEOUT_S / 2):
-                while not any(k != self._peer_id for k in p.reveals):
+                while not any(k != self._ctx.peer_id for k in p.reveals):
                     await trio.sleep(0.05)
-            other = next((v for k, v in p.reveals.items() if k != self._peer_id), None)
+            other = next((v for k, v in p.reveals.items() if k != self._ctx.peer_id), None)
             if other is not None:
                 text = other.text
-        reveal = ResultReveal(self._network, self._peer_id, 0, 0.0, r.task_id, p.origin,
+        reveal = ResultReveal(self._ctx.network, self._ctx.peer_id, 0, 0.0, r.task_id, p.origin,
                               r.attempt, text, r.token_ids, r.finish_reason, salt)  # fmt: skip
-        p.reveals[self._peer_id] = reveal
-        await self._publish(reveal)
+        p.reveals[self._ctx.peer_id] = reveal
+        await self._ctx.publish(reveal)
         await self._maybe_vote(msg.task_id)
 
     async def on_reveal(self, r: ResultReveal) -> None:
@@ -167,7 +161,7 @@ class Replica:
         p = self._pending.get(task_id)
         if p is None or p.closed is None or p.voted:
             return
-        if p.origin == self._peer_id:  # the origin signs its own outcome
+        if p.origin == self._ctx.peer_id:  # the origin signs its own outcome
             del self._pending[task_id]
             return
         listed = {c.peer_id for c in p.closed.committers}
@@ -176,14 +170,14 @@ class Replica:
             return
         p.voted = True
         results, weights = ordered_results(p.closed, valid)
-        outcome = await tally_async(p.closed.prompt, results, weights, self._embed)
-        digest = outcome_digest(self._network, task_id, outcome.result_hash,
-                                self._model_id(p.result.model_id), outcome.decision)  # fmt: skip
-        sig = sign_outcome(self._eth_key, digest)
+        outcome = await tally_async(p.closed.prompt, results, weights, self._ctx.embed)
+        digest = outcome_digest(self._ctx.network, task_id, outcome.result_hash,
+                                p.result.model_id, outcome.decision)  # fmt: skip
+        sig = sign_outcome(self._ctx.eth_key, digest)
         self._pending.pop(task_id, None)
-        await self._publish(OutcomeVote(
-            self._network, self._peer_id, 0, 0.0, task_id, p.origin, p.closed.round,
-            outcome.result_hash, outcome.decision, self._eth_address, sig,
+        await self._ctx.publish(OutcomeVote(
+            self._ctx.network, self._ctx.peer_id, 0, 0.0, task_id, p.origin, p.closed.round,
+            outcome.result_hash, outcome.decision, self._ctx.eth_address, sig,
         ))  # fmt: skip
 
 
@@ -241,6 +235,10 @@ class RoundState:
     reveals: dict[str, ResultReveal] = field(default_factory=dict)
     votes: dict[str, OutcomeVote] = field(default_factory=dict)
     changed: trio.Event = field(default_factory=trio.Event)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds since assignment
+
+    def mark(self, phase: str) -> None:
+        self.phases[phase] = round(time.time() - self.assigned_at, 6)
 
     def wake(self) -> None:
         self.changed.set()
@@ -265,35 +263,23 @@ class Coordinator:
 
     def __init__(
         self,
+        ctx: VoteContext,
         store: ConsensusStore,
         *,
-        peer_id: str,
-        network: str,
-        eth_key: bytes,
-        eth_address: str,
-        publish: Publish,
-        embed: Callable[[Sequence[str]], Awaitable[list[tuple[float, ...]]]],
         eth_address_of: Callable[[str], str | None],
         health_of: Callable[[str], float],
-        rejected: Counter,
     ) -> None:
+        self._ctx = ctx
         self._store = store
-        self._peer_id = peer_id
-        self._network = network
-        self._eth_key = eth_key
-        self._eth_address = eth_address
-        self._publish = publish
-        self._embed = embed
         self._eth_address_of = eth_address_of
         self._health_of = health_of
-        self._rejected = rejected
         self._rounds: dict[str, RoundState] = {}
 
     # --- votes topic handlers ---------------------------------------------
 
     async def on_commitment(self, c: ResultCommitment) -> None:
         st = self._rounds.get(c.task_id)
-        if st is None or c.origin != self._peer_id or st.attempts.get(c.attempt) != c.peer_id:
+        if st is None or c.origin != self._ctx.peer_id or st.attempts.get(c.attempt) != c.peer_id:
             return
         if st.closed is not None:
             await self._penalise(c.peer_id, "late_commit", c.task_id)
@@ -303,7 +289,7 @@ class Coordinator:
 
     async def on_reveal(self, r: ResultReveal) -> None:
         st = self._rounds.get(r.task_id)
-        if st is None or r.origin != self._peer_id:
+        if st is None or r.origin != self._ctx.peer_id:
             return
         if st.closed is None:
             await self._penalise(r.peer_id, "early_reveal", r.task_id)
@@ -317,7 +303,7 @@ class Coordinator:
 
     async def on_vote(self, v: OutcomeVote) -> None:
         st = self._rounds.get(v.task_id)
-        if st is None or v.origin != self._peer_id or st.closed is None:
+        if st is None or v.origin != self._ctx.peer_id or st.closed is None:
             return
         if v.peer_id not in {c.peer_id for c in st.closed.committers}:
             await self._penalise(v.peer_id, "not_listed", v.task_id)
@@ -333,7 +319,7 @@ class Coordinator:
 
     async def _penalise(self, peer: str, reason: str, task_id: str) -> None:
         log.info("task %s: %s from %s rejected", task_id, reason, peer)
-        self._rejected.labels(reason=reason).inc()
+        self._ctx.rejected.labels(reason=reason).inc()
         event = "bad_reveal" if reason in ("bad_reveal", "not_listed", "early_reveal") else reason
         if event in ("bad_reveal", "late_commit"):
             await self._store.adjust_reputation(peer, _moved(event))
@@ -365,18 +351,21 @@ class Coordinator:
             Committer(st.attempts[a], a, st.commits[a][0], weights[st.attempts[a]])
             for a in sorted(st.commits)
         )
-        closed = CommitsClosed(self._network, self._peer_id, 0, 0.0, st.task_id, st.round,
+        closed = CommitsClosed(self._ctx.network, self._ctx.peer_id, 0, 0.0, st.task_id, st.round,
                                prompt[:PROMPT_HEAD], committers)  # fmt: skip
         st.closed = closed
-        await self._publish(closed)
+        st.mark("commits_closed")
+        await self._ctx.publish(closed)
         listed = {c.peer_id for c in committers}
         await st.wait(lambda: set(st.reveals) >= listed, REVEAL_TIMEOUT_S)
         for peer in listed - set(st.reveals):
             await self._store.adjust_reputation(peer, _moved("timeout"))
         results, ws = ordered_results(closed, st.reveals)
+        st.mark("revealed")
         if not results:
             return RoundResult(None, [], closed, "no replica revealed a valid result")
-        outcome = await tally_async(closed.prompt, results, ws, self._embed)
+        outcome = await tally_async(closed.prompt, results, ws, self._ctx.embed)
+        st.mark("tallied")
         return RoundResult(outcome, results, closed)
 
     async def _weights(self, st: RoundState) -> dict[str, float]:
@@ -408,7 +397,7 @@ class Coordinator:
             ValidationRow(
                 st.task_id,
                 st.round,
-                self._peer_id,
+                self._ctx.peer_id,
                 r.peer_id,
                 result_hash(r.text).hex(),
                 answer,
@@ -424,25 +413,35 @@ class Coordinator:
                 r.peer_id, _moved("agreed" if o.agreed[i] else "outvoted")
             )
 
-    async def sign_and_collect(
-        self, st: RoundState, rr: RoundResult, model_id: str
-    ) -> list[SignatureRow]:
-        """Sign the outcome, publish it, and gather the replicas' matching signatures."""
+    async def sign(self, st: RoundState, rr: RoundResult, model_id: str) -> SignatureRow:
+        """Sign the outcome and publish our vote; the replicas' votes follow."""
+        assert rr.outcome is not None
+        o, ctx = rr.outcome, self._ctx
+        digest = outcome_digest(ctx.network, st.task_id, o.result_hash, model_id, o.decision)
+        sig = sign_outcome(ctx.eth_key, digest)
+        vote = OutcomeVote(ctx.network, ctx.peer_id, 0, 0.0, st.task_id, ctx.peer_id, st.round,
+                           o.result_hash, o.decision, ctx.eth_address, sig)  # fmt: skip
+        await ctx.publish(vote)
+        row = SignatureRow(ctx.peer_id, ctx.eth_address, o.result_hash.hex(), o.decision,
+                           sig.hex(), time.time())  # fmt: skip
+        await self._store.add_signature(st.task_id, row)
+        return row
+
+    async def collect(self, st: RoundState, rr: RoundResult, model_id: str) -> list[SignatureRow]:
+        """Wait (at most ``VOTE_WAIT_S``) for the replicas' votes; store the valid ones.
+
+        Runs after the task is complete: signatures matter for anchoring, not for the
+        answer, so the client does not wait for them.
+        """
         assert rr.outcome is not None and rr.closed is not None
         o = rr.outcome
-        digest = outcome_digest(self._network, st.task_id, o.result_hash, model_id, o.decision)
-        own = OutcomeVote(self._network, self._peer_id, 0, 0.0, st.task_id, self._peer_id,
-                          st.round, o.result_hash, o.decision, self._eth_address,
-                          sign_outcome(self._eth_key, digest))  # fmt: skip
-        await self._publish(own)
-        signers = {c.peer_id for c in rr.closed.committers} - {self._peer_id}
+        digest = outcome_digest(self._ctx.network, st.task_id, o.result_hash, model_id, o.decision)
+        signers = {c.peer_id for c in rr.closed.committers} - {self._ctx.peer_id}
         await st.wait(lambda: set(st.votes) >= signers, VOTE_WAIT_S)
-        now = time.time()
-        rows = [SignatureRow(self._peer_id, self._eth_address, o.result_hash.hex(), o.decision,
-                             own.signature.hex(), now)]  # fmt: skip
+        rows = []
         for peer, v in sorted(st.votes.items()):
-            if peer == self._peer_id:
-                continue  # our own, delivered back locally: signed above
+            if peer == self._ctx.peer_id:
+                continue  # our own, delivered back locally: stored by sign()
             if v.round != st.round or v.result_hash != o.result_hash or v.decision != o.decision:
                 log.info("task %s: %s signed a different outcome", st.task_id, peer)
                 continue
@@ -456,7 +455,7 @@ class Coordinator:
                 await self._penalise(peer, "bad_signature", st.task_id)
                 continue
             rows.append(SignatureRow(peer, signer, o.result_hash.hex(), o.decision,
-                                     v.signature.hex(), now))  # fmt: skip
+                                     v.signature.hex(), time.time()))  # fmt: skip
         for row in rows:
             await self._store.add_signature(st.task_id, row)
         return rows

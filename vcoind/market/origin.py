@@ -30,7 +30,7 @@ import trio
 
 from vcoind.config import MarketConfig
 from vcoind.consensus.reputation import DEFAULT_REPUTATION
-from vcoind.market.consensus import Coordinator, choose_replicas
+from vcoind.market.consensus import Coordinator, RoundResult, RoundState, choose_replicas
 from vcoind.market.messages import (
     MAX_BATCH,
     Accepted,
@@ -51,7 +51,7 @@ from vcoind.market.selection import SelectionState, rank
 from vcoind.market.votes import MAX_REPLICAS
 from vcoind.metrics import NodeMetrics
 from vcoind.p2p.streams import StreamProtocolError
-from vcoind.store import FINISHED, BidRow, TaskRow, TaskStore
+from vcoind.store import FINISHED, BidRow, SignatureRow, TaskRow, TaskStore
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -332,6 +332,7 @@ class TaskOrigin:
         k = row.replicas
         rounds: list[dict[str, Any]] = []
         last = None
+        handed_off = False
         try:
             for round_ in (1, 2):
                 bids = await self._collect_bids(live)
@@ -378,7 +379,8 @@ class TaskOrigin:
                         continue
                     break
                 await co.record(st, rr)
-                rounds.append({"round": round_, **rr.outcome.view(rr.results)})
+                rounds.append({"round": round_, **rr.outcome.view(rr.results),
+                               "phases_s": st.phases})  # fmt: skip
                 last = (st, rr)
                 # The seeds' "recompute below 75 %", and, since high disagreement is what a
                 # recompute is for, one more round below 60 % too before falling back.
@@ -396,7 +398,7 @@ class TaskOrigin:
             assert rr.outcome is not None
             model_id = next((b.model_id for b in live.bids if b.peer_id in st.attempts.values()),
                             "")  # fmt: skip
-            sigs = await co.sign_and_collect(st, rr, model_id)
+            own = await co.sign(st, rr, model_id)
             o = rr.outcome
             answer = rr.results[o.answer]
             view = {
@@ -405,16 +407,40 @@ class TaskOrigin:
                                 in ("none", "tie")),
                 "fallback": o.action == "fallback",
                 "note": _NOTES.get(o.action, ""),
-                "signatures": [{"node_id": s.signer, "eth_address": s.eth_address,
-                                "signature": s.signature} for s in sigs],
+                "signatures": [_sig_view(own)],
             }  # fmt: skip
             live.final = {
                 "result": answer.text, "node_id": answer.peer_id, "model_id": model_id,
                 "consensus": view, "progress": len(answer.token_ids),
             }  # fmt: skip
+            assert self._nursery is not None
+            self._nursery.start_soon(self._collect_signatures, live, st, rr, model_id)
+            handed_off = True  # the collector ends the round
             return "completed", None
         finally:
-            co.end(row.id)
+            if not handed_off:
+                co.end(row.id)
+
+    async def _collect_signatures(
+        self, live: _Live, st: RoundState, rr: RoundResult, model_id: str
+    ) -> None:
+        """The replicas' signatures, added to the finished task's consensus record."""
+        co = self.coordinator
+        assert co is not None
+        try:
+            rows = await co.collect(st, rr, model_id)
+            while live.row.id in self._live:  # the task's own final write goes first
+                await live.changed.wait()
+            stored = await self._tasks.get(live.row.id)
+            if stored is None or not rows:
+                return
+            c = dict(stored.consensus)
+            c["signatures"] = [*c.get("signatures", []), *(_sig_view(r) for r in rows)]
+            await self._tasks.update(live.row.id, consensus=c)
+            log.info("task %s: outcome signed by %d node(s)", live.row.id,
+                     len(c["signatures"]))  # fmt: skip
+        finally:
+            co.end(live.row.id)
 
     def _announce(self, task: AnnouncedTask) -> None:
         self._to_announce.append(task)
@@ -632,6 +658,10 @@ LOW_REPUTATION = DEFAULT_REPUTATION / 2
 
 async def _no_reputations(peers: list[str]) -> dict[str, float]:
     return {}
+
+
+def _sig_view(s: SignatureRow) -> dict[str, str]:
+    return {"node_id": s.signer, "eth_address": s.eth_address, "signature": s.signature}
 
 
 _NOTES = {
