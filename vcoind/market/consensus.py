@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -55,7 +56,9 @@ log = logging.getLogger("vcoind.consensus")
 FAULTS = ("junk", "copy", "slow", "silent")
 REVEAL_TIMEOUT_S = 10.0
 VOTE_WAIT_S = 5.0
-PENDING_S = 300.0  # a replica keeps an unrevealed result this long
+PENDING_S = 300.0
+SLOW_FAULT_S = 5.0
+ENDED_ROUNDS_KEPT = 4096  # a replica keeps an unrevealed result this long
 PROMPT_HEAD = 2048
 Publish = Callable[[Any], Awaitable[None]]
 
@@ -107,8 +110,8 @@ class Replica:
         if self.fault == "silent":
             log.warning("fault injection: staying silent on %s", result.task_id)
             return
-        if self.fault == "slow":  # commits after any sane commit deadline
-            await trio.sleep(REVEAL_TIMEOUT_S * 6)
+        if self.fault == "slow":  # late: after a short commit deadline, within the default
+            await trio.sleep(SLOW_FAULT_S)
         if self.fault == "junk":
             words = [secrets.token_hex(3) for _ in range(max(4, len(result.token_ids) // 2))]
             result = TaskResult(**{**result.__dict__, "text": " ".join(words),
@@ -274,12 +277,18 @@ class Coordinator:
         self._eth_address_of = eth_address_of
         self._health_of = health_of
         self._rounds: dict[str, RoundState] = {}
+        # Rounds that ended, so a commitment that comes after them is still recognised.
+        self._ended: OrderedDict[str, dict[int, str]] = OrderedDict()
 
     # --- votes topic handlers ---------------------------------------------
 
     async def on_commitment(self, c: ResultCommitment) -> None:
+        if c.origin != self._ctx.peer_id:
+            return
         st = self._rounds.get(c.task_id)
-        if st is None or c.origin != self._ctx.peer_id or st.attempts.get(c.attempt) != c.peer_id:
+        if st is None or st.attempts.get(c.attempt) != c.peer_id:
+            if self._ended.get(c.task_id, {}).get(c.attempt) == c.peer_id:
+                await self._penalise(c.peer_id, "late_commit", c.task_id)
             return
         if st.closed is not None:
             await self._penalise(c.peer_id, "late_commit", c.task_id)
@@ -335,7 +344,11 @@ class Coordinator:
         return st
 
     def end(self, task_id: str) -> None:
-        self._rounds.pop(task_id, None)
+        st = self._rounds.pop(task_id, None)
+        if st is not None:
+            self._ended[task_id] = {**self._ended.get(task_id, {}), **st.attempts}
+            while len(self._ended) > ENDED_ROUNDS_KEPT:
+                self._ended.popitem(last=False)
 
     async def run_round(self, st: RoundState, prompt: str, commit_timeout_s: float) -> RoundResult:
         """Commit phase, close, reveals, tally. The replicas were assigned already."""

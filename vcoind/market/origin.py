@@ -335,7 +335,7 @@ class TaskOrigin:
         handed_off = False
         try:
             for round_ in (1, 2):
-                bids = await self._collect_bids(live)
+                bids = await self._collect_bids(live, want=k)
                 chosen = choose_replicas(bids, k, self.profile_of)
                 if not chosen:
                     if last is not None:
@@ -469,8 +469,12 @@ class TaskOrigin:
                 except Exception as exc:  # the tasks' drivers announce again within 1 s
                     log.warning("announcing %d task(s) failed: %s", len(batch), exc)
 
-    async def _collect_bids(self, live: _Live) -> list[TaskBid]:
-        """Announce and gather bids; ranked, minus peers that already failed this task."""
+    async def _collect_bids(self, live: _Live, want: int = 1) -> list[TaskBid]:
+        """Announce and gather bids; ranked, minus peers that already failed this task.
+
+        The window closes early once every node known to serve the model has bid and
+        there are ``want`` bids (replicas of a consensus task), else after ``bid_window_s``.
+        """
         cfg = self.config
         live.bids = []
         row = live.row
@@ -490,8 +494,13 @@ class TaskOrigin:
                     self._announce(task)
         # The window closes early once every node known to serve the model has bid.
         expected = self._expected_bidders(row.model)
+
+        def enough() -> bool:
+            bidders = {b.peer_id for b in live.bids}
+            return expected <= bidders and len(bidders) >= want
+
         with trio.move_on_after(cfg.bid_window_s):
-            while not live.cancelled and not expected <= {b.peer_id for b in live.bids}:
+            while not live.cancelled and not enough():
                 await live.changed.wait()
         bids = [b for b in live.bids if b.peer_id not in live.tried]
         await self._tasks.add_bids(row.id, [_bid_row(b) for b in live.bids])
