@@ -92,7 +92,7 @@ def test_junk_replica_is_outvoted_and_loses_reputation(cluster: Cluster, models_
         for p in prompts
     }  # fmt: skip
     assert all(t["status"] == "completed" for t in honest.values())
-    wrong_accepted, actions = 0, Counter[str]()
+    wrong_accepted, with_junk, actions = 0, 0, Counter[str]()
     for trial in range(100):
         prompt = prompts[trial % len(prompts)]
         t = finished(n1, submit_consensus(n1, prompt, seed=trial, max_new_tokens=8), timeout=120)
@@ -101,20 +101,20 @@ def test_junk_replica_is_outvoted_and_loses_reputation(cluster: Cluster, models_
         actions[c["action"]] += 1
         if t["result"] != honest[prompt]["result"] and c["action"].startswith("accept"):
             wrong_accepted += 1
-        assert c["decision"] in ("majority", "supermajority"), c
-        assert {r["node_id"]: r for r in c["replicas"]}.get(junk, {}).get("agreed") is False, (
-            trial,
-            c,
-            t["route"],
-        )
         assert c["answer_replica"] != junk and t["result"] == honest[prompt]["result"], c
-        assert c["conflict"], c
+        junk_vote = {r["node_id"]: r for r in c["replicas"]}.get(junk)
+        if junk_vote is None:  # its assignment failed (a dropped connection on a loaded box)
+            continue
+        with_junk += 1
+        assert c["decision"] in ("majority", "supermajority"), c
+        assert junk_vote["agreed"] is False and c["conflict"], (trial, c)
+    assert with_junk >= 90, with_junk
     assert wrong_accepted == 0
     assert actions["accept"] > 50, actions  # the junk node's weight falls as it keeps losing
     peers = {p["peer_id"]: p for p in n1.rpc.call("vcoin_peers")}
     assert peers[junk]["reputation_score"] < 100 <= peers[n2.info["peer_id"]]["reputation_score"]
     conflicts = n1.rpc.call("vcoin_consensusConflicts")
-    assert conflicts["total"] == 100 and "outvoted" in conflicts["conflicts"][0]["why"]
+    assert conflicts["total"] == with_junk and "outvoted" in conflicts["conflicts"][0]["why"]
     # Reputation feeds bid selection: the junk node is now last in line.
     for i in range(4):
         req = {"model": MODEL, "input": f"after {i}", "parameters": {"max_new_tokens": 2}}

@@ -535,9 +535,15 @@ def client_parser() -> argparse.ArgumentParser:
     ts.add_argument("--limit", type=int, default=20)
     c = sub.add_parser("cancel", help="cancel a task")
     c.add_argument("task_id")
-    cs = sub.add_parser("consensus", help="consensus mode: status, metrics, history, conflicts")
+    cs = sub.add_parser(
+        "consensus",
+        help="consensus mode: status, metrics, history, conflicts",
+        description="status: replicas possible per model, rounds in flight; metrics: "
+        "agreement and recompute rates, latency vs single mode; history: finished consensus "
+        "tasks; conflicts: tasks where replicas disagreed, and why.",
+    )
     cs.add_argument("view", choices=("status", "metrics", "history", "conflicts"))
-    cs.add_argument("--limit", type=int, default=20)
+    cs.add_argument("--limit", type=int, default=20, help="rows (history, conflicts)")
     return p
 
 

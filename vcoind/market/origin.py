@@ -50,7 +50,7 @@ from vcoind.market.messages import (
 from vcoind.market.selection import SelectionState, rank
 from vcoind.market.votes import MAX_REPLICAS
 from vcoind.metrics import NodeMetrics
-from vcoind.p2p.streams import StreamProtocolError
+from vcoind.p2p.streams import StreamOpenError, StreamProtocolError
 from vcoind.store import FINISHED, BidRow, SignatureRow, TaskRow, TaskStore
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vcoind.origin")
 
 ASSIGN_TIMEOUT_S = 5.0
+REDIAL_WAIT_S = 0.5
 REANNOUNCE_S = 1.0
 PROGRESS_WRITE_EVERY_S = 0.5
 
@@ -569,7 +570,11 @@ class TaskOrigin:
                 request = Assignments(tuple(a for a, _ in batch))
                 try:
                     with trio.fail_after(ASSIGN_TIMEOUT_S):
-                        reply = await self._send(peer, request, Accepted)
+                        try:
+                            reply = await self._send(peer, request, Accepted)
+                        except StreamOpenError:  # nothing sent: one more try on a new dial
+                            await trio.sleep(REDIAL_WAIT_S)
+                            reply = await self._send(peer, request, Accepted)
                     if len(reply.errors) != len(batch):
                         raise StreamProtocolError(f"{len(reply.errors)} verdicts for {len(batch)}")
                     errors = [f"{peer} refused: {e}" if e else None for e in reply.errors]

@@ -41,6 +41,10 @@ class StreamProtocolError(P2PError):
     """The remote answered with an error, broke the framing, or did not answer in time."""
 
 
+class StreamOpenError(StreamProtocolError):
+    """No stream could be opened: nothing was sent, so the request can be retried."""
+
+
 @message
 @dataclass(frozen=True)
 class ErrorReply(Message):
@@ -158,9 +162,7 @@ class StreamService:
             try:
                 stream = await self._p2p.host.new_stream(peer, [proto.protocol_id])  # type: ignore[list-item]
             except BaseLibp2pError as exc:
-                raise StreamProtocolError(
-                    f"cannot open {proto.protocol_id} to {peer}: {exc}"
-                ) from None
+                raise StreamOpenError(f"cannot open {proto.protocol_id} to {peer}: {exc}") from None
             try:
                 await write_frame(stream, encode(record))
                 data = await read_frame(stream, max(limit, ErrorReply.MAX_BYTES))
