@@ -33,17 +33,24 @@ MAX_REVEAL_CHARS = 131_072  # a reveal must fit one gossip frame (1 MiB)
 HASH = {"exact_len": 32, "max_len": 32}
 
 
-@message
 @dataclass(frozen=True)
-class ResultCommitment(Message):
-    KIND: ClassVar[str] = "result_commitment"
-    MAX_BYTES: ClassVar[int] = 512
+class VoteRecord(Message):
+    """What every votes-topic record starts with: its author (the libp2p key that signed
+    the envelope), the gossip stamp and the task it is about."""
 
     network: str = field(metadata=lim(pattern=NETWORK_RE, max_len=32))
-    peer_id: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))  # the replica
+    peer_id: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))
     seq: int = field(metadata=lim(min=0, max=(1 << 63) - 1))
     timestamp: float = field(metadata=lim(min=0))
     task_id: str = field(metadata=lim(pattern=TASK_ID_RE, max_len=32))
+
+
+@message
+@dataclass(frozen=True)
+class ResultCommitment(VoteRecord):
+    KIND: ClassVar[str] = "result_commitment"
+    MAX_BYTES: ClassVar[int] = 512
+
     origin: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))
     attempt: int = field(metadata=lim(min=1, max=100))
     commitment: bytes = field(metadata=lim(**HASH))
@@ -61,15 +68,10 @@ class Committer:
 
 @message
 @dataclass(frozen=True)
-class CommitsClosed(Message):
+class CommitsClosed(VoteRecord):
     KIND: ClassVar[str] = "commits_closed"
     MAX_BYTES: ClassVar[int] = 2048
 
-    network: str = field(metadata=lim(pattern=NETWORK_RE, max_len=32))
-    peer_id: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))  # the origin
-    seq: int = field(metadata=lim(min=0, max=(1 << 63) - 1))
-    timestamp: float = field(metadata=lim(min=0))
-    task_id: str = field(metadata=lim(pattern=TASK_ID_RE, max_len=32))
     round: int = field(metadata=lim(min=1, max=10))
     prompt: str = field(metadata=lim(max_len=2048))  # its head: relevance is judged on it
     committers: tuple[Committer, ...] = field(metadata=lim(min_len=1, max_len=MAX_REPLICAS))
@@ -77,15 +79,10 @@ class CommitsClosed(Message):
 
 @message
 @dataclass(frozen=True)
-class ResultReveal(Message):
+class ResultReveal(VoteRecord):
     KIND: ClassVar[str] = "result_reveal"
     MAX_BYTES: ClassVar[int] = 640 * 1024
 
-    network: str = field(metadata=lim(pattern=NETWORK_RE, max_len=32))
-    peer_id: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))  # the replica
-    seq: int = field(metadata=lim(min=0, max=(1 << 63) - 1))
-    timestamp: float = field(metadata=lim(min=0))
-    task_id: str = field(metadata=lim(pattern=TASK_ID_RE, max_len=32))
     origin: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))
     attempt: int = field(metadata=lim(min=1, max=100))
     text: str = field(metadata=lim(max_len=MAX_REVEAL_CHARS))
@@ -96,17 +93,12 @@ class ResultReveal(Message):
 
 @message
 @dataclass(frozen=True)
-class OutcomeVote(Message):
+class OutcomeVote(VoteRecord):
     """A signer's agreement to an outcome: ``signature`` over ``outcome_digest``."""
 
     KIND: ClassVar[str] = "outcome_vote"
     MAX_BYTES: ClassVar[int] = 1024
 
-    network: str = field(metadata=lim(pattern=NETWORK_RE, max_len=32))
-    peer_id: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))  # the signer
-    seq: int = field(metadata=lim(min=0, max=(1 << 63) - 1))
-    timestamp: float = field(metadata=lim(min=0))
-    task_id: str = field(metadata=lim(pattern=TASK_ID_RE, max_len=32))
     origin: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))
     round: int = field(metadata=lim(min=1, max=10))
     result_hash: bytes = field(metadata=lim(**HASH))
