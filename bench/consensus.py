@@ -30,6 +30,7 @@ from devnet.__main__ import (
     TEST_MODEL,
     DevNode,
     ensure_test_model,
+    run_task,
     start_node,
     stop_all,
     wait_for_mesh,
@@ -51,19 +52,6 @@ TOPICS = [
 def pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(q * len(s)))]
-
-
-def run_task(node: DevNode, req: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Submit ``req`` to ``node`` and poll until it finishes (or a synthetic timeout row)."""
-    task_id = node.rpc.call("vcoin_submitTask", req)["task_id"]
-    deadline = time.monotonic() + timeout
-    while True:
-        t: dict[str, Any] = node.rpc.call("vcoin_getTask", {"task_id": task_id})
-        if t["finished"]:
-            return t
-        if time.monotonic() > deadline:
-            return {**t, "status": "timeout", "error": f"not finished after {timeout:g} s"}
-        time.sleep(0.02)
 
 
 def log_problems(nodes: list[DevNode]) -> list[str]:

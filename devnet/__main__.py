@@ -193,18 +193,24 @@ def ensure_test_model(models: Path) -> Path:
     return models
 
 
-def _wait_task(origin: DevNode, req: dict[str, Any], timeout: float) -> dict[str, Any]:
-    task_id = origin.rpc.call("vcoin_submitTask", req)["task_id"]
+def run_task(node: DevNode, req: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Submit ``req`` to ``node`` and poll until it finishes (status "timeout" if it
+    does not within ``timeout`` seconds)."""
+    task_id = node.rpc.call("vcoin_submitTask", req)["task_id"]
     deadline = time.monotonic() + timeout
     while True:
-        t: dict[str, Any] = origin.rpc.call("vcoin_getTask", {"task_id": task_id})
+        t: dict[str, Any] = node.rpc.call("vcoin_getTask", {"task_id": task_id})
         if t["finished"]:
-            break
+            return t
         if time.monotonic() > deadline:
-            raise DevnetError(f"demo task {task_id} did not finish within {timeout:.0f} s")
-        time.sleep(0.1)
+            return {**t, "status": "timeout", "error": f"not finished after {timeout:g} s"}
+        time.sleep(0.02)
+
+
+def _wait_task(origin: DevNode, req: dict[str, Any], timeout: float) -> dict[str, Any]:
+    t = run_task(origin, req, timeout)
     if t["status"] != "completed":
-        raise DevnetError(f"demo task {task_id} {t['status']}: {t['error']}")
+        raise DevnetError(f"demo task {t['task_id']} {t['status']}: {t['error']}")
     return t
 
 
@@ -231,6 +237,10 @@ def demo_consensus(origin: DevNode, prompt: str, replicas: int, timeout: float =
     req = {"model": TEST_MODEL, "input": prompt, "mode": "consensus", "replicas": replicas,
            "parameters": {"max_new_tokens": 48}}  # fmt: skip
     t = _wait_task(origin, req, timeout)
+    deadline = time.monotonic() + 5  # the replicas' signatures are collected just after
+    while len(t["consensus"]["signatures"]) < replicas and time.monotonic() < deadline:
+        time.sleep(0.1)
+        t = origin.rpc.call("vcoin_getTask", {"task_id": t["task_id"]})
     c = t["consensus"]
     for r in c["replicas"]:
         print(f"  replica {r['node_id']}  similarity {r['similarity']:.3f}  "
