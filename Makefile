@@ -4,10 +4,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# npm writes this file on every install: it stands for "contracts/node_modules matches the lock".
+NODE_DEPS := contracts/node_modules/.package-lock.json
 
-.PHONY: install test lint devnet devnet-check bench clean
+.PHONY: install test lint contracts devnet devnet-check bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(NODE_DEPS)
 
 $(STAMP): pyproject.toml
 	@# fastecdsa (a libp2p dependency) builds from source against GMP.
@@ -20,6 +22,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
+
+# The pinned solcjs and OpenZeppelin (contracts/package-lock.json). The daemon needs no
+# compiler (the artifacts are committed); only `make contracts` and the artifact test do.
+$(NODE_DEPS): contracts/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm ci --prefix contracts --no-audit --no-fund; \
+	else \
+		echo "note: npm not found: contracts cannot be recompiled (the committed artifacts still work)" >&2; \
+	fi
+
+# Compile contracts/src with solcjs into the committed contracts/artifacts/*.json.
+contracts: $(NODE_DEPS)
+	node contracts/build.js
 
 test: install
 	$(BIN)/ruff check vcoind tests devnet bench

@@ -1,10 +1,11 @@
 """SQLite store (WAL) under the data dir, with versioned migrations.
 
-One connection, used from a worker thread so the trio thread never blocks on
-disk. Calls made while an earlier one is on the thread queue up and run together
-in the next thread hop, in one transaction (group commit): under a burst of tasks
-that is a few hops instead of several per task. Each call keeps its own savepoint,
-so one failing call rolls back only its own changes.
+One connection, used from a worker thread one call at a time, so the trio
+thread never blocks on disk. Each call runs in its own transaction: a failing
+call rolls back only its own changes.
+
+(Group commit — several queued calls in one thread hop — was tried and removed:
+under trio's MockClock it sometimes left a shielded waiter parked forever.)
 """
 
 from __future__ import annotations
@@ -162,7 +163,8 @@ class _Call:
 
 
 def _run_batch(conn: sqlite3.Connection, batch: list[_Call]) -> None:
-    """Run ``batch`` in one transaction, each call in its own savepoint."""
+    """Run ``batch`` in one transaction, each call in its own savepoint (the store runs
+    batches of one; the savepoint keeps a failing call's half-done changes out)."""
     conn.execute("BEGIN")
     try:
         for call in batch:
@@ -254,8 +256,7 @@ class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._conn: sqlite3.Connection | None = None
-        self._lock = trio.Lock()  # FIFO: one batch on the thread at a time
-        self._queue: list[_Call] = []
+        self._lock = trio.Lock()  # FIFO: one call on the thread at a time
 
     @property
     def is_open(self) -> bool:
@@ -270,30 +271,12 @@ class Store:
             await trio.to_thread.run_sync(conn.close)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._conn
+        if conn is None:
+            raise StoreError("store is closed")
         call = _Call(fn)
-        self._queue.append(call)
-        try:
-            async with self._lock:
-                if not call.done:  # nobody took us along in their batch: lead one
-                    conn = self._conn
-                    if conn is None:
-                        raise StoreError("store is closed")
-                    batch, self._queue = self._queue, []
-                    await trio.to_thread.run_sync(_run_batch, conn, batch)
-        except trio.Cancelled:
-            if call in self._queue:  # cancelled before it ran: drop it
-                self._queue.remove(call)
-                raise
-            # Another caller's batch took it along: it runs, so wait and report how it
-            # went (the cancellation is delivered at the caller's next checkpoint).
-            with trio.CancelScope(shield=True):
-                while not call.done:
-                    async with self._lock:
-                        pass
-        except BaseException:
-            if call in self._queue:
-                self._queue.remove(call)
-            raise
+        async with self._lock:
+            await trio.to_thread.run_sync(_run_batch, conn, [call])
         if call.error is not None:
             raise call.error
         return call.value  # type: ignore[no-any-return]
