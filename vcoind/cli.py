@@ -21,6 +21,7 @@ from vcoind import __version__
 from vcoind.config import (
     DEFAULT_DATADIR,
     DEVICES,
+    FAULTS,
     LOG_LEVELS,
     Config,
     ConfigError,
@@ -121,7 +122,7 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--fault",
-        choices=("junk", "copy", "slow", "silent"),
+        choices=FAULTS,
         help="TEST ONLY: misbehave as a consensus replica (refused outside devnet/test networks)",
     )
     g = p.add_argument_group("rpc")

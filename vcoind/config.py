@@ -251,6 +251,14 @@ def _check_multiaddrs(key: str, addrs: tuple[str, ...], *, need_peer_id: bool) -
             raise ConfigError(key, f"{a!r} must be a TCP address (/ip4/HOST/tcp/PORT)")
 
 
+FAULTS = ("junk", "copy", "slow", "silent")  # market.fault: consensus misbehaviour, tests only
+
+
+def fault_allowed(network: str) -> bool:
+    """Fault injection is a test tool: refused outside devnets and test networks."""
+    return network.startswith(("devnet", "test", "bench"))
+
+
 def validate(cfg: Config) -> Config:
     if not _NETWORK_RE.match(cfg.network):
         raise ConfigError("network", f"must match {_NETWORK_RE.pattern}, got {cfg.network!r}")
@@ -276,9 +284,9 @@ def validate(cfg: Config) -> Config:
     if p.max_invalid_messages < 1:
         raise ConfigError("p2p.max_invalid_messages", "must be at least 1")
     fault = cfg.market.fault
-    if fault and fault not in ("junk", "copy", "slow", "silent"):
-        raise ConfigError("market.fault", "must be one of junk, copy, slow, silent")
-    if fault and not cfg.network.startswith(("devnet", "test", "bench")):
+    if fault and fault not in FAULTS:
+        raise ConfigError("market.fault", f"must be one of {', '.join(FAULTS)}")
+    if fault and not fault_allowed(cfg.network):
         raise ConfigError("market.fault", f"fault injection is refused on network {cfg.network!r}")
     try:
         split_host_port(cfg.rpc.addr)

@@ -1,11 +1,8 @@
 """SQLite store (WAL) under the data dir, with versioned migrations.
 
-One connection, used from a worker thread one call at a time, so the trio
-thread never blocks on disk. Each call runs in its own transaction: a failing
-call rolls back only its own changes.
-
-(Group commit — several queued calls in one thread hop — was tried and removed:
-under trio's MockClock it sometimes left a shielded waiter parked forever.)
+One connection, used from a worker thread one call at a time (a CapacityLimiter
+of 1), so the trio thread never blocks on disk. Each call is one transaction: a
+failing call rolls back only its own changes.
 """
 
 from __future__ import annotations
@@ -139,7 +136,7 @@ MIGRATIONS: tuple[str, ...] = (
 
 @contextlib.contextmanager
 def _transaction(c: sqlite3.Connection) -> Iterator[None]:
-    """All-or-nothing; nests (a savepoint, so it works inside a group commit too)."""
+    """All-or-nothing; nests (a savepoint)."""
     c.execute("SAVEPOINT tx")
     try:
         yield
@@ -150,41 +147,9 @@ def _transaction(c: sqlite3.Connection) -> Iterator[None]:
     c.execute("RELEASE tx")
 
 
-class _Call:
-    """One queued store call and, once run, its outcome."""
-
-    __slots__ = ("done", "error", "fn", "value")
-
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
-        self.fn = fn
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.done = False
-
-
-def _run_batch(conn: sqlite3.Connection, batch: list[_Call]) -> None:
-    """Run ``batch`` in one transaction, each call in its own savepoint (the store runs
-    batches of one; the savepoint keeps a failing call's half-done changes out)."""
-    conn.execute("BEGIN")
-    try:
-        for call in batch:
-            try:
-                with _transaction(conn):
-                    call.value = call.fn(conn)
-            except Exception as exc:  # the error goes to that call's caller
-                call.error = exc
-        conn.execute("COMMIT")
-    except BaseException as exc:  # COMMIT failed (disk full, I/O): nobody's change stuck
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        for call in batch:
-            call.error = call.error or exc
-            call.value = None
-        if not isinstance(exc, Exception):
-            raise
-    finally:
-        for call in batch:
-            call.done = True
+def _atomic(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    with _transaction(conn):
+        return fn(conn)
 
 
 @dataclass(frozen=True)
@@ -256,7 +221,7 @@ class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._conn: sqlite3.Connection | None = None
-        self._lock = trio.Lock()  # FIFO: one call on the thread at a time
+        self._limiter = trio.CapacityLimiter(1)
 
     @property
     def is_open(self) -> bool:
@@ -274,12 +239,7 @@ class Store:
         conn = self._conn
         if conn is None:
             raise StoreError("store is closed")
-        call = _Call(fn)
-        async with self._lock:
-            await trio.to_thread.run_sync(_run_batch, conn, [call])
-        if call.error is not None:
-            raise call.error
-        return call.value  # type: ignore[no-any-return]
+        return await trio.to_thread.run_sync(_atomic, conn, fn, limiter=self._limiter)
 
     async def schema_version(self) -> int:
         def q(c: sqlite3.Connection) -> int:
@@ -616,46 +576,40 @@ class ConsensusStore:
 
         return await self._store._run(q)
 
+    async def _per_peer(self, sql: str, peer_ids: Sequence[str]) -> list[tuple[Any, ...]]:
+        """Rows of ``sql`` (its ``{peers}`` an IN list of ``peer_ids``; none: no query)."""
+        if not peer_ids:
+            return []
+        query = sql.format(peers=", ".join("?" * len(peer_ids)))
+        return await self._store._run(
+            lambda c: [tuple(r) for r in c.execute(query, list(peer_ids)).fetchall()]
+        )
+
     async def track_record(self, peer_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
         """(agreed, validations) per peer, from every validation this node recorded."""
-
-        def q(c: sqlite3.Connection) -> dict[str, tuple[int, int]]:
-            marks = ", ".join("?" * len(peer_ids))
-            rows = c.execute(
-                f"SELECT node_id, SUM(passed), COUNT(*) FROM validations "
-                f"WHERE node_id IN ({marks}) GROUP BY node_id",
-                list(peer_ids),
-            ).fetchall()
-            return {r[0]: (int(r[1]), int(r[2])) for r in rows}
-
-        return await self._store._run(q) if peer_ids else {}
+        rows = await self._per_peer(
+            "SELECT node_id, SUM(passed), COUNT(*) FROM validations "
+            "WHERE node_id IN ({peers}) GROUP BY node_id",
+            peer_ids,
+        )
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
 
     async def max_tokens_handled(self, peer_ids: Sequence[str]) -> dict[str, int]:
         """The longest task (max_new_tokens) each peer completed for this origin."""
-
-        def q(c: sqlite3.Connection) -> dict[str, int]:
-            marks = ", ".join("?" * len(peer_ids))
-            rows = c.execute(
-                f"SELECT a.peer_id, MAX(json_extract(t.parameters, '$.max_new_tokens')) "
-                f"FROM attempts a JOIN tasks t ON t.id = a.task_id "
-                f"WHERE a.status = 'completed' AND a.peer_id IN ({marks}) GROUP BY a.peer_id",
-                list(peer_ids),
-            ).fetchall()
-            return {r[0]: int(r[1] or 0) for r in rows}
-
-        return await self._store._run(q) if peer_ids else {}
+        rows = await self._per_peer(
+            "SELECT a.peer_id, MAX(json_extract(t.parameters, '$.max_new_tokens')) "
+            "FROM attempts a JOIN tasks t ON t.id = a.task_id "
+            "WHERE a.status = 'completed' AND a.peer_id IN ({peers}) GROUP BY a.peer_id",
+            peer_ids,
+        )
+        return {r[0]: int(r[1] or 0) for r in rows}
 
     async def reputations(self, peer_ids: Sequence[str], default: float) -> dict[str, float]:
-        def q(c: sqlite3.Connection) -> dict[str, float]:
-            marks = ", ".join("?" * len(peer_ids))
-            rows = c.execute(
-                f"SELECT peer_id, reputation_score FROM peers WHERE peer_id IN ({marks})",
-                list(peer_ids),
-            ).fetchall()
-            found = {r[0]: float(r[1]) for r in rows}
-            return {p: found.get(p, default) for p in peer_ids}
-
-        return await self._store._run(q) if peer_ids else {}
+        rows = await self._per_peer(
+            "SELECT peer_id, reputation_score FROM peers WHERE peer_id IN ({peers})", peer_ids
+        )
+        found = {r[0]: float(r[1]) for r in rows}
+        return {p: found.get(p, default) for p in peer_ids}
 
     async def adjust_reputation(
         self, peer_id: str, update: Callable[[float], float]

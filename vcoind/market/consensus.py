@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vcoind.consensus")
 
-FAULTS = ("junk", "copy", "slow", "silent")
 REVEAL_TIMEOUT_S = 10.0
 VOTE_WAIT_S = 5.0
 PENDING_S = 300.0
@@ -74,11 +73,6 @@ class VoteContext:
     publish: Publish
     embed: Callable[[Sequence[str]], Awaitable[list[tuple[float, ...]]]]
     rejected: Counter  # vcoin_consensus_rejected_total{reason}
-
-
-def fault_allowed(network: str) -> bool:
-    """Fault injection is a test tool: refused outside devnets and test networks."""
-    return network.startswith(("devnet", "test", "bench"))
 
 
 @dataclass
@@ -213,14 +207,8 @@ async def tally_async(
     weights: Sequence[float],
     embed: Callable[[Sequence[str]], Awaitable[list[tuple[float, ...]]]],
 ) -> Outcome:
-    texts = [prompt, *(r.text for r in results)]
-    vectors = await embed(texts)
-    cached = dict(zip(texts, vectors, strict=True))
-
-    def lookup(ts: Sequence[str]) -> list[tuple[float, ...]]:
-        return [cached[t] for t in ts]
-
-    return tally(prompt, results, weights, lookup)
+    vectors = await embed([prompt, *(r.text for r in results)])
+    return tally(results, weights, vectors[0], vectors[1:])
 
 
 # --- origin side ------------------------------------------------------------

@@ -2,13 +2,13 @@
 
 Input: the prompt, the revealed results in the order the origin listed their
 commitments, and the weights it listed. Output: similarity matrix, decision,
-confidence, the chosen answer and its hash. Only the embedding is not pure (it
-runs the sentence model), so ``tally`` is blocking: call it in a worker thread.
+confidence, the chosen answer and its hash. Pure: the caller embeds the texts
+(``vcoind.market.consensus.tally_async``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +16,6 @@ from vcoind.consensus.confidence import action, completeness, confidence, qualit
 from vcoind.consensus.outcome import result_hash
 from vcoind.consensus.similarity import cosine, similarity_matrix
 from vcoind.consensus.voting import vote
-
-Embed = Callable[[Sequence[str]], list[tuple[float, ...]]]
 
 
 @dataclass(frozen=True)
@@ -65,11 +63,14 @@ class Outcome:
 
 
 def tally(
-    prompt: str, results: Sequence[Revealed], weights: Sequence[float], embed: Embed
+    results: Sequence[Revealed],
+    weights: Sequence[float],
+    prompt_vec: Sequence[float],
+    answer_vecs: Sequence[Sequence[float]],
 ) -> Outcome:
-    """Vote over ``results`` (at least one) with ``weights``; see ``vcoind.consensus``."""
-    vectors = embed([prompt, *(r.text for r in results)])
-    prompt_vec, answer_vecs = vectors[0], vectors[1:]
+    """Vote over ``results`` (at least one) with ``weights``; see ``vcoind.consensus``.
+    ``prompt_vec`` and ``answer_vecs`` are the sentence embeddings of the prompt and of
+    each result's text."""
     sim = similarity_matrix([r.text for r in results], answer_vecs, [r.token_ids for r in results])
     v = vote(sim, weights)
     chosen = results[v.answer]
