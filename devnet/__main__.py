@@ -3,9 +3,13 @@
     python -m devnet                 # 3 nodes, live status line, Ctrl-C stops all
     python -m devnet --nodes 5
     python -m devnet --check         # bring up, verify full mesh, stop cleanly; exit 0/1
+    python -m devnet --chain embedded  # no anvil: each daemon has its own in-process EVM
 
 Node 1 starts first; the others bootstrap to it and learn each other through
 gossip. Each node has its own datadir (keys, config, SQLite, log) under --dir.
+With --chain anvil (the default) an anvil chain is started first, the contracts are
+deployed on it, and every node is funded and stakes 1000 VCOIN before the demo tasks,
+whose outcomes are anchored on that chain.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from devnet.chain import Anvil, ChainSetupError, deploy_devnet, fund_nodes, start_anvil
 from vcoind.cli import ClientError, RPCClient
 from vcoind.datadir import DataDir
 
@@ -40,7 +46,11 @@ class DevNode:
 
     @property
     def rpc(self) -> RPCClient:
-        return RPCClient(self.info["rpc_url"], DataDir(self.datadir).read_cookie(), timeout=5)
+        return self.client(5)
+
+    def client(self, timeout: float) -> RPCClient:
+        """An RPC client for calls that may take longer (chain writes wait for receipts)."""
+        return RPCClient(self.info["rpc_url"], DataDir(self.datadir).read_cookie(), timeout)
 
     @property
     def p2p_addr(self) -> str:
@@ -102,6 +112,18 @@ def start_node(
         time.sleep(0.1)
     proc.kill()
     raise DevnetError(f"node {index} did not start within {timeout:.0f} s:\n" + tail(log_path))
+
+
+def free_port(preferred: int = 0) -> int:
+    """``preferred`` if nothing listens there, else any free loopback port."""
+    for port in (preferred, 0) if preferred else (0,):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise DevnetError("no free port")
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -214,6 +236,54 @@ def _wait_task(origin: DevNode, req: dict[str, Any], timeout: float) -> dict[str
     return t
 
 
+def wait_anchor(origin: DevNode, task_id: str, timeout: float = 30.0) -> dict[str, Any] | None:
+    """The task's anchor once it is on chain (or failed), else as it stands at ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        a: dict[str, Any] | None = origin.rpc.call("vcoin_getTask", {"task_id": task_id}).get(
+            "anchor"
+        )
+        if (a and a["status"] in ("anchored", "failed")) or time.monotonic() > deadline:
+            return a
+        time.sleep(0.1)
+
+
+def print_anchor(origin: DevNode, task_id: str) -> None:
+    a = wait_anchor(origin, task_id)
+    if a is None:
+        print("  anchor: none (no chain)", flush=True)
+        return
+    if a["status"] != "anchored":
+        print(f"  anchor: {a['status']} {a.get('error') or ''}", flush=True)
+        return
+    print(f"  anchored: tx {a['tx_hash']} in block {a['block']}", flush=True)
+    for r in a["rewards"]:
+        print(f"    reward {r['amount']:g} VCOIN -> {r['node']}", flush=True)
+    for r in a["slashed"]:
+        print(f"    slashed {r['amount']:g} VCOIN from {r['node']}", flush=True)
+
+
+def stake_all(nodes: list[DevNode], amount: float, timeout: float = 60.0) -> None:
+    """Each node stakes through its own RPC; then wait until every node sees every node
+    (itself included) eligible, since bids from unstaked nodes are ignored."""
+    for n in nodes:
+        r = n.client(40).call("vcoin_stake", {"amount": amount, "wait_s": 30})
+        if r["status"] != "done":
+            raise DevnetError(f"node {n.index} could not stake: {r}")
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = [
+            (n.index, p["peer_id"][-6:]) for n in nodes for p in n.rpc.call("vcoin_peers")
+            if not (p.get("stake") or {}).get("eligible")
+        ]  # fmt: skip
+        if not missing:
+            break
+        if time.monotonic() > deadline:
+            raise DevnetError(f"stake not visible after {timeout:g} s: {missing}")
+        time.sleep(0.2)
+    print(f"staked {amount:g} VCOIN on each of {len(nodes)} nodes", flush=True)
+
+
 def demo_task(origin: DevNode, prompt: str, timeout: float = 120.0) -> dict[str, Any]:
     """Submit a prompt to ``origin``; show the bids, the chosen node and the answer."""
     print(f'\ndemo task: "{prompt}" -> node {origin.index}', flush=True)
@@ -227,6 +297,7 @@ def demo_task(origin: DevNode, prompt: str, timeout: float = 120.0) -> dict[str,
           f"{1000 * tm['assigned_s']:.0f} ms, done after {tm['total_s']:.2f} s, "
           f"{tm['tokens']} tokens at {tm['tokens_per_s']:.0f} tokens/s", flush=True)  # fmt: skip
     print(f"  answer: {t['result']!r}", flush=True)
+    print_anchor(origin, t["task_id"])
     return t
 
 
@@ -250,6 +321,7 @@ def demo_consensus(origin: DevNode, prompt: str, replicas: int, timeout: float =
           f"outcome {c['result_hash'][:16]}… signed by {len(c['signatures'])} nodes; "
           f"done after {t['timings']['total_s']:.2f} s", flush=True)  # fmt: skip
     print(f"  answer: {t['result']!r}", flush=True)
+    print_anchor(origin, t["task_id"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,22 +346,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=60.0, help="mesh deadline in seconds")
     p.add_argument("--prompt", default="Explain proof of stake", help="the demo task's prompt")
     p.add_argument("--no-demo", action="store_true", help="skip the demo task")
+    p.add_argument("--chain", choices=("anvil", "embedded", "none"), default="anvil",
+                   help="anvil: one shared chain (default); embedded: an in-process EVM per "
+                   "daemon; none: no chain")  # fmt: skip
+    p.add_argument("--chain-port", type=int, default=0, help="anvil's port (default: free)")
     ns = p.parse_args(argv)
     if ns.nodes < 1:
         p.error("--nodes must be at least 1")
     base = ns.dir or Path(tempfile.mkdtemp(prefix="vcoin-devnet-"))
     temp = ns.dir is None and not ns.keep
     nodes: list[DevNode] = []
+    anvil: Anvil | None = None
     started = time.monotonic()
     code = 0
     try:
         print(f"devnet: {ns.nodes} nodes, datadirs under {base}", flush=True)
         models = ensure_test_model(base / "models")
+        chain_flags = {"none": ["--no-chain"], "embedded": []}.get(ns.chain, [])
+        if ns.chain == "anvil":
+            anvil = start_anvil(ns.chain_port or free_port(8546), base / "anvil.log")
+            deployment = base / "deployment.json"
+            d = deploy_devnet(anvil.url, deployment, ns.network)
+            print(f"chain: anvil at {anvil.url} (chain id {d.chain_id}); contracts deployed, "
+                  f"TaskAnchor {d.addresses['TaskAnchor']}; deployment file {deployment}",
+                  flush=True)  # fmt: skip
+            chain_flags = ["--chain-rpc", anvil.url, "--contracts", str(deployment)]
         common = dict(
             heartbeat=ns.heartbeat_interval,
             peer_timeout=ns.peer_timeout,
             network=ns.network,
-            extra=["--models-dir", str(models)],
+            extra=["--models-dir", str(models), *chain_flags],
         )
         nodes.append(start_node(1, base, bootstrap=None, **common))
         for i in range(2, ns.nodes + 1):
@@ -301,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         print_table(nodes)
+        if anvil is not None:
+            fund_nodes(anvil.url, d, [n.info["eth_address"] for n in nodes])
+            stake_all(nodes, 1000)
         if not ns.no_demo:
             demo_task(nodes[0], ns.prompt)
             if ns.nodes >= 2:
@@ -325,13 +414,15 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     print(line, flush=True)
                 time.sleep(2 if sys.stdout.isatty() else 10)
-    except DevnetError as exc:
+    except (DevnetError, ChainSetupError) as exc:
         print(f"devnet: error: {exc}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         print("\nstopping", flush=True)
     finally:
         problems = stop_all(nodes)
+        if anvil is not None:
+            anvil.stop()
         for pr in problems:
             print(f"devnet: {pr}", file=sys.stderr)
         if problems:

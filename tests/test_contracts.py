@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from eth_abi.abi import decode as abi_decode
 from eth_account import Account
 from eth_tester.exceptions import TransactionFailed
 from eth_utils.crypto import keccak
@@ -25,6 +24,7 @@ from web3 import EthereumTesterProvider, Web3
 from web3.contract import Contract
 from web3.logs import DISCARD
 
+from vcoind.chain.contracts import revert_from
 from vcoind.consensus.outcome import (
     DECISION_CODES,
     model_id_bytes32,
@@ -93,44 +93,17 @@ class Chain:
         self.travel_to(self.now() + seconds)
 
 
-def revert_data(exc: BaseException) -> bytes:
-    """The raw revert data of an eth-tester failure. web3's tester provider re-raises it as a
-    string, keeping the original (bytes) exception as the context."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        arg = seen.args[0] if seen.args else None
-        if isinstance(arg, Exception) and arg.args:
-            arg = arg.args[0]
-        if isinstance(arg, bytes):
-            return arg
-        seen = seen.__context__
-    raise AssertionError(f"no revert data in {exc!r}")
-
-
-def decode_error(contract: Contract, data: bytes) -> tuple[str, tuple[Any, ...]]:
-    for item in contract.abi:
-        if item["type"] != "error":
-            continue
-        types = [i["type"] for i in item["inputs"]]
-        if keccak(text=f"{item['name']}({','.join(types)})")[:4] == data[:4]:
-            values = abi_decode(types, data[4:])
-            return item["name"], tuple(
-                Web3.to_checksum_address(v) if t == "address" else v
-                for t, v in zip(types, values, strict=True)
-            )
-    raise AssertionError(f"unknown revert data {data.hex()}")
-
-
 def expect_revert(
     c: Chain, contract: Contract, fn: Any, sender: str, error: str, *args: Any
 ) -> None:
     """``fn`` sent by ``sender`` reverts with the custom error ``error(args...)``."""
     with pytest.raises(TransactionFailed) as info:
         fn.transact({"from": sender})
-    name, got = decode_error(contract, revert_data(info.value))
-    assert name == error, f"reverted with {name}{got}, expected {error}"
+    revert = revert_from(info.value)  # the daemon's decoder, over every contract's errors
+    assert revert is not None, f"not a revert: {info.value!r}"
+    assert revert.name == error, f"reverted with {revert}, expected {error}"
     if args:
-        assert got == args
+        assert revert.args_ == args
 
 
 def deploy(w3: Web3, name: str, sender: str, *args: Any) -> Contract:
@@ -354,6 +327,7 @@ def anchor_call(
     replicas: int | None = None,
     outvoted: tuple[str, ...] = (),
     deterministic: bool = False,
+    reward: int = REWARD,
 ) -> Any:
     """``TaskAnchor.anchor`` for ``o``, signed by ``signers`` (default: the voters)."""
     if sigs is None:
@@ -365,9 +339,7 @@ def anchor_call(
         DECISION_CODES[o.decision],
         voters,
         sigs,
-        len(voters) if replicas is None else replicas,
-        list(outvoted),
-        deterministic,
+        (len(voters) if replicas is None else replicas, deterministic, reward, list(outvoted)),
     )
 
 
@@ -532,14 +504,22 @@ def test_anchor_slashes_outvoted_on_deterministic_supermajority(c: Chain) -> Non
     assert t.totalSupply().call() == supply + 3 * (REWARD // 3) * 3 - SLASH // 2
 
 
+def test_anchor_reward_is_the_callers_figure_capped_at_max_reward(c: Chain) -> None:
+    voters = c.nodes[:2]
+    small = c.send(anchor_call(c, outcome(1), voters, reward=7 * E18 + 1), voters[0])
+    assert [r["amount"] for r in c.events(c.anchor, "Rewarded", small)] == [7 * E18 // 2] * 2
+    big = c.send(anchor_call(c, outcome(2), voters, reward=10 * REWARD), voters[0])
+    assert [r["amount"] for r in c.events(c.anchor, "Rewarded", big)] == [REWARD // 2] * 2
+    none = c.send(anchor_call(c, outcome(3), voters, reward=0), voters[0])
+    assert c.events(c.anchor, "Rewarded", none) == []
+
+
 def test_anchor_admin_settings(c: Chain) -> None:
     a = c.anchor.functions
-    expect_revert(
-        c, c.anchor, a.setRewardPerTask(1), c.nodes[0], "AccessControlUnauthorizedAccount"
-    )
-    c.send(a.setRewardPerTask(0), c.admin)
+    expect_revert(c, c.anchor, a.setMaxReward(1), c.nodes[0], "AccessControlUnauthorizedAccount")
+    c.send(a.setMaxReward(0), c.admin)
     c.send(a.setSlashAmount(7), c.admin)
-    assert (a.rewardPerTask().call(), a.slashAmount().call()) == (0, 7)
+    assert (a.maxReward().call(), a.slashAmount().call()) == (0, 7)
     receipt = c.send(anchor_call(c, outcome(), c.nodes[:2]), c.nodes[0])
     assert c.events(c.anchor, "Rewarded", receipt) == []
 
@@ -548,8 +528,8 @@ def test_anchor_admin_settings(c: Chain) -> None:
 
 
 def _propose_reward_change(c: Chain, proposer: str, reward: int) -> tuple[int, list[Any]]:
-    call = c.anchor.encode_abi("setRewardPerTask", [reward])
-    description = f"set rewardPerTask to {reward}"
+    call = c.anchor.encode_abi("setMaxReward", [reward])
+    description = f"set maxReward to {reward}"
     args = [[c.anchor.address], [0], [call], description]
     receipt = c.send(c.governor.functions.propose(*args), proposer)
     event = c.events(c.governor, "ProposalCreated", receipt)[0]
@@ -592,7 +572,7 @@ def test_governance_propose_vote_queue_execute(c: Chain) -> None:
     c.travel(TIMELOCK_DELAY)
     c.send(g.execute(*qargs), c.outsider)
     assert g.state(pid).call() == 7  # Executed
-    assert c.anchor.functions.rewardPerTask().call() == 99 * E18
+    assert c.anchor.functions.maxReward().call() == 99 * E18
 
 
 def test_governance_tokens_moved_after_snapshot_do_not_vote_twice(c: Chain) -> None:

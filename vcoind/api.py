@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any, cast
 
 from vcoind import __version__
+from vcoind.chain.service import anchor_view
 from vcoind.compute.params import GenerationError, GenerationParams
 from vcoind.market.messages import MAX_INPUT_CHARS, TASK_ID_RE, GenParams
 from vcoind.market.origin import TaskError, task_view
@@ -56,6 +57,12 @@ def peer_view(st: PeerState, connected: bool) -> dict[str, Any]:
     }
 
 
+def stake_view(node: Node, address: str) -> dict[str, Any] | None:
+    """The peer's stake as last read from the chain (None: no chain or not read yet)."""
+    info = node.chain.stake_of(address) if node.chain is not None else None
+    return info.view() if info else None
+
+
 def register_node_api(reg: MethodRegistry, node: Node) -> None:
     async def node_info(params: dict[str, Any]) -> dict[str, Any]:
         hb = node.heartbeat.last
@@ -82,6 +89,7 @@ def register_node_api(reg: MethodRegistry, node: Node) -> None:
         reps = await node.consensus_store.reputations([p["peer_id"] for p in out], 100.0)
         for p in out:
             p["reputation_score"] = reps[p["peer_id"]]
+            p["stake"] = stake_view(node, p["eth_address"])
         if params["include_offline"]:
             online = {p["peer_id"] for p in out}
             for row in await node.store.list_peers(status="offline"):
@@ -322,6 +330,8 @@ def register_task_api(reg: MethodRegistry, node: Node) -> None:
             for a in attempts
         ]  # fmt: skip
         view["bids"] = [dataclasses.asdict(b) for b in await node.tasks.bids(row.id)]
+        if node.chain is not None:
+            view["anchor"] = anchor_view(await node.chain.ops.by_key(f"anchor:{row.id}"))
         if row.mode == "consensus":
             view["validations"] = [
                 dataclasses.asdict(v) for v in await node.consensus_store.validations(row.id)

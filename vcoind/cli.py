@@ -18,6 +18,13 @@ from typing import Any
 import trio
 
 from vcoind import __version__
+from vcoind.chain.cli import (
+    CHAIN_COMMANDS,
+    add_client_commands,
+    chain_main,
+    run_client_command,
+)
+from vcoind.chain.cli import fmt_kv as _fmt_kv
 from vcoind.config import (
     DEFAULT_DATADIR,
     DEVICES,
@@ -45,6 +52,8 @@ examples:
   vcoind                                   # standalone node on ~/.vcoin
   vcoind --bootstrap /ip4/127.0.0.1/tcp/4001/p2p/12D3KooW...
   vcoind --datadir /tmp/n2 --listen /ip4/127.0.0.1/tcp/4002 --rpc-addr 127.0.0.1:8646
+  vcoind --chain-rpc http://127.0.0.1:8546 --contracts contracts/deployments/devnet.json
+  vcoind chain deploy --rpc http://127.0.0.1:8546 --out deployment.json   # see --help
 """
 
 
@@ -125,6 +134,25 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
         choices=FAULTS,
         help="TEST ONLY: misbehave as a consensus replica (refused outside devnet/test networks)",
     )
+    g = p.add_argument_group(
+        "chain",
+        "By default an embedded in-process EVM: the contracts are deployed at every start and "
+        "its state (anchors, rewards, stake) lives only as long as the process. Point at a "
+        "shared chain with --chain-rpc and --contracts.",
+    )
+    g.add_argument(
+        "--chain-rpc",
+        metavar="URL",
+        help="Ethereum JSON-RPC of a shared chain, e.g. http://127.0.0.1:8546 (anvil)",
+    )
+    g.add_argument(
+        "--contracts",
+        metavar="FILE",
+        help="deployment file of that chain (written by `vcoind chain deploy`)",
+    )
+    g.add_argument(
+        "--no-chain", action="store_true", help="no chain: nothing is anchored or rewarded"
+    )
     g = p.add_argument_group("rpc")
     g.add_argument(
         "--rpc-addr",
@@ -153,6 +181,9 @@ def _flags(ns: argparse.Namespace) -> dict[str, Any]:
         "market.bid_window_s": ns.bid_window,
         "market.task_timeout_s": ns.task_timeout,
         "market.fault": ns.fault,
+        "chain.rpc": ns.chain_rpc,
+        "chain.contracts": ns.contracts,
+        "chain.enabled": False if ns.no_chain else None,
     }
 
 
@@ -167,11 +198,11 @@ def daemon_parser(command: str = "run") -> argparse.ArgumentParser:
     else:
         p = argparse.ArgumentParser(
             prog="vcoind",
-            usage="vcoind [init | model ...] [options]",
+            usage="vcoind [init | model ... | chain ...] [options]",
             description="VCoin node daemon: joins the network over libp2p, gossips its "
             "capabilities, serves JSON-RPC on loopback. `vcoind init` only creates the data "
             "directory (the daemon also creates it on first start); `vcoind model --help` "
-            "manages the model store.",
+            "manages the model store; `vcoind chain --help` deploys the contracts.",
             epilog=DAEMON_EPILOG,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
@@ -274,6 +305,8 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["model"]:
         return model_main(args[1:])
+    if args[:1] == ["chain"]:
+        return chain_main(args[1:])
     command = "init" if args[:1] == ["init"] else "run"
     if command == "init":
         args = args[1:]
@@ -307,7 +340,7 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _serve(cfg: Config, dd: DataDir, ident: Identity) -> int:
-    from vcoind.node import Node, NodeError  # heavy imports only when actually running
+    from vcoind.node import Node, NodeError, first_leaf  # heavy imports only when actually running
 
     node = Node(cfg, dd, ident)
     try:
@@ -322,7 +355,7 @@ async def _serve(cfg: Config, dd: DataDir, ident: Identity) -> int:
                     print(f"p2p      {a}", flush=True)
                 print(f"rpc      {info.rpc_url}\ndatadir  {dd.path}", flush=True)
     except BaseExceptionGroup as group:
-        leaf = _first_leaf(group)
+        leaf = first_leaf(group)
         if isinstance(leaf, OSError | NodeError | P2PError | StoreError):
             print(f"vcoind: error: {leaf}", file=sys.stderr)
             return 1
@@ -336,12 +369,6 @@ async def _stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) 
         logging.getLogger("vcoind").info("received %s, shutting down", signal.Signals(signum).name)
         scope.cancel()
         return
-
-
-def _first_leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
 
 
 # --- client -------------------------------------------------------------------
@@ -545,6 +572,7 @@ def client_parser() -> argparse.ArgumentParser:
     )
     cs.add_argument("view", choices=("status", "metrics", "history", "conflicts"))
     cs.add_argument("--limit", type=int, default=20, help="rows (history, conflicts)")
+    add_client_commands(sub)
     return p
 
 
@@ -565,6 +593,19 @@ def fmt_consensus(c: dict[str, Any]) -> list[str]:
     return lines
 
 
+def fmt_anchor(a: dict[str, Any]) -> str:
+    line = f"anchor    {a['status']}"
+    if a.get("tx_hash"):
+        line += f"  tx {a['tx_hash']}  block {a.get('block')}"
+    if a.get("rewards"):
+        line += "  rewards " + ", ".join(f"{r['node'][:10]}… {r['amount']:g}" for r in a["rewards"])
+    if a.get("slashed"):
+        line += "  slashed " + ", ".join(f"{r['node'][:10]}… {r['amount']:g}" for r in a["slashed"])
+    if a.get("error"):
+        line += f"  ({a['error']})"
+    return line
+
+
 def _fmt_consensus_tasks(r: dict[str, Any]) -> str:
     items = r.get("tasks", r.get("conflicts", []))
     rows = [
@@ -578,11 +619,6 @@ def _fmt_consensus_tasks(r: dict[str, Any]) -> str:
     last = "WHY" if "conflicts" in r else "ACTION"
     head = ["TASK", "STATUS", "DECISION", "CONFIDENCE", "ROUNDS", last]
     return _table(rows, head) + f"\n{len(rows)} of {r['total']}"
-
-
-def _fmt_kv(r: dict[str, Any]) -> str:
-    return "\n".join(f"{k:<20} {json.dumps(v) if isinstance(v, dict | list) else v}"
-                     for k, v in r.items())  # fmt: skip
 
 
 CONSENSUS_VIEWS: dict[str, tuple[str, Callable[[Any], str], bool]] = {
@@ -611,6 +647,8 @@ def _fmt_task(t: dict[str, Any]) -> str:
         lines.append(f"error     {t['error']}")
     if t.get("consensus"):
         lines += fmt_consensus(t["consensus"])
+    if t.get("anchor"):
+        lines.append(fmt_anchor(t["anchor"]))
     if t.get("result") is not None:
         lines += ["", t["result"]]
     return "\n".join(lines)
@@ -684,6 +722,8 @@ def client_main(argv: Sequence[str] | None = None) -> int:
             method, _, fmt = CLIENT_COMMANDS[ns.command]
             params = {"include_offline": True} if getattr(ns, "all", False) else {}
             result = client.call(method, params)
+        elif ns.command in CHAIN_COMMANDS:
+            result, fmt = run_client_command(ns, client)
         else:
             result, fmt = _task_command(ns, client)
     except ClientError as exc:

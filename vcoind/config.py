@@ -91,6 +91,35 @@ class MarketConfig:
 
 
 @dataclass(frozen=True)
+class ChainConfig:
+    """The EVM chain where outcomes are anchored and rewards, stake and governance live."""
+
+    enabled: bool = True
+    # "" = an embedded in-process EVM (py-evm): the contracts are deployed at every start and
+    # its state lives and dies with the process. Else an Ethereum JSON-RPC URL (anvil, ...).
+    rpc: str = ""
+    # Deployment file (addresses, chain id) for an external chain; `vcoind chain deploy`
+    # writes one. Needed with chain.rpc.
+    contracts: str = ""
+    anchor: bool = True  # anchor every completed task's outcome
+    # Ignore bids from nodes below the minimum stake: on | off | auto (on for an external
+    # chain; an embedded chain is private to this node, so nobody else is staked on it).
+    require_stake: str = "auto"
+    # Reward per task, in VCOIN: base + per token generated + the task's price; the contract
+    # caps it (maxReward) and splits it between the agreeing nodes.
+    reward_base: float = 1.0
+    reward_per_token: float = 0.01
+    # Embedded chain only: VCOIN this node mints itself and stakes at start.
+    embedded_stake: float = 1000.0
+    stake_refresh_s: float = 10.0  # how often peers' stakes are re-read
+    retry_max_s: float = 10.0  # longest wait between retries of a chain write
+    timeout_s: float = 10.0  # one JSON-RPC request
+
+
+REQUIRE_STAKE = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
 class Config:
     datadir: Path = DEFAULT_DATADIR
     network: str = "devnet"
@@ -99,6 +128,7 @@ class Config:
     rpc: RPCConfig = field(default_factory=RPCConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     market: MarketConfig = field(default_factory=MarketConfig)
+    chain: ChainConfig = field(default_factory=ChainConfig)
 
     @property
     def models_dir(self) -> Path:
@@ -309,6 +339,27 @@ def validate(cfg: Config) -> Config:
     ):
         if not lo <= value <= hi:
             raise ConfigError(f"market.{key}", f"must be between {lo:g} and {hi:g}, got {value}")
+    ch = cfg.chain
+    if ch.rpc and not ch.rpc.startswith(("http://", "https://")):
+        raise ConfigError("chain.rpc", f"must be an http(s) URL, got {ch.rpc!r}")
+    if ch.enabled and ch.rpc and not ch.contracts:
+        raise ConfigError(
+            "chain.contracts",
+            "an external chain (chain.rpc) needs its deployment file (--contracts FILE, "
+            "written by `vcoind chain deploy`)",
+        )
+    if ch.require_stake not in REQUIRE_STAKE:
+        raise ConfigError("chain.require_stake", f"must be one of {', '.join(REQUIRE_STAKE)}")
+    for key, value, lo, hi in (
+        ("reward_base", ch.reward_base, 0.0, 1e9),
+        ("reward_per_token", ch.reward_per_token, 0.0, 1e9),
+        ("embedded_stake", ch.embedded_stake, 0.0, 1e9),
+        ("stake_refresh_s", ch.stake_refresh_s, 0.1, 86_400.0),
+        ("retry_max_s", ch.retry_max_s, 0.1, 3600.0),
+        ("timeout_s", ch.timeout_s, 0.1, 600.0),
+    ):
+        if not lo <= value <= hi:
+            raise ConfigError(f"chain.{key}", f"must be between {lo:g} and {hi:g}, got {value}")
     if cfg.rpc.max_body_bytes < 1024:
         raise ConfigError("rpc.max_body_bytes", "must be at least 1024")
     return cfg
@@ -339,7 +390,7 @@ def render_toml(cfg: Config) -> str:
     lines = ["# vcoind configuration. Precedence: defaults < this file < VCOIN_* env < flags.", ""]
     lines.append(f'network = "{cfg.network}"')
     lines.append(f'log_level = "{cfg.log_level}"')
-    for section in ("p2p", "rpc", "compute", "market"):
+    for section in ("p2p", "rpc", "compute", "market", "chain"):
         lines += ["", f"[{section}]"]
         obj = getattr(cfg, section)
         for f in dataclasses.fields(obj):

@@ -25,10 +25,20 @@ from vcoind.api import (
     register_node_api,
     register_task_api,
 )
+from vcoind.chain.api import register_chain_api
+from vcoind.chain.contracts import ChainError
+from vcoind.chain.service import AnchorRequest, ChainService, wei
 from vcoind.compute.models import ModelStore
 from vcoind.compute.telemetry import HostSample, Telemetry
 from vcoind.config import Config
 from vcoind.consensus.health import health_score
+from vcoind.consensus.outcome import (
+    DECISION_CODES,
+    outcome_digest,
+    recover_outcome_signer,
+    result_hash,
+    sign_outcome,
+)
 from vcoind.consensus.reputation import DEFAULT_REPUTATION
 from vcoind.datadir import DataDir, Identity
 from vcoind.market.consensus import Coordinator, Replica, VoteContext
@@ -43,7 +53,7 @@ from vcoind.market.messages import (
     TaskAnnounce,
     TaskResult,
 )
-from vcoind.market.origin import TaskOrigin
+from vcoind.market.origin import Settled, TaskOrigin
 from vcoind.market.votes import CommitsClosed, OutcomeVote, ResultCommitment, ResultReveal
 from vcoind.market.worker import TaskWorker
 from vcoind.metrics import NodeMetrics
@@ -163,11 +173,15 @@ class Node:
         self.gossip.on("heartbeat", Heartbeat, self.peers.on_heartbeat, check=BindingCheck())
         self.peers.on_seen.append(lambda hb: self.keeper.learn(hb.peer_id, hb.listen_addrs))
         self._wire_market()
+        self.chain: ChainService | None = None
+        if config.chain.enabled:
+            self._wire_chain()
         host, port = config.rpc.host, config.rpc.port
         self.registry = MethodRegistry()
         register_node_api(self.registry, self)
         register_task_api(self.registry, self)
         register_consensus_api(self.registry, self)
+        register_chain_api(self.registry, self)
         self.rpc = RPCServer(
             RPCServerConfig(
                 host=host,
@@ -248,6 +262,70 @@ class Node:
         self.gossip.on("votes", CommitsClosed, self._on_vote_record)
         self.gossip.on("votes", ResultReveal, self._on_vote_record)
         self.gossip.on("votes", OutcomeVote, self._on_vote_record)
+
+    def _wire_chain(self) -> None:
+        cfg, ident = self.config, self.identity
+        chain = self.chain = ChainService(
+            cfg.chain, self.store, network=cfg.network, eth_key=bytes(ident.eth.key),
+            datadir=self.datadir.path,
+        )  # fmt: skip
+        self.peers.on_seen.append(lambda hb: chain.watch(hb.eth_address))
+        self.origin.bid_allowed = lambda peer: chain.bid_allowed(self._eth_address_of(peer))
+        if cfg.chain.anchor:
+            self.worker.sign_result = self._sign_result
+            self.origin.on_settled = self._on_settled
+
+    def _sign_result(self, r: TaskResult) -> TaskResult:
+        """A single-mode result signed as a one-replica "majority" outcome, for the anchor."""
+        try:
+            digest = outcome_digest(self.config.network, r.task_id, result_hash(r.text),
+                                    r.model_id, "majority")  # fmt: skip
+        except ValueError:  # no model id (cannot happen for a served model): leave unsigned
+            return r
+        sig = sign_outcome(bytes(self.identity.eth.key), digest)
+        return dataclasses.replace(r, eth_address=self.identity.eth_address, signature=sig)
+
+    async def _on_settled(self, s: Settled) -> None:
+        """Queue the anchor of a completed task: the agreeing replicas' signatures (each
+        checked against the address the signer's heartbeats bind to its peer id), the
+        outvoted replicas, and the reward from the task's tokens and price."""
+        chain = self.chain
+        assert chain is not None
+        try:
+            digest = outcome_digest(self.config.network, s.task_id, s.result_hash, s.model_id,
+                                    s.decision)  # fmt: skip
+        except ValueError as exc:
+            log.warning("task %s not anchored: %s", s.task_id, exc)
+            return
+        voters: list[tuple[str, bytes]] = []
+        for peer, _address, sig in s.signatures:
+            bound = self._eth_address_of(peer)
+            signer = recover_outcome_signer(digest, sig)
+            if signer is None or bound is None or signer.lower() != bound.lower():
+                log.info("task %s: signature of %s does not verify; not counted", s.task_id, peer)
+                continue
+            voters.append((signer, sig))
+        outvoted = [a for a in map(self._eth_address_of, s.outvoted) if a]
+        me = self.identity.eth_address.lower()
+        if outvoted and all(a.lower() != me for a, _ in voters):
+            outvoted = []  # only a voter may claim who was outvoted (the contract's rule)
+        ccfg = self.config.chain
+        req = AnchorRequest(
+            task_id=s.task_id, result_hash=s.result_hash, model_id=s.model_id,
+            decision=DECISION_CODES[s.decision], voters=voters, replicas=s.replicas,
+            outvoted=outvoted, deterministic=s.deterministic,
+            reward=wei(ccfg.reward_base + ccfg.reward_per_token * s.tokens + s.price),
+        )  # fmt: skip
+        key = f"anchor:{s.task_id}"
+        if req.decision not in (2, 3) or len(voters) * 2 <= s.replicas:
+            why = (f"no clear decision ({s.decision})" if req.decision not in (2, 3) else
+                   f"{len(voters)} of {s.replicas} replicas signed; a quorum needs more than "
+                   "half")  # fmt: skip
+            op_id = await chain.ops.enqueue("anchor", req.payload(), key)
+            await chain.ops.update(op_id, status="failed", error=f"not anchored: {why}")
+            log.info("task %s not anchored: %s", s.task_id, why)
+            return
+        await chain.enqueue("anchor", req.payload(), key)
 
     def _eth_address_of(self, peer: str) -> str | None:
         if peer == self.identity.peer_id:
@@ -330,9 +408,13 @@ class Node:
             st.peer_id
             for st in self.peers.peers()
             if any(model in (m.name, m.model_id) for m in st.heartbeat.models)
+            and self.origin.bid_allowed(st.peer_id)
         }
-        if any(model in (m.name, m.model_id) for m in self.heartbeat.capabilities.models):
-            out.add(self.identity.peer_id)
+        me = self.identity.peer_id
+        if any(model in (m.name, m.model_id) for m in self.heartbeat.capabilities.models) and (
+            self.origin.bid_allowed(me)
+        ):
+            out.add(me)
         return out
 
     async def _task_request(self, peer: ID, record: Any) -> Ack | Accepted:
@@ -438,6 +520,11 @@ class Node:
                 for row in await self.store.list_peers():
                     self.keeper.learn(row.peer_id, row.addrs)
                 self._nursery = nursery
+                if self.chain is not None:
+                    try:
+                        await nursery.start(self.chain.run)
+                    except* ChainError as group:
+                        raise NodeError(f"chain: {first_leaf(group)}") from None
                 nursery.start_soon(self._deliver_local_votes)
                 await nursery.start(self.gossip.run)
                 await nursery.start(self.peers.run)
@@ -448,9 +535,7 @@ class Node:
                 try:
                     rpc_url = await nursery.start(self.rpc.run)
                 except* OSError as group:
-                    exc: BaseException = group
-                    while isinstance(exc, BaseExceptionGroup):
-                        exc = exc.exceptions[0]
+                    exc = first_leaf(group)
                     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
                     raise NodeError(
                         f"cannot serve RPC on {self.config.rpc.addr}: {reason}"
@@ -478,3 +563,10 @@ class Node:
             self.datadir.remove_run_file()
             with trio.CancelScope(shield=True):
                 await self.store.close()
+
+
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first leaf of an exception group."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc

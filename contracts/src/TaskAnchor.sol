@@ -9,7 +9,8 @@ import {Staking} from "./Staking.sol";
 
 /// @title TaskAnchor
 /// @notice Records the consensus outcome of a task once, with the signatures of the staked
-/// nodes that agreed to it; mints the task reward to them; on a supermajority for a
+/// nodes that agreed to it; mints the task reward (the caller's figure, at most maxReward) to
+/// them; on a supermajority for a
 /// deterministic task, slashes the staked replicas that were outvoted.
 /// @dev Each voter signs (EIP-191 personal_sign) the 32-byte digest
 ///   keccak256(abi.encode(domain, taskId, resultHash, modelId, uint8(decision)))
@@ -32,12 +33,20 @@ contract TaskAnchor is AccessControl {
         uint32 voterCount;
     }
 
+    /// The part of an anchor the voters' signatures do not cover.
+    struct Claim {
+        uint16 replicas;
+        bool deterministic;
+        uint256 reward;
+        address[] outvoted;
+    }
+
     VCoin public immutable token;
     Staking public immutable staking;
     /// keccak256("vcoin-outcome:v1:" + network)
     bytes32 public immutable domain;
     string public network;
-    uint256 public rewardPerTask;
+    uint256 public maxReward;
     uint256 public slashAmount;
 
     mapping(bytes32 taskId => Anchor) public anchors;
@@ -47,7 +56,7 @@ contract TaskAnchor is AccessControl {
     );
     event Rewarded(bytes32 indexed taskId, address indexed voter, uint256 amount);
     event OutvotedSlashed(bytes32 indexed taskId, address indexed node, uint256 amount);
-    event RewardPerTaskSet(uint256 rewardPerTask);
+    event MaxRewardSet(uint256 maxReward);
     event SlashAmountSet(uint256 slashAmount);
 
     error AlreadyAnchored(bytes32 taskId);
@@ -69,7 +78,7 @@ contract TaskAnchor is AccessControl {
         Staking staking_,
         address admin,
         string memory network_,
-        uint256 rewardPerTask_,
+        uint256 maxReward_,
         uint256 slashAmount_
     ) {
         if (address(token_) == address(0) || address(staking_) == address(0) || admin == address(0)) {
@@ -79,7 +88,7 @@ contract TaskAnchor is AccessControl {
         staking = staking_;
         network = network_;
         domain = keccak256(bytes(string.concat("vcoin-outcome:v1:", network_)));
-        rewardPerTask = rewardPerTask_;
+        maxReward = maxReward_;
         slashAmount = slashAmount_;
         _grantRole(DEFAULT_ADMIN_ROLE, admin);
     }
@@ -100,10 +109,12 @@ contract TaskAnchor is AccessControl {
     /// @param decision 2 majority or 3 supermajority
     /// @param voters signer addresses, each staked and eligible, no repeats
     /// @param signatures 65-byte signatures, one per voter, same order
-    /// @param replicas number of replicas assigned; quorum is voters * 2 > replicas
-    /// @param outvoted replicas outside the winning cluster (slashed only if deterministic,
+    /// @param claim what the signatures do not cover (the caller's claim, see README.md):
+    ///        replicas assigned (quorum is voters * 2 > replicas); whether replicas had to agree
+    ///        token for token (deterministic); the reward in VCOIN wei, split equally between
+    ///        the voters and capped at maxReward (the node computes it from the task's price and
+    ///        tokens); the replicas outside the winning cluster (slashed only if deterministic,
     ///        decision 3, the caller is a voter, and they are not voters themselves)
-    /// @param deterministic whether replicas had to agree token for token
     function anchor(
         bytes32 taskId,
         bytes32 resultHash,
@@ -111,26 +122,27 @@ contract TaskAnchor is AccessControl {
         uint8 decision,
         address[] calldata voters,
         bytes[] calldata signatures,
-        uint16 replicas,
-        address[] calldata outvoted,
-        bool deterministic
+        Claim calldata claim
     ) external {
         if (anchors[taskId].blockNumber != 0) revert AlreadyAnchored(taskId);
         if (decision != DECISION_MAJORITY && decision != DECISION_SUPERMAJORITY) revert BadDecision(decision);
         if (voters.length != signatures.length) revert LengthMismatch(voters.length, signatures.length);
         if (voters.length > MAX_VOTERS) revert TooManyVoters(voters.length, MAX_VOTERS);
-        if (outvoted.length > MAX_OUTVOTED) revert TooManyOutvoted(outvoted.length, MAX_OUTVOTED);
-        if (replicas == 0) revert BadReplicas(replicas);
-        if (voters.length * 2 <= replicas) revert BelowQuorum(voters.length, replicas);
+        if (claim.outvoted.length > MAX_OUTVOTED) revert TooManyOutvoted(claim.outvoted.length, MAX_OUTVOTED);
+        if (claim.replicas == 0) revert BadReplicas(claim.replicas);
+        if (voters.length * 2 <= claim.replicas) revert BelowQuorum(voters.length, claim.replicas);
 
         _checkVoters(outcomeDigest(taskId, resultHash, modelId, decision), voters, signatures);
 
         anchors[taskId] = Anchor(resultHash, modelId, decision, uint64(block.number), uint32(voters.length));
         emit Anchored(taskId, resultHash, modelId, decision, voters.length);
 
-        _reward(taskId, voters);
-        if (deterministic && decision == DECISION_SUPERMAJORITY && outvoted.length > 0 && slashAmount > 0) {
-            _slashOutvoted(taskId, voters, outvoted);
+        _reward(taskId, voters, claim.reward);
+        if (
+            claim.deterministic && decision == DECISION_SUPERMAJORITY && claim.outvoted.length > 0
+                && slashAmount > 0
+        ) {
+            _slashOutvoted(taskId, voters, claim.outvoted);
         }
     }
 
@@ -147,10 +159,11 @@ contract TaskAnchor is AccessControl {
         }
     }
 
-    /// Splits rewardPerTask equally (the remainder of the division is not minted); near the
-    /// supply cap only what is left is minted, so an anchor never fails for lack of supply.
-    function _reward(bytes32 taskId, address[] calldata voters) private {
-        uint256 total = rewardPerTask;
+    /// Splits min(reward, maxReward) equally (the remainder of the division is not minted);
+    /// near the supply cap only what is left is minted, so an anchor never fails for lack of
+    /// supply.
+    function _reward(bytes32 taskId, address[] calldata voters, uint256 reward) private {
+        uint256 total = reward < maxReward ? reward : maxReward;
         uint256 available = token.MAX_SUPPLY() - token.totalSupply();
         if (total > available) total = available;
         uint256 share = total / voters.length;
@@ -184,9 +197,9 @@ contract TaskAnchor is AccessControl {
 
     // ---- admin ----
 
-    function setRewardPerTask(uint256 rewardPerTask_) external onlyRole(DEFAULT_ADMIN_ROLE) {
-        rewardPerTask = rewardPerTask_;
-        emit RewardPerTaskSet(rewardPerTask_);
+    function setMaxReward(uint256 maxReward_) external onlyRole(DEFAULT_ADMIN_ROLE) {
+        maxReward = maxReward_;
+        emit MaxRewardSet(maxReward_);
     }
 
     function setSlashAmount(uint256 slashAmount_) external onlyRole(DEFAULT_ADMIN_ROLE) {

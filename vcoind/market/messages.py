@@ -203,6 +203,10 @@ class TaskResult(Message):
     prefill_s: float = field(default=0.0, metadata=lim(min=0))
     decode_s: float = field(default=0.0, metadata=lim(min=0))
     error: str = field(default="", metadata=lim(max_len=1024))
+    # The worker's signature of the outcome (decision "majority", one replica) for anchoring:
+    # see vcoind.consensus.outcome. Empty when the node has no chain.
+    eth_address: str = field(default="", metadata=lim(max_len=42))
+    signature: bytes = field(default=b"", metadata=lim(max_len=65))
 
 
 @message

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from vcoind.config import MarketConfig
+from vcoind.consensus.outcome import result_hash
 from vcoind.consensus.reputation import DEFAULT_REPUTATION
 from vcoind.market.consensus import Coordinator, RoundResult, RoundState, choose_replicas
 from vcoind.market.messages import (
@@ -94,6 +95,22 @@ class _Live:
         self.changed = trio.Event()
 
 
+@dataclass(frozen=True)
+class Settled:
+    """A completed task's outcome, for anchoring: who signed it, who was outvoted."""
+
+    task_id: str
+    model_id: str
+    result_hash: bytes
+    decision: str  # "majority" for a single-mode task (one replica, one signature)
+    signatures: list[tuple[str, str, bytes]]  # (peer id, eth address, signature) of agreeing
+    replicas: int  # assigned in the deciding round
+    outvoted: list[str]  # peer ids of replicas outside the agreed answer
+    deterministic: bool  # greedy: replicas had to match token for token
+    tokens: int
+    price: float  # of the accepted bid(s)
+
+
 @dataclass
 class _Verdict:
     done: trio.Event = field(default_factory=trio.Event)
@@ -130,6 +147,7 @@ class TaskOrigin:
         self._peer_alive = peer_alive
         self._expected_bidders = expected_bidders
         self._live: dict[str, _Live] = {}
+        self._resumed = False  # run() has picked up the unfinished tasks of an earlier run
         self._selection = SelectionState()
         self._nursery: trio.Nursery | None = None
         self._to_announce: list[AnnouncedTask] = []
@@ -139,6 +157,10 @@ class TaskOrigin:
         self.profile_of: Callable[[str], Any] = lambda peer: None
         self.idle_nodes: Callable[[str], int] = lambda model: len(expected_bidders(model))
         self.reputations: Callable[[list[str]], Awaitable[dict[str, float]]] = _no_reputations
+        # Bids from peers this says no to are ignored (stake gating).
+        self.bid_allowed: Callable[[str], bool] = lambda peer: True
+        # A completed task whose outcome is settled (anchoring; set by the node).
+        self.on_settled: Callable[[Settled], Awaitable[None]] | None = None
 
     # --- API --------------------------------------------------------------
 
@@ -210,11 +232,21 @@ class TaskOrigin:
             live = self._live.get(tb.task_id)
             if live is None:
                 continue  # not ours, or already decided
+            if not self.bid_allowed(tb.peer_id):
+                log.debug("bid of %s for %s ignored: not staked", tb.peer_id, tb.task_id)
+                continue
             if all(b.peer_id != tb.peer_id for b in live.bids):
                 live.bids.append(tb)
                 live.wake()
 
+    def _check_running(self) -> None:
+        """Until the tasks of an earlier run are resumed, a result for one of them would be
+        taken for a late duplicate: ask the worker to retry instead."""
+        if not self._resumed:
+            raise StreamProtocolError("the origin is starting; try again")
+
     async def on_progress(self, peer: str, p: Progress) -> Ack:
+        self._check_running()
         live = self._live.get(p.task_id)
         if live is not None and live.attempt_peers.get(p.attempt) == peer:
             if p.attempt == live.attempt:
@@ -224,6 +256,7 @@ class TaskOrigin:
         return Ack()
 
     async def on_result(self, peer: str, r: TaskResult) -> Ack:
+        self._check_running()
         live = self._live.get(r.task_id)
         if live is None:
             return Ack()  # already finished: the first result won
@@ -251,6 +284,7 @@ class TaskOrigin:
             for row in await self._tasks.unfinished():
                 log.info("resuming task %s (%s)", row.id, row.phase)
                 self._start(row, resumed=True)
+            self._resumed = True
             task_status.started()
             await trio.sleep_forever()
 
@@ -433,15 +467,39 @@ class TaskOrigin:
             while live.row.id in self._live:  # the task's own final write goes first
                 await live.changed.wait()
             stored = await self._tasks.get(live.row.id)
-            if stored is None or not rows:
+            if stored is None:
                 return
             c = dict(stored.consensus)
-            c["signatures"] = [*c.get("signatures", []), *(_sig_view(r) for r in rows)]
-            await self._tasks.update(live.row.id, consensus=c)
-            log.info("task %s: outcome signed by %d node(s)", live.row.id,
-                     len(c["signatures"]))  # fmt: skip
+            if rows:
+                c["signatures"] = [*c.get("signatures", []), *(_sig_view(r) for r in rows)]
+                await self._tasks.update(live.row.id, consensus=c)
+                log.info("task %s: outcome signed by %d node(s)", live.row.id,
+                         len(c["signatures"]))  # fmt: skip
         finally:
             co.end(live.row.id)
+        await self._settle_consensus(live, st, rr, model_id, c.get("signatures", []))
+
+    async def _settle_consensus(
+        self, live: _Live, st: RoundState, rr: RoundResult, model_id: str,
+        signatures: list[dict[str, str]],
+    ) -> None:  # fmt: skip
+        o = rr.outcome
+        if self.on_settled is None or o is None:
+            return
+        agreed = {r.peer_id for r, ok in zip(rr.results, o.agreed, strict=True) if ok}
+        chosen = [b.price for b in live.bids if b.peer_id in st.attempts.values()]
+        params = params_from_dict(live.row.parameters)
+        await self.on_settled(Settled(
+            task_id=live.row.id, model_id=model_id, result_hash=o.result_hash,
+            decision=o.decision,
+            signatures=[(s["node_id"], s["eth_address"], bytes.fromhex(s["signature"]))
+                        for s in signatures if s["node_id"] in agreed],
+            replicas=len(st.attempts),
+            outvoted=sorted(set(st.attempts.values()) - agreed),
+            deterministic=params.temperature == 0,
+            tokens=len(rr.results[o.answer].token_ids),
+            price=sum(chosen) / len(chosen) if chosen else 0.0,
+        ))  # fmt: skip
 
     def _announce(self, task: AnnouncedTask) -> None:
         self._to_announce.append(task)
@@ -637,6 +695,17 @@ class TaskOrigin:
                 progress=tokens, completed_at=time.time(), timings=timings, error=None,
                 model_id=r.model_id,
             )  # fmt: skip
+            if self.on_settled is not None and r.signature and peer is not None:
+                price = next((b.price for b in live.bids if b.peer_id == peer), 0.0)
+                settled = Settled(
+                    task_id=row.id, model_id=r.model_id, result_hash=result_hash(r.text),
+                    decision="majority", signatures=[(peer, r.eth_address, r.signature)],
+                    replicas=1, outvoted=[],
+                    deterministic=params_from_dict(row.parameters).temperature == 0,
+                    tokens=tokens, price=price,
+                )  # fmt: skip
+                assert self._nursery is not None
+                self._nursery.start_soon(self.on_settled, settled)
         else:
             if live.attempt and status == "cancelled":
                 await self._cancel_worker(live)

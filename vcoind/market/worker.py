@@ -93,6 +93,8 @@ class TaskWorker:
         self.on_change: Callable[[], None] = lambda: None
         # Consensus assignments: the result is committed on the votes topic, not sent.
         self.commit_result: Callable[[str, TaskResult], Awaitable[None]] | None = None
+        # Signs a single-mode result for anchoring (set by the node when it has a chain).
+        self.sign_result: Callable[[TaskResult], TaskResult] = lambda r: r
 
     @property
     def queue_length(self) -> int:
@@ -256,7 +258,7 @@ class TaskWorker:
         if a.consensus and not result.error and self.commit_result is not None:
             await self.commit_result(job.origin, result)
         else:
-            await self._report_result(job, result)
+            await self._report_result(job, result if result.error else self.sign_result(result))
 
     async def _report_progress(self, job: _Job, tokens: int) -> None:
         a = job.assign

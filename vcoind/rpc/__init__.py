@@ -1,6 +1,7 @@
 """JSON-RPC 2.0 over HTTP and WebSocket, plus /health, /ready and /metrics."""
 
 from vcoind.rpc.errors import (
+    CHAIN_ERROR,
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -16,6 +17,7 @@ from vcoind.rpc.methods import MethodRegistry, Param, RPCMethod
 from vcoind.rpc.server import RPCServer, RPCServerConfig
 
 __all__ = [
+    "CHAIN_ERROR",
     "INTERNAL_ERROR",
     "INVALID_PARAMS",
     "INVALID_REQUEST",

@@ -15,6 +15,7 @@ INTERNAL_ERROR = -32603
 UNAUTHORIZED = -32001
 NOT_FOUND = -32004
 LIMIT_EXCEEDED = -32005
+CHAIN_ERROR = -32010  # no chain, chain unreachable, or the contract refused
 
 
 class RPCError(Exception):

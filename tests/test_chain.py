@@ -1,0 +1,259 @@
+"""The chain client on real daemons: the embedded EVM, and anvil shared by three nodes.
+
+Anchors, rewards and slashes are checked on the chain itself (web3 against anvil), not only
+through the daemons' own reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from web3 import Web3
+
+from devnet.__main__ import DevNode, free_port, stake_all
+from devnet.chain import Anvil, deploy_devnet, fund_nodes, start_anvil
+from tests.conftest import Cluster, wait_until
+from tests.test_consensus_nodes import submit_consensus
+from tests.test_tasks import MODEL, finished, knows_model, serving, submit, task
+from vcoind.chain.contracts import E18, Contracts, Deployment
+from vcoind.cli import ClientError
+from vcoind.consensus.outcome import task_id_bytes32
+
+pytestmark = pytest.mark.slow
+
+
+def anchor_of(node: DevNode, task_id: str, timeout: float = 60) -> dict[str, Any]:
+    """The task's anchor once on chain (fails the test if it failed or never landed)."""
+    a = wait_until(
+        lambda: (x := task(node, task_id).get("anchor")) and x["status"] in ("anchored", "failed")
+        and x,
+        timeout,
+        f"the anchor of {task_id}",
+    )  # fmt: skip
+    assert a["status"] == "anchored", a
+    return dict(a)
+
+
+# --- embedded ------------------------------------------------------------------
+
+
+def test_embedded_chain_single_node_anchors_with_no_setup(
+    cluster: Cluster, models_dir: Path
+) -> None:
+    n = cluster.start(1, extra=serving(models_dir))
+    info = n.rpc.call("vcoin_chainInfo")
+    assert info["mode"] == "embedded" and info["node_address"] == n.info["eth_address"]
+    assert info["stake"] == 1000.0 and info["eligible"] and info["balance"] == 1000.0
+
+    t = finished(n, submit(n, "anchor me", max_new_tokens=6))
+    assert t["status"] == "completed", t
+    a = anchor_of(n, t["task_id"])
+    tokens = t["timings"]["tokens"]
+    reward = 1.0 + 0.01 * tokens  # chain.reward_base + reward_per_token * tokens (price 0)
+    assert a["rewards"] == [{"node": n.info["eth_address"], "amount": pytest.approx(reward)}]
+    got = n.rpc.call("vcoin_getAnchor", {"task_id": t["task_id"]})
+    assert got["payload"]["voters"] == [n.info["eth_address"]]
+    assert got["payload"]["result_hash"] == hashlib.sha256(t["result"].encode()).hexdigest()
+    assert got["payload"]["replicas"] == 1 and got["payload"]["decision"] == 2
+    r = n.rpc.call("vcoin_rewards")
+    assert r["source"] == "chain" and r["rewards"][0]["task_id"] == t["task_id"]
+    assert r["total"] == pytest.approx(reward)
+    assert n.rpc.call("vcoin_balance")["balance"] == pytest.approx(1000.0 + reward)
+
+    # Stake: a write that works, one the contract refuses (decoded by name), bad params.
+    rpc = n.client(40)
+    done = rpc.call("vcoin_unstake", {"amount": 10})
+    assert done["status"] == "done" and done["tx_hash"].startswith("0x")
+    assert rpc.call("vcoin_chainInfo")["pending_unstake"] == 10.0
+    with pytest.raises(ClientError, match=r"InsufficientStake\(.*code -32010"):
+        rpc.call("vcoin_unstake", {"amount": 5000})
+    with pytest.raises(ClientError, match="-32602"):
+        rpc.call("vcoin_stake", {"amount": -1})
+    with pytest.raises(ClientError, match="UnstakeLocked"):
+        rpc.call("vcoin_withdraw")
+
+    # Governance: propose, vote once the voting delay (1 s) has passed, read the tally.
+    p = rpc.call("vcoin_govPropose", {"description": "raise maxReward to 200 VCOIN"})
+    pid = p["result"]["proposal_id"]
+    assert p["status"] == "done" and pid
+    time.sleep(2)
+    v = rpc.call("vcoin_govVote", {"proposal_id": pid, "support": "for"})
+    assert v["status"] == "done", v
+    st = rpc.call("vcoin_govStatus", {"proposal_id": pid})
+    assert st["state"] == "active" and st["has_voted"]
+    assert st["votes"]["for"] == pytest.approx(1000.0 + reward)  # the unstaked balance
+    assert st["description"] == "raise maxReward to 200 VCOIN"
+    with pytest.raises(ClientError, match="GovernorAlreadyCastVote"):
+        rpc.call("vcoin_govVote", {"proposal_id": pid, "support": "against"})
+    with pytest.raises(ClientError, match="no proposal"):
+        rpc.call("vcoin_govStatus", {"proposal_id": "12345"})
+    with pytest.raises(ClientError, match="decimal"):
+        rpc.call("vcoin_govStatus", {"proposal_id": "0xabc"})
+    ops = rpc.call("vcoin_chainOps")
+    assert ops["counts"] == {"done": 5, "failed": 3}, ops  # anchor, unstake, delegate, ...
+
+
+def test_no_chain_and_bad_chain_config_are_clear(cluster: Cluster, tmp_path: Path) -> None:
+    n = cluster.start(1, extra=["--no-chain"])
+    with pytest.raises(ClientError, match="without a chain"):
+        n.rpc.call("vcoin_chainInfo")
+    n.proc.terminate()
+    n.proc.wait()
+    with pytest.raises(Exception, match="needs its deployment file"):
+        cluster.start(2, extra=["--chain-rpc", "http://127.0.0.1:1"])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(Exception, match="not valid JSON"):
+        cluster.start(3, extra=["--chain-rpc", "http://127.0.0.1:1", "--contracts", str(bad)])
+
+
+# --- anvil ---------------------------------------------------------------------
+
+
+@dataclass
+class Chain:
+    anvil: Anvil
+    deployment: Deployment
+    path: Path
+    c: Contracts
+
+    def flags(self) -> list[str]:
+        return ["--chain-rpc", self.anvil.url, "--contracts", str(self.path)]
+
+    def stake(self, address: str) -> int:
+        return int(self.c.staking.functions.stakeOf(address).call())
+
+    def balance(self, address: str) -> int:
+        return int(self.c.token.functions.balanceOf(address).call())
+
+    def anchored_events(self, task_id: str) -> list[Any]:
+        return list(self.c.anchor.events.Anchored().get_logs(
+            from_block=0, argument_filters={"taskId": task_id_bytes32(task_id)}))  # fmt: skip
+
+
+@pytest.fixture
+def chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Chain]:
+    # The daemons (children) read these: stake changes show within half a second, and a
+    # task nobody may bid on fails fast.
+    monkeypatch.setenv("VCOIN_CHAIN_STAKE_REFRESH_S", "0.5")
+    monkeypatch.setenv("VCOIN_CHAIN_RETRY_MAX_S", "3")
+    monkeypatch.setenv("VCOIN_CHAIN_TIMEOUT_S", "3")
+    anvil = start_anvil(free_port(), tmp_path / "anvil.log")
+    try:
+        path = tmp_path / "deployment.json"
+        d = deploy_devnet(anvil.url, path, "testnet")
+        w3 = Web3(Web3.HTTPProvider(anvil.url))
+        yield Chain(anvil, d, path, Contracts.at(w3, d.addresses))
+    finally:
+        anvil.stop()
+
+
+def three_on_chain(
+    cluster: Cluster, models_dir: Path, chain: Chain, faulty: str | None = None
+) -> list[DevNode]:
+    extra = [*serving(models_dir), *chain.flags()]
+    n1 = cluster.start(1, extra=[*extra, "--bid-window", "5"])
+    n2 = cluster.start(2, bootstrap=n1, extra=extra)
+    n3 = cluster.start(3, bootstrap=n1, extra=[*extra, *(["--fault", faulty] if faulty else [])])
+    wait_until(lambda: knows_model(n1, 2), 20, "node 1 sees the model on both peers")
+    return [n1, n2, n3]
+
+
+def test_three_daemons_on_anvil_anchor_reward_stake_gate_and_slash(
+    cluster: Cluster, models_dir: Path, chain: Chain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VCOIN_MARKET_NO_BID_TIMEOUT_S", "2")
+    nodes = three_on_chain(cluster, models_dir, chain, faulty="junk")
+    n1, n2, n3 = nodes
+    addr = {n.index: n.info["eth_address"] for n in nodes}
+    # Nobody is staked yet: no node counts as a bidder, a task finds no bid.
+    assert n1.rpc.call("vcoin_consensusStatus")["replicas_possible"][MODEL] == 0
+    t = finished(n1, submit(n1, "before staking", max_new_tokens=4))
+    assert t["status"] == "failed" and "no bid" in t["error"], t
+    fund_nodes(chain.anvil.url, chain.deployment, list(addr.values()))
+    stake_all(nodes, 1000)
+    assert chain.stake(addr[3]) == 1000 * E18
+    peers = {p["peer_id"]: p for p in n1.rpc.call("vcoin_peers")}
+    assert peers[n3.info["peer_id"]]["stake"]["stake"] == 1000.0
+
+    # Greedy consensus tasks until the junk replica is outvoted by a supermajority (its
+    # reputation, hence weight, drops each time it loses): then it is slashed.
+    reserve = chain.balance(chain.deployment.deployer)
+    slashed_task = None
+    for trial in range(10):
+        before = {i: chain.balance(a) for i, a in addr.items()}
+        t = finished(n1, submit_consensus(n1, "Explain proof of stake", seed=trial,
+                                          max_new_tokens=8), timeout=120)  # fmt: skip
+        assert t["status"] == "completed", t
+        a = anchor_of(n1, t["task_id"])
+        ev = chain.anchored_events(t["task_id"])
+        assert len(ev) == 1
+        assert bytes(ev[0]["args"]["resultHash"]).hex() == t["consensus"]["result_hash"]
+        assert bytes(ev[0]["args"]["resultHash"]) == hashlib.sha256(t["result"].encode()).digest()
+        agreed = {r["node_id"] for r in t["consensus"]["replicas"] if r["agreed"]}
+        rewarded = {r["node"] for r in a["rewards"]}
+        assert rewarded == {n.info["eth_address"] for n in nodes if n.info["peer_id"] in agreed}
+        assert addr[3] not in rewarded  # the junk answer earns nothing
+        for r in a["rewards"]:  # minted on chain, as reported
+            i = next(i for i, x in addr.items() if x == r["node"])
+            assert chain.balance(r["node"]) - before[i] == pytest.approx(r["amount"] * E18)
+        if a["slashed"]:
+            slashed_task = t
+            assert [s["node"] for s in a["slashed"]] == [addr[3]], a
+            assert t["consensus"]["decision"] == "supermajority"
+            break
+    assert slashed_task is not None, "the junk node was never outvoted by a supermajority"
+    assert chain.stake(addr[3]) == 950 * E18  # slashAmount 50 VCOIN
+    assert chain.balance(chain.deployment.deployer) - reserve == 25 * E18  # half to reserve
+    assert chain.stake(addr[1]) == chain.stake(addr[2]) == 1000 * E18
+    r = n2.rpc.call("vcoin_rewards")  # read from the chain's logs, not n2's own anchors
+    assert r["source"] == "chain" and r["total"] > 0
+
+
+def test_anvil_down_60s_delays_anchors_but_loses_none(
+    cluster: Cluster, models_dir: Path, chain: Chain
+) -> None:
+    nodes = three_on_chain(cluster, models_dir, chain)
+    n1 = nodes[0]
+    fund_nodes(chain.anvil.url, chain.deployment, [n.info["eth_address"] for n in nodes])
+    stake_all(nodes, 1000)
+    first = finished(n1, submit(n1, "before the outage", max_new_tokens=4))
+    anchor_of(n1, first["task_id"])
+
+    chain.anvil.pause()
+    t0 = time.monotonic()
+    try:
+        ids = [submit(n1, f"during the outage {i}", max_new_tokens=4) for i in range(4)]
+        ids.append(submit_consensus(n1, "during the outage, replicated", max_new_tokens=4))
+        for i in ids:
+            assert finished(n1, i, timeout=60)["status"] == "completed"
+
+        def anchors() -> list[dict[str, Any]]:
+            return [task(n1, i).get("anchor") or {} for i in ids]
+
+        # All queued; the oldest already tried (and failed) to reach the chain.
+        wait_until(lambda: all(a.get("status") in ("queued", "sent") for a in anchors())
+                   and any(a["attempts"] >= 1 and a["error"] for a in anchors()), 30,
+                   "anchors queued and retried")  # fmt: skip
+        before = anchors()
+        # The origin restarts while the chain is down: the queue is on disk.
+        n1.proc.terminate()
+        assert n1.proc.wait(30) == 0
+        n1 = cluster.start(1, extra=[*serving(models_dir), *chain.flags()])
+        after = anchors()
+        assert all(a["status"] in ("queued", "sent") for a in after), after
+        assert [a["attempts"] for a in after] >= [a["attempts"] for a in before]
+        time.sleep(max(0.0, 60 - (time.monotonic() - t0)))
+    finally:
+        chain.anvil.resume()
+    for i in ids:
+        anchor_of(n1, i, timeout=90)
+        assert len(chain.anchored_events(i)) == 1  # landed, and only once
+    ops = n1.rpc.call("vcoin_chainOps", {"limit": 100})
+    assert "failed" not in ops["counts"], ops

@@ -1,0 +1,1 @@
+"""The EVM chain: compiled contracts, deployment, and the node's chain client."""

@@ -1,0 +1,182 @@
+"""JSON-RPC methods of the chain: info, balances, anchors, rewards, stake, governance."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from web3 import Web3
+
+from vcoind.chain.contracts import ChainError
+from vcoind.chain.service import VOTE_SUPPORT, ChainService, anchor_view, vcoin, wei
+from vcoind.market.messages import TASK_ID_RE
+from vcoind.rpc import CHAIN_ERROR, INVALID_PARAMS, NOT_FOUND, MethodRegistry, Param, RPCError
+from vcoind.rpc import RPCMethod as M
+from vcoind.store import ChainOp
+
+if TYPE_CHECKING:
+    from vcoind.node import Node
+
+OBJ: dict[str, Any] = {"type": "object"}
+ADDRESS = {"type": "string", "pattern": "^0x[0-9a-fA-F]{40}$"}
+AMOUNT = {"type": "number", "minimum": 0.000001, "maximum": 1e9}
+WAIT = Param("wait_s", {"type": "number", "minimum": 0, "maximum": 120}, default=30,
+             description="wait this long for the transaction; 0 = return once queued")  # fmt: skip
+_PROPOSAL_ID = re.compile(r"[0-9]{1,78}")
+
+
+def op_view(op: ChainOp | None) -> dict[str, Any]:
+    assert op is not None
+    return {
+        "op_id": op.id, "kind": op.kind, "status": op.status, "tx_hash": op.tx_hash,
+        "block": op.block, "attempts": op.attempts, "error": op.error, "result": op.result,
+    }  # fmt: skip
+
+
+def register_chain_api(reg: MethodRegistry, node: Node) -> None:
+    def chain() -> ChainService:
+        if node.chain is None:
+            raise RPCError(CHAIN_ERROR, "this node runs without a chain (--no-chain)")
+        return node.chain
+
+    async def read(fn: Any, *args: Any) -> Any:
+        try:
+            return await chain().read(fn, *args)
+        except ChainError as exc:
+            raise RPCError(CHAIN_ERROR, str(exc)) from None
+
+    async def write(kinds: list[tuple[str, dict[str, Any]]], wait_s: float) -> dict[str, Any]:
+        """Queue the ops (in order); wait for the last. Queued ops survive outages."""
+        c = chain()
+        ids = [await c.enqueue(kind, payload) for kind, payload in kinds]
+        ops = [await c.wait(i, wait_s) for i in ids]
+        last = ops[-1]
+        assert last is not None
+        failed = next((o for o in ops if o is not None and o.status == "failed"), None)
+        if failed is not None:
+            raise RPCError(CHAIN_ERROR, f"{failed.kind} failed: {failed.error}",
+                           op_view(failed))  # fmt: skip
+        view = op_view(last)
+        if last.status == "pending":
+            view["note"] = ("queued: the chain has not confirmed it yet"
+                            + (f" ({last.error})" if last.error else ""))  # fmt: skip
+        return view
+
+    async def info(params: dict[str, Any]) -> dict[str, Any]:
+        c = chain()
+        out = c.static_info()
+        out["queue"] = await c.ops.counts()
+        try:
+            out.update(await c.read(c.info_sync))
+        except ChainError as exc:
+            out["error"] = str(exc)
+        out["reachable"] = c.reachable
+        return out
+
+    async def balance(params: dict[str, Any]) -> dict[str, Any]:
+        c = chain()
+        out: dict[str, Any] = await read(c.balance_sync, params["address"] or c.address)
+        info = c.stake_of(out["address"])
+        out["eligible"] = info.eligible if info else None
+        return out
+
+    async def get_anchor(params: dict[str, Any]) -> dict[str, Any]:
+        c = chain()
+        op = await c.ops.by_key(f"anchor:{params['task_id']}")
+        if op is None:
+            raise RPCError(NOT_FOUND, f"task_id: no anchor for {params['task_id']!r} on this node")
+        out = anchor_view(op)
+        assert out is not None
+        out["task_id"] = params["task_id"]
+        out["payload"] = op.payload
+        return out
+
+    async def rewards(params: dict[str, Any]) -> dict[str, Any]:
+        c = chain()
+        address = params["address"] or c.address
+        try:
+            rows = await c.read(c.rewards_sync, address, params["limit"])
+            source = "chain"
+        except ChainError as exc:  # down: what this node's own anchors minted
+            rows = [
+                {
+                    "task_id": r.task_id,
+                    "amount": vcoin(r.amount),
+                    "tx_hash": r.tx_hash,
+                    "block": r.block,
+                }
+                for r in await c.ops.rewards(address, params["limit"])
+            ]
+            source = f"local (chain unreachable: {exc})"  # fmt: skip
+        return {"address": Web3.to_checksum_address(address), "source": source,
+                "total": sum(r["amount"] for r in rows), "rewards": rows}  # fmt: skip
+
+    async def stake(params: dict[str, Any]) -> dict[str, Any]:
+        amount = str(wei(params["amount"]))
+        return await write([("approve", {"amount": amount}), ("stake", {"amount": amount}),
+                            ("delegate", {})], params["wait_s"])  # fmt: skip
+
+    async def unstake(params: dict[str, Any]) -> dict[str, Any]:
+        return await write([("unstake", {"amount": str(wei(params["amount"]))})],
+                           params["wait_s"])  # fmt: skip
+
+    async def withdraw(params: dict[str, Any]) -> dict[str, Any]:
+        return await write([("withdraw", {})], params["wait_s"])
+
+    async def propose(params: dict[str, Any]) -> dict[str, Any]:
+        return await write([("delegate", {}), ("propose", {"description": params["description"]})],
+                           params["wait_s"])  # fmt: skip
+
+    def proposal_id(params: dict[str, Any]) -> int:
+        if not _PROPOSAL_ID.fullmatch(params["proposal_id"]):
+            raise RPCError(INVALID_PARAMS, "proposal_id: must be a decimal number")
+        return int(params["proposal_id"])
+
+    async def vote(params: dict[str, Any]) -> dict[str, Any]:
+        pid = proposal_id(params)
+        return await write([("vote", {"proposal_id": str(pid),
+                                      "support": VOTE_SUPPORT[params["support"]]})],
+                           params["wait_s"])  # fmt: skip
+
+    async def gov_status(params: dict[str, Any]) -> dict[str, Any]:
+        c = chain()
+        out: dict[str, Any] = await read(c.proposal_sync, proposal_id(params))
+        return out
+
+    async def ops(params: dict[str, Any]) -> dict[str, Any]:
+        c = chain()
+        return {"counts": await c.ops.counts(),
+                "ops": [op_view(o) for o in await c.ops.recent(params["limit"])]}  # fmt: skip
+
+    address = Param("address", ADDRESS, default=None, description="default: this node's")
+    limit = Param("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, default=50)
+    pid = Param("proposal_id", {"type": "string", "maxLength": 78}, required=True)
+    task_id = Param("task_id", {"type": "string", "pattern": TASK_ID_RE}, required=True)
+    amount = Param("amount", AMOUNT, required=True, description="VCOIN")
+    for m in (
+        M("vcoin_chainInfo", "Chain id, contract addresses, this node's address, stake, "
+          "balance, and the chain write queue.", (), OBJ, info),
+        M("vcoin_balance", "VCOIN balance, stake and ether of an address.", (address,), OBJ,
+          balance),
+        M("vcoin_getAnchor", "The anchor of a task this node was origin of: status (queued, "
+          "sent, anchored, failed), tx hash, block, rewards, slashes.", (task_id,), OBJ,
+          get_anchor),
+        M("vcoin_rewards", "Rewards minted to an address by task anchors, newest first.",
+          (address, limit), OBJ, rewards),
+        M("vcoin_stake", "Stake VCOIN (approve + stake; also delegates votes to this node).",
+          (amount, WAIT), OBJ, stake),
+        M("vcoin_unstake", "Request to unstake VCOIN; withdraw after the unstake delay.",
+          (amount, WAIT), OBJ, unstake),
+        M("vcoin_withdraw", "Withdraw unstaked VCOIN once the unstake delay has passed.",
+          (WAIT,), OBJ, withdraw),
+        M("vcoin_govPropose", "Create a governance proposal (needs 1000 VCOIN of votes).",
+          (Param("description", {"type": "string", "minLength": 1, "maxLength": 4000},
+                 required=True), WAIT), OBJ, propose),
+        M("vcoin_govVote", "Vote on a proposal with this node's voting power at its snapshot.",
+          (pid, Param("support", {"enum": list(VOTE_SUPPORT)}, required=True), WAIT), OBJ,
+          vote),
+        M("vcoin_govStatus", "A proposal's state, votes, quorum and deadline.", (pid,), OBJ,
+          gov_status),
+        M("vcoin_chainOps", "The chain write queue, newest first.", (limit,), OBJ, ops),
+    ):  # fmt: skip
+        reg.add(m)

@@ -1,0 +1,357 @@
+"""The compiled VCoin contracts, deployment, and revert decoding.
+
+Everything here is synchronous web3.py; :mod:`vcoind.chain.service` runs it off the trio
+thread. Transactions are signed locally by a :class:`Signer` (the node's Ethereum key),
+never by the chain node, so the same code talks to the embedded EVM, anvil or any RPC.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eth_abi.abi import decode as abi_decode
+from eth_account import Account
+from eth_typing import ChecksumAddress, HexStr
+from eth_utils.crypto import keccak
+from web3 import Web3
+from web3.contract import Contract
+from web3.logs import DISCARD
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "contracts" / "artifacts"
+NAMES = ("VCoin", "Staking", "TaskAnchor", "VCoinTimelock", "VCoinGovernor")
+ZERO_ADDRESS = "0x0000000000000000000000000000000000000000"
+E18 = 10**18
+DEPLOYMENT_VERSION = 1
+GAS_MARGIN = 25_000
+
+
+class ChainError(Exception):
+    """A chain operation failed for good (a revert, a bad deployment file, ...)."""
+
+
+class RevertError(ChainError):
+    """The contract refused: ``name`` is the custom error (or "Error" / "Panic"), ``args``
+    its decoded arguments."""
+
+    def __init__(self, name: str, args: tuple[Any, ...] = ()) -> None:
+        self.name = name
+        self.args_ = args
+        shown = ", ".join(_show(a) for a in args)
+        super().__init__(f"{name}({shown})")
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, bytes):
+        return "0x" + v.hex()
+    return str(v)
+
+
+def artifact(name: str) -> dict[str, Any]:
+    path = ARTIFACTS / f"{name}.json"
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ChainError(f"contract artifact {path} is missing (run `make contracts`)") from None
+    return data
+
+
+def _error_table(abis: Iterable[Sequence[dict[str, Any]]]) -> dict[bytes, tuple[str, list[str]]]:
+    table: dict[bytes, tuple[str, list[str]]] = {
+        keccak(text="Error(string)")[:4]: ("Error", ["string"]),
+        keccak(text="Panic(uint256)")[:4]: ("Panic", ["uint256"]),
+    }
+    for abi in abis:
+        for item in abi:
+            if item.get("type") == "error":
+                types = [_abi_type(i) for i in item["inputs"]]
+                table[keccak(text=f"{item['name']}({','.join(types)})")[:4]] = (
+                    item["name"],
+                    types,
+                )
+    return table
+
+
+def _abi_type(inp: dict[str, Any]) -> str:
+    t = str(inp["type"])
+    if t.startswith("tuple"):
+        return "(" + ",".join(_abi_type(c) for c in inp["components"]) + ")" + t[5:]
+    return t
+
+
+_ERRORS: dict[bytes, tuple[str, list[str]]] | None = None
+
+
+def decode_revert_data(data: bytes) -> RevertError:
+    """Name and arguments of revert ``data`` against every VCoin contract's errors."""
+    global _ERRORS
+    if _ERRORS is None:
+        _ERRORS = _error_table(artifact(n)["abi"] for n in NAMES)
+    if len(data) < 4:
+        return RevertError("Revert", () if not data else (data,))
+    found = _ERRORS.get(data[:4])
+    if found is None:
+        return RevertError("UnknownError", (data,))
+    name, types = found
+    try:
+        values = abi_decode(types, data[4:])
+    except Exception:  # malformed arguments: still name the error
+        return RevertError(name, (data[4:],))
+    return RevertError(
+        name,
+        tuple(
+            Web3.to_checksum_address(v) if t == "address" else v
+            for t, v in zip(types, values, strict=True)
+        ),
+    )
+
+
+def revert_from(exc: BaseException) -> RevertError | None:
+    """The decoded revert inside a web3 / eth-tester exception, or None if it is not one.
+
+    Anvil (HTTP) raises ``ContractCustomError`` / ``ContractLogicError`` with the data as hex;
+    the embedded EVM raises eth-tester's ``TransactionFailed`` whose context holds the raw
+    bytes.
+    """
+    from eth_tester.exceptions import TransactionFailed  # type: ignore[import-untyped]
+    from web3.exceptions import ContractLogicError
+
+    if isinstance(exc, ContractLogicError):
+        data = exc.data
+        if isinstance(data, str) and data.startswith("0x"):
+            try:
+                return decode_revert_data(bytes.fromhex(data[2:]))
+            except ValueError:
+                pass
+        return RevertError("Error", (exc.message or str(exc),))
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, TransactionFailed) or "TransactionFailed" in type(seen).__name__:
+            arg = seen.args[0] if seen.args else None
+            if isinstance(arg, Exception) and arg.args:
+                arg = arg.args[0]
+            if isinstance(arg, bytes):
+                return decode_revert_data(arg)
+        seen = seen.__context__
+    if "execution reverted" in str(exc).lower() or isinstance(exc, TransactionFailed):
+        return RevertError("Error", (str(exc),))
+    return None
+
+
+class Signer:
+    """Signs and sends transactions with one private key; keeps the nonce locally."""
+
+    def __init__(self, w3: Web3, key: bytes) -> None:
+        self.w3 = w3
+        self.account = Account.from_key(key)
+        self.address: ChecksumAddress = self.account.address
+        self._nonce: int | None = None
+
+    def reset_nonce(self) -> None:
+        self._nonce = None
+
+    def build(self, fn: Any, value: int = 0) -> tuple[bytes, str, int]:
+        """Sign the call ``fn`` (a contract function or constructor): (raw tx, hash, nonce).
+
+        Gas is estimated first, so a call that would revert raises here (decode it with
+        :func:`revert_from`) and uses no nonce.
+        """
+        if self._nonce is None:
+            self._nonce = self.w3.eth.get_transaction_count(self.address, "pending")
+        # The estimate is the least gas that succeeds when run alone; calls into other
+        # contracts (63/64 of the gas passed on) and a changed state can need more.
+        gas = fn.estimate_gas({"from": self.address, "value": value})
+        tx = fn.build_transaction({"from": self.address, "nonce": self._nonce, "value": value,
+                                   "gas": gas * 5 // 4 + GAS_MARGIN})  # fmt: skip
+        signed = self.account.sign_transaction(tx)
+        nonce = self._nonce
+        self._nonce += 1
+        return bytes(signed.raw_transaction), "0x" + bytes(signed.hash).hex(), nonce
+
+    def broadcast(self, raw: bytes, tx_hash: str, timeout: float = 30.0) -> Any:
+        """Send ``raw`` (again: the same bytes are the same transaction) and wait for its
+        receipt. A transaction the chain already has is not an error."""
+        receipt = self.receipt(tx_hash)
+        if receipt is not None:
+            return receipt
+        try:
+            self.w3.eth.send_raw_transaction(raw)
+        except Exception as exc:
+            text = str(exc).lower()
+            if "already known" not in text and "known transaction" not in text:
+                if "nonce" in text:
+                    self.reset_nonce()
+                raise
+        return self.w3.eth.wait_for_transaction_receipt(
+            HexStr(tx_hash), timeout=timeout, poll_latency=0.05
+        )
+
+    def receipt(self, tx_hash: str) -> Any:
+        from web3.exceptions import TransactionNotFound
+
+        try:
+            return self.w3.eth.get_transaction_receipt(HexStr(tx_hash))
+        except TransactionNotFound:
+            return None
+
+    def send(self, fn: Any, value: int = 0) -> Any:
+        """Build, sign, send and wait; raises :class:`RevertError` for a refused call."""
+        try:
+            raw, tx_hash, _ = self.build(fn, value)
+        except Exception as exc:
+            revert = revert_from(exc)
+            if revert is not None:
+                raise revert from None
+            raise
+        receipt = self.broadcast(raw, tx_hash)
+        if receipt["status"] != 1:
+            raise ChainError(f"transaction {tx_hash} reverted")
+        return receipt
+
+
+def events(contract: Contract, name: str, receipt: Any) -> list[dict[str, Any]]:
+    """The ``name`` events of ``contract`` in ``receipt`` (others skipped)."""
+    logs = contract.events[name]().process_receipt(receipt, errors=DISCARD)
+    return [dict(log["args"]) for log in logs]
+
+
+@dataclass(frozen=True)
+class DeployParams:
+    """Constructor arguments (see contracts/README.md). Amounts in wei, times in seconds."""
+
+    unstake_delay: int = 7 * 86400
+    min_stake: int = 100 * E18
+    max_reward: int = 100 * E18
+    slash_amount: int = 50 * E18
+    voting_delay: int = 86400
+    voting_period: int = 7 * 86400
+    timelock_delay: int = 2 * 86400
+    reserve: str = ""  # "" = the deployer
+
+
+DEVNET_PARAMS = DeployParams(
+    unstake_delay=60, min_stake=100 * E18, max_reward=100 * E18, slash_amount=50 * E18,
+    voting_delay=1, voting_period=120, timelock_delay=10,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Where the contracts live: what ``--contracts FILE`` holds."""
+
+    chain_id: int
+    network: str
+    deployer: str
+    block: int
+    addresses: dict[str, str]
+    params: dict[str, Any] = field(default_factory=dict)
+    version: int = DEPLOYMENT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+
+    @classmethod
+    def read(cls, path: Path) -> Deployment:
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ChainError(f"deployment file {path} not found") from None
+        except (OSError, ValueError) as exc:
+            raise ChainError(f"deployment file {path} is not valid JSON: {exc}") from None
+        try:
+            d = cls(**raw)
+        except TypeError as exc:
+            raise ChainError(f"deployment file {path}: {exc}") from None
+        if d.version != DEPLOYMENT_VERSION:
+            raise ChainError(f"deployment file {path}: version {d.version} is not supported")
+        missing = [n for n in NAMES if not Web3.is_address(d.addresses.get(n, ""))]
+        if missing:
+            raise ChainError(f"deployment file {path}: no address for {', '.join(missing)}")
+        return d
+
+
+@dataclass
+class Contracts:
+    """Bound web3 contract objects of one deployment."""
+
+    w3: Web3
+    token: Contract
+    staking: Contract
+    anchor: Contract
+    timelock: Contract
+    governor: Contract
+
+    @classmethod
+    def at(cls, w3: Web3, addresses: dict[str, str]) -> Contracts:
+        def bind(name: str) -> Contract:
+            addr = Web3.to_checksum_address(addresses[name])
+            return w3.eth.contract(address=addr, abi=artifact(name)["abi"])
+
+        return cls(w3, *(bind(n) for n in NAMES))
+
+
+def deploy(w3: Web3, signer: Signer, network: str, p: DeployParams) -> Deployment:
+    """Deploy the five contracts and grant the roles contracts/README.md lists.
+
+    The deployer keeps its admin roles and gets MINTER_ROLE (to fund nodes on a devnet);
+    production would hand them to the timelock and renounce them.
+    """
+    admin = signer.address
+    reserve = p.reserve or admin
+    start = w3.eth.block_number
+
+    def new(name: str, *args: Any) -> Contract:
+        a = artifact(name)
+        ctor = w3.eth.contract(abi=a["abi"], bytecode=a["bytecode"]).constructor(*args)
+        receipt = signer.send(ctor)
+        contract: Contract = w3.eth.contract(address=receipt["contractAddress"], abi=a["abi"])
+        return contract
+
+    token = new("VCoin", admin)
+    staking = new("Staking", token.address, admin, reserve, p.unstake_delay, p.min_stake)
+    anchor = new("TaskAnchor", token.address, staking.address, admin, network, p.max_reward,
+                 p.slash_amount)  # fmt: skip
+    timelock = new("VCoinTimelock", p.timelock_delay, [], [ZERO_ADDRESS], admin)
+    governor = new("VCoinGovernor", token.address, timelock.address, p.voting_delay,
+                   p.voting_period)  # fmt: skip
+    t, s, tl = token.functions, staking.functions, timelock.functions
+    signer.send(t.grantRole(t.MINTER_ROLE().call(), anchor.address))
+    signer.send(t.grantRole(t.MINTER_ROLE().call(), admin))
+    signer.send(t.grantRole(t.BURNER_ROLE().call(), staking.address))
+    signer.send(s.grantRole(s.SLASHER_ROLE().call(), anchor.address))
+    signer.send(tl.grantRole(tl.PROPOSER_ROLE().call(), governor.address))
+    signer.send(tl.grantRole(tl.CANCELLER_ROLE().call(), governor.address))
+    for c in (token, staking, anchor):
+        signer.send(c.functions.grantRole(bytes(32), timelock.address))
+    contracts = (token, staking, anchor, timelock, governor)
+    return Deployment(
+        chain_id=w3.eth.chain_id, network=network, deployer=admin, block=start,
+        addresses={n: c.address for n, c in zip(NAMES, contracts, strict=True)},
+        params=asdict(p),
+    )  # fmt: skip
+
+
+def fund(w3: Web3, signer: Signer, c: Contracts, to: str, *, vcoin: int = 0, eth: int = 0) -> None:
+    """Send ``eth`` wei and mint ``vcoin`` wei of VCOIN to ``to`` (the signer needs
+    MINTER_ROLE and the ether)."""
+    to = Web3.to_checksum_address(to)
+    if eth:
+        tx = {"from": signer.address, "to": to, "value": eth,
+              "nonce": w3.eth.get_transaction_count(signer.address, "pending"),
+              "gas": 21000, "chainId": w3.eth.chain_id}  # fmt: skip
+        base = w3.eth.get_block("latest").get("baseFeePerGas", 10**9)
+        tx.update(maxFeePerGas=2 * base + 10**9, maxPriorityFeePerGas=10**9)
+        signed = signer.account.sign_transaction(tx)
+        signer.reset_nonce()
+        signer.broadcast(bytes(signed.raw_transaction), "0x" + bytes(signed.hash).hex())
+    if vcoin:
+        signer.send(c.token.functions.mint(to, vcoin))
