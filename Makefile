@@ -23,13 +23,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# The pinned solcjs and OpenZeppelin (contracts/package-lock.json). The daemon needs no
-# compiler (the artifacts are committed); only `make contracts` and the artifact test do.
+# The pinned solcjs, OpenZeppelin and anvil (contracts/package-lock.json). The daemon needs
+# no compiler (the artifacts are committed); `make contracts` and the artifact test do, and
+# the devnet and the chain tests run anvil.
 $(NODE_DEPS): contracts/package-lock.json
 	@if command -v npm >/dev/null 2>&1; then \
 		npm ci --prefix contracts --no-audit --no-fund; \
 	else \
-		echo "note: npm not found: contracts cannot be recompiled (the committed artifacts still work)" >&2; \
+		echo "note: npm not found: no anvil for the devnet chain, and contracts cannot be recompiled (the committed artifacts still work)" >&2; \
 	fi
 
 # Compile contracts/src with solcjs into the committed contracts/artifacts/*.json.

@@ -27,7 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from devnet.chain import Anvil, ChainSetupError, deploy_devnet, fund_nodes, start_anvil
+from devnet.chain import (
+    Anvil,
+    ChainSetupError,
+    deploy_devnet,
+    fund_nodes,
+    has_anvil,
+    start_anvil,
+)
 from vcoind.cli import ClientError, RPCClient
 from vcoind.datadir import DataDir
 
@@ -363,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"devnet: {ns.nodes} nodes, datadirs under {base}", flush=True)
         models = ensure_test_model(base / "models")
         chain_flags = {"none": ["--no-chain"], "embedded": []}.get(ns.chain, [])
+        if ns.chain == "anvil" and not has_anvil():
+            print("note: anvil is not installed (npm ci --prefix contracts): each node uses "
+                  "its own embedded chain instead", flush=True)  # fmt: skip
+            ns.chain = "embedded"
         if ns.chain == "anvil":
             anvil = start_anvil(ns.chain_port or free_port(8546), base / "anvil.log")
             deployment = base / "deployment.json"

@@ -34,6 +34,12 @@ class ChainSetupError(Exception):
     pass
 
 
+def has_anvil() -> bool:
+    return bool(
+        sorted((ROOT / "contracts" / "node_modules" / "@foundry-rs").glob("anvil-*/bin/anvil"))
+    )
+
+
 def anvil_binary() -> Path:
     found = sorted((ROOT / "contracts" / "node_modules" / "@foundry-rs").glob("anvil-*/bin/anvil"))
     if not found:

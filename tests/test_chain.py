@@ -7,6 +7,9 @@ through the daemons' own reports.
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,10 +20,11 @@ import pytest
 from web3 import Web3
 
 from devnet.__main__ import DevNode, free_port, stake_all
-from devnet.chain import Anvil, deploy_devnet, fund_nodes, start_anvil
+from devnet.chain import ANVIL_DEPLOYER_KEY, Anvil, fund_nodes, start_anvil
 from tests.conftest import Cluster, wait_until
 from tests.test_consensus_nodes import submit_consensus
 from tests.test_tasks import MODEL, finished, knows_model, serving, submit, task
+from vcoind.chain.cli import DEPLOYER_KEY_ENV
 from vcoind.chain.contracts import E18, Contracts, Deployment
 from vcoind.cli import ClientError
 from vcoind.consensus.outcome import task_id_bytes32
@@ -95,8 +99,22 @@ def test_embedded_chain_single_node_anchors_with_no_setup(
         rpc.call("vcoin_govStatus", {"proposal_id": "12345"})
     with pytest.raises(ClientError, match="decimal"):
         rpc.call("vcoin_govStatus", {"proposal_id": "0xabc"})
+
+    # The same through the command line.
+    def vcoin(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [str(Path(sys.executable).parent / "vcoin"), "--datadir", str(n.datadir), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+    out = vcoin("chain", "info")
+    assert out.returncode == 0 and "embedded" in out.stdout and n.info["eth_address"] in out.stdout
+    out = vcoin("task", t["task_id"])
+    assert f"anchor    anchored  tx {a['tx_hash']}" in out.stdout, out.stdout
+    out = vcoin("gov", "status", pid)
+    assert out.returncode == 0 and "active" in out.stdout
+    out = vcoin("unstake", "1000000")
+    assert out.returncode == 1 and "InsufficientStake" in out.stderr
     ops = rpc.call("vcoin_chainOps")
-    assert ops["counts"] == {"done": 5, "failed": 3}, ops  # anchor, unstake, delegate, ...
+    assert ops["counts"] == {"done": 5, "failed": 4}, ops  # anchor, unstake, delegate, ...
 
 
 def test_no_chain_and_bad_chain_config_are_clear(cluster: Cluster, tmp_path: Path) -> None:
@@ -147,7 +165,16 @@ def chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Chain]:
     anvil = start_anvil(free_port(), tmp_path / "anvil.log")
     try:
         path = tmp_path / "deployment.json"
-        d = deploy_devnet(anvil.url, path, "testnet")
+        # Deployed with the command line a user would run.
+        out = subprocess.run(
+            [sys.executable, "-m", "vcoind", "chain", "deploy", "--rpc", anvil.url,
+             "--out", str(path), "--network", "testnet"],
+            env={**os.environ, DEPLOYER_KEY_ENV: ANVIL_DEPLOYER_KEY}, capture_output=True,
+            text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert "TaskAnchor" in out.stdout
+        d = Deployment.read(path)
         w3 = Web3(Web3.HTTPProvider(anvil.url))
         yield Chain(anvil, d, path, Contracts.at(w3, d.addresses))
     finally:

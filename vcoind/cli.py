@@ -136,8 +136,8 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group(
         "chain",
-        "By default an embedded in-process EVM: the contracts are deployed at every start and "
-        "its state (anchors, rewards, stake) lives only as long as the process. Point at a "
+        "By default an embedded in-process EVM: the contracts are deployed on first use after "
+        "every start and its state (anchors, rewards, stake) lives only as long as the process. Point at a "
         "shared chain with --chain-rpc and --contracts.",
     )
     g.add_argument(
@@ -469,12 +469,21 @@ def _fmt_peers(peers: list[dict[str, Any]]) -> str:
             f"{p['health']:.2f}" if p.get("health") is not None else "-",
             f"{p['latency_ms']:.1f}" if "latency_ms" in p else "-",
             f"{now - p['last_seen']:.1f}s" if p.get("last_seen") else "-",
+            _fmt_stake(p.get("stake")),
             (p.get("device") or {}).get("name", "-"),
             (p.get("addrs") or ["-"])[0].split("/p2p/")[0],
         ]
         for p in peers
     ]
-    return _table(rows, ["PEER", "STATUS", "CONN", "HEALTH", "LAT(ms)", "SEEN", "DEVICE", "ADDR"])
+    head = ["PEER", "STATUS", "CONN", "HEALTH", "LAT(ms)", "SEEN", "STAKE", "DEVICE", "ADDR"]
+    return _table(rows, head)
+
+
+def _fmt_stake(st: dict[str, Any] | None) -> str:
+    """Staked VCOIN, ``*`` when below the minimum (its bids are ignored on a shared chain)."""
+    if not st:
+        return "-"
+    return f"{st['stake']:g}" + ("" if st["eligible"] else "*")
 
 
 def _fmt_status(r: dict[str, Any]) -> str:

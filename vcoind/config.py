@@ -95,8 +95,8 @@ class ChainConfig:
     """The EVM chain where outcomes are anchored and rewards, stake and governance live."""
 
     enabled: bool = True
-    # "" = an embedded in-process EVM (py-evm): the contracts are deployed at every start and
-    # its state lives and dies with the process. Else an Ethereum JSON-RPC URL (anvil, ...).
+    # "" = an embedded in-process EVM (py-evm): the contracts are deployed on first use after
+    # every start and its state lives and dies with the process. Else an Ethereum JSON-RPC URL (anvil, ...).
     rpc: str = ""
     # Deployment file (addresses, chain id) for an external chain; `vcoind chain deploy`
     # writes one. Needed with chain.rpc.

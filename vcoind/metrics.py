@@ -75,6 +75,22 @@ class NodeMetrics:
             registry=r,
         )
 
+        self.chain_writes = Counter(
+            "vcoin_chain_writes_total",
+            "Chain write attempts by kind (anchor, stake, ...) and outcome (done, failed, retry)",
+            ["kind", "outcome"], registry=r,
+        )  # fmt: skip
+        self.chain_pending = Gauge(
+            "vcoin_chain_writes_pending", "Chain writes queued and not yet confirmed", registry=r
+        )
+        self.chain_reachable = Gauge(
+            "vcoin_chain_reachable", "1 when the last chain request succeeded", registry=r
+        )
+        self.anchor_latency = Histogram(
+            "vcoin_anchor_seconds", "Task outcome queued to anchored on chain",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300), registry=r,
+        )  # fmt: skip
+
     def rpc_call(self, method: str, outcome: str) -> None:
         self.rpc_calls.labels(method=method, outcome=outcome).inc()
 

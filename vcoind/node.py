@@ -267,7 +267,7 @@ class Node:
         cfg, ident = self.config, self.identity
         chain = self.chain = ChainService(
             cfg.chain, self.store, network=cfg.network, eth_key=bytes(ident.eth.key),
-            datadir=self.datadir.path,
+            datadir=self.datadir.path, metrics=self.metrics,
         )  # fmt: skip
         self.peers.on_seen.append(lambda hb: chain.watch(hb.eth_address))
         self.origin.bid_allowed = lambda peer: chain.bid_allowed(self._eth_address_of(peer))
@@ -304,6 +304,10 @@ class Node:
             if signer is None or bound is None or signer.lower() != bound.lower():
                 log.info("task %s: signature of %s does not verify; not counted", s.task_id, peer)
                 continue
+            stake = chain.stake_of(signer)
+            if stake is not None and not stake.eligible:  # the contract would refuse it
+                log.info("task %s: %s has no eligible stake; not counted", s.task_id, peer)
+                continue
             voters.append((signer, sig))
         outvoted = [a for a in map(self._eth_address_of, s.outvoted) if a]
         me = self.identity.eth_address.lower()
@@ -319,8 +323,8 @@ class Node:
         key = f"anchor:{s.task_id}"
         if req.decision not in (2, 3) or len(voters) * 2 <= s.replicas:
             why = (f"no clear decision ({s.decision})" if req.decision not in (2, 3) else
-                   f"{len(voters)} of {s.replicas} replicas signed; a quorum needs more than "
-                   "half")  # fmt: skip
+                   f"{len(voters)} of {s.replicas} replicas signed with an eligible stake; a "
+                   "quorum needs more than half")  # fmt: skip
             op_id = await chain.ops.enqueue("anchor", req.payload(), key)
             await chain.ops.update(op_id, status="failed", error=f"not anchored: {why}")
             log.info("task %s not anchored: %s", s.task_id, why)

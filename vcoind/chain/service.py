@@ -41,6 +41,7 @@ from vcoind.chain.contracts import (
 )
 from vcoind.config import ChainConfig
 from vcoind.consensus.outcome import model_id_bytes32, task_id_bytes32
+from vcoind.metrics import NodeMetrics
 from vcoind.store import ChainOp, ChainStore, RewardRow, Store
 
 if TYPE_CHECKING:
@@ -114,9 +115,11 @@ class ChainService:
         network: str,
         eth_key: bytes,
         datadir: Path,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.cfg = cfg
         self.network = network
+        self.metrics = metrics or NodeMetrics()
         self.ops = ChainStore(store)
         self.embedded = not cfg.rpc
         self.require_stake = cfg.require_stake == "on" or (
@@ -127,6 +130,7 @@ class ChainService:
         self._datadir = datadir
         self._limiter = trio.CapacityLimiter(1)
         self.connected = trio.Event()
+        self._connecting = False
         self._wake = trio.Event()
         self._changed = trio.Event()
         self._watch_wake = trio.Event()
@@ -140,38 +144,47 @@ class ChainService:
         self.last_error: str | None = None
         self._chain_checked = False
         self._last_tick = time.monotonic()
-        self.on_anchored: Callable[[str, dict[str, Any]], None] = lambda task_id, result: None
 
     # --- lifecycle ----------------------------------------------------------
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        if fn != self._connect:
-            await self.connected.wait()
+        await self._ensure_connected()
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
-    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Connect (embedded: deploy, about a second), then drain the queue. An external
-        chain's deployment file is read before ``started``, so a bad one stops the node."""
+    async def _ensure_connected(self) -> None:
+        """Connect on first use. The embedded chain deploys then (about a second of pure
+        Python that would otherwise compete with a starting node's first tasks)."""
+        if self.connected.is_set():
+            return
+        if self._connecting:
+            await self.connected.wait()
+            return
+        self._connecting = True
         t0 = time.monotonic()
-        if self.embedded:
-            task_status.started()  # nothing that can fail for the user: deploy in the background
-        await self._call(self._connect)
-        self.connected.set()
+        await trio.to_thread.run_sync(self._connect, limiter=self._limiter)
         d = self.deployment
         assert d is not None
         if self.embedded:
             log.info("embedded chain (py-evm, state lives with this process): contracts "
                      "deployed in %.1f s, TaskAnchor %s", time.monotonic() - t0,
                      d.addresses["TaskAnchor"])  # fmt: skip
-            await self._forget_sent()
         else:
             log.info("chain %s (chain id %d), TaskAnchor %s", self.cfg.rpc, d.chain_id,
                      d.addresses["TaskAnchor"])  # fmt: skip
+        self.connected.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Drain the write queue and keep stakes fresh. An external chain's deployment file
+        is read before ``started`` (a bad one stops the node); the embedded chain is made
+        on first use."""
+        if self.embedded:
+            await self._forget_sent()
+        else:
+            await self._ensure_connected()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._writer)
             nursery.start_soon(self._refresher)
-            if not self.embedded:
-                task_status.started()
+            task_status.started()
 
     def _connect(self) -> None:
         if self.embedded:
@@ -240,6 +253,7 @@ class ChainService:
             await self.ops.update(op.id, raw_tx=None, tx_hash=None)
 
     def _mark(self, ok: bool, error: str | None = None) -> None:
+        self.metrics.chain_reachable.set(int(ok))
         was = self.reachable
         self.reachable = ok
         if not ok:
@@ -285,6 +299,8 @@ class ChainService:
             try:
                 await self._process(op)
             finally:
+                counts = await self.ops.counts()
+                self.metrics.chain_pending.set(counts.get("pending", 0))
                 self._notify()
 
     async def _process(self, op: ChainOp) -> None:
@@ -342,18 +358,22 @@ class ChainService:
         delay = min(self.cfg.retry_max_s, 0.5 * 2 ** min(op.attempts, 16))
         level = logging.INFO if outage and op.attempts else logging.WARNING
         log.log(level, "chain %s #%d: %s; retrying in %.1f s", op.kind, op.id, error, delay)
+        self.metrics.chain_writes.labels(kind=op.kind, outcome="retry").inc()
         await self.ops.update(op.id, attempts=op.attempts + 1, next_at=time.time() + delay,
                               error=error, failures=op.failures + failed)  # fmt: skip
 
     async def _fail(self, op: ChainOp, error: str) -> None:
         log.warning("chain %s #%d failed: %s", op.kind, op.id, error)
+        self.metrics.chain_writes.labels(kind=op.kind, outcome="failed").inc()
         await self.ops.update(op.id, status="failed", attempts=op.attempts + 1, error=error)
 
     async def _finish(self, op: ChainOp, result: dict[str, Any]) -> None:
         await self.ops.update(op.id, status="done", attempts=op.attempts + 1, error=None,
                               result=result, tx_hash=result.get("tx_hash", op.tx_hash),
                               block=result.get("block"))  # fmt: skip
+        self.metrics.chain_writes.labels(kind=op.kind, outcome="done").inc()
         if op.kind == "anchor":
+            self.metrics.anchor_latency.observe(max(0.0, time.time() - op.created_at))
             task_id = op.payload["task_id"]
             rows = [RewardRow(task_id, r["node"], int(r["amount"]), result["tx_hash"],
                               result["block"], time.time())
@@ -363,7 +383,6 @@ class ChainService:
             log.info("task %s anchored in block %s (tx %s), %d reward(s)%s", task_id,
                      result.get("block"), result.get("tx_hash"), len(rows),
                      f", {len(slashed)} slashed" if slashed else "")  # fmt: skip
-            self.on_anchored(task_id, result)
         elif op.kind in ("stake", "unstake", "withdraw"):
             self._watch_wake.set()  # our own stake changed
         else:
@@ -489,6 +508,7 @@ class ChainService:
         return info is not None and info.eligible
 
     async def _refresher(self) -> None:
+        await self.connected.wait()  # stakes matter once something uses the chain
         while True:
             addrs = sorted(self._watch)
             try:
