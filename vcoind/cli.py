@@ -137,8 +137,8 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "chain",
         "By default an embedded in-process EVM: the contracts are deployed on first use after "
-        "every start and its state (anchors, rewards, stake) lives only as long as the process. Point at a "
-        "shared chain with --chain-rpc and --contracts.",
+        "every start and its state (anchors, rewards, stake) lives only as long as the "
+        "process. Point at a shared chain with --chain-rpc and --contracts.",
     )
     g.add_argument(
         "--chain-rpc",

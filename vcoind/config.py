@@ -96,7 +96,8 @@ class ChainConfig:
 
     enabled: bool = True
     # "" = an embedded in-process EVM (py-evm): the contracts are deployed on first use after
-    # every start and its state lives and dies with the process. Else an Ethereum JSON-RPC URL (anvil, ...).
+    # every start and its state lives and dies with the process. Else an Ethereum JSON-RPC
+    # URL (anvil, ...).
     rpc: str = ""
     # Deployment file (addresses, chain id) for an external chain; `vcoind chain deploy`
     # writes one. Needed with chain.rpc.
