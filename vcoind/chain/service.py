@@ -161,7 +161,10 @@ class ChainService:
             return
         self._connecting = True
         t0 = time.monotonic()
-        await trio.to_thread.run_sync(self._connect, limiter=self._limiter)
+        try:
+            await trio.to_thread.run_sync(self._connect, limiter=self._limiter)
+        finally:
+            self._connecting = False
         d = self.deployment
         assert d is not None
         if self.embedded:
@@ -298,15 +301,17 @@ class ChainService:
                 continue
             try:
                 await self._process(op)
+            except Exception:  # a bug here must not take the node down: park the op
+                log.exception("chain %s #%d: unexpected error", op.kind, op.id)
+                await self._retry(op, "internal error (see the log)", failed=True)
             finally:
                 counts = await self.ops.counts()
                 self.metrics.chain_pending.set(counts.get("pending", 0))
                 self._notify()
 
     async def _process(self, op: ChainOp) -> None:
-        signer = self.signer
-        assert signer is not None
         try:
+            await self._ensure_connected()
             raw, tx_hash = (bytes.fromhex(op.raw_tx), op.tx_hash) if op.raw_tx else (None, None)
             if raw is None:
                 built = await self._call(self._build, op)
