@@ -247,10 +247,23 @@ def model_parser() -> argparse.ArgumentParser:
     )
     mk.add_argument("--out", type=Path, required=True, metavar="DIR", help="model directory")
     mk.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
-    for name, help_text in (("list", "list the models in the store"), ("info", "one model")):
+    for name, help_text in (
+        ("list", "list the models in the store"),
+        ("info", "one model"),
+        ("split", "split a model by layer range into shard directories (each holds only its "
+         "tensors, plus shard.json with the layer range and tensor hashes)"),
+    ):  # fmt: skip
         sp = sub.add_parser(name, help=help_text)
-        if name == "info":
+        if name in ("info", "split"):
             sp.add_argument("model", help="short name or model id")
+        if name == "split":
+            how = sp.add_mutually_exclusive_group(required=True)
+            how.add_argument("--shards", type=int, help="N shards of (nearly) equal layers")
+            how.add_argument("--ranges", help="inclusive layer ranges, e.g. 0-13,14-27")
+            sp.add_argument(
+                "--out", type=Path, metavar="DIR",
+                help="where the shard directories go (default: the models dir)",
+            )  # fmt: skip
         sp.add_argument("--datadir", type=Path, metavar="DIR", help="data directory")
         sp.add_argument("--models-dir", metavar="DIR", help="default DATADIR/models")
         sp.add_argument("--json", action="store_true", help="print JSON")
@@ -296,8 +309,29 @@ def model_main(args: list[str]) -> int:
         info = store.resolve(ns.model)
     except ModelError as exc:
         return _die(str(exc))
+    if ns.action == "split":
+        return _split(info, ns.shards, ns.ranges, ns.out or cfg.models_dir)
     d = info.as_dict()
     print(json.dumps(d, indent=2) if ns.json else "\n".join(f"{k:<16}{v}" for k, v in d.items()))
+    return 0
+
+
+def _split(info: Any, shards: int | None, ranges: str | None, out: Path) -> int:
+    from vcoind.compute.shards import ShardError, even_ranges, parse_ranges, split_model
+
+    try:
+        spans = (
+            parse_ranges(ranges, info.num_layers) if ranges
+            else even_ranges(info.num_layers, shards or 0)
+        )  # fmt: skip
+        print(f"splitting {info.name} ({info.num_layers} layers) into {len(spans)} shards "
+              f"under {out}", flush=True)  # fmt: skip
+        dirs = split_model(info.path, out, spans, name=info.name, model_id=info.model_id)
+    except (ShardError, OSError) as exc:
+        return _die(str(exc))
+    for d, (a, b) in zip(dirs, spans, strict=True):
+        size = sum(f.stat().st_size for f in d.glob("*.safetensors"))
+        print(f"  {d}  layers {a}-{b}  {size / (1 << 20):.1f} MiB")
     return 0
 
 

@@ -22,6 +22,7 @@ from typing import Any
 log = logging.getLogger("vcoind.models")
 
 ID_CACHE = ".vcoin-model-id"
+SHARD_MANIFEST = "shard.json"  # vcoind.compute.shards.MANIFEST (that module imports torch)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -132,6 +133,8 @@ class ModelStore:
             for sub in sorted(self.root.iterdir()):
                 if not sub.is_dir() or not NAME_RE.match(sub.name):
                     continue
+                if (sub / SHARD_MANIFEST).is_file():
+                    continue  # a layer shard (vcoind model split), not a whole model
                 try:
                     found[sub.name] = inspect_model(sub)
                 except ModelError as exc:
