@@ -80,6 +80,7 @@ def register_node_api(reg: MethodRegistry, node: Node) -> None:
             "device": dataclasses.asdict(hb.device) if hb else None,
             "health": hb.health if hb else None,
             "capabilities": dataclasses.asdict(node.heartbeat.capabilities),
+            "pipeline_sessions": node.shard_host.open_sessions,
             "datadir": str(node.datadir.path),
         }
 
@@ -298,7 +299,11 @@ def network_models(node: Node) -> dict[str, str]:
 def register_task_api(reg: MethodRegistry, node: Node) -> None:
     async def submit(params: dict[str, Any]) -> dict[str, Any]:
         known = network_models(node)
-        if params["model"] not in known:
+        if params["pipeline"]:
+            if params["mode"] != "single" or params["replicas"] not in (None, 1):
+                raise RPCError(INVALID_PARAMS, "pipeline: not with consensus yet")
+            params = {**params, "mode": "pipeline"}
+        elif params["model"] not in known:
             names = ", ".join(sorted({v for v in known.values()})) or "none"
             raise RPCError(INVALID_PARAMS, f"model: unknown model {params['model']!r} "
                            f"(served in the network: {names})")  # fmt: skip
@@ -371,6 +376,9 @@ def register_task_api(reg: MethodRegistry, node: Node) -> None:
             Param("timeout_s", {"type": "number", "minimum": 0.5, "maximum": 86400},
                   default=None, description="reassign after this long without progress"),
             Param("max_price", {"type": "number", "minimum": 0}, default=None),
+            Param("pipeline", {"type": "boolean"}, default=False,
+                  description="run across nodes serving layer spans that together cover "
+                  "the model (this node needs its tokenizer: a span or the model)"),
         ),
         {"type": "object"}, submit,
     ))  # fmt: skip

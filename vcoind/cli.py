@@ -106,6 +106,13 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--device", choices=DEVICES, help="inference device (default auto)")
     g.add_argument(
+        "--serve-layers",
+        action="append",
+        metavar="MODEL:START-END",
+        help="serve layers START..END (inclusive) of MODEL to pipelines, repeatable; from a "
+        "shard directory (`vcoind model split`) or the whole model in the models dir",
+    )
+    g.add_argument(
         "--cpu-threads",
         type=int,
         metavar="N",
@@ -177,6 +184,7 @@ def _flags(ns: argparse.Namespace) -> dict[str, Any]:
         "compute.models_dir": ns.models_dir,
         "compute.device": ns.device,
         "compute.cpu_threads": ns.cpu_threads,
+        "compute.serve_layers": ns.serve_layers,
         "market.strategy": ns.strategy,
         "market.bid_window_s": ns.bid_window,
         "market.task_timeout_s": ns.task_timeout,
@@ -597,6 +605,8 @@ def client_parser() -> argparse.ArgumentParser:
         "the model (default single)",
     )
     s.add_argument("--replicas", type=int, help="replicas in consensus mode, 2-5 (default 3)")
+    s.add_argument("--pipeline", action="store_true",
+                   help="run across nodes serving layer spans (--serve-layers)")  # fmt: skip
     s.add_argument("--wait", action="store_true", help="show progress, then print the answer")
     t = sub.add_parser("task", help="one task: status, progress, node, route, timings")
     t.add_argument("task_id")
@@ -684,8 +694,12 @@ def _fmt_task(t: dict[str, Any]) -> str:
         err = f" ({hop['error']})" if hop.get("error") else ""
         lines.append(f"attempt {hop['attempt']}  {hop['node_id']}  {hop['status']}{err}")
     if tm:
-        keys = ("assigned_s", "total_s", "prefill_s", "decode_s", "tokens_per_s")
+        keys = ("assigned_s", "total_s", "prefill_s", "decode_s", "tokens_per_s", "reroutes")
         lines.append("timings   " + "  ".join(f"{k}={tm[k]}" for k in keys if k in tm))
+    for h in tm.get("hops", []):
+        lines.append(f"hop       {h['node_id']}  layers {h['layers']}  {h['status']}  "
+                     f"compute {h['compute_s']:.3f} s  transfer {h['transfer_s']:.3f} s  "
+                     f"{h['bytes']} bytes")  # fmt: skip
     if t.get("error"):
         lines.append(f"error     {t['error']}")
     if t.get("consensus"):
@@ -739,6 +753,8 @@ def _task_command(ns: argparse.Namespace, client: RPCClient) -> tuple[Any, Calla
             req["timeout_s"] = ns.timeout
         if ns.mode != "single" or ns.replicas is not None:
             req["mode"], req["replicas"] = ns.mode, ns.replicas
+        if ns.pipeline:
+            req["pipeline"] = True
         task_id = client.call("vcoin_submitTask", req)["task_id"]
         if not ns.wait:
             return {"task_id": task_id}, lambda r: f"submitted {r['task_id']}"

@@ -74,6 +74,9 @@ class ComputeConfig:
     # CPU threads for torch (inference and sentence embeddings); 0 = torch's default.
     # Several daemons on one box (a devnet) each want 1.
     cpu_threads: int = 0
+    # Layer spans served to pipelines, "MODEL:START-END" (inclusive), from a shard directory
+    # in the models dir or split from the whole model on first start.
+    serve_layers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -325,6 +328,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("rpc.addr", str(exc)) from None
     if cfg.compute.device not in DEVICES:
         raise ConfigError("compute.device", f"must be one of {', '.join(DEVICES)}")
+    for spec in cfg.compute.serve_layers:
+        from vcoind.market.pipeline import parse_serve_spec
+
+        try:
+            parse_serve_spec(spec)
+        except ValueError as exc:
+            raise ConfigError("compute.serve_layers", str(exc)) from None
     if cfg.compute.cpu_threads < 0:
         raise ConfigError("compute.cpu_threads", "must be >= 0 (0 = torch's default)")
     if cfg.compute.memory_budget_mb < 0:

@@ -91,6 +91,16 @@ class NodeMetrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300), registry=r,
         )  # fmt: skip
 
+        self.pipeline_hop = Histogram(
+            "vcoin_pipeline_hop_seconds", "Per task and hop: compute or transfer time",
+            ["kind"], buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30), registry=r,
+        )  # fmt: skip
+        self.pipeline_bytes = Counter(
+            "vcoin_pipeline_bytes_total",
+            "Tensor bytes sent and received by pipelines",
+            registry=r,
+        )
+
     def rpc_call(self, method: str, outcome: str) -> None:
         self.rpc_calls.labels(method=method, outcome=outcome).inc()
 

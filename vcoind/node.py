@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -29,6 +30,7 @@ from vcoind.chain.api import register_chain_api
 from vcoind.chain.contracts import ChainError
 from vcoind.chain.service import AnchorRequest, ChainService, wei
 from vcoind.compute.models import ModelStore
+from vcoind.compute.params import GenerationError
 from vcoind.compute.telemetry import HostSample, Telemetry
 from vcoind.config import Config
 from vcoind.consensus.health import health_score
@@ -54,6 +56,15 @@ from vcoind.market.messages import (
     TaskResult,
 )
 from vcoind.market.origin import Settled, TaskOrigin
+from vcoind.market.pipeline import (
+    PipelineError,
+    PipelineRun,
+    ServedSpan,
+    ShardHost,
+    generate_pipelined,
+    parse_serve_spec,
+)
+from vcoind.market.shardwire import SHARD_PROTOCOL, ShardClose, ShardOpen, ShardOutput, ShardStep
 from vcoind.market.votes import CommitsClosed, OutcomeVote, ResultCommitment, ResultReveal
 from vcoind.market.worker import TaskWorker
 from vcoind.metrics import NodeMetrics
@@ -61,7 +72,7 @@ from vcoind.p2p.gossip import Gossip
 from vcoind.p2p.heartbeat import BindingCheck, HeartbeatService
 from vcoind.p2p.host import P2PHost, build_host, running
 from vcoind.p2p.keeper import PeerKeeper
-from vcoind.p2p.messages import Heartbeat, ModelServed
+from vcoind.p2p.messages import Heartbeat, LayerSpan, ModelServed
 from vcoind.p2p.peers import PeerTable
 from vcoind.p2p.streams import StreamProtocol, StreamProtocolError, StreamService
 from vcoind.rpc import MethodRegistry, RPCServer, RPCServerConfig
@@ -79,6 +90,11 @@ TASK_STREAM = StreamProtocol(
     TASK_PROTOCOL,
     (Assignments, Cancel, Progress, TaskResult),
     max_request_bytes=max(TaskResult.MAX_BYTES, Assignments.MAX_BYTES),
+)
+
+
+SHARD_STREAM = StreamProtocol(
+    SHARD_PROTOCOL, (ShardOpen, ShardStep, ShardClose), max_request_bytes=ShardStep.MAX_BYTES
 )
 
 
@@ -234,6 +250,12 @@ class Node:
         self.gossip.on("tasks", TaskAnnounce, self.worker.on_announce)
         self.gossip.on("tasks", Bid, self.origin.on_bid)
         self.streams.serve(TASK_STREAM, self._task_request)
+        self.shard_host = ShardHost(self.config.compute.device if
+                                    self.config.compute.device != "auto" else "cpu")  # fmt: skip
+        self.streams.serve(SHARD_STREAM, lambda peer, r: self.shard_host.handle(
+            peer.to_base58(), r))  # fmt: skip
+        self.origin.run_pipeline = self._run_pipeline
+        self._pipeline_tokenizers: dict[str, Any] = {}
 
     def _wire_consensus(self) -> None:
         cfg, ident = self.config, self.identity
@@ -330,6 +352,121 @@ class Node:
             log.info("task %s not anchored: %s", s.task_id, why)
             return
         await chain.enqueue("anchor", req.payload(), key)
+
+    # --- pipelines -------------------------------------------------------
+
+    async def shard_send(self, peer: str, record: Any, reply_type: type[Any]) -> Any:
+        """A /vcoin/shard/1.0.0 request; to ourselves a plain call."""
+        if peer == self.identity.peer_id:
+            return await self.shard_host.handle(peer, record)
+        return await self.streams.request(
+            ID.from_base58(peer), SHARD_STREAM, record, reply_type,
+            max_reply_bytes=ShardOutput.MAX_BYTES,
+        )  # fmt: skip
+
+    def _resolve_spans(self) -> None:
+        """``--serve-layers``: a matching shard dir in the models dir, else split the whole
+        model into DATADIR/shards once."""
+        from vcoind.compute.shards import ShardManifest, split_model
+
+        if not self.config.compute.serve_layers:
+            return
+        root = self.config.models_dir
+        manifests = []
+        for d in [*sorted(root.glob("*")), *sorted((self.datadir.path / "shards").glob("*"))]:
+            if (d / "shard.json").is_file():
+                manifests.append((d, ShardManifest.read(d)))
+        spans = []
+        for spec in self.config.compute.serve_layers:
+            name, a, b = parse_serve_spec(spec)
+            found = next((d for d, m in manifests if name in (m.model, m.model_id)
+                          and (m.start, m.end) == (a, b)), None)  # fmt: skip
+            if found is None:
+                try:
+                    info = self.models.resolve(name)
+                except Exception as exc:
+                    raise NodeError(f"--serve-layers {spec}: no shard directory for it in "
+                                    f"{root} and {exc}") from None  # fmt: skip
+                log.info("splitting layers %d-%d out of %s", a, b, info.name)
+                found = split_model(info.path, self.datadir.path / "shards", [(a, b)],
+                                    name=info.name, model_id=info.model_id,
+                                    partial=True)[0]  # fmt: skip
+            m = ShardManifest.read(found)
+            self.shard_host.add(ServedSpan(m.model, m.model_id, m.start, m.end, found))
+            spans.append(LayerSpan(m.model_id, m.start, m.end))
+        self.heartbeat.set_capabilities(
+            dataclasses.replace(self.heartbeat.capabilities, spans=tuple(spans)))  # fmt: skip
+        log.info("serving layer spans: %s", ", ".join(self.config.compute.serve_layers))
+
+    def _spans_by_peer(self) -> dict[str, list[LayerSpan]]:
+        out = {st.peer_id: list(st.heartbeat.spans) for st in self.peers.peers()}
+        out[self.identity.peer_id] = [s.span() for s in self.shard_host.spans]
+        return out
+
+    def _route_rank(self, peer: str) -> tuple[float, float]:
+        if peer == self.identity.peer_id:
+            return (-self._health_of(peer), 0.0)
+        st = self.peers.get(peer)
+        return (-(st.health if st else 0.0), st.latency_s if st else 1e9)
+
+    def _pipeline_source(self, model: str) -> Path:
+        """A local directory with the model's tokenizer and config (a span or the model)."""
+        for sp in self.shard_host.spans:
+            if model in (sp.model, sp.model_id):
+                return sp.path
+        for info in self.models.all():
+            if model in (info.name, info.model_id):
+                return info.path
+        raise PipelineError(
+            f"this node holds no part of {model!r}: a pipeline's origin needs its "
+            "tokenizer (serve one of its spans, or the model)"
+        )
+
+    async def _run_pipeline(self, row: Any, on_token: Any) -> dict[str, Any]:
+        from vcoind.compute.generate import GenerationParams
+
+        src = self._pipeline_source(row.model)
+        if str(src) not in self._pipeline_tokenizers:
+
+            def load() -> tuple[Any, Any]:
+                from transformers import AutoConfig, AutoTokenizer
+
+                return AutoTokenizer.from_pretrained(str(src)), AutoConfig.from_pretrained(str(src))
+
+            self._pipeline_tokenizers[str(src)] = await trio.to_thread.run_sync(load)
+        tokenizer, config = self._pipeline_tokenizers[str(src)]
+        manifest_id = next((sp.model_id for sp in self.shard_host.spans if sp.path == src), None)
+        model_id = manifest_id or self.models.resolve(row.model).model_id
+        run = PipelineRun(self.shard_send, model_id, int(config.num_hidden_layers),
+                          self._spans_by_peer, self._route_rank,
+                          hop_timeout_s=min(30.0, row.timeout_s))  # fmt: skip
+        p = row.parameters
+        params = GenerationParams(int(p.get("max_new_tokens", 64)), float(p.get("temperature", 0)),
+                                  float(p.get("top_p", 1.0)), int(p.get("top_k", 0)),
+                                  int(p.get("seed", 0)), tuple(p.get("stop", ())))  # fmt: skip
+        max_pos = int(getattr(config, "max_position_embeddings", 1 << 30))
+        t0 = time.monotonic()
+        try:
+            r = await generate_pipelined(run, tokenizer, row.input, params, max_pos, on_token)
+        except GenerationError as exc:
+            raise PipelineError(str(exc)) from None
+        total = time.monotonic() - t0
+        hops = [h.view() for h in run.history]
+        for h in run.history:
+            self.metrics.pipeline_hop.labels(kind="compute").observe(h.compute_s)
+            self.metrics.pipeline_hop.labels(kind="transfer").observe(h.transfer_s)
+            self.metrics.pipeline_bytes.inc(h.bytes)
+        tokens = len(r.token_ids)
+        return {
+            "text": r.text, "model_id": model_id, "tokens": tokens, "hops": hops,
+            "timings": {
+                "pipeline_s": round(total, 6), "prefill_s": round(r.prefill_s, 6),
+                "decode_s": round(r.decode_s, 6), "tokens": tokens,
+                "prompt_tokens": r.prompt_tokens, "finish_reason": r.finish_reason,
+                "tokens_per_s": round(tokens / r.decode_s, 3) if r.decode_s else 0.0,
+                "reroutes": run.reroutes, "hops": hops,
+            },
+        }  # fmt: skip
 
     def _eth_address_of(self, peer: str) -> str | None:
         if peer == self.identity.peer_id:
@@ -521,6 +658,7 @@ class Node:
             async with running(self.p2p, self.config.p2p.listen), trio.open_nursery() as nursery:
                 self._p2p_listening = True
                 await self.rescan_models()
+                await trio.to_thread.run_sync(self._resolve_spans)
                 for row in await self.store.list_peers():
                     self.keeper.learn(row.peer_id, row.addrs)
                 self._nursery = nursery

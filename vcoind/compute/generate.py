@@ -80,7 +80,11 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedMo
 
 def encode_prompt(lm: LoadedModel, prompt: str) -> list[int]:
     """Token ids of the prompt; chat models get their chat template applied."""
-    tok = lm.tokenizer
+    return encode_text(lm.tokenizer, prompt)
+
+
+def encode_text(tok: Any, prompt: str) -> list[int]:
+    """``encode_prompt`` with a bare tokenizer (a pipeline's origin has no model)."""
     if getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
@@ -128,25 +132,46 @@ def generate(
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` after ``prompt``; see the module docstring."""
     prompt_ids = encode_prompt(lm, prompt)
-    if not prompt_ids:
-        raise GenerationError("the prompt encodes to no tokens")
     max_pos = int(getattr(lm.model.config, "max_position_embeddings", 1 << 30))
-    if len(prompt_ids) + params.max_new_tokens > max_pos:
-        raise GenerationError(
-            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens exceeds the model's "
-            f"context of {max_pos}"
-        )
-    eos = lm.tokenizer.eos_token_id
-    gen = None
-    if params.temperature > 0:
-        gen = torch.Generator(device=lm.device)
-        gen.manual_seed(params.seed)
     cache = DynamicCache(config=lm.model.config)
     kw = {lm.cache_kwarg: cache, "use_cache": True}
 
+    def forward(new_ids: list[int]) -> torch.Tensor:
+        ids = torch.tensor([new_ids], device=lm.device)
+        logits: torch.Tensor = lm.model(input_ids=ids, logits_to_keep=1, **kw).logits[0, -1]
+        return logits
+
+    return decode_loop(prompt_ids, params, forward, lm.tokenizer, max_pos, lm.device,
+                       on_token=on_token, cancel=cancel)  # fmt: skip
+
+
+def decode_loop(
+    prompt_ids: list[int],
+    params: GenerationParams,
+    forward: Callable[[list[int]], torch.Tensor],
+    tokenizer: Any,
+    max_positions: int,
+    device: torch.device | str = "cpu",
+    *,
+    on_token: Callable[[int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> GenerationResult:
+    """Prefill then decode with ``forward(new token ids) -> logits of the last position``
+    (a model with its KV cache, or a pipeline of shards): sampling, EOS, stop strings."""
+    if not prompt_ids:
+        raise GenerationError("the prompt encodes to no tokens")
+    if len(prompt_ids) + params.max_new_tokens > max_positions:
+        raise GenerationError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens exceeds the model's "
+            f"context of {max_positions}"
+        )
+    eos = tokenizer.eos_token_id
+    gen = None
+    if params.temperature > 0:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(params.seed)
     t0 = time.perf_counter()
-    ids = torch.tensor([prompt_ids], device=lm.device)
-    logits = lm.model(input_ids=ids, logits_to_keep=1, **kw).logits[0, -1]
+    logits = forward(prompt_ids)
     t1 = time.perf_counter()
     out: list[int] = []
     finish, text = "length", ""
@@ -161,18 +186,17 @@ def generate(
         if on_token is not None:
             on_token(len(out))
         if params.stop:
-            text = lm.tokenizer.decode(out, skip_special_tokens=True)
+            text = tokenizer.decode(out, skip_special_tokens=True)
             cut = _find_stop(text, params.stop)
             if cut >= 0:
                 text, finish = text[:cut], "stop"
                 break
         if len(out) == params.max_new_tokens:
             break
-        step = torch.tensor([[nxt]], device=lm.device)
-        logits = lm.model(input_ids=step, **kw).logits[0, -1]
+        logits = forward([nxt])
     t2 = time.perf_counter()
     if finish != "stop":
-        text = lm.tokenizer.decode(out, skip_special_tokens=True)
+        text = tokenizer.decode(out, skip_special_tokens=True)
     return GenerationResult(
         text=text,
         token_ids=tuple(out),

@@ -167,11 +167,18 @@ def split_model(
     *,
     name: str,
     model_id: str,
+    partial: bool = False,
 ) -> list[Path]:
-    """Write one shard directory per range under ``out_root``: ``<name>.<start>-<end>``."""
+    """Write one shard directory per range under ``out_root``: ``<name>.<start>-<end>``.
+    The ranges must cover the model unless ``partial`` (a node's own span)."""
     cfg = _config(model_dir)
     num_layers = int(cfg["num_hidden_layers"])
-    parse_ranges(",".join(f"{a}-{b}" for a, b in ranges), num_layers)  # validates coverage
+    if partial:
+        for a, b in ranges:
+            if not 0 <= a <= b < num_layers:
+                raise ShardError(f"layers {a}-{b} are outside 0-{num_layers - 1}")
+    else:
+        parse_ranges(",".join(f"{a}-{b}" for a, b in ranges), num_layers)  # covers all
     where = _tensor_files(model_dir)
     tied = bool(cfg.get("tie_word_embeddings", False)) or HEAD not in where
     if EMBED not in where or NORM not in where:

@@ -159,6 +159,10 @@ class TaskOrigin:
         self.reputations: Callable[[list[str]], Awaitable[dict[str, float]]] = _no_reputations
         # Bids from peers this says no to are ignored (stake gating).
         self.bid_allowed: Callable[[str], bool] = lambda peer: True
+        # Runs a pipelined task (set by the node): (row, on_token) -> outcome dict.
+        self.run_pipeline: (
+            Callable[[TaskRow, Callable[[int], None]], Awaitable[dict[str, Any]]] | None
+        ) = None
         # A completed task whose outcome is settled (anchoring; set by the node).
         self.on_settled: Callable[[Settled], Awaitable[None]] | None = None
 
@@ -178,8 +182,10 @@ class TaskOrigin:
     ) -> str:
         if self._nursery is None:
             raise TaskError("node", "the task market is not running")
-        if mode not in ("single", "consensus", "auto"):
-            raise TaskError("mode", "must be single, consensus or auto")
+        if mode not in ("single", "consensus", "auto", "pipeline"):
+            raise TaskError("mode", "must be single, consensus, auto or pipeline")
+        if mode == "pipeline" and self.run_pipeline is None:
+            raise TaskError("pipeline", "pipelines are not available on this node")
         if replicas is not None and not 2 <= replicas <= 5:
             raise TaskError("replicas", "must be 2 to 5")
         if mode == "auto":  # consensus when enough nodes serve the model to replicate it
@@ -317,6 +323,8 @@ class TaskOrigin:
     async def _run_attempts(self, live: _Live, resumed: bool) -> tuple[str, str | None]:
         if live.row.mode == "consensus":
             return await self._run_consensus(live)
+        if live.row.mode == "pipeline":
+            return await self._run_pipeline(live)
         cfg = self.config
         last_error = "no node bid for the task"
         candidates: list[TaskBid] = []
@@ -455,6 +463,36 @@ class TaskOrigin:
         finally:
             if not handed_off:
                 co.end(row.id)
+
+    async def _run_pipeline(self, live: _Live) -> tuple[str, str | None]:
+        """Layer spans on several nodes; the route and per-hop times go into the task."""
+        from vcoind.market.pipeline import PipelineError
+
+        assert self.run_pipeline is not None  # submit() refuses pipelines without it
+        row = live.row
+
+        def on_token(n: int) -> None:
+            live.progress = n
+            live.wake()
+
+        await self._update(live, phase="running", status="running")
+        try:
+            out = await self.run_pipeline(row, on_token)
+        except PipelineError as exc:
+            return "failed", str(exc)
+        now = time.time()
+        for n, hop in enumerate(out["hops"], 1):
+            await self._tasks.add_attempt(row.id, n, hop["node_id"], now)
+            ok = hop["status"] == "completed"
+            why = None if ok else f"layers {hop['layers']}: {hop['status']}"
+            await self._tasks.finish_attempt(row.id, n, hop["status"], why, now)
+        live.attempt = len(out["hops"])
+        await self._update(live, timings={**row.timings, **out["timings"]})
+        live.final = {
+            "result": out["text"], "model_id": out["model_id"], "progress": out["tokens"],
+            "node_id": ",".join(h["node_id"] for h in out["hops"] if h["status"] == "completed"),
+        }  # fmt: skip
+        return "completed", None
 
     async def _collect_signatures(
         self, live: _Live, st: RoundState, rr: RoundResult, model_id: str

@@ -1,0 +1,148 @@
+"""Pipelined generation across real daemons serving layer spans of the test model."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import trio
+
+from devnet.__main__ import DevNode
+from tests.conftest import Cluster, wait_until
+from tests.test_tasks import MODEL, finished, task
+from vcoind.compute.frames import TensorFrame
+from vcoind.compute.shards import even_ranges, split_model
+from vcoind.compute.testmodel import CORPUS
+from vcoind.market.pipeline import ServedSpan, ShardHost
+from vcoind.market.shardwire import ShardClose, ShardOpen, ShardOutput, ShardStep
+from vcoind.p2p.streams import StreamProtocolError
+
+pytestmark = pytest.mark.slow
+PROMPTS = ["Explain proof of stake", "What is a Merkle tree?", "Define gas", "Why hash?"]
+# 50 prompts for the parity checks: lines of the test model's corpus, cut at varied lengths.
+PARITY = [line[: 12 + (i * 7) % 50] for i, line in enumerate(CORPUS.splitlines() * 4)][:50]
+
+
+def parity(origin: DevNode, prompts: list[str]) -> int:
+    """How many pipelined answers equal the single-node answer (greedy, 12 tokens)."""
+    same = 0
+    for prompt in prompts:
+        single = finished(origin, submit(origin, prompt, False, n=12))
+        piped = finished(origin, submit(origin, prompt, True, n=12))
+        assert piped["status"] == "completed", piped
+        same += piped["result"] == single["result"]
+    return same
+
+
+def spans(models_dir: Path, *layers: str) -> list[str]:
+    out = ["--models-dir", str(models_dir), "--no-chain"]
+    for s in layers:
+        out += ["--serve-layers", f"{MODEL}:{s}"]
+    return out
+
+
+def submit(node: DevNode, prompt: str, pipeline: bool, n: int = 16) -> str:
+    req: dict[str, Any] = {"model": MODEL, "input": prompt, "pipeline": pipeline,
+                           "parameters": {"max_new_tokens": n}}  # fmt: skip
+    return str(node.rpc.call("vcoin_submitTask", req)["task_id"])
+
+
+def sees_spans(node: DevNode, peers: int) -> bool:
+    return sum(1 for p in node.rpc.call("vcoin_peers") if p["spans"]) >= peers
+
+
+def test_two_span_pipeline_matches_single_node_and_reports_hops(
+    cluster: Cluster, models_dir: Path
+) -> None:
+    n1 = cluster.start(1, extra=spans(models_dir, "0-1"))
+    n2 = cluster.start(2, bootstrap=n1, extra=spans(models_dir, "2-3"))
+    wait_until(lambda: sees_spans(n1, 1), 20, "node 1 sees node 2's span")
+    assert parity(n1, PARITY) == len(PARITY)
+    piped = finished(n1, submit(n1, PROMPTS[0], True))
+    assert piped["mode"] == "pipeline"
+    tm = piped["timings"]
+    hops = tm["hops"]
+    assert [(h["node_id"], h["layers"]) for h in hops] == [
+        (n1.info["peer_id"], "0-1"), (n2.info["peer_id"], "2-3")]  # fmt: skip
+    assert all(h["status"] == "completed" and h["bytes"] > 0 and h["steps"] >= 1 for h in hops)
+    assert hops[1]["transfer_s"] > 0 and tm["tokens"] == piped["progress"]
+    assert [r["node_id"] for r in piped["route"]] == [n1.info["peer_id"], n2.info["peer_id"]]
+
+    # 10 concurrent pipelined requests, all correct.
+    ids = [submit(n1, PROMPTS[i % 4], True) for i in range(10)]
+    done = [finished(n1, i, timeout=120) for i in ids]
+    ref = {p: finished(n1, submit(n1, p, False))["result"] for p in PROMPTS}
+    assert all(t["status"] == "completed" for t in done), [t["error"] for t in done]
+    assert [t["result"] for t in done] == [ref[PROMPTS[i % 4]] for i in range(10)]
+
+    # No route: nobody serves layers 2-3 any more.
+    n2.proc.send_signal(signal.SIGKILL)
+    n2.proc.wait()
+    wait_until(lambda: not sees_spans(n1, 1), 20, "node 2 to drop out")
+    t = finished(n1, submit(n1, "no route", True))
+    assert t["status"] == "failed" and "no route covers layers 0-3" in t["error"], t
+
+
+def test_three_span_pipeline_matches_single_node(cluster: Cluster, models_dir: Path) -> None:
+    n1 = cluster.start(1, extra=spans(models_dir, "0-0"))
+    cluster.start(2, bootstrap=n1, extra=spans(models_dir, "1-2"))
+    cluster.start(3, bootstrap=n1, extra=spans(models_dir, "3-3"))
+    wait_until(lambda: sees_spans(n1, 2), 20, "node 1 sees both span servers")
+    assert parity(n1, PARITY) == len(PARITY)
+
+
+def test_killed_span_node_is_replaced_and_the_text_is_unchanged(
+    cluster: Cluster, models_dir: Path
+) -> None:
+    n1 = cluster.start(1, extra=spans(models_dir, "0-1"))
+    n2 = cluster.start(2, bootstrap=n1, extra=spans(models_dir, "2-3"))
+    n3 = cluster.start(3, bootstrap=n1, extra=spans(models_dir, "2-3"))
+    wait_until(lambda: sees_spans(n1, 2), 20, "node 1 sees both span servers")
+    ref = finished(n1, submit(n1, PROMPTS[0], False, n=400))
+    assert ref["status"] == "completed"
+    tid = submit(n1, PROMPTS[0], True, n=400)
+    wait_until(lambda: task(n1, tid)["progress"] > 20, 60, "progress")
+    victim = n2 if n2.rpc.call("vcoin_nodeInfo")["pipeline_sessions"] else n3
+    assert victim.rpc.call("vcoin_nodeInfo")["pipeline_sessions"] == 1
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait()
+    t = finished(n1, tid, timeout=120)
+    assert t["status"] == "completed", t
+    assert t["result"] == ref["result"]  # replayed prefix: the same text
+    hops = t["timings"]["hops"]
+    assert t["timings"]["reroutes"] >= 1
+    assert any(h["node_id"] == victim.info["peer_id"] and h["status"] == "failed" for h in hops)
+    assert hops[-1]["status"] == "completed" and hops[-1]["node_id"] != victim.info["peer_id"]
+
+
+async def test_shard_host_refuses_bad_frames_and_keeps_serving(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    d = split_model(models_dir / MODEL, tmp_path, even_ranges(4, 2), name=MODEL,
+                    model_id="sha256:" + "2" * 64)  # fmt: skip
+    host = ShardHost()
+    host.add(ServedSpan(MODEL, "sha256:" + "2" * 64, 2, 3, d[1]))
+    sid = "ab" * 16
+    with pytest.raises(StreamProtocolError, match="not served"):
+        await host.handle("p", ShardOpen(sid, "sha256:" + "2" * 64, 0, 1))
+    await host.handle("p", ShardOpen(sid, "sha256:" + "2" * 64, 2, 3))
+    ids = TensorFrame.from_tensor(torch.tensor([[1, 2, 3]]))
+    with pytest.raises(StreamProtocolError, match="bad frame"):  # token ids to a middle span
+        await host.handle("p", ShardStep(sid, 0, ids.dtype, ids.shape, ids.data))
+    assert host.open_sessions == 0  # the broken session is closed
+    await host.handle("p", ShardOpen(sid, "sha256:" + "2" * 64, 2, 3))
+    with pytest.raises(StreamProtocolError, match="bad frame"):
+        await host.handle("p", ShardStep(sid, 0, "float32", (1, 2, 64), b"\0" * 12))
+    await host.handle("p", ShardOpen(sid, "sha256:" + "2" * 64, 2, 3))
+    h = TensorFrame.from_tensor(torch.zeros(1, 3, 64))
+    with pytest.raises(StreamProtocolError, match="out of order"):
+        await host.handle("p", ShardStep(sid, 5, h.dtype, h.shape, h.data))
+    out = await host.handle("p", ShardStep(sid, 0, h.dtype, h.shape, h.data))
+    assert isinstance(out, ShardOutput) and tuple(out.shape) == (1, 1, 1024)  # last logits
+    await host.handle("p", ShardClose(sid))
+    with pytest.raises(StreamProtocolError, match="no session"):
+        await host.handle("p", ShardStep(sid, 1, h.dtype, h.shape, h.data))
+    await trio.sleep(0)

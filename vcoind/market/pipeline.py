@@ -1,0 +1,374 @@
+"""Pipelined generation over layer spans served by several nodes.
+
+Serving side, ``ShardHost``: the spans this node serves (``--serve-layers MODEL:A-B``, from
+a shard directory, or split from the whole model on first start), loaded on first use;
+one KV cache per session, at most ``MAX_SESSIONS``, dropped after ``SESSION_IDLE_S``
+without a step. Compute runs on a worker thread, one step at a time.
+
+Origin side, ``PipelineDriver``: picks a route, a chain of nodes whose spans cover every
+layer in order (best health, then lowest latency, ties by peer id), tokenises, runs the
+node's own decode loop (``decode_loop``: sampling, EOS, stop strings) with each forward
+pass going hop by hop, only the new positions' hidden states on the wire. A hop that
+fails or stays silent for ``hop_timeout_s`` is replaced by another node serving that
+span; the new route's caches are rebuilt by replaying the prefix, so the text is the one
+an uninterrupted run gives. At most ``MAX_REROUTES`` times. Per hop it records compute
+time (reported by the hop), transfer time (the rest of the round trip) and bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from vcoind.compute.frames import FrameError, TensorFrame
+from vcoind.market.shardwire import (
+    CHUNK_TOKENS,
+    MAX_FRAME_BYTES,
+    ShardClose,
+    ShardOpen,
+    ShardOutput,
+    ShardStep,
+)
+from vcoind.p2p.messages import LayerSpan
+from vcoind.p2p.streams import StreamProtocolError
+
+log = logging.getLogger("vcoind.pipeline")
+
+MAX_SESSIONS = 32
+SESSION_IDLE_S = 120.0
+MAX_REROUTES = 3
+
+ShardSend = Callable[[str, Any, type[Any]], Awaitable[Any]]
+
+
+class PipelineError(Exception):
+    """No route covers the model, or the pipeline failed after every reroute."""
+
+
+# --- serving ------------------------------------------------------------------
+
+
+@dataclass
+class _Session:
+    shard: Any
+    cache: Any
+    last_used: float
+    steps: int = 0
+
+
+@dataclass
+class ServedSpan:
+    model: str  # name
+    model_id: str
+    start: int
+    end: int
+    path: Path
+    shard: Any = None  # loaded on first use
+
+    def span(self) -> LayerSpan:
+        return LayerSpan(self.model_id, self.start, self.end)
+
+
+def parse_serve_spec(spec: str) -> tuple[str, int, int]:
+    """``"tiny-qwen2:0-1"`` -> ("tiny-qwen2", 0, 1)."""
+    name, sep, rng = spec.rpartition(":")
+    a, dash, b = rng.partition("-")
+    if not sep or not name or not dash or not a.isdigit() or not b.isdigit() or int(a) > int(b):
+        raise ValueError(f"expected MODEL:START-END (inclusive layers), got {spec!r}")
+    return name, int(a), int(b)
+
+
+class ShardHost:
+    def __init__(self, device: str = "cpu") -> None:
+        self.spans: list[ServedSpan] = []
+        self._sessions: dict[str, _Session] = {}
+        self._limiter = trio.CapacityLimiter(1)
+        self._device = device
+        self._load_lock = trio.Lock()
+
+    def add(self, served: ServedSpan) -> None:
+        self.spans.append(served)
+
+    def _find(self, model_id: str, start: int, end: int) -> ServedSpan | None:
+        return next((s for s in self.spans if (s.model_id, s.start, s.end) ==
+                     (model_id, start, end)), None)  # fmt: skip
+
+    async def handle(self, peer: str, record: Any) -> Any:
+        from vcoind.market.messages import Ack
+
+        self._expire()
+        if isinstance(record, ShardOpen):
+            served = self._find(record.model_id, record.start, record.end)
+            if served is None:
+                raise StreamProtocolError(f"span {record.start}-{record.end} of "
+                                          f"{record.model_id} is not served here")  # fmt: skip
+            if record.dtype != "float32":
+                raise StreamProtocolError(f"dtype {record.dtype} is not served (float32)")
+            if len(self._sessions) >= MAX_SESSIONS and record.session not in self._sessions:
+                raise StreamProtocolError(f"busy: {MAX_SESSIONS} pipeline sessions open")
+            shard = await self._load(served)
+            self._sessions[record.session] = _Session(shard, shard.new_cache(), time.monotonic())
+            return Ack()
+        if isinstance(record, ShardClose):
+            self._sessions.pop(record.session, None)
+            return Ack()
+        if isinstance(record, ShardStep):
+            sess = self._sessions.get(record.session)
+            if sess is None:
+                raise StreamProtocolError(f"no session {record.session} (closed or expired)")
+            if record.step != sess.steps:
+                raise StreamProtocolError(f"step {record.step} out of order "
+                                          f"(expected {sess.steps})")  # fmt: skip
+            frame = TensorFrame(record.dtype, tuple(record.shape), record.data)
+            try:
+                out, compute_s = await trio.to_thread.run_sync(
+                    self._compute, sess, frame, limiter=self._limiter
+                )
+            except FrameError as exc:
+                self._sessions.pop(record.session, None)  # a broken session is not resumed
+                raise StreamProtocolError(f"bad frame: {exc}") from None
+            sess.steps += 1
+            sess.last_used = time.monotonic()
+            return ShardOutput(out.dtype, out.shape, out.data, round(compute_s, 6))
+        raise StreamProtocolError(f"unexpected {type(record).__name__}")
+
+    def _compute(self, sess: _Session, frame: TensorFrame) -> tuple[TensorFrame, float]:
+        import torch
+
+        t0 = time.perf_counter()
+        x = frame.to_tensor(self._device, MAX_FRAME_BYTES)
+        first = sess.shard.manifest.embed
+        if first != (x.dtype == torch.int64) or x.dim() != (2 if first else 3):
+            raise FrameError("the first span takes int64 token ids [1, T], the others "
+                             "hidden states [1, T, H]")  # fmt: skip
+        if not first and x.shape[-1] != sess.shard.config.hidden_size:
+            raise FrameError(f"hidden size {x.shape[-1]} != {sess.shard.config.hidden_size}")
+        y = sess.shard(x, sess.cache)
+        if sess.shard.manifest.head:
+            y = y[:, -1:, :]  # only the next token's logits travel back
+        return TensorFrame.from_tensor(y), time.perf_counter() - t0
+
+    async def _load(self, served: ServedSpan) -> Any:
+        async with self._load_lock:
+            if served.shard is None:
+                from vcoind.compute.shards import load_shard
+
+                log.info("loading layers %d-%d of %s", served.start, served.end, served.model)
+                served.shard = await trio.to_thread.run_sync(
+                    load_shard, served.path, self._device, limiter=self._limiter
+                )
+        return served.shard
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for sid in [k for k, s in self._sessions.items() if now - s.last_used > SESSION_IDLE_S]:
+            del self._sessions[sid]
+
+    @property
+    def open_sessions(self) -> int:
+        return len(self._sessions)
+
+
+# --- origin -------------------------------------------------------------------
+
+
+@dataclass
+class Hop:
+    peer: str
+    start: int
+    end: int
+    session: str = field(default_factory=lambda: secrets.token_hex(16))
+    steps: int = 0
+    compute_s: float = 0.0
+    transfer_s: float = 0.0
+    bytes: int = 0
+    status: str = "running"
+
+    def view(self) -> dict[str, Any]:
+        return {"node_id": self.peer, "layers": f"{self.start}-{self.end}",
+                "status": self.status, "steps": self.steps,
+                "compute_s": round(self.compute_s, 6), "transfer_s": round(self.transfer_s, 6),
+                "bytes": self.bytes}  # fmt: skip
+
+
+def choose_route(
+    spans: dict[str, list[LayerSpan]],
+    model_id: str,
+    num_layers: int,
+    rank: Callable[[str], tuple[float, float]],
+    exclude: set[str] = frozenset(),  # type: ignore[assignment]
+) -> list[tuple[str, int, int]]:
+    """A chain of (peer, start, end) covering layers 0..num_layers-1 in order. At each
+    point the candidates are spans starting there; the best by ``rank(peer)`` (lower is
+    better: e.g. (-health, latency)), ties by peer id; longer spans first among equals
+    of the same node. Dead ends backtrack (depth-first)."""
+    by_start: dict[int, list[tuple[tuple[float, float], str, int]]] = {}
+    for peer, ss in spans.items():
+        if peer in exclude:
+            continue
+        for s in ss:
+            if s.model == model_id and 0 <= s.start <= s.end < num_layers:
+                by_start.setdefault(s.start, []).append((rank(peer), peer, s.end))
+    for cands in by_start.values():
+        cands.sort(key=lambda c: (c[0], c[1], -c[2]))
+
+    def walk(at: int) -> list[tuple[str, int, int]] | None:
+        if at == num_layers:
+            return []
+        for _, peer, end in by_start.get(at, []):
+            rest = walk(end + 1)
+            if rest is not None:
+                return [(peer, at, end), *rest]
+        return None
+
+    route = walk(0)
+    if route is None:
+        raise PipelineError(f"no route covers layers 0-{num_layers - 1} of {model_id}")
+    return route
+
+
+class PipelineRun:
+    """One task's pipeline: the route, sessions, forward passes, rerouting, the tracker."""
+
+    def __init__(
+        self,
+        send: ShardSend,
+        model_id: str,
+        num_layers: int,
+        spans: Callable[[], dict[str, list[LayerSpan]]],
+        rank: Callable[[str], tuple[float, float]],
+        hop_timeout_s: float = 30.0,
+    ) -> None:
+        self._send = send
+        self.model_id = model_id
+        self.num_layers = num_layers
+        self._spans = spans
+        self._rank = rank
+        self.hop_timeout_s = hop_timeout_s
+        self.hops: list[Hop] = []
+        self.history: list[Hop] = []  # every hop ever used, failed ones included
+        self.fed: list[int] = []  # token ids the current route's caches hold
+        self.failed_peers: set[str] = set()
+        self.reroutes = 0
+
+    async def open(self) -> None:
+        route = choose_route(self._spans(), self.model_id, self.num_layers, self._rank,
+                             self.failed_peers)  # fmt: skip
+        self.hops = [Hop(p, a, b) for p, a, b in route]
+        self.history += self.hops
+        for h in self.hops:
+            h.status = "failing"  # until it answers
+            with trio.fail_after(self.hop_timeout_s):
+                await self._send(h.peer, ShardOpen(h.session, self.model_id, h.start, h.end),
+                                 _ack_type())  # fmt: skip
+            h.status = "running"
+        log.info("pipeline route: %s", " -> ".join(f"{h.peer[-6:]}[{h.start}-{h.end}]"
+                                                    for h in self.hops))  # fmt: skip
+
+    async def close(self) -> None:
+        for h in self.hops:
+            with trio.move_on_after(3):
+                with contextlib.suppress(StreamProtocolError, OSError):
+                    await self._send(h.peer, ShardClose(h.session), _ack_type())
+
+    async def forward(self, new_ids: list[int]) -> Any:
+        """Logits of the last position after feeding ``new_ids``; reroutes on failure."""
+        import torch
+
+        base = list(self.fed)  # what the route's caches held before this call
+        pending = list(new_ids)
+        while True:
+            try:
+                if not self.hops:
+                    await self.open()
+                    pending = [*base, *new_ids]  # replay the prefix into fresh caches
+                    self.fed = []
+                for i in range(0, len(pending), CHUNK_TOKENS):  # a long prompt in chunks
+                    chunk = pending[i : i + CHUNK_TOKENS]
+                    x = TensorFrame.from_tensor(torch.tensor([chunk], dtype=torch.int64))
+                    for h in self.hops:
+                        x = await self._step(h, x)
+                    self.fed += chunk
+                return x.to_tensor()[0, -1]
+            except (StreamProtocolError, trio.TooSlowError, FrameError, OSError) as exc:
+                bad = next((h for h in self.hops if h.status == "failing"), None)
+                culprit = bad.peer if bad else (self.hops[0].peer if self.hops else "?")
+                log.warning("pipeline hop %s failed: %s", culprit, exc)
+                if bad is not None:
+                    bad.status = "failed"
+                    self.failed_peers.add(bad.peer)
+                for h in self.hops:
+                    if h.status == "running":
+                        h.status = "abandoned"
+                await self.close()
+                self.hops = []
+                self.reroutes += 1
+                if self.reroutes > MAX_REROUTES:
+                    raise PipelineError(f"pipeline failed after {MAX_REROUTES} reroutes: "
+                                        f"{exc}") from None  # fmt: skip
+
+    async def _step(self, h: Hop, x: TensorFrame) -> TensorFrame:
+        h.status = "failing"  # until the reply is in
+        t0 = time.perf_counter()
+        with trio.fail_after(self.hop_timeout_s):
+            out: ShardOutput = await self._send(
+                h.peer, ShardStep(h.session, h.steps, x.dtype, x.shape, x.data), ShardOutput
+            )
+        rtt = time.perf_counter() - t0
+        h.status = "running"
+        h.steps += 1
+        h.compute_s += out.compute_s
+        h.transfer_s += max(0.0, rtt - out.compute_s)
+        h.bytes += len(x.data) + len(out.data)
+        return TensorFrame(out.dtype, tuple(out.shape), out.data)
+
+    def finish(self) -> None:
+        for h in self.hops:
+            if h.status == "running":
+                h.status = "completed"
+
+
+def _ack_type() -> type[Any]:
+    from vcoind.market.messages import Ack
+
+    return Ack
+
+
+async def generate_pipelined(
+    run: PipelineRun,
+    tokenizer: Any,
+    prompt: str,
+    params: Any,
+    max_positions: int,
+    on_token: Callable[[int], None] | None = None,
+) -> Any:
+    """The node's decode loop on a worker thread, each forward pass through ``run``."""
+    from vcoind.compute.generate import decode_loop, encode_text
+
+    ids = encode_text(tokenizer, prompt)
+    token = trio.lowlevel.current_trio_token()
+
+    def forward(new_ids: list[int]) -> Any:
+        return trio.from_thread.run(run.forward, new_ids, trio_token=token)
+
+    def progress(n: int) -> None:
+        if on_token is not None:
+            trio.from_thread.run_sync(on_token, n, trio_token=token)
+
+    try:
+        result = await trio.to_thread.run_sync(
+            lambda: decode_loop(ids, params, forward, tokenizer, max_positions, on_token=progress)
+        )
+        run.finish()
+        return result
+    finally:
+        with trio.CancelScope(shield=True):
+            await run.close()
