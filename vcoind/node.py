@@ -57,6 +57,8 @@ from vcoind.market.messages import (
 )
 from vcoind.market.origin import Settled, TaskOrigin
 from vcoind.market.pipeline import (
+    SESSION_IDLE_S,
+    LocalChannel,
     PipelineError,
     PipelineRun,
     ServedSpan,
@@ -64,7 +66,7 @@ from vcoind.market.pipeline import (
     generate_pipelined,
     parse_serve_spec,
 )
-from vcoind.market.shardwire import SHARD_PROTOCOL, ShardClose, ShardOpen, ShardOutput, ShardStep
+from vcoind.market.shardwire import SHARD_PROTOCOL, ShardClose, ShardOpen, ShardStep
 from vcoind.market.votes import CommitsClosed, OutcomeVote, ResultCommitment, ResultReveal
 from vcoind.market.worker import TaskWorker
 from vcoind.metrics import NodeMetrics
@@ -94,7 +96,10 @@ TASK_STREAM = StreamProtocol(
 
 
 SHARD_STREAM = StreamProtocol(
-    SHARD_PROTOCOL, (ShardOpen, ShardStep, ShardClose), max_request_bytes=ShardStep.MAX_BYTES
+    SHARD_PROTOCOL,
+    (ShardOpen, ShardStep, ShardClose),
+    max_request_bytes=ShardStep.MAX_BYTES,
+    keep_open_s=SESSION_IDLE_S,
 )
 
 
@@ -355,14 +360,12 @@ class Node:
 
     # --- pipelines -------------------------------------------------------
 
-    async def shard_send(self, peer: str, record: Any, reply_type: type[Any]) -> Any:
-        """A /vcoin/shard/1.0.0 request; to ourselves a plain call."""
+    def shard_channel(self, peer: str) -> Any:
+        """Requests of one pipeline hop: over one /vcoin/shard/1.0.0 stream kept open for
+        the session; to ourselves plain calls."""
         if peer == self.identity.peer_id:
-            return await self.shard_host.handle(peer, record)
-        return await self.streams.request(
-            ID.from_base58(peer), SHARD_STREAM, record, reply_type,
-            max_reply_bytes=ShardOutput.MAX_BYTES,
-        )  # fmt: skip
+            return LocalChannel(self.shard_host, peer)
+        return self.streams.session(ID.from_base58(peer), SHARD_STREAM)
 
     def _resolve_spans(self) -> None:
         """``--serve-layers``: a matching shard dir in the models dir, else split the whole
@@ -437,7 +440,7 @@ class Node:
         tokenizer, config = self._pipeline_tokenizers[str(src)]
         manifest_id = next((sp.model_id for sp in self.shard_host.spans if sp.path == src), None)
         model_id = manifest_id or self.models.resolve(row.model).model_id
-        run = PipelineRun(self.shard_send, model_id, int(config.num_hidden_layers),
+        run = PipelineRun(self.shard_channel, model_id, int(config.num_hidden_layers),
                           self._spans_by_peer, self._route_rank,
                           hop_timeout_s=min(30.0, row.timeout_s))  # fmt: skip
         p = row.parameters

@@ -21,10 +21,10 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -46,7 +46,26 @@ MAX_SESSIONS = 32
 SESSION_IDLE_S = 120.0
 MAX_REROUTES = 3
 
-ShardSend = Callable[[str, Any, type[Any]], Awaitable[Any]]
+
+class Channel(Protocol):
+    """Requests to one hop, in order (a stream kept open for the session, or a plain
+    call when the hop is this node)."""
+
+    async def request(self, record: Any, reply_type: type[Any]) -> Any: ...
+
+    async def aclose(self) -> None: ...
+
+
+class LocalChannel:
+    def __init__(self, host: ShardHost, peer: str) -> None:
+        self._host = host
+        self._peer = peer
+
+    async def request(self, record: Any, reply_type: type[Any]) -> Any:
+        return await self._host.handle(self._peer, record)
+
+    async def aclose(self) -> None:
+        return None
 
 
 class PipelineError(Exception):
@@ -186,6 +205,7 @@ class Hop:
     start: int
     end: int
     session: str = field(default_factory=lambda: secrets.token_hex(16))
+    channel: Any = None
     steps: int = 0
     compute_s: float = 0.0
     transfer_s: float = 0.0
@@ -240,14 +260,14 @@ class PipelineRun:
 
     def __init__(
         self,
-        send: ShardSend,
+        connect: Callable[[str], Channel],
         model_id: str,
         num_layers: int,
         spans: Callable[[], dict[str, list[LayerSpan]]],
         rank: Callable[[str], tuple[float, float]],
         hop_timeout_s: float = 30.0,
     ) -> None:
-        self._send = send
+        self._connect = connect
         self.model_id = model_id
         self.num_layers = num_layers
         self._spans = spans
@@ -266,18 +286,22 @@ class PipelineRun:
         self.history += self.hops
         for h in self.hops:
             h.status = "failing"  # until it answers
+            h.channel = self._connect(h.peer)
             with trio.fail_after(self.hop_timeout_s):
-                await self._send(h.peer, ShardOpen(h.session, self.model_id, h.start, h.end),
-                                 _ack_type())  # fmt: skip
+                await h.channel.request(ShardOpen(h.session, self.model_id, h.start, h.end),
+                                        _ack_type())  # fmt: skip
             h.status = "running"
         log.info("pipeline route: %s", " -> ".join(f"{h.peer[-6:]}[{h.start}-{h.end}]"
                                                     for h in self.hops))  # fmt: skip
 
     async def close(self) -> None:
         for h in self.hops:
-            with trio.move_on_after(3):
-                with contextlib.suppress(StreamProtocolError, OSError):
-                    await self._send(h.peer, ShardClose(h.session), _ack_type())
+            if h.channel is None:
+                continue
+            with trio.move_on_after(3), contextlib.suppress(StreamProtocolError, OSError):
+                await h.channel.request(ShardClose(h.session), _ack_type())
+            with trio.move_on_after(1):
+                await h.channel.aclose()
 
     async def forward(self, new_ids: list[int]) -> Any:
         """Logits of the last position after feeding ``new_ids``; reroutes on failure."""
@@ -319,8 +343,8 @@ class PipelineRun:
         h.status = "failing"  # until the reply is in
         t0 = time.perf_counter()
         with trio.fail_after(self.hop_timeout_s):
-            out: ShardOutput = await self._send(
-                h.peer, ShardStep(h.session, h.steps, x.dtype, x.shape, x.data), ShardOutput
+            out: ShardOutput = await h.channel.request(
+                ShardStep(h.session, h.steps, x.dtype, x.shape, x.data), ShardOutput
             )
         rtt = time.perf_counter() - t0
         h.status = "running"

@@ -57,6 +57,10 @@ class ErrorReply(Message):
     message: str = field(default="", metadata=lim(max_len=1024))
 
 
+class _EndOfStream(StreamProtocolError):
+    """The peer closed the stream cleanly between two frames."""
+
+
 async def read_frame(stream: INetStream, max_bytes: int) -> bytes:
     """One length-prefixed frame; StreamProtocolError if too large or cut short."""
     header = await _read_exactly(stream, HEADER.size)
@@ -76,6 +80,8 @@ async def _read_exactly(stream: INetStream, n: int) -> bytes:
                 f"stream ended after {len(buf)} of {n} bytes ({exc!r})"
             ) from None
         if not chunk:
+            if not buf and n == HEADER.size:
+                raise _EndOfStream("stream closed")
             raise StreamProtocolError(f"stream ended after {len(buf)} of {n} bytes")
         buf += chunk
     return bytes(buf)
@@ -93,6 +99,9 @@ class StreamProtocol:
     requests: tuple[type[Any], ...]
     max_request_bytes: int
     timeout_s: float = DEFAULT_TIMEOUT_S
+    # > 0: a stream may carry further requests (a session), each awaited this long;
+    # 0: one request per stream.
+    keep_open_s: float = 0.0
 
 
 Handler = Callable[[ID, Any], Awaitable[Any]]
@@ -113,6 +122,15 @@ class StreamService:
             try:
                 with trio.fail_after(proto.timeout_s):
                     await self._answer(stream, peer, proto, handler)
+                while proto.keep_open_s > 0:  # a session: more requests on this stream
+                    with trio.move_on_after(proto.keep_open_s) as idle:
+                        data = await read_frame(stream, proto.max_request_bytes)
+                    if idle.cancelled_caught:
+                        break
+                    with trio.fail_after(proto.timeout_s):
+                        await self._answer(stream, peer, proto, handler, data)
+            except _EndOfStream:
+                pass
             except (StreamProtocolError, trio.TooSlowError, BaseLibp2pError) as exc:
                 log.info("%s from %s: %s; resetting the stream", proto.protocol_id, peer, exc)
                 self._metrics.stream_errors.labels(protocol=proto.protocol_id).inc()
@@ -123,9 +141,15 @@ class StreamService:
         self._p2p.host.set_stream_handler(proto.protocol_id, on_stream)  # type: ignore[arg-type]
 
     async def _answer(
-        self, stream: INetStream, peer: ID, proto: StreamProtocol, handler: Handler
+        self,
+        stream: INetStream,
+        peer: ID,
+        proto: StreamProtocol,
+        handler: Handler,
+        data: bytes | None = None,
     ) -> None:
-        data = await read_frame(stream, proto.max_request_bytes)
+        if data is None:
+            data = await read_frame(stream, proto.max_request_bytes)
         try:
             request: Any = decode(data)
             if not isinstance(request, proto.requests):
@@ -156,13 +180,7 @@ class StreamService:
         """Send one request and return the decoded reply (StreamProtocolError otherwise)."""
         limit = max_reply_bytes or reply_type.MAX_BYTES  # type: ignore[attr-defined]
         with trio.move_on_after(timeout_s or proto.timeout_s) as scope:
-            # py-libp2p refuses to redial a peer for 60 s after a failed dial; callers
-            # have their own retry policy, so lift that block first.
-            cast(Any, self._p2p.host.get_network()).unblock_peer(peer)
-            try:
-                stream = await self._p2p.host.new_stream(peer, [proto.protocol_id])  # type: ignore[list-item]
-            except BaseLibp2pError as exc:
-                raise StreamOpenError(f"cannot open {proto.protocol_id} to {peer}: {exc}") from None
+            stream = await self._open(peer, proto)
             try:
                 await write_frame(stream, encode(record))
                 data = await read_frame(stream, max(limit, ErrorReply.MAX_BYTES))
@@ -175,15 +193,32 @@ class StreamService:
             await _close(stream)
         if scope.cancelled_caught:
             raise StreamProtocolError(f"{proto.protocol_id} to {peer}: no reply in time")
+        return _decode_reply(data, reply_type, peer, proto)
+
+    async def _open(self, peer: ID, proto: StreamProtocol) -> INetStream:
+        # py-libp2p refuses to redial a peer for 60 s after a failed dial; callers
+        # have their own retry policy, so lift that block first.
+        cast(Any, self._p2p.host.get_network()).unblock_peer(peer)
         try:
-            reply: Any = decode(data)
-        except CodecError as exc:
-            raise StreamProtocolError(f"{proto.protocol_id} reply from {peer}: {exc}") from None
-        if isinstance(reply, ErrorReply):
-            raise StreamProtocolError(f"{peer} answered {reply.code}: {reply.message}")
-        if not isinstance(reply, reply_type):
-            raise StreamProtocolError(f"{peer} answered a {type(reply).__name__}")
-        return reply
+            stream: INetStream = await self._p2p.host.new_stream(peer, [proto.protocol_id])  # type: ignore[list-item]
+        except BaseLibp2pError as exc:
+            raise StreamOpenError(f"cannot open {proto.protocol_id} to {peer}: {exc}") from None
+        return stream
+
+    def session(self, peer: ID, proto: StreamProtocol) -> StreamSession:
+        return StreamSession(self, peer, proto)
+
+
+def _decode_reply(data: bytes, reply_type: type[R], peer: ID, proto: StreamProtocol) -> R:
+    try:
+        reply: Any = decode(data)
+    except CodecError as exc:
+        raise StreamProtocolError(f"{proto.protocol_id} reply from {peer}: {exc}") from None
+    if isinstance(reply, ErrorReply):
+        raise StreamProtocolError(f"{peer} answered {reply.code}: {reply.message}")
+    if not isinstance(reply, reply_type):
+        raise StreamProtocolError(f"{peer} answered a {type(reply).__name__}")
+    return reply
 
 
 async def _reset(stream: INetStream) -> None:
@@ -200,3 +235,45 @@ async def _close(stream: INetStream) -> None:
             await stream.close()
         except BaseLibp2pError as exc:
             log.debug("stream close failed: %s", exc)
+
+
+class StreamSession:
+    """Several requests, one after another, on one stream (a protocol with
+    ``keep_open_s``): no stream setup per request. Any failure closes it."""
+
+    def __init__(self, service: StreamService, peer: ID, proto: StreamProtocol) -> None:
+        self._service = service
+        self._peer = peer
+        self._proto = proto
+        self._stream: INetStream | None = None
+        self._lock = trio.Lock()
+
+    async def request(
+        self, record: Any, reply_type: type[R], *, max_reply_bytes: int | None = None
+    ) -> R:
+        limit = max_reply_bytes or reply_type.MAX_BYTES  # type: ignore[attr-defined]
+        async with self._lock:
+            proto = self._proto
+            with trio.move_on_after(proto.timeout_s) as scope:
+                try:
+                    if self._stream is None:
+                        self._stream = await self._service._open(self._peer, proto)
+                    await write_frame(self._stream, encode(record))
+                    data = await read_frame(self._stream, max(limit, ErrorReply.MAX_BYTES))
+                except BaseLibp2pError as exc:
+                    await self.aclose()
+                    raise StreamProtocolError(
+                        f"{proto.protocol_id} to {self._peer}: {exc}"
+                    ) from None
+                except BaseException:
+                    await self.aclose()
+                    raise
+            if scope.cancelled_caught:
+                await self.aclose()
+                raise StreamProtocolError(f"{proto.protocol_id} to {self._peer}: no reply in time")
+        return _decode_reply(data, reply_type, self._peer, proto)
+
+    async def aclose(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await _close(stream)
