@@ -331,6 +331,27 @@ def demo_consensus(origin: DevNode, prompt: str, replicas: int, timeout: float =
     print_anchor(origin, t["task_id"])
 
 
+def demo_pipeline(origin: DevNode, prompt: str, timeout: float = 120.0) -> None:
+    """The same prompt through layer spans on two nodes: the route and per-hop times."""
+    print(f'\npipeline task: "{prompt}" across layer spans -> node {origin.index}', flush=True)
+    req = {"model": TEST_MODEL, "input": prompt, "pipeline": True,
+           "parameters": {"max_new_tokens": 48}}  # fmt: skip
+    deadline = time.monotonic() + 20  # the spans arrive with the next heartbeats
+    while not any(p["spans"] for p in origin.rpc.call("vcoin_peers")):
+        if time.monotonic() > deadline:
+            raise DevnetError("no peer advertises a layer span")
+        time.sleep(0.2)
+    t = _wait_task(origin, req, timeout)
+    for h in t["timings"]["hops"]:
+        print(f"  hop {h['node_id']}  layers {h['layers']}  {h['status']}  compute "
+              f"{h['compute_s']:.3f} s  transfer {h['transfer_s']:.3f} s  {h['bytes']} bytes",
+              flush=True)  # fmt: skip
+    tm = t["timings"]
+    print(f"  {tm['tokens']} tokens at {tm['tokens_per_s']:.0f} tokens/s; done after "
+          f"{tm['total_s']:.2f} s", flush=True)  # fmt: skip
+    print(f"  answer: {t['result']!r}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="devnet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -382,15 +403,21 @@ def main(argv: list[str] | None = None) -> int:
                   f"TaskAnchor {d.addresses['TaskAnchor']}; deployment file {deployment}",
                   flush=True)  # fmt: skip
             chain_flags = ["--chain-rpc", anvil.url, "--contracts", str(deployment)]
-        common = dict(
-            heartbeat=ns.heartbeat_interval,
-            peer_timeout=ns.peer_timeout,
-            network=ns.network,
-            extra=["--models-dir", str(models), *chain_flags],
-        )
-        nodes.append(start_node(1, base, bootstrap=None, **common))
+        base_extra = ["--models-dir", str(models), *chain_flags]
+
+        def start(i: int, bootstrap: str | None) -> DevNode:
+            """Node 1 serves layers 0-1 of the test model, the others 2-3 (a pipeline
+            route, with a spare for the second half)."""
+            spans = ["--serve-layers", f"{TEST_MODEL}:{'0-1' if i == 1 else '2-3'}"]
+            return start_node(
+                i, base, bootstrap=bootstrap, heartbeat=ns.heartbeat_interval,
+                peer_timeout=ns.peer_timeout, network=ns.network,
+                extra=[*base_extra, *(spans if ns.nodes >= 2 else [])],
+            )  # fmt: skip
+
+        nodes.append(start(1, None))
         for i in range(2, ns.nodes + 1):
-            nodes.append(start_node(i, base, bootstrap=nodes[0].p2p_addr, **common))
+            nodes.append(start(i, nodes[0].p2p_addr))
         took = wait_for_mesh(nodes, ns.timeout)
         print(
             f"full mesh: every node lists the other {ns.nodes - 1} "
@@ -405,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             demo_task(nodes[0], ns.prompt)
             if ns.nodes >= 2:
                 demo_consensus(nodes[0], ns.prompt, min(3, ns.nodes))
+                demo_pipeline(nodes[0], ns.prompt)
         print(f"\ntry: vcoin --datadir {nodes[0].datadir} peers", flush=True)
         print(
             f'     vcoin --datadir {nodes[0].datadir} submit "What is a Merkle tree?" '

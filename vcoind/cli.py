@@ -318,13 +318,13 @@ def model_main(args: list[str]) -> int:
     except ModelError as exc:
         return _die(str(exc))
     if ns.action == "split":
-        return _split(info, ns.shards, ns.ranges, ns.out or cfg.models_dir)
+        return _split(info, ns.shards, ns.ranges, ns.out or cfg.models_dir, ns.json)
     d = info.as_dict()
     print(json.dumps(d, indent=2) if ns.json else "\n".join(f"{k:<16}{v}" for k, v in d.items()))
     return 0
 
 
-def _split(info: Any, shards: int | None, ranges: str | None, out: Path) -> int:
+def _split(info: Any, shards: int | None, ranges: str | None, out: Path, as_json: bool) -> int:
     from vcoind.compute.shards import ShardError, even_ranges, parse_ranges, split_model
 
     try:
@@ -332,14 +332,19 @@ def _split(info: Any, shards: int | None, ranges: str | None, out: Path) -> int:
             parse_ranges(ranges, info.num_layers) if ranges
             else even_ranges(info.num_layers, shards or 0)
         )  # fmt: skip
-        print(f"splitting {info.name} ({info.num_layers} layers) into {len(spans)} shards "
-              f"under {out}", flush=True)  # fmt: skip
+        if not as_json:
+            print(f"splitting {info.name} ({info.num_layers} layers) into {len(spans)} shards "
+                  f"under {out}", flush=True)  # fmt: skip
         dirs = split_model(info.path, out, spans, name=info.name, model_id=info.model_id)
     except (ShardError, OSError) as exc:
         return _die(str(exc))
-    for d, (a, b) in zip(dirs, spans, strict=True):
-        size = sum(f.stat().st_size for f in d.glob("*.safetensors"))
-        print(f"  {d}  layers {a}-{b}  {size / (1 << 20):.1f} MiB")
+    rows: list[dict[str, Any]] = [{"path": str(d), "layers": f"{a}-{b}",
+             "bytes": sum(f.stat().st_size for f in d.glob("*.safetensors"))}
+            for d, (a, b) in zip(dirs, spans, strict=True)]  # fmt: skip
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    for r in [] if as_json else rows:
+        print(f"  {r['path']}  layers {r['layers']}  {r['bytes'] / (1 << 20):.1f} MiB")
     return 0
 
 
