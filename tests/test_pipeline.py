@@ -142,7 +142,31 @@ async def test_shard_host_refuses_bad_frames_and_keeps_serving(
         await host.handle("p", ShardStep(sid, 5, h.dtype, h.shape, h.data))
     out = await host.handle("p", ShardStep(sid, 0, h.dtype, h.shape, h.data))
     assert isinstance(out, ShardOutput) and tuple(out.shape) == (1, 1, 1024)  # last logits
+    assert out.dtype == "float32"
     await host.handle("p", ShardClose(sid))
     with pytest.raises(StreamProtocolError, match="no session"):
         await host.handle("p", ShardStep(sid, 1, h.dtype, h.shape, h.data))
+    # A previous hop on a GPU sends fp16 hidden states: cast to this span's dtype.
+    await host.handle("p", ShardOpen(sid, "sha256:" + "2" * 64, 2, 3))
+    h16 = TensorFrame.from_tensor(torch.zeros(1, 3, 64, dtype=torch.float16))
+    out16 = await host.handle("p", ShardStep(sid, 0, h16.dtype, h16.shape, h16.data))
+    assert out16.data == out.data  # zeros in fp16 and fp32 are the same input
     await trio.sleep(0)
+
+
+async def test_span_memory_budget_unloads_idle_spans_first(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    mid = "sha256:" + "3" * 64
+    d = split_model(models_dir / MODEL, tmp_path, even_ranges(4, 2), name=MODEL, model_id=mid)
+    a, b = ServedSpan(MODEL, mid, 0, 1, d[0]), ServedSpan(MODEL, mid, 2, 3, d[1])
+    host = ShardHost("cpu", budget_bytes=max(a.size, b.size) + 1)  # room for one span
+    host.add(a)
+    host.add(b)
+    await host.handle("p", ShardOpen("a" * 32, mid, 0, 1))
+    assert a.shard is not None
+    with pytest.raises(StreamProtocolError, match="memory budget"):  # a is in use
+        await host.handle("p", ShardOpen("b" * 32, mid, 2, 3))
+    await host.handle("p", ShardClose("a" * 32))
+    await host.handle("p", ShardOpen("b" * 32, mid, 2, 3))  # a is idle now: unloaded
+    assert a.shard is None and b.shard is not None

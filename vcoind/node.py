@@ -255,8 +255,8 @@ class Node:
         self.gossip.on("tasks", TaskAnnounce, self.worker.on_announce)
         self.gossip.on("tasks", Bid, self.origin.on_bid)
         self.streams.serve(TASK_STREAM, self._task_request)
-        self.shard_host = ShardHost(self.config.compute.device if
-                                    self.config.compute.device != "auto" else "cpu")  # fmt: skip
+        cc = self.config.compute
+        self.shard_host = ShardHost(cc.device, budget_bytes=cc.memory_budget_mb << 20)
         self.streams.serve(SHARD_STREAM, lambda peer, r: self.shard_host.handle(
             peer.to_base58(), r))  # fmt: skip
         self.origin.run_pipeline = self._run_pipeline
@@ -407,10 +407,15 @@ class Node:
         return out
 
     def _route_rank(self, peer: str) -> tuple[float, float]:
+        """Lower is better: health (rounded, so near-equal nodes tie), then load (queue
+        and pipeline sessions), then latency."""
         if peer == self.identity.peer_id:
-            return (-self._health_of(peer), 0.0)
+            load = self.worker.queue_length + self.shard_host.open_sessions
+            return (-round(self._health_of(peer), 1), load)
         st = self.peers.get(peer)
-        return (-(st.health if st else 0.0), st.latency_s if st else 1e9)
+        if st is None:
+            return (0.0, 1e9)
+        return (-round(st.health, 1), st.heartbeat.queue_length + st.latency_s)
 
     def _pipeline_source(self, model: str) -> Path:
         """A local directory with the model's tokenizer and config (a span or the model)."""

@@ -91,6 +91,12 @@ class ServedSpan:
     end: int
     path: Path
     shard: Any = None  # loaded on first use
+    last_used: float = 0.0
+
+    @property
+    def size(self) -> int:
+        """Bytes of weights (what loading it costs, near enough, in fp32)."""
+        return sum(f.stat().st_size for f in self.path.glob("*.safetensors"))
 
     def span(self) -> LayerSpan:
         return LayerSpan(self.model_id, self.start, self.end)
@@ -106,11 +112,19 @@ def parse_serve_spec(spec: str) -> tuple[str, int, int]:
 
 
 class ShardHost:
-    def __init__(self, device: str = "cpu") -> None:
+    """Spans run on ``device`` ("auto": CUDA in fp16 where there is a GPU, else CPU in
+    fp32). Hidden states arrive in the sender's dtype and are cast to the span's; logits
+    leave in fp32, so mixed CPU/GPU routes work (the answer then follows the fp16 hops'
+    numerics, like a single fp16 node)."""
+
+    def __init__(self, device: str = "auto", budget_bytes: int = 0) -> None:
+        self.budget_bytes = budget_bytes  # 0: no limit
         self.spans: list[ServedSpan] = []
         self._sessions: dict[str, _Session] = {}
         self._limiter = trio.CapacityLimiter(1)
-        self._device = device
+        self._prefer = device
+        self._device: Any = None
+        self._dtype: Any = None
         self._load_lock = trio.Lock()
 
     def add(self, served: ServedSpan) -> None:
@@ -129,11 +143,10 @@ class ShardHost:
             if served is None:
                 raise StreamProtocolError(f"span {record.start}-{record.end} of "
                                           f"{record.model_id} is not served here")  # fmt: skip
-            if record.dtype != "float32":
-                raise StreamProtocolError(f"dtype {record.dtype} is not served (float32)")
             if len(self._sessions) >= MAX_SESSIONS and record.session not in self._sessions:
                 raise StreamProtocolError(f"busy: {MAX_SESSIONS} pipeline sessions open")
             shard = await self._load(served)
+            served.last_used = time.monotonic()
             self._sessions[record.session] = _Session(shard, shard.new_cache(), time.monotonic())
             return Ack()
         if isinstance(record, ShardClose):
@@ -170,19 +183,46 @@ class ShardHost:
                              "hidden states [1, T, H]")  # fmt: skip
         if not first and x.shape[-1] != sess.shard.config.hidden_size:
             raise FrameError(f"hidden size {x.shape[-1]} != {sess.shard.config.hidden_size}")
+        if not first:
+            x = x.to(self._dtype)  # the previous hop may run another dtype
         y = sess.shard(x, sess.cache)
         if sess.shard.manifest.head:
-            y = y[:, -1:, :]  # only the next token's logits travel back
+            y = y[:, -1:, :].float()  # only the next token's logits travel back, in fp32
         return TensorFrame.from_tensor(y), time.perf_counter() - t0
+
+    def _make_room(self, served: ServedSpan) -> None:
+        """Within the memory budget: unload idle spans, least recently used first."""
+        if not self.budget_bytes:
+            return
+        busy = {id(sess.shard) for sess in self._sessions.values()}
+        loaded = sorted((s for s in self.spans if s.shard is not None and s is not served),
+                        key=lambda s: s.last_used)  # fmt: skip
+        used = sum(s.size for s in loaded)
+        for s in loaded:
+            if used + served.size <= self.budget_bytes:
+                break
+            if id(s.shard) not in busy:
+                log.info("unloading layers %d-%d of %s (memory budget)", s.start, s.end, s.model)
+                s.shard = None
+                used -= s.size
+        if used + served.size > self.budget_bytes:
+            raise StreamProtocolError(
+                f"busy: layers {served.start}-{served.end} do not fit the memory budget "
+                f"next to the spans in use")  # fmt: skip
 
     async def _load(self, served: ServedSpan) -> Any:
         async with self._load_lock:
             if served.shard is None:
+                self._make_room(served)
+                from vcoind.compute.generate import pick_device
                 from vcoind.compute.shards import load_shard
 
-                log.info("loading layers %d-%d of %s", served.start, served.end, served.model)
+                if self._device is None:
+                    self._device, self._dtype = pick_device(self._prefer)
+                log.info("loading layers %d-%d of %s on %s (%s)", served.start, served.end,
+                         served.model, self._device, self._dtype)  # fmt: skip
                 served.shard = await trio.to_thread.run_sync(
-                    load_shard, served.path, self._device, limiter=self._limiter
+                    load_shard, served.path, self._device, self._dtype, limiter=self._limiter
                 )
         return served.shard
 
