@@ -444,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
             f"--model {TEST_MODEL} --mode consensus --replicas {min(3, ns.nodes)} --wait",
             flush=True,
         )
+        print(f'     vcoin --datadir {nodes[0].datadir} submit "What is a Merkle tree?" '
+              f"--model {TEST_MODEL} --pipeline --wait", flush=True)  # fmt: skip
+        print(f"     vcoin --datadir {nodes[0].datadir} chain info", flush=True)
         if not ns.check:
             print("running; Ctrl-C stops all nodes", flush=True)
             while True:
