@@ -178,22 +178,13 @@ class StreamService:
         timeout_s: float | None = None,
     ) -> R:
         """Send one request and return the decoded reply (StreamProtocolError otherwise)."""
-        limit = max_reply_bytes or reply_type.MAX_BYTES  # type: ignore[attr-defined]
-        with trio.move_on_after(timeout_s or proto.timeout_s) as scope:
-            stream = await self._open(peer, proto)
-            try:
-                await write_frame(stream, encode(record))
-                data = await read_frame(stream, max(limit, ErrorReply.MAX_BYTES))
-            except BaseLibp2pError as exc:
-                await _reset(stream)
-                raise StreamProtocolError(f"{proto.protocol_id} to {peer}: {exc}") from None
-            except BaseException:
-                await _reset(stream)
-                raise
-            await _close(stream)
-        if scope.cancelled_caught:
-            raise StreamProtocolError(f"{proto.protocol_id} to {peer}: no reply in time")
-        return _decode_reply(data, reply_type, peer, proto)
+        session = StreamSession(self, peer, proto)
+        try:
+            return await session.request(
+                record, reply_type, max_reply_bytes=max_reply_bytes, timeout_s=timeout_s
+            )
+        finally:
+            await session.aclose()
 
     async def _open(self, peer: ID, proto: StreamProtocol) -> INetStream:
         # py-libp2p refuses to redial a peer for 60 s after a failed dial; callers
@@ -238,8 +229,9 @@ async def _close(stream: INetStream) -> None:
 
 
 class StreamSession:
-    """Several requests, one after another, on one stream (a protocol with
-    ``keep_open_s``): no stream setup per request. Any failure closes it."""
+    """Requests, one after another, on one stream: ``StreamService.request`` uses one per
+    request; a protocol with ``keep_open_s`` serves several on the same stream (no stream
+    setup per request)."""
 
     def __init__(self, service: StreamService, peer: ID, proto: StreamProtocol) -> None:
         self._service = service
@@ -249,29 +241,39 @@ class StreamSession:
         self._lock = trio.Lock()
 
     async def request(
-        self, record: Any, reply_type: type[R], *, max_reply_bytes: int | None = None
+        self,
+        record: Any,
+        reply_type: type[R],
+        *,
+        max_reply_bytes: int | None = None,
+        timeout_s: float | None = None,
     ) -> R:
+        """Send ``record`` and return the decoded reply (StreamProtocolError otherwise);
+        the stream is opened on first use and reset after any failure."""
         limit = max_reply_bytes or reply_type.MAX_BYTES  # type: ignore[attr-defined]
+        proto, peer = self._proto, self._peer
         async with self._lock:
-            proto = self._proto
-            with trio.move_on_after(proto.timeout_s) as scope:
+            with trio.move_on_after(timeout_s or proto.timeout_s) as scope:
+                if self._stream is None:
+                    self._stream = await self._service._open(peer, proto)
                 try:
-                    if self._stream is None:
-                        self._stream = await self._service._open(self._peer, proto)
                     await write_frame(self._stream, encode(record))
                     data = await read_frame(self._stream, max(limit, ErrorReply.MAX_BYTES))
                 except BaseLibp2pError as exc:
-                    await self.aclose()
-                    raise StreamProtocolError(
-                        f"{proto.protocol_id} to {self._peer}: {exc}"
-                    ) from None
+                    await self._reset()
+                    raise StreamProtocolError(f"{proto.protocol_id} to {peer}: {exc}") from None
                 except BaseException:
-                    await self.aclose()
+                    await self._reset()
                     raise
             if scope.cancelled_caught:
-                await self.aclose()
-                raise StreamProtocolError(f"{proto.protocol_id} to {self._peer}: no reply in time")
-        return _decode_reply(data, reply_type, self._peer, proto)
+                await self._reset()
+                raise StreamProtocolError(f"{proto.protocol_id} to {peer}: no reply in time")
+        return _decode_reply(data, reply_type, peer, proto)
+
+    async def _reset(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await _reset(stream)
 
     async def aclose(self) -> None:
         stream, self._stream = self._stream, None
