@@ -12,17 +12,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from web3 import Web3
-
-from vcoind.chain.contracts import (
-    DEVNET_PARAMS,
-    E18,
-    Contracts,
-    Deployment,
-    Signer,
-    deploy,
-    fund,
-)
+from vcoind.chain.contracts import DEVNET_PARAMS, Deployer, Deployment
 
 ROOT = Path(__file__).resolve().parent.parent
 # anvil's first dev account: a publicly known key, for local chains only.
@@ -113,18 +103,11 @@ def start_anvil(port: int, log_path: Path, timeout: float = 20.0) -> Anvil:
 
 def deploy_devnet(url: str, out: Path, network: str) -> Deployment:
     """Deploy the contracts with devnet parameters (60 s unstake delay, 2-minute votes)."""
-    w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 30}))
-    d = deploy(w3, Signer(w3, bytes.fromhex(ANVIL_DEPLOYER_KEY)), network, DEVNET_PARAMS)
-    d.write(out)
-    return d
+    return Deployer(url, bytes.fromhex(ANVIL_DEPLOYER_KEY)).deploy(network, DEVNET_PARAMS, out)
 
 
 def fund_nodes(
     url: str, d: Deployment, addresses: list[str], vcoin: float = 10_000, eth: float = 10
 ) -> None:
     """Ether for gas and VCOIN to stake, minted by the deployer."""
-    w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 30}))
-    signer = Signer(w3, bytes.fromhex(ANVIL_DEPLOYER_KEY))
-    c = Contracts.at(w3, d.addresses)
-    for a in addresses:
-        fund(w3, signer, c, a, vcoin=int(vcoin * E18), eth=int(eth * E18))
+    Deployer(url, bytes.fromhex(ANVIL_DEPLOYER_KEY)).fund(d, addresses, vcoin=vcoin, eth=eth)

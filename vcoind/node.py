@@ -55,7 +55,7 @@ from vcoind.market.messages import (
     TaskAnnounce,
     TaskResult,
 )
-from vcoind.market.origin import Settled, TaskOrigin
+from vcoind.market.origin import Settled, TaskOrigin, generation_timings, params_from_dict
 from vcoind.market.pipeline import (
     SESSION_IDLE_S,
     LocalChannel,
@@ -294,7 +294,7 @@ class Node:
         cfg, ident = self.config, self.identity
         chain = self.chain = ChainService(
             cfg.chain, self.store, network=cfg.network, eth_key=bytes(ident.eth.key),
-            datadir=self.datadir.path, metrics=self.metrics,
+            metrics=self.metrics,
         )  # fmt: skip
         self.peers.on_seen.append(lambda hb: chain.watch(hb.eth_address))
         self.origin.bid_allowed = lambda peer: chain.bid_allowed(self._eth_address_of(peer))
@@ -367,19 +367,19 @@ class Node:
             return LocalChannel(self.shard_host, peer)
         return self.streams.session(ID.from_base58(peer), SHARD_STREAM)
 
-    def _resolve_spans(self) -> None:
+    def _resolve_spans(self) -> list[ServedSpan]:
         """``--serve-layers``: a matching shard dir in the models dir, else split the whole
-        model into DATADIR/shards once."""
+        model into DATADIR/shards once. File work: runs on a worker thread."""
         from vcoind.compute.shards import ShardManifest, split_model
 
         if not self.config.compute.serve_layers:
-            return
+            return []
         root = self.config.models_dir
         manifests = []
         for d in [*sorted(root.glob("*")), *sorted((self.datadir.path / "shards").glob("*"))]:
             if (d / "shard.json").is_file():
                 manifests.append((d, ShardManifest.read(d)))
-        spans = []
+        served = []
         for spec in self.config.compute.serve_layers:
             name, a, b = parse_serve_spec(spec)
             found = next((d for d, m in manifests if name in (m.model, m.model_id)
@@ -395,10 +395,19 @@ class Node:
                                     name=info.name, model_id=info.model_id,
                                     partial=True)[0]  # fmt: skip
             m = ShardManifest.read(found)
-            self.shard_host.add(ServedSpan(m.model, m.model_id, m.start, m.end, found))
-            spans.append(LayerSpan(m.model_id, m.start, m.end))
+            served.append(ServedSpan(m.model, m.model_id, m.start, m.end, found))
+        return served
+
+    async def _serve_spans(self) -> None:
+        """Resolve ``--serve-layers`` and announce the spans."""
+        served = await trio.to_thread.run_sync(self._resolve_spans)
+        if not served:
+            return
+        for sp in served:
+            self.shard_host.add(sp)
+        spans = tuple(sp.span() for sp in served)
         self.heartbeat.set_capabilities(
-            dataclasses.replace(self.heartbeat.capabilities, spans=tuple(spans)))  # fmt: skip
+            dataclasses.replace(self.heartbeat.capabilities, spans=spans))  # fmt: skip
         log.info("serving layer spans: %s", ", ".join(self.config.compute.serve_layers))
 
     def _spans_by_peer(self) -> dict[str, list[LayerSpan]]:
@@ -431,8 +440,6 @@ class Node:
         )
 
     async def _run_pipeline(self, row: Any, on_token: Any) -> dict[str, Any]:
-        from vcoind.compute.generate import GenerationParams
-
         src = self._pipeline_source(row.model)
         if str(src) not in self._pipeline_tokenizers:
 
@@ -448,10 +455,7 @@ class Node:
         run = PipelineRun(self.shard_channel, model_id, int(config.num_hidden_layers),
                           self._spans_by_peer, self._route_rank,
                           hop_timeout_s=min(30.0, row.timeout_s))  # fmt: skip
-        p = row.parameters
-        params = GenerationParams(int(p.get("max_new_tokens", 64)), float(p.get("temperature", 0)),
-                                  float(p.get("top_p", 1.0)), int(p.get("top_k", 0)),
-                                  int(p.get("seed", 0)), tuple(p.get("stop", ())))  # fmt: skip
+        params = params_from_dict(row.parameters).generation()
         max_pos = int(getattr(config, "max_position_embeddings", 1 << 30))
         t0 = time.monotonic()
         try:
@@ -467,13 +471,8 @@ class Node:
         tokens = len(r.token_ids)
         return {
             "text": r.text, "model_id": model_id, "tokens": tokens, "hops": hops,
-            "timings": {
-                "pipeline_s": round(total, 6), "prefill_s": round(r.prefill_s, 6),
-                "decode_s": round(r.decode_s, 6), "tokens": tokens,
-                "prompt_tokens": r.prompt_tokens, "finish_reason": r.finish_reason,
-                "tokens_per_s": round(tokens / r.decode_s, 3) if r.decode_s else 0.0,
-                "reroutes": run.reroutes, "hops": hops,
-            },
+            "timings": {"pipeline_s": round(total, 6), **generation_timings(r),
+                        "reroutes": run.reroutes, "hops": hops},
         }  # fmt: skip
 
     def _eth_address_of(self, peer: str) -> str | None:
@@ -666,7 +665,7 @@ class Node:
             async with running(self.p2p, self.config.p2p.listen), trio.open_nursery() as nursery:
                 self._p2p_listening = True
                 await self.rescan_models()
-                await trio.to_thread.run_sync(self._resolve_spans)
+                await self._serve_spans()
                 for row in await self.store.list_peers():
                     self.keeper.learn(row.peer_id, row.addrs)
                 self._nursery = nursery

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+import trio
 from web3 import Web3
 
 from vcoind.chain.contracts import ChainError
@@ -49,7 +50,8 @@ def register_chain_api(reg: MethodRegistry, node: Node) -> None:
         """Queue the ops (in order); wait for the last. Queued ops survive outages."""
         c = chain()
         ids = [await c.enqueue(kind, payload) for kind, payload in kinds]
-        ops = [await c.wait(i, wait_s) for i in ids]
+        deadline = trio.current_time() + wait_s  # one wait for all of them, not one each
+        ops = [await c.wait(i, max(0.0, deadline - trio.current_time())) for i in ids]
         last = ops[-1]
         assert last is not None
         failed = next((o for o in ops if o is not None and o.status == "failed"), None)

@@ -54,19 +54,7 @@ def chain_parser() -> argparse.ArgumentParser:
 
 
 def chain_main(args: list[str]) -> int:
-    from web3 import Web3
-
-    from vcoind.chain.contracts import (
-        DEVNET_PARAMS,
-        E18,
-        ChainError,
-        Contracts,
-        Deployment,
-        DeployParams,
-        Signer,
-        deploy,
-        fund,
-    )
+    from vcoind.chain.contracts import DEVNET_PARAMS, ChainError, Deployer, Deployment, DeployParams
 
     ns = chain_parser().parse_args(args)
     key = os.environ.get(DEPLOYER_KEY_ENV, "")
@@ -75,20 +63,17 @@ def chain_main(args: list[str]) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     try:
-        w3 = Web3(Web3.HTTPProvider(ns.rpc, request_kwargs={"timeout": 30}))
-        signer = Signer(w3, bytes.fromhex(key.removeprefix("0x")))
+        deployer = Deployer(ns.rpc, bytes.fromhex(key.removeprefix("0x")))
         if ns.action == "deploy":
             params = DEVNET_PARAMS if ns.params == "devnet" else DeployParams()
-            d = deploy(w3, signer, ns.network, params)
-            d.write(ns.out)
+            d = deployer.deploy(ns.network, params, ns.out)
             print(f"deployed to chain {d.chain_id} ({ns.rpc}), deployment file {ns.out}")
             for name, addr in d.addresses.items():
                 print(f"  {name:<14} {addr}")
         else:
             d = Deployment.read(ns.contracts)
-        c = Contracts.at(w3, d.addresses)
         for addr in ns.fund:
-            fund(w3, signer, c, addr, vcoin=int(ns.vcoin * E18), eth=int(ns.eth * E18))
+            deployer.fund(d, [addr], vcoin=ns.vcoin, eth=ns.eth)
             print(f"  funded {addr}: {ns.vcoin:g} VCOIN, {ns.eth:g} ETH")
     except (ChainError, ValueError, OSError) as exc:
         print(f"vcoind chain: error: {exc}", file=sys.stderr)

@@ -156,20 +156,26 @@ class Signer:
     def build(self, fn: Any, value: int = 0) -> tuple[bytes, str, int]:
         """Sign the call ``fn`` (a contract function or constructor): (raw tx, hash, nonce).
 
-        Gas is estimated first, so a call that would revert raises here (decode it with
-        :func:`revert_from`) and uses no nonce.
+        Gas is estimated first, so a call that would revert raises :class:`RevertError`
+        (decoded) here and uses no nonce.
         """
         if self._nonce is None:
             self._nonce = self.w3.eth.get_transaction_count(self.address, "pending")
         # The estimate is the least gas that succeeds when run alone; calls into other
         # contracts (63/64 of the gas passed on) and a changed state can need more.
-        gas = fn.estimate_gas({"from": self.address, "value": value})
+        try:
+            gas = fn.estimate_gas({"from": self.address, "value": value})
+        except Exception as exc:
+            revert = revert_from(exc)
+            if revert is not None:
+                raise revert from None
+            raise
         tx = fn.build_transaction({"from": self.address, "nonce": self._nonce, "value": value,
                                    "gas": gas * 5 // 4 + GAS_MARGIN})  # fmt: skip
         signed = self.account.sign_transaction(tx)
         nonce = self._nonce
         self._nonce += 1
-        return bytes(signed.raw_transaction), "0x" + bytes(signed.hash).hex(), nonce
+        return bytes(signed.raw_transaction), signed.hash.to_0x_hex(), nonce
 
     def broadcast(self, raw: bytes, tx_hash: str, timeout: float = 30.0) -> Any:
         """Send ``raw`` (again: the same bytes are the same transaction) and wait for its
@@ -199,13 +205,7 @@ class Signer:
 
     def send(self, fn: Any, value: int = 0) -> Any:
         """Build, sign, send and wait; raises :class:`RevertError` for a refused call."""
-        try:
-            raw, tx_hash, _ = self.build(fn, value)
-        except Exception as exc:
-            revert = revert_from(exc)
-            if revert is not None:
-                raise revert from None
-            raise
+        raw, tx_hash, _ = self.build(fn, value)
         receipt = self.broadcast(raw, tx_hash)
         if receipt["status"] != 1:
             raise ChainError(f"transaction {tx_hash} reverted")
@@ -352,6 +352,27 @@ def fund(w3: Web3, signer: Signer, c: Contracts, to: str, *, vcoin: int = 0, eth
         tx.update(maxFeePerGas=2 * base + 10**9, maxPriorityFeePerGas=10**9)
         signed = signer.account.sign_transaction(tx)
         signer.reset_nonce()
-        signer.broadcast(bytes(signed.raw_transaction), "0x" + bytes(signed.hash).hex())
+        signer.broadcast(bytes(signed.raw_transaction), signed.hash.to_0x_hex())
     if vcoin:
         signer.send(c.token.functions.mint(to, vcoin))
+
+
+class Deployer:
+    """The deployer of an external chain (a JSON-RPC URL and its key): deploys the
+    contracts and funds node addresses. ``vcoind chain`` and the devnet use it."""
+
+    def __init__(self, url: str, key: bytes) -> None:
+        self.w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 30}))
+        self.signer = Signer(self.w3, key)
+
+    def deploy(self, network: str, params: DeployParams, out: Path) -> Deployment:
+        """Deploy and write the deployment file ``out``."""
+        d = deploy(self.w3, self.signer, network, params)
+        d.write(out)
+        return d
+
+    def fund(self, d: Deployment, addresses: Iterable[str], *, vcoin: float, eth: float) -> None:
+        """``vcoin`` VCOIN minted and ``eth`` ether sent to each address."""
+        c = Contracts.at(self.w3, d.addresses)
+        for a in addresses:
+            fund(self.w3, self.signer, c, a, vcoin=int(vcoin * E18), eth=int(eth * E18))

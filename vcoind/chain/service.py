@@ -37,7 +37,6 @@ from vcoind.chain.contracts import (
     Signer,
     deploy,
     events,
-    revert_from,
 )
 from vcoind.config import ChainConfig
 from vcoind.consensus.outcome import model_id_bytes32, task_id_bytes32
@@ -114,7 +113,6 @@ class ChainService:
         *,
         network: str,
         eth_key: bytes,
-        datadir: Path,
         metrics: NodeMetrics | None = None,
     ) -> None:
         self.cfg = cfg
@@ -127,7 +125,6 @@ class ChainService:
         )
         self.address: ChecksumAddress = Account.from_key(eth_key).address
         self._key = eth_key
-        self._datadir = datadir
         self._limiter = trio.CapacityLimiter(1)
         self.connected = trio.Event()
         self._connecting = False
@@ -311,7 +308,6 @@ class ChainService:
 
     async def _process(self, op: ChainOp) -> None:
         try:
-            await self._ensure_connected()
             raw, tx_hash = (bytes.fromhex(op.raw_tx), op.tx_hash) if op.raw_tx else (None, None)
             if raw is None:
                 built = await self._call(self._build, op)
@@ -419,16 +415,12 @@ class ChainService:
         if op.kind == "delegate":
             return c.token.functions.delegate(self.address)
         if op.kind == "propose":
-            return c.governor.functions.propose(*self.proposal_args(p["description"])[:3],
+            # A text proposal: one no-op call (0 wei to the timelock), as Governor needs one.
+            return c.governor.functions.propose([c.timelock.address], [0], [b""],
                                                 p["description"])  # fmt: skip
         if op.kind == "vote":
             return c.governor.functions.castVote(int(p["proposal_id"]), p["support"])
         raise ChainError(f"unknown chain op kind {op.kind!r}")
-
-    def proposal_args(self, description: str) -> tuple[list[str], list[int], list[bytes]]:
-        """A text proposal: one no-op call (0 wei to the timelock), as Governor needs one."""
-        assert self.contracts is not None
-        return [self.contracts.timelock.address], [0], [b""]
 
     def _build(self, op: ChainOp) -> tuple[bytes, str] | dict[str, Any]:
         assert self.signer is not None and self.contracts is not None
@@ -441,13 +433,7 @@ class ChainService:
             current = self.contracts.token.functions.delegates(self.address).call()
             if current.lower() == self.address.lower():
                 return {"tx_hash": None, "block": None, "note": "already delegated"}
-        try:
-            raw, tx_hash, _ = self.signer.build(self._fn(op))
-        except Exception as exc:
-            revert = revert_from(exc)
-            if revert is not None:
-                raise revert from None
-            raise
+        raw, tx_hash, _ = self.signer.build(self._fn(op))
         return raw, tx_hash
 
     def _existing_anchor(self, task_id: str) -> dict[str, Any] | None:
@@ -473,8 +459,7 @@ class ChainService:
         assert c is not None
         anchored = events(c.anchor, "Anchored", receipt)
         return {
-            "tx_hash": "0x" + bytes(receipt["transactionHash"]).hex(),
-            "block": int(receipt["blockNumber"]),
+            **_tx_ref(receipt),
             "result_hash": bytes(anchored[0]["resultHash"]).hex() if anchored else None,
             "rewards": [{"node": e["voter"], "amount": str(e["amount"])}
                         for e in events(c.anchor, "Rewarded", receipt)],
@@ -485,8 +470,7 @@ class ChainService:
     def _interpret(self, op: ChainOp, receipt: Any) -> dict[str, Any]:
         if op.kind == "anchor":
             return self._anchor_result(receipt)
-        out: dict[str, Any] = {"tx_hash": "0x" + bytes(receipt["transactionHash"]).hex(),
-                               "block": int(receipt["blockNumber"])}  # fmt: skip
+        out = _tx_ref(receipt)
         if op.kind == "propose":
             assert self.contracts is not None
             created = events(self.contracts.governor, "ProposalCreated", receipt)
@@ -543,7 +527,7 @@ class ChainService:
         """Run a read on the chain thread; an outage raises ChainError with the reason."""
         try:
             result: T = await self._call(self._checked, fn, *args)
-        except (ChainError, RevertError):
+        except ChainError:  # RevertError included
             raise
         except Exception as exc:
             self._mark(False, f"{type(exc).__name__}: {exc}")
@@ -557,17 +541,19 @@ class ChainService:
         return result
 
     def info_sync(self) -> dict[str, Any]:
-        c, d, w3 = self.contracts, self.deployment, self.w3
-        assert c is not None and d is not None and w3 is not None
+        c, w3 = self.contracts, self.w3
+        assert c is not None and w3 is not None
         s, t, a = c.staking.functions, c.token.functions, c.anchor.functions
         me = self.address
+        pending, release = s.pendingOf(me).call()
+        mine = self.balance_sync(me)
         return {
             "block": w3.eth.block_number,
-            "balance": vcoin(t.balanceOf(me).call()),
-            "eth_balance": w3.eth.get_balance(me) / E18,
-            "stake": vcoin(s.stakeOf(me).call()),
-            "pending_unstake": vcoin(s.pendingOf(me).call()[0]),
-            "unstake_release_time": s.pendingOf(me).call()[1],
+            "balance": mine["balance"],
+            "eth_balance": mine["eth_balance"],
+            "stake": mine["stake"],
+            "pending_unstake": vcoin(pending),
+            "unstake_release_time": release,
             "eligible": bool(s.isEligible(me).call()),
             "min_stake": vcoin(s.minStake().call()),
             "max_reward": vcoin(a.maxReward().call()),
@@ -608,7 +594,7 @@ class ChainService:
         )
         out = [{"task_id": bytes(lg["args"]["taskId"])[16:].hex(),
                 "amount": vcoin(lg["args"]["amount"]),
-                "tx_hash": "0x" + bytes(lg["transactionHash"]).hex(),
+                "tx_hash": lg["transactionHash"].to_0x_hex(),
                 "block": lg["blockNumber"]} for lg in logs]  # fmt: skip
         return sorted(out, key=lambda r: -int(r["block"]))[:limit]
 
@@ -633,6 +619,11 @@ class ChainService:
             "quorum": vcoin(g.quorum(snapshot).call()) if state != 0 else None,
             "has_voted": bool(g.hasVoted(proposal_id, self.address).call()),
         }  # fmt: skip
+
+
+def _tx_ref(receipt: Any) -> dict[str, Any]:
+    return {"tx_hash": receipt["transactionHash"].to_0x_hex(),
+            "block": int(receipt["blockNumber"])}  # fmt: skip
 
 
 def anchor_view(op: ChainOp | None) -> dict[str, Any] | None:

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from vcoind.compute.params import GenerationParams
 from vcoind.p2p.codec import Message, lim, message
 from vcoind.p2p.messages import NETWORK_RE, PEER_ID_RE
 
@@ -48,6 +49,11 @@ class GenParams:
     top_k: int = field(default=0, metadata=lim(min=0, max=1_000_000))
     seed: int = field(default=0, metadata=lim(min=0, max=(1 << 63) - 1))
     stop: tuple[str, ...] = field(default=(), metadata=lim(max_len=8, items={"max_len": 64}))
+
+    def generation(self) -> GenerationParams:
+        """The same parameters for the generation loop (validated there once more)."""
+        return GenerationParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k,
+                                self.seed, self.stop)  # fmt: skip
 
 
 @dataclass(frozen=True)

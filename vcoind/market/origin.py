@@ -48,6 +48,7 @@ from vcoind.market.messages import (
     TaskBid,
     TaskResult,
 )
+from vcoind.market.pipeline import PipelineError
 from vcoind.market.selection import SelectionState, rank
 from vcoind.market.votes import MAX_REPLICAS
 from vcoind.metrics import NodeMetrics
@@ -466,8 +467,6 @@ class TaskOrigin:
 
     async def _run_pipeline(self, live: _Live) -> tuple[str, str | None]:
         """Layer spans on several nodes; the route and per-hop times go into the task."""
-        from vcoind.market.pipeline import PipelineError
-
         assert self.run_pipeline is not None  # submit() refuses pipelines without it
         row = live.row
 
@@ -720,12 +719,8 @@ class TaskOrigin:
                 )  # fmt: skip
                 await self._cancel_worker(live)
             tokens = len(r.token_ids)
-            timings = {
-                **row.timings, "total_s": _since(row), "prefill_s": r.prefill_s,
-                "decode_s": r.decode_s, "tokens": tokens, "prompt_tokens": r.prompt_tokens,
-                "tokens_per_s": round(tokens / r.decode_s, 3) if r.decode_s else 0.0,
-                "finish_reason": r.finish_reason, "model_id": r.model_id,
-            }  # fmt: skip
+            timings = {**row.timings, "total_s": _since(row), **generation_timings(r),
+                       "model_id": r.model_id}  # fmt: skip
             self._metrics.exec_time.observe(r.prefill_s + r.decode_s)
             await self._update(
                 live, status="completed", phase="completed", result=r.text, node_id=peer,
@@ -796,6 +791,17 @@ def replica_seed(seed: int, attempt: int) -> int:
     """A sampled consensus task's seed for one replica: independent samples, reproducible."""
     digest = hashlib.sha256(f"{seed}:{attempt}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
+
+
+def generation_timings(r: Any) -> dict[str, Any]:
+    """Timings of one generation: a worker's ``TaskResult`` or a pipeline's
+    ``GenerationResult``."""
+    tokens = len(r.token_ids)
+    return {
+        "prefill_s": round(r.prefill_s, 6), "decode_s": round(r.decode_s, 6), "tokens": tokens,
+        "prompt_tokens": r.prompt_tokens, "finish_reason": r.finish_reason,
+        "tokens_per_s": round(tokens / r.decode_s, 3) if r.decode_s else 0.0,
+    }  # fmt: skip
 
 
 def _since(row: TaskRow) -> float:

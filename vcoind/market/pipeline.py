@@ -22,6 +22,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 import trio
 
 from vcoind.compute.frames import FrameError, TensorFrame
+from vcoind.market.messages import Ack
 from vcoind.market.shardwire import (
     CHUNK_TOKENS,
     MAX_FRAME_BYTES,
@@ -135,8 +137,6 @@ class ShardHost:
                      (model_id, start, end)), None)  # fmt: skip
 
     async def handle(self, peer: str, record: Any) -> Any:
-        from vcoind.market.messages import Ack
-
         self._expire()
         if isinstance(record, ShardOpen):
             served = self._find(record.model_id, record.start, record.end)
@@ -264,7 +264,7 @@ def choose_route(
     model_id: str,
     num_layers: int,
     rank: Callable[[str], tuple[float, float]],
-    exclude: set[str] = frozenset(),  # type: ignore[assignment]
+    exclude: AbstractSet[str] = frozenset(),
 ) -> list[tuple[str, int, int]]:
     """A chain of (peer, start, end) covering layers 0..num_layers-1 in order. At each
     point the candidates are spans starting there; the best by ``rank(peer)`` (lower is
@@ -329,7 +329,7 @@ class PipelineRun:
             h.channel = self._connect(h.peer)
             with trio.fail_after(self.hop_timeout_s):
                 await h.channel.request(ShardOpen(h.session, self.model_id, h.start, h.end),
-                                        _ack_type())  # fmt: skip
+                                        Ack)  # fmt: skip
             h.status = "running"
         log.info("pipeline route: %s", " -> ".join(f"{h.peer[-6:]}[{h.start}-{h.end}]"
                                                     for h in self.hops))  # fmt: skip
@@ -339,7 +339,7 @@ class PipelineRun:
             if h.channel is None:
                 continue
             with trio.move_on_after(3), contextlib.suppress(StreamProtocolError, OSError):
-                await h.channel.request(ShardClose(h.session), _ack_type())
+                await h.channel.request(ShardClose(h.session), Ack)
             with trio.move_on_after(1):
                 await h.channel.aclose()
 
@@ -398,12 +398,6 @@ class PipelineRun:
         for h in self.hops:
             if h.status == "running":
                 h.status = "completed"
-
-
-def _ack_type() -> type[Any]:
-    from vcoind.market.messages import Ack
-
-    return Ack
 
 
 async def generate_pipelined(

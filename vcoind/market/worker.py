@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from vcoind.compute.models import ModelError, ModelStore
-from vcoind.compute.params import GenerationError, GenerationParams
+from vcoind.compute.params import GenerationError
 from vcoind.market.messages import (
     Accepted,
     Ack,
@@ -233,9 +233,8 @@ class TaskWorker:
                 job.scope = scope
                 try:
                     executor = await self.executor()
-                    params = GenerationParams(p.max_new_tokens, p.temperature, p.top_p, p.top_k,
-                                              p.seed, p.stop)  # fmt: skip
-                    r = await executor.generate(a.model, a.input, params, on_progress=progress)
+                    r = await executor.generate(a.model, a.input, p.generation(),
+                                                on_progress=progress)  # fmt: skip
                     model_id = self._models.resolve(a.model).model_id
                     self.tokens_per_s[model_id] = executor.tokens_per_s.get(model_id, 0.0)
                     result = TaskResult(
