@@ -162,10 +162,19 @@ class Gossip:
                 )
                 self._blacklisted[forwarder] = trio.current_time() + BLACKLIST_S
                 self._metrics.peers_blacklisted.inc()
-                self._p2p.pubsub.add_to_blacklist(forwarder)
-                if self._nursery is not None:  # pubsub only resets its stream: hang up too
-                    self._nursery.start_soon(self._p2p.host.disconnect, forwarder)
+                # Not pubsub.add_to_blacklist: its stream teardown task races the dead-peer
+                # handler (both `del peers[id]`; the loser's KeyError stops pubsub and with
+                # it the daemon). Mark the peer and hang up; the dead-peer handler cleans up.
+                self._p2p.pubsub.blacklisted_peers.add(forwarder)
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._hang_up, forwarder)
         return False
+
+    async def _hang_up(self, peer: ID) -> None:
+        try:
+            await self._p2p.host.disconnect(peer)
+        except Exception as exc:  # a peer already gone is not our error
+            log.debug("disconnecting %s: %s", peer.to_base58(), exc)
 
     def on_bad_signature(self, forwarder: ID, msg: rpc_pb2.Message) -> None:
         for topic in msg.topicIDs or ["other"]:
