@@ -1,97 +1,383 @@
-"""Single-request inference speed of the executor's generation loop vs HF ``generate``.
+"""Inference engine vs HF ``generate``: batch-1 speed, aggregate speed under many
+concurrent requests, time to first token, peak memory, greedy parity.
 
-    .venv/bin/python bench/inference.py                        # the random test model, CPU
-    python bench/inference.py --model /models/DeepSeek-R1-Distill-Qwen-1.5B --device cuda
+    .venv/bin/python bench/inference.py --device cpu --shape test       # under a minute
+    python bench/inference.py --device cuda --shape deepseek-1.5b        # on a GPU box
+    python bench/inference.py --device cuda --model /models/DeepSeek-R1-Distill-Qwen-1.5B
 
-Needs only torch + transformers (+ this tree): runs on a GPU box without the daemon's
-network stack. Greedy decoding, batch 1. Reports decode tokens/s (median over the
-prompts), prefill time, and whether the token streams match HF generate.
+``--shape deepseek-1.5b`` builds a random-weight model of the exact
+DeepSeek-R1-Distill-Qwen-1.5B configuration on the device (no download); ``test`` the
+small random test model. Needs only torch + transformers (+ this tree): it runs on a GPU
+box without the daemon's network stack. In one run, same prompts:
+
+* batch 1: decode tokens/s for ``--new-tokens`` after a ``--prompt-tokens`` prompt, and
+  time to first token, for HF ``generate`` and the engine;
+* aggregate tokens/s with ``--concurrent`` requests at once (HF: one padded-free batch;
+  engine: the continuous batcher, requests submitted together), time to first token;
+* peak GPU memory of each phase;
+* each figure's ratio to HF, and batch-1 speed against the memory-bandwidth bound
+  (measured copy bandwidth / bytes of weights read per token);
+* greedy parity on ``--parity`` prompts: token-identical to HF ``generate``, the largest
+  first-step logit difference; and (from a checkpoint directory) a 2-shard pipeline of
+  span engines against the whole-model engine.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from vcoind.compute.generate import (
-    GenerationParams,
-    encode_prompt,
-    generate,
-    load_model,
-    pick_device,
-)
+from vcoind.compute.engine import Batcher, Engine, Stack, generate_ids
+from vcoind.compute.generate import GenerationParams, load_model, pick_device
 from vcoind.compute.testmodel import make_test_model
 
-PROMPTS = [
-    "Explain proof of stake",
-    "What is a Merkle tree?",
-    "Why must a hash function be collision resistant?",
-    "Describe how a transformer splits across hosts",
-    "Tokens per second measure",
-]
+DEEPSEEK_1_5B: dict[str, Any] = {
+    "vocab_size": 151936,
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 131072,
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+
+
+class IdTokenizer:
+    """Token ids in, no text out: speed runs generate exactly the tokens asked for."""
+
+    eos_token_id = None
+
+    def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
+        return ""
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second a device-to-device copy moves (read + written)."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 25)
+    a = torch.empty(n, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    _, dt = timed(device, lambda: [b.copy_(a) for _ in range(10)])
+    return 2 * a.numel() * 4 * 10 / dt
+
+
+def build(
+    ns: argparse.Namespace, device: torch.device, dtype: torch.dtype
+) -> tuple[Any, Path | None]:
+    """The HF model, and its checkpoint directory where there is one."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if ns.model is not None:
+        return load_model(ns.model, device, dtype, engine=False).model, ns.model
+    if ns.shape == "test":
+        path = make_test_model(Path(tempfile.mkdtemp(prefix="vcoin-bench-")) / "tiny-qwen2")
+        return load_model(path, device, dtype, engine=False).model, path
+    torch.manual_seed(0)
+    cfg = Qwen2Config(**DEEPSEEK_1_5B)
+    cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        model: Any = Qwen2ForCausalLM(cfg)
+        model = model.to(dtype)
+    model.eval()
+    return model, None
+
+
+def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(10, vocab - 10, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def hf_generate(model: Any, ids: list[list[int]], new: int, device: torch.device) -> Any:
+    x = torch.tensor(ids, device=device)
+    out = model.generate(
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return out[:, x.shape[1] :]
 
 
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", type=Path, help="model directory (default: make the test model)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--runs", type=int, default=3, help="passes over the prompts")
+    p.add_argument("--shape", default="test", choices=("test", "deepseek-1.5b"))
+    p.add_argument("--model", type=Path, help="a model directory instead of a random shape")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--concurrent", type=int, default=64)
+    p.add_argument("--runs", type=int, default=2, help="timed batch-1 runs of each")
+    p.add_argument("--parity", type=int, default=50, help="prompts for the parity check")
+    p.add_argument("--parity-tokens", type=int, default=32)
+    p.add_argument("--no-graphs", action="store_true", help="eager decode on CUDA too")
+    p.add_argument("--json", type=Path, help="also write the figures here")
     ns = p.parse_args()
-    tmp = None
-    if ns.model is None:
-        tmp = tempfile.TemporaryDirectory(prefix="vcoin-bench-model-")
-        ns.model = make_test_model(Path(tmp.name) / "tiny-qwen2")
     device, dtype = pick_device(ns.device)
-    lm = load_model(ns.model, device, dtype)
-    params = GenerationParams(max_new_tokens=ns.max_new_tokens)
-    generate(lm, PROMPTS[0], GenerationParams(max_new_tokens=8))  # warm-up
-    ours, prefill, hf, same = [], [], [], 0
-    for _ in range(ns.runs):
-        for prompt in PROMPTS:
-            r = generate(lm, prompt, params)
-            ours.append(r.tokens_per_s)
-            prefill.append(r.prefill_s * 1000)
-            ids = torch.tensor([encode_prompt(lm, prompt)], device=device)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = lm.model.generate(
-                ids,
-                max_new_tokens=ns.max_new_tokens,
-                do_sample=False,
-                min_new_tokens=len(r.token_ids),
-            )
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            new = out[0, ids.shape[1] :].tolist()
-            hf.append(len(new) / (time.perf_counter() - t0))
-            same += new[: len(r.token_ids)] == list(r.token_ids)
-    n = len(ours)
+    torch.manual_seed(0)
+    model, path = build(ns, device, dtype)
+    model.generation_config.eos_token_id = None
+    cfg = model.config
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    shape = ns.model.name if ns.model else ns.shape
+    weights = sum(
+        p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n
+    )
+    bandwidth = copy_bandwidth(device)
+    bound = bandwidth / weights
+    ctx = ns.prompt_tokens + ns.new_tokens + 8
+    slots = max(ns.concurrent, 1)
+    engine = Engine(
+        Stack.of_model(model),
+        slots=slots,
+        max_context=ctx,
+        device=device,
+        dtype=dtype,
+        cuda_graphs=False if ns.no_graphs else None,
+    )
+    tok = IdTokenizer()
+    fig: dict[str, Any] = {
+        "device": name,
+        "shape": shape,
+        "dtype": str(dtype),
+        "weights_gib": weights / 2**30,
+        "copy_gbps": bandwidth / 1e9,
+        "bound_tps": bound,
+        "cuda_graphs": engine.cuda_graphs,
+    }
     print(
-        f"model {ns.model.name}, device {name}, dtype {str(dtype).removeprefix('torch.')}, "
-        f"greedy, batch 1, {ns.max_new_tokens} new tokens, {n} requests"
+        f"{shape} on {name}, {str(dtype).removeprefix('torch.')}, weights read per token "
+        f"{weights / 2**30:.2f} GiB, copy bandwidth {bandwidth / 1e9:.0f} GB/s -> "
+        f"bound {bound:.0f} tokens/s at batch 1; engine slots {slots}, "
+        f"CUDA graphs {'on' if engine.cuda_graphs else 'off'}",
+        flush=True,
+    )
+
+    one = prompts(ns.runs, ns.prompt_tokens, cfg.vocab_size, 1)
+    params = GenerationParams(max_new_tokens=ns.new_tokens)
+
+    # --- batch 1 -------------------------------------------------------------
+    with torch.inference_mode():
+        hf_generate(model, one[:1], 4, device)  # warm-up
+        peak_reset(device)
+        hf_tps, hf_ttft = [], []
+        for ids in one:
+            _, dt = timed(
+                device, functools.partial(hf_generate, model, [ids], ns.new_tokens, device)
+            )
+            hf_tps.append(ns.new_tokens / dt)
+            _, t1 = timed(device, functools.partial(hf_generate, model, [ids], 1, device))
+            hf_ttft.append(t1)
+        fig["hf_peak_gib"] = peak_gib(device)
+    generate_ids(engine, one[0], GenerationParams(max_new_tokens=8), tok)  # warm-up, capture
+    peak_reset(device)
+    en_tps, en_ttft = [], []
+    for ids in one:
+        r, dt = timed(device, functools.partial(generate_ids, engine, ids, params, tok))
+        en_tps.append(len(r.token_ids) / dt)
+        en_ttft.append(r.prefill_s)
+    fig["engine_peak_gib"] = peak_gib(device)
+    fig.update(
+        hf_tps=statistics.median(hf_tps),
+        hf_ttft_ms=1000 * statistics.median(hf_ttft),
+        engine_tps=statistics.median(en_tps),
+        engine_ttft_ms=1000 * statistics.median(en_ttft),
     )
     print(
-        f"executor loop : {statistics.median(ours):8.1f} tokens/s (median), "
-        f"prefill {statistics.median(prefill):.1f} ms"
+        f"batch 1 ({ns.prompt_tokens}-token prompt, {ns.new_tokens} new, incl. prefill): "
+        f"HF {fig['hf_tps']:.1f} tok/s, engine {fig['engine_tps']:.1f} tok/s "
+        f"({fig['engine_tps'] / fig['hf_tps']:.1f}x HF, "
+        f"{100 * fig['engine_tps'] / bound:.0f}% of bound); TTFT HF "
+        f"{fig['hf_ttft_ms']:.1f} ms, engine {fig['engine_ttft_ms']:.1f} ms",
+        flush=True,
     )
-    print(f"HF generate   : {statistics.median(hf):8.1f} tokens/s (median, incl. prefill)")
-    print(f"token streams identical to HF generate: {same}/{n}")
-    if tmp is not None:
-        tmp.cleanup()
+
+    # --- concurrent ------------------------------------------------------------
+    if ns.concurrent > 1:
+        many = prompts(ns.concurrent, ns.prompt_tokens, cfg.vocab_size, 2)
+        peak_reset(device)
+        with torch.inference_mode():
+            _, dt = timed(device, lambda: hf_generate(model, many, ns.new_tokens, device))
+        fig["hf_batch_tps"] = ns.concurrent * ns.new_tokens / dt
+        fig["hf_batch_peak_gib"] = peak_gib(device)
+        batcher = Batcher(engine, tok)
+        warm = [batcher.submit(ids, GenerationParams(max_new_tokens=4)) for ids in many]
+        [f.result() for f in warm]  # every bucket's graph captured before timing
+        peak_reset(device)
+        first: list[float] = []
+        lock = threading.Lock()
+
+        def on_token(n: int) -> None:
+            if n == 1:
+                with lock:
+                    first.append(time.perf_counter())
+
+        t0 = time.perf_counter()
+        futures = [batcher.submit(ids, params, on_token=on_token) for ids in many]
+        results = [f.result() for f in futures]
+        dt = time.perf_counter() - t0
+        batcher.close()
+        tokens = sum(len(r.token_ids) for r in results)
+        ttft = sorted(t - t0 for t in first)
+        fig.update(
+            engine_batch_tps=tokens / dt,
+            engine_batch_peak_gib=peak_gib(device),
+            engine_batch_ttft_p50_ms=1000 * ttft[len(ttft) // 2],
+            engine_batch_ttft_p95_ms=1000 * ttft[int(len(ttft) * 0.95) - 1],
+            peak_batch=batcher.peak_batch,
+        )
+        print(
+            f"{ns.concurrent} concurrent: HF batched {fig['hf_batch_tps']:.0f} tok/s, engine "
+            f"{fig['engine_batch_tps']:.0f} tok/s "
+            f"({fig['engine_batch_tps'] / fig['hf_batch_tps']:.1f}x "
+            f"HF batched, {fig['engine_batch_tps'] / fig['hf_tps']:.0f}x HF batch 1); "
+            f"engine TTFT p50 {fig['engine_batch_ttft_p50_ms']:.0f} ms, p95 "
+            f"{fig['engine_batch_ttft_p95_ms']:.0f} ms, peak batch {batcher.peak_batch}",
+            flush=True,
+        )
+    for key in ("hf_peak_gib", "engine_peak_gib", "hf_batch_peak_gib", "engine_batch_peak_gib"):
+        if fig.get(key) is not None:
+            print(f"  peak memory {key.removesuffix('_peak_gib')}: {fig[key]:.2f} GiB")
+
+    # --- parity ------------------------------------------------------------------
+    if ns.parity:
+        parity(ns, model, engine, path, device, dtype, fig)
+    if ns.json:
+        ns.json.write_text(json.dumps(fig, indent=2) + "\n")
     return 0
+
+
+def parity(
+    ns: argparse.Namespace,
+    model: Any,
+    engine: Engine,
+    path: Path | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    fig: dict[str, Any],
+) -> None:
+    g = torch.Generator().manual_seed(3)
+    vocab = model.config.vocab_size
+    lengths = torch.randint(4, 64, (ns.parity,), generator=g).tolist()
+    cases = [torch.randint(10, vocab - 10, (n,), generator=g).tolist() for n in lengths]
+    params = GenerationParams(max_new_tokens=ns.parity_tokens)
+    tok = IdTokenizer()
+    same, max_diff, ours, gaps = 0, 0.0, [], []
+    with torch.inference_mode():
+        for ids in cases:
+            r = generate_ids(engine, ids, params, tok)
+            ours.append(r.token_ids)
+            ref = hf_generate(model, [ids], ns.parity_tokens, device)[0].tolist()
+            same += ref == list(r.token_ids)
+            if ref != list(r.token_ids):
+                # How close a call was it? HF's logit margin between the two picks.
+                j = next(
+                    i for i, (a, b) in enumerate(zip(ref, r.token_ids, strict=False)) if a != b
+                )
+                logits = model(torch.tensor([ids + ref[:j]], device=device)).logits[0, -1]
+                gaps.append(float(logits[ref[j]] - logits[r.token_ids[j]]))
+            slot = engine.alloc()
+            try:
+                mine = engine.prefill(slot, torch.tensor(ids))
+            finally:
+                engine.release(slot)
+            theirs = model(torch.tensor([ids], device=device)).logits[0, -1].float()
+            max_diff = max(max_diff, float((mine - theirs).abs().max()))
+    fig.update(
+        parity_same=same,
+        parity_n=len(cases),
+        parity_max_logit_diff=max_diff,
+        parity_divergence_gaps=gaps,
+    )
+    print(
+        f"greedy parity vs HF generate: {same}/{len(cases)} token-identical "
+        f"({ns.parity_tokens} tokens each); max first-step logit diff {max_diff:.2e}"
+    )
+    if gaps:
+        print(
+            f"  where they part, HF's own logits rank the two picks {max(gaps):.2e} apart "
+            f"at most (median {statistics.median(gaps):.2e}): near-ties"
+        )
+    if path is None:
+        return
+    from vcoind.compute.shards import even_ranges, load_shard, split_model
+
+    n_layers = model.config.num_hidden_layers
+    out = Path(tempfile.mkdtemp(prefix="vcoin-bench-shards-"))
+    dirs = split_model(path, out, even_ranges(n_layers, 2), name="bench", model_id="bench")
+    spans = [
+        Engine(
+            Stack.of_shard(load_shard(d, device, dtype)),
+            slots=1,
+            max_context=engine.max_context,
+            device=device,
+            dtype=dtype,
+        )
+        for d in dirs
+    ]
+    agree = 0
+    with torch.inference_mode():
+        for ids, want in zip(cases, ours, strict=True):
+            slots = [e.alloc() for e in spans]
+            x: Any = torch.tensor(ids)
+            got: list[int] = []
+            try:
+                for step in range(ns.parity_tokens):
+                    h = x
+                    for e, s in zip(spans, slots, strict=True):
+                        h = e.prefill(s, h) if step == 0 else e.decode([s], h)
+                    logits = h if h.dim() == 1 else h[-1]
+                    got.append(int(torch.argmax(logits)))
+                    x = torch.tensor([got[-1]])
+            finally:
+                for e, s in zip(spans, slots, strict=True):
+                    e.release(s)
+            agree += tuple(got) == tuple(want)
+    fig.update(shard_parity_same=agree)
+    print(f"2-shard span engines vs whole-model engine: {agree}/{len(cases)} token-identical")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,11 @@ class ComputeConfig:
     device: str = "auto"  # auto | cpu | cuda
     # Models kept loaded; 0 = 80 % of GPU memory, or 50 % of RAM on CPU.
     memory_budget_mb: int = 0
+    # Requests decoded together per loaded model (continuous batching); 0 = 32 on a
+    # GPU, 4 on CPU. Each slot holds a KV cache of max_context positions.
+    batch_slots: int = 0
+    # Positions per request (prompt + new tokens), capped by the model's own context.
+    max_context: int = 4096
     # CPU threads for torch (inference and sentence embeddings); 0 = torch's default.
     # Several daemons on one box (a devnet) each want 1.
     cpu_threads: int = 0
@@ -339,6 +344,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("compute.cpu_threads", "must be >= 0 (0 = torch's default)")
     if cfg.compute.memory_budget_mb < 0:
         raise ConfigError("compute.memory_budget_mb", "must be >= 0 (0 = automatic)")
+    if not 0 <= cfg.compute.batch_slots <= 1024:
+        raise ConfigError("compute.batch_slots", "must be 0..1024 (0 = automatic)")
+    if not 16 <= cfg.compute.max_context <= 1 << 20:
+        raise ConfigError("compute.max_context", "must be 16..1048576 positions")
     m = cfg.market
     if m.strategy not in STRATEGIES:
         raise ConfigError("market.strategy", f"must be one of {', '.join(STRATEGIES)}")

@@ -256,7 +256,8 @@ class Node:
         self.gossip.on("tasks", Bid, self.origin.on_bid)
         self.streams.serve(TASK_STREAM, self._task_request)
         cc = self.config.compute
-        self.shard_host = ShardHost(cc.device, budget_bytes=cc.memory_budget_mb << 20)
+        self.shard_host = ShardHost(cc.device, budget_bytes=cc.memory_budget_mb << 20,
+                                    slots=cc.batch_slots, max_context=cc.max_context)  # fmt: skip
         self.streams.serve(SHARD_STREAM, lambda peer, r: self.shard_host.handle(
             peer.to_base58(), r))  # fmt: skip
         self.origin.run_pipeline = self._run_pipeline
@@ -629,8 +630,10 @@ class Node:
 
             cc = self.config.compute
             self._executor = Executor(
-                self.models, ExecutorConfig(device=cc.device, memory_budget_mb=cc.memory_budget_mb)
-            )
+                self.models,
+                ExecutorConfig(device=cc.device, memory_budget_mb=cc.memory_budget_mb,
+                               batch_slots=cc.batch_slots, max_context=cc.max_context),
+            )  # fmt: skip
         return self._executor
 
     def _torch_threads(self) -> None:

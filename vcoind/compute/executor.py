@@ -1,14 +1,18 @@
-"""Inference executor: models loaded once and kept warm, generation in a worker thread.
+"""Inference executor: models loaded once and kept warm, generation off the trio thread.
 
-One ``trio.CapacityLimiter`` per device serialises GPU/CPU work; the trio thread
-never blocks. Models are kept in an LRU bounded by a memory budget; a model in
-use is never evicted. Progress (tokens generated) is reported from the worker
-thread back into trio; cancelling the awaiting task stops generation at the next
-token boundary.
+Each loaded model has an engine (``vcoind.compute.engine``) behind a ``Batcher``:
+concurrent requests decode together in one batch, joining and leaving at token
+boundaries, higher priority admitted first. Models the engine does not run generate
+with transformers in a worker thread, one at a time per device (a
+``trio.CapacityLimiter``). The trio thread never blocks. Models are kept in an LRU
+bounded by a memory budget; a model in use is never evicted. Progress (tokens
+generated) is reported back into trio without blocking the engine; cancelling the
+awaiting task stops its request at the next token boundary.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -20,10 +24,13 @@ import psutil
 import torch
 import trio
 
+from vcoind.compute.engine import DEFAULT_MAX_CONTEXT, Batcher
 from vcoind.compute.generate import (
     GenerationParams,
     GenerationResult,
     LoadedModel,
+    default_slots,
+    encode_prompt,
     generate,
     load_model,
     pick_device,
@@ -39,6 +46,8 @@ PROGRESS_EVERY_S = 0.05
 class ExecutorConfig:
     device: str = "auto"  # auto | cpu | cuda
     memory_budget_mb: int = 0  # 0 = 80 % of GPU memory, or 50 % of RAM on CPU
+    batch_slots: int = 0  # concurrent requests per model; 0 = 32 on a GPU, 4 on CPU
+    max_context: int = DEFAULT_MAX_CONTEXT  # positions per request (prompt + new tokens)
 
 
 @dataclass
@@ -46,6 +55,11 @@ class _Slot:
     info: ModelInfo
     lm: LoadedModel
     in_use: int = 0
+    batcher: Batcher | None = None
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
 
 
 class Executor:
@@ -54,6 +68,8 @@ class Executor:
         self.store = store
         self.device, self.dtype = pick_device(config.device)
         self.budget_bytes = config.memory_budget_mb * (1 << 20) or self._default_budget()
+        self.slots = config.batch_slots or default_slots(self.device)
+        self.max_context = config.max_context
         self._limiter = trio.CapacityLimiter(1)  # one per device
         self._loaded: OrderedDict[str, _Slot] = OrderedDict()  # model id -> slot, LRU order
         self._loading: dict[str, trio.Event] = {}
@@ -90,10 +106,13 @@ class Executor:
         try:
             self._make_room(info)
             log.info("loading model %s (%s) on %s", info.name, info.model_id[:19], self.device)
+            load = functools.partial(load_model, slots=self.slots, max_context=self.max_context)
             lm = await trio.to_thread.run_sync(
-                load_model, info.path, self.device, self.dtype, limiter=self._limiter
+                load, info.path, self.device, self.dtype, limiter=self._limiter
             )
             slot = _Slot(info=info, lm=lm, in_use=1)
+            if lm.engine is not None:
+                slot.batcher = Batcher(lm.engine, lm.tokenizer, name=f"engine-{info.name}")
             self._loaded[info.model_id] = slot
             return slot
         finally:
@@ -113,6 +132,7 @@ class Executor:
             if slot.in_use == 0:
                 log.info("evicting model %s to make room for %s", slot.info.name, info.name)
                 del self._loaded[model_id]
+                slot.close()
                 used -= slot.info.weight_bytes
         if used + info.weight_bytes > self.budget_bytes:
             raise ModelError(f"no room for model {info.name}: the loaded models are all busy")
@@ -124,37 +144,45 @@ class Executor:
         params: GenerationParams,
         *,
         on_progress: Callable[[int], None] | None = None,
+        priority: int = 0,
     ) -> GenerationResult:
-        """Run one request; cancelling the caller stops the worker at the next token."""
+        """Run one request; cancelling the caller stops it at the next token."""
         slot = await self._acquire(ref)
         cancel = threading.Event()
         token = trio.lowlevel.current_trio_token()
-
         last_report = 0.0
 
         def progress(n: int) -> None:
-            # A trip into trio per token would starve the trio thread on fast models.
+            # Called on the engine's thread after every token: hand the count to trio
+            # without waiting for it, and not more often than PROGRESS_EVERY_S.
             nonlocal last_report
             now = time.monotonic()
             if on_progress is None or cancel.is_set() or now - last_report < PROGRESS_EVERY_S:
                 return
             last_report = now
             try:
-                trio.from_thread.run_sync(on_progress, n, trio_token=token)
+                token.run_sync_soon(on_progress, n)
             except trio.RunFinishedError:
                 cancel.set()
 
-        def work() -> GenerationResult:
-            return generate(slot.lm, prompt, params, on_token=progress, cancel=cancel)
-
         self.running += 1
         try:
+            work: Callable[[], GenerationResult]
+            if slot.batcher is not None:
+                ids = await trio.to_thread.run_sync(encode_prompt, slot.lm, prompt)
+                future = slot.batcher.submit(ids, params, priority=priority, on_token=progress,
+                                             cancel=cancel)  # fmt: skip
+                work, limiter = future.result, None
+            else:
+                work = functools.partial(generate, slot.lm, prompt, params, on_token=progress,
+                                         cancel=cancel)  # fmt: skip
+                limiter = self._limiter
             # (trio-typing's stale stubs predate abandon_on_cancel)
             result = await trio.to_thread.run_sync(  # type: ignore[call-arg]
-                work, limiter=self._limiter, abandon_on_cancel=True
+                work, limiter=limiter, abandon_on_cancel=True
             )
         except trio.Cancelled:
-            cancel.set()  # the abandoned thread stops at its next token
+            cancel.set()  # the engine drops the request at its next token
             raise
         finally:
             self.running -= 1
@@ -168,3 +196,8 @@ class Executor:
                 tps if old is None else (1 - EWMA_ALPHA) * old + EWMA_ALPHA * tps
             )
         return result
+
+    def close(self) -> None:
+        """Stop the engines' threads (their queued requests fail)."""
+        for slot in self._loaded.values():
+            slot.close()

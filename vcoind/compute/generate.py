@@ -11,6 +11,7 @@ checked between tokens.
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -22,28 +23,28 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.utils import logging as hf_logging
 
+from vcoind.compute.engine import (
+    DEFAULT_MAX_CONTEXT,
+    Engine,
+    GenerationCancelled,
+    GenerationResult,
+    Stack,
+    TokenStream,
+    UnsupportedModel,
+    generate_ids,
+)
 from vcoind.compute.params import GenerationError, GenerationParams
 
-__all__ = ["GenerationError", "GenerationParams", "generate", "load_model", "pick_device"]
-
-
-class GenerationCancelled(Exception):
-    """The request was cancelled between two tokens."""
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    text: str
-    token_ids: tuple[int, ...]
-    prompt_tokens: int
-    finish_reason: str  # "length" | "eos" | "stop"
-    prefill_s: float
-    decode_s: float
-
-    @property
-    def tokens_per_s(self) -> float:
-        n = len(self.token_ids)
-        return n / self.decode_s if self.decode_s > 0 and n else 0.0
+__all__ = [
+    "GenerationCancelled",
+    "GenerationError",
+    "GenerationParams",
+    "GenerationResult",
+    "generate",
+    "load_model",
+    "pick_device",
+]
+log = logging.getLogger("vcoind.generate")
 
 
 @dataclass
@@ -53,6 +54,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     cache_kwarg: str = field(init=False)
+    engine: Engine | None = None  # None: an architecture the engine does not run
 
     def __post_init__(self) -> None:
         # transformers 5.x renamed past_key_values= to cache=; accept both generations.
@@ -67,7 +69,22 @@ def pick_device(prefer: str = "auto") -> tuple[torch.device, torch.dtype]:
     return torch.device("cuda"), torch.float16
 
 
-def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def default_slots(device: torch.device) -> int:
+    """Concurrent requests per model: a GPU batches many for nearly the cost of one."""
+    return 32 if device.type == "cuda" else 4
+
+
+def load_model(
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    slots: int = 0,
+    max_context: int = DEFAULT_MAX_CONTEXT,
+    engine: bool = True,
+) -> LoadedModel:
+    """Load a model and, where the architecture allows, its engine (``slots`` concurrent
+    requests, 0 = the device's default; ``max_context`` positions each)."""
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model: Any = AutoModelForCausalLM.from_pretrained(
@@ -75,7 +92,14 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedMo
     )
     model.to(device)
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype)
+    lm = LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype)
+    if engine:
+        try:
+            lm.engine = Engine(Stack.of_model(model), slots=slots or default_slots(device),
+                               max_context=max_context, device=device, dtype=dtype)  # fmt: skip
+        except UnsupportedModel as exc:
+            log.info("%s: generating with transformers (%s)", path.name, exc)
+    return lm
 
 
 def encode_prompt(lm: LoadedModel, prompt: str) -> list[int]:
@@ -132,6 +156,9 @@ def generate(
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` after ``prompt``; see the module docstring."""
     prompt_ids = encode_prompt(lm, prompt)
+    if lm.engine is not None:
+        return generate_ids(lm.engine, prompt_ids, params, lm.tokenizer,
+                            on_token=on_token, cancel=cancel)  # fmt: skip
     max_pos = int(getattr(lm.model.config, "max_position_embeddings", 1 << 30))
     cache = DynamicCache(config=lm.model.config)
     kw = {lm.cache_kwarg: cache, "use_cache": True}
@@ -158,50 +185,21 @@ def decode_loop(
 ) -> GenerationResult:
     """Prefill then decode with ``forward(new token ids) -> logits of the last position``
     (a model with its KV cache, or a pipeline of shards): sampling, EOS, stop strings."""
-    if not prompt_ids:
-        raise GenerationError("the prompt encodes to no tokens")
+    stream = TokenStream(prompt_ids, params, tokenizer, device)
     if len(prompt_ids) + params.max_new_tokens > max_positions:
         raise GenerationError(
             f"prompt ({len(prompt_ids)} tokens) + max_new_tokens exceeds the model's "
             f"context of {max_positions}"
         )
-    eos = tokenizer.eos_token_id
-    gen = None
-    if params.temperature > 0:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(params.seed)
     t0 = time.perf_counter()
-    logits = forward(prompt_ids)
+    nxt = stream.push(forward(prompt_ids))
     t1 = time.perf_counter()
-    out: list[int] = []
-    finish, text = "length", ""
-    for _ in range(params.max_new_tokens):
+    while nxt is not None:
+        if on_token is not None:
+            on_token(len(stream.out))
         if cancel is not None and cancel.is_set():
             raise GenerationCancelled()
-        nxt = sample_next(logits, params, gen)
-        if eos is not None and nxt == eos:
-            finish = "eos"
-            break
-        out.append(nxt)
-        if on_token is not None:
-            on_token(len(out))
-        if params.stop:
-            text = tokenizer.decode(out, skip_special_tokens=True)
-            cut = _find_stop(text, params.stop)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-                break
-        if len(out) == params.max_new_tokens:
-            break
-        logits = forward([nxt])
-    t2 = time.perf_counter()
-    if finish != "stop":
-        text = tokenizer.decode(out, skip_special_tokens=True)
-    return GenerationResult(
-        text=text,
-        token_ids=tuple(out),
-        prompt_tokens=len(prompt_ids),
-        finish_reason=finish,
-        prefill_s=t1 - t0,
-        decode_s=t2 - t1,
-    )
+        nxt = stream.push(forward([nxt]))
+    if on_token is not None and stream.out:
+        on_token(len(stream.out))
+    return stream.result(t1 - t0, time.perf_counter() - t1)

@@ -349,4 +349,8 @@ def load_shard(
     if missing or unexpected:
         raise ShardError(f"{directory}: weights do not fit the span (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")  # fmt: skip
-    return shard.to(device=device, dtype=dtype).eval()
+    for name, child in shard.named_children():
+        # The rotary frequencies stay fp32, as in the whole model: rounded to fp16 they
+        # shift every position's rotation, and greedy output parts from the whole model's.
+        child.to(device=device, dtype=None if name == "rotary_emb" else dtype)
+    return shard.eval()

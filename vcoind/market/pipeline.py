@@ -1,9 +1,10 @@
 """Pipelined generation over layer spans served by several nodes.
 
 Serving side, ``ShardHost``: the spans this node serves (``--serve-layers MODEL:A-B``, from
-a shard directory, or split from the whole model on first start), loaded on first use;
-one KV cache per session, at most ``MAX_SESSIONS``, dropped after ``SESSION_IDLE_S``
-without a step. Compute runs on a worker thread, one step at a time.
+a shard directory, or split from the whole model on first start), loaded on first use
+and run by the inference engine (``vcoind.compute.engine``): one static KV cache slot per
+session, at most ``MAX_SESSIONS`` (or ``compute.batch_slots``), dropped after
+``SESSION_IDLE_S`` without a step. Compute runs on a worker thread, one step at a time.
 
 Origin side, ``PipelineDriver``: picks a route, a chain of nodes whose spans cover every
 layer in order (best health, then lowest latency, ties by peer id), tokenises, runs the
@@ -30,6 +31,7 @@ from typing import Any, Protocol
 import trio
 
 from vcoind.compute.frames import FrameError, TensorFrame
+from vcoind.compute.params import GenerationError
 from vcoind.market.messages import Ack
 from vcoind.market.shardwire import (
     CHUNK_TOKENS,
@@ -79,10 +81,13 @@ class PipelineError(Exception):
 
 @dataclass
 class _Session:
-    shard: Any
-    cache: Any
+    engine: Any  # vcoind.compute.engine.Engine of the span
+    slot: int
     last_used: float
     steps: int = 0
+
+    def close(self) -> None:
+        self.engine.release(self.slot)
 
 
 @dataclass
@@ -93,6 +98,7 @@ class ServedSpan:
     end: int
     path: Path
     shard: Any = None  # loaded on first use
+    engine: Any = None  # ... with its engine
     last_used: float = 0.0
 
     @property
@@ -119,8 +125,13 @@ class ShardHost:
     leave in fp32, so mixed CPU/GPU routes work (the answer then follows the fp16 hops'
     numerics, like a single fp16 node)."""
 
-    def __init__(self, device: str = "auto", budget_bytes: int = 0) -> None:
+    def __init__(
+        self, device: str = "auto", budget_bytes: int = 0, *, slots: int = 0,
+        max_context: int = 4096,
+    ) -> None:  # fmt: skip
         self.budget_bytes = budget_bytes  # 0: no limit
+        self.max_sessions = slots or MAX_SESSIONS
+        self.max_context = max_context
         self.spans: list[ServedSpan] = []
         self._sessions: dict[str, _Session] = {}
         self._limiter = trio.CapacityLimiter(1)
@@ -143,14 +154,19 @@ class ShardHost:
             if served is None:
                 raise StreamProtocolError(f"span {record.start}-{record.end} of "
                                           f"{record.model_id} is not served here")  # fmt: skip
-            if len(self._sessions) >= MAX_SESSIONS and record.session not in self._sessions:
-                raise StreamProtocolError(f"busy: {MAX_SESSIONS} pipeline sessions open")
-            shard = await self._load(served)
+            if len(self._sessions) >= self.max_sessions and record.session not in self._sessions:
+                raise StreamProtocolError(f"busy: {self.max_sessions} pipeline sessions open")
+            engine = await self._load(served)
             served.last_used = time.monotonic()
-            self._sessions[record.session] = _Session(shard, shard.new_cache(), time.monotonic())
+            self._drop(record.session)  # re-opened: start over
+            try:
+                slot = engine.alloc()
+            except Exception as exc:  # EngineError: every slot of this span is taken
+                raise StreamProtocolError(f"busy: {exc}") from None
+            self._sessions[record.session] = _Session(engine, slot, time.monotonic())
             return Ack()
         if isinstance(record, ShardClose):
-            self._sessions.pop(record.session, None)
+            self._drop(record.session)
             return Ack()
         if isinstance(record, ShardStep):
             sess = self._sessions.get(record.session)
@@ -164,46 +180,57 @@ class ShardHost:
                 out, compute_s = await trio.to_thread.run_sync(
                     self._compute, sess, frame, limiter=self._limiter
                 )
-            except FrameError as exc:
-                self._sessions.pop(record.session, None)  # a broken session is not resumed
+            except (FrameError, GenerationError) as exc:
+                self._drop(record.session)  # a broken session is not resumed
                 raise StreamProtocolError(f"bad frame: {exc}") from None
             sess.steps += 1
             sess.last_used = time.monotonic()
             return ShardOutput(out.dtype, out.shape, out.data, round(compute_s, 6))
         raise StreamProtocolError(f"unexpected {type(record).__name__}")
 
+    def _drop(self, session: str) -> None:
+        sess = self._sessions.pop(session, None)
+        if sess is not None:
+            sess.close()
+
     def _compute(self, sess: _Session, frame: TensorFrame) -> tuple[TensorFrame, float]:
         import torch
 
         t0 = time.perf_counter()
         x = frame.to_tensor(self._device, MAX_FRAME_BYTES)
-        first = sess.shard.manifest.embed
-        if first != (x.dtype == torch.int64) or x.dim() != (2 if first else 3):
+        engine = sess.engine
+        first = engine.first
+        if first != (x.dtype == torch.int64) or x.dim() != (2 if first else 3) or x.shape[0] != 1:
             raise FrameError("the first span takes int64 token ids [1, T], the others "
                              "hidden states [1, T, H]")  # fmt: skip
-        if not first and x.shape[-1] != sess.shard.config.hidden_size:
-            raise FrameError(f"hidden size {x.shape[-1]} != {sess.shard.config.hidden_size}")
-        if not first:
-            x = x.to(self._dtype)  # the previous hop may run another dtype
-        y = sess.shard(x, sess.cache)
-        if sess.shard.manifest.head:
-            y = y[:, -1:, :].float()  # only the next token's logits travel back, in fp32
-        return TensorFrame.from_tensor(y), time.perf_counter() - t0
+        if not first and x.shape[-1] != engine.hidden:
+            raise FrameError(f"hidden size {x.shape[-1]} != {engine.hidden}")
+        if x.shape[1] == 0:
+            raise FrameError("an empty step")
+        # The previous hop may run another dtype: the engine casts hidden states to its own.
+        if x.shape[1] == 1:
+            y = engine.decode([sess.slot], x[0])  # [1, V] or [1, H]
+            y = y.unsqueeze(1)
+        else:
+            y = engine.prefill(sess.slot, x[0])  # [V] (last position) or [T, H]
+            y = y.view(1, 1, -1) if engine.last else y.unsqueeze(0)
+        # (logits leave in fp32: only the next token's travel back)
+        return TensorFrame.from_tensor(y.contiguous()), time.perf_counter() - t0
 
     def _make_room(self, served: ServedSpan) -> None:
         """Within the memory budget: unload idle spans, least recently used first."""
         if not self.budget_bytes:
             return
-        busy = {id(sess.shard) for sess in self._sessions.values()}
+        busy = {id(sess.engine) for sess in self._sessions.values()}
         loaded = sorted((s for s in self.spans if s.shard is not None and s is not served),
                         key=lambda s: s.last_used)  # fmt: skip
         used = sum(s.size for s in loaded)
         for s in loaded:
             if used + served.size <= self.budget_bytes:
                 break
-            if id(s.shard) not in busy:
+            if id(s.engine) not in busy:
                 log.info("unloading layers %d-%d of %s (memory budget)", s.start, s.end, s.model)
-                s.shard = None
+                s.shard = s.engine = None
                 used -= s.size
         if used + served.size > self.budget_bytes:
             raise StreamProtocolError(
@@ -211,25 +238,35 @@ class ShardHost:
                 f"next to the spans in use")  # fmt: skip
 
     async def _load(self, served: ServedSpan) -> Any:
+        """The span's engine, loading the shard first if it is not in memory."""
         async with self._load_lock:
-            if served.shard is None:
+            if served.engine is None:
                 self._make_room(served)
                 from vcoind.compute.generate import pick_device
-                from vcoind.compute.shards import load_shard
 
                 if self._device is None:
                     self._device, self._dtype = pick_device(self._prefer)
                 log.info("loading layers %d-%d of %s on %s (%s)", served.start, served.end,
                          served.model, self._device, self._dtype)  # fmt: skip
-                served.shard = await trio.to_thread.run_sync(
-                    load_shard, served.path, self._device, self._dtype, limiter=self._limiter
+                served.shard, served.engine = await trio.to_thread.run_sync(
+                    self._load_engine, served.path, limiter=self._limiter
                 )
-        return served.shard
+        return served.engine
+
+    def _load_engine(self, path: Path) -> tuple[Any, Any]:
+        from vcoind.compute.engine import Engine, Stack
+        from vcoind.compute.shards import load_shard
+
+        shard = load_shard(path, self._device, self._dtype)
+        engine = Engine(Stack.of_shard(shard), slots=self.max_sessions,
+                        max_context=self.max_context, device=self._device,
+                        dtype=self._dtype)  # fmt: skip
+        return shard, engine
 
     def _expire(self) -> None:
         now = time.monotonic()
         for sid in [k for k, s in self._sessions.items() if now - s.last_used > SESSION_IDLE_S]:
-            del self._sessions[sid]
+            self._drop(sid)
 
     @property
     def open_sessions(self) -> int:

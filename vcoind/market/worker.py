@@ -1,7 +1,8 @@
 """Worker side of the market: bid for tasks we can run, run assigned ones, report back.
 
 Accepted assignments wait in a priority queue (higher ``priority`` first, then
-arrival order) and run one at a time on the executor. Each accepted
+arrival order) and run on the executor, as many at once as it batches (its engine's
+slots: they decode together, token by token). Each accepted
 (task, attempt) is recorded in SQLite before it is acknowledged, so a worker
 restarted mid-task never runs the same attempt twice. Progress goes to the
 origin at most every ``PROGRESS_EVERY_S``; the result is retried a few times.
@@ -88,7 +89,7 @@ class TaskWorker:
         self._wake = trio.Event()
         self._executor_lock = trio.Lock()
         self._executor_ready: Executor | None = None
-        self.running: _Job | None = None
+        self.running: dict[tuple[str, int], _Job] = {}  # (task id, attempt) -> job
         self.tokens_per_s: dict[str, float] = {}  # model id -> measured decode speed
         self.on_change: Callable[[], None] = lambda: None
         # Consensus assignments: the result is committed on the votes topic, not sent.
@@ -98,7 +99,7 @@ class TaskWorker:
 
     @property
     def queue_length(self) -> int:
-        return len(self._queue) + (self.running is not None)
+        return len(self._queue) + len(self.running)
 
     # --- bidding ----------------------------------------------------------
 
@@ -117,9 +118,9 @@ class TaskWorker:
 
     def make_bid(self, origin: str, tasks: Sequence[AnnouncedTask]) -> Bid | None:
         """One bid with our offers for those of ``tasks`` we can run (None: no offer)."""
-        queued_tokens = sum(j.assign.params.max_new_tokens for j in self._queue)
-        if self.running is not None:
-            queued_tokens += self.running.assign.params.max_new_tokens
+        queued_tokens = sum(
+            j.assign.params.max_new_tokens for j in (*self._queue, *self.running.values())
+        )
         offers = tuple(o for t in tasks if (o := self.make_offer(t, queued_tokens)) is not None)
         if not offers:
             return None
@@ -180,20 +181,29 @@ class TaskWorker:
             if self._models.all():  # import torch and load models off the trio thread, early
                 nursery.start_soon(self._warm_up)
             while True:
-                while not self._queue:
+                # As many jobs at once as the executor batches (one until it exists).
+                while not self._queue or len(self.running) >= self._concurrency():
                     self._wake = trio.Event()
                     await self._wake.wait()
                 job = heapq.heappop(self._queue)
                 if job.cancelled:
                     await self._finish(job, "cancelled")
                     continue
-                self.running = job
+                key = (job.assign.task_id, job.assign.attempt)
+                self.running[key] = job
                 self.on_change()
-                try:
-                    await self._execute(job)
-                finally:
-                    self.running = None
-                    self.on_change()
+                nursery.start_soon(self._run_job, key, job)
+
+    def _concurrency(self) -> int:
+        return self._executor_ready.slots if self._executor_ready is not None else 1
+
+    async def _run_job(self, key: tuple[str, int], job: _Job) -> None:
+        try:
+            await self._execute(job)
+        finally:
+            del self.running[key]
+            self._wake.set()
+            self.on_change()
 
     async def executor(self) -> Executor:
         """The node's executor; created (torch imported) once, in a worker thread."""
@@ -233,8 +243,10 @@ class TaskWorker:
                 job.scope = scope
                 try:
                     executor = await self.executor()
-                    r = await executor.generate(a.model, a.input, p.generation(),
-                                                on_progress=progress)  # fmt: skip
+                    r = await executor.generate(
+                        a.model, a.input, p.generation(), on_progress=progress,
+                        priority=a.priority,
+                    )  # fmt: skip
                     model_id = self._models.resolve(a.model).model_id
                     self.tokens_per_s[model_id] = executor.tokens_per_s.get(model_id, 0.0)
                     result = TaskResult(

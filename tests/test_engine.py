@@ -1,0 +1,215 @@
+"""The inference engine on the random Qwen2 test model (CPU, fp32): parity with
+transformers, static-cache slots, prefill from an offset, continuous batching."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import trio
+
+from vcoind.compute.engine import (
+    Batcher,
+    Engine,
+    EngineError,
+    GenerationCancelled,
+    Stack,
+    UnsupportedModel,
+    generate_ids,
+)
+from vcoind.compute.executor import Executor, ExecutorConfig
+from vcoind.compute.generate import GenerationParams, encode_prompt, load_model
+from vcoind.compute.models import ModelStore
+from vcoind.compute.shards import even_ranges, load_shard, split_model
+
+TOPICS = ["stake", "blocks", "a Merkle tree", "GPU hosts", "rewards", "the quick brown fox",
+          "hidden states", "consensus", "peers", "tokens per second"]  # fmt: skip
+PROMPTS = [f"{verb} {t}" for t in TOPICS for verb in ("Explain", "Why does", "Describe",
+                                                      "What about", "Tell me of")]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lm(models_dir: Path) -> Any:
+    return load_model(models_dir / "tiny-qwen2", torch.device("cpu"), torch.float32)
+
+
+def hf_greedy(lm: Any, ids: list[int], n: int) -> list[int]:
+    out = lm.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    eos = lm.tokenizer.eos_token_id
+    return [int(t) for t in out[0, len(ids) :] if int(t) != eos]
+
+
+def test_engine_greedy_is_token_identical_to_hf_generate_on_50_prompts(lm: Any) -> None:
+    assert lm.engine is not None and len(PROMPTS) == 50
+    for prompt in PROMPTS:
+        ids = encode_prompt(lm, prompt)
+        ours = generate_ids(lm.engine, ids, GenerationParams(max_new_tokens=24), lm.tokenizer)
+        assert list(ours.token_ids) == hf_greedy(lm, ids, 24)[: len(ours.token_ids)], prompt
+    assert lm.engine.free_slots == lm.engine.n_slots  # every slot given back
+
+
+def test_fused_path_matches_the_reference_path(lm: Any, models_dir: Path) -> None:
+    """The CUDA path's fused q/k/v, gate/up, RMSNorm and attention, run on the CPU."""
+    other = load_model(models_dir / "tiny-qwen2", torch.device("cpu"), torch.float32,
+                       engine=False)  # fmt: skip
+    fused = Engine(Stack.of_model(other.model), slots=2, max_context=256, fused=True)
+    same = 0
+    for prompt in PROMPTS[:20]:
+        ids = encode_prompt(lm, prompt)
+        p = GenerationParams(max_new_tokens=16)
+        a = generate_ids(lm.engine, ids, p, lm.tokenizer)
+        b = generate_ids(fused, ids, p, lm.tokenizer)
+        same += a.token_ids == b.token_ids
+    assert same == 20
+    # the model's own forward still works on the fused weights (they are views)
+    ids = encode_prompt(lm, PROMPTS[0])
+    assert hf_greedy(other, ids, 8) == hf_greedy(lm, ids, 8)
+
+
+def test_prefill_in_chunks_and_from_an_earlier_position(lm: Any) -> None:
+    engine = Engine(Stack.of_model(lm.model), slots=2, max_context=128)
+    ids = encode_prompt(lm, PROMPTS[3] + " and more words to make it longer")
+    whole, chunked = engine.alloc(), engine.alloc()
+    want = engine.prefill(whole, torch.tensor(ids))
+    engine.prefill(chunked, torch.tensor(ids[:5]))
+    got = engine.prefill(chunked, torch.tensor(ids[5:]))
+    assert torch.allclose(want, got, atol=1e-5)
+    # a replay from position 3 overwrites what was there (a pipeline rebuilding a cache)
+    engine.prefill(chunked, torch.tensor([7, 8, 9]), start=3)
+    again = engine.prefill(chunked, torch.tensor(ids[3:]), start=3)
+    assert torch.allclose(want, again, atol=1e-5)
+    with pytest.raises(EngineError, match="position the slot has reached"):
+        engine.prefill(chunked, torch.tensor([1]), start=engine.length[chunked] + 1)
+    with pytest.raises(EngineError, match="exceed the engine's context of 128"):
+        engine.prefill(chunked, torch.tensor([1] * 200))
+    engine.release(whole)
+    engine.release(chunked)
+
+
+def test_slots_run_out_with_a_clear_error(lm: Any) -> None:
+    engine = Engine(Stack.of_model(lm.model), slots=2, max_context=64)
+    a, b = engine.alloc(), engine.alloc()
+    assert (a, b) == (0, 1)
+    with pytest.raises(EngineError, match="all 2 engine slots are busy"):
+        engine.alloc()
+    engine.release(a)
+    assert engine.alloc() == 0  # the lowest free slot first
+    with pytest.raises(EngineError, match="exceeds the model's context of 64"):
+        generate_ids(engine, [1] * 60, GenerationParams(max_new_tokens=8), lm.tokenizer)
+
+
+def test_unsupported_architectures_are_refused(lm: Any) -> None:
+    stack = Stack.of_model(lm.model)
+    cfg = type("Cfg", (), {"model_type": "llama"})()
+    with pytest.raises(UnsupportedModel, match="llama"):
+        Engine(Stack(stack.layers, stack.rotary, cfg), slots=1)
+
+
+def test_span_engines_chain_to_the_whole_model(lm: Any, models_dir: Path, tmp_path: Path) -> None:
+    dirs = split_model(models_dir / "tiny-qwen2", tmp_path, even_ranges(4, 2), name="t",
+                       model_id="x")  # fmt: skip
+    spans = [Engine(Stack.of_shard(load_shard(d)), slots=1, max_context=256) for d in dirs]
+    for prompt in PROMPTS[:10]:
+        ids = encode_prompt(lm, prompt)
+        want = generate_ids(lm.engine, ids, GenerationParams(max_new_tokens=16), lm.tokenizer)
+        slots = [e.alloc() for e in spans]
+        x, got = torch.tensor(ids), []
+        for step in range(len(want.token_ids)):
+            h = x
+            for e, s in zip(spans, slots, strict=True):
+                h = e.prefill(s, h) if step == 0 else e.decode([s], h)
+            got.append(int(torch.argmax(h if h.dim() == 1 else h[-1])))
+            x = torch.tensor([got[-1]])
+        for e, s in zip(spans, slots, strict=True):
+            e.release(s)
+        assert tuple(got) == want.token_ids, prompt
+
+
+def test_batcher_serves_mixed_requests_like_solo_runs(lm: Any) -> None:
+    """12 requests on 4 slots: they join and leave the batch at token boundaries, each
+    with its own parameters, and each gets what it would alone."""
+    solo_engine = Engine(Stack.of_model(lm.model), slots=1, max_context=256)
+    batch_engine = Engine(Stack.of_model(lm.model), slots=4, max_context=256)
+    full = generate_ids(solo_engine, encode_prompt(lm, PROMPTS[0]),
+                        GenerationParams(max_new_tokens=32), lm.tokenizer)  # fmt: skip
+    cases = []
+    for i in range(12):
+        kind = i % 4
+        if kind == 0:
+            p = GenerationParams(max_new_tokens=8 + 3 * i)
+        elif kind == 1:
+            p = GenerationParams(max_new_tokens=20, temperature=0.8, top_p=0.9, top_k=40, seed=i)
+        elif kind == 2:
+            p = GenerationParams(max_new_tokens=32, stop=(full.text[4:7],))
+        else:
+            p = GenerationParams(max_new_tokens=5 + i)
+        cases.append((encode_prompt(lm, PROMPTS[0 if kind == 2 else i]), p))
+    batcher = Batcher(batch_engine, lm.tokenizer)
+    try:
+        futures = [batcher.submit(ids, p) for ids, p in cases]
+        results = [f.result(timeout=60) for f in futures]
+    finally:
+        batcher.close()
+    for (ids, p), r in zip(cases, results, strict=True):
+        alone = generate_ids(solo_engine, ids, p, lm.tokenizer)
+        assert (r.token_ids, r.text, r.finish_reason) == (
+            alone.token_ids, alone.text, alone.finish_reason)  # fmt: skip
+    assert any(r.finish_reason == "stop" for r in results)
+    assert batcher.peak_batch == 4  # the batch was full at some step
+    assert batch_engine.free_slots == 4
+
+
+def test_batcher_cancel_and_priority(lm: Any) -> None:
+    engine = Engine(Stack.of_model(lm.model), slots=1, max_context=512)
+    batcher = Batcher(engine, lm.tokenizer)
+    ids = encode_prompt(lm, PROMPTS[1])
+    order: list[str] = []
+    started = threading.Event()
+    try:
+        cancel = threading.Event()
+        long = batcher.submit(ids, GenerationParams(max_new_tokens=400), cancel=cancel,
+                              on_token=lambda n: started.set())  # fmt: skip
+        assert started.wait(30)
+        # the slot is taken: these wait, the higher priority first whatever the arrival
+        low = batcher.submit(ids, GenerationParams(max_new_tokens=4), priority=0)
+        high = batcher.submit(ids, GenerationParams(max_new_tokens=4), priority=5)
+        low.add_done_callback(lambda f: order.append("low"))
+        high.add_done_callback(lambda f: order.append("high"))
+        time.sleep(0.05)
+        assert not low.done() and not high.done()
+        cancel.set()
+        with pytest.raises(GenerationCancelled):
+            long.result(timeout=30)
+        low.result(timeout=30)
+        high.result(timeout=30)
+    finally:
+        batcher.close()
+    assert order == ["high", "low"]
+    assert engine.free_slots == 1
+
+
+async def test_executor_batches_concurrent_requests(models_dir: Path) -> None:
+    store = ModelStore(models_dir)
+    store.scan()
+    ex = Executor(store, ExecutorConfig(device="cpu", batch_slots=4))
+    await ex.load("tiny-qwen2")
+    results: dict[int, Any] = {}
+
+    async def one(i: int) -> None:
+        results[i] = await ex.generate(
+            "tiny-qwen2", PROMPTS[i], GenerationParams(max_new_tokens=48)
+        )
+
+    async with trio.open_nursery() as nursery:
+        for i in range(6):
+            nursery.start_soon(one, i)
+    slot = next(iter(ex._loaded.values()))
+    assert slot.batcher is not None and slot.batcher.peak_batch >= 2
+    for i, r in results.items():
+        ids = encode_prompt(slot.lm, PROMPTS[i])
+        assert list(r.token_ids) == hf_greedy(slot.lm, ids, 48)[: len(r.token_ids)]
+    ex.close()

@@ -1,0 +1,719 @@
+"""Inference engine: static KV cache slots, prefill/decode split, CUDA-graph decode,
+continuous batching.
+
+``Engine`` runs a stack of Qwen2 decoder layers (a whole model, or one shard's span:
+embeddings on the first, norm + LM head on the last) with its own forward pass over
+transformers' modules (their weights, their norms and MLPs) instead of the model's
+``forward``:
+
+* **Static cache.** K/V tensors of shape ``[slots, kv_heads, max_context + 1, head_dim]``
+  per layer, allocated once. A request owns a slot; its length is the next position.
+  Position ``max_context`` is scratch: rows of a decode batch that are not taking part
+  write there, and no real query ever attends to it.
+* **Prefill** runs one slot's chunk of tokens (or hidden states) from any start
+  position (a pipeline replays a prefix this way), eagerly.
+* **Decode** runs one token for several slots at once. On CUDA the step for slots
+  ``0..B-1`` is captured once per bucket size ``B`` in a CUDA graph and replayed (no
+  Python or launch overhead per layer); attention reads the whole slot and masks
+  positions past each row's length. Elsewhere it runs eagerly over the rows asked for,
+  reading only the positions in use.
+* **Numerics.** fp16 on CUDA, with fp32 softmax and fp32 logits; RMSNorm statistics in
+  fp32 (transformers' own module). fp32 on CPU, where greedy output is token-identical to
+  transformers' ``generate``.
+
+``Batcher`` puts an engine behind a thread that serves many requests at once:
+requests join the running batch at token boundaries, leave when done, each with its own
+sampling parameters; waiting requests are admitted by priority, then arrival.
+
+Free of the daemon (no trio, no network): only torch and transformers.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from vcoind.compute.params import GenerationError, GenerationParams
+
+log = logging.getLogger("vcoind.engine")
+
+DEFAULT_MAX_CONTEXT = 4096
+
+
+class EngineError(GenerationError):
+    """A request the engine cannot serve (context too long, no free slot)."""
+
+
+class UnsupportedModel(EngineError):
+    """The architecture is outside what the engine implements (callers fall back)."""
+
+
+@dataclass
+class Stack:
+    """The modules the engine runs: decoder layers plus optional embeddings and head."""
+
+    layers: Sequence[Any]  # transformers decoder layers
+    rotary: Any  # the rotary embedding module: (x, position_ids) -> (cos, sin)
+    config: Any
+    embed: nn.Module | None = None
+    norm: nn.Module | None = None
+    head: nn.Module | None = None
+
+    @classmethod
+    def of_model(cls, model: Any) -> Stack:
+        """A transformers ``Qwen2ForCausalLM`` (or one shaped like it)."""
+        inner = getattr(model, "model", None)
+        if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+            raise UnsupportedModel(f"{type(model).__name__}: no decoder layer stack")
+        return cls(list(inner.layers), inner.rotary_emb, model.config, inner.embed_tokens,
+                   inner.norm, model.lm_head)  # fmt: skip
+
+    @classmethod
+    def of_shard(cls, shard: Any) -> Stack:
+        """A ``vcoind.compute.shards.Shard``."""
+        return cls(list(shard.layers), shard.rotary_emb, shard.config, shard.embed_tokens,
+                   shard.norm, shard.lm_head)  # fmt: skip
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _check_supported(stack: Stack) -> None:
+    cfg = stack.config
+    if getattr(cfg, "model_type", "qwen2") not in ("qwen2",):
+        raise UnsupportedModel(f"model type {cfg.model_type!r}: the engine runs qwen2")
+    types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    if types != {"full_attention"} or getattr(cfg, "use_sliding_window", False):
+        raise UnsupportedModel("sliding-window attention is not implemented by the engine")
+    for layer in stack.layers:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj")):
+            raise UnsupportedModel("decoder layers without q/k/v projections")
+
+
+class Engine:
+    def __init__(
+        self,
+        stack: Stack,
+        *,
+        slots: int,
+        max_context: int = DEFAULT_MAX_CONTEXT,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        cuda_graphs: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        _check_supported(stack)
+        if slots < 1:
+            raise ValueError("an engine needs at least one slot")
+        cfg = stack.config
+        self.stack = stack
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.n_slots = slots
+        model_max = int(getattr(cfg, "max_position_embeddings", max_context) or max_context)
+        self.max_context = min(max_context, model_max)
+        self.n_heads = int(cfg.num_attention_heads)
+        self.n_kv = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
+        self.hidden = int(cfg.hidden_size)
+        self.groups = self.n_heads // self.n_kv
+        self.scale = self.head_dim**-0.5
+        self.first = stack.embed is not None
+        self.last = stack.head is not None and stack.norm is not None
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        # Fewer, larger kernels (what a CUDA-graph step is bound by): q/k/v and gate/up as
+        # one matmul each, fused RMSNorm, one attention kernel per layer. The CPU keeps
+        # transformers' exact order of operations (token-identical to its generate).
+        self.fused = self.device.type == "cuda" if fused is None else fused
+        self._fused = [_fuse(layer) for layer in stack.layers] if self.fused else []
+        # positions: max_context, plus the scratch one, rounded up to 16 (aligned masks)
+        shape = (slots, self.n_kv, -(-(self.max_context + 1) // 16) * 16, self.head_dim)
+        with torch.inference_mode():
+            self.k = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in stack.layers]
+            self.v = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in stack.layers]
+            self._cols = torch.arange(shape[2], device=self.device)
+        self.length = [0] * slots
+        self._free = list(range(slots))  # a heap: the lowest free slot first
+        self.lock = threading.RLock()  # one step at a time, from whichever thread
+        self._graphs: dict[int, _Graph] = {}
+        self._pool: Any = None
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    # --- slots --------------------------------------------------------------
+
+    def alloc(self) -> int:
+        with self.lock:
+            if not self._free:
+                raise EngineError(f"all {self.n_slots} engine slots are busy")
+            slot = heapq.heappop(self._free)
+            self.length[slot] = 0
+            return slot
+
+    def release(self, slot: int) -> None:
+        with self.lock:
+            if slot not in self._free:
+                heapq.heappush(self._free, slot)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def check_request(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        if prompt_tokens + max_new_tokens > self.max_context:
+            raise EngineError(
+                f"prompt ({prompt_tokens} tokens) + max_new_tokens exceeds the model's "
+                f"context of {self.max_context} (compute.max_context)"
+            )
+
+    def check_fits(self, tokens: int) -> None:
+        if tokens > self.max_context:
+            raise EngineError(
+                f"{tokens} positions exceed the engine's context of {self.max_context} "
+                f"(compute.max_context)"
+            )
+
+    # --- forward ------------------------------------------------------------
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first:
+            assert self.stack.embed is not None
+            out: torch.Tensor = self.stack.embed(x)
+            return out
+        return x.to(self.dtype)
+
+    def _out(self, h: torch.Tensor) -> torch.Tensor:
+        if self.last:
+            assert self.stack.norm is not None and self.stack.head is not None
+            logits: torch.Tensor = self.stack.head(self.stack.norm(h)).float()
+            return logits
+        return h
+
+    def _norm(self, norm: Any, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return torch.nn.functional.rms_norm(
+                x, (self.hidden,), norm.weight, norm.variance_epsilon
+            )
+        out: torch.Tensor = norm(x)
+        return out
+
+    def _qkv(
+        self, i: int, layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self._norm(layer.input_layernorm, h)
+        b, t, _ = x.shape
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
+        if self.fused:
+            f = self._fused[i]
+            qkv = torch.nn.functional.linear(x, f.w_qkv, f.b_qkv).view(b, t, nh + 2 * nkv, d)
+            qk = qkv[:, :, : nh + nkv].transpose(1, 2)
+            qk = qk * cos + _rotate_half(qk) * sin  # one rotation for q and k together
+            v = qkv[:, :, nh + nkv :].transpose(1, 2)
+            return qk[:, :nh], qk[:, nh:], v
+        a = layer.self_attn
+        q = a.q_proj(x).view(b, t, nh, d).transpose(1, 2)
+        k = a.k_proj(x).view(b, t, nkv, d).transpose(1, 2)
+        v = a.v_proj(x).view(b, t, nkv, d).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+    def _layer_out(self, i: int, layer: Any, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = attn.shape
+        h = h + layer.self_attn.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
+        x = self._norm(layer.post_attention_layernorm, h)
+        if self.fused:
+            f, mlp = self._fused[i], layer.mlp
+            gu = torch.nn.functional.linear(x, f.w_gu)
+            n = gu.shape[-1] // 2
+            out: torch.Tensor = h + mlp.down_proj(mlp.act_fn(gu[..., :n]) * gu[..., n:])
+            return out
+        out = h + layer.mlp(x)
+        return out
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, x: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        """Run ``x`` (token ids ``[T]`` or hidden states ``[T, H]``) at positions
+        ``start..start+T-1`` of ``slot`` (default: after what it holds). Returns the last
+        position's fp32 logits ``[V]`` on the last span, else hidden states ``[T, H]``."""
+        with self.lock:
+            start = self.length[slot] if start is None else start
+            t = int(x.shape[0])
+            if t == 0 or start > self.length[slot]:
+                raise EngineError("prefill needs tokens, from a position the slot has reached")
+            self.check_fits(start + t)
+            end = start + t
+            h = self._embed(x.to(self.device).unsqueeze(0))
+            pos = torch.arange(start, end, device=self.device).unsqueeze(0)
+            cos, sin = self.stack.rotary(h, pos)
+            causal = None
+            if start:
+                causal = self._cols[:end].unsqueeze(0) <= pos[0].unsqueeze(1)  # [T, end]
+            for i, layer in enumerate(self.stack.layers):
+                q, k, v = self._qkv(i, layer, h, cos, sin)
+                self.k[i][slot, :, start:end] = k[0]
+                self.v[i][slot, :, start:end] = v[0]
+                keys = self.k[i][slot : slot + 1, :, :end]
+                vals = self.v[i][slot : slot + 1, :, :end]
+                if self.groups > 1:
+                    keys = keys.repeat_interleave(self.groups, dim=1)
+                    vals = vals.repeat_interleave(self.groups, dim=1)
+                attn = torch.nn.functional.scaled_dot_product_attention(
+                    q, keys, vals, attn_mask=causal, is_causal=causal is None, scale=self.scale
+                )
+                h = self._layer_out(i, layer, h, attn)
+            self.length[slot] = end
+            return self._out(h[:, -1])[0] if self.last else h[0]
+
+    def _decode_rows(
+        self, x: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None, width: int
+    ) -> torch.Tensor:
+        """One token for each row: ``rows`` are slot indices (None: slots 0..B-1), ``pos``
+        each row's position; attention over the first ``width`` positions."""
+        b = x.shape[0]
+        h = self._embed(x.unsqueeze(1))
+        cos, sin = self.stack.rotary(h, pos.unsqueeze(1))
+        visible = self._cols[:width].unsqueeze(0) <= pos.unsqueeze(1)  # [B, width]
+        bias_dtype = self.dtype if self.fused else torch.float32
+        bias = torch.zeros(visible.shape, device=self.device, dtype=bias_dtype)
+        bias = bias.masked_fill(~visible, float("-inf")).view(b, 1, 1, width)
+        at = torch.arange(b, device=self.device)
+        for i, layer in enumerate(self.stack.layers):
+            q, k, v = self._qkv(i, layer, h, cos, sin)
+            kc = self.k[i][:b] if rows is None else self.k[i]
+            vc = self.v[i][:b] if rows is None else self.v[i]
+            index = at if rows is None else rows
+            kc[index, :, pos] = k[:, :, 0]
+            vc[index, :, pos] = v[:, :, 0]
+            keys = kc[:, :, :width] if rows is None else kc[rows, :, :width]
+            vals = vc[:, :, :width] if rows is None else vc[rows, :, :width]
+            # A kv head's query heads side by side, as if they were query positions.
+            qg = q.reshape(b, self.n_kv, self.groups, self.head_dim)
+            if self.fused:  # one kernel (fp32 softmax inside)
+                attn = torch.nn.functional.scaled_dot_product_attention(
+                    qg, keys, vals, attn_mask=bias, scale=self.scale
+                )
+            else:
+                scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.scale + bias
+                probs = torch.softmax(scores, dim=-1).to(vals.dtype)
+                attn = torch.matmul(probs, vals)
+            attn = attn.reshape(b, self.n_heads, 1, self.head_dim)
+            h = self._layer_out(i, layer, h, attn)
+        return self._out(h[:, -1]) if self.last else h[:, -1]
+
+    @torch.inference_mode()
+    def decode(self, slots: Sequence[int], x: torch.Tensor) -> torch.Tensor:
+        """One position for each slot, at its current length: ``x`` is token ids ``[B]``
+        or hidden states ``[B, H]``. Returns fp32 logits ``[B, V]`` or hidden ``[B, H]``."""
+        with self.lock:
+            positions = [self.length[s] for s in slots]
+            self.check_fits(max(positions) + 1)
+            x = x.to(self.device)
+            if self.cuda_graphs:
+                out = self._replay(slots, positions, x)
+            else:
+                pos = torch.tensor(positions, device=self.device)
+                # Slots 0..B-1 in order (a full batch) are read in place, others gathered.
+                contiguous = list(slots) == list(range(len(slots)))
+                rows = None if contiguous else torch.tensor(list(slots), device=self.device)
+                out = self._decode_rows(x, pos, rows, max(positions) + 1)
+            for s in slots:
+                self.length[s] += 1
+            return out
+
+    # --- CUDA graphs ----------------------------------------------------------
+
+    def _replay(self, slots: Sequence[int], positions: list[int], x: torch.Tensor) -> torch.Tensor:
+        need = max(slots) + 1
+        bucket = next((b for b in _buckets(self.n_slots) if b >= need), self.n_slots)
+        graph = self._graphs.get(bucket)
+        if graph is None:
+            graph = self._graphs[bucket] = self._capture(bucket)
+        pos = [self.max_context] * bucket  # rows not taking part write to the scratch column
+        for s, p in zip(slots, positions, strict=True):
+            pos[s] = p
+        graph.pos.copy_(torch.tensor(pos), non_blocking=True)
+        index = torch.tensor(list(slots), device=self.device)
+        graph.x.index_copy_(0, index, x.to(graph.x.dtype))
+        graph.graph.replay()
+        return graph.out.index_select(0, index)
+
+    def _capture(self, bucket: int) -> _Graph:
+        t0 = time.perf_counter()
+        x = (
+            torch.zeros(bucket, dtype=torch.long, device=self.device)
+            if self.first
+            else torch.zeros(bucket, self.hidden, dtype=self.dtype, device=self.device)
+        )
+        pos = torch.full((bucket,), self.max_context, dtype=torch.long, device=self.device)
+        width = self._cols.numel()
+        stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: lazy inits happen outside the capture
+                self._decode_rows(x, pos, None, width)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            out = self._decode_rows(x, pos, None, width)
+        log.info("captured decode graph for %d slots in %.2f s", bucket, time.perf_counter() - t0)
+        return _Graph(graph, x, pos, out)
+
+
+@dataclass
+class _Fused:
+    w_qkv: torch.Tensor
+    b_qkv: torch.Tensor | None
+    w_gu: torch.Tensor
+
+
+def _fuse(layer: Any) -> _Fused:
+    """One weight for q/k/v and one for gate/up; the layer's own parameters become views
+    into them, so the model costs no extra memory and its own forward still works."""
+    a, mlp = layer.self_attn, layer.mlp
+
+    def cat(mods: list[Any], attr: str) -> torch.Tensor | None:
+        parts = [getattr(m, attr) for m in mods]
+        if any(p is None for p in parts):
+            return None
+        with torch.no_grad():
+            whole = torch.cat([p.detach() for p in parts])
+            at = 0
+            for p in parts:
+                p.data = whole[at : at + p.shape[0]]
+                at += p.shape[0]
+        return whole
+
+    w_qkv = cat([a.q_proj, a.k_proj, a.v_proj], "weight")
+    w_gu = cat([mlp.gate_proj, mlp.up_proj], "weight")
+    assert w_qkv is not None and w_gu is not None
+    return _Fused(w_qkv, cat([a.q_proj, a.k_proj, a.v_proj], "bias"), w_gu)
+
+
+@dataclass
+class _Graph:
+    graph: Any  # torch.cuda.CUDAGraph
+    x: torch.Tensor
+    pos: torch.Tensor
+    out: torch.Tensor
+
+
+def _buckets(n: int) -> list[int]:
+    out, b = [], 1
+    while b < n:
+        out.append(b)
+        b *= 2
+    return [*out, n]
+
+
+# --- sampling and stop conditions ----------------------------------------------
+
+
+def sample_next(logits: torch.Tensor, p: GenerationParams, gen: torch.Generator | None) -> int:
+    """Pick the next token from 1-D logits (fp32 math whatever the model dtype)."""
+    logits = logits.float()
+    if p.temperature == 0.0:
+        return int(torch.argmax(logits).item())
+    logits = logits / p.temperature
+    if p.top_k > 0 and p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        drop = cumulative - sorted_probs >= p.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=gen).item())
+
+
+def _find_stop(text: str, stops: tuple[str, ...]) -> int:
+    hits = [i for s in stops if (i := text.find(s)) >= 0]
+    return min(hits) if hits else -1
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    finish_reason: str  # "length" | "eos" | "stop"
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        n = len(self.token_ids)
+        return n / self.decode_s if self.decode_s > 0 and n else 0.0
+
+
+class TokenStream:
+    """One request's sampling and stop state: feed it each step's logits, it answers the
+    next token to run, or None when the request is finished."""
+
+    def __init__(
+        self,
+        prompt_ids: Sequence[int],
+        params: GenerationParams,
+        tokenizer: Any,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if not prompt_ids:
+            raise GenerationError("the prompt encodes to no tokens")
+        self.prompt_tokens = len(prompt_ids)
+        self.params = params
+        self.tokenizer = tokenizer
+        self.eos = tokenizer.eos_token_id
+        self.gen: torch.Generator | None = None
+        if params.temperature > 0:
+            self.gen = torch.Generator(device=device)
+            self.gen.manual_seed(params.seed)
+        self.out: list[int] = []
+        self.finish = "length"
+        self.text: str | None = None
+
+    def push(self, logits: torch.Tensor) -> int | None:
+        return self.accept(sample_next(logits, self.params, self.gen))
+
+    def accept(self, nxt: int) -> int | None:
+        p = self.params
+        if self.eos is not None and nxt == self.eos:
+            self.finish = "eos"
+            return None
+        self.out.append(nxt)
+        if p.stop:
+            text = self.tokenizer.decode(self.out, skip_special_tokens=True)
+            cut = _find_stop(text, p.stop)
+            if cut >= 0:
+                self.text, self.finish = text[:cut], "stop"
+                return None
+        return nxt if len(self.out) < p.max_new_tokens else None
+
+    def result(self, prefill_s: float, decode_s: float) -> GenerationResult:
+        text = self.text
+        if text is None:
+            text = self.tokenizer.decode(self.out, skip_special_tokens=True)
+        return GenerationResult(text=text, token_ids=tuple(self.out),
+                                prompt_tokens=self.prompt_tokens, finish_reason=self.finish,
+                                prefill_s=prefill_s, decode_s=decode_s)  # fmt: skip
+
+
+# --- continuous batching -------------------------------------------------------
+
+
+class GenerationCancelled(Exception):
+    """The request was cancelled between two tokens."""
+
+
+@dataclass(eq=False)
+class _Request:
+    prompt_ids: list[int]
+    stream: TokenStream
+    priority: int
+    on_token: Callable[[int], None] | None
+    cancel: threading.Event | None
+    future: concurrent.futures.Future[GenerationResult]
+    slot: int = -1
+    last: int = 0
+    t_admit: float = 0.0
+    t_first: float = 0.0
+
+
+@dataclass(order=True)
+class _Waiting:
+    key: tuple[int, int]
+    req: _Request = field(compare=False)
+
+
+class Batcher:
+    """Serves requests on an engine from its own thread; see the module docstring."""
+
+    def __init__(self, engine: Engine, tokenizer: Any, name: str = "engine") -> None:
+        if not engine.first or not engine.last:
+            raise ValueError("a batcher needs an engine over the whole model")
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.name = name
+        self._cv = threading.Condition()
+        self._waiting: list[_Waiting] = []
+        self._seq = itertools.count()
+        self._active: list[_Request] = []
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.steps = 0
+        self.peak_batch = 0
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        params: GenerationParams,
+        *,
+        priority: int = 0,
+        on_token: Callable[[int], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> concurrent.futures.Future[GenerationResult]:
+        """Queue one request; the future holds its ``GenerationResult`` (or the error)."""
+        stream = TokenStream(prompt_ids, params, self.tokenizer, self.engine.device)
+        self.engine.check_request(len(prompt_ids), params.max_new_tokens)
+        fut: concurrent.futures.Future[GenerationResult] = concurrent.futures.Future()
+        req = _Request(list(prompt_ids), stream, priority, on_token, cancel, fut)
+        with self._cv:
+            if self._closed:
+                raise EngineError("the engine is shut down")
+            heapq.heappush(self._waiting, _Waiting((-priority, next(self._seq)), req))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return fut
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    @property
+    def load(self) -> int:
+        return len(self._active) + len(self._waiting)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._waiting and not self._active and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    break
+                admitted = []
+                while self._waiting and self.engine.free_slots:
+                    req = heapq.heappop(self._waiting).req
+                    req.slot = self.engine.alloc()
+                    admitted.append(req)
+            try:
+                for req in admitted:
+                    self._prefill(req)
+                self._step()
+            except Exception as exc:  # a broken step fails its requests, not the thread
+                log.exception("engine step failed")
+                for req in self._active:
+                    self._finish(req, exc)
+                self._active = []
+        for req in [*self._active, *(w.req for w in self._waiting)]:
+            self._finish(req, EngineError("the engine is shut down"))
+
+    def _prefill(self, req: _Request) -> None:
+        if req.cancel is not None and req.cancel.is_set():
+            self._finish(req, GenerationCancelled())
+            return
+        req.t_admit = time.perf_counter()
+        try:
+            logits = self.engine.prefill(req.slot, torch.tensor(req.prompt_ids))
+            nxt = req.stream.push(logits)
+        except Exception as exc:
+            self._finish(req, exc)
+            return
+        req.t_first = time.perf_counter()
+        self._advance(req, nxt)
+        if nxt is not None:
+            self._active.append(req)
+
+    def _advance(self, req: _Request, nxt: int | None) -> None:
+        if req.on_token is not None and req.stream.out:
+            req.on_token(len(req.stream.out))
+        if nxt is None:
+            self._finish(req, None)
+        else:
+            req.last = nxt
+
+    def _step(self) -> None:
+        live = []
+        for req in self._active:
+            if req.cancel is not None and req.cancel.is_set():
+                self._finish(req, GenerationCancelled())
+            else:
+                live.append(req)
+        self._active = live
+        if not live:
+            return
+        self.peak_batch = max(self.peak_batch, len(live))
+        x = torch.tensor([r.last for r in live])
+        logits = self.engine.decode([r.slot for r in live], x)
+        self.steps += 1
+        greedy = [r.stream.params.temperature == 0.0 for r in live]
+        picks = torch.argmax(logits, dim=-1).tolist() if any(greedy) else []
+        still = []
+        for i, req in enumerate(live):
+            nxt = req.stream.accept(picks[i]) if greedy[i] else req.stream.push(logits[i])
+            self._advance(req, nxt)
+            if nxt is not None:
+                still.append(req)
+        self._active = still
+
+    def _finish(self, req: _Request, error: BaseException | None) -> None:
+        """Release the request's slot and settle its future (callers drop it from
+        ``_active``)."""
+        if req.slot >= 0:
+            self.engine.release(req.slot)
+            req.slot = -1
+        if req.future.done():
+            return
+        if error is not None:
+            req.future.set_exception(error)
+        else:
+            now = time.perf_counter()
+            first = req.t_first or now
+            req.future.set_result(req.stream.result(first - req.t_admit, now - first))
+
+
+def generate_ids(
+    engine: Engine,
+    prompt_ids: Sequence[int],
+    params: GenerationParams,
+    tokenizer: Any,
+    *,
+    on_token: Callable[[int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> GenerationResult:
+    """One request on the calling thread, on a slot of its own (batch 1)."""
+    stream = TokenStream(prompt_ids, params, tokenizer, engine.device)
+    engine.check_request(len(prompt_ids), params.max_new_tokens)
+    slot = engine.alloc()
+    try:
+        t0 = time.perf_counter()
+        nxt = stream.push(engine.prefill(slot, torch.tensor(list(prompt_ids))))
+        t1 = time.perf_counter()
+        while nxt is not None:
+            if on_token is not None:
+                on_token(len(stream.out))
+            if cancel is not None and cancel.is_set():
+                raise GenerationCancelled()
+            nxt = stream.push(engine.decode([slot], torch.tensor([nxt]))[0])
+        if on_token is not None and stream.out:
+            on_token(len(stream.out))
+        return stream.result(t1 - t0, time.perf_counter() - t1)
+    finally:
+        engine.release(slot)
