@@ -154,6 +154,9 @@ def main() -> int:
     p.add_argument("--parity", type=int, default=50, help="prompts for the parity check")
     p.add_argument("--parity-tokens", type=int, default=32)
     p.add_argument("--no-graphs", action="store_true", help="eager decode on CUDA too")
+    p.add_argument("--compile", action="store_true", help="experimental: torch.compile decode")
+    p.add_argument("--no-hf", action="store_true", help="engine figures only (no ratios)")
+    p.add_argument("--profile", action="store_true", help="count GPU kernels per decode step")
     p.add_argument("--json", type=Path, help="also write the figures here")
     ns = p.parse_args()
     device, dtype = pick_device(ns.device)
@@ -177,6 +180,7 @@ def main() -> int:
         device=device,
         dtype=dtype,
         cuda_graphs=False if ns.no_graphs else None,
+        compile_decode=ns.compile,
     )
     tok = IdTokenizer()
     fig: dict[str, Any] = {
@@ -199,12 +203,18 @@ def main() -> int:
     one = prompts(ns.runs, ns.prompt_tokens, cfg.vocab_size, 1)
     params = GenerationParams(max_new_tokens=ns.new_tokens)
 
+    if ns.profile:
+        profile_step(engine, device)
+
     # --- batch 1 -------------------------------------------------------------
+    nan = float("nan")
+    hf_tps, hf_ttft = [nan], [nan]
     with torch.inference_mode():
-        hf_generate(model, one[:1], 4, device)  # warm-up
+        if not ns.no_hf:
+            hf_generate(model, one[:1], 4, device)  # warm-up
+            hf_tps, hf_ttft = [], []
         peak_reset(device)
-        hf_tps, hf_ttft = [], []
-        for ids in one:
+        for ids in one if not ns.no_hf else []:
             _, dt = timed(
                 device, functools.partial(hf_generate, model, [ids], ns.new_tokens, device)
             )
@@ -239,9 +249,11 @@ def main() -> int:
     if ns.concurrent > 1:
         many = prompts(ns.concurrent, ns.prompt_tokens, cfg.vocab_size, 2)
         peak_reset(device)
-        with torch.inference_mode():
-            _, dt = timed(device, lambda: hf_generate(model, many, ns.new_tokens, device))
-        fig["hf_batch_tps"] = ns.concurrent * ns.new_tokens / dt
+        fig["hf_batch_tps"] = nan
+        if not ns.no_hf:
+            with torch.inference_mode():
+                _, dt = timed(device, lambda: hf_generate(model, many, ns.new_tokens, device))
+            fig["hf_batch_tps"] = ns.concurrent * ns.new_tokens / dt
         fig["hf_batch_peak_gib"] = peak_gib(device)
         batcher = Batcher(engine, tok)
         warm = [batcher.submit(ids, GenerationParams(max_new_tokens=4)) for ids in many]
@@ -283,11 +295,38 @@ def main() -> int:
             print(f"  peak memory {key.removesuffix('_peak_gib')}: {fig[key]:.2f} GiB")
 
     # --- parity ------------------------------------------------------------------
-    if ns.parity:
+    if ns.parity and not ns.no_hf:
         parity(ns, model, engine, path, device, dtype, fig)
     if ns.json:
         ns.json.write_text(json.dumps(fig, indent=2) + "\n")
     return 0
+
+
+def profile_step(engine: Engine, device: torch.device) -> None:
+    """GPU kernels one eager decode step (batch 1) launches: what a graph replays."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if device.type != "cuda":
+        print("decode step: kernel count needs a CUDA device")
+        return
+    x = torch.zeros(1, dtype=torch.long, device=device)
+    pos = torch.zeros(1, dtype=torch.long, device=device)
+    width = engine._cols.numel()
+    with torch.inference_mode():
+        for _ in range(2):
+            engine._decode_fn(x, pos, None, width)
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine._decode_fn(x, pos, None, width)
+            sync(device)
+    kernels = [e for e in prof.events() if str(e.device_type).endswith("CUDA")]
+    layers = len(engine.stack.layers)
+    names: dict[str, int] = {}
+    for e in kernels:
+        names[e.name[:60]] = names.get(e.name[:60], 0) + 1
+    print(f"decode step: {len(kernels)} GPU kernels ({len(kernels) / layers:.1f} per layer)")
+    for n, c in sorted(names.items(), key=lambda kv: -kv[1])[:25]:
+        print(f"  {c:5d}  {n}")
 
 
 def parity(

@@ -76,6 +76,10 @@ class ComputeConfig:
     batch_slots: int = 0
     # Positions per request (prompt + new tokens), capped by the model's own context.
     max_context: int = 4096
+    # CUDA only, experimental: torch.compile the decode step before capturing its CUDA
+    # graph (fuses elementwise kernels: faster steps, a compile per batch size on first
+    # use). Off by default.
+    compile_decode: bool = False
     # CPU threads for torch (inference and sentence embeddings); 0 = torch's default.
     # Several daemons on one box (a devnet) each want 1.
     cpu_threads: int = 0

@@ -632,7 +632,8 @@ class Node:
             self._executor = Executor(
                 self.models,
                 ExecutorConfig(device=cc.device, memory_budget_mb=cc.memory_budget_mb,
-                               batch_slots=cc.batch_slots, max_context=cc.max_context),
+                               batch_slots=cc.batch_slots, max_context=cc.max_context,
+                               compile_decode=cc.compile_decode),
             )  # fmt: skip
         return self._executor
 

@@ -114,6 +114,7 @@ class Engine:
         dtype: torch.dtype = torch.float32,
         cuda_graphs: bool | None = None,
         fused: bool | None = None,
+        compile_decode: bool = False,
     ) -> None:
         _check_supported(stack)
         if slots < 1:
@@ -152,6 +153,11 @@ class Engine:
         self.lock = threading.RLock()  # one step at a time, from whichever thread
         self._graphs: dict[int, _Graph] = {}
         self._pool: Any = None
+        # Experimental: torch.compile the decode step before its graph is captured (fuses
+        # the elementwise kernels; compiles once per batch bucket).
+        self._decode_fn = self._decode_rows
+        if compile_decode and self.cuda_graphs:
+            self._decode_fn = torch.compile(self._decode_rows, dynamic=False)
 
     @property
     def cache_bytes(self) -> int:
@@ -214,18 +220,27 @@ class Engine:
         out: torch.Tensor = norm(x)
         return out
 
+    def _rope(self, h: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin per position, shaped to broadcast over heads, once per forward (the
+        fused path takes sin with its first half negated: see ``_qkv``)."""
+        cos, sin = self.stack.rotary(h, pos)
+        if self.fused:
+            half = sin.shape[-1] // 2
+            sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
     def _qkv(
         self, i: int, layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self._norm(layer.input_layernorm, h)
         b, t, _ = x.shape
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
         if self.fused:
             f = self._fused[i]
             qkv = torch.nn.functional.linear(x, f.w_qkv, f.b_qkv).view(b, t, nh + 2 * nkv, d)
             qk = qkv[:, :, : nh + nkv].transpose(1, 2)
-            qk = qk * cos + _rotate_half(qk) * sin  # one rotation for q and k together
+            # q and k rotated together; rotate_half(x) * sin == roll(x) * signed sin
+            qk = torch.addcmul(qk * cos, qk.roll(d // 2, dims=-1), sin)
             v = qkv[:, :, nh + nkv :].transpose(1, 2)
             return qk[:, :nh], qk[:, nh:], v
         a = layer.self_attn
@@ -263,7 +278,7 @@ class Engine:
             end = start + t
             h = self._embed(x.to(self.device).unsqueeze(0))
             pos = torch.arange(start, end, device=self.device).unsqueeze(0)
-            cos, sin = self.stack.rotary(h, pos)
+            cos, sin = self._rope(h, pos)
             causal = None
             if start:
                 causal = self._cols[:end].unsqueeze(0) <= pos[0].unsqueeze(1)  # [T, end]
@@ -290,7 +305,7 @@ class Engine:
         each row's position; attention over the first ``width`` positions."""
         b = x.shape[0]
         h = self._embed(x.unsqueeze(1))
-        cos, sin = self.stack.rotary(h, pos.unsqueeze(1))
+        cos, sin = self._rope(h, pos.unsqueeze(1))
         visible = self._cols[:width].unsqueeze(0) <= pos.unsqueeze(1)  # [B, width]
         bias_dtype = self.dtype if self.fused else torch.float32
         bias = torch.zeros(visible.shape, device=self.device, dtype=bias_dtype)
@@ -369,13 +384,13 @@ class Engine:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: lazy inits happen outside the capture
-                self._decode_rows(x, pos, None, width)
+                self._decode_fn(x, pos, None, width)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            out = self._decode_rows(x, pos, None, width)
+            out = self._decode_fn(x, pos, None, width)
         log.info("captured decode graph for %d slots in %.2f s", bucket, time.perf_counter() - t0)
         return _Graph(graph, x, pos, out)
 

@@ -48,6 +48,7 @@ class ExecutorConfig:
     memory_budget_mb: int = 0  # 0 = 80 % of GPU memory, or 50 % of RAM on CPU
     batch_slots: int = 0  # concurrent requests per model; 0 = 32 on a GPU, 4 on CPU
     max_context: int = DEFAULT_MAX_CONTEXT  # positions per request (prompt + new tokens)
+    compile_decode: bool = False  # CUDA: torch.compile the decode step (experimental)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Executor:
         self.budget_bytes = config.memory_budget_mb * (1 << 20) or self._default_budget()
         self.slots = config.batch_slots or default_slots(self.device)
         self.max_context = config.max_context
+        self.compile_decode = config.compile_decode
         self._limiter = trio.CapacityLimiter(1)  # one per device
         self._loaded: OrderedDict[str, _Slot] = OrderedDict()  # model id -> slot, LRU order
         self._loading: dict[str, trio.Event] = {}
@@ -106,7 +108,8 @@ class Executor:
         try:
             self._make_room(info)
             log.info("loading model %s (%s) on %s", info.name, info.model_id[:19], self.device)
-            load = functools.partial(load_model, slots=self.slots, max_context=self.max_context)
+            load = functools.partial(load_model, slots=self.slots, max_context=self.max_context,
+                                     compile_decode=self.compile_decode)  # fmt: skip
             lm = await trio.to_thread.run_sync(
                 load, info.path, self.device, self.dtype, limiter=self._limiter
             )

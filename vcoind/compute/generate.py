@@ -82,6 +82,7 @@ def load_model(
     slots: int = 0,
     max_context: int = DEFAULT_MAX_CONTEXT,
     engine: bool = True,
+    compile_decode: bool = False,
 ) -> LoadedModel:
     """Load a model and, where the architecture allows, its engine (``slots`` concurrent
     requests, 0 = the device's default; ``max_context`` positions each)."""
@@ -96,7 +97,8 @@ def load_model(
     if engine:
         try:
             lm.engine = Engine(Stack.of_model(model), slots=slots or default_slots(device),
-                               max_context=max_context, device=device, dtype=dtype)  # fmt: skip
+                               max_context=max_context, device=device, dtype=dtype,
+                               compile_decode=compile_decode)  # fmt: skip
         except UnsupportedModel as exc:
             log.info("%s: generating with transformers (%s)", path.name, exc)
     return lm
