@@ -86,6 +86,41 @@ def test_two_span_pipeline_matches_single_node_and_reports_hops(
     assert t["status"] == "failed" and "no route covers layers 0-3" in t["error"], t
 
 
+def test_pipelined_consensus_replicas_run_on_disjoint_routes(
+    cluster: Cluster, models_dir: Path
+) -> None:
+    """Two routes over four span nodes; each replica is a pipeline driven by its route's
+    first node, and no node serves both."""
+    n1 = cluster.start(1, extra=spans(models_dir, "0-1"))
+    others = [cluster.start(i, bootstrap=n1, extra=spans(models_dir, s))
+              for i, s in ((2, "2-3"), (3, "0-1"), (4, "2-3"))]  # fmt: skip
+    nodes = [n1, *others]
+    wait_until(lambda: sees_spans(n1, 3), 30, "node 1 sees every span")
+    req = {"model": MODEL, "input": PROMPTS[1], "mode": "consensus", "replicas": 2,
+           "pipeline": True, "parameters": {"max_new_tokens": 12}}  # fmt: skip
+    t = finished(n1, str(n1.rpc.call("vcoin_submitTask", req)["task_id"]), timeout=120)
+    assert t["status"] == "completed", t
+    assert t["mode"] == "consensus" and t["pipeline"] is True
+    c = t["consensus"]
+    assert c["decision"] == "supermajority" and not c["conflict"], c
+    drivers = {r["node_id"] for r in c["replicas"]}
+    assert drivers == {n1.info["peer_id"], nodes[2].info["peer_id"]}  # the 0-1 span nodes
+    assert len({r["result_hash"] for r in c["replicas"]}) == 1
+    single = finished(n1, submit(n1, PROMPTS[1], False, n=12))
+    assert t["result"] == single["result"]
+    # every span node served exactly one session: the two routes shared no node
+    served = [n.rpc.call("vcoin_nodeInfo")["pipeline_sessions_served"] for n in nodes]
+    assert served == [1, 1, 1, 1], served
+    # with only two disjoint routes, asking for three replicas runs the two there are
+    t = finished(n1, str(n1.rpc.call("vcoin_submitTask", {**req, "replicas": 3})["task_id"]))
+    assert t["status"] == "completed" and len(t["consensus"]["replicas"]) == 2, t
+    assert t["result"] == single["result"]
+    # a model this node holds no part of fails with the reason
+    bad = {**req, "model": "nope"}
+    t = finished(n1, str(n1.rpc.call("vcoin_submitTask", bad)["task_id"]))
+    assert t["status"] == "failed" and "holds no part of 'nope'" in t["error"], t
+
+
 def test_three_span_pipeline_matches_single_node(cluster: Cluster, models_dir: Path) -> None:
     n1 = cluster.start(1, extra=spans(models_dir, "0-0"))
     cluster.start(2, bootstrap=n1, extra=spans(models_dir, "1-2"))

@@ -81,6 +81,7 @@ def register_node_api(reg: MethodRegistry, node: Node) -> None:
             "health": hb.health if hb else None,
             "capabilities": dataclasses.asdict(node.heartbeat.capabilities),
             "pipeline_sessions": node.shard_host.open_sessions,
+            "pipeline_sessions_served": node.shard_host.sessions_served,
             "datadir": str(node.datadir.path),
         }
 
@@ -299,10 +300,16 @@ def network_models(node: Node) -> dict[str, str]:
 def register_task_api(reg: MethodRegistry, node: Node) -> None:
     async def submit(params: dict[str, Any]) -> dict[str, Any]:
         known = network_models(node)
+        pipelined_replicas = False
         if params["pipeline"]:
-            if params["mode"] != "single" or params["replicas"] not in (None, 1):
-                raise RPCError(INVALID_PARAMS, "pipeline: not with consensus yet")
-            params = {**params, "mode": "pipeline"}
+            if params["mode"] == "auto":
+                raise RPCError(INVALID_PARAMS, "pipeline: with mode single or consensus")
+            if params["mode"] == "consensus":  # replicas are pipelines on disjoint routes
+                pipelined_replicas = True
+            elif params["replicas"] not in (None, 1):
+                raise RPCError(INVALID_PARAMS, "replicas: more than 1 needs mode consensus")
+            else:
+                params = {**params, "mode": "pipeline"}
         elif params["model"] not in known:
             names = ", ".join(sorted({v for v in known.values()})) or "none"
             raise RPCError(INVALID_PARAMS, f"model: unknown model {params['model']!r} "
@@ -318,6 +325,7 @@ def register_task_api(reg: MethodRegistry, node: Node) -> None:
                 params["model"], params["input"], gen, priority=params["priority"],
                 timeout_s=params["timeout_s"], max_price=params["max_price"], mode=mode,
                 replicas=None if replicas in (None, 1) else replicas,
+                pipeline=pipelined_replicas,
             )  # fmt: skip
         except TaskError as exc:
             raise RPCError(INVALID_PARAMS, str(exc)) from None
@@ -378,7 +386,8 @@ def register_task_api(reg: MethodRegistry, node: Node) -> None:
             Param("max_price", {"type": "number", "minimum": 0}, default=None),
             Param("pipeline", {"type": "boolean"}, default=False,
                   description="run across nodes serving layer spans that together cover "
-                  "the model (this node needs its tokenizer: a span or the model)"),
+                  "the model (this node needs its tokenizer: a span or the model); with "
+                  "mode consensus every replica is a pipeline, on routes sharing no node"),
         ),
         {"type": "object"}, submit,
     ))  # fmt: skip

@@ -611,7 +611,8 @@ def client_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--replicas", type=int, help="replicas in consensus mode, 2-5 (default 3)")
     s.add_argument("--pipeline", action="store_true",
-                   help="run across nodes serving layer spans (--serve-layers)")  # fmt: skip
+                   help="run across nodes serving layer spans (--serve-layers); with --mode "
+                   "consensus each replica is a pipeline, on routes sharing no node")  # fmt: skip
     s.add_argument("--wait", action="store_true", help="show progress, then print the answer")
     t = sub.add_parser("task", help="one task: status, progress, node, route, timings")
     t.add_argument("task_id")

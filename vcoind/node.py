@@ -51,6 +51,7 @@ from vcoind.market.messages import (
     Assignments,
     Bid,
     Cancel,
+    GenParams,
     Progress,
     TaskAnnounce,
     TaskResult,
@@ -63,6 +64,7 @@ from vcoind.market.pipeline import (
     PipelineRun,
     ServedSpan,
     ShardHost,
+    disjoint_routes,
     generate_pipelined,
     parse_serve_spec,
 )
@@ -261,6 +263,8 @@ class Node:
         self.streams.serve(SHARD_STREAM, lambda peer, r: self.shard_host.handle(
             peer.to_base58(), r))  # fmt: skip
         self.origin.run_pipeline = self._run_pipeline
+        self.origin.disjoint_routes = self._disjoint_routes
+        self.worker.run_route = self._run_route
         self._pipeline_tokenizers: dict[str, Any] = {}
 
     def _wire_consensus(self) -> None:
@@ -440,8 +444,9 @@ class Node:
             "tokenizer (serve one of its spans, or the model)"
         )
 
-    async def _run_pipeline(self, row: Any, on_token: Any) -> dict[str, Any]:
-        src = self._pipeline_source(row.model)
+    async def _pipeline_model(self, model: str) -> tuple[Any, Any, str]:
+        """Tokenizer, config and model id of a model this node holds a part of."""
+        src = self._pipeline_source(model)
         if str(src) not in self._pipeline_tokenizers:
 
             def load() -> tuple[Any, Any]:
@@ -452,29 +457,60 @@ class Node:
             self._pipeline_tokenizers[str(src)] = await trio.to_thread.run_sync(load)
         tokenizer, config = self._pipeline_tokenizers[str(src)]
         manifest_id = next((sp.model_id for sp in self.shard_host.spans if sp.path == src), None)
-        model_id = manifest_id or self.models.resolve(row.model).model_id
+        return tokenizer, config, manifest_id or self.models.resolve(model).model_id
+
+    async def _pipeline(
+        self, model: str, prompt: str, params: GenParams, timeout_s: float, on_token: Any,
+        route: list[tuple[str, int, int]] | None = None, exclude: frozenset[str] = frozenset(),
+    ) -> tuple[Any, str, PipelineRun, float]:  # fmt: skip
+        tokenizer, config, model_id = await self._pipeline_model(model)
         run = PipelineRun(self.shard_channel, model_id, int(config.num_hidden_layers),
                           self._spans_by_peer, self._route_rank,
-                          hop_timeout_s=min(30.0, row.timeout_s))  # fmt: skip
-        params = params_from_dict(row.parameters).generation()
+                          hop_timeout_s=min(30.0, timeout_s), route=route,
+                          exclude=exclude)  # fmt: skip
         max_pos = int(getattr(config, "max_position_embeddings", 1 << 30))
         t0 = time.monotonic()
         try:
-            r = await generate_pipelined(run, tokenizer, row.input, params, max_pos, on_token)
+            r = await generate_pipelined(run, tokenizer, prompt, params.generation(), max_pos,
+                                         on_token)  # fmt: skip
         except GenerationError as exc:
             raise PipelineError(str(exc)) from None
-        total = time.monotonic() - t0
-        hops = [h.view() for h in run.history]
         for h in run.history:
             self.metrics.pipeline_hop.labels(kind="compute").observe(h.compute_s)
             self.metrics.pipeline_hop.labels(kind="transfer").observe(h.transfer_s)
             self.metrics.pipeline_bytes.inc(h.bytes)
-        tokens = len(r.token_ids)
+        return r, model_id, run, time.monotonic() - t0
+
+    async def _run_pipeline(self, row: Any, on_token: Any) -> dict[str, Any]:
+        params = params_from_dict(row.parameters)
+        r, model_id, run, total = await self._pipeline(row.model, row.input, params,
+                                                       row.timeout_s, on_token)  # fmt: skip
+        hops = [h.view() for h in run.history]
         return {
-            "text": r.text, "model_id": model_id, "tokens": tokens, "hops": hops,
+            "text": r.text, "model_id": model_id, "tokens": len(r.token_ids), "hops": hops,
             "timings": {"pipeline_s": round(total, 6), **generation_timings(r),
                         "reroutes": run.reroutes, "hops": hops},
         }  # fmt: skip
+
+    async def _run_route(self, a: Any, on_token: Any) -> tuple[Any, str]:
+        """A pipelined consensus replica: this node drives ``a.route``, never touching the
+        other replicas' nodes."""
+        route = [(h.peer, h.start, h.end) for h in a.route]
+        try:
+            r, model_id, run, _ = await self._pipeline(
+                a.model, a.input, a.params, 30.0, on_token, route, frozenset(a.exclude)
+            )
+        except PipelineError as exc:
+            raise GenerationError(str(exc)) from None
+        log.info("task %s attempt %d: pipelined over %s", a.task_id, a.attempt,
+                 " -> ".join(f"{h.peer[-6:]}[{h.start}-{h.end}]" for h in run.hops))  # fmt: skip
+        return r, model_id
+
+    async def _disjoint_routes(self, model: str, k: int) -> tuple[str, list[Any]]:
+        _, config, model_id = await self._pipeline_model(model)
+        return model_id, disjoint_routes(
+            self._spans_by_peer(), model_id, int(config.num_hidden_layers), self._route_rank, k
+        )
 
     def _eth_address_of(self, peer: str) -> str | None:
         if peer == self.identity.peer_id:

@@ -162,6 +162,10 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (task_id, node)
     );
     """,
+    # 5: a consensus task whose replicas are pipelines (each over its own route).
+    """
+    ALTER TABLE tasks ADD COLUMN pipeline INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 
@@ -364,7 +368,7 @@ def _peer_row(r: sqlite3.Row) -> PeerRow:
 TASK_COLUMNS = (
     "id", "type", "model", "model_id", "input", "parameters", "priority", "timeout_s",
     "max_price", "status", "phase", "progress", "result", "node_id", "retry_count", "error",
-    "timings", "created_at", "completed_at", "mode", "replicas", "consensus",
+    "timings", "created_at", "completed_at", "mode", "replicas", "consensus", "pipeline",
 )  # fmt: skip
 _JSON_COLUMNS = ("parameters", "timings", "consensus")
 FINISHED = ("completed", "failed", "cancelled")
@@ -394,6 +398,7 @@ class TaskRow:
     mode: str = "single"  # or "consensus"
     replicas: int = 1
     consensus: dict[str, Any] = field(default_factory=dict)
+    pipeline: bool = False  # consensus replicas are pipelines on disjoint routes
 
 
 @dataclass(frozen=True)
@@ -424,6 +429,7 @@ def _task_row(r: sqlite3.Row) -> TaskRow:
             d[k] = json.loads(d[k] or "{}")
         except ValueError:
             d[k] = {}
+    d["pipeline"] = bool(d["pipeline"])
     return TaskRow(**d)
 
 

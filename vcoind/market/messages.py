@@ -135,6 +135,15 @@ class TaskBid:
 
 
 @dataclass(frozen=True)
+class RouteHop:
+    """Layers ``start``..``end`` of a pipeline, served by ``peer``."""
+
+    peer: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))
+    start: int = field(metadata=lim(min=0, max=10_000))
+    end: int = field(metadata=lim(min=0, max=10_000))
+
+
+@dataclass(frozen=True)
 class Assign:
     """One task for the worker: everything it needs to run it."""
 
@@ -145,6 +154,12 @@ class Assign:
     params: GenParams = field(default_factory=lambda: GenParams())
     priority: int = field(default=0, metadata=lim(min=-1000, max=1000))
     consensus: bool = False  # commit and reveal the result on the votes topic instead
+    # A pipelined replica: run over this route (not a local model), and never through
+    # ``exclude`` (the other replicas' nodes), rerouting included.
+    route: tuple[RouteHop, ...] = field(default=(), metadata=lim(max_len=64))
+    exclude: tuple[str, ...] = field(
+        default=(), metadata=lim(max_len=256, items={"pattern": PEER_ID_RE, "max_len": 64})
+    )
 
 
 @message

@@ -43,6 +43,7 @@ from vcoind.market.messages import (
     Cancel,
     GenParams,
     Progress,
+    RouteHop,
     Send,
     TaskAnnounce,
     TaskBid,
@@ -164,6 +165,11 @@ class TaskOrigin:
         self.run_pipeline: (
             Callable[[TaskRow, Callable[[int], None]], Awaitable[dict[str, Any]]] | None
         ) = None
+        # Up to k routes of a model with no node in two of them (set by the node):
+        # (model, k) -> (model id, [[(peer, start, end), ...], ...]); pipelined replicas.
+        self.disjoint_routes: (
+            Callable[[str, int], Awaitable[tuple[str, list[list[tuple[str, int, int]]]]]] | None
+        ) = None
         # A completed task whose outcome is settled (anchoring; set by the node).
         self.on_settled: Callable[[Settled], Awaitable[None]] | None = None
 
@@ -180,6 +186,7 @@ class TaskOrigin:
         max_price: float | None = None,
         mode: str = "single",
         replicas: int | None = None,
+        pipeline: bool = False,
     ) -> str:
         if self._nursery is None:
             raise TaskError("node", "the task market is not running")
@@ -195,13 +202,17 @@ class TaskOrigin:
             )
         if mode == "consensus" and self.coordinator is None:
             raise TaskError("mode", "consensus is not available on this node")
+        if pipeline and mode != "consensus":
+            raise TaskError("pipeline", "a pipelined task is mode pipeline, or consensus")
+        if pipeline and self.disjoint_routes is None:
+            raise TaskError("pipeline", "pipelines are not available on this node")
         now = time.time()
         row = TaskRow(
             id=secrets.token_hex(16), model=model, input=input_text,
             parameters=_params_dict(params), timeout_s=timeout_s or self.config.task_timeout_s,
             status="pending", phase="bidding", created_at=now, priority=priority,
             max_price=max_price, mode=mode,
-            replicas=(replicas or 3) if mode == "consensus" else 1,
+            replicas=(replicas or 3) if mode == "consensus" else 1, pipeline=pipeline,
         )  # fmt: skip
         await self._tasks.insert(row)  # on disk before the id is returned
         self._metrics.tasks.labels(status="submitted").inc()
@@ -376,29 +387,53 @@ class TaskOrigin:
         k = row.replicas
         rounds: list[dict[str, Any]] = []
         last = None
+        route_model = ""
         handed_off = False
         try:
             for round_ in (1, 2):
-                bids = await self._collect_bids(live, want=k)
-                chosen = choose_replicas(bids, k, self.profile_of)
-                if not chosen:
-                    if last is not None:
-                        break
-                    return "failed", f"no bid for model {row.model!r}"
+                routes: dict[int, list[tuple[str, int, int]]] = {}
+                if row.pipeline:  # each replica a pipeline, driven by its route's first node
+                    assert self.disjoint_routes is not None  # submit() checked
+                    try:
+                        route_model, found = await self.disjoint_routes(row.model, k)
+                    except PipelineError as exc:
+                        return "failed", str(exc)
+                    if len(found) < 2:
+                        if last is not None:
+                            break
+                        return "failed", (f"{len(found)} disjoint route(s) cover every layer "
+                                          f"of {row.model!r}; consensus needs 2")  # fmt: skip
+                    drivers = [r[0][0] for r in found]
+                else:
+                    bids = await self._collect_bids(live, want=k)
+                    chosen = choose_replicas(bids, k, self.profile_of)
+                    if not chosen:
+                        if last is not None:
+                            break
+                        return "failed", f"no bid for model {row.model!r}"
+                    drivers, found = [b.peer_id for b in chosen], []
                 attempts: dict[int, str] = {}
-                for b in chosen:
+                for i, peer in enumerate(drivers):
                     live.attempt += 1
-                    attempts[live.attempt] = live.attempt_peers[live.attempt] = b.peer_id
-                    await self._tasks.add_attempt(row.id, live.attempt, b.peer_id, time.time())
+                    attempts[live.attempt] = live.attempt_peers[live.attempt] = peer
+                    if found:
+                        routes[live.attempt] = found[i]
+                    await self._tasks.add_attempt(row.id, live.attempt, peer, time.time())
                 st = co.open_round(row.id, round_, attempts)
                 await self._update(live, phase="assigned", status="running",
                                    node_id=",".join(attempts.values()))  # fmt: skip
                 params = params_from_dict(row.parameters)
 
-                async def assign(n: int, peer: str, params: GenParams = params) -> None:
+                async def assign(
+                    n: int, peer: str, params: GenParams = params,
+                    routes: dict[int, list[tuple[str, int, int]]] = routes,
+                ) -> None:  # fmt: skip
                     if params.temperature > 0:  # sampled: each replica draws its own sample
                         params = dataclasses.replace(params, seed=replica_seed(params.seed, n))
-                    a = Assign(row.id, n, row.model, row.input, params, row.priority, True)
+                    route = tuple(RouteHop(*h) for h in routes.get(n, ()))
+                    others = tuple(sorted({h[0] for m, r in routes.items() if m != n for h in r}))
+                    a = Assign(row.id, n, row.model, row.input, params, row.priority, True,
+                               route, others)  # fmt: skip
                     error = await self._assign(peer, a)
                     if error is not None:
                         co.on_attempt_failed(row.id, n, error)
@@ -440,8 +475,8 @@ class TaskOrigin:
                 return "failed", str(rounds[-1].get("error") or "consensus failed")
             st, rr = last
             assert rr.outcome is not None
-            model_id = next((b.model_id for b in live.bids if b.peer_id in st.attempts.values()),
-                            "")  # fmt: skip
+            bid_model = (b.model_id for b in live.bids if b.peer_id in st.attempts.values())
+            model_id = route_model if row.pipeline else next(bid_model, "")
             own = await co.sign(st, rr, model_id)
             o = rr.outcome
             answer = rr.results[o.answer]
@@ -841,6 +876,7 @@ def task_view(row: TaskRow, attempts: int, live_progress: int | None = None) -> 
         "timings": row.timings,
         "mode": row.mode,
         "replicas": row.replicas,
+        "pipeline": row.pipeline or row.mode == "pipeline",
         "consensus": row.consensus or None,
         "created_at": row.created_at,
         "completed_at": row.completed_at,

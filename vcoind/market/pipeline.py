@@ -132,6 +132,7 @@ class ShardHost:
         self.budget_bytes = budget_bytes  # 0: no limit
         self.max_sessions = slots or MAX_SESSIONS
         self.max_context = max_context
+        self.sessions_served = 0  # sessions opened since start
         self.spans: list[ServedSpan] = []
         self._sessions: dict[str, _Session] = {}
         self._limiter = trio.CapacityLimiter(1)
@@ -164,6 +165,7 @@ class ShardHost:
             except Exception as exc:  # EngineError: every slot of this span is taken
                 raise StreamProtocolError(f"busy: {exc}") from None
             self._sessions[record.session] = _Session(engine, slot, time.monotonic())
+            self.sessions_served += 1
             return Ack()
         if isinstance(record, ShardClose):
             self._drop(record.session)
@@ -332,6 +334,26 @@ def choose_route(
     return route
 
 
+def disjoint_routes(
+    spans: dict[str, list[LayerSpan]],
+    model_id: str,
+    num_layers: int,
+    rank: Callable[[str], tuple[float, float]],
+    k: int,
+) -> list[list[tuple[str, int, int]]]:
+    """Up to ``k`` routes with no node in two of them, greedily, best first."""
+    routes: list[list[tuple[str, int, int]]] = []
+    used: set[str] = set()
+    while len(routes) < k:
+        try:
+            route = choose_route(spans, model_id, num_layers, rank, used)
+        except PipelineError:
+            break
+        routes.append(route)
+        used |= {p for p, _, _ in route}
+    return routes
+
+
 class PipelineRun:
     """One task's pipeline: the route, sessions, forward passes, rerouting, the tracker."""
 
@@ -343,8 +365,15 @@ class PipelineRun:
         spans: Callable[[], dict[str, list[LayerSpan]]],
         rank: Callable[[str], tuple[float, float]],
         hop_timeout_s: float = 30.0,
+        *,
+        route: list[tuple[str, int, int]] | None = None,
+        exclude: AbstractSet[str] = frozenset(),
     ) -> None:
+        """``route``: the first route to try (else the best one); ``exclude``: nodes never
+        used, first route and reroutes alike (another replica's)."""
         self._connect = connect
+        self._first_route = route
+        self.exclude = frozenset(exclude)
         self.model_id = model_id
         self.num_layers = num_layers
         self._spans = spans
@@ -357,8 +386,11 @@ class PipelineRun:
         self.reroutes = 0
 
     async def open(self) -> None:
-        route = choose_route(self._spans(), self.model_id, self.num_layers, self._rank,
-                             self.failed_peers)  # fmt: skip
+        route = self._first_route
+        self._first_route = None
+        if route is None or any(p in self.exclude for p, _, _ in route):
+            route = choose_route(self._spans(), self.model_id, self.num_layers, self._rank,
+                                 self.failed_peers | self.exclude)  # fmt: skip
         self.hops = [Hop(p, a, b) for p, a, b in route]
         self.history += self.hops
         for h in self.hops:

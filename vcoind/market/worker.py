@@ -42,6 +42,7 @@ from vcoind.store import TaskStore
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
+    from vcoind.compute.engine import GenerationResult
     from vcoind.compute.executor import Executor
 
 log = logging.getLogger("vcoind.worker")
@@ -94,6 +95,12 @@ class TaskWorker:
         self.on_change: Callable[[], None] = lambda: None
         # Consensus assignments: the result is committed on the votes topic, not sent.
         self.commit_result: Callable[[str, TaskResult], Awaitable[None]] | None = None
+        # Runs a pipelined replica over its route (set by the node): (assignment, progress)
+        # -> (result, model id).
+        self.run_route: (
+            Callable[[Assign, Callable[[int], None]], Awaitable[tuple[GenerationResult, str]]]
+            | None
+        ) = None
         # Signs a single-mode result for anchoring (set by the node when it has a chain).
         self.sign_result: Callable[[TaskResult], TaskResult] = lambda r: r
 
@@ -152,10 +159,14 @@ class TaskWorker:
         return Accepted(tuple(errors))
 
     async def on_assign(self, origin: str, a: Assign) -> Ack:
-        try:
-            self._models.resolve(a.model)
-        except ModelError as exc:
-            raise StreamProtocolError(str(exc)) from None
+        if a.route:
+            if self.run_route is None:
+                raise StreamProtocolError("this node runs no pipelines")
+        else:
+            try:
+                self._models.resolve(a.model)
+            except ModelError as exc:
+                raise StreamProtocolError(str(exc)) from None
         if not await self._tasks.claim_assignment(a.task_id, a.attempt, origin, time.time()):
             raise StreamProtocolError(f"attempt {a.attempt} of {a.task_id} was accepted before")
         job = _Job((-a.priority, next(self._arrivals)), origin, a)
@@ -242,13 +253,17 @@ class TaskWorker:
             with trio.CancelScope() as scope:
                 job.scope = scope
                 try:
-                    executor = await self.executor()
-                    r = await executor.generate(
-                        a.model, a.input, p.generation(), on_progress=progress,
-                        priority=a.priority,
-                    )  # fmt: skip
-                    model_id = self._models.resolve(a.model).model_id
-                    self.tokens_per_s[model_id] = executor.tokens_per_s.get(model_id, 0.0)
+                    if a.route:
+                        assert self.run_route is not None  # on_assign checked
+                        r, model_id = await self.run_route(a, progress)
+                    else:
+                        executor = await self.executor()
+                        r = await executor.generate(
+                            a.model, a.input, p.generation(), on_progress=progress,
+                            priority=a.priority,
+                        )  # fmt: skip
+                        model_id = self._models.resolve(a.model).model_id
+                        self.tokens_per_s[model_id] = executor.tokens_per_s.get(model_id, 0.0)
                     result = TaskResult(
                         task_id=a.task_id, attempt=a.attempt, text=r.text, token_ids=r.token_ids,
                         finish_reason=r.finish_reason, model_id=model_id,
