@@ -1,14 +1,15 @@
 """Pipeline vs single node: the test model split in two spans over two daemons on loopback.
 
     .venv/bin/python bench/pipeline.py [--prompts 10] [--tokens 64] [--concurrent 10]
+    .venv/bin/python bench/pipeline.py --hidden 1024 --layers 8   # a bigger random model
 
-Node 1 serves layers 0-1 (and the whole model), node 2 layers 2-3. Each prompt runs on
-node 1 once as a single-node task and once as a 2-span pipeline, one at a time, greedy;
-then ``--concurrent`` pipelined requests are submitted at once. Reports decode tokens/s
-of both (target: pipeline >= 0.7x single), per-token bytes and transfer time per hop,
-whether every pipelined answer equals the single-node one, and p50/p95 completion time
-of the concurrent burst (seed target: p95 < 10 s). Exit 0 when every task completed and
-matched.
+Node 1 serves the first half of the layers (and the whole model), node 2 the rest.
+Each prompt runs on node 1 once as a single-node task and once as a 2-span pipeline, one
+at a time, greedy; then ``--concurrent`` pipelined requests are submitted at once.
+Reports decode tokens/s of both (target: pipeline >= 0.7x single), per-token bytes and
+transfer time per hop, whether every pipelined answer equals the single-node one, and
+p50/p95 completion time of the concurrent burst (seed target: p95 < 10 s). Exit 0 when
+every task completed and matched.
 """
 
 from __future__ import annotations
@@ -45,18 +46,36 @@ def main() -> int:
     p.add_argument("--prompts", type=int, default=10)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--concurrent", type=int, default=10)
+    p.add_argument("--hidden", type=int, help="hidden size of a bigger random model "
+                   "(default: the test model; per-token compute then dwarfs the hops)")  # fmt: skip
+    p.add_argument("--layers", type=int, default=4, help="layers of that model")
     ns = p.parse_args()
     base = Path(tempfile.mkdtemp(prefix="vcoin-bench-pipeline-"))
     nodes: list[DevNode] = []
     ok = True
     try:
-        models = ensure_test_model(base / "models")
+        if ns.hidden:
+            from vcoind.compute.testmodel import TinyModelSpec, make_test_model
+
+            spec = TinyModelSpec(hidden_size=ns.hidden, intermediate_size=ns.hidden * 11 // 4,
+                                 num_layers=ns.layers, num_heads=max(2, ns.hidden // 64),
+                                 num_kv_heads=2, init_std=0.05)  # fmt: skip
+            make_test_model(base / "models" / TEST_MODEL, spec)
+            models = base / "models"
+            print(
+                f"random model: hidden {ns.hidden}, {ns.layers} layers, "
+                f"{sum(f.stat().st_size for f in models.rglob('*.safetensors')) >> 20} MiB"
+            )
+        else:
+            models = ensure_test_model(base / "models")
+        half = (ns.layers if ns.hidden else 4) // 2
+        last = (ns.layers if ns.hidden else 4) - 1
         common: dict[str, Any] = {"heartbeat": 1.0, "peer_timeout": 6.0, "network": "bench"}
         flags = ["--models-dir", str(models), "--no-chain"]
         nodes.append(start_node(1, base, bootstrap=None, extra=[
-            *flags, "--serve-layers", f"{TEST_MODEL}:0-1"], **common))  # fmt: skip
+            *flags, "--serve-layers", f"{TEST_MODEL}:0-{half - 1}"], **common))  # fmt: skip
         nodes.append(start_node(2, base, bootstrap=nodes[0].p2p_addr, extra=[
-            *flags, "--serve-layers", f"{TEST_MODEL}:2-3"], **common))  # fmt: skip
+            *flags, "--serve-layers", f"{TEST_MODEL}:{half}-{last}"], **common))  # fmt: skip
         wait_for_mesh(nodes, 60)
         n1 = nodes[0]
         while not any(p["spans"] for p in n1.rpc.call("vcoin_peers")):

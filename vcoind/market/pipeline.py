@@ -477,25 +477,30 @@ async def generate_pipelined(
     max_positions: int,
     on_token: Callable[[int], None] | None = None,
 ) -> Any:
-    """The node's decode loop on a worker thread, each forward pass through ``run``."""
-    from vcoind.compute.generate import decode_loop, encode_text
+    """The decode loop (sampling, EOS, stop strings: ``TokenStream``) on the trio thread,
+    each forward pass through ``run``: per token, sampling is all the origin computes, so
+    no worker-thread round trip is worth its cost."""
+    from vcoind.compute.engine import TokenStream
+    from vcoind.compute.generate import encode_text
+    from vcoind.compute.params import GenerationError
 
     ids = encode_text(tokenizer, prompt)
-    token = trio.lowlevel.current_trio_token()
-
-    def forward(new_ids: list[int]) -> Any:
-        return trio.from_thread.run(run.forward, new_ids, trio_token=token)
-
-    def progress(n: int) -> None:
-        if on_token is not None:
-            trio.from_thread.run_sync(on_token, n, trio_token=token)
-
+    stream = TokenStream(ids, params, tokenizer)
+    if len(ids) + params.max_new_tokens > max_positions:
+        raise GenerationError(f"prompt ({len(ids)} tokens) + max_new_tokens exceeds the "
+                              f"model's context of {max_positions}")  # fmt: skip
     try:
-        result = await trio.to_thread.run_sync(
-            lambda: decode_loop(ids, params, forward, tokenizer, max_positions, on_token=progress)
-        )
+        t0 = time.perf_counter()
+        nxt = stream.push(await run.forward(ids))
+        t1 = time.perf_counter()
+        while nxt is not None:
+            if on_token is not None:
+                on_token(len(stream.out))
+            nxt = stream.push(await run.forward([nxt]))
+        if on_token is not None and stream.out:
+            on_token(len(stream.out))
         run.finish()
-        return result
+        return stream.result(t1 - t0, time.perf_counter() - t1)
     finally:
         with trio.CancelScope(shield=True):
             await run.close()
