@@ -77,6 +77,8 @@ def test_two_span_pipeline_matches_single_node_and_reports_hops(
     ref = {p: finished(n1, submit(n1, p, False))["result"] for p in PROMPTS}
     assert all(t["status"] == "completed" for t in done), [t["error"] for t in done]
     assert [t["result"] for t in done] == [ref[PROMPTS[i % 4]] for i in range(10)]
+    # their decode steps met at node 2's span and ran there as one engine batch
+    assert n2.rpc.call("vcoin_nodeInfo")["pipeline_peak_batch"] >= 2
 
     # No route: nobody serves layers 2-3 any more.
     n2.proc.send_signal(signal.SIGKILL)

@@ -82,6 +82,7 @@ def register_node_api(reg: MethodRegistry, node: Node) -> None:
             "capabilities": dataclasses.asdict(node.heartbeat.capabilities),
             "pipeline_sessions": node.shard_host.open_sessions,
             "pipeline_sessions_served": node.shard_host.sessions_served,
+            "pipeline_peak_batch": node.shard_host.peak_batch,
             "datadir": str(node.datadir.path),
         }
 

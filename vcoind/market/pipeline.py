@@ -4,7 +4,8 @@ Serving side, ``ShardHost``: the spans this node serves (``--serve-layers MODEL:
 a shard directory, or split from the whole model on first start), loaded on first use
 and run by the inference engine (``vcoind.compute.engine``): one static KV cache slot per
 session, at most ``MAX_SESSIONS`` (or ``compute.batch_slots``), dropped after
-``SESSION_IDLE_S`` without a step. Compute runs on a worker thread, one step at a time.
+``SESSION_IDLE_S`` without a step. Compute runs on a worker thread; one-token steps of
+different sessions that arrive together run as one engine batch.
 
 Origin side, ``PipelineDriver``: picks a route, a chain of nodes whose spans cover every
 layer in order (best health, then lowest latency, ties by peer id), tokenises, runs the
@@ -91,6 +92,18 @@ class _Session:
 
 
 @dataclass
+class _Pending:
+    """A decode step waiting for its span's next batch."""
+
+    sess: _Session
+    x: Any
+    done: trio.Event = field(default_factory=trio.Event)
+    out: TensorFrame | None = None
+    compute_s: float = 0.0
+    error: Exception | None = None
+
+
+@dataclass
 class ServedSpan:
     model: str  # name
     model_id: str
@@ -133,6 +146,9 @@ class ShardHost:
         self.max_sessions = slots or MAX_SESSIONS
         self.max_context = max_context
         self.sessions_served = 0  # sessions opened since start
+        self.peak_batch = 0  # most decode steps run together
+        self._waiting: dict[int, list[_Pending]] = {}  # engine -> steps waiting for a batch
+        self._leading: set[int] = set()  # engines whose batch loop is running
         self.spans: list[ServedSpan] = []
         self._sessions: dict[str, _Session] = {}
         self._limiter = trio.CapacityLimiter(1)
@@ -179,9 +195,13 @@ class ShardHost:
                                           f"(expected {sess.steps})")  # fmt: skip
             frame = TensorFrame(record.dtype, tuple(record.shape), record.data)
             try:
-                out, compute_s = await trio.to_thread.run_sync(
-                    self._compute, sess, frame, limiter=self._limiter
-                )
+                x = self._tensor(sess, frame)
+                if x.shape[1] == 1 and sess.steps > 0:  # a decode step: batched with others
+                    out, compute_s = await self._decode_batched(sess, x)
+                else:
+                    out, compute_s = await trio.to_thread.run_sync(
+                        self._compute, sess, x, limiter=self._limiter
+                    )
             except (FrameError, GenerationError) as exc:
                 self._drop(record.session)  # a broken session is not resumed
                 raise StreamProtocolError(f"bad frame: {exc}") from None
@@ -195,10 +215,10 @@ class ShardHost:
         if sess is not None:
             sess.close()
 
-    def _compute(self, sess: _Session, frame: TensorFrame) -> tuple[TensorFrame, float]:
+    def _tensor(self, sess: _Session, frame: TensorFrame) -> Any:
+        """The step's input, checked against the span: token ids [1, T] or hidden [1, T, H]."""
         import torch
 
-        t0 = time.perf_counter()
         x = frame.to_tensor(self._device, MAX_FRAME_BYTES)
         engine = sess.engine
         first = engine.first
@@ -209,15 +229,71 @@ class ShardHost:
             raise FrameError(f"hidden size {x.shape[-1]} != {engine.hidden}")
         if x.shape[1] == 0:
             raise FrameError("an empty step")
-        # The previous hop may run another dtype: the engine casts hidden states to its own.
+        if not first:
+            x = x.to(engine.dtype)  # the previous hop may run another dtype
+        return x
+
+    def _compute(self, sess: _Session, x: Any) -> tuple[TensorFrame, float]:
+        """One session's step on its own (a prompt chunk)."""
+        t0 = time.perf_counter()
+        engine = sess.engine
         if x.shape[1] == 1:
-            y = engine.decode([sess.slot], x[0])  # [1, V] or [1, H]
-            y = y.unsqueeze(1)
+            y = engine.decode([sess.slot], x[0]).unsqueeze(1)  # [1, 1, V] or [1, 1, H]
         else:
             y = engine.prefill(sess.slot, x[0])  # [V] (last position) or [T, H]
             y = y.view(1, 1, -1) if engine.last else y.unsqueeze(0)
         # (logits leave in fp32: only the next token's travel back)
         return TensorFrame.from_tensor(y.contiguous()), time.perf_counter() - t0
+
+    async def _decode_batched(self, sess: _Session, x: Any) -> tuple[TensorFrame, float]:
+        """Continuous batching for spans: one-token steps of different sessions that meet
+        at a span run as one engine batch. The first to arrive leads: it runs batches until
+        none is waiting; the others wait for their row."""
+        key = id(sess.engine)
+        queue = self._waiting.setdefault(key, [])
+        item = _Pending(sess, x)
+        queue.append(item)
+        if key not in self._leading:
+            self._leading.add(key)
+            try:
+                with trio.CancelScope(shield=True):  # others' rows ride on this batch
+                    while queue:
+                        batch = queue[:]
+                        queue.clear()
+                        self.peak_batch = max(self.peak_batch, len(batch))
+                        try:
+                            await trio.to_thread.run_sync(self._run_batch, batch,
+                                                          limiter=self._limiter)  # fmt: skip
+                        finally:
+                            for it in batch:
+                                it.done.set()
+            finally:
+                self._leading.discard(key)
+        await item.done.wait()
+        if item.error is not None:
+            raise item.error
+        if item.out is None:
+            raise StreamProtocolError("the batch this step was in failed")
+        return item.out, item.compute_s
+
+    def _run_batch(self, batch: list[_Pending]) -> None:
+        import torch
+
+        t0 = time.perf_counter()
+        engine = batch[0].sess.engine
+        try:
+            y = engine.decode([it.sess.slot for it in batch], torch.cat([it.x[0] for it in batch]))
+        except Exception:  # one bad row (a full context): run them one by one
+            for it in batch:
+                try:
+                    it.out, it.compute_s = self._compute(it.sess, it.x)
+                except Exception as exc:  # reported to that row's sender alone
+                    it.error = exc
+            return
+        dt = time.perf_counter() - t0
+        for i, it in enumerate(batch):
+            it.out = TensorFrame.from_tensor(y[i : i + 1].unsqueeze(1).contiguous())
+            it.compute_s = dt
 
     def _make_room(self, served: ServedSpan) -> None:
         """Within the memory budget: unload idle spans, least recently used first."""
