@@ -37,6 +37,7 @@ from vcoind.config import (
 )
 from vcoind.datadir import DataDir, DataDirError, Identity
 from vcoind.market.selection import STRATEGIES
+from vcoind.oracle.cli import add_oracle_commands, run_oracle_command
 from vcoind.p2p.errors import P2PError
 from vcoind.store import StoreError
 
@@ -632,6 +633,7 @@ def client_parser() -> argparse.ArgumentParser:
     cs.add_argument("view", choices=("status", "metrics", "history", "conflicts"))
     cs.add_argument("--limit", type=int, default=20, help="rows (history, conflicts)")
     add_client_commands(sub)
+    add_oracle_commands(sub)
     return p
 
 
@@ -789,6 +791,8 @@ def client_main(argv: Sequence[str] | None = None) -> int:
             result = client.call(method, params)
         elif ns.command in CHAIN_COMMANDS:
             result, fmt = run_client_command(ns, client)
+        elif ns.command == "oracle":
+            result, fmt = run_oracle_command(ns, client)
         else:
             result, fmt = _task_command(ns, client)
     except ClientError as exc:

@@ -133,6 +133,19 @@ REQUIRE_STAKE = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
+class OracleConfig:
+    """The AI oracle: market data fetched from public APIs, analysed by this node."""
+
+    enabled: bool = False  # off: the node makes no request outside its network
+    coingecko_url: str = "https://api.coingecko.com/api/v3"
+    api_key: str = ""  # a CoinGecko Pro key (sent as x-cg-pro-api-key); or VCOIN_ORACLE_API_KEY
+    # SYMBOL=coingecko-id
+    coins: tuple[str, ...] = ("QUBIC=qubic-network", "BTC=bitcoin", "ETH=ethereum")
+    timeout_s: float = 10.0  # one HTTP request
+    retries: int = 3  # after the first try, with exponential backoff
+
+
+@dataclass(frozen=True)
 class Config:
     datadir: Path = DEFAULT_DATADIR
     network: str = "devnet"
@@ -142,6 +155,7 @@ class Config:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     market: MarketConfig = field(default_factory=MarketConfig)
     chain: ChainConfig = field(default_factory=ChainConfig)
+    oracle: OracleConfig = field(default_factory=OracleConfig)
 
     @property
     def models_dir(self) -> Path:
@@ -384,6 +398,17 @@ def validate(cfg: Config) -> Config:
     ):
         if not lo <= value <= hi:
             raise ConfigError(f"chain.{key}", f"must be between {lo:g} and {hi:g}, got {value}")
+    o = cfg.oracle
+    if not o.coingecko_url.startswith(("http://", "https://")):
+        raise ConfigError(
+            "oracle.coingecko_url", f"must be an http(s) URL, got {o.coingecko_url!r}"
+        )
+    for spec in o.coins:
+        sym, eq, coin = spec.partition("=")
+        if not eq or not sym.strip() or not coin.strip():
+            raise ConfigError("oracle.coins", f"expected SYMBOL=coingecko-id, got {spec!r}")
+    if not 0.1 <= o.timeout_s <= 600 or not 0 <= o.retries <= 10:
+        raise ConfigError("oracle.timeout_s", "timeout_s 0.1..600, retries 0..10")
     if cfg.rpc.max_body_bytes < 1024:
         raise ConfigError("rpc.max_body_bytes", "must be at least 1024")
     return cfg

@@ -29,6 +29,10 @@ class NodeMetrics:
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r,
         )
+        self.oracle_cache = Counter(
+            "vcoin_oracle_cache_total", "Oracle cache lookups by cache and hit/miss",
+            ["cache", "result"], registry=r,
+        )  # fmt: skip
         self.peers_blacklisted = Counter(
             "vcoin_peers_blacklisted_total", "Peers blacklisted for invalid gossip", registry=r
         )

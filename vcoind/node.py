@@ -72,6 +72,7 @@ from vcoind.market.shardwire import SHARD_PROTOCOL, ShardClose, ShardOpen, Shard
 from vcoind.market.votes import CommitsClosed, OutcomeVote, ResultCommitment, ResultReveal
 from vcoind.market.worker import TaskWorker
 from vcoind.metrics import NodeMetrics
+from vcoind.oracle.api import ORACLE_GET_PATHS, register_oracle_api
 from vcoind.p2p.gossip import Gossip
 from vcoind.p2p.heartbeat import BindingCheck, HeartbeatService
 from vcoind.p2p.host import P2PHost, build_host, running
@@ -80,13 +81,14 @@ from vcoind.p2p.messages import Heartbeat, LayerSpan, ModelServed
 from vcoind.p2p.peers import PeerTable
 from vcoind.p2p.streams import StreamProtocol, StreamProtocolError, StreamService
 from vcoind.rpc import MethodRegistry, RPCServer, RPCServerConfig
-from vcoind.store import ConsensusStore, Store, TaskStore
+from vcoind.store import ConsensusStore, OracleStore, Store, TaskStore
 
 if TYPE_CHECKING:
     # libp2p pulls in trio-typing, whose stale stubs shadow trio's own types for mypy.
     from trio_typing import TaskStatus
 
     from vcoind.compute.executor import Executor
+    from vcoind.oracle.service import OracleService
 
 log = logging.getLogger("vcoind.node")
 
@@ -205,6 +207,10 @@ class Node:
         register_task_api(self.registry, self)
         register_consensus_api(self.registry, self)
         register_chain_api(self.registry, self)
+        self.oracle: OracleService | None = None
+        if config.oracle.enabled:
+            self._wire_oracle()
+        register_oracle_api(self.registry, self)
         self.rpc = RPCServer(
             RPCServerConfig(
                 host=host,
@@ -221,6 +227,8 @@ class Node:
         )
         for path, method in REST_ALIASES.items():
             self.rpc.add_get_alias(path, method)
+        for path, method in ORACLE_GET_PATHS.items():
+            self.rpc.add_get_alias(path, method, query=True)
         self._p2p_listening = False
         self._nursery: trio.Nursery | None = None
 
@@ -294,6 +302,18 @@ class Node:
         self.gossip.on("votes", CommitsClosed, self._on_vote_record)
         self.gossip.on("votes", ResultReveal, self._on_vote_record)
         self.gossip.on("votes", OutcomeVote, self._on_vote_record)
+
+    def _wire_oracle(self) -> None:
+        from vcoind.oracle.service import OracleService, OracleSettings  # httpx, numpy
+
+        o = self.config.oracle
+        coins = tuple((a.strip(), b.strip()) for a, _, b in (c.partition("=") for c in o.coins))
+        settings = OracleSettings(o.coingecko_url, o.api_key, coins, o.timeout_s, o.retries)
+        self.oracle = OracleService(
+            settings, OracleStore(self.store),
+            on_cache=lambda cache, hit: self.metrics.oracle_cache.labels(
+                cache=cache, result="hit" if hit else "miss").inc(),
+        )  # fmt: skip
 
     def _wire_chain(self) -> None:
         cfg, ident = self.config, self.identity
@@ -751,6 +771,8 @@ class Node:
             self._p2p_listening = False
             self.datadir.remove_run_file()
             with trio.CancelScope(shield=True):
+                if self.oracle is not None:
+                    await self.oracle.aclose()
                 await self.store.close()
 
 

@@ -166,6 +166,27 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE tasks ADD COLUMN pipeline INTEGER NOT NULL DEFAULT 0;
     """,
+    # 6: the AI oracle's market data and price analyses (the seed's tables).
+    """
+    CREATE TABLE market_data (
+        symbol      TEXT NOT NULL,
+        ts          REAL NOT NULL,
+        price       REAL NOT NULL,
+        volume      REAL,
+        market_cap  REAL,
+        source      TEXT NOT NULL,
+        fetched_at  REAL NOT NULL,
+        PRIMARY KEY (symbol, source, ts)
+    );
+    CREATE TABLE price_analysis (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        symbol      TEXT NOT NULL,
+        timeframe   TEXT NOT NULL,
+        created_at  REAL NOT NULL,
+        result      TEXT NOT NULL
+    );
+    CREATE INDEX price_analysis_symbol ON price_analysis(symbol, timeframe, created_at);
+    """,
 )
 
 
@@ -815,5 +836,61 @@ class ChainStore:
                 (*args, limit),
             ).fetchall()
             return [RewardRow(**{**dict(r), "amount": int(r["amount"])}) for r in rows]
+
+        return await self._store._run(q)
+
+
+class OracleStore:
+    """The oracle's market data (the last good data, served when a source is down) and
+    its price analyses."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def add_points(
+        self, symbol: str, source: str, points: list[tuple[float, float, float | None]],
+        market_cap: float | None = None,
+    ) -> None:  # fmt: skip
+        """(ts, price, volume) rows; a point already stored is replaced."""
+        now = time.time()
+
+        def q(c: sqlite3.Connection) -> None:
+            c.executemany(
+                "INSERT OR REPLACE INTO market_data (symbol, ts, price, volume, market_cap, "
+                "source, fetched_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(symbol, ts, p, v, market_cap, source, now) for ts, p, v in points],
+            )
+
+        await self._store._run(q)
+
+    async def points(
+        self, symbol: str, source: str, span_s: float
+    ) -> list[tuple[float, float, float | None, float]]:
+        """(ts, price, volume, fetched_at) of the last ``span_s`` seconds of stored data
+        (however old that is), oldest first."""
+
+        def q(c: sqlite3.Connection) -> list[tuple[float, float, float | None, float]]:
+            rows = c.execute(
+                "SELECT ts, price, volume, fetched_at FROM market_data WHERE symbol=? AND "
+                "source=? AND ts >= (SELECT MAX(ts) FROM market_data WHERE symbol=? AND "
+                "source=?) - ? ORDER BY ts", (symbol, source, symbol, source, span_s),
+            ).fetchall()  # fmt: skip
+            return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+        return await self._store._run(q)
+
+    async def add_analysis(self, symbol: str, timeframe: str, result: dict[str, Any]) -> None:
+        def q(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT INTO price_analysis (symbol, timeframe, created_at, result) "
+                "VALUES (?, ?, ?, ?)", (symbol, timeframe, time.time(), json.dumps(result)),
+            )  # fmt: skip
+
+        await self._store._run(q)
+
+    async def analyses(self, symbol: str) -> int:
+        def q(c: sqlite3.Connection) -> int:
+            row = c.execute("SELECT COUNT(*) FROM price_analysis WHERE symbol=?", (symbol,))
+            return int(row.fetchone()[0])
 
         return await self._store._run(q)

@@ -16,6 +16,7 @@ UNAUTHORIZED = -32001
 NOT_FOUND = -32004
 LIMIT_EXCEEDED = -32005
 CHAIN_ERROR = -32010  # no chain, chain unreachable, or the contract refused
+ORACLE_ERROR = -32020  # oracle off, unknown symbol, or no data from the source nor stored
 
 
 class RPCError(Exception):

@@ -207,8 +207,9 @@ class RPCServer:
             raise RuntimeError("routes must be added before the RPC server runs")
         self._extra_routes.append(Route(path, endpoint, methods=methods))
 
-    def add_get_alias(self, path: str, method: str) -> None:
-        """Serve ``GET path`` as a thin REST alias of RPC ``method`` called with its defaults.
+    def add_get_alias(self, path: str, method: str, *, query: bool = False) -> None:
+        """Serve ``GET path`` as a thin REST alias of RPC ``method`` called with its defaults
+        (with ``query``: the query string's parameters, as strings, override them).
 
         The planning documents' REST paths (e.g. ``/api/cluster/status``) work this way.
         """
@@ -217,8 +218,9 @@ class RPCServer:
             raise ValueError(f"no RPC method {method!r} to alias")
 
         async def endpoint(request: Request) -> Response:
+            args = dict(request.query_params) if query and request.query_params else None
             try:
-                result = await rpc_method.handler(bind_params(rpc_method, None))
+                result = await rpc_method.handler(bind_params(rpc_method, args))
             except RPCError as exc:
                 return JSONResponse({"error": exc.to_json()}, status_code=400)
             return JSONResponse(result)

@@ -1,0 +1,247 @@
+"""The oracle's price side: the CoinGecko connector over httpx (responses in the API's
+documented format replayed through the client's transport), retries, rate limits,
+offline behaviour, the cached analysis, and a daemon serving it over a real loopback
+HTTP source."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Cluster
+from vcoind.oracle.service import OracleError, OracleService, OracleSettings, analyse
+from vcoind.oracle.sources import CoinGecko, SourceError
+from vcoind.store import OracleStore, Store
+
+VECTORS = Path(__file__).parent / "vectors" / "coingecko"
+CHART = json.loads((VECTORS / "market_chart_qubic_30d.json").read_text())
+END = CHART["prices"][-1][0] / 1000  # the series' last hour
+
+
+def replay(routes: dict[str, Any], log: list[str] | None = None) -> httpx.MockTransport:
+    """Answers by path: a JSON-able body, an httpx.Response, or an exception to raise."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if log is not None:
+            log.append(request.url.path)
+        for path, answer in routes.items():
+            if request.url.path.endswith(path):
+                got = answer() if callable(answer) else answer
+                if isinstance(got, Exception):
+                    raise got
+                if isinstance(got, httpx.Response):
+                    return got
+                return httpx.Response(200, json=got)
+        return httpx.Response(404, text="not found")
+
+    return httpx.MockTransport(handler)
+
+
+class Sleeps:
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    async def __call__(self, s: float) -> None:
+        self.calls.append(s)
+
+
+def source(transport: httpx.MockTransport, sleeps: Sleeps, **kw: Any) -> CoinGecko:
+    client = httpx.AsyncClient(transport=transport)
+    return CoinGecko("coingecko", client, "https://api.example/api/v3", sleep=sleeps,
+                     clock=lambda: END, **kw)  # fmt: skip
+
+
+async def test_documented_responses_parse() -> None:
+    doc_price = json.loads((VECTORS / "simple_price_bitcoin.json").read_text())
+    doc_chart = json.loads((VECTORS / "market_chart_bitcoin_docs.json").read_text())
+    cg = source(replay({"/simple/price": doc_price, "/market_chart": doc_chart}), Sleeps())
+    q = await cg.quote("bitcoin")
+    assert (q.price, q.market_cap, q.volume_24h, q.updated_at) == (
+        67187.3358936566, 1317802988326.25, 31260929299.5248, 1711356300)  # fmt: skip
+    s = await cg.chart("bitcoin", 2)
+    assert s.ts == (1711843200.0, 1711929600.0, 1711983682.0)
+    assert s.prices[1] == 71246.9514406015 and s.volumes[2] == 30137418199.6431
+    assert cg.status.ok and cg.status.requests == 2
+
+
+async def test_retries_backoff_and_rate_limits() -> None:
+    answers = [httpx.Response(503), httpx.Response(429, headers={"retry-after": "7"}),
+               CHART]  # fmt: skip
+    sleeps = Sleeps()
+    cg = source(replay({"/market_chart": lambda: answers.pop(0)}), sleeps, backoff_s=1.0)
+    s = await cg.chart("qubic-network", 30)
+    assert len(s.prices) == 720
+    assert sleeps.calls == [1.0, 7.0]  # backoff, then the server's Retry-After
+    assert cg.status.requests == 3 and cg.status.ok
+
+
+@pytest.mark.parametrize(
+    ("answer", "error", "tries"),
+    [
+        (httpx.ConnectError("refused"), "source unreachable: ConnectError", 4),
+        (httpx.ReadTimeout("slow"), "source unreachable: no answer within", 4),
+        (httpx.Response(401, text='{"error": "invalid api key"}'), "refused (HTTP 401)", 1),
+        (httpx.Response(200, text="<html>maintenance</html>"), "malformed response: not JSON", 1),
+        ({"prices": [[1, "x"]]}, "malformed response: prices is not a finite number", 1),
+        (httpx.Response(200, text='{"prices": [[1, NaN]]}'), "not a finite number", 1),
+        ({"total_volumes": []}, "malformed response: no prices list", 1),
+    ],
+)
+async def test_failures_are_clear(answer: Any, error: str, tries: int) -> None:
+    calls: list[str] = []
+    cg = source(replay({"/market_chart": answer}, calls), Sleeps())
+    with pytest.raises(SourceError, match=error.replace("(", r"\(").replace(")", r"\)")):
+        await cg.chart("qubic-network", 30)
+    assert len(calls) == tries and not cg.status.ok and cg.status.failures == 1
+
+
+async def service(tmp_path: Path, transport: httpx.MockTransport) -> tuple[OracleService, Any]:
+    store = Store(tmp_path / "vcoin.db")
+    await store.open()
+    clock = {"t": 1000.0}
+    svc = OracleService(
+        OracleSettings("https://api.example/api/v3", retries=0), OracleStore(store),
+        transport=transport, clock=lambda: END + clock["t"] - 400, monotonic=lambda: clock["t"],
+    )  # fmt: skip
+    return svc, clock
+
+
+async def test_analysis_is_cached_and_falls_back_to_stored_data(tmp_path: Path) -> None:
+    calls: list[str] = []
+    state = {"up": True}
+
+    def chart() -> Any:
+        return CHART if state["up"] else httpx.ConnectError("no route to host")
+
+    svc, clock = await service(tmp_path, replay({"/market_chart": chart}, calls))
+    a = await svc.price_analysis("qubic", "1h")
+    assert a["symbol"] == "QUBIC" and a["source"]["status"] == "ok"
+    assert a["price"] == pytest.approx(CHART["prices"][-1][1])
+    assert a["quality"]["points"] == 720 and a["quality"]["completeness"] == 1.0
+    assert not a["quality"]["stale"]
+    assert {"sma_20", "ema_12", "rsi_14", "macd", "bollinger"} <= set(a["indicators"])
+    assert any(x["kind"] == "manipulation" and x["index"] == 700 for x in a["anomalies"])
+    assert len(a["predictions"]["next"]) == 3 and a["risk"]["level"] in ("low", "medium", "high")
+    # cached for 5 minutes of the clock, then fetched again
+    assert await svc.price_analysis("QUBIC", "1h") == a and len(calls) == 1
+    clock["t"] += 299
+    await svc.price_analysis("QUBIC", "1h")
+    assert len(calls) == 1 and svc.price_cache.hits == 2
+    clock["t"] += 2
+    state["up"] = False
+    b = await svc.price_analysis("QUBIC", "1h")  # expired; the source is down
+    assert len(calls) == 2
+    assert b["source"]["status"].startswith("coingecko: source unreachable")
+    assert b["source"]["served_from"] == "stored data" and b["source"]["age_s"] > 0
+    assert b["price"] == a["price"]
+    # 4h candles from the same stored hours: every 4th close
+    c = await svc.price_analysis("QUBIC", "4h")
+    assert c["quality"]["points"] == 180 and c["price"] == a["price"]
+    with pytest.raises(OracleError, match="unknown symbol 'DOGE'"):
+        await svc.price_analysis("DOGE", "1h")
+    with pytest.raises(OracleError, match="timeframe must be one of"):
+        await svc.price_analysis("QUBIC", "5m")
+    await svc.aclose()
+
+
+async def test_nothing_stored_when_the_upstream_is_malformed(tmp_path: Path) -> None:
+    svc, _ = await service(tmp_path, replay({"/market_chart": {"prices": [[1, "junk"]]}}))
+    with pytest.raises(OracleError, match=r"malformed response.*no stored data for BTC"):
+        await svc.price_analysis("BTC", "1h")
+    store = OracleStore(svc._store._store)
+    assert await store.points("BTC", "coingecko", 1e12) == []
+    await svc.aclose()
+
+
+def test_analysis_needs_enough_points() -> None:
+    from vcoind.oracle.sources import Series
+
+    s = Series("x", tuple(range(10)), tuple(float(i) for i in range(10)), (1.0,) * 10)
+    with pytest.raises(OracleError, match="10 price points"):
+        analyse(s, 1, 10.0)
+
+
+@pytest.fixture
+def recorded_api() -> Iterator[dict[str, Any]]:
+    """A real HTTP server on loopback answering CoinGecko paths from the vectors."""
+    state: dict[str, Any] = {"up": True, "hits": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            state["hits"] += 1
+            if not state["up"]:
+                self.send_response(503)
+                self.end_headers()
+                return
+            body = json.dumps(CHART).encode() if "/market_chart" in self.path else b"{}"
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state["url"] = f"http://127.0.0.1:{server.server_address[1]}/api/v3"
+    yield state
+    server.shutdown()
+
+
+def test_daemon_serves_price_analysis_over_rpc_get_and_cli(
+    cluster: Cluster, recorded_api: dict[str, Any]
+) -> None:
+    n1 = cluster.start(1)
+    assert "the oracle is off" in str(_rpc_error(n1, "vcoin_oraclePriceAnalysis"))
+    n1.proc.terminate()
+    n1.proc.wait()
+    (n1.datadir / "config.toml").write_text(
+        f'[oracle]\nenabled = true\ncoingecko_url = "{recorded_api["url"]}"\nretries = 1\n'
+    )
+    n1 = cluster.start(1)
+    a = n1.rpc.call("vcoin_oraclePriceAnalysis", {"symbol": "QUBIC", "timeframe": "1h"})
+    assert a["price"] == pytest.approx(CHART["prices"][-1][1]) and a["source"]["status"] == "ok"
+    url = n1.info["rpc_url"] + "/api/oracle/price_analysis?symbol=QUBIC&timeframe=1h"
+    with urllib.request.urlopen(url) as resp:
+        got = json.loads(resp.read())
+    assert got["price"] == a["price"] and recorded_api["hits"] == 1  # the cache answered
+    assert "timeframe" in str(_rpc_error(n1, "vcoin_oraclePriceAnalysis", {"timeframe": "2w"}))
+    recorded_api["up"] = False  # the source goes down: stored data, said so
+    d = n1.rpc.call("vcoin_oraclePriceAnalysis", {"symbol": "QUBIC", "timeframe": "1d"})
+    assert "upstream error (HTTP 503)" in d["source"]["status"], d["source"]
+    assert d["source"]["served_from"] == "stored data"
+    st = n1.rpc.call("vcoin_oracleStatus")
+    assert st["cache"]["price_analysis"]["hits"] == 1 and st["sources"][0]["failures"] == 1
+    with urllib.request.urlopen(n1.info["rpc_url"] + "/metrics") as resp:
+        metrics = resp.read()
+    assert b'vcoin_oracle_cache_total{cache="price_analysis",result="hit"} 1.0' in metrics
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys; from vcoind.cli import client_main; "
+         "sys.exit(client_main())", "--datadir", str(n1.datadir), "oracle", "price",
+         "--symbol", "QUBIC", "--timeframe", "1h"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "QUBIC" in out.stdout and "trend" in out.stdout and "rsi_14" in out.stdout
+    assert n1.proc.poll() is None
+
+
+def _rpc_error(node: Any, method: str, params: dict[str, Any] | None = None) -> Exception:
+    try:
+        node.rpc.call(method, params or {})
+    except Exception as exc:  # the client raises the server's JSON-RPC error
+        return exc
+    raise AssertionError(f"{method} did not fail")

@@ -1,0 +1,48 @@
+"""JSON-RPC methods of the AI oracle (and the seed's GET path)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from vcoind.oracle import TIMEFRAMES, OracleError
+from vcoind.rpc import ORACLE_ERROR, MethodRegistry, Param, RPCError
+from vcoind.rpc import RPCMethod as M
+
+if TYPE_CHECKING:
+    from vcoind.node import Node
+    from vcoind.oracle.service import OracleService
+
+OBJ: dict[str, Any] = {"type": "object"}
+# The planning documents' REST paths; query parameters become the method's parameters.
+ORACLE_GET_PATHS = {"/api/oracle/price_analysis": "vcoin_oraclePriceAnalysis"}
+
+
+def register_oracle_api(reg: MethodRegistry, node: Node) -> None:
+    def oracle() -> OracleService:
+        if node.oracle is None:
+            raise RPCError(ORACLE_ERROR, "the oracle is off on this node (oracle.enabled)")
+        return node.oracle
+
+    async def price_analysis(params: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await oracle().price_analysis(params["symbol"], params["timeframe"])
+        except OracleError as exc:
+            raise RPCError(ORACLE_ERROR, str(exc)) from None
+
+    async def status(params: dict[str, Any]) -> dict[str, Any]:
+        return oracle().status()
+
+    reg.add(M(
+        "vcoin_oraclePriceAnalysis",
+        "Trend, indicators (SMA, EMA, RSI, MACD, Bollinger), support/resistance, patterns, "
+        "a short-term forecast, anomalies and risk for a symbol; cached 5 minutes.",
+        (
+            Param("symbol", {"type": "string", "minLength": 1, "maxLength": 16},
+                  default="QUBIC", description="a symbol of oracle.coins"),
+            Param("timeframe", {"enum": list(TIMEFRAMES)}, default="4h",
+                  description="candle size of the series analysed"),
+        ),
+        OBJ, price_analysis,
+    ))  # fmt: skip
+    reg.add(M("vcoin_oracleStatus", "The oracle's sources (status, age of their last good "
+              "data), symbols and cache hit rates.", (), OBJ, status))  # fmt: skip

@@ -1,0 +1,54 @@
+"""``vcoin oracle ...``: the client side of the oracle's RPC methods."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from vcoind.oracle import TIMEFRAMES
+
+
+class _Client(Protocol):
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any: ...
+
+
+def add_oracle_commands(sub: Any) -> None:
+    o = sub.add_parser("oracle", help="AI oracle: price analysis, sources")
+    os_ = o.add_subparsers(dest="oracle_action", metavar="ACTION", required=True)
+    p = os_.add_parser("price", help="trend, indicators, levels, patterns, forecast, risk")
+    p.add_argument("--symbol", default="QUBIC", help="a symbol of oracle.coins (default QUBIC)")
+    p.add_argument("--timeframe", choices=tuple(TIMEFRAMES), default="4h",
+                   help="candle size (default 4h)")  # fmt: skip
+    os_.add_parser("status", help="sources (status, age of the last good data), caches")
+
+
+def fmt_price(r: dict[str, Any]) -> str:
+    ind, risk, pred = r["indicators"], r["risk"], r["predictions"]
+    src, lv = r["source"], r["levels"]
+    lines = [
+        f"{r['symbol']} {r['timeframe']}  price {r['price']:.6g}  trend {r['trend']}  "
+        f"risk {risk['level']} (volatility {risk['volatility']:.4f})",
+        f"source {src['status']}" + (f" — {src['served_from']}" if "served_from" in src else "")
+        + f"  (data {r['quality']['age_s'] / 3600:.1f} h old, {r['quality']['points']} points)",
+    ]  # fmt: skip
+    for k in ("sma_20", "ema_12", "ema_26", "rsi_14"):
+        lines.append(f"  {k:<10} {ind[k]:.6g}" if ind[k] is not None else f"  {k:<10} -")
+    m = ind["macd"]
+    lines.append(f"  macd       {m['line']:.3g} / signal {m['signal']:.3g}")
+    lines.append(f"  support {lv['nearest_support']}  resistance {lv['nearest_resistance']}")
+    lines.append("  forecast   " + ", ".join(f"{x:.6g}" for x in pred["next"])
+                 + f"  (r² {pred['r2']:.2f})")  # fmt: skip
+    for p in r["patterns"]:
+        lines.append(f"  pattern    {p['pattern']} at {p['level']:.6g}")
+    for w in risk["warnings"]:
+        lines.append(f"  warning    {w}")
+    return "\n".join(lines)
+
+
+def run_oracle_command(ns: argparse.Namespace, client: _Client) -> tuple[Any, Callable[[Any], str]]:
+    if ns.oracle_action == "price":
+        params = {"symbol": ns.symbol, "timeframe": ns.timeframe}
+        return client.call("vcoin_oraclePriceAnalysis", params), fmt_price
+    return client.call("vcoin_oracleStatus"), lambda r: json.dumps(r, indent=2)

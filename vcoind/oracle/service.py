@@ -1,0 +1,237 @@
+"""The node's AI oracle, price side: market data from CoinGecko kept in SQLite, price
+analyses with indicators, patterns, a short-term forecast, anomalies and a risk level,
+behind a TTL cache.
+
+When the source is unreachable, an analysis is computed from the last good data in
+SQLite and says so (``source.status``, ``source.age_s``); with no data at all the call
+fails with the source's error. Nothing here blocks the trio thread on I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+import trio
+
+from vcoind.oracle import TIMEFRAMES, OracleError
+from vcoind.oracle import indicators as ind
+from vcoind.oracle.sources import CoinGecko, Series, SourceError
+from vcoind.store import OracleStore
+
+log = logging.getLogger("vcoind.oracle")
+
+PRICE_TTL_S = 300.0
+STALE_S = 3 * 3600.0  # data older than this is flagged stale
+
+
+@dataclass
+class _Entry:
+    value: dict[str, Any]
+    expires: float
+
+
+class TTLCache:
+    """Values for ``ttl_s`` seconds of ``clock``; counts hits and misses."""
+
+    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._items: dict[Any, _Entry] = {}
+        self.hits = self.misses = 0
+
+    def get(self, key: Any) -> dict[str, Any] | None:
+        e = self._items.get(key)
+        if e is None or e.expires <= self.clock():
+            self._items.pop(key, None)
+            self.misses += 1
+            return None
+        self.hits += 1
+        return e.value
+
+    def put(self, key: Any, value: dict[str, Any]) -> None:
+        self._items[key] = _Entry(value, self.clock() + self.ttl_s)
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.misses
+        return self.hits / n if n else 0.0
+
+
+@dataclass(frozen=True)
+class OracleSettings:
+    coingecko_url: str
+    api_key: str = ""
+    coins: tuple[tuple[str, str], ...] = (("QUBIC", "qubic-network"), ("BTC", "bitcoin"),
+                                          ("ETH", "ethereum"))  # fmt: skip
+    timeout_s: float = 10.0
+    retries: int = 3
+
+
+class OracleService:
+    def __init__(
+        self,
+        settings: OracleSettings,
+        store: OracleStore,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        on_cache: Callable[[str, bool], None] = lambda cache, hit: None,
+    ) -> None:
+        self.settings = settings
+        self.coins = dict(settings.coins)
+        self._store = store
+        self._client = httpx.AsyncClient(transport=transport)
+        self.clock = clock
+        self.coingecko = CoinGecko(
+            "coingecko", self._client, settings.coingecko_url, api_key=settings.api_key,
+            key_header="x-cg-pro-api-key" if settings.api_key else "",
+            retries=settings.retries, timeout_s=settings.timeout_s, clock=clock,
+        )  # fmt: skip
+        self.price_cache = TTLCache(PRICE_TTL_S, monotonic)
+        self._on_cache = on_cache
+        self._locks: dict[Any, trio.Lock] = {}
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "sources": [self.coingecko.status.view(self.clock())],
+            "symbols": sorted(self.coins),
+            "cache": {"price_analysis": {"hits": self.price_cache.hits,
+                                         "misses": self.price_cache.misses,
+                                         "hit_rate": round(self.price_cache.hit_rate, 3)}},
+        }  # fmt: skip
+
+    def coin(self, symbol: str) -> str:
+        coin = self.coins.get(symbol.upper())
+        if coin is None:
+            raise OracleError(f"unknown symbol {symbol!r} (known: {', '.join(sorted(self.coins))})")
+        return coin
+
+    async def price_analysis(self, symbol: str, timeframe: str = "4h") -> dict[str, Any]:
+        if timeframe not in TIMEFRAMES:
+            raise OracleError(f"timeframe must be one of {', '.join(TIMEFRAMES)}")
+        symbol = symbol.upper()
+        coin = self.coin(symbol)
+        key = (symbol, timeframe)
+        hit = self.price_cache.get(key)
+        self._on_cache("price_analysis", hit is not None)
+        if hit is not None:
+            return hit
+        async with self._locks.setdefault(key, trio.Lock()):  # one fetch per key at a time
+            hit = self.price_cache.get(key)
+            if hit is not None:
+                return hit
+            result = await self._analyse(symbol, coin, timeframe)
+            self.price_cache.put(key, result)
+            await self._store.add_analysis(symbol, timeframe, result)
+            return result
+
+    async def _series(self, symbol: str, coin: str, days: int) -> tuple[Series, str | None]:
+        """Fresh data when the source answers (and stored), else the stored data."""
+        try:
+            s = await self.coingecko.chart(coin, days)
+            await self._store.add_points(symbol, "coingecko", list(zip(
+                s.ts, s.prices, [None if math.isnan(v) else v for v in s.volumes],
+                strict=True)))  # fmt: skip
+            return s, None
+        except SourceError as exc:
+            rows = await self._store.points(symbol, "coingecko", days * 86400)
+            if not rows:
+                raise OracleError(f"{exc}; no stored data for {symbol} either") from None
+            log.warning("%s; analysing %d stored points", exc, len(rows))
+            series = Series(coin, tuple(r[0] for r in rows), tuple(r[1] for r in rows),
+                            tuple(math.nan if r[2] is None else r[2] for r in rows))  # fmt: skip
+            return series, str(exc)
+
+    async def _analyse(self, symbol: str, coin: str, timeframe: str) -> dict[str, Any]:
+        days, step = TIMEFRAMES[timeframe]
+        series, error = await self._series(symbol, coin, days)
+        now = self.clock()
+        result = await trio.to_thread.run_sync(analyse, series, step, now)
+        src = self.coingecko.status.view(now)
+        if error is not None:
+            src["status"] = error
+            src["served_from"] = "stored data"
+        result.update(symbol=symbol, timeframe=timeframe, source=src, computed_at=now)
+        return result
+
+
+def _f(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else round(float(x), 10)
+
+
+def quality(ts: np.ndarray, prices: np.ndarray, now: float) -> dict[str, Any]:
+    """Completeness (missing steps), duplicates, outliers and staleness of a series."""
+    dts = np.diff(ts)
+    step = float(np.median(dts)) if len(dts) else 0.0
+    expected = round(float(ts[-1] - ts[0]) / step) + 1 if step > 0 else len(ts)
+    outliers = [a for a in ind.anomalies(prices) if a.kind == "outlier"]
+    age = now - float(ts[-1])
+    return {
+        "points": len(ts),
+        "completeness": round(len(ts) / expected, 4) if expected else 1.0,
+        "duplicates": int((dts == 0).sum()),
+        "outliers": len(outliers),
+        "age_s": round(age, 1),
+        "stale": age > STALE_S,
+    }
+
+
+def analyse(series: Series, step: int, now: float) -> dict[str, Any]:
+    """Indicators, levels, patterns, forecast, anomalies and risk of a price series."""
+    ts = np.asarray(series.ts, dtype=np.float64)
+    p = np.asarray(series.prices, dtype=np.float64)
+    v = np.asarray(series.volumes, dtype=np.float64)
+    if step > 1:  # candles of ``step`` points: the close of each
+        keep = np.arange(len(p) - 1, -1, -step)[::-1]
+        ts, p, v = ts[keep], p[keep], v[keep]
+    if len(p) < 30:
+        raise OracleError(f"{len(p)} price points: at least 30 are needed for an analysis")
+    q = quality(ts, p, now)
+    sma20, ema12, ema26 = ind.sma(p, 20), ind.ema(p, 12), ind.ema(p, 26)
+    rsi = ind.rsi(p, 14)
+    line, sig, hist = ind.macd(p)
+    lo, mid, hi = ind.bollinger(p, 20)
+    future, slope, r2 = ind.linear_forecast(p, steps=3, window=24)
+    last = float(p[-1])
+    rel_slope = slope / last if last else 0.0
+    trend = "up" if rel_slope > 0.002 else "down" if rel_slope < -0.002 else "sideways"
+    returns = np.diff(p) / p[:-1]
+    vol = float(np.std(returns[-48:]))
+    anomalies = ind.anomalies(p, v if not np.isnan(v).any() else None)
+    recent = [a for a in anomalies if a.index >= len(p) - 24]
+    warnings = [f"{a.kind} at point {a.index}: {a.detail}" for a in recent
+                if a.kind in ("manipulation", "price_jump")]  # fmt: skip
+    if q["stale"]:
+        warnings.append(f"data is {q['age_s'] / 3600:.1f} h old")
+    r = rsi[-1]
+    score = (vol > 0.02) + (vol > 0.05) + bool(warnings) + (r > 75 or r < 25)
+    level = ("low", "medium", "high", "high", "high")[int(score)]
+    return {
+        "price": last,
+        "trend": trend,
+        "indicators": {
+            "sma_20": _f(sma20[-1]), "ema_12": _f(ema12[-1]), "ema_26": _f(ema26[-1]),
+            "rsi_14": _f(r),
+            "macd": {"line": _f(line[-1]), "signal": _f(sig[-1]), "histogram": _f(hist[-1])},
+            "bollinger": {"lower": _f(lo[-1]), "middle": _f(mid[-1]), "upper": _f(hi[-1])},
+        },
+        "levels": ind.support_resistance(p),
+        "patterns": ind.patterns(p),
+        "predictions": {"next": [_f(x) for x in future], "slope_per_step": _f(slope),
+                        "r2": _f(r2), "method": "least squares over the last 24 points"},
+        "anomalies": [{"index": a.index, "kind": a.kind, "value": _f(a.value),
+                       "detail": a.detail} for a in anomalies],
+        "risk": {"level": level, "volatility": _f(vol), "warnings": warnings},
+        "quality": q,
+    }  # fmt: skip
