@@ -10,8 +10,10 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,8 @@ import httpx
 import pytest
 
 from tests.conftest import Cluster
-from vcoind.oracle.service import OracleError, OracleService, OracleSettings, analyse
+from vcoind.oracle import OracleError
+from vcoind.oracle.service import OracleService, OracleSettings, analyse
 from vcoind.oracle.sources import CoinGecko, SourceError
 from vcoind.store import OracleStore, Store
 
@@ -171,6 +174,32 @@ def test_analysis_needs_enough_points() -> None:
         analyse(s, 1, 10.0)
 
 
+NEWS = Path(__file__).parent / "vectors" / "news"
+
+
+def _today(path: str) -> Any:
+    """The recorded answer for ``path``, news moved so that its newest item is an hour old
+    (the stories are about "now" whenever the test runs)."""
+    if "/market_chart" in path:
+        return CHART
+    if "/everything" in path:
+        doc = json.loads((NEWS / "newsapi_everything_qubic.json").read_text())
+        stamps = [datetime.fromisoformat(a["publishedAt"].replace("Z", "+00:00")).timestamp()
+                  for a in doc["articles"] if a["title"]]  # fmt: skip
+        shift = time.time() - 3600 - max(stamps)
+        for a in doc["articles"]:
+            t = datetime.fromisoformat(a["publishedAt"].replace("Z", "+00:00")).timestamp()
+            a["publishedAt"] = datetime.fromtimestamp(t + shift, UTC).isoformat()
+        return doc
+    if "/search.json" in path:
+        doc = json.loads((NEWS / "reddit_search_qubic.json").read_text())
+        newest = max(c["data"]["created_utc"] for c in doc["data"]["children"])
+        for c in doc["data"]["children"]:
+            c["data"]["created_utc"] += time.time() - 3600 - newest
+        return doc
+    return {}
+
+
 @pytest.fixture
 def recorded_api() -> Iterator[dict[str, Any]]:
     """A real HTTP server on loopback answering CoinGecko paths from the vectors."""
@@ -183,7 +212,7 @@ def recorded_api() -> Iterator[dict[str, Any]]:
                 self.send_response(503)
                 self.end_headers()
                 return
-            body = json.dumps(CHART).encode() if "/market_chart" in self.path else b"{}"
+            body = json.dumps(_today(self.path)).encode()
             self.send_response(200)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(body)))
@@ -196,7 +225,8 @@ def recorded_api() -> Iterator[dict[str, Any]]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    state["url"] = f"http://127.0.0.1:{server.server_address[1]}/api/v3"
+    state["root"] = f"http://127.0.0.1:{server.server_address[1]}"
+    state["url"] = state["root"] + "/api/v3"
     yield state
     server.shutdown()
 
@@ -210,6 +240,8 @@ def test_daemon_serves_price_analysis_over_rpc_get_and_cli(
     n1.proc.wait()
     (n1.datadir / "config.toml").write_text(
         f'[oracle]\nenabled = true\ncoingecko_url = "{recorded_api["url"]}"\nretries = 1\n'
+        f'newsapi_url = "{recorded_api["root"]}/v2"\nnewsapi_key = "test-key"\n'
+        f'reddit_url = "{recorded_api["root"]}"\n'
     )
     n1 = cluster.start(1)
     a = n1.rpc.call("vcoin_oraclePriceAnalysis", {"symbol": "QUBIC", "timeframe": "1h"})
@@ -218,13 +250,23 @@ def test_daemon_serves_price_analysis_over_rpc_get_and_cli(
     with urllib.request.urlopen(url) as resp:
         got = json.loads(resp.read())
     assert got["price"] == a["price"] and recorded_api["hits"] == 1  # the cache answered
+    s = n1.rpc.call("vcoin_oracleSentiment", {"range": "24h"})
+    assert s["articles"] == 6 and [x["status"] for x in s["sources"]] == ["ok", "ok"], s
+    with urllib.request.urlopen(n1.info["rpc_url"] + "/api/oracle/sentiment?range=7d") as resp:
+        week = json.loads(resp.read())
+    assert week["articles"] == 8 and -1 <= week["sentiment_score"] <= 1
+    ov = n1.rpc.call("vcoin_oracleMarketOverview", {"symbol": "QUBIC"})
+    assert ov["recommendation"] in ("strong_sell", "sell", "hold", "buy", "strong_buy")
+    assert len(ov["news"]) == 5 and ov["sentiment"]["articles"] == 6
+    hits = recorded_api["hits"]
     assert "timeframe" in str(_rpc_error(n1, "vcoin_oraclePriceAnalysis", {"timeframe": "2w"}))
     recorded_api["up"] = False  # the source goes down: stored data, said so
     d = n1.rpc.call("vcoin_oraclePriceAnalysis", {"symbol": "QUBIC", "timeframe": "1d"})
     assert "upstream error (HTTP 503)" in d["source"]["status"], d["source"]
     assert d["source"]["served_from"] == "stored data"
     st = n1.rpc.call("vcoin_oracleStatus")
-    assert st["cache"]["price_analysis"]["hits"] == 1 and st["sources"][0]["failures"] == 1
+    assert st["sources"][0]["failures"] == 1 and recorded_api["hits"] > hits
+    assert st["cache"]["price_analysis"]["hits"] == 1 and st["cache"]["sentiment"]["hits"] == 1
     with urllib.request.urlopen(n1.info["rpc_url"] + "/metrics") as resp:
         metrics = resp.read()
     assert b'vcoin_oracle_cache_total{cache="price_analysis",result="hit"} 1.0' in metrics
@@ -236,6 +278,12 @@ def test_daemon_serves_price_analysis_over_rpc_get_and_cli(
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "QUBIC" in out.stdout and "trend" in out.stdout and "rsi_14" in out.stdout
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys; from vcoind.cli import client_main; "
+         "sys.exit(client_main())", "--datadir", str(n1.datadir), "oracle", "sentiment"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0 and "sentiment" in out.stdout and "newsapi" in out.stdout
     assert n1.proc.poll() is None
 
 

@@ -143,6 +143,14 @@ class OracleConfig:
     coins: tuple[str, ...] = ("QUBIC=qubic-network", "BTC=bitcoin", "ETH=ethereum")
     timeout_s: float = 10.0  # one HTTP request
     retries: int = 3  # after the first try, with exponential backoff
+    newsapi_url: str = "https://newsapi.org/v2"
+    newsapi_key: str = ""  # or VCOIN_ORACLE_NEWSAPI_KEY; without one, news comes from Reddit only
+    news_query: str = "Qubic"
+    reddit_url: str = "https://www.reddit.com"
+    subreddit: str = "CryptoCurrency"
+    # A FinBERT-style classifier directory (labels positive/negative/neutral) whose
+    # score is averaged with VADER's; "" = VADER and the keyword dictionary only.
+    classifier_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -399,6 +407,11 @@ def validate(cfg: Config) -> Config:
         if not lo <= value <= hi:
             raise ConfigError(f"chain.{key}", f"must be between {lo:g} and {hi:g}, got {value}")
     o = cfg.oracle
+    for key in ("newsapi_url", "reddit_url"):
+        if not getattr(o, key).startswith(("http://", "https://")):
+            raise ConfigError(f"oracle.{key}", f"must be an http(s) URL: {getattr(o, key)!r}")
+    if o.classifier_dir and not Path(o.classifier_dir).expanduser().is_dir():
+        raise ConfigError("oracle.classifier_dir", f"no such directory: {o.classifier_dir}")
     if not o.coingecko_url.startswith(("http://", "https://")):
         raise ConfigError(
             "oracle.coingecko_url", f"must be an http(s) URL, got {o.coingecko_url!r}"

@@ -308,7 +308,11 @@ class Node:
 
         o = self.config.oracle
         coins = tuple((a.strip(), b.strip()) for a, _, b in (c.partition("=") for c in o.coins))
-        settings = OracleSettings(o.coingecko_url, o.api_key, coins, o.timeout_s, o.retries)
+        settings = OracleSettings(
+            o.coingecko_url, o.api_key, coins, o.timeout_s, o.retries, o.newsapi_url,
+            o.newsapi_key, o.news_query, o.reddit_url, o.subreddit,
+            str(Path(o.classifier_dir).expanduser()) if o.classifier_dir else "",
+        )  # fmt: skip
         self.oracle = OracleService(
             settings, OracleStore(self.store),
             on_cache=lambda cache, hit: self.metrics.oracle_cache.labels(

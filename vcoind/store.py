@@ -187,6 +187,29 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX price_analysis_symbol ON price_analysis(symbol, timeframe, created_at);
     """,
+    # 7: the oracle's news and sentiment (the seed's tables).
+    """
+    CREATE TABLE news_data (
+        key          TEXT PRIMARY KEY,
+        source       TEXT NOT NULL,
+        title        TEXT NOT NULL,
+        body         TEXT NOT NULL,
+        url          TEXT NOT NULL,
+        published_at REAL NOT NULL,
+        fetched_at   REAL NOT NULL
+    );
+    CREATE INDEX news_data_published ON news_data(published_at);
+    CREATE TABLE sentiment_scores (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        range       TEXT NOT NULL,
+        created_at  REAL NOT NULL,
+        score       REAL NOT NULL,
+        confidence  REAL NOT NULL,
+        volatility  REAL NOT NULL,
+        articles    INTEGER NOT NULL,
+        result      TEXT NOT NULL
+    );
+    """,
 )
 
 
@@ -894,3 +917,43 @@ class OracleStore:
             return int(row.fetchone()[0])
 
         return await self._store._run(q)
+
+    async def add_articles(self, articles: list[Any]) -> int:
+        """Store news (``vcoind.oracle.news.Article``); duplicates are ignored. Returns
+        how many were new."""
+        now = time.time()
+
+        def q(c: sqlite3.Connection) -> int:
+            before = c.total_changes
+            c.executemany(
+                "INSERT OR IGNORE INTO news_data (key, source, title, body, url, published_at, "
+                "fetched_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(a.key, a.source, a.title, a.body, a.url, a.published_at, now)
+                 for a in articles],
+            )  # fmt: skip
+            return c.total_changes - before
+
+        return await self._store._run(q)
+
+    async def articles(self, since: float) -> list[tuple[str, str, str, str, float]]:
+        """(source, title, body, url, published_at) published since ``since``."""
+
+        def q(c: sqlite3.Connection) -> list[tuple[str, str, str, str, float]]:
+            rows = c.execute(
+                "SELECT source, title, body, url, published_at FROM news_data "
+                "WHERE published_at >= ? ORDER BY published_at", (since,),
+            ).fetchall()  # fmt: skip
+            return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+        return await self._store._run(q)
+
+    async def add_sentiment(self, range_: str, result: dict[str, Any]) -> None:
+        def q(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT INTO sentiment_scores (range, created_at, score, confidence, "
+                "volatility, articles, result) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (range_, time.time(), result["sentiment_score"], result["confidence"],
+                 result["volatility"], result["articles"], json.dumps(result)),
+            )  # fmt: skip
+
+        await self._store._run(q)

@@ -14,7 +14,11 @@ if TYPE_CHECKING:
 
 OBJ: dict[str, Any] = {"type": "object"}
 # The planning documents' REST paths; query parameters become the method's parameters.
-ORACLE_GET_PATHS = {"/api/oracle/price_analysis": "vcoin_oraclePriceAnalysis"}
+ORACLE_GET_PATHS = {
+    "/api/oracle/price_analysis": "vcoin_oraclePriceAnalysis",
+    "/api/oracle/sentiment": "vcoin_oracleSentiment",
+    "/api/oracle/market_overview": "vcoin_oracleMarketOverview",
+}
 
 
 def register_oracle_api(reg: MethodRegistry, node: Node) -> None:
@@ -32,6 +36,18 @@ def register_oracle_api(reg: MethodRegistry, node: Node) -> None:
     async def status(params: dict[str, Any]) -> dict[str, Any]:
         return oracle().status()
 
+    async def sentiment(params: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await oracle().sentiment(params["range"])
+        except OracleError as exc:
+            raise RPCError(ORACLE_ERROR, str(exc)) from None
+
+    async def overview(params: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await oracle().market_overview(params["symbol"])
+        except OracleError as exc:
+            raise RPCError(ORACLE_ERROR, str(exc)) from None
+
     reg.add(M(
         "vcoin_oraclePriceAnalysis",
         "Trend, indicators (SMA, EMA, RSI, MACD, Bollinger), support/resistance, patterns, "
@@ -43,6 +59,21 @@ def register_oracle_api(reg: MethodRegistry, node: Node) -> None:
                   description="candle size of the series analysed"),
         ),
         OBJ, price_analysis,
+    ))  # fmt: skip
+    reg.add(M(
+        "vcoin_oracleSentiment",
+        "News and social sentiment index in [-1, 1] with confidence, volatility and the "
+        "factors behind it; cached 10 minutes.",
+        (Param("range", {"enum": ["1h", "24h", "7d"]}, default="24h"),),
+        OBJ, sentiment,
+    ))  # fmt: skip
+    reg.add(M(
+        "vcoin_oracleMarketOverview",
+        "Sentiment (24h) + price analysis (4h) + latest headlines, and a recommendation "
+        "level.",
+        (Param("symbol", {"type": "string", "minLength": 1, "maxLength": 16},
+               default="QUBIC"),),
+        OBJ, overview,
     ))  # fmt: skip
     reg.add(M("vcoin_oracleStatus", "The oracle's sources (status, age of their last good "
               "data), symbols and cache hit rates.", (), OBJ, status))  # fmt: skip

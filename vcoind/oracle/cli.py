@@ -21,6 +21,10 @@ def add_oracle_commands(sub: Any) -> None:
     p.add_argument("--symbol", default="QUBIC", help="a symbol of oracle.coins (default QUBIC)")
     p.add_argument("--timeframe", choices=tuple(TIMEFRAMES), default="4h",
                    help="candle size (default 4h)")  # fmt: skip
+    s = os_.add_parser("sentiment", help="news sentiment index, confidence, factors")
+    s.add_argument("--range", choices=("1h", "24h", "7d"), default="24h")
+    v = os_.add_parser("overview", help="sentiment + price + headlines, recommendation")
+    v.add_argument("--symbol", default="QUBIC")
     os_.add_parser("status", help="sources (status, age of the last good data), caches")
 
 
@@ -51,4 +55,24 @@ def run_oracle_command(ns: argparse.Namespace, client: _Client) -> tuple[Any, Ca
     if ns.oracle_action == "price":
         params = {"symbol": ns.symbol, "timeframe": ns.timeframe}
         return client.call("vcoin_oraclePriceAnalysis", params), fmt_price
+    if ns.oracle_action == "sentiment":
+        return client.call("vcoin_oracleSentiment", {"range": ns.range}), fmt_sentiment
+    if ns.oracle_action == "overview":
+        r = client.call("vcoin_oracleMarketOverview", {"symbol": ns.symbol})
+        return r, lambda r: json.dumps(r, indent=2)
     return client.call("vcoin_oracleStatus"), lambda r: json.dumps(r, indent=2)
+
+
+def fmt_sentiment(r: dict[str, Any]) -> str:
+    f = r["factors"]
+    lines = [f"sentiment {r['sentiment_score']:+.3f} ({r.get('label', '-')})  confidence "
+             f"{r['confidence']:.2f}  volatility {r['volatility']:.3f}  articles {r['articles']}"
+             f"  range {r['range']}"]  # fmt: skip
+    for s in r["sources"]:
+        lines.append(f"  {s['source']:<10} {s['status']}")
+    if "keywords" in f:
+        lines.append("  keywords   " + ", ".join(f"{k} ×{n}" for k, n in f["keywords"].items()))
+    for k in ("most_positive", "most_negative"):
+        if k in f:
+            lines.append(f"  {k:<14} {f[k]['score']:+.2f}  {f[k]['title']}")
+    return "\n".join(lines)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,12 +23,16 @@ import trio
 
 from vcoind.oracle import TIMEFRAMES, OracleError
 from vcoind.oracle import indicators as ind
-from vcoind.oracle.sources import CoinGecko, Series, SourceError
+from vcoind.oracle.news import NEWSAPI_URL, REDDIT_URL, Article, NewsAPI, Reddit
+from vcoind.oracle.sentiment import RANGES, Classifier, SentimentModel, aggregate
+from vcoind.oracle.sources import CoinGecko, HttpSource, Series, SourceError
 from vcoind.store import OracleStore
 
 log = logging.getLogger("vcoind.oracle")
 
 PRICE_TTL_S = 300.0
+SENTIMENT_TTL_S = 600.0
+NEWS_TTL_S = 1800.0  # news is fetched again after this long
 STALE_S = 3 * 3600.0  # data older than this is flagged stale
 
 
@@ -72,6 +77,12 @@ class OracleSettings:
                                           ("ETH", "ethereum"))  # fmt: skip
     timeout_s: float = 10.0
     retries: int = 3
+    newsapi_url: str = NEWSAPI_URL
+    newsapi_key: str = ""
+    news_query: str = "Qubic"
+    reddit_url: str = REDDIT_URL
+    subreddit: str = "CryptoCurrency"
+    classifier_dir: str = ""  # a FinBERT-style model directory; "" = VADER + keywords
 
 
 class OracleService:
@@ -95,7 +106,21 @@ class OracleService:
             key_header="x-cg-pro-api-key" if settings.api_key else "",
             retries=settings.retries, timeout_s=settings.timeout_s, clock=clock,
         )  # fmt: skip
+        common: dict[str, Any] = {"retries": settings.retries, "timeout_s": settings.timeout_s,
+                                  "clock": clock}  # fmt: skip
+        self.newsapi = NewsAPI(
+            "newsapi",
+            self._client,
+            settings.newsapi_url,
+            api_key=settings.newsapi_key,
+            key_header="x-api-key",
+            **common,
+        )
+        self.reddit = Reddit("reddit", self._client, settings.reddit_url, **common)
         self.price_cache = TTLCache(PRICE_TTL_S, monotonic)
+        self.sentiment_cache = TTLCache(SENTIMENT_TTL_S, monotonic)
+        self.news_cache = TTLCache(NEWS_TTL_S, monotonic)
+        self._model: SentimentModel | None = None
         self._on_cache = on_cache
         self._locks: dict[Any, trio.Lock] = {}
 
@@ -103,13 +128,18 @@ class OracleService:
         await self._client.aclose()
 
     def status(self) -> dict[str, Any]:
+        now = self.clock()
+        caches = {"price_analysis": self.price_cache, "sentiment": self.sentiment_cache,
+                  "news": self.news_cache}  # fmt: skip
         return {
-            "sources": [self.coingecko.status.view(self.clock())],
+            "sources": [s.status.view(now) for s in self._sources()],
             "symbols": sorted(self.coins),
-            "cache": {"price_analysis": {"hits": self.price_cache.hits,
-                                         "misses": self.price_cache.misses,
-                                         "hit_rate": round(self.price_cache.hit_rate, 3)}},
+            "cache": {k: {"hits": c.hits, "misses": c.misses, "hit_rate": round(c.hit_rate, 3)}
+                      for k, c in caches.items()},
         }  # fmt: skip
+
+    def _sources(self) -> list[HttpSource]:
+        return [self.coingecko, self.newsapi, self.reddit]
 
     def coin(self, symbol: str) -> str:
         coin = self.coins.get(symbol.upper())
@@ -135,6 +165,90 @@ class OracleService:
             self.price_cache.put(key, result)
             await self._store.add_analysis(symbol, timeframe, result)
             return result
+
+    async def sentiment(self, range_: str = "24h") -> dict[str, Any]:
+        """The news sentiment index over ``range_`` (1h, 24h, 7d); cached 10 minutes."""
+        if range_ not in RANGES:
+            raise OracleError(f"range must be one of {', '.join(RANGES)}")
+        hit = self.sentiment_cache.get(range_)
+        self._on_cache("sentiment", hit is not None)
+        if hit is not None:
+            return hit
+        async with self._locks.setdefault(("sentiment", range_), trio.Lock()):
+            errors = await self._refresh_news()
+            now = self.clock()
+            rows = await self._store.articles(now - RANGES[range_])
+            articles = [Article(*r) for r in rows]
+            model = await self._sentiment_model()
+            scored = await trio.to_thread.run_sync(model.score, articles)
+            result = aggregate(scored, now, RANGES[range_])
+            method = "VADER" + (" + classifier" if model.classifier else "")
+            sources = [s.status.view(now) for s in (self.newsapi, self.reddit)]
+            result.update(range=range_, computed_at=now, query=self.settings.news_query,
+                          method=method + " + keywords; title 40 %, body 60 %",
+                          sources=sources)  # fmt: skip
+            if errors and not articles:
+                result["note"] = "; ".join(errors)
+            self.sentiment_cache.put(range_, result)
+            await self._store.add_sentiment(range_, result)
+            return result
+
+    async def market_overview(self, symbol: str = "QUBIC") -> dict[str, Any]:
+        """Sentiment over 24 h, the 4 h price analysis, the latest headlines, and a
+        recommendation level from trend, sentiment and risk together."""
+        price = await self.price_analysis(symbol, "4h")
+        senti = await self.sentiment("24h")
+        rows = await self._store.articles(self.clock() - RANGES["24h"])
+        latest = [{"source": r[0], "title": r[1], "url": r[3], "published_at": r[4]}
+                  for r in sorted(rows, key=lambda r: -r[4])[:5]]  # fmt: skip
+        trend = {"up": 1.0, "sideways": 0.0, "down": -1.0}[price["trend"]]
+        signal = 0.5 * trend + 0.5 * senti["sentiment_score"] * max(0.3, senti["confidence"])
+        if price["risk"]["level"] == "high":
+            signal -= 0.25
+        level = ("strong_sell", "sell", "hold", "buy", "strong_buy")[
+            int(np.digitize(signal, [-0.5, -0.15, 0.15, 0.5]))]  # fmt: skip
+        return {
+            "symbol": symbol.upper(), "recommendation": level, "signal": round(signal, 4),
+            "price": {k: price[k] for k in ("price", "trend", "risk", "predictions", "source")},
+            "sentiment": {k: senti[k] for k in ("sentiment_score", "label", "confidence",
+                                                 "articles")},
+            "news": latest,
+            "note": "signal = half price trend, half confidence-weighted sentiment, "
+                    "less 0.25 at high risk; not financial advice",
+        }  # fmt: skip
+
+    async def _refresh_news(self) -> list[str]:
+        """Fetch news and posts unless done within NEWS_TTL_S; store the new ones."""
+        hit = self.news_cache.get("news")
+        self._on_cache("news", hit is not None)
+        if hit is not None:
+            return []
+        errors, fetched = [], 0
+        q = self.settings.news_query
+        fetches: list[Callable[[], Awaitable[list[Article]]]] = [
+            lambda: self.newsapi.articles(q),
+            lambda: self.reddit.posts(q, self.settings.subreddit),
+        ]
+        for fetch in fetches:
+            try:
+                got = await fetch()
+            except SourceError as exc:
+                errors.append(str(exc))
+                continue
+            fetched += await self._store.add_articles(got)
+        log.info("news: %d new articles%s", fetched, f" ({'; '.join(errors)})" if errors else "")
+        self.news_cache.put("news", {"new": fetched})
+        return errors
+
+    async def _sentiment_model(self) -> SentimentModel:
+        if self._model is None:
+            path = self.settings.classifier_dir
+
+            def load() -> SentimentModel:
+                return SentimentModel(Classifier(Path(path)) if path else None)
+
+            self._model = await trio.to_thread.run_sync(load)
+        return self._model
 
     async def _series(self, symbol: str, coin: str, days: int) -> tuple[Series, str | None]:
         """Fresh data when the source answers (and stored), else the stored data."""
