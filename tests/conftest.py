@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from web3 import Web3
 
 from devnet.__main__ import DevNode, start_node, stop_all
+from devnet.chain import ANVIL_DEPLOYER_KEY, Anvil, start_anvil
+from vcoind.chain.cli import DEPLOYER_KEY_ENV
+from vcoind.chain.contracts import Contracts, Deployment
+from vcoind.consensus.outcome import task_id_bytes32
 
 FAST = {"heartbeat": 0.3, "peer_timeout": 3.0, "network": "testnet"}
 
@@ -75,3 +84,53 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
     make_test_model(root / "tiny-qwen2")
     return root
+
+
+# --- a shared anvil chain (tests of anchoring) ------------------------------------
+
+
+@dataclass
+class Chain:
+    anvil: Anvil
+    deployment: Deployment
+    path: Path
+    c: Contracts
+
+    def flags(self) -> list[str]:
+        return ["--chain-rpc", self.anvil.url, "--contracts", str(self.path)]
+
+    def stake(self, address: str) -> int:
+        return int(self.c.staking.functions.stakeOf(address).call())
+
+    def balance(self, address: str) -> int:
+        return int(self.c.token.functions.balanceOf(address).call())
+
+    def anchored_events(self, task_id: str) -> list[Any]:
+        return list(self.c.anchor.events.Anchored().get_logs(
+            from_block=0, argument_filters={"taskId": task_id_bytes32(task_id)}))  # fmt: skip
+
+
+@pytest.fixture
+def chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Chain]:
+    # The daemons (children) read these: stake changes show within half a second, and a
+    # task nobody may bid on fails fast.
+    monkeypatch.setenv("VCOIN_CHAIN_STAKE_REFRESH_S", "0.5")
+    monkeypatch.setenv("VCOIN_CHAIN_RETRY_MAX_S", "3")
+    monkeypatch.setenv("VCOIN_CHAIN_TIMEOUT_S", "3")
+    anvil = start_anvil(free_port(), tmp_path / "anvil.log")
+    try:
+        path = tmp_path / "deployment.json"
+        # Deployed with the command line a user would run.
+        out = subprocess.run(
+            [sys.executable, "-m", "vcoind", "chain", "deploy", "--rpc", anvil.url,
+             "--out", str(path), "--network", "testnet"],
+            env={**os.environ, DEPLOYER_KEY_ENV: ANVIL_DEPLOYER_KEY}, capture_output=True,
+            text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert "TaskAnchor" in out.stdout
+        d = Deployment.read(path)
+        w3 = Web3(Web3.HTTPProvider(anvil.url))
+        yield Chain(anvil, d, path, Contracts.at(w3, d.addresses))
+    finally:
+        anvil.stop()

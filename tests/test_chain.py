@@ -7,27 +7,21 @@ through the daemons' own reports.
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from web3 import Web3
 
-from devnet.__main__ import DevNode, free_port, stake_all
-from devnet.chain import ANVIL_DEPLOYER_KEY, Anvil, fund_nodes, start_anvil
-from tests.conftest import Cluster, wait_until
+from devnet.__main__ import DevNode, stake_all
+from devnet.chain import fund_nodes
+from tests.conftest import Chain, Cluster, wait_until
 from tests.test_consensus_nodes import submit_consensus
 from tests.test_tasks import MODEL, finished, knows_model, serving, submit, task
-from vcoind.chain.cli import DEPLOYER_KEY_ENV
-from vcoind.chain.contracts import E18, Contracts, Deployment
+from vcoind.chain.contracts import E18
 from vcoind.cli import ClientError
-from vcoind.consensus.outcome import task_id_bytes32
 
 pytestmark = pytest.mark.slow
 
@@ -132,53 +126,6 @@ def test_no_chain_and_bad_chain_config_are_clear(cluster: Cluster, tmp_path: Pat
 
 
 # --- anvil ---------------------------------------------------------------------
-
-
-@dataclass
-class Chain:
-    anvil: Anvil
-    deployment: Deployment
-    path: Path
-    c: Contracts
-
-    def flags(self) -> list[str]:
-        return ["--chain-rpc", self.anvil.url, "--contracts", str(self.path)]
-
-    def stake(self, address: str) -> int:
-        return int(self.c.staking.functions.stakeOf(address).call())
-
-    def balance(self, address: str) -> int:
-        return int(self.c.token.functions.balanceOf(address).call())
-
-    def anchored_events(self, task_id: str) -> list[Any]:
-        return list(self.c.anchor.events.Anchored().get_logs(
-            from_block=0, argument_filters={"taskId": task_id_bytes32(task_id)}))  # fmt: skip
-
-
-@pytest.fixture
-def chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Chain]:
-    # The daemons (children) read these: stake changes show within half a second, and a
-    # task nobody may bid on fails fast.
-    monkeypatch.setenv("VCOIN_CHAIN_STAKE_REFRESH_S", "0.5")
-    monkeypatch.setenv("VCOIN_CHAIN_RETRY_MAX_S", "3")
-    monkeypatch.setenv("VCOIN_CHAIN_TIMEOUT_S", "3")
-    anvil = start_anvil(free_port(), tmp_path / "anvil.log")
-    try:
-        path = tmp_path / "deployment.json"
-        # Deployed with the command line a user would run.
-        out = subprocess.run(
-            [sys.executable, "-m", "vcoind", "chain", "deploy", "--rpc", anvil.url,
-             "--out", str(path), "--network", "testnet"],
-            env={**os.environ, DEPLOYER_KEY_ENV: ANVIL_DEPLOYER_KEY}, capture_output=True,
-            text=True, timeout=120,
-        )  # fmt: skip
-        assert out.returncode == 0, out.stderr
-        assert "TaskAnchor" in out.stdout
-        d = Deployment.read(path)
-        w3 = Web3(Web3.HTTPProvider(anvil.url))
-        yield Chain(anvil, d, path, Contracts.at(w3, d.addresses))
-    finally:
-        anvil.stop()
 
 
 def three_on_chain(

@@ -20,7 +20,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Cluster
+from devnet.__main__ import stake_all
+from devnet.chain import fund_nodes
+from tests.conftest import Chain, Cluster, wait_until
 from vcoind.oracle import OracleError
 from vcoind.oracle.service import OracleService, OracleSettings, analyse
 from vcoind.oracle.sources import CoinGecko, SourceError
@@ -200,9 +202,9 @@ def _today(path: str) -> Any:
     return {}
 
 
-@pytest.fixture
-def recorded_api() -> Iterator[dict[str, Any]]:
-    """A real HTTP server on loopback answering CoinGecko paths from the vectors."""
+def start_recorded(scale: float = 1.0) -> tuple[dict[str, Any], http.server.HTTPServer]:
+    """A real HTTP server on loopback answering CoinGecko, NewsAPI and Reddit paths from
+    the vectors; ``scale`` multiplies every price (a manipulated feed)."""
     state: dict[str, Any] = {"up": True, "hits": 0}
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -212,7 +214,10 @@ def recorded_api() -> Iterator[dict[str, Any]]:
                 self.send_response(503)
                 self.end_headers()
                 return
-            body = json.dumps(_today(self.path)).encode()
+            doc = _today(self.path)
+            if scale != 1.0 and "prices" in doc:
+                doc = {**doc, "prices": [[t, p * scale] for t, p in doc["prices"]]}
+            body = json.dumps(doc).encode()
             self.send_response(200)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(body)))
@@ -223,10 +228,21 @@ def recorded_api() -> Iterator[dict[str, Any]]:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     state["root"] = f"http://127.0.0.1:{server.server_address[1]}"
     state["url"] = state["root"] + "/api/v3"
+    return state, server
+
+
+def oracle_toml(api: dict[str, Any]) -> str:
+    return (f'[oracle]\nenabled = true\ncoingecko_url = "{api["url"]}"\nretries = 1\n'
+            f'newsapi_url = "{api["root"]}/v2"\nnewsapi_key = "test-key"\n'
+            f'reddit_url = "{api["root"]}"\n')  # fmt: skip
+
+
+@pytest.fixture
+def recorded_api() -> Iterator[dict[str, Any]]:
+    state, server = start_recorded()
     yield state
     server.shutdown()
 
@@ -238,11 +254,7 @@ def test_daemon_serves_price_analysis_over_rpc_get_and_cli(
     assert "the oracle is off" in str(_rpc_error(n1, "vcoin_oraclePriceAnalysis"))
     n1.proc.terminate()
     n1.proc.wait()
-    (n1.datadir / "config.toml").write_text(
-        f'[oracle]\nenabled = true\ncoingecko_url = "{recorded_api["url"]}"\nretries = 1\n'
-        f'newsapi_url = "{recorded_api["root"]}/v2"\nnewsapi_key = "test-key"\n'
-        f'reddit_url = "{recorded_api["root"]}"\n'
-    )
+    (n1.datadir / "config.toml").write_text(oracle_toml(recorded_api))
     n1 = cluster.start(1)
     a = n1.rpc.call("vcoin_oraclePriceAnalysis", {"symbol": "QUBIC", "timeframe": "1h"})
     assert a["price"] == pytest.approx(CHART["prices"][-1][1]) and a["source"]["status"] == "ok"
@@ -293,3 +305,44 @@ def _rpc_error(node: Any, method: str, params: dict[str, Any] | None = None) -> 
     except Exception as exc:  # the client raises the server's JSON-RPC error
         return exc
     raise AssertionError(f"{method} did not fail")
+
+
+def test_replicated_answer_ignores_a_manipulated_feed_and_is_anchored(
+    cluster: Cluster, chain: Chain, recorded_api: dict[str, Any]
+) -> None:
+    """Three oracle nodes on anvil; node 3 reads a feed with every price 1.5x. The
+    weighted median is the honest price, node 3 is flagged and loses reputation, nodes 1
+    and 2 sign, and the answer is anchored."""
+    bad, bad_server = start_recorded(scale=1.5)
+    try:
+        for i, api in ((1, recorded_api), (2, recorded_api), (3, bad)):
+            (cluster.base / f"node{i}").mkdir(parents=True, exist_ok=True)
+            (cluster.base / f"node{i}" / "config.toml").write_text(oracle_toml(api))
+        n1 = cluster.start(1, extra=chain.flags())
+        nodes = [n1, *(cluster.start(i, bootstrap=n1, extra=chain.flags()) for i in (2, 3))]
+        fund_nodes(chain.anvil.url, chain.deployment, [n.info["eth_address"] for n in nodes])
+        stake_all(nodes, 1000)
+        wait_until(lambda: sum("oracle" in p["services"] for p in n1.rpc.call("vcoin_peers"))
+                   == 2, 20, "node 1 sees two oracle peers")  # fmt: skip
+        r = n1.client(90).call("vcoin_oracleQuery", {"kind": "price", "symbol": "QUBIC",
+                                                     "window": "1h", "replicas": 3})  # fmt: skip
+        honest = CHART["prices"][-1][1]
+        assert r["values"]["price"] == pytest.approx(honest), r
+        n3 = nodes[2].info["peer_id"]
+        assert r["outliers"] == [n3] and r["decision"] == "supermajority", r
+        by = {x["node_id"]: x for x in r["replicas"]}
+        assert by[n3]["values"]["price"] == pytest.approx(1.5 * honest)
+        assert by[n3]["outlier"] and not by[n3]["signed"]
+        assert all(x["signed"] for p, x in by.items() if p != n3)
+        assert len({x["input_hash"] for x in r["replicas"]}) == 2  # node 3 saw other data
+        a = wait_until(
+            lambda: (x := n1.rpc.call("vcoin_getAnchor", {"task_id": r["task_id"]}))
+            and x["status"] in ("anchored", "failed") and x, 60, "the oracle anchor",
+        )  # fmt: skip
+        assert a["status"] == "anchored", a
+        ev = chain.anchored_events(r["task_id"])
+        assert len(ev) == 1 and bytes(ev[0]["args"]["resultHash"]).hex() == r["result_hash"]
+        reps = {p["peer_id"]: p["reputation_score"] for p in n1.rpc.call("vcoin_peers")}
+        assert reps[n3] < 100 <= reps[nodes[1].info["peer_id"]], reps
+    finally:
+        bad_server.shutdown()

@@ -51,6 +51,7 @@ def peer_view(st: PeerState, connected: bool) -> dict[str, Any]:
         "memory_percent": hb.memory_percent,
         "models": [dataclasses.asdict(m) for m in hb.models],
         "spans": [dataclasses.asdict(s) for s in hb.spans],
+        "services": list(hb.services),
         "profile": dataclasses.asdict(hb.profile),
         "queue_length": hb.queue_length,
         "software": hb.software,

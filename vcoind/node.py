@@ -46,8 +46,6 @@ from vcoind.datadir import DataDir, Identity
 from vcoind.market.consensus import Coordinator, Replica, VoteContext
 from vcoind.market.messages import (
     TASK_PROTOCOL,
-    Accepted,
-    Ack,
     Assignments,
     Bid,
     Cancel,
@@ -72,7 +70,15 @@ from vcoind.market.shardwire import SHARD_PROTOCOL, ShardClose, ShardOpen, Shard
 from vcoind.market.votes import CommitsClosed, OutcomeVote, ResultCommitment, ResultReveal
 from vcoind.market.worker import TaskWorker
 from vcoind.metrics import NodeMetrics
+from vcoind.oracle import OracleError
 from vcoind.oracle.api import ORACLE_GET_PATHS, register_oracle_api
+from vcoind.oracle.replicated import (
+    OracleConfirm,
+    OracleQuery,
+    OracleReplica,
+    new_task_id,
+    replicated_query,
+)
 from vcoind.p2p.gossip import Gossip
 from vcoind.p2p.heartbeat import BindingCheck, HeartbeatService
 from vcoind.p2p.host import P2PHost, build_host, running
@@ -94,7 +100,7 @@ log = logging.getLogger("vcoind.node")
 
 TASK_STREAM = StreamProtocol(
     TASK_PROTOCOL,
-    (Assignments, Cancel, Progress, TaskResult),
+    (Assignments, Cancel, Progress, TaskResult, OracleQuery, OracleConfirm),
     max_request_bytes=max(TaskResult.MAX_BYTES, Assignments.MAX_BYTES),
 )
 
@@ -208,6 +214,7 @@ class Node:
         register_consensus_api(self.registry, self)
         register_chain_api(self.registry, self)
         self.oracle: OracleService | None = None
+        self.oracle_replica: OracleReplica | None = None
         if config.oracle.enabled:
             self._wire_oracle()
         register_oracle_api(self.registry, self)
@@ -318,6 +325,10 @@ class Node:
             on_cache=lambda cache, hit: self.metrics.oracle_cache.labels(
                 cache=cache, result="hit" if hit else "miss").inc(),
         )  # fmt: skip
+        self.oracle_replica = OracleReplica(self.oracle, self.config.network,
+                                            bytes(self.identity.eth.key))  # fmt: skip
+        caps = dataclasses.replace(self.heartbeat.capabilities, services=("oracle",))
+        self.heartbeat.capabilities = caps
 
     def _wire_chain(self) -> None:
         cfg, ident = self.config, self.identity
@@ -626,10 +637,10 @@ class Node:
             out.add(me)
         return out
 
-    async def _task_request(self, peer: ID, record: Any) -> Ack | Accepted:
+    async def _task_request(self, peer: ID, record: Any) -> Any:
         return await self._dispatch_task(peer.to_base58(), record)
 
-    async def _dispatch_task(self, peer: str, record: Any) -> Ack | Accepted:
+    async def _dispatch_task(self, peer: str, record: Any) -> Any:
         if isinstance(record, Assignments):
             return await self.worker.on_assignments(peer, record)
         if isinstance(record, Cancel):
@@ -638,7 +649,43 @@ class Node:
             return await self.origin.on_progress(peer, record)
         if isinstance(record, TaskResult):
             return await self.origin.on_result(peer, record)
+        if isinstance(record, OracleQuery | OracleConfirm):
+            if self.oracle_replica is None:
+                raise StreamProtocolError("this node does not run the oracle")
+            if isinstance(record, OracleQuery):
+                return await self.oracle_replica.on_query(record)
+            return await self.oracle_replica.on_confirm(record)
         raise StreamProtocolError(f"unexpected {type(record).__name__}")
+
+    async def oracle_query(
+        self, kind: str, symbol: str, window: str, replicas: int
+    ) -> dict[str, Any]:
+        """An oracle answer from ``replicas`` oracle nodes (this one first), combined,
+        signed and, with a chain, anchored; see ``vcoind.oracle.replicated``."""
+        mine = [self.identity.peer_id] if self.oracle is not None else []
+        others = [st.peer_id for st in self.peers.peers() if "oracle" in st.heartbeat.services]
+        reps = await self.consensus_store.reputations(others, DEFAULT_REPUTATION)
+        others.sort(key=lambda p: (-reps[p], p))
+        chosen = (mine + others)[:replicas]
+        if len(chosen) < 2:
+            raise OracleError(f"{len(chosen)} oracle node(s) known; a replicated answer needs 2")
+        q = OracleQuery(new_task_id(), kind, symbol.upper() if kind == "price" else "", window)
+        answer, sigs, out, decision = await replicated_query(
+            q, chosen, self.task_send,
+            lambda peers: self.consensus_store.reputations(peers, DEFAULT_REPUTATION),
+            self.consensus_store.adjust_reputation,
+        )  # fmt: skip
+        answer["anchor"] = None
+        if self.chain is not None and self.config.chain.anchor and decision != "none":
+            signed = [(p, self._eth_address_of(p) or "", s) for p, s in sigs]
+            await self._on_settled(Settled(
+                q.task_id, answer["model_id"], bytes.fromhex(answer["result_hash"]), decision,
+                signed, len(chosen), out, False, 0, 0.0,
+            ))  # fmt: skip
+            answer["anchor"] = f"anchor:{q.task_id} (vcoin_getAnchor)"
+        log.info("oracle %s %s %s: %s, %d signed, outliers %s", kind, q.symbol, window,
+                 decision, len(sigs), [p[-6:] for p in out] or "none")  # fmt: skip
+        return answer
 
     async def task_send(self, peer: str, record: Any, reply_type: type[Any]) -> Any:
         """A task-protocol request to ``peer``; to ourselves it is a plain call."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from vcoind.oracle import TIMEFRAMES, OracleError
-from vcoind.rpc import ORACLE_ERROR, MethodRegistry, Param, RPCError
+from vcoind.rpc import INVALID_PARAMS, ORACLE_ERROR, MethodRegistry, Param, RPCError
 from vcoind.rpc import RPCMethod as M
 
 if TYPE_CHECKING:
@@ -74,6 +74,34 @@ def register_oracle_api(reg: MethodRegistry, node: Node) -> None:
         (Param("symbol", {"type": "string", "minLength": 1, "maxLength": 16},
                default="QUBIC"),),
         OBJ, overview,
+    ))  # fmt: skip
+
+    async def query(params: dict[str, Any]) -> dict[str, Any]:
+        kind = params["kind"]
+        window = params["window"] or ("4h" if kind == "price" else "24h")
+        valid = TIMEFRAMES if kind == "price" else ("1h", "24h", "7d")
+        if window not in valid:
+            raise RPCError(INVALID_PARAMS, f"window: one of {', '.join(valid)} for {kind}")
+        try:
+            return await node.oracle_query(kind, params["symbol"], window, params["replicas"])
+        except OracleError as exc:
+            raise RPCError(ORACLE_ERROR, str(exc)) from None
+
+    reg.add(M(
+        "vcoin_oracleQuery",
+        "An oracle answer computed by several nodes (each fetches on its own), combined by "
+        "a reputation-weighted median with outlier rejection, signed by the agreeing nodes "
+        "and anchored on the chain; outliers lose reputation.",
+        (
+            Param("kind", {"enum": ["price", "sentiment"]}, default="price"),
+            Param("symbol", {"type": "string", "minLength": 1, "maxLength": 16},
+                  default="QUBIC"),
+            Param("window", {"type": "string", "maxLength": 8}, default="",
+                  description="timeframe (price: 1h, 4h, 1d) or range (sentiment: 1h, 24h, "
+                  "7d)"),
+            Param("replicas", {"type": "integer", "minimum": 2, "maximum": 5}, default=3),
+        ),
+        OBJ, query,
     ))  # fmt: skip
     reg.add(M("vcoin_oracleStatus", "The oracle's sources (status, age of their last good "
               "data), symbols and cache hit rates.", (), OBJ, status))  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -21,8 +22,15 @@ def add_oracle_commands(sub: Any) -> None:
     p.add_argument("--symbol", default="QUBIC", help="a symbol of oracle.coins (default QUBIC)")
     p.add_argument("--timeframe", choices=tuple(TIMEFRAMES), default="4h",
                    help="candle size (default 4h)")  # fmt: skip
+    for q in (p,):
+        q.add_argument("--replicas", type=int, help="ask this many oracle nodes (2-5): "
+                       "weighted median, outliers flagged, anchored")  # fmt: skip
+        q.add_argument("--anchor", action="store_true",
+                       help="(with --replicas) wait for the anchor and print it")  # fmt: skip
     s = os_.add_parser("sentiment", help="news sentiment index, confidence, factors")
     s.add_argument("--range", choices=("1h", "24h", "7d"), default="24h")
+    s.add_argument("--replicas", type=int, help="ask this many oracle nodes (2-5)")
+    s.add_argument("--anchor", action="store_true", help="(with --replicas) wait for it")
     v = os_.add_parser("overview", help="sentiment + price + headlines, recommendation")
     v.add_argument("--symbol", default="QUBIC")
     os_.add_parser("status", help="sources (status, age of the last good data), caches")
@@ -52,6 +60,14 @@ def fmt_price(r: dict[str, Any]) -> str:
 
 
 def run_oracle_command(ns: argparse.Namespace, client: _Client) -> tuple[Any, Callable[[Any], str]]:
+    if ns.oracle_action in ("price", "sentiment") and ns.replicas:
+        kind = ns.oracle_action
+        window = ns.timeframe if kind == "price" else ns.range
+        r = client.call("vcoin_oracleQuery", {"kind": kind, "symbol": getattr(ns, "symbol",
+                        "QUBIC"), "window": window, "replicas": ns.replicas})  # fmt: skip
+        if ns.anchor and r.get("anchor"):
+            r["anchor"] = _wait_anchor(client, r["task_id"])
+        return r, lambda r: json.dumps(r, indent=2)
     if ns.oracle_action == "price":
         params = {"symbol": ns.symbol, "timeframe": ns.timeframe}
         return client.call("vcoin_oraclePriceAnalysis", params), fmt_price
@@ -61,6 +77,15 @@ def run_oracle_command(ns: argparse.Namespace, client: _Client) -> tuple[Any, Ca
         r = client.call("vcoin_oracleMarketOverview", {"symbol": ns.symbol})
         return r, lambda r: json.dumps(r, indent=2)
     return client.call("vcoin_oracleStatus"), lambda r: json.dumps(r, indent=2)
+
+
+def _wait_anchor(client: _Client, task_id: str, timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        a = client.call("vcoin_getAnchor", {"task_id": task_id})
+        if a.get("status") in ("anchored", "failed") or time.monotonic() > deadline:
+            return a
+        time.sleep(0.5)
 
 
 def fmt_sentiment(r: dict[str, Any]) -> str:

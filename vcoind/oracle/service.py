@@ -9,6 +9,8 @@ fails with the source's error. Nothing here blocks the trio thread on I/O.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
@@ -182,6 +184,8 @@ class OracleService:
             model = await self._sentiment_model()
             scored = await trio.to_thread.run_sync(model.score, articles)
             result = aggregate(scored, now, RANGES[range_])
+            keys = sorted(f"{a.key}:{a.published_at}" for a in articles)
+            result["input_hash"] = hashlib.sha256("\n".join(keys).encode()).hexdigest()
             method = "VADER" + (" + classifier" if model.classifier else "")
             sources = [s.status.view(now) for s in (self.newsapi, self.reddit)]
             result.update(range=range_, computed_at=now, query=self.settings.news_query,
@@ -272,6 +276,8 @@ class OracleService:
         series, error = await self._series(symbol, coin, days)
         now = self.clock()
         result = await trio.to_thread.run_sync(analyse, series, step, now)
+        inputs = json.dumps([series.ts, series.prices], separators=(",", ":"))
+        result["input_hash"] = hashlib.sha256(inputs.encode()).hexdigest()
         src = self.coingecko.status.view(now)
         if error is not None:
             src["status"] = error

@@ -44,6 +44,7 @@ class Capabilities:
     models: tuple[ModelServed, ...] = ()
     spans: tuple[LayerSpan, ...] = ()
     queue_length: int = 0
+    services: tuple[str, ...] = ()  # e.g. "oracle"
 
 
 def adaptive_interval(base: float, peer_count: int) -> float:
@@ -122,6 +123,7 @@ class HeartbeatService:
             memory_percent=min(100.0, sample.memory_percent),
             models=caps.models,
             spans=caps.spans,
+            services=caps.services,
             profile=self._profile,
             queue_length=caps.queue_length,
             health=self._health(sample),

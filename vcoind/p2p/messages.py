@@ -101,6 +101,10 @@ class Heartbeat(Message):
     queue_length: int = field(default=0, metadata=lim(min=0, max=1_000_000))
     health: float = field(default=1.0, metadata=lim(min=0, max=1))
     software: str = field(default="", metadata=lim(max_len=64))
+    # Extra services the node answers (``oracle``: replicated oracle queries).
+    services: tuple[str, ...] = field(
+        default=(), metadata=lim(max_len=8, items={"max_len": 32, "pattern": r"[a-z0-9_-]+"})
+    )
 
 
 def binding_text(network: str, peer_id: str, eth_address: str) -> str:

@@ -1,0 +1,278 @@
+"""Oracle answers agreed by several nodes.
+
+The node asked (the origin) sends an ``OracleQuery`` to ``k`` nodes that run the oracle
+(itself included): each fetches and computes on its own and reports its numbers and the
+hash of its inputs. The origin combines each number by a reputation-weighted median;
+a replica whose key number (the price, or the sentiment score) is further from the
+median than the tolerance (the larger of 2 % — 0.05 for a sentiment score — and three
+scaled median absolute deviations) is an outlier. The others receive the combined
+answer (``OracleConfirm``), check it against their own, and sign the outcome digest of
+the consensus issue; outliers lose reputation. With a chain, the answer's hash and the
+signatures are anchored through ``TaskAnchor`` like any task (model id: the hash of the
+query, e.g. ``oracle:price:QUBIC:4h``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import trio
+
+from vcoind.consensus.outcome import outcome_digest, sign_outcome
+from vcoind.consensus.reputation import updated_reputation
+from vcoind.market.messages import TASK_ID_RE
+from vcoind.oracle import OracleError
+from vcoind.p2p.codec import Message, lim, message
+
+log = logging.getLogger("vcoind.oracle")
+
+FIELDS = {
+    "price": ("price", "rsi_14", "sma_20"),
+    "sentiment": ("sentiment_score", "confidence"),
+}
+TOLERANCE = {"price": 0.02, "sentiment": 0.05}  # relative for price, absolute for scores
+QUERY_TIMEOUT_S = 30.0
+
+
+@message
+@dataclass(frozen=True)
+class OracleQuery(Message):
+    KIND: ClassVar[str] = "oracle_query"
+    MAX_BYTES: ClassVar[int] = 1024
+
+    task_id: str = field(metadata=lim(pattern=TASK_ID_RE, max_len=32))
+    # ("kind" is the envelope's own key)
+    subject: str = field(metadata=lim(pattern=r"price|sentiment", max_len=16))
+    symbol: str = field(default="", metadata=lim(max_len=16))
+    window: str = field(default="", metadata=lim(max_len=8))  # timeframe or range
+
+
+@message
+@dataclass(frozen=True)
+class OracleReport(Message):
+    KIND: ClassVar[str] = "oracle_report"
+    MAX_BYTES: ClassVar[int] = 2048
+
+    task_id: str = field(metadata=lim(pattern=TASK_ID_RE, max_len=32))
+    values: tuple[float, ...] = field(default=(), metadata=lim(max_len=8))
+    input_hash: bytes = field(default=b"", metadata=lim(max_len=32))
+    error: str = field(default="", metadata=lim(max_len=512))
+
+
+@message
+@dataclass(frozen=True)
+class OracleConfirm(Message):
+    KIND: ClassVar[str] = "oracle_confirm"
+    MAX_BYTES: ClassVar[int] = 2048
+
+    query: OracleQuery
+    values: tuple[float, ...] = field(metadata=lim(max_len=8))
+    result_hash: bytes = field(metadata=lim(exact_len=32, max_len=32))
+    model_id: str = field(metadata=lim(max_len=80))
+    decision: str = field(metadata=lim(max_len=16))
+
+
+@message
+@dataclass(frozen=True)
+class OracleSignature(Message):
+    KIND: ClassVar[str] = "oracle_signature"
+    MAX_BYTES: ClassVar[int] = 1024
+
+    task_id: str = field(metadata=lim(pattern=TASK_ID_RE, max_len=32))
+    signature: bytes = field(default=b"", metadata=lim(max_len=65))  # empty: declined
+    reason: str = field(default="", metadata=lim(max_len=512))
+
+
+def query_model_id(q: OracleQuery) -> str:
+    """What the anchor's model id names for an oracle answer: the query itself."""
+    name = f"oracle:{q.subject}:{q.symbol}:{q.window}"
+    return "sha256:" + hashlib.sha256(name.encode()).hexdigest()
+
+
+def result_hash(q: OracleQuery, values: Sequence[float]) -> bytes:
+    canon = json.dumps({"kind": q.subject, "symbol": q.symbol, "window": q.window,
+                        "values": [round(v, 12) for v in values]}, sort_keys=True)  # fmt: skip
+    return hashlib.sha256(canon.encode()).digest()
+
+
+def weighted_median(xs: Sequence[float], ws: Sequence[float]) -> float:
+    pairs = sorted(zip(xs, ws, strict=True))
+    total = sum(w for _, w in pairs)
+    acc = 0.0
+    for x, w in pairs:
+        acc += w
+        if acc >= total / 2:
+            return x
+    return pairs[-1][0]
+
+
+def outliers(kind: str, xs: Sequence[float], ws: Sequence[float]) -> list[bool]:
+    """Which of ``xs`` are further from their weighted median than the tolerance."""
+    m = weighted_median(xs, ws)
+    mad = sorted(abs(x - m) for x in xs)[len(xs) // 2]
+    if kind == "price":
+        tol = max(TOLERANCE["price"] * abs(m), 3 * 1.4826 * mad)
+    else:
+        tol = max(TOLERANCE["sentiment"], 3 * 1.4826 * mad)
+    return [abs(x - m) > tol for x in xs]
+
+
+def within(kind: str, mine: float, combined: float) -> bool:
+    tol = TOLERANCE[kind] * (abs(combined) if kind == "price" else 1.0)
+    return abs(mine - combined) <= 2 * tol
+
+
+def _decision(agreeing: int, k: int) -> str:
+    if agreeing * 3 >= k * 2:
+        return "supermajority"
+    return "majority" if agreeing * 2 > k else "none"
+
+
+@dataclass
+class OracleReplica:
+    """The replica side: answers queries from the node's own oracle service."""
+
+    service: Any  # vcoind.oracle.service.OracleService
+    network: str
+    eth_key: bytes
+    mine: dict[str, tuple[float, ...]] = field(default_factory=dict)  # task -> own values
+
+    async def compute(self, q: OracleQuery) -> tuple[tuple[float, ...], bytes]:
+        if q.subject == "price":
+            r = await self.service.price_analysis(q.symbol, q.window or "4h")
+            raw = {"price": r["price"], **r["indicators"]}
+        else:
+            r = await self.service.sentiment(q.window or "24h")
+            raw = r
+        values = tuple(raw[f] for f in FIELDS[q.subject])
+        if any(v is None or not math.isfinite(v) for v in values):
+            raise OracleError(f"not enough data for {', '.join(FIELDS[q.subject])}")
+        return tuple(float(v) for v in values), bytes.fromhex(r["input_hash"])
+
+    async def on_query(self, q: OracleQuery) -> OracleReport:
+        try:
+            values, inputs = await self.compute(q)
+        except OracleError as exc:
+            return OracleReport(q.task_id, error=str(exc)[:500])
+        self.mine[q.task_id] = values
+        if len(self.mine) > 1000:
+            self.mine.pop(next(iter(self.mine)))
+        return OracleReport(q.task_id, values, inputs)
+
+    async def on_confirm(self, c: OracleConfirm) -> OracleSignature:
+        q = c.query
+        own = self.mine.get(q.task_id)
+        if own is None:
+            return OracleSignature(q.task_id, reason="no report of ours for this query")
+        if not within(q.subject, own[0], c.values[0]):
+            return OracleSignature(q.task_id, reason=f"{own[0]:.6g} is far from {c.values[0]:.6g}")
+        if c.result_hash != result_hash(q, c.values) or c.model_id != query_model_id(q):
+            return OracleSignature(q.task_id, reason="the result hash does not match the values")
+        digest = outcome_digest(self.network, q.task_id, c.result_hash, c.model_id, c.decision)
+        return OracleSignature(q.task_id, sign_outcome(self.eth_key, digest))
+
+
+@dataclass(frozen=True)
+class Reply:
+    peer: str
+    values: tuple[float, ...]
+    input_hash: str
+    weight: float
+    outlier: bool
+
+
+async def replicated_query(
+    q: OracleQuery,
+    peers: Sequence[str],
+    send: Callable[[str, Any, type[Any]], Awaitable[Any]],
+    reputations: Callable[[list[str]], Awaitable[dict[str, float]]],
+    adjust: Callable[[str, Callable[[float], float]], Awaitable[Any]],
+) -> tuple[dict[str, Any], list[tuple[str, bytes]], list[str], str]:
+    """Ask ``peers``, combine, confirm. Returns (the answer, [(peer, signature)] of the
+    agreeing replicas, outlier peers, decision)."""
+    reports: dict[str, OracleReport] = {}
+    errors: dict[str, str] = {}
+
+    async def ask(peer: str) -> None:
+        try:
+            with trio.fail_after(QUERY_TIMEOUT_S):
+                r = await send(peer, q, OracleReport)
+        except Exception as exc:  # a peer that fails or vanishes is left out
+            errors[peer] = f"{type(exc).__name__}: {exc}"[:200]
+            return
+        if r.error or len(r.values) != len(FIELDS[q.subject]) or len(r.input_hash) != 32:
+            errors[peer] = r.error or "malformed report"
+        elif not all(math.isfinite(v) for v in r.values):
+            errors[peer] = "non-finite values"
+        else:
+            reports[peer] = r
+
+    async with trio.open_nursery() as nursery:
+        for p in peers:
+            nursery.start_soon(ask, p)
+    if len(reports) < 2:
+        raise OracleError(f"{len(reports)} of {len(peers)} oracle nodes answered: "
+                          f"{'; '.join(f'{p[-6:]}: {e}' for p, e in errors.items())}")  # fmt: skip
+    ids = sorted(reports)
+    reps = await reputations(ids)
+    ws = [max(reps.get(p, 100.0), 1e-6) for p in ids]
+    flags = outliers(q.subject, [reports[p].values[0] for p in ids], ws)
+    keep = [i for i, f in enumerate(flags) if not f]
+    combined = tuple(
+        weighted_median([reports[ids[i]].values[j] for i in keep], [ws[i] for i in keep])
+        for j in range(len(FIELDS[q.subject]))
+    )
+    decision = _decision(len(keep), len(peers))
+    rhash = result_hash(q, combined)
+    model_id = query_model_id(q)
+    signatures: list[tuple[str, bytes]] = []
+    if decision != "none":
+        confirm = OracleConfirm(q, combined, rhash, model_id, decision)
+
+        async def sign(peer: str) -> None:
+            try:
+                with trio.fail_after(QUERY_TIMEOUT_S):
+                    s = await send(peer, confirm, OracleSignature)
+            except Exception as exc:
+                log.info("oracle %s: no signature from %s: %s", q.task_id, peer, exc)
+                return
+            if s.signature:
+                signatures.append((peer, s.signature))
+            else:
+                log.info("oracle %s: %s declined: %s", q.task_id, peer, s.reason)
+
+        async with trio.open_nursery() as nursery:
+            for i in keep:
+                nursery.start_soon(sign, ids[i])
+    out = [ids[i] for i, f in enumerate(flags) if f]
+    for i, p in enumerate(ids):
+        await adjust(p, functools.partial(_moved, "outvoted" if flags[i] else "agreed"))
+    answer = {
+        "task_id": q.task_id, "kind": q.subject, "symbol": q.symbol, "window": q.window,
+        "values": dict(zip(FIELDS[q.subject], combined, strict=True)),
+        "decision": decision, "result_hash": rhash.hex(), "model_id": model_id,
+        "agreeing_weight": round(sum(ws[i] for i in keep) / sum(ws), 4),
+        "replicas": [{"node_id": p, "values": dict(zip(FIELDS[q.subject], reports[p].values,
+                                                       strict=True)),
+                      "input_hash": reports[p].input_hash.hex(), "weight": ws[i],
+                      "outlier": flags[i], "signed": any(s[0] == p for s in signatures)}
+                     for i, p in enumerate(ids)],
+        "failed": errors, "outliers": out,
+    }  # fmt: skip
+    return answer, signatures, out, decision
+
+
+def _moved(event: str, reputation: float) -> float:
+    return updated_reputation(reputation, event)
+
+
+def new_task_id() -> str:
+    return secrets.token_hex(16)
