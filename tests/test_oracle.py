@@ -115,7 +115,8 @@ async def service(tmp_path: Path, transport: httpx.MockTransport) -> tuple[Oracl
     await store.open()
     clock = {"t": 1000.0}
     svc = OracleService(
-        OracleSettings("https://api.example/api/v3", retries=0), OracleStore(store),
+        OracleSettings("https://api.example/api/v3", retries=0, min_interval_s=0),
+        OracleStore(store),
         transport=transport, clock=lambda: END + clock["t"] - 400, monotonic=lambda: clock["t"],
     )  # fmt: skip
     return svc, clock
@@ -236,6 +237,7 @@ def start_recorded(scale: float = 1.0) -> tuple[dict[str, Any], http.server.HTTP
 
 def oracle_toml(api: dict[str, Any]) -> str:
     return (f'[oracle]\nenabled = true\ncoingecko_url = "{api["url"]}"\nretries = 1\n'
+            "quote_poll_s = 0\nnews_poll_s = 0\nmin_interval_s = 0.1\n"
             f'newsapi_url = "{api["root"]}/v2"\nnewsapi_key = "test-key"\n'
             f'reddit_url = "{api["root"]}"\n')  # fmt: skip
 
@@ -346,3 +348,23 @@ def test_replicated_answer_ignores_a_manipulated_feed_and_is_anchored(
         assert reps[n3] < 100 <= reps[nodes[1].info["peer_id"]], reps
     finally:
         bad_server.shutdown()
+
+
+async def test_client_side_rate_limit_and_quote_polling(tmp_path: Path) -> None:
+    doc_price = json.loads((VECTORS / "simple_price_bitcoin.json").read_text())
+    sleeps = Sleeps()
+    cg = source(replay({"/simple/price": doc_price}), sleeps, min_interval_s=5.0)
+    await cg.quote("bitcoin")
+    await cg.quote("bitcoin")  # at once: waits out the rest of the 5 s
+    assert len(sleeps.calls) == 1 and 4.9 < sleeps.calls[0] <= 5.0
+    store = Store(tmp_path / "vcoin.db")
+    await store.open()
+    svc = OracleService(
+        OracleSettings("https://api.example/api/v3", coins=(("BTC", "bitcoin"),),
+                       min_interval_s=0),
+        OracleStore(store), transport=replay({"/simple/price": doc_price}),
+    )  # fmt: skip
+    assert await svc.poll_quotes() == 1
+    rows = await OracleStore(store).points("BTC", "coingecko/quote", 1e9)
+    assert rows[0][:3] == (1711356300.0, 67187.3358936566, 31260929299.5248)
+    await svc.aclose()

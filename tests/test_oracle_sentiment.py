@@ -190,6 +190,7 @@ async def test_sentiment_service_caches_and_survives_a_dead_source(
             retries=0,
             newsapi_url="https://n.example/v2",
             newsapi_key="k",
+            min_interval_s=0,
             reddit_url="https://r.example",
             classifier_dir=str(classifier_dir),
         ),

@@ -151,6 +151,9 @@ class OracleConfig:
     # A FinBERT-style classifier directory (labels positive/negative/neutral) whose
     # score is averaged with VADER's; "" = VADER and the keyword dictionary only.
     classifier_dir: str = ""
+    min_interval_s: float = 2.0  # per source: at most one request this often
+    quote_poll_s: float = 300.0  # every coin's quote is stored this often (0 = off)
+    news_poll_s: float = 3600.0  # news and posts are fetched this often (0 = off)
 
 
 @dataclass(frozen=True)
@@ -420,6 +423,9 @@ def validate(cfg: Config) -> Config:
         sym, eq, coin = spec.partition("=")
         if not eq or not sym.strip() or not coin.strip():
             raise ConfigError("oracle.coins", f"expected SYMBOL=coingecko-id, got {spec!r}")
+    for key in ("min_interval_s", "quote_poll_s", "news_poll_s"):
+        if not 0 <= getattr(o, key) <= 86_400:
+            raise ConfigError(f"oracle.{key}", "must be between 0 and 86400")
     if not 0.1 <= o.timeout_s <= 600 or not 0 <= o.retries <= 10:
         raise ConfigError("oracle.timeout_s", "timeout_s 0.1..600, retries 0..10")
     if cfg.rpc.max_body_bytes < 1024:

@@ -316,9 +316,13 @@ class Node:
         o = self.config.oracle
         coins = tuple((a.strip(), b.strip()) for a, _, b in (c.partition("=") for c in o.coins))
         settings = OracleSettings(
-            o.coingecko_url, o.api_key, coins, o.timeout_s, o.retries, o.newsapi_url,
-            o.newsapi_key, o.news_query, o.reddit_url, o.subreddit,
-            str(Path(o.classifier_dir).expanduser()) if o.classifier_dir else "",
+            coingecko_url=o.coingecko_url, api_key=o.api_key, coins=coins,
+            timeout_s=o.timeout_s, retries=o.retries, newsapi_url=o.newsapi_url,
+            newsapi_key=o.newsapi_key, news_query=o.news_query, reddit_url=o.reddit_url,
+            subreddit=o.subreddit,
+            classifier_dir=str(Path(o.classifier_dir).expanduser()) if o.classifier_dir else "",
+            min_interval_s=o.min_interval_s, quote_poll_s=o.quote_poll_s,
+            news_poll_s=o.news_poll_s,
         )  # fmt: skip
         self.oracle = OracleService(
             settings, OracleStore(self.store),
@@ -780,6 +784,8 @@ class Node:
                 for row in await self.store.list_peers():
                     self.keeper.learn(row.peer_id, row.addrs)
                 self._nursery = nursery
+                if self.oracle is not None:
+                    await nursery.start(self.oracle.run)
                 if self.chain is not None:
                     try:
                         await nursery.start(self.chain.run)

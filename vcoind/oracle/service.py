@@ -85,6 +85,9 @@ class OracleSettings:
     reddit_url: str = REDDIT_URL
     subreddit: str = "CryptoCurrency"
     classifier_dir: str = ""  # a FinBERT-style model directory; "" = VADER + keywords
+    min_interval_s: float = 2.0  # per source (CoinGecko's free tier: 30 calls a minute)
+    quote_poll_s: float = 300.0  # quotes of every coin stored this often (0 = off)
+    news_poll_s: float = 3600.0  # news fetched this often (0 = off; also on demand)
 
 
 class OracleService:
@@ -107,9 +110,12 @@ class OracleService:
             "coingecko", self._client, settings.coingecko_url, api_key=settings.api_key,
             key_header="x-cg-pro-api-key" if settings.api_key else "",
             retries=settings.retries, timeout_s=settings.timeout_s, clock=clock,
+            min_interval_s=settings.min_interval_s,
         )  # fmt: skip
-        common: dict[str, Any] = {"retries": settings.retries, "timeout_s": settings.timeout_s,
-                                  "clock": clock}  # fmt: skip
+        common: dict[str, Any] = {
+            "retries": settings.retries, "timeout_s": settings.timeout_s, "clock": clock,
+            "min_interval_s": settings.min_interval_s,
+        }  # fmt: skip
         self.newsapi = NewsAPI(
             "newsapi",
             self._client,
@@ -128,6 +134,40 @@ class OracleService:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Poll: every coin's quote each ``quote_poll_s`` (stored in ``market_data``), news
+        each ``news_poll_s``. Failures are logged and shown in the sources' status."""
+        task_status.started()
+        s = self.settings
+        next_quote = next_news = trio.current_time()
+        while True:
+            now = trio.current_time()
+            if s.quote_poll_s and now >= next_quote:
+                next_quote = now + s.quote_poll_s
+                await self.poll_quotes()
+            if s.news_poll_s and now >= next_news:
+                next_news = now + s.news_poll_s
+                await self._refresh_news()
+            waits = [t for t, on in ((next_quote, s.quote_poll_s), (next_news, s.news_poll_s))
+                     if on]  # fmt: skip
+            if not waits:
+                return
+            await trio.sleep_until(min(waits))
+
+    async def poll_quotes(self) -> int:
+        """Store the current quote of every coin; how many were stored."""
+        stored = 0
+        for symbol, coin in self.coins.items():
+            try:
+                q = await self.coingecko.quote(coin)
+            except SourceError as exc:
+                log.info("quote %s: %s", symbol, exc)
+                continue
+            point = (q.updated_at, q.price, q.volume_24h)
+            await self._store.add_points(symbol, "coingecko/quote", [point], q.market_cap)
+            stored += 1
+        return stored
 
     def status(self) -> dict[str, Any]:
         now = self.clock()

@@ -63,12 +63,15 @@ class HttpSource:
     retries: int = 3
     backoff_s: float = 1.0
     timeout_s: float = 10.0
+    min_interval_s: float = 0.0  # client-side rate limit: at most one request this often
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], Awaitable[None]] = trio.sleep
     status: SourceStatus = field(init=False)
 
     def __post_init__(self) -> None:
         self.status = SourceStatus(self.name)
+        self._next_at = 0.0  # (trio clock) the earliest the next request may go out
+        self._gate = trio.Lock()
 
     async def get_json(self, path: str, params: dict[str, Any] | None = None) -> Any:
         headers = {"accept": "application/json"}
@@ -78,6 +81,7 @@ class HttpSource:
         self.status.last_try_at = self.clock()
         error = "no attempt"
         for attempt in range(self.retries + 1):
+            await self._pace()
             self.status.requests += 1
             delay = self.backoff_s * 2**attempt
             try:
@@ -108,6 +112,15 @@ class HttpSource:
             if attempt < self.retries:
                 await self.sleep(delay)
         self._fail(error)
+
+    async def _pace(self) -> None:
+        if self.min_interval_s <= 0:
+            return
+        async with self._gate:
+            wait = self._next_at - trio.current_time()
+            if wait > 0:
+                await self.sleep(wait)
+            self._next_at = trio.current_time() + self.min_interval_s
 
     def _fail(self, error: str) -> NoReturn:
         self.status.ok, self.status.error = False, error
