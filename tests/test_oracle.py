@@ -298,6 +298,13 @@ def test_daemon_serves_price_analysis_over_rpc_get_and_cli(
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0 and "sentiment" in out.stdout and "newsapi" in out.stdout
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys; from vcoind.cli import client_main; "
+         "sys.exit(client_main())", "--datadir", str(n1.datadir), "oracle", "overview"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("QUBIC: ") and "signal" in out.stdout and "news " in out.stdout
     assert n1.proc.poll() is None
 
 

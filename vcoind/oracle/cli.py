@@ -74,8 +74,7 @@ def run_oracle_command(ns: argparse.Namespace, client: _Client) -> tuple[Any, Ca
     if ns.oracle_action == "sentiment":
         return client.call("vcoin_oracleSentiment", {"range": ns.range}), fmt_sentiment
     if ns.oracle_action == "overview":
-        r = client.call("vcoin_oracleMarketOverview", {"symbol": ns.symbol})
-        return r, lambda r: json.dumps(r, indent=2)
+        return client.call("vcoin_oracleMarketOverview", {"symbol": ns.symbol}), fmt_overview
     return client.call("vcoin_oracleStatus"), lambda r: json.dumps(r, indent=2)
 
 
@@ -86,6 +85,19 @@ def _wait_anchor(client: _Client, task_id: str, timeout: float = 60.0) -> Any:
         if a.get("status") in ("anchored", "failed") or time.monotonic() > deadline:
             return a
         time.sleep(0.5)
+
+
+def fmt_overview(r: dict[str, Any]) -> str:
+    p, s = r["price"], r["sentiment"]
+    lines = [
+        f"{r['symbol']}: {r['recommendation']} (signal {r['signal']:+.3f})",
+        f"  price      {p['price']:.6g}  trend {p['trend']}  risk {p['risk']['level']}",
+        f"  sentiment  {s['sentiment_score']:+.3f} ({s['label']})  confidence "
+        f"{s['confidence']:.2f}  articles {s['articles']}",
+    ]
+    lines += [f"  news       {n['source']}: {n['title']}" for n in r["news"]]
+    lines.append(f"  ({r['note']})")
+    return "\n".join(lines)
 
 
 def fmt_sentiment(r: dict[str, Any]) -> str:
