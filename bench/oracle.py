@@ -12,65 +12,18 @@ Seed targets: sentiment < 2 s, price < 1 s, overview < 3 s.
 from __future__ import annotations
 
 import argparse
-import http.server
-import json
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from devnet.__main__ import DevNode, start_node, stop_all, wait_for_mesh
-
-VECTORS = Path(__file__).resolve().parent.parent / "tests" / "vectors"
-
-
-NEWEST = 1795597200.0  # the recorded news' newest item (2026-11-25T09:00Z)
-
-
-def shift() -> float:
-    return time.time() - 3600 - NEWEST
-
-
-def recorded(path: str) -> Any:
-    if "/market_chart" in path:
-        return json.loads((VECTORS / "coingecko" / "market_chart_qubic_30d.json").read_text())
-    if "/everything" in path:
-        doc = json.loads((VECTORS / "news" / "newsapi_everything_qubic.json").read_text())
-        for a in doc["articles"]:  # the stories are about "now": the newest an hour old
-            t = datetime.fromisoformat(a["publishedAt"].replace("Z", "+00:00")).timestamp()
-            a["publishedAt"] = datetime.fromtimestamp(t + shift(), UTC).isoformat()
-        return doc
-    if "/search.json" in path:
-        doc = json.loads((VECTORS / "news" / "reddit_search_qubic.json").read_text())
-        for c in doc["data"]["children"]:
-            c["data"]["created_utc"] += shift()
-        return doc
-    return {}
-
-
-def serve() -> tuple[str, http.server.HTTPServer]:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = json.dumps(recorded(self.path)).encode()
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}", server
+from devnet.replay import RecordedAPI
 
 
 def timed(node: DevNode, method: str, params: dict[str, Any]) -> float:
@@ -85,7 +38,7 @@ def main() -> int:
     )
     p.add_argument("--rounds", type=int, default=5, help="cold calls per method")
     ns = p.parse_args()
-    root, server = serve()
+    api = RecordedAPI()
     base = Path(tempfile.mkdtemp(prefix="vcoin-bench-oracle-"))
     nodes: list[DevNode] = []
     try:
@@ -93,9 +46,7 @@ def main() -> int:
             d = base / f"node{i}"
             d.mkdir(parents=True)
             (d / "config.toml").write_text(
-                f'[oracle]\nenabled = true\ncoingecko_url = "{root}/api/v3"\n'
-                f'newsapi_url = "{root}/v2"\nnewsapi_key = "bench"\nreddit_url = "{root}"\n'
-                "quote_poll_s = 0\nnews_poll_s = 0\nmin_interval_s = 0\n"
+                api.oracle_toml("quote_poll_s = 0\nnews_poll_s = 0\nmin_interval_s = 0\n")
             )
         common: dict[str, Any] = {"heartbeat": 1.0, "peer_timeout": 6.0, "network": "bench"}
         nodes.append(start_node(1, base, bootstrap=None, extra=["--no-chain"], **common))
@@ -136,7 +87,7 @@ def main() -> int:
               f" max {1000 * max(rep):.0f} ms")  # fmt: skip
     finally:
         stop_all(nodes)
-        server.shutdown()
+        api.close()
         shutil.rmtree(base, ignore_errors=True)
     return 0
 

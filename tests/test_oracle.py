@@ -5,15 +5,11 @@ HTTP source."""
 
 from __future__ import annotations
 
-import http.server
 import json
 import subprocess
 import sys
-import threading
-import time
 import urllib.request
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +18,7 @@ import pytest
 
 from devnet.__main__ import stake_all
 from devnet.chain import fund_nodes
+from devnet.replay import RecordedAPI
 from tests.conftest import Chain, Cluster, wait_until
 from vcoind.oracle import OracleError
 from vcoind.oracle.service import OracleService, OracleSettings, analyse
@@ -177,93 +174,31 @@ def test_analysis_needs_enough_points() -> None:
         analyse(s, 1, 10.0)
 
 
-NEWS = Path(__file__).parent / "vectors" / "news"
-
-
-def _today(path: str) -> Any:
-    """The recorded answer for ``path``, news moved so that its newest item is an hour old
-    (the stories are about "now" whenever the test runs)."""
-    if "/market_chart" in path:
-        return CHART
-    if "/everything" in path:
-        doc = json.loads((NEWS / "newsapi_everything_qubic.json").read_text())
-        stamps = [datetime.fromisoformat(a["publishedAt"].replace("Z", "+00:00")).timestamp()
-                  for a in doc["articles"] if a["title"]]  # fmt: skip
-        shift = time.time() - 3600 - max(stamps)
-        for a in doc["articles"]:
-            t = datetime.fromisoformat(a["publishedAt"].replace("Z", "+00:00")).timestamp()
-            a["publishedAt"] = datetime.fromtimestamp(t + shift, UTC).isoformat()
-        return doc
-    if "/search.json" in path:
-        doc = json.loads((NEWS / "reddit_search_qubic.json").read_text())
-        newest = max(c["data"]["created_utc"] for c in doc["data"]["children"])
-        for c in doc["data"]["children"]:
-            c["data"]["created_utc"] += time.time() - 3600 - newest
-        return doc
-    return {}
-
-
-def start_recorded(scale: float = 1.0) -> tuple[dict[str, Any], http.server.HTTPServer]:
-    """A real HTTP server on loopback answering CoinGecko, NewsAPI and Reddit paths from
-    the vectors; ``scale`` multiplies every price (a manipulated feed)."""
-    state: dict[str, Any] = {"up": True, "hits": 0}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            state["hits"] += 1
-            if not state["up"]:
-                self.send_response(503)
-                self.end_headers()
-                return
-            doc = _today(self.path)
-            if scale != 1.0 and "prices" in doc:
-                doc = {**doc, "prices": [[t, p * scale] for t, p in doc["prices"]]}
-            body = json.dumps(doc).encode()
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    state["root"] = f"http://127.0.0.1:{server.server_address[1]}"
-    state["url"] = state["root"] + "/api/v3"
-    return state, server
-
-
-def oracle_toml(api: dict[str, Any]) -> str:
-    return (f'[oracle]\nenabled = true\ncoingecko_url = "{api["url"]}"\nretries = 1\n'
-            "quote_poll_s = 0\nnews_poll_s = 0\nmin_interval_s = 0.1\n"
-            f'newsapi_url = "{api["root"]}/v2"\nnewsapi_key = "test-key"\n'
-            f'reddit_url = "{api["root"]}"\n')  # fmt: skip
+NO_POLLS = "quote_poll_s = 0\nnews_poll_s = 0\nmin_interval_s = 0.1\nretries = 1\n"
 
 
 @pytest.fixture
-def recorded_api() -> Iterator[dict[str, Any]]:
-    state, server = start_recorded()
-    yield state
-    server.shutdown()
+def recorded_api() -> Iterator[RecordedAPI]:
+    api = RecordedAPI()
+    yield api
+    api.close()
 
 
 def test_daemon_serves_price_analysis_over_rpc_get_and_cli(
-    cluster: Cluster, recorded_api: dict[str, Any]
+    cluster: Cluster, recorded_api: RecordedAPI
 ) -> None:
     n1 = cluster.start(1)
     assert "the oracle is off" in str(_rpc_error(n1, "vcoin_oraclePriceAnalysis"))
     n1.proc.terminate()
     n1.proc.wait()
-    (n1.datadir / "config.toml").write_text(oracle_toml(recorded_api))
+    (n1.datadir / "config.toml").write_text(recorded_api.oracle_toml(NO_POLLS))
     n1 = cluster.start(1)
     a = n1.rpc.call("vcoin_oraclePriceAnalysis", {"symbol": "QUBIC", "timeframe": "1h"})
     assert a["price"] == pytest.approx(CHART["prices"][-1][1]) and a["source"]["status"] == "ok"
     url = n1.info["rpc_url"] + "/api/oracle/price_analysis?symbol=QUBIC&timeframe=1h"
     with urllib.request.urlopen(url) as resp:
         got = json.loads(resp.read())
-    assert got["price"] == a["price"] and recorded_api["hits"] == 1  # the cache answered
+    assert got["price"] == a["price"] and recorded_api.hits == 1  # the cache answered
     s = n1.rpc.call("vcoin_oracleSentiment", {"range": "24h"})
     assert s["articles"] == 6 and [x["status"] for x in s["sources"]] == ["ok", "ok"], s
     with urllib.request.urlopen(n1.info["rpc_url"] + "/api/oracle/sentiment?range=7d") as resp:
@@ -272,14 +207,14 @@ def test_daemon_serves_price_analysis_over_rpc_get_and_cli(
     ov = n1.rpc.call("vcoin_oracleMarketOverview", {"symbol": "QUBIC"})
     assert ov["recommendation"] in ("strong_sell", "sell", "hold", "buy", "strong_buy")
     assert len(ov["news"]) == 5 and ov["sentiment"]["articles"] == 6
-    hits = recorded_api["hits"]
+    hits = recorded_api.hits
     assert "timeframe" in str(_rpc_error(n1, "vcoin_oraclePriceAnalysis", {"timeframe": "2w"}))
-    recorded_api["up"] = False  # the source goes down: stored data, said so
+    recorded_api.up = False  # the source goes down: stored data, said so
     d = n1.rpc.call("vcoin_oraclePriceAnalysis", {"symbol": "QUBIC", "timeframe": "1d"})
     assert "upstream error (HTTP 503)" in d["source"]["status"], d["source"]
     assert d["source"]["served_from"] == "stored data"
     st = n1.rpc.call("vcoin_oracleStatus")
-    assert st["sources"][0]["failures"] == 1 and recorded_api["hits"] > hits
+    assert st["sources"][0]["failures"] == 1 and recorded_api.hits > hits
     assert st["cache"]["price_analysis"]["hits"] == 1 and st["cache"]["sentiment"]["hits"] == 1
     with urllib.request.urlopen(n1.info["rpc_url"] + "/metrics") as resp:
         metrics = resp.read()
@@ -317,16 +252,16 @@ def _rpc_error(node: Any, method: str, params: dict[str, Any] | None = None) -> 
 
 
 def test_replicated_answer_ignores_a_manipulated_feed_and_is_anchored(
-    cluster: Cluster, chain: Chain, recorded_api: dict[str, Any]
+    cluster: Cluster, chain: Chain, recorded_api: RecordedAPI
 ) -> None:
     """Three oracle nodes on anvil; node 3 reads a feed with every price 1.5x. The
     weighted median is the honest price, node 3 is flagged and loses reputation, nodes 1
     and 2 sign, and the answer is anchored."""
-    bad, bad_server = start_recorded(scale=1.5)
+    bad = RecordedAPI(scale=1.5)
     try:
         for i, api in ((1, recorded_api), (2, recorded_api), (3, bad)):
             (cluster.base / f"node{i}").mkdir(parents=True, exist_ok=True)
-            (cluster.base / f"node{i}" / "config.toml").write_text(oracle_toml(api))
+            (cluster.base / f"node{i}" / "config.toml").write_text(api.oracle_toml(NO_POLLS))
         n1 = cluster.start(1, extra=chain.flags())
         nodes = [n1, *(cluster.start(i, bootstrap=n1, extra=chain.flags()) for i in (2, 3))]
         fund_nodes(chain.anvil.url, chain.deployment, [n.info["eth_address"] for n in nodes])
@@ -354,7 +289,7 @@ def test_replicated_answer_ignores_a_manipulated_feed_and_is_anchored(
         reps = {p["peer_id"]: p["reputation_score"] for p in n1.rpc.call("vcoin_peers")}
         assert reps[n3] < 100 <= reps[nodes[1].info["peer_id"]], reps
     finally:
-        bad_server.shutdown()
+        bad.close()
 
 
 async def test_client_side_rate_limit_and_quote_polling(tmp_path: Path) -> None:

@@ -121,32 +121,6 @@ def encode_text(tok: Any, prompt: str) -> list[int]:
     return [int(i) for i in tok(prompt)["input_ids"]]
 
 
-def sample_next(logits: torch.Tensor, p: GenerationParams, gen: torch.Generator | None) -> int:
-    """Pick the next token from 1-D logits (fp32 math whatever the model dtype)."""
-    logits = logits.float()
-    if p.temperature == 0.0:
-        return int(torch.argmax(logits).item())
-    logits = logits / p.temperature
-    if p.top_k > 0 and p.top_k < logits.numel():
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if p.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        drop = cumulative - sorted_probs >= p.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs, 1, generator=gen).item())
-
-
-def _find_stop(text: str, stops: tuple[str, ...]) -> int:
-    hits = [i for s in stops if (i := text.find(s)) >= 0]
-    return min(hits) if hits else -1
-
-
 @torch.inference_mode()
 def generate(
     lm: LoadedModel,
