@@ -634,7 +634,45 @@ def client_parser() -> argparse.ArgumentParser:
     cs.add_argument("--limit", type=int, default=20, help="rows (history, conflicts)")
     add_client_commands(sub)
     add_oracle_commands(sub)
+    al = sub.add_parser("alerts", help="alerts: active first, then resolved",
+                        description="Alerts of this node's rules (peer offline, GPU "
+                        "temperature, memory, error rate, consensus disagreement, stake, "
+                        "oracle anomalies). --follow prints events as they happen.")  # fmt: skip
+    al.add_argument("--active", action="store_true", help="only the ones holding now")
+    al.add_argument("--follow", action="store_true", help="keep printing new events (Ctrl-C)")
+    al.add_argument("--limit", type=int, default=50)
     return p
+
+
+def _fmt_alert(a: dict[str, Any], event: str = "") -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(a["resolved_at"] or a["started_at"]))
+    state = event or ("ACTIVE" if a["active"] else "resolved")
+    return f"{when} {state:<9} {a['severity']:<8} {a['rule']:<24} {a['message']}"
+
+
+def _alerts_command(ns: argparse.Namespace, client: RPCClient) -> int:
+    r = client.call("vcoin_alerts", {"active_only": ns.active, "limit": ns.limit})
+    if ns.json and not ns.follow:
+        print(json.dumps(r, indent=2))
+        return 0
+    rows = r["alerts"]
+    if not ns.follow:
+        print("\n".join(_fmt_alert(a) for a in rows) or "no alerts")
+        return 0
+    # --follow: poll, printing each alert's changes once (fired, escalated, resolved)
+    seen = {(a["id"], a["severity"], a["active"]) for a in rows}
+    for a in reversed(rows):
+        print(_fmt_alert(a), flush=True)
+    try:
+        while True:
+            time.sleep(1.0)
+            for a in reversed(client.call("vcoin_alerts", {"limit": 200})["alerts"]):
+                key = (a["id"], a["severity"], a["active"])
+                if key not in seen:
+                    seen.add(key)
+                    print(_fmt_alert(a, "fired" if a["active"] else "resolved"), flush=True)
+    except KeyboardInterrupt:
+        return 0
 
 
 def fmt_consensus(c: dict[str, Any]) -> list[str]:
@@ -793,6 +831,8 @@ def client_main(argv: Sequence[str] | None = None) -> int:
             result, fmt = run_client_command(ns, client)
         elif ns.command == "oracle":
             result, fmt = run_oracle_command(ns, client)
+        elif ns.command == "alerts":
+            return _alerts_command(ns, client)
         else:
             result, fmt = _task_command(ns, client)
     except ClientError as exc:

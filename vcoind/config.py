@@ -157,6 +157,22 @@ class OracleConfig:
 
 
 @dataclass(frozen=True)
+class AlertsConfig:
+    """Risk alerts: rules evaluated every ``interval_s`` over what the node knows."""
+
+    enabled: bool = True
+    interval_s: float = 5.0
+    webhook_url: str = ""  # POSTed a JSON event on every fire, escalation and resolve
+    gpu_temp_warning_c: float = 85.0
+    gpu_temp_critical_c: float = 92.0
+    memory_warning_pct: float = 90.0
+    memory_critical_pct: float = 97.0
+    error_rate_warning: float = 0.2  # of the tasks finished in the last 10 minutes
+    disagreement_warning: float = 0.3  # of the last 20 consensus tasks
+    sentiment_swing: float = 0.3  # between two 24 h sentiment indices
+
+
+@dataclass(frozen=True)
 class Config:
     datadir: Path = DEFAULT_DATADIR
     network: str = "devnet"
@@ -167,6 +183,7 @@ class Config:
     market: MarketConfig = field(default_factory=MarketConfig)
     chain: ChainConfig = field(default_factory=ChainConfig)
     oracle: OracleConfig = field(default_factory=OracleConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
     @property
     def models_dir(self) -> Path:
@@ -409,6 +426,11 @@ def validate(cfg: Config) -> Config:
     ):
         if not lo <= value <= hi:
             raise ConfigError(f"chain.{key}", f"must be between {lo:g} and {hi:g}, got {value}")
+    al = cfg.alerts
+    if not 0.1 <= al.interval_s <= 3600:
+        raise ConfigError("alerts.interval_s", "must be between 0.1 and 3600")
+    if al.webhook_url and not al.webhook_url.startswith(("http://", "https://")):
+        raise ConfigError("alerts.webhook_url", f"must be an http(s) URL: {al.webhook_url!r}")
     o = cfg.oracle
     for key in ("newsapi_url", "reddit_url"):
         if not getattr(o, key).startswith(("http://", "https://")):

@@ -29,6 +29,13 @@ class NodeMetrics:
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r,
         )
+        self.alerts_active = Gauge(
+            "vcoin_alerts_active", "Alerts holding now, by severity", ["severity"], registry=r
+        )
+        self.alerts_fired = Counter(
+            "vcoin_alerts_fired_total", "Alerts fired, by rule and severity",
+            ["rule", "severity"], registry=r,
+        )  # fmt: skip
         self.oracle_cache = Counter(
             "vcoin_oracle_cache_total", "Oracle cache lookups by cache and hit/miss",
             ["cache", "result"], registry=r,

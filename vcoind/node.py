@@ -70,6 +70,8 @@ from vcoind.market.shardwire import SHARD_PROTOCOL, ShardClose, ShardOpen, Shard
 from vcoind.market.votes import CommitsClosed, OutcomeVote, ResultCommitment, ResultReveal
 from vcoind.market.worker import TaskWorker
 from vcoind.metrics import NodeMetrics
+from vcoind.ops.alerts import AlertEngine, Snapshot, Thresholds
+from vcoind.ops.api import register_ops_api
 from vcoind.oracle import OracleError
 from vcoind.oracle.api import ORACLE_GET_PATHS, register_oracle_api
 from vcoind.oracle.replicated import (
@@ -87,7 +89,7 @@ from vcoind.p2p.messages import Heartbeat, LayerSpan, ModelServed
 from vcoind.p2p.peers import PeerTable
 from vcoind.p2p.streams import StreamProtocol, StreamProtocolError, StreamService
 from vcoind.rpc import MethodRegistry, RPCServer, RPCServerConfig
-from vcoind.store import ConsensusStore, OracleStore, Store, TaskStore
+from vcoind.store import AlertStore, ConsensusStore, OracleStore, Store, TaskStore
 
 if TYPE_CHECKING:
     # libp2p pulls in trio-typing, whose stale stubs shadow trio's own types for mypy.
@@ -218,6 +220,17 @@ class Node:
         if config.oracle.enabled:
             self._wire_oracle()
         register_oracle_api(self.registry, self)
+        self.alerts: AlertEngine | None = None
+        if config.alerts.enabled:
+            a = config.alerts
+            self.alerts = AlertEngine(Thresholds(
+                gpu_temp_warning_c=a.gpu_temp_warning_c, gpu_temp_critical_c=a.gpu_temp_critical_c,
+                memory_warning_pct=a.memory_warning_pct, memory_critical_pct=a.memory_critical_pct,
+                error_rate_warning=a.error_rate_warning,
+                disagreement_warning=a.disagreement_warning, sentiment_swing=a.sentiment_swing,
+            ))  # fmt: skip
+            self.alert_store = AlertStore(self.store)
+        register_ops_api(self.registry, self)
         self.rpc = RPCServer(
             RPCServerConfig(
                 host=host,
@@ -661,6 +674,63 @@ class Node:
             return await self.oracle_replica.on_confirm(record)
         raise StreamProtocolError(f"unexpected {type(record).__name__}")
 
+    # --- alerts -----------------------------------------------------------
+
+    async def _alerts_loop(self) -> None:
+        assert self.alerts is not None
+        while True:
+            await trio.sleep(self.config.alerts.interval_s)
+            try:
+                snap = await self._alert_snapshot()
+            except Exception:  # a broken source of facts must not stop the alerts
+                log.exception("alert snapshot failed")
+                continue
+            for event, a in self.alerts.evaluate(snap):
+                await self._alert_event(event, a)
+            for sev in ("info", "warning", "critical"):
+                n = sum(1 for x in self.alerts.active.values() if x.severity == sev)
+                self.metrics.alerts_active.labels(severity=sev).set(n)
+
+    async def _alert_event(self, event: str, a: Any) -> None:
+        level = logging.INFO if event == "resolved" or a.severity == "info" else logging.WARNING
+        log.log(level, "alert %s: [%s] %s: %s", event, a.severity, a.rule, a.message)
+        if event == "fired":
+            self.metrics.alerts_fired.labels(rule=a.rule, severity=a.severity).inc()
+        view = {"event": event, **a.view()}
+        await self.alert_store.record(a)
+        await self.rpc.publish("alerts", view)
+        url = self.config.alerts.webhook_url
+        if url and self._nursery is not None:
+            self._nursery.start_soon(_post_webhook, url, view)
+
+    async def _alert_snapshot(self) -> Snapshot:
+        now = time.time()
+        # Peers that went silent while we ran (at start every known peer is offline until
+        # its first heartbeat: that is not news), within the last hour.
+        offline = [(r.peer_id, r.last_heartbeat) for r in await self.store.list_peers("offline")
+                   if r.last_heartbeat and r.last_heartbeat >= self.started_at
+                   and now - r.last_heartbeat < 3600]  # fmt: skip
+        sample = await trio.to_thread.run_sync(self.telemetry.sample)
+        d = sample.device
+        gpu = None
+        if d.kind == "cuda":
+            gpu = {"name": d.name, "temperature_c": d.temperature_c,
+                   "memory_used_mb": d.memory_used_mb,
+                   "memory_total_mb": d.memory_total_mb}  # fmt: skip
+        recent = await self.tasks.recent_outcomes(now - 600)
+        stake = None
+        if self.chain is not None and self.chain.require_stake:
+            info = self.chain.stake_of(self.identity.eth_address)
+            if info is not None:
+                stake = {"stake": info.stake / 1e18, "eligible": info.eligible}
+        anomalies, sentiment = self.oracle.alert_view() if self.oracle else ([], None)
+        return Snapshot(
+            now=now, peers_offline=offline, gpu=gpu, host_memory_pct=sample.memory_percent,
+            tasks_recent=(recent["failed"], recent["finished"]),
+            consensus_recent=(recent["conflicts"], recent["consensus"]), stake=stake,
+            price_anomalies=anomalies, sentiment=sentiment,
+        )  # fmt: skip
+
     async def oracle_query(
         self, kind: str, symbol: str, window: str, replicas: int
     ) -> dict[str, Any]:
@@ -786,6 +856,8 @@ class Node:
                 self._nursery = nursery
                 if self.oracle is not None:
                     await nursery.start(self.oracle.run)
+                if self.alerts is not None:
+                    nursery.start_soon(self._alerts_loop)
                 if self.chain is not None:
                     try:
                         await nursery.start(self.chain.run)
@@ -831,6 +903,21 @@ class Node:
                 if self.oracle is not None:
                     await self.oracle.aclose()
                 await self.store.close()
+
+
+async def _post_webhook(url: str, payload: dict[str, Any]) -> None:
+    """Best effort: three tries, then the event is only in the log and the store."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        for attempt in range(3):
+            try:
+                r = await client.post(url, json=payload)
+                if r.status_code < 500:
+                    return
+            except httpx.HTTPError as exc:
+                log.info("alert webhook %s: %s", url, exc)
+            await trio.sleep(2**attempt)
 
 
 def first_leaf(exc: BaseException) -> BaseException:

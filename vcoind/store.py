@@ -210,6 +210,19 @@ MIGRATIONS: tuple[str, ...] = (
         result      TEXT NOT NULL
     );
     """,
+    # 8: alerts (fired, escalated, resolved).
+    """
+    CREATE TABLE alerts (
+        id           TEXT PRIMARY KEY,
+        rule         TEXT NOT NULL,
+        subject      TEXT NOT NULL,
+        severity     TEXT NOT NULL,
+        message      TEXT NOT NULL,
+        started_at   REAL NOT NULL,
+        resolved_at  REAL
+    );
+    CREATE INDEX alerts_started ON alerts(started_at);
+    """,
 )
 
 
@@ -492,6 +505,25 @@ class TaskStore:
             f"VALUES ({', '.join('?' * len(TASK_COLUMNS))})"
         )
         await self._store._run(lambda c: c.execute(sql, values))
+
+    async def recent_outcomes(self, since: float, consensus_last: int = 20) -> dict[str, int]:
+        """For the alert rules: tasks finished since ``since`` (failed of all), and
+        conflicts among the last ``consensus_last`` finished consensus tasks."""
+
+        def q(c: sqlite3.Connection) -> dict[str, int]:
+            failed, done = c.execute(
+                "SELECT COALESCE(SUM(status='failed'), 0), COUNT(*) FROM tasks WHERE "
+                "status IN ('completed', 'failed') AND completed_at >= ?", (since,),
+            ).fetchone()  # fmt: skip
+            rows = c.execute(
+                "SELECT consensus FROM tasks WHERE mode='consensus' AND status='completed' "
+                "ORDER BY completed_at DESC LIMIT ?", (consensus_last,),
+            ).fetchall()  # fmt: skip
+            conflicts = sum(1 for (js,) in rows if json.loads(js or "{}").get("conflict"))
+            return {"failed": int(failed), "finished": int(done), "conflicts": conflicts,
+                    "consensus": len(rows)}  # fmt: skip
+
+        return await self._store._run(q)
 
     async def update(self, task_id: str, **changes: Any) -> None:
         unknown = set(changes) - set(TASK_COLUMNS)
@@ -957,3 +989,28 @@ class OracleStore:
             )  # fmt: skip
 
         await self._store._run(q)
+
+
+class AlertStore:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def record(self, a: Any) -> None:
+        """Insert or update an alert (``vcoind.ops.alerts.Alert``)."""
+
+        def q(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT INTO alerts (id, rule, subject, severity, message, started_at, "
+                "resolved_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "severity=excluded.severity, message=excluded.message, "
+                "resolved_at=excluded.resolved_at",
+                (a.id, a.rule, a.subject, a.severity, a.message, a.started_at, a.resolved_at),
+            )
+
+        await self._store._run(q)
+
+    async def count(self) -> int:
+        def q(c: sqlite3.Connection) -> int:
+            return int(c.execute("SELECT COUNT(*) FROM alerts").fetchone()[0])
+
+        return await self._store._run(q)

@@ -129,6 +129,8 @@ class OracleService:
         self.sentiment_cache = TTLCache(SENTIMENT_TTL_S, monotonic)
         self.news_cache = TTLCache(NEWS_TTL_S, monotonic)
         self._model: SentimentModel | None = None
+        self.last_analysis: dict[str, dict[str, Any]] = {}  # symbol -> latest price analysis
+        self.sentiment_24h: list[float] = []  # the last two 24 h indices
         self._on_cache = on_cache
         self._locks: dict[Any, trio.Lock] = {}
 
@@ -180,6 +182,18 @@ class OracleService:
                       for k, c in caches.items()},
         }  # fmt: skip
 
+    def alert_view(self) -> tuple[list[tuple[str, str, str]], tuple[float, float] | None]:
+        """For the alert rules: price anomalies in each symbol's last 3 points
+        (jumps, manipulation), and the previous and latest 24 h sentiment."""
+        anomalies = []
+        for symbol, r in self.last_analysis.items():
+            last = r["quality"]["points"] - 1
+            for a in r["anomalies"]:
+                if a["kind"] in ("price_jump", "manipulation") and a["index"] >= last - 2:
+                    anomalies.append((symbol, a["kind"], a["detail"]))
+        s = self.sentiment_24h
+        return anomalies, (s[0], s[1]) if len(s) == 2 else None
+
     def _sources(self) -> list[HttpSource]:
         return [self.coingecko, self.newsapi, self.reddit]
 
@@ -204,6 +218,7 @@ class OracleService:
             if hit is not None:
                 return hit
             result = await self._analyse(symbol, coin, timeframe)
+            self.last_analysis[symbol] = result
             self.price_cache.put(key, result)
             await self._store.add_analysis(symbol, timeframe, result)
             return result
@@ -234,6 +249,8 @@ class OracleService:
             if errors and not articles:
                 result["note"] = "; ".join(errors)
             self.sentiment_cache.put(range_, result)
+            if range_ == "24h":
+                self.sentiment_24h = [*self.sentiment_24h, result["sentiment_score"]][-2:]
             await self._store.add_sentiment(range_, result)
             return result
 

@@ -1,0 +1,1 @@
+"""Operations: risk alerts (and, next, SLAs and the dashboard)."""
