@@ -118,3 +118,26 @@ def test_cli_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
         "3600 seconds, got 0.0"
     ]
     assert not (tmp_path / "p2p.key").exists()  # nothing created on a bad config
+
+
+def test_every_metric_is_documented_and_the_dashboard_uses_real_ones() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    from vcoind.metrics import NodeMetrics
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    m = NodeMetrics()
+    names = set()
+    for obj in vars(m).values():
+        if hasattr(obj, "_name"):
+            full = obj._name + ("_total" if type(obj).__name__ == "Counter" else "")
+            names.add(obj._name)
+            assert f"`{full}`" in readme, f"{full} is not documented in README.md"
+    dash = json.loads((root / "deploy" / "grafana-dashboard.json").read_text())
+    used = {n for p in dash["panels"] for t in p["targets"]
+            for n in re.findall(r"vcoin_[a-z0-9_]+", t["expr"])}  # fmt: skip
+    base = {re.sub(r"_(total|bucket|sum|count)$", "", n) for n in used}
+    assert base <= names, base - names
