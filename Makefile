@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # npm writes this file on every install: it stands for "contracts/node_modules matches the lock".
 NODE_DEPS := contracts/node_modules/.package-lock.json
 
-.PHONY: install test lint contracts devnet devnet-check bench clean
+.PHONY: install browser test lint contracts devnet devnet-check bench clean
 
 install: $(STAMP) $(NODE_DEPS)
 
@@ -37,7 +37,15 @@ $(NODE_DEPS): contracts/package-lock.json
 contracts: $(NODE_DEPS)
 	node contracts/build.js
 
-test: install
+# The dashboard test drives Debian's chromium headless through its chromedriver.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+		echo "installing chromium and chromium-driver (the dashboard's browser test)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+		{ echo "error: chromium/chromedriver missing and could not be installed; install them with your package manager" >&2; exit 1; }; \
+	fi
+
+test: install browser
 	$(BIN)/ruff check vcoind tests devnet bench
 	$(BIN)/ruff format --check vcoind tests devnet bench
 	$(BIN)/mypy

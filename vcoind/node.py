@@ -71,7 +71,7 @@ from vcoind.market.votes import CommitsClosed, OutcomeVote, ResultCommitment, Re
 from vcoind.market.worker import TaskWorker
 from vcoind.metrics import NodeMetrics
 from vcoind.ops.alerts import AlertEngine, Snapshot, Thresholds
-from vcoind.ops.api import register_ops_api
+from vcoind.ops.api import add_dashboard_routes, register_ops_api
 from vcoind.oracle import OracleError
 from vcoind.oracle.api import ORACLE_GET_PATHS, register_oracle_api
 from vcoind.oracle.replicated import (
@@ -249,6 +249,7 @@ class Node:
             self.rpc.add_get_alias(path, method)
         for path, method in ORACLE_GET_PATHS.items():
             self.rpc.add_get_alias(path, method, query=True)
+        add_dashboard_routes(self.rpc)
         self._p2p_listening = False
         self._nursery: trio.Nursery | None = None
 

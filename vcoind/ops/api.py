@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vcoind.rpc import MethodRegistry, Param, RPCError
@@ -10,6 +11,33 @@ from vcoind.rpc.errors import INVALID_REQUEST
 
 if TYPE_CHECKING:
     from vcoind.node import Node
+
+
+DASHBOARD = Path(__file__).resolve().parent / "dashboard"
+_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+          ".css": "text/css; charset=utf-8"}  # fmt: skip
+
+
+def add_dashboard_routes(server: Any) -> None:
+    """``GET /``: the dashboard; ``GET /dashboard/<file>``: its assets (no CDN)."""
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    def serve(name: str) -> Response:
+        path = DASHBOARD / name
+        if path.parent != DASHBOARD or path.suffix not in _TYPES or not path.is_file():
+            return Response("not found", status_code=404)
+        return Response(path.read_bytes(), media_type=_TYPES[path.suffix],
+                        headers={"cache-control": "no-cache"})  # fmt: skip
+
+    async def index(request: Request) -> Response:
+        return serve("index.html")
+
+    async def asset(request: Request) -> Response:
+        return serve(request.path_params["name"])
+
+    server.add_route("/", index, ["GET"])
+    server.add_route("/dashboard/{name}", asset, ["GET"])
 
 
 def register_ops_api(reg: MethodRegistry, node: Node) -> None:

@@ -411,4 +411,5 @@ def analyse(series: Series, step: int, now: float) -> dict[str, Any]:
                        "detail": a.detail} for a in anomalies],
         "risk": {"level": level, "volatility": _f(vol), "warnings": warnings},
         "quality": q,
+        "series": [_f(x) for x in p[-72:]],  # the last closes, for charts
     }  # fmt: skip
