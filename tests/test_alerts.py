@@ -40,6 +40,8 @@ CASES: dict[str, tuple[Snapshot, str, Snapshot]] = {
     "oracle_price_anomaly": (Snapshot(0, price_anomalies=[
         ("QUBIC", "price_jump", "+30%"), ("QUBIC", "manipulation", "pump")]), "critical",
         Snapshot(0)),
+    "sla_breach": (Snapshot(0, sla=[("acme", [], ["latency"])]), "warning",
+                   Snapshot(0, sla=[("acme", [], [])])),
     "oracle_sentiment_swing": (Snapshot(0, sentiment=(0.4, -0.1)), "warning",
                                Snapshot(0, sentiment=(0.4, 0.3))),
 }  # fmt: skip

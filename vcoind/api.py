@@ -327,7 +327,7 @@ def register_task_api(reg: MethodRegistry, node: Node) -> None:
                 params["model"], params["input"], gen, priority=params["priority"],
                 timeout_s=params["timeout_s"], max_price=params["max_price"], mode=mode,
                 replicas=None if replicas in (None, 1) else replicas,
-                pipeline=pipelined_replicas,
+                pipeline=pipelined_replicas, customer=params["customer"] or "",
             )  # fmt: skip
         except TaskError as exc:
             raise RPCError(INVALID_PARAMS, str(exc)) from None
@@ -386,6 +386,8 @@ def register_task_api(reg: MethodRegistry, node: Node) -> None:
             Param("timeout_s", {"type": "number", "minimum": 0.5, "maximum": 86400},
                   default=None, description="reassign after this long without progress"),
             Param("max_price", {"type": "number", "minimum": 0}, default=None),
+            Param("customer", {"type": "string", "pattern": "[A-Za-z0-9_.-]{1,64}"},
+                  default=None, description="whose SLA the task counts under"),
             Param("pipeline", {"type": "boolean"}, default=False,
                   description="run across nodes serving layer spans that together cover "
                   "the model (this node needs its tokenizer: a span or the model); with "

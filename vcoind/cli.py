@@ -614,6 +614,7 @@ def client_parser() -> argparse.ArgumentParser:
     s.add_argument("--pipeline", action="store_true",
                    help="run across nodes serving layer spans (--serve-layers); with --mode "
                    "consensus each replica is a pipeline, on routes sharing no node")  # fmt: skip
+    s.add_argument("--customer", help="count the task under this customer's SLA")
     s.add_argument("--wait", action="store_true", help="show progress, then print the answer")
     t = sub.add_parser("task", help="one task: status, progress, node, route, timings")
     t.add_argument("task_id")
@@ -634,6 +635,19 @@ def client_parser() -> argparse.ArgumentParser:
     cs.add_argument("--limit", type=int, default=20, help="rows (history, conflicts)")
     add_client_commands(sub)
     add_oracle_commands(sub)
+    sl = sub.add_parser("sla", help="SLAs: create, status, violations")
+    ss = sl.add_subparsers(dest="sla_action", metavar="ACTION", required=True)
+    sc = ss.add_parser("create", help="create or replace a customer's SLA")
+    sc.add_argument("--customer", required=True)
+    sc.add_argument("--uptime", type=float, default=99.9, help="percent (default 99.9)")
+    sc.add_argument("--max-latency", type=float, default=5.0, help="p95 seconds (default 5)")
+    sc.add_argument("--min-throughput", default="0/day", help="completed tasks, e.g. 1000/day")
+    sc.add_argument("--price", type=float, default=0.0)
+    sc.add_argument("--penalty", type=float, default=10.0, help="percent of the price (10)")
+    st_ = ss.add_parser("status", help="compliance now")
+    st_.add_argument("customer")
+    sv = ss.add_parser("violations", help="recorded violations")
+    sv.add_argument("customer", nargs="?")
     al = sub.add_parser("alerts", help="alerts: active first, then resolved",
                         description="Alerts of this node's rules (peer offline, GPU "
                         "temperature, memory, error rate, consensus disagreement, stake, "
@@ -642,6 +656,54 @@ def client_parser() -> argparse.ArgumentParser:
     al.add_argument("--follow", action="store_true", help="keep printing new events (Ctrl-C)")
     al.add_argument("--limit", type=int, default=50)
     return p
+
+
+def _sla_command(ns: argparse.Namespace, client: RPCClient) -> tuple[Any, Callable[[Any], str]]:
+    if ns.sla_action == "create":
+        amount, _, unit = ns.min_throughput.partition("/")
+        per_day = {"day": 1.0, "d": 1.0, "hour": 24.0, "h": 24.0, "": 1.0}.get(unit)
+        try:
+            throughput = float(amount) * (per_day or float("nan"))
+        except ValueError:
+            throughput = float("nan")
+        if throughput != throughput:
+            raise ClientError(
+                f"--min-throughput: expected N/day or N/hour, got {ns.min_throughput}"
+            )
+        params = {"customer": ns.customer, "uptime_pct": ns.uptime,
+                  "max_latency_s": ns.max_latency, "min_throughput_per_day": throughput,
+                  "price": ns.price, "penalty_rate": ns.penalty / 100}  # fmt: skip
+        return (
+            client.call("vcoin_slaCreate", params),
+            lambda r: (
+                f"SLA for {r['customer']}: "
+                + (", ".join(f"{k} {v}" for k, v in r["terms"].items() if k != "customer"))
+            ),
+        )
+    if ns.sla_action == "status":
+        return client.call("vcoin_slaStatus", {"customer": ns.customer}), _fmt_sla
+    return client.call("vcoin_slaViolations", {"customer": ns.customer}), _fmt_violations
+
+
+def _fmt_violations(r: dict[str, Any]) -> str:
+    lines = []
+    for v in r["violations"]:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(v["created_at"]))
+        lines.append(f"{when} {v['customer']} {v['kind']}: {v['measured']} vs {v['target']}, "
+                     f"penalty {v['penalty']}")  # fmt: skip
+    return "\n".join(lines) or "no violations"
+
+
+def _fmt_sla(s: dict[str, Any]) -> str:
+    t = s["terms"]
+    state = "compliant" if s["compliant"] else "VIOLATED: " + ", ".join(s["violations"])
+    lines = [f"{s['customer']}: {state}"
+             + (f" (close: {', '.join(s['breach_imminent'])})" if s["breach_imminent"] else ""),
+             f"  uptime       {s['uptime_pct']:.3f} %  (terms {t['uptime_pct']} %)",
+             f"  p95 latency  {s['p95_latency_s']} s  (terms {t['max_latency_s']} s)",
+             f"  throughput   {s['throughput_per_day']}/day  (terms {t['min_throughput_per_day']}"
+             f"/day; {s['completed']} of {s['submitted']} completed)"]  # fmt: skip
+    return "\n".join(lines)
 
 
 def _fmt_alert(a: dict[str, Any], event: str = "") -> str:
@@ -801,6 +863,8 @@ def _task_command(ns: argparse.Namespace, client: RPCClient) -> tuple[Any, Calla
             req["mode"], req["replicas"] = ns.mode, ns.replicas
         if ns.pipeline:
             req["pipeline"] = True
+        if ns.customer:
+            req["customer"] = ns.customer
         task_id = client.call("vcoin_submitTask", req)["task_id"]
         if not ns.wait:
             return {"task_id": task_id}, lambda r: f"submitted {r['task_id']}"
@@ -833,6 +897,8 @@ def client_main(argv: Sequence[str] | None = None) -> int:
             result, fmt = run_oracle_command(ns, client)
         elif ns.command == "alerts":
             return _alerts_command(ns, client)
+        elif ns.command == "sla":
+            result, fmt = _sla_command(ns, client)
         else:
             result, fmt = _task_command(ns, client)
     except ClientError as exc:

@@ -173,6 +173,14 @@ class AlertsConfig:
 
 
 @dataclass(frozen=True)
+class SLAConfig:
+    """SLA compliance: evaluated every ``interval_s`` over the last ``window_s``."""
+
+    interval_s: float = 60.0
+    window_s: float = 86_400.0
+
+
+@dataclass(frozen=True)
 class Config:
     datadir: Path = DEFAULT_DATADIR
     network: str = "devnet"
@@ -184,6 +192,7 @@ class Config:
     chain: ChainConfig = field(default_factory=ChainConfig)
     oracle: OracleConfig = field(default_factory=OracleConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    sla: SLAConfig = field(default_factory=SLAConfig)
 
     @property
     def models_dir(self) -> Path:
@@ -426,6 +435,8 @@ def validate(cfg: Config) -> Config:
     ):
         if not lo <= value <= hi:
             raise ConfigError(f"chain.{key}", f"must be between {lo:g} and {hi:g}, got {value}")
+    if not 0.1 <= cfg.sla.interval_s <= 86_400 or not 60 <= cfg.sla.window_s <= 90 * 86_400:
+        raise ConfigError("sla", "interval_s 0.1..86400 and window_s 60..7776000")
     al = cfg.alerts
     if not 0.1 <= al.interval_s <= 3600:
         raise ConfigError("alerts.interval_s", "must be between 0.1 and 3600")

@@ -72,6 +72,8 @@ from vcoind.market.worker import TaskWorker
 from vcoind.metrics import NodeMetrics
 from vcoind.ops.alerts import AlertEngine, Snapshot, Thresholds
 from vcoind.ops.api import add_dashboard_routes, register_ops_api
+from vcoind.ops.sla import SLATerms
+from vcoind.ops.sla import evaluate as sla_evaluate
 from vcoind.oracle import OracleError
 from vcoind.oracle.api import ORACLE_GET_PATHS, register_oracle_api
 from vcoind.oracle.replicated import (
@@ -89,7 +91,7 @@ from vcoind.p2p.messages import Heartbeat, LayerSpan, ModelServed
 from vcoind.p2p.peers import PeerTable
 from vcoind.p2p.streams import StreamProtocol, StreamProtocolError, StreamService
 from vcoind.rpc import MethodRegistry, RPCServer, RPCServerConfig
-from vcoind.store import AlertStore, ConsensusStore, OracleStore, Store, TaskStore
+from vcoind.store import AlertStore, ConsensusStore, OracleStore, SLAStore, Store, TaskStore
 
 if TYPE_CHECKING:
     # libp2p pulls in trio-typing, whose stale stubs shadow trio's own types for mypy.
@@ -230,6 +232,9 @@ class Node:
                 disagreement_warning=a.disagreement_warning, sentiment_swing=a.sentiment_swing,
             ))  # fmt: skip
             self.alert_store = AlertStore(self.store)
+        self.slas = SLAStore(self.store)
+        self.sla_status: dict[str, dict[str, Any]] = {}  # customer -> latest evaluation
+        self.peers.on_presence.append(self._on_presence)
         register_ops_api(self.registry, self)
         self.rpc = RPCServer(
             RPCServerConfig(
@@ -399,11 +404,21 @@ class Node:
         if outvoted and all(a.lower() != me for a, _ in voters):
             outvoted = []  # only a voter may claim who was outvoted (the contract's rule)
         ccfg = self.config.chain
+        reward = ccfg.reward_base + ccfg.reward_per_token * s.tokens + s.price
+        row = await self.tasks.get(s.task_id)
+        if row is not None and row.customer:  # the SLA's penalty while it is violated
+            rate = await self.slas.in_violation(
+                row.customer, time.time() - self.config.sla.window_s
+            )
+            if rate:
+                log.info("task %s: reward cut by %.0f %% (SLA of %s violated)", s.task_id,
+                         100 * rate, row.customer)  # fmt: skip
+                reward *= 1 - rate
         req = AnchorRequest(
             task_id=s.task_id, result_hash=s.result_hash, model_id=s.model_id,
             decision=DECISION_CODES[s.decision], voters=voters, replicas=s.replicas,
             outvoted=outvoted, deterministic=s.deterministic,
-            reward=wei(ccfg.reward_base + ccfg.reward_per_token * s.tokens + s.price),
+            reward=wei(reward),
         )  # fmt: skip
         key = f"anchor:{s.task_id}"
         if req.decision not in (2, 3) or len(voters) * 2 <= s.replicas:
@@ -675,6 +690,46 @@ class Node:
             return await self.oracle_replica.on_confirm(record)
         raise StreamProtocolError(f"unexpected {type(record).__name__}")
 
+    # --- SLAs -------------------------------------------------------------
+
+    async def _on_presence(self, peer: str, online: bool, when: float) -> None:
+        if online:
+            await self.slas.peer_up(peer, when)
+        else:
+            await self.slas.peer_down(peer, when)
+
+    async def sla_evaluate(self, customer: str | None = None) -> list[dict[str, Any]]:
+        """Evaluate SLAs now (all, or one customer's); record new violations (once per
+        term and window)."""
+        window = self.config.sla.window_s
+        now = time.time()
+        out = []
+        for row in await self.slas.terms(customer):
+            terms = SLATerms(*row)
+            facts = await self.slas.task_facts(terms.customer, now - window)
+            down = await self.slas.downtime(facts["nodes"], now - window)
+            status, violations = sla_evaluate(
+                terms, now=now, window_s=window, latencies=facts["latencies"],
+                submitted=facts["submitted"], completed=facts["completed"], downtime=down,
+            )  # fmt: skip
+            for v in violations:
+                key = f"{terms.customer}:{v.kind}:{int(now // window)}"
+                if await self.slas.add_violation(key, terms.customer, v):
+                    log.warning("SLA %s: %s violated (%s vs %s); penalty %g", terms.customer,
+                                v.kind, v.measured, v.target, v.penalty)  # fmt: skip
+            status["evaluated_at"] = now
+            self.sla_status[terms.customer] = status
+            out.append(status)
+        return out
+
+    async def _sla_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.sla.interval_s)
+            try:
+                await self.sla_evaluate()
+            except Exception:
+                log.exception("SLA evaluation failed")
+
     # --- alerts -----------------------------------------------------------
 
     async def _alerts_loop(self) -> None:
@@ -730,6 +785,7 @@ class Node:
             tasks_recent=(recent["failed"], recent["finished"]),
             consensus_recent=(recent["conflicts"], recent["consensus"]), stake=stake,
             price_anomalies=anomalies, sentiment=sentiment,
+            sla=[(c, s["violations"], s["breach_imminent"]) for c, s in self.sla_status.items()],
         )  # fmt: skip
 
     async def oracle_query(
@@ -859,6 +915,7 @@ class Node:
                     await nursery.start(self.oracle.run)
                 if self.alerts is not None:
                     nursery.start_soon(self._alerts_loop)
+                nursery.start_soon(self._sla_loop)
                 if self.chain is not None:
                     try:
                         await nursery.start(self.chain.run)

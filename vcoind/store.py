@@ -223,6 +223,38 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX alerts_started ON alerts(started_at);
     """,
+    # 9: SLAs (the seed's SLA manager): terms per customer, violations with evidence,
+    # peers' downtime intervals (from heartbeat gaps), and each task's customer.
+    """
+    ALTER TABLE tasks ADD COLUMN customer TEXT NOT NULL DEFAULT '';
+    CREATE INDEX tasks_customer ON tasks(customer, created_at);
+    CREATE TABLE slas (
+        customer            TEXT PRIMARY KEY,
+        uptime_pct          REAL NOT NULL,
+        max_latency_s       REAL NOT NULL,
+        min_throughput_day  REAL NOT NULL,
+        price               REAL NOT NULL,
+        penalty_rate        REAL NOT NULL,
+        created_at          REAL NOT NULL
+    );
+    CREATE TABLE sla_violations (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        key         TEXT UNIQUE NOT NULL,
+        customer    TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        measured    REAL NOT NULL,
+        target      REAL NOT NULL,
+        penalty     REAL NOT NULL,
+        evidence    TEXT NOT NULL,
+        created_at  REAL NOT NULL
+    );
+    CREATE TABLE peer_downtime (
+        peer_id  TEXT NOT NULL,
+        start    REAL NOT NULL,
+        end      REAL
+    );
+    CREATE INDEX peer_downtime_peer ON peer_downtime(peer_id, start);
+    """,
 )
 
 
@@ -426,6 +458,7 @@ TASK_COLUMNS = (
     "id", "type", "model", "model_id", "input", "parameters", "priority", "timeout_s",
     "max_price", "status", "phase", "progress", "result", "node_id", "retry_count", "error",
     "timings", "created_at", "completed_at", "mode", "replicas", "consensus", "pipeline",
+    "customer",
 )  # fmt: skip
 _JSON_COLUMNS = ("parameters", "timings", "consensus")
 FINISHED = ("completed", "failed", "cancelled")
@@ -456,6 +489,7 @@ class TaskRow:
     replicas: int = 1
     consensus: dict[str, Any] = field(default_factory=dict)
     pipeline: bool = False  # consensus replicas are pipelines on disjoint routes
+    customer: str = ""  # whose SLA the task counts under ("" = none)
 
 
 @dataclass(frozen=True)
@@ -1012,5 +1046,112 @@ class AlertStore:
     async def count(self) -> int:
         def q(c: sqlite3.Connection) -> int:
             return int(c.execute("SELECT COUNT(*) FROM alerts").fetchone()[0])
+
+        return await self._store._run(q)
+
+
+class SLAStore:
+    """SLA terms, violations, peer downtime and the task facts compliance needs."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def put_terms(self, t: Any) -> None:
+        """Create or replace a customer's terms (``vcoind.ops.sla.SLATerms``)."""
+        await self._store._run(lambda c: c.execute(
+            "INSERT OR REPLACE INTO slas (customer, uptime_pct, max_latency_s, "
+            "min_throughput_day, price, penalty_rate, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (t.customer, t.uptime_pct, t.max_latency_s, t.min_throughput_per_day, t.price,
+             t.penalty_rate, time.time()),
+        ))  # fmt: skip
+
+    async def terms(self, customer: str | None = None) -> list[tuple[Any, ...]]:
+        """(customer, uptime_pct, max_latency_s, min_throughput_day, price, penalty_rate)."""
+
+        def q(c: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            sql = ("SELECT customer, uptime_pct, max_latency_s, min_throughput_day, price, "
+                   "penalty_rate FROM slas")  # fmt: skip
+            if customer is not None:
+                return [tuple(r) for r in c.execute(sql + " WHERE customer=?", (customer,))]
+            return [tuple(r) for r in c.execute(sql + " ORDER BY customer")]
+
+        return await self._store._run(q)
+
+    async def task_facts(self, customer: str, since: float) -> dict[str, Any]:
+        """Latencies of completed tasks, counts, and the nodes that ran them."""
+
+        def q(c: sqlite3.Connection) -> dict[str, Any]:
+            rows = c.execute(
+                "SELECT status, created_at, completed_at, node_id FROM tasks "
+                "WHERE customer=? AND created_at >= ?", (customer, since),
+            ).fetchall()  # fmt: skip
+            done = [r for r in rows if r[0] == "completed" and r[2] is not None]
+            nodes = sorted({n for r in done for n in (r[3] or "").split(",") if n})
+            return {"submitted": len(rows), "completed": len(done),
+                    "latencies": [r[2] - r[1] for r in done], "nodes": nodes}  # fmt: skip
+
+        return await self._store._run(q)
+
+    async def add_violation(self, key: str, customer: str, v: Any) -> bool:
+        """Record a violation once per ``key``; whether it is new."""
+
+        def q(c: sqlite3.Connection) -> bool:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO sla_violations (key, customer, kind, measured, target, "
+                "penalty, evidence, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, customer, v.kind, v.measured, v.target, v.penalty,
+                 json.dumps(v.evidence), time.time()),
+            )  # fmt: skip
+            return cur.rowcount == 1
+
+        return await self._store._run(q)
+
+    async def violations(self, customer: str | None, limit: int) -> list[dict[str, Any]]:
+        def q(c: sqlite3.Connection) -> list[dict[str, Any]]:
+            sql = ("SELECT customer, kind, measured, target, penalty, evidence, created_at "
+                   "FROM sla_violations")  # fmt: skip
+            args: tuple[Any, ...] = ()
+            if customer is not None:
+                sql, args = sql + " WHERE customer=?", (customer,)
+            rows = c.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+            return [{"customer": r[0], "kind": r[1], "measured": r[2], "target": r[3],
+                     "penalty": r[4], "evidence": json.loads(r[5]), "created_at": r[6]}
+                    for r in rows]  # fmt: skip
+
+        return await self._store._run(q)
+
+    async def in_violation(self, customer: str, since: float) -> float:
+        """The penalty rate in force for ``customer``: theirs if a violation was recorded
+        since ``since``, else 0."""
+
+        def q(c: sqlite3.Connection) -> float:
+            hit = c.execute("SELECT 1 FROM sla_violations WHERE customer=? AND created_at >= ?",
+                            (customer, since)).fetchone()  # fmt: skip
+            if hit is None:
+                return 0.0
+            row = c.execute("SELECT penalty_rate FROM slas WHERE customer=?", (customer,))
+            r = row.fetchone()
+            return float(r[0]) if r else 0.0
+
+        return await self._store._run(q)
+
+    async def peer_down(self, peer_id: str, start: float) -> None:
+        await self._store._run(lambda c: c.execute(
+            "INSERT INTO peer_downtime (peer_id, start, end) VALUES (?, ?, NULL)",
+            (peer_id, start)))  # fmt: skip
+
+    async def peer_up(self, peer_id: str, end: float) -> None:
+        sql = "UPDATE peer_downtime SET end=? WHERE peer_id=? AND end IS NULL"
+        await self._store._run(lambda c: c.execute(sql, (end, peer_id)))
+
+    async def downtime(self, peers: list[str], since: float
+                       ) -> dict[str, list[tuple[float, float | None]]]:  # fmt: skip
+        def q(c: sqlite3.Connection) -> dict[str, list[tuple[float, float | None]]]:
+            out: dict[str, list[tuple[float, float | None]]] = {p: [] for p in peers}
+            for p in peers:
+                for a, b in c.execute("SELECT start, end FROM peer_downtime WHERE peer_id=? "
+                                      "AND (end IS NULL OR end >= ?)", (p, since)):  # fmt: skip
+                    out[p].append((a, b))
+            return out
 
         return await self._store._run(q)

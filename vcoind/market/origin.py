@@ -187,6 +187,7 @@ class TaskOrigin:
         mode: str = "single",
         replicas: int | None = None,
         pipeline: bool = False,
+        customer: str = "",
     ) -> str:
         if self._nursery is None:
             raise TaskError("node", "the task market is not running")
@@ -213,6 +214,7 @@ class TaskOrigin:
             status="pending", phase="bidding", created_at=now, priority=priority,
             max_price=max_price, mode=mode,
             replicas=(replicas or 3) if mode == "consensus" else 1, pipeline=pipeline,
+            customer=customer,
         )  # fmt: skip
         await self._tasks.insert(row)  # on disk before the id is returned
         self._metrics.tasks.labels(status="submitted").inc()
@@ -877,6 +879,7 @@ def task_view(row: TaskRow, attempts: int, live_progress: int | None = None) -> 
         "mode": row.mode,
         "replicas": row.replicas,
         "pipeline": row.pipeline or row.mode == "pipeline",
+        "customer": row.customer or None,
         "consensus": row.consensus or None,
         "created_at": row.created_at,
         "completed_at": row.completed_at,

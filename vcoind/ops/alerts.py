@@ -45,6 +45,7 @@ class Snapshot:
     stake: dict[str, Any] | None = None  # stake (VCOIN), eligible (the chain's verdict)
     price_anomalies: Sequence[tuple[str, str, str]] = ()  # (symbol, kind, detail), recent
     sentiment: tuple[float, float] | None = None  # (previous, latest) 24 h index
+    sla: Sequence[tuple[str, Sequence[str], Sequence[str]]] = ()  # (customer, broken, near)
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,20 @@ def oracle_sentiment_swing(s: Snapshot, t: Thresholds) -> list[Condition]:
                       f"{now:+.2f}", now - before)]  # fmt: skip
 
 
+def sla_breach(s: Snapshot, t: Thresholds) -> list[Condition]:
+    out = []
+    for customer, broken, near in s.sla:
+        if broken:
+            msg = f"SLA of {customer} violated: {', '.join(broken)}"
+            out.append(Condition(customer, "critical", msg))
+        elif near:
+            msg = f"SLA of {customer} close to a breach: {', '.join(near)}"
+            out.append(Condition(customer, "warning", msg))
+    return out
+
+
 RULES: dict[str, Rule] = {
+    "sla_breach": sla_breach,
     "peer_offline": peer_offline,
     "gpu_temperature": gpu_temperature,
     "memory_pressure": memory_pressure,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vcoind.rpc import MethodRegistry, Param, RPCError
+from vcoind.ops.sla import SLATerms
+from vcoind.rpc import INVALID_PARAMS, NOT_FOUND, MethodRegistry, Param, RPCError
 from vcoind.rpc import RPCMethod as M
 from vcoind.rpc.errors import INVALID_REQUEST
 
@@ -51,6 +53,51 @@ def register_ops_api(reg: MethodRegistry, node: Node) -> None:
             "rules": sorted(node.alerts.rules),
         }
 
+    async def sla_create(params: dict[str, Any]) -> dict[str, Any]:
+        try:
+            terms = SLATerms(params["customer"], params["uptime_pct"], params["max_latency_s"],
+                             params["min_throughput_per_day"], params["price"],
+                             params["penalty_rate"])  # fmt: skip
+        except ValueError as exc:
+            raise RPCError(INVALID_PARAMS, str(exc)) from None
+        await node.slas.put_terms(terms)
+        return {"customer": terms.customer, "terms": dataclasses.asdict(terms)}
+
+    async def sla_status(params: dict[str, Any]) -> dict[str, Any]:
+        rows = await node.sla_evaluate(params["customer"])
+        if not rows:
+            raise RPCError(NOT_FOUND, f"customer: no SLA for {params['customer']!r}")
+        return rows[0]
+
+    async def sla_violations(params: dict[str, Any]) -> dict[str, Any]:
+        rows = await node.slas.violations(params["customer"], params["limit"])
+        return {"violations": rows, "total_penalty": round(sum(r["penalty"] for r in rows), 9)}
+
+    customer = {"type": "string", "pattern": "[A-Za-z0-9_.-]{1,64}"}
+    reg.add(M(
+        "vcoin_slaCreate", "Create or replace a customer's SLA terms.",
+        (
+            Param("customer", customer, required=True),
+            Param("uptime_pct", {"type": "number", "minimum": 0.001, "maximum": 100},
+                  default=99.9),
+            Param("max_latency_s", {"type": "number", "minimum": 0.000001}, default=5.0,
+                  description="p95 of submit-to-completion"),
+            Param("min_throughput_per_day", {"type": "number", "minimum": 0}, default=0.0),
+            Param("price", {"type": "number", "minimum": 0}, default=0.0),
+            Param("penalty_rate", {"type": "number", "minimum": 0, "maximum": 1}, default=0.1,
+                  description="share of the price per violation; while violated, rewards "
+                  "of the customer's tasks are cut by it"),
+        ),
+        {"type": "object"}, sla_create,
+    ))  # fmt: skip
+    reg.add(M("vcoin_slaStatus", "A customer's compliance now: uptime of the nodes serving "
+              "it, p95 latency, throughput, violations, breaches imminent.",
+              (Param("customer", customer, required=True),), {"type": "object"},
+              sla_status))  # fmt: skip
+    reg.add(M("vcoin_slaViolations", "Recorded violations with evidence and penalty, newest "
+              "first.", (Param("customer", customer, default=None),
+                         Param("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
+                               default=50)), {"type": "object"}, sla_violations))  # fmt: skip
     reg.add(M(
         "vcoin_alerts",
         "Alerts: active ones first (newest first), then resolved ones. Live events (fired, "

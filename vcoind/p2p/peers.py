@@ -14,7 +14,7 @@ import logging
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -72,6 +72,8 @@ class PeerTable:
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.latency_total = 0  # samples ever taken (the deque keeps the recent ones)
         self.on_seen: list[Callable[[Heartbeat], None]] = []
+        # (peer id, online, when): a peer joined (at its heartbeat) or left (at its last).
+        self.on_presence: list[Callable[[str, bool, float], Awaitable[None]]] = []
         self._changed = trio.Event()
         self._dirty: dict[str, PeerUpdate] = {}
 
@@ -119,6 +121,8 @@ class PeerTable:
         if prev is None:
             log.info("peer joined %s (%s)", hb.peer_id, hb.eth_address)
             self._notify()
+            for presence in self.on_presence:
+                await presence(hb.peer_id, True, now)
         for cb in self.on_seen:
             cb(hb)
         # Written in batches by run(): a busy network must not cost one transaction per beat.
@@ -150,6 +154,8 @@ class PeerTable:
                         )
                         self._notify()
                         await self._store.mark_offline(peer_id)
+                        for presence in self.on_presence:
+                            await presence(peer_id, False, st.last_seen)
         finally:
             with trio.CancelScope(shield=True):  # keep what we heard before shutdown
                 await self.flush()
