@@ -73,6 +73,20 @@ def test_dashboard_live_in_headless_chromium(
     row = f'tr[data-task="{task_id}"]'
     wait_until(lambda: text_of(browser, row), 10, "the task row")
     wait_until(lambda: "completed" in text_of(browser, row), 60, "the task completing")
+    # a consensus round: its similarity matrix; an SLA
+    req = {**req, "mode": "consensus", "replicas": 3}
+    n1.rpc.call("vcoin_submitTask", req)
+    wait_until(
+        lambda: "similarity" in text_of(browser, "#consensus-body table"),
+        60,
+        "the similarity matrix",
+    )
+    n1.rpc.call("vcoin_slaCreate", {"customer": "acme", "max_latency_s": 30})
+    wait_until(
+        lambda: "compliant" in text_of(browser, 'tr[data-customer="acme"]'), 10, "the SLA row"
+    )
+    # each daemon runs its own embedded chain here: the section says which
+    wait_until(lambda: "embedded" in text_of(browser, "#chain-body"), 30, "the chain section")
     shot(browser, "task")
 
     # node 3 dies: its row turns offline (and an alert appears)

@@ -93,6 +93,10 @@ def register_chain_api(reg: MethodRegistry, node: Node) -> None:
         out["payload"] = op.payload
         return out
 
+    async def chain_events(params: dict[str, Any]) -> dict[str, Any]:
+        r: dict[str, Any] = await read(chain().events_sync, params["limit"])
+        return r
+
     async def rewards(params: dict[str, Any]) -> dict[str, Any]:
         c = chain()
         address = params["address"] or c.address
@@ -165,6 +169,8 @@ def register_chain_api(reg: MethodRegistry, node: Node) -> None:
           get_anchor),
         M("vcoin_rewards", "Rewards minted to an address by task anchors, newest first.",
           (address, limit), OBJ, rewards),
+        M("vcoin_chainEvents", "The chain's recent anchors, rewards, slashes and governance "
+          "proposals (every node's), newest first.", (limit,), OBJ, chain_events),
         M("vcoin_stake", "Stake VCOIN (approve + stake; also delegates votes to this node).",
           (amount, WAIT), OBJ, stake),
         M("vcoin_unstake", "Request to unstake VCOIN; withdraw after the unstake delay.",

@@ -598,6 +598,40 @@ class ChainService:
                 "block": lg["blockNumber"]} for lg in logs]  # fmt: skip
         return sorted(out, key=lambda r: -int(r["block"]))[:limit]
 
+    def events_sync(self, limit: int) -> dict[str, list[dict[str, Any]]]:
+        """The chain's recent anchors, rewards, slashes and proposals, newest first (from
+        the contracts' logs: every node's, not only this one's)."""
+        c = self.contracts
+        assert c is not None
+        start = self.deployment.block if self.deployment else 0
+
+        def logs(event: Any) -> list[Any]:
+            got = event().get_logs(from_block=start)
+            return sorted(got, key=lambda lg: -int(lg["blockNumber"]))[:limit]
+
+        def task(lg: Any) -> str:
+            return bytes(lg["args"]["taskId"])[16:].hex()
+
+        ev = c.anchor.events
+        return {
+            "anchors": [{"task_id": task(lg), "decision": int(lg["args"]["decision"]),
+                         "voters": int(lg["args"]["voterCount"]), "block": lg["blockNumber"],
+                         "tx_hash": lg["transactionHash"].to_0x_hex()}
+                        for lg in logs(ev.Anchored)],
+            "rewards": [{"task_id": task(lg), "node": lg["args"]["voter"],
+                         "amount": vcoin(lg["args"]["amount"]), "block": lg["blockNumber"]}
+                        for lg in logs(ev.Rewarded)],
+            "slashes": [{"task_id": task(lg), "node": lg["args"]["node"],
+                         "amount": vcoin(lg["args"]["amount"]), "block": lg["blockNumber"]}
+                        for lg in logs(ev.OutvotedSlashed)],
+            "proposals": [{"proposal_id": str(lg["args"]["proposalId"]),
+                           "description": lg["args"]["description"],
+                           "state": GOV_STATES[c.governor.functions.state(
+                               lg["args"]["proposalId"]).call()],
+                           "block": lg["blockNumber"]}
+                          for lg in logs(c.governor.events.ProposalCreated)],
+        }  # fmt: skip
+
     def proposal_sync(self, proposal_id: int) -> dict[str, Any]:
         c = self.contracts
         assert c is not None

@@ -47,6 +47,7 @@ class Outcome:
             "confidence": self.confidence,
             "action": self.action,
             "answer_replica": results[self.answer].peer_id,
+            "similarity_matrix": [[round(x, 4) for x in row] for row in self.similarity],
             "result_hash": self.result_hash.hex(),
             "replicas": [
                 {

@@ -69,6 +69,9 @@ def register_ops_api(reg: MethodRegistry, node: Node) -> None:
             raise RPCError(NOT_FOUND, f"customer: no SLA for {params['customer']!r}")
         return rows[0]
 
+    async def sla_list(params: dict[str, Any]) -> dict[str, Any]:
+        return {"slas": await node.sla_evaluate()}
+
     async def sla_violations(params: dict[str, Any]) -> dict[str, Any]:
         rows = await node.slas.violations(params["customer"], params["limit"])
         return {"violations": rows, "total_penalty": round(sum(r["penalty"] for r in rows), 9)}
@@ -94,6 +97,8 @@ def register_ops_api(reg: MethodRegistry, node: Node) -> None:
               "it, p95 latency, throughput, violations, breaches imminent.",
               (Param("customer", customer, required=True),), {"type": "object"},
               sla_status))  # fmt: skip
+    reg.add(M("vcoin_slaList", "Every customer's compliance now.", (), {"type": "object"},
+              sla_list))  # fmt: skip
     reg.add(M("vcoin_slaViolations", "Recorded violations with evidence and penalty, newest "
               "first.", (Param("customer", customer, default=None),
                          Param("limit", {"type": "integer", "minimum": 1, "maximum": 1000},

@@ -105,20 +105,33 @@ async function refreshTasks() {
 }
 
 // --- consensus, chain, oracle --------------------------------------------------------
+function matrix(c) {
+  const ids = (c.replicas || []).map((r) => short(r.node_id));
+  const head = el("tr", {}, el("th", {}, "similarity"), ...ids.map((i) => el("th", {}, i)));
+  const rows = (c.similarity_matrix || []).map((row, i) => el("tr", {},
+    el("th", {}, ids[i]), ...row.map((x) => el("td", { class: x >= 0.85 ? "ok" : "bad" },
+      num(x)))));
+  return el("table", { class: "matrix" }, head, ...rows);
+}
+
 async function refreshConsensus() {
   const box = document.getElementById("consensus-body");
   const [m, h] = await Promise.all([rpc("vcoin_consensusMetrics"),
     rpc("vcoin_consensusHistory", { limit: 8 })]);
+  const tasks = h.tasks || [];
   const list = el("ul");
-  for (const t of h.tasks || []) {
-    const c = t.consensus || t;
-    const reps = (c.replicas || []).map((r) =>
-      el("span", { class: r.agreed ? "ok" : "bad" }, ` ${short(r.node_id)} ${num(r.similarity)}`));
+  for (const t of tasks) {
     list.append(el("li", {}, el("span", { class: "mono" }, short(t.task_id)), " ",
-      c.decision || "-", " · confidence ", num(c.confidence), ...reps));
+      el("span", { class: t.decision === "supermajority" ? "ok" : "warning" }, t.decision || "-"),
+      ` · confidence ${num(t.confidence)} · ${t.replicas} replicas · ${t.action || ""}`));
   }
-  box.replaceChildren(kv("agreement rate", num(m.agreement_rate),
-    "recompute rate", num(m.recompute_rate)), list);
+  const parts = [kv("agreement rate", num(m.agreement_rate),
+    "recompute rate", num(m.recompute_rate))];
+  if (tasks.length) { // the latest round in full: each replica against each other
+    const c = (await rpc("vcoin_getTask", { task_id: tasks[0].task_id })).consensus;
+    if (c && c.similarity_matrix) parts.push(matrix(c));
+  }
+  box.replaceChildren(...parts, list);
 }
 
 let chainNext = 0;
@@ -133,11 +146,28 @@ async function refreshChain() {
     box.replaceChildren(el("div", { class: "dim" }, "no chain: " + e.message));
     return;
   }
-  const ops = await rpc("vcoin_chainOps", { limit: 8 });
+  const [ops, ev] = await Promise.all([rpc("vcoin_chainOps", { limit: 5 }),
+    rpc("vcoin_chainEvents", { limit: 5 })]);
   const list = el("ul");
-  for (const o of ops.ops || ops) {
-    list.append(el("li", {}, el("span", { class: o.status }, o.status), " ", o.kind, " ",
-      el("span", { class: "mono" }, o.tx_hash ? o.tx_hash.slice(0, 12) + "…" : "")));
+  for (const o of ops.ops || []) {
+    list.append(el("li", {}, "write ", el("span", { class: o.status }, o.status), " ", o.kind,
+      " ", el("span", { class: "mono" }, o.tx_hash ? o.tx_hash.slice(0, 12) + "…" : "")));
+  }
+  for (const a of ev.anchors) {
+    list.append(el("li", {}, el("span", { class: "anchored" }, "anchored"), " task ",
+      el("span", { class: "mono" }, short(a.task_id)), ` · ${a.voters} voters · block ${a.block}`));
+  }
+  for (const r of ev.rewards) {
+    list.append(el("li", {}, "reward ", num(r.amount, 3), " VCOIN → ",
+      el("span", { class: "mono" }, short(r.node))));
+  }
+  for (const s of ev.slashes) {
+    list.append(el("li", {}, el("span", { class: "bad" }, "slashed"), " ", num(s.amount, 0),
+      " VCOIN from ", el("span", { class: "mono" }, short(s.node))));
+  }
+  for (const p of ev.proposals) {
+    list.append(el("li", {}, "proposal ", el("span", { class: "mono" }, short(p.proposal_id)),
+      ` ${p.state}: ${p.description}`));
   }
   box.replaceChildren(kv("chain id", info.chain_id, "mode", info.mode,
     "stake", num(info.stake, 0), "balance", num(info.balance, 2),
@@ -191,6 +221,23 @@ async function refreshOracle() {
     parts.push(el("div", { class: "warning" }, "sentiment: " + e.message));
   }
   box.replaceChildren(...parts);
+}
+
+// --- SLAs -------------------------------------------------------------------------------
+async function refreshSLAs() {
+  const box = document.getElementById("sla-body");
+  const r = await rpc("vcoin_slaList");
+  if (!r.slas.length) {
+    box.replaceChildren(el("div", {}, "no SLA on this node (vcoin sla create)"));
+    return;
+  }
+  box.replaceChildren(el("table", {}, el("tr", {}, ...["customer", "state", "uptime %",
+    "p95 s", "per day"].map((h) => el("th", {}, h))), ...r.slas.map((s) => el("tr",
+    { "data-customer": s.customer }, el("td", {}, s.customer),
+    el("td", { class: s.compliant ? "ok" : "bad" }, s.compliant ? "compliant"
+      : "violated: " + s.violations.join(", ")),
+    el("td", {}, num(s.uptime_pct, 3)), el("td", {}, num(s.p95_latency_s, 3)),
+    el("td", {}, num(s.throughput_per_day, 1))))));
 }
 
 // --- alerts ---------------------------------------------------------------------------
@@ -257,7 +304,7 @@ async function tick(fn) {
 
 async function loop() {
   await Promise.all([refreshNode, refreshPeers, refreshTasks, refreshConsensus, refreshChain,
-    refreshOracle, refreshAlerts].map(tick));
+    refreshOracle, refreshSLAs, refreshAlerts].map(tick));
   setTimeout(loop, 2000);
 }
 
