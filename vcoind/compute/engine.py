@@ -704,6 +704,39 @@ class Batcher:
             req.future.set_result(req.stream.result(first - req.t_admit, now - first))
 
 
+def decode_loop(
+    prompt_ids: Sequence[int],
+    params: GenerationParams,
+    forward: Callable[[list[int]], torch.Tensor],
+    tokenizer: Any,
+    max_positions: int,
+    device: torch.device | str = "cpu",
+    *,
+    on_token: Callable[[int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> GenerationResult:
+    """Prefill then decode with ``forward(new token ids) -> logits of the last position``
+    (an engine slot, or a model with its own KV cache): sampling, EOS, stop strings."""
+    stream = TokenStream(prompt_ids, params, tokenizer, device)
+    if len(prompt_ids) + params.max_new_tokens > max_positions:
+        raise GenerationError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens exceeds the model's "
+            f"context of {max_positions}"
+        )
+    t0 = time.perf_counter()
+    nxt = stream.push(forward(list(prompt_ids)))
+    t1 = time.perf_counter()
+    while nxt is not None:
+        if on_token is not None:
+            on_token(len(stream.out))
+        if cancel is not None and cancel.is_set():
+            raise GenerationCancelled()
+        nxt = stream.push(forward([nxt]))
+    if on_token is not None and stream.out:
+        on_token(len(stream.out))
+    return stream.result(t1 - t0, time.perf_counter() - t1)
+
+
 def generate_ids(
     engine: Engine,
     prompt_ids: Sequence[int],
@@ -714,21 +747,16 @@ def generate_ids(
     cancel: threading.Event | None = None,
 ) -> GenerationResult:
     """One request on the calling thread, on a slot of its own (batch 1)."""
-    stream = TokenStream(prompt_ids, params, tokenizer, engine.device)
     engine.check_request(len(prompt_ids), params.max_new_tokens)
     slot = engine.alloc()
+
+    def forward(ids: list[int]) -> torch.Tensor:
+        if len(ids) == 1 and engine.length[slot]:
+            return engine.decode([slot], torch.tensor(ids))[0]
+        return engine.prefill(slot, torch.tensor(ids))
+
     try:
-        t0 = time.perf_counter()
-        nxt = stream.push(engine.prefill(slot, torch.tensor(list(prompt_ids))))
-        t1 = time.perf_counter()
-        while nxt is not None:
-            if on_token is not None:
-                on_token(len(stream.out))
-            if cancel is not None and cancel.is_set():
-                raise GenerationCancelled()
-            nxt = stream.push(engine.decode([slot], torch.tensor([nxt]))[0])
-        if on_token is not None and stream.out:
-            on_token(len(stream.out))
-        return stream.result(t1 - t0, time.perf_counter() - t1)
+        return decode_loop(prompt_ids, params, forward, tokenizer, engine.max_context,
+                           engine.device, on_token=on_token, cancel=cancel)  # fmt: skip
     finally:
         engine.release(slot)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,8 @@ from vcoind.compute.engine import (
     GenerationCancelled,
     GenerationResult,
     Stack,
-    TokenStream,
     UnsupportedModel,
+    decode_loop,
     generate_ids,
 )
 from vcoind.compute.params import GenerationError, GenerationParams
@@ -146,36 +145,3 @@ def generate(
 
     return decode_loop(prompt_ids, params, forward, lm.tokenizer, max_pos, lm.device,
                        on_token=on_token, cancel=cancel)  # fmt: skip
-
-
-def decode_loop(
-    prompt_ids: list[int],
-    params: GenerationParams,
-    forward: Callable[[list[int]], torch.Tensor],
-    tokenizer: Any,
-    max_positions: int,
-    device: torch.device | str = "cpu",
-    *,
-    on_token: Callable[[int], None] | None = None,
-    cancel: threading.Event | None = None,
-) -> GenerationResult:
-    """Prefill then decode with ``forward(new token ids) -> logits of the last position``
-    (a model with its KV cache, or a pipeline of shards): sampling, EOS, stop strings."""
-    stream = TokenStream(prompt_ids, params, tokenizer, device)
-    if len(prompt_ids) + params.max_new_tokens > max_positions:
-        raise GenerationError(
-            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens exceeds the model's "
-            f"context of {max_positions}"
-        )
-    t0 = time.perf_counter()
-    nxt = stream.push(forward(prompt_ids))
-    t1 = time.perf_counter()
-    while nxt is not None:
-        if on_token is not None:
-            on_token(len(stream.out))
-        if cancel is not None and cancel.is_set():
-            raise GenerationCancelled()
-        nxt = stream.push(forward([nxt]))
-    if on_token is not None and stream.out:
-        on_token(len(stream.out))
-    return stream.result(t1 - t0, time.perf_counter() - t1)

@@ -9,7 +9,7 @@ different sessions that arrive together run as one engine batch.
 
 Origin side, ``PipelineDriver``: picks a route, a chain of nodes whose spans cover every
 layer in order (best health, then lowest latency, ties by peer id), tokenises, runs the
-node's own decode loop (``decode_loop``: sampling, EOS, stop strings) with each forward
+node's own token loop (``TokenStream``: sampling, EOS, stop strings) with each forward
 pass going hop by hop, only the new positions' hidden states on the wire. A hop that
 fails or stays silent for ``hop_timeout_s`` is replaced by another node serving that
 span; the new route's caches are rebuilt by replaying the prefix, so the text is the one
