@@ -447,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f'     vcoin --datadir {nodes[0].datadir} submit "What is a Merkle tree?" '
               f"--model {TEST_MODEL} --pipeline --wait", flush=True)  # fmt: skip
         print(f"     vcoin --datadir {nodes[0].datadir} chain info", flush=True)
+        print(f"     vcoin --datadir {nodes[0].datadir} alerts --follow", flush=True)
+        print(f"dashboard: {nodes[0].info['rpc_url']}/", flush=True)
         if not ns.check:
             print("running; Ctrl-C stops all nodes", flush=True)
             while True:
