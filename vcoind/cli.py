@@ -635,7 +635,7 @@ def client_parser() -> argparse.ArgumentParser:
     cs.add_argument("--limit", type=int, default=20, help="rows (history, conflicts)")
     add_client_commands(sub)
     add_oracle_commands(sub)
-    sl = sub.add_parser("sla", help="SLAs: create, status, violations")
+    sl = sub.add_parser("sla", help="SLAs: create, status, violations (per customer)")
     ss = sl.add_subparsers(dest="sla_action", metavar="ACTION", required=True)
     sc = ss.add_parser("create", help="create or replace a customer's SLA")
     sc.add_argument("--customer", required=True)

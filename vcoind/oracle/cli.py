@@ -16,7 +16,7 @@ class _Client(Protocol):
 
 
 def add_oracle_commands(sub: Any) -> None:
-    o = sub.add_parser("oracle", help="AI oracle: price analysis, sources")
+    o = sub.add_parser("oracle", help="AI oracle: price, sentiment, overview, sources")
     os_ = o.add_subparsers(dest="oracle_action", metavar="ACTION", required=True)
     p = os_.add_parser("price", help="trend, indicators, levels, patterns, forecast, risk")
     p.add_argument("--symbol", default="QUBIC", help="a symbol of oracle.coins (default QUBIC)")
