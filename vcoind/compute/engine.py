@@ -159,10 +159,6 @@ class Engine:
         if compile_decode and self.cuda_graphs:
             self._decode_fn = torch.compile(self._decode_rows, dynamic=False)
 
-    @property
-    def cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
-
     # --- slots --------------------------------------------------------------
 
     def alloc(self) -> int:
@@ -578,7 +574,6 @@ class Batcher:
         self._active: list[_Request] = []
         self._thread: threading.Thread | None = None
         self._closed = False
-        self.steps = 0
         self.peak_batch = 0
 
     def submit(
@@ -611,10 +606,6 @@ class Batcher:
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(timeout=10)
-
-    @property
-    def load(self) -> int:
-        return len(self._active) + len(self._waiting)
 
     def _run(self) -> None:
         while True:
@@ -677,7 +668,6 @@ class Batcher:
         self.peak_batch = max(self.peak_batch, len(live))
         x = torch.tensor([r.last for r in live])
         logits = self.engine.decode([r.slot for r in live], x)
-        self.steps += 1
         greedy = [r.stream.params.temperature == 0.0 for r in live]
         picks = torch.argmax(logits, dim=-1).tolist() if any(greedy) else []
         still = []
@@ -747,7 +737,7 @@ def generate_ids(
     cancel: threading.Event | None = None,
 ) -> GenerationResult:
     """One request on the calling thread, on a slot of its own (batch 1)."""
-    engine.check_request(len(prompt_ids), params.max_new_tokens)
+    engine.check_request(len(prompt_ids), params.max_new_tokens)  # before taking a slot
     slot = engine.alloc()
 
     def forward(ids: list[int]) -> torch.Tensor:
