@@ -28,7 +28,7 @@ from vcoind.api import (
 )
 from vcoind.chain.api import register_chain_api
 from vcoind.chain.contracts import ChainError
-from vcoind.chain.service import AnchorRequest, ChainService, wei
+from vcoind.chain.service import AnchorRequest, ChainService, vcoin, wei
 from vcoind.compute.models import ModelStore
 from vcoind.compute.params import GenerationError
 from vcoind.compute.telemetry import HostSample, Telemetry
@@ -224,13 +224,7 @@ class Node:
         register_oracle_api(self.registry, self)
         self.alerts: AlertEngine | None = None
         if config.alerts.enabled:
-            a = config.alerts
-            self.alerts = AlertEngine(Thresholds(
-                gpu_temp_warning_c=a.gpu_temp_warning_c, gpu_temp_critical_c=a.gpu_temp_critical_c,
-                memory_warning_pct=a.memory_warning_pct, memory_critical_pct=a.memory_critical_pct,
-                error_rate_warning=a.error_rate_warning,
-                disagreement_warning=a.disagreement_warning, sentiment_swing=a.sentiment_swing,
-            ))  # fmt: skip
+            self.alerts = AlertEngine(_subset(Thresholds, config.alerts))
             self.alert_store = AlertStore(self.store)
         self.slas = SLAStore(self.store)
         self.sla_status: dict[str, dict[str, Any]] = {}  # customer -> latest evaluation
@@ -334,15 +328,8 @@ class Node:
 
         o = self.config.oracle
         coins = tuple((a.strip(), b.strip()) for a, _, b in (c.partition("=") for c in o.coins))
-        settings = OracleSettings(
-            coingecko_url=o.coingecko_url, api_key=o.api_key, coins=coins,
-            timeout_s=o.timeout_s, retries=o.retries, newsapi_url=o.newsapi_url,
-            newsapi_key=o.newsapi_key, news_query=o.news_query, reddit_url=o.reddit_url,
-            subreddit=o.subreddit,
-            classifier_dir=str(Path(o.classifier_dir).expanduser()) if o.classifier_dir else "",
-            min_interval_s=o.min_interval_s, quote_poll_s=o.quote_poll_s,
-            news_poll_s=o.news_poll_s,
-        )  # fmt: skip
+        classifier = str(Path(o.classifier_dir).expanduser()) if o.classifier_dir else ""
+        settings = _subset(OracleSettings, o, coins=coins, classifier_dir=classifier)
         self.oracle = OracleService(
             settings, OracleStore(self.store),
             on_cache=lambda cache, hit: self.metrics.oracle_cache.labels(
@@ -405,14 +392,11 @@ class Node:
             outvoted = []  # only a voter may claim who was outvoted (the contract's rule)
         ccfg = self.config.chain
         reward = ccfg.reward_base + ccfg.reward_per_token * s.tokens + s.price
-        row = await self.tasks.get(s.task_id)
-        if row is not None and row.customer:  # the SLA's penalty while it is violated
-            rate = await self.slas.in_violation(
-                row.customer, time.time() - self.config.sla.window_s
-            )
+        if s.customer:  # the SLA's penalty while it is violated
+            rate = await self.slas.in_violation(s.customer, time.time() - self.config.sla.window_s)
             if rate:
                 log.info("task %s: reward cut by %.0f %% (SLA of %s violated)", s.task_id,
-                         100 * rate, row.customer)  # fmt: skip
+                         100 * rate, s.customer)  # fmt: skip
                 reward *= 1 - rate
         req = AnchorRequest(
             task_id=s.task_id, result_hash=s.result_hash, model_id=s.model_id,
@@ -766,10 +750,10 @@ class Node:
         offline = [(r.peer_id, r.last_heartbeat) for r in await self.store.list_peers("offline")
                    if r.last_heartbeat and r.last_heartbeat >= self.started_at
                    and now - r.last_heartbeat < 3600]  # fmt: skip
-        sample = await trio.to_thread.run_sync(self.telemetry.sample)
-        d = sample.device
+        hb = self.heartbeat.last  # the telemetry sampled for our latest heartbeat
         gpu = None
-        if d.kind == "cuda":
+        if hb is not None and hb.device.kind == "cuda":
+            d = hb.device
             gpu = {"name": d.name, "temperature_c": d.temperature_c,
                    "memory_used_mb": d.memory_used_mb,
                    "memory_total_mb": d.memory_total_mb}  # fmt: skip
@@ -778,10 +762,11 @@ class Node:
         if self.chain is not None and self.chain.require_stake:
             info = self.chain.stake_of(self.identity.eth_address)
             if info is not None:
-                stake = {"stake": info.stake / 1e18, "eligible": info.eligible}
+                stake = {"stake": vcoin(info.stake), "eligible": info.eligible}
         anomalies, sentiment = self.oracle.alert_view() if self.oracle else ([], None)
         return Snapshot(
-            now=now, peers_offline=offline, gpu=gpu, host_memory_pct=sample.memory_percent,
+            now=now, peers_offline=offline, gpu=gpu,
+            host_memory_pct=hb.memory_percent if hb is not None else None,
             tasks_recent=(recent["failed"], recent["finished"]),
             consensus_recent=(recent["conflicts"], recent["consensus"]), stake=stake,
             price_anomalies=anomalies, sentiment=sentiment,
@@ -961,6 +946,13 @@ class Node:
                 if self.oracle is not None:
                     await self.oracle.aclose()
                 await self.store.close()
+
+
+def _subset(cls: Any, source: Any, **overrides: Any) -> Any:
+    """``cls`` built from the same-named fields of the config section ``source``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in dataclasses.asdict(source).items() if k in names}
+    return cls(**{**given, **overrides})
 
 
 async def _post_webhook(url: str, payload: dict[str, Any]) -> None:

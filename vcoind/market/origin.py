@@ -111,6 +111,7 @@ class Settled:
     deterministic: bool  # greedy: replicas had to match token for token
     tokens: int
     price: float  # of the accepted bid(s)
+    customer: str = ""  # whose SLA the task counts under
 
 
 @dataclass
@@ -569,7 +570,7 @@ class TaskOrigin:
             signatures=[(s["node_id"], s["eth_address"], bytes.fromhex(s["signature"]))
                         for s in signatures if s["node_id"] in agreed],
             replicas=len(st.attempts),
-            outvoted=sorted(set(st.attempts.values()) - agreed),
+            outvoted=sorted(set(st.attempts.values()) - agreed), customer=live.row.customer,
             deterministic=params.temperature == 0,
             tokens=len(rr.results[o.answer].token_ids),
             price=sum(chosen) / len(chosen) if chosen else 0.0,
@@ -772,7 +773,7 @@ class TaskOrigin:
                     decision="majority", signatures=[(peer, r.eth_address, r.signature)],
                     replicas=1, outvoted=[],
                     deterministic=params_from_dict(row.parameters).temperature == 0,
-                    tokens=tokens, price=price,
+                    tokens=tokens, price=price, customer=row.customer,
                 )  # fmt: skip
                 assert self._nursery is not None
                 self._nursery.start_soon(self.on_settled, settled)
