@@ -54,12 +54,19 @@ class TTLCache:
         self.hits = self.misses = 0
 
     def get(self, key: Any) -> dict[str, Any] | None:
+        value = self.peek(key)
+        if value is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return value
+
+    def peek(self, key: Any) -> dict[str, Any] | None:
+        """The live value, if any, without counting a lookup."""
         e = self._items.get(key)
         if e is None or e.expires <= self.clock():
             self._items.pop(key, None)
-            self.misses += 1
             return None
-        self.hits += 1
         return e.value
 
     def put(self, key: Any, value: dict[str, Any]) -> None:
@@ -208,51 +215,61 @@ class OracleService:
             raise OracleError(f"timeframe must be one of {', '.join(TIMEFRAMES)}")
         symbol = symbol.upper()
         coin = self.coin(symbol)
-        key = (symbol, timeframe)
-        hit = self.price_cache.get(key)
-        self._on_cache("price_analysis", hit is not None)
-        if hit is not None:
-            return hit
-        async with self._locks.setdefault(key, trio.Lock()):  # one fetch per key at a time
-            hit = self.price_cache.get(key)
-            if hit is not None:
-                return hit
+
+        async def compute() -> dict[str, Any]:
             result = await self._analyse(symbol, coin, timeframe)
             self.last_analysis[symbol] = result
-            self.price_cache.put(key, result)
             await self._store.add_analysis(symbol, timeframe, result)
             return result
+
+        return await self._cached("price_analysis", self.price_cache, (symbol, timeframe),
+                                  compute)  # fmt: skip
+
+    async def _cached(
+        self, name: str, cache: TTLCache, key: Any,
+        compute: Callable[[], Awaitable[dict[str, Any]]],
+    ) -> dict[str, Any]:  # fmt: skip
+        """The cached value, or one computation per key at a time (callers that waited
+        for it take its result)."""
+        hit = cache.get(key)
+        self._on_cache(name, hit is not None)
+        if hit is not None:
+            return hit
+        async with self._locks.setdefault((name, key), trio.Lock()):
+            value = cache.peek(key)
+            if value is None:
+                value = await compute()
+                cache.put(key, value)
+            return value
 
     async def sentiment(self, range_: str = "24h") -> dict[str, Any]:
         """The news sentiment index over ``range_`` (1h, 24h, 7d); cached 10 minutes."""
         if range_ not in RANGES:
             raise OracleError(f"range must be one of {', '.join(RANGES)}")
-        hit = self.sentiment_cache.get(range_)
-        self._on_cache("sentiment", hit is not None)
-        if hit is not None:
-            return hit
-        async with self._locks.setdefault(("sentiment", range_), trio.Lock()):
-            errors = await self._refresh_news()
-            now = self.clock()
-            rows = await self._store.articles(now - RANGES[range_])
-            articles = [Article(*r) for r in rows]
-            model = await self._sentiment_model()
-            scored = await trio.to_thread.run_sync(model.score, articles)
-            result = aggregate(scored, now, RANGES[range_])
-            keys = sorted(f"{a.key}:{a.published_at}" for a in articles)
-            result["input_hash"] = hashlib.sha256("\n".join(keys).encode()).hexdigest()
-            method = "VADER" + (" + classifier" if model.classifier else "")
-            sources = [s.status.view(now) for s in (self.newsapi, self.reddit)]
-            result.update(range=range_, computed_at=now, query=self.settings.news_query,
-                          method=method + " + keywords; title 40 %, body 60 %",
-                          sources=sources)  # fmt: skip
-            if errors and not articles:
-                result["note"] = "; ".join(errors)
-            self.sentiment_cache.put(range_, result)
-            if range_ == "24h":
-                self.sentiment_24h = [*self.sentiment_24h, result["sentiment_score"]][-2:]
-            await self._store.add_sentiment(range_, result)
-            return result
+        return await self._cached("sentiment", self.sentiment_cache, range_,
+                                  lambda: self._sentiment(range_))  # fmt: skip
+
+    async def _sentiment(self, range_: str) -> dict[str, Any]:
+        errors = await self._refresh_news()
+        now = self.clock()
+        rows = await self._store.articles(now - RANGES[range_])
+        articles = [Article(*r) for r in rows]
+        model = await self._sentiment_model()
+        scored = await trio.to_thread.run_sync(model.score, articles)
+        result = aggregate(scored, now, RANGES[range_])
+        keys = sorted(f"{a.key}:{a.published_at}" for a in articles)
+        result["input_hash"] = hashlib.sha256("\n".join(keys).encode()).hexdigest()
+        method = "VADER" + (" + classifier" if model.classifier else "")
+        sources = [s.status.view(now) for s in (self.newsapi, self.reddit)]
+        result.update(range=range_, computed_at=now, query=self.settings.news_query,
+                      method=method + " + keywords; title 40 %, body 60 %",
+                      sources=sources)  # fmt: skip
+        if errors and not articles:
+            result["note"] = "; ".join(errors)
+        if range_ == "24h":
+            self.sentiment_24h = [*self.sentiment_24h, result["sentiment_score"]][-2:]
+        await self._store.add_sentiment(range_, result)
+        return result
 
     async def market_overview(self, symbol: str = "QUBIC") -> dict[str, Any]:
         """Sentiment over 24 h, the 4 h price analysis, the latest headlines, and a
