@@ -97,7 +97,9 @@ def test_pipelined_consensus_replicas_run_on_disjoint_routes(
     others = [cluster.start(i, bootstrap=n1, extra=spans(models_dir, s))
               for i, s in ((2, "2-3"), (3, "0-1"), (4, "2-3"))]  # fmt: skip
     nodes = [n1, *others]
-    wait_until(lambda: sees_spans(n1, 3), 30, "node 1 sees every span")
+    # every node (each may drive a route) knows every other node's span
+    for n in nodes:
+        wait_until(lambda n=n: sees_spans(n, 3), 30, "every node sees every span")
     req = {"model": MODEL, "input": PROMPTS[1], "mode": "consensus", "replicas": 2,
            "pipeline": True, "parameters": {"max_new_tokens": 12}}  # fmt: skip
     t = finished(n1, str(n1.rpc.call("vcoin_submitTask", req)["task_id"]), timeout=120)
