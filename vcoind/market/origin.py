@@ -636,13 +636,16 @@ class TaskOrigin:
         with trio.move_on_after(cfg.bid_window_s):
             while not live.cancelled and not enough():
                 await live.changed.wait()
-        bids = [b for b in live.bids if b.peer_id not in live.tried]
         await self._tasks.add_bids(row.id, [_bid_row(b) for b in live.bids])
+        bids = [b for b in live.bids if b.peer_id not in live.tried]
+        reps = await self.reputations([b.peer_id for b in bids])
+        # No checkpoint from here to the caller's _attempt, which counts the winner in
+        # flight: tasks whose windows close together must see each other's choices
+        # (least_connections would otherwise send a whole burst to one peer).
         ranked = [b for b in rank(cfg.strategy, row.id, bids, self._selection)
                   if isinstance(b, TaskBid)]  # fmt: skip
         # Reputation (earned in consensus rounds) decides who goes first: peers that fell
         # under LOW_REPUTATION are only used when nobody else bid.
-        reps = await self.reputations([b.peer_id for b in ranked])
         return sorted(
             ranked, key=lambda b: reps.get(b.peer_id, DEFAULT_REPUTATION) < LOW_REPUTATION
         )
@@ -652,14 +655,14 @@ class TaskOrigin:
         row, peer, n = live.row, bid.peer_id, live.attempt
         live.attempt_peers[n] = peer
         live.attempt_error = None
-        await self._tasks.add_attempt(row.id, n, peer, time.time())
-        await self._update(live, phase="assigned", node_id=peer)
-        assign = Assign(
-            task_id=row.id, attempt=n, model=row.model, input=row.input,
-            params=params_from_dict(row.parameters), priority=row.priority,
-        )  # fmt: skip
         self._selection.in_flight[peer] = self._selection.in_flight.get(peer, 0) + 1
         try:
+            await self._tasks.add_attempt(row.id, n, peer, time.time())
+            await self._update(live, phase="assigned", node_id=peer)
+            assign = Assign(
+                task_id=row.id, attempt=n, model=row.model, input=row.input,
+                params=params_from_dict(row.parameters), priority=row.priority,
+            )  # fmt: skip
             t0 = time.monotonic()
             refused = await self._assign(peer, assign)
             if refused is not None:
