@@ -1,0 +1,92 @@
+"""Training datasets, shards, settings and the step schedule (no torch, no network)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vcoind.train.spec import (
+    LoraSettings,
+    TrainError,
+    canonical_jsonl,
+    load_examples,
+    parse_jsonl,
+    rounds,
+    split_contiguous,
+    step_batches,
+    steps_per_epoch,
+    total_steps,
+)
+
+
+def test_jsonl_text_and_prompt_completion_and_clear_errors(tmp_path: Path) -> None:
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "a"}\n\n{"prompt": "q", "completion": "r", "extra": 1}\n')
+    assert load_examples(f) == [{"text": "a"}, {"prompt": "q", "completion": "r"}]
+    for body, problem in [
+        ('{"text": "a"}\nnot json\n', "line 2: not JSON"),
+        ('{"prompt": "q"}\n', 'line 1: needs "text", or "prompt" and "completion"'),
+        ("[1, 2]\n", "line 1: an example must be an object"),
+        ('{"text": "   "}\n', "line 1: empty"),
+        ("\n\n", "no examples"),
+    ]:
+        f.write_text(body)
+        with pytest.raises(TrainError, match=problem):
+            load_examples(f)
+    f.write_bytes(b'{"text": "\xff"}\n')
+    with pytest.raises(TrainError, match="not UTF-8"):
+        load_examples(f)
+    with pytest.raises(TrainError, match="cannot read dataset"):
+        load_examples(tmp_path / "missing.jsonl")
+
+
+def test_a_datasets_directory_loads(tmp_path: Path) -> None:
+    import datasets
+
+    rows = [{"text": f"line {i}"} for i in range(5)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    assert load_examples(tmp_path / "ds") == rows
+
+
+def test_contiguous_shards_and_canonical_bytes() -> None:
+    ex = [{"text": str(i)} for i in range(10)]
+    shards = split_contiguous(ex, 3)
+    assert [len(s) for s in shards] == [4, 3, 3]
+    assert [e for s in shards for e in s] == ex  # contiguous, in order, nothing lost
+    with pytest.raises(TrainError, match="cannot split 2"):
+        split_contiguous(ex[:2], 3)
+    data = canonical_jsonl([{"prompt": "p", "completion": "c"}])
+    assert data == b'{"completion":"c","prompt":"p"}\n'
+    assert parse_jsonl(data) == [{"prompt": "p", "completion": "c"}]
+
+
+def test_step_schedule_covers_each_epoch_once_and_is_reproducible() -> None:
+    s = LoraSettings(batch_size=3, grad_accum=2, epochs=2, seed=7)
+    n = 10  # 4 micro-batches an epoch -> 2 optimizer steps
+    assert steps_per_epoch(n, s) == 2 and total_steps(n, s) == 4
+    for epoch in range(2):
+        seen = [i for step in (2 * epoch, 2 * epoch + 1) for b in step_batches(n, s, step)
+                for i in b]  # fmt: skip
+        assert sorted(seen) == list(range(n))
+    again = LoraSettings.from_dict(s.as_dict())  # a node rebuilding them from the wire
+    schedule = [step_batches(n, s, k) for k in range(4)]
+    assert [step_batches(n, again, k) for k in range(4)] == schedule
+    assert step_batches(n, s, 0) != step_batches(n, s, 2)  # reshuffled each epoch
+    with pytest.raises(TrainError, match="outside"):
+        step_batches(n, s, 4)
+    assert rounds([12, 11, 12], 5) == 3
+
+
+def test_settings_are_validated() -> None:
+    assert LoraSettings.from_dict({"target_modules": "q_proj,k_proj"}).target_modules == (
+        "q_proj", "k_proj")  # fmt: skip
+    for bad, problem in [
+        ({"r": 0}, "r must be"), ({"learning_rate": 2.0}, "learning_rate must be"),
+        ({"optimizer": "lion"}, "optimizer must be"), ({"bogus": 1}, "unknown training"),
+        ({"target_modules": ["q proj"]}, "target_modules"), ({"epochs": True}, "epochs"),
+    ]:  # fmt: skip
+        with pytest.raises(TrainError, match=problem):
+            LoraSettings.from_dict(bad)
+    assert json.loads(json.dumps(LoraSettings().as_dict()))["r"] == 8
