@@ -15,6 +15,7 @@ whose outcomes are anchored on that chain.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -352,6 +353,50 @@ def demo_pipeline(origin: DevNode, prompt: str, timeout: float = 120.0) -> None:
     print(f"  answer: {t['result']!r}", flush=True)
 
 
+def demo_training(origin: DevNode, nodes: int, base: Path, timeout: float = 300.0) -> None:
+    """LoRA on ``nodes`` nodes: shards, FedAvg rounds, the adapter, its anchor, then the
+    same prompt with and without the adapter."""
+    from vcoind.compute.testmodel import CORPUS
+
+    data = base / "train.jsonl"
+    lines = [ln for ln in CORPUS.splitlines() if ln.strip()]
+    data.write_text("".join(json.dumps({"text": ln}) + "\n" for ln in lines * 2))
+    print(f"\nLoRA training: {2 * len(lines)} examples on {nodes} nodes -> node {origin.index}",
+          flush=True)  # fmt: skip
+    settings = {"epochs": 3, "batch_size": 2, "learning_rate": 0.03, "sync_every": 2,
+                "max_length": 32, "dropout": 0.0}  # fmt: skip
+    r = origin.rpc.call("vcoin_train", {"model": TEST_MODEL, "dataset": str(data),
+                                        "nodes": nodes, "settings": settings})  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while not (t := origin.rpc.call("vcoin_getTask", {"task_id": r["task_id"]}))["finished"]:
+        if time.monotonic() > deadline:
+            raise DevnetError(f"training task {r['task_id']} did not finish in {timeout:g} s")
+        time.sleep(0.3)
+    if t["status"] != "completed":
+        raise DevnetError(f"training task {t['task_id']} {t['status']}: {t['error']}")
+    tr = t["training"]
+    for n in tr["nodes"]:
+        print(f"  node {n['node_id']}  shards {n['shards']}  {n['samples']} samples  "
+              f"{n['status']}", flush=True)  # fmt: skip
+    for h in tr["history"]:
+        print(f"  round {h['round'] + 1}: {h['samples']} samples, mean loss {h['loss']:.3f}",
+              flush=True)  # fmt: skip
+    sm = tr["summary"]
+    print(f"  adapter {tr['adapter_id']} (loss {sm['first_loss']:.3f} -> "
+          f"{sm['final_loss']:.3f}, {sm['train_s']:.1f} s), signed by "
+          f"{len(tr['signatures'])} nodes", flush=True)  # fmt: skip
+    print_anchor(origin, t["task_id"])
+    prompt = lines[3][:30]
+    for adapter in (None, tr["adapter_id"]):
+        req: dict[str, Any] = {"model": TEST_MODEL, "input": prompt,
+                               "parameters": {"max_new_tokens": 16}}  # fmt: skip
+        if adapter:
+            req["adapter"] = adapter
+        out = _wait_task(origin, req, 120.0)
+        print(f"  {'with the adapter' if adapter else 'base model      '}: {prompt!r} -> "
+              f"{out['result']!r}", flush=True)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="devnet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -433,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             if ns.nodes >= 2:
                 demo_consensus(nodes[0], ns.prompt, min(3, ns.nodes))
                 demo_pipeline(nodes[0], ns.prompt)
+                demo_training(nodes[0], min(3, ns.nodes), base)
         print(f"\ntry: vcoin --datadir {nodes[0].datadir} peers", flush=True)
         print(
             f'     vcoin --datadir {nodes[0].datadir} submit "What is a Merkle tree?" '
@@ -446,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f'     vcoin --datadir {nodes[0].datadir} submit "What is a Merkle tree?" '
               f"--model {TEST_MODEL} --pipeline --wait", flush=True)  # fmt: skip
+        print(f"     vcoin --datadir {nodes[0].datadir} train --model {TEST_MODEL} "
+              f"--dataset {base / 'train.jsonl'} --nodes {min(3, ns.nodes)} --wait",
+              flush=True)  # fmt: skip
         print(f"     vcoin --datadir {nodes[0].datadir} chain info", flush=True)
         print(f"     vcoin --datadir {nodes[0].datadir} alerts --follow", flush=True)
         print(f"dashboard: {nodes[0].info['rpc_url']}/", flush=True)

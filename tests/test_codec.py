@@ -134,11 +134,11 @@ def test_malformed_rejected(data: bytes, problem: str) -> None:
 
 
 def test_oversized_rejected_before_parsing() -> None:
-    big = mutate(software="x" * 9000)
-    with pytest.raises(CodecError, match="limit 8192"):
+    big = mutate(software="x" * 13000)
+    with pytest.raises(CodecError, match="limit 12288"):
         decode(big, Heartbeat)
     with pytest.raises(CodecError, match="limit"):
-        encode(make(models=tuple(ModelServed("m" * 100, "sha256:" + "0" * 64) for _ in range(60))))
+        encode(make(models=tuple(ModelServed("m" * 128, "sha256:" + "0" * 64) for _ in range(64))))
 
 
 def test_deep_or_huge_containers_rejected() -> None:

@@ -328,6 +328,7 @@ def register_task_api(reg: MethodRegistry, node: Node) -> None:
                 timeout_s=params["timeout_s"], max_price=params["max_price"], mode=mode,
                 replicas=None if replicas in (None, 1) else replicas,
                 pipeline=pipelined_replicas, customer=params["customer"] or "",
+                adapter=params["adapter"] or "",
             )  # fmt: skip
         except TaskError as exc:
             raise RPCError(INVALID_PARAMS, str(exc)) from None
@@ -388,6 +389,8 @@ def register_task_api(reg: MethodRegistry, node: Node) -> None:
             Param("max_price", {"type": "number", "minimum": 0}, default=None),
             Param("customer", {"type": "string", "pattern": "[A-Za-z0-9_.-]{1,64}"},
                   default=None, description="whose SLA the task counts under"),
+            Param("adapter", {"type": "string", "pattern": "[0-9a-f]{64}"}, default=None,
+                  description="generate with this LoRA adapter (vcoin_adapters) merged in"),
             Param("pipeline", {"type": "boolean"}, default=False,
                   description="run across nodes serving layer spans that together cover "
                   "the model (this node needs its tokenizer: a span or the model); with "

@@ -40,6 +40,7 @@ from vcoind.market.selection import STRATEGIES
 from vcoind.oracle.cli import add_oracle_commands, run_oracle_command
 from vcoind.p2p.errors import P2PError
 from vcoind.store import StoreError
+from vcoind.train.cli import add_train_commands, run_train_command
 
 EXIT_USAGE = 2
 
@@ -615,6 +616,8 @@ def client_parser() -> argparse.ArgumentParser:
                    help="run across nodes serving layer spans (--serve-layers); with --mode "
                    "consensus each replica is a pipeline, on routes sharing no node")  # fmt: skip
     s.add_argument("--customer", help="count the task under this customer's SLA")
+    s.add_argument("--adapter", metavar="ID",
+                   help="generate with this LoRA adapter merged in (vcoin adapters)")  # fmt: skip
     s.add_argument("--wait", action="store_true", help="show progress, then print the answer")
     t = sub.add_parser("task", help="one task: status, progress, node, route, timings")
     t.add_argument("task_id")
@@ -635,6 +638,7 @@ def client_parser() -> argparse.ArgumentParser:
     cs.add_argument("--limit", type=int, default=20, help="rows (history, conflicts)")
     add_client_commands(sub)
     add_oracle_commands(sub)
+    add_train_commands(sub)
     sl = sub.add_parser("sla", help="SLAs: create, status, violations (per customer)")
     ss = sl.add_subparsers(dest="sla_action", metavar="ACTION", required=True)
     sc = ss.add_parser("create", help="create or replace a customer's SLA")
@@ -865,6 +869,8 @@ def _task_command(ns: argparse.Namespace, client: RPCClient) -> tuple[Any, Calla
             req["pipeline"] = True
         if ns.customer:
             req["customer"] = ns.customer
+        if ns.adapter:
+            req["adapter"] = ns.adapter
         task_id = client.call("vcoin_submitTask", req)["task_id"]
         if not ns.wait:
             return {"task_id": task_id}, lambda r: f"submitted {r['task_id']}"
@@ -895,6 +901,8 @@ def client_main(argv: Sequence[str] | None = None) -> int:
             result, fmt = run_client_command(ns, client)
         elif ns.command == "oracle":
             result, fmt = run_oracle_command(ns, client)
+        elif ns.command in ("train", "adapters"):
+            result, fmt = run_train_command(ns, client)
         elif ns.command == "alerts":
             return _alerts_command(ns, client)
         elif ns.command == "sla":
@@ -907,6 +915,6 @@ def client_main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     print(json.dumps(result, indent=2) if ns.json else fmt(result))
-    if ns.command in ("submit", "task") and isinstance(result, dict):
+    if ns.command in ("submit", "task", "train") and isinstance(result, dict):
         return 0 if result.get("status", "completed") == "completed" or not ns.wait else 1
     return 0

@@ -97,6 +97,8 @@ class MarketConfig:
     no_bid_timeout_s: float = 10.0  # fail when nobody bids within this
     task_timeout_s: float = 30.0  # no progress for this long -> reassign
     max_retries: int = 3
+    # LoRA training (as origin): how long one node may take for one sync round
+    train_round_timeout_s: float = 900.0
     # TEST ONLY: make this node misbehave as a consensus replica (junk, copy, slow,
     # silent). Refused outside devnet/test networks.
     fault: str = ""
@@ -122,6 +124,7 @@ class ChainConfig:
     # caps it (maxReward) and splits it between the agreeing nodes.
     reward_base: float = 1.0
     reward_per_token: float = 0.01
+    reward_per_sample: float = 0.01  # LoRA training: per example trained
     # Embedded chain only: VCOIN this node mints itself and stakes at start.
     embedded_stake: float = 1000.0
     stake_refresh_s: float = 10.0  # how often peers' stakes are re-read
@@ -411,6 +414,7 @@ def validate(cfg: Config) -> Config:
         ("no_bid_timeout_s", m.no_bid_timeout_s, 0.1, 3600.0),
         ("task_timeout_s", m.task_timeout_s, 0.5, 86_400.0),
         ("max_retries", m.max_retries, 0, 100),
+        ("train_round_timeout_s", m.train_round_timeout_s, 1.0, 86_400.0),
     ):
         if not lo <= value <= hi:
             raise ConfigError(f"market.{key}", f"must be between {lo:g} and {hi:g}, got {value}")
@@ -428,6 +432,7 @@ def validate(cfg: Config) -> Config:
     for key, value, lo, hi in (
         ("reward_base", ch.reward_base, 0.0, 1e9),
         ("reward_per_token", ch.reward_per_token, 0.0, 1e9),
+        ("reward_per_sample", ch.reward_per_sample, 0.0, 1e9),
         ("embedded_stake", ch.embedded_stake, 0.0, 1e9),
         ("stake_refresh_s", ch.stake_refresh_s, 0.1, 86_400.0),
         ("retry_max_s", ch.retry_max_s, 0.1, 3600.0),

@@ -9,8 +9,10 @@ is removed and the store closed on the way out.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +94,19 @@ from vcoind.p2p.peers import PeerTable
 from vcoind.p2p.streams import StreamProtocol, StreamProtocolError, StreamService
 from vcoind.rpc import MethodRegistry, RPCServer, RPCServerConfig
 from vcoind.store import AlertStore, ConsensusStore, OracleStore, SLAStore, Store, TaskStore
+from vcoind.train.adapters import AdapterStore, BlobCache, pull_blob
+from vcoind.train.api import register_train_api
+from vcoind.train.host import TrainHost
+from vcoind.train.run import TrainingRun
+from vcoind.train.spec import LoraSettings, TrainError, parse_jsonl, sha256_hex
+from vcoind.train.wire import (
+    TRAIN_PROTOCOL,
+    TRAIN_REQUESTS,
+    BlobGet,
+    BlobPart,
+    TrainJoin,
+    TrainProgress,
+)
 
 if TYPE_CHECKING:
     # libp2p pulls in trio-typing, whose stale stubs shadow trio's own types for mypy.
@@ -114,6 +129,12 @@ SHARD_STREAM = StreamProtocol(
     (ShardOpen, ShardStep, ShardClose),
     max_request_bytes=ShardStep.MAX_BYTES,
     keep_open_s=SESSION_IDLE_S,
+)
+
+# A training round answers when its steps are done: the serving side allows a day (the
+# origin's own limit, market.train_round_timeout_s, is what counts).
+TRAIN_STREAM = StreamProtocol(
+    TRAIN_PROTOCOL, TRAIN_REQUESTS, max_request_bytes=TrainJoin.MAX_BYTES, timeout_s=86_400.0
 )
 
 
@@ -222,6 +243,7 @@ class Node:
         if config.oracle.enabled:
             self._wire_oracle()
         register_oracle_api(self.registry, self)
+        register_train_api(self.registry, self)
         self.alerts: AlertEngine | None = None
         if config.alerts.enabled:
             self.alerts = AlertEngine(_subset(Thresholds, config.alerts))
@@ -294,6 +316,26 @@ class Node:
         self.origin.disjoint_routes = self._disjoint_routes
         self.worker.run_route = self._run_route
         self._pipeline_tokenizers: dict[str, Any] = {}
+        self._wire_training()
+
+    def _wire_training(self) -> None:
+        self.adapters = AdapterStore(self.datadir.path / "adapters")
+        self.blobs = BlobCache()
+        self.train_host = TrainHost(
+            self.models, self.adapters, self.blobs, self.train_send,
+            device=lambda: str(self.executor.device),
+            limiter=self._train_limiter, lora=self.lora, sign=self._sign_adapter,
+        )  # fmt: skip
+        self._lora_lock = trio.Lock()
+        self.train_host.on_adapters = self._announce_adapters
+        self.train_host.on_rate = self.worker.train_samples_per_s.__setitem__
+        self._trainings: dict[str, TrainingRun] = {}
+        self._adapter_fetches: dict[str, trio.Event] = {}
+        self.worker.can_train = _peft_available
+        self.worker.adapter_known = lambda a: self.adapters.has(a) or bool(self._holders(a))
+        self.worker.get_adapter = self.adapter_path
+        self.origin.run_training = self._run_training
+        self.streams.serve(TRAIN_STREAM, self._train_request)
 
     def _wire_consensus(self) -> None:
         cfg, ident = self.config, self.identity
@@ -391,7 +433,8 @@ class Node:
         if outvoted and all(a.lower() != me for a, _ in voters):
             outvoted = []  # only a voter may claim who was outvoted (the contract's rule)
         ccfg = self.config.chain
-        reward = ccfg.reward_base + ccfg.reward_per_token * s.tokens + s.price
+        reward = (ccfg.reward_base + ccfg.reward_per_token * s.tokens
+                  + ccfg.reward_per_sample * s.samples + s.price)  # fmt: skip
         if s.customer:  # the SLA's penalty while it is violated
             rate = await self.slas.in_violation(s.customer, time.time() - self.config.sla.window_s)
             if rate:
@@ -674,6 +717,148 @@ class Node:
             return await self.oracle_replica.on_confirm(record)
         raise StreamProtocolError(f"unexpected {type(record).__name__}")
 
+    # --- LoRA training and adapters ----------------------------------------
+
+    async def _train_limiter(self) -> trio.CapacityLimiter:
+        return (await self.worker.executor()).limiter
+
+    async def lora(self) -> Any:
+        """``vcoind.train.lora`` (peft, transformers): imported once, in a worker thread,
+        after the executor's own import of transformers (two threads importing it at once
+        break it)."""
+        mod = sys.modules.get("vcoind.train.lora")
+        if mod is None:
+            await self.worker.executor()
+            async with self._lora_lock:
+                mod = await trio.to_thread.run_sync(importlib.import_module, "vcoind.train.lora")
+        return mod
+
+    async def _train_request(self, peer: ID, record: Any) -> Any:
+        return await self._dispatch_train(peer.to_base58(), record)
+
+    async def _dispatch_train(self, peer: str, record: Any) -> Any:
+        if isinstance(record, TrainProgress):
+            run = self._trainings.get(record.task_id)
+            if run is None:
+                raise StreamProtocolError(f"no training task {record.task_id} here")
+            return run.on_progress(peer, record)
+        return await self.train_host.handle(peer, record)
+
+    async def train_send(
+        self, peer: str, record: Any, reply_type: type[Any], timeout_s: float | None = None
+    ) -> Any:
+        """A /vcoin/train/1.0.0 request to ``peer``; to ourselves a plain call."""
+        if peer == self.identity.peer_id:
+            return await self._dispatch_train(peer, record)
+        return await self.streams.request(ID.from_base58(peer), TRAIN_STREAM, record,
+                                          reply_type, timeout_s=timeout_s)  # fmt: skip
+
+    def _sign_adapter(self, task_id: str, adapter_id: str, model_id: str) -> tuple[str, bytes]:
+        digest = outcome_digest(self.config.network, task_id, bytes.fromhex(adapter_id),
+                                model_id, "majority")  # fmt: skip
+        return self.identity.eth_address, sign_outcome(bytes(self.identity.eth.key), digest)
+
+    def _announce_adapters(self) -> None:
+        held = sorted(self.adapters.path(a) for a in self.adapters.ids())
+        newest = sorted(held, key=lambda p: p.stat().st_mtime, reverse=True)[:16]
+        ids = tuple(p.stem for p in newest)
+        if ids != self.heartbeat.capabilities.adapters:
+            self.heartbeat.set_capabilities(
+                dataclasses.replace(self.heartbeat.capabilities, adapters=ids))  # fmt: skip
+
+    def _holders(self, adapter_id: str) -> list[str]:
+        """Peers whose last heartbeat lists the adapter, healthiest first."""
+        peers = [st for st in self.peers.peers() if adapter_id in st.heartbeat.adapters]
+        return [st.peer_id for st in sorted(peers, key=lambda st: (-st.health, st.peer_id))]
+
+    async def adapter_path(self, adapter_id: str) -> Path:
+        """The adapter's file here, pulled (and checked by hash) from a holder first if
+        need be; TrainError when no holder hands over the right bytes."""
+        path = self.adapters.path(adapter_id)
+        while adapter_id in self._adapter_fetches:  # one fetch per adapter at a time
+            await self._adapter_fetches[adapter_id].wait()
+        if path.is_file():
+            return path
+        done = self._adapter_fetches[adapter_id] = trio.Event()
+        errors = []
+        try:
+            for peer in self._holders(adapter_id):
+                try:
+                    first = await self.train_send(peer, BlobGet(adapter_id), BlobPart)
+                    data = await pull_blob(self.train_send, peer, adapter_id, first.total)
+                    await trio.to_thread.run_sync((await self.lora()).adapter_from_bytes, data)
+                except (StreamProtocolError, TrainError) as exc:
+                    errors.append(f"{peer[-8:]}: {exc}")
+                    continue
+                await trio.to_thread.run_sync(self.adapters.put, adapter_id, data)
+                log.info("adapter %s fetched from %s", adapter_id[:12], peer)
+                self._announce_adapters()
+                return path
+        finally:
+            del self._adapter_fetches[adapter_id]
+            done.set()
+        raise TrainError(f"adapter {adapter_id[:12]}: no node handed it over "
+                         f"({'; '.join(errors) or 'no holder known'})")  # fmt: skip
+
+    async def _run_training(self, row: Any, bids: list[Any], on_view: Any) -> dict[str, Any]:
+        p = row.parameters
+        settings = LoraSettings.from_dict(p["lora"])
+        data = await trio.to_thread.run_sync(Path(p["dataset_file"]).read_bytes)
+        examples = parse_jsonl(data, "dataset")
+        peers = [b.peer_id for b in bids]
+        n = int(p["nodes"])
+        run = TrainingRun(
+            row.id, row.model, bids[0].model_id, settings, examples, peers[:n], peers[n:],
+            self.train_send, self.blobs, self.lora,
+            round_timeout_s=self.config.market.train_round_timeout_s,
+            max_retries=self.config.market.max_retries,
+            alive=lambda peer: peer == self.identity.peer_id or self.peers.get(peer) is not None,
+        )  # fmt: skip
+        self._trainings[row.id] = run
+        dirty = trio.Event()
+        run.on_change = dirty.set
+
+        async def publish() -> None:  # at most twice a second
+            nonlocal dirty
+            while True:
+                await dirty.wait()
+                dirty = trio.Event()
+                run.on_change = dirty.set
+                await on_view(run.view())
+                await trio.sleep(0.5)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(publish)
+                final, summary = await run.run()
+                adapter_id = sha256_hex(final)
+                await trio.to_thread.run_sync(self.adapters.put, adapter_id, final)
+                self._announce_adapters()
+                signed = await run.finish(adapter_id)
+                nursery.cancel_scope.cancel()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await run.abort()
+            raise
+        finally:
+            run.drop_blobs()
+            del self._trainings[row.id]
+        sigs = [(peer, s.eth_address, s.signature) for peer, s in signed if s.signature]
+        view = {**run.view(), "adapter_id": adapter_id, "summary": summary,
+                "signatures": [{"node_id": peer, "eth_address": a, "signature": sig.hex()}
+                               for peer, a, sig in sigs]}  # fmt: skip
+        log.info("task %s trained: adapter %s, %d rounds, loss %.4f -> %.4f, %d signatures",
+                 row.id, adapter_id[:12], summary["rounds"], summary["first_loss"],
+                 summary["final_loss"], len(sigs))  # fmt: skip
+        if self.chain is not None and self.config.chain.anchor:
+            await self._on_settled(Settled(
+                row.id, run.model_id, bytes.fromhex(adapter_id), "majority", sigs,
+                replicas=len(signed) or 1, outvoted=[], deterministic=False, tokens=0,
+                price=0.0, customer=row.customer, samples=summary["samples"],
+            ))  # fmt: skip
+        return {"adapter_id": adapter_id, "model_id": run.model_id, "summary": summary,
+                "view": view}  # fmt: skip
+
     # --- SLAs -------------------------------------------------------------
 
     async def _on_presence(self, peer: str, online: bool, when: float) -> None:
@@ -705,6 +890,11 @@ class Node:
             self.sla_status[terms.customer] = status
             out.append(status)
         return out
+
+    async def _train_sweep(self) -> None:
+        while True:
+            await trio.sleep(60)
+            self.train_host.sweep()
 
     async def _sla_loop(self) -> None:
         while True:
@@ -893,6 +1083,7 @@ class Node:
                 self._p2p_listening = True
                 await self.rescan_models()
                 await self._serve_spans()
+                self._announce_adapters()
                 for row in await self.store.list_peers():
                     self.keeper.learn(row.peer_id, row.addrs)
                 self._nursery = nursery
@@ -901,6 +1092,7 @@ class Node:
                 if self.alerts is not None:
                     nursery.start_soon(self._alerts_loop)
                 nursery.start_soon(self._sla_loop)
+                nursery.start_soon(self._train_sweep)
                 if self.chain is not None:
                     try:
                         await nursery.start(self.chain.run)
@@ -946,6 +1138,12 @@ class Node:
                 if self.oracle is not None:
                     await self.oracle.aclose()
                 await self.store.close()
+
+
+def _peft_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("peft") is not None
 
 
 def _subset(cls: Any, source: Any, **overrides: Any) -> Any:

@@ -255,6 +255,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX peer_downtime_peer ON peer_downtime(peer_id, start);
     """,
+    # 10: LoRA training tasks (type 'lora_training'): shards, nodes, rounds, the adapter.
+    """
+    ALTER TABLE tasks ADD COLUMN training TEXT NOT NULL DEFAULT '{}';
+    """,
 )
 
 
@@ -458,9 +462,9 @@ TASK_COLUMNS = (
     "id", "type", "model", "model_id", "input", "parameters", "priority", "timeout_s",
     "max_price", "status", "phase", "progress", "result", "node_id", "retry_count", "error",
     "timings", "created_at", "completed_at", "mode", "replicas", "consensus", "pipeline",
-    "customer",
+    "customer", "training",
 )  # fmt: skip
-_JSON_COLUMNS = ("parameters", "timings", "consensus")
+_JSON_COLUMNS = ("parameters", "timings", "consensus", "training")
 FINISHED = ("completed", "failed", "cancelled")
 
 
@@ -490,6 +494,7 @@ class TaskRow:
     consensus: dict[str, Any] = field(default_factory=dict)
     pipeline: bool = False  # consensus replicas are pipelines on disjoint routes
     customer: str = ""  # whose SLA the task counts under ("" = none)
+    training: dict[str, Any] = field(default_factory=dict)  # type lora_training
 
 
 @dataclass(frozen=True)

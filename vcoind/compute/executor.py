@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import torch
@@ -83,6 +84,12 @@ class Executor:
             return int(torch.cuda.get_device_properties(self.device).total_memory * 0.8)
         return int(psutil.virtual_memory().total * 0.5)
 
+    @property
+    def limiter(self) -> trio.CapacityLimiter:
+        """One job at a time on the device for work outside the engines (HF generate,
+        LoRA training rounds)."""
+        return self._limiter
+
     def loaded(self) -> list[ModelInfo]:
         return [s.info for s in self._loaded.values()]
 
@@ -92,34 +99,41 @@ class Executor:
         slot.in_use -= 1
         return slot.info
 
-    async def _acquire(self, ref: str) -> _Slot:
+    async def _acquire(self, ref: str, adapter: tuple[str, Path] | None = None) -> _Slot:
+        """The model's slot (loaded if need be); with ``adapter`` (id, path) a copy of the
+        model with that LoRA adapter merged in, kept like a model of its own."""
         info = self.store.resolve(ref)
+        key = info.model_id if adapter is None else f"{info.model_id}+{adapter[0]}"
         while True:
-            slot = self._loaded.get(info.model_id)
+            slot = self._loaded.get(key)
             if slot is not None:
-                self._loaded.move_to_end(info.model_id)
+                self._loaded.move_to_end(key)
                 slot.in_use += 1
                 return slot
-            pending = self._loading.get(info.model_id)
+            pending = self._loading.get(key)
             if pending is None:
                 break
             await pending.wait()  # someone else is loading it; then take theirs
-        done = self._loading[info.model_id] = trio.Event()
+        done = self._loading[key] = trio.Event()
         try:
             self._make_room(info)
-            log.info("loading model %s (%s) on %s", info.name, info.model_id[:19], self.device)
+            with_adapter = f" with adapter {adapter[0][:12]}" if adapter else ""
+            log.info("loading model %s (%s)%s on %s", info.name, info.model_id[:19],
+                     with_adapter, self.device)  # fmt: skip
             load = functools.partial(load_model, slots=self.slots, max_context=self.max_context,
-                                     compile_decode=self.compile_decode)  # fmt: skip
+                                     compile_decode=self.compile_decode,
+                                     adapter=adapter[1] if adapter else None,
+                                     model_id=info.model_id)  # fmt: skip
             lm = await trio.to_thread.run_sync(
                 load, info.path, self.device, self.dtype, limiter=self._limiter
             )
             slot = _Slot(info=info, lm=lm, in_use=1)
             if lm.engine is not None:
                 slot.batcher = Batcher(lm.engine, lm.tokenizer, name=f"engine-{info.name}")
-            self._loaded[info.model_id] = slot
+            self._loaded[key] = slot
             return slot
         finally:
-            del self._loading[info.model_id]
+            del self._loading[key]
             done.set()
 
     def _make_room(self, info: ModelInfo) -> None:
@@ -148,9 +162,11 @@ class Executor:
         *,
         on_progress: Callable[[int], None] | None = None,
         priority: int = 0,
+        adapter: tuple[str, Path] | None = None,
     ) -> GenerationResult:
-        """Run one request; cancelling the caller stops it at the next token."""
-        slot = await self._acquire(ref)
+        """Run one request (on the model with ``adapter`` (id, path) merged in, if given);
+        cancelling the caller stops it at the next token."""
+        slot = await self._acquire(ref, adapter)
         cancel = threading.Event()
         token = trio.lowlevel.current_trio_token()
         last_report = 0.0

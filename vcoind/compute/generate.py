@@ -32,6 +32,7 @@ from vcoind.compute.engine import (
     decode_loop,
     generate_ids,
 )
+from vcoind.compute.models import ModelError
 from vcoind.compute.params import GenerationError, GenerationParams
 
 __all__ = [
@@ -82,14 +83,27 @@ def load_model(
     max_context: int = DEFAULT_MAX_CONTEXT,
     engine: bool = True,
     compile_decode: bool = False,
+    adapter: Path | None = None,
+    model_id: str = "",
 ) -> LoadedModel:
     """Load a model and, where the architecture allows, its engine (``slots`` concurrent
-    requests, 0 = the device's default; ``max_context`` positions each)."""
+    requests, 0 = the device's default; ``max_context`` positions each). ``adapter``: a
+    LoRA adapter file (``vcoind.train``) merged into the weights; it must have been
+    trained on ``model_id`` when both name one."""
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model: Any = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, attn_implementation="sdpa"
     )
+    if adapter is not None:
+        from vcoind.train.lora import adapter_from_bytes, merge_lora
+
+        state, meta = adapter_from_bytes(adapter.read_bytes())
+        base = meta.get("base_model_id", "")
+        if base and model_id and base != model_id:
+            raise ModelError(f"adapter {adapter.stem[:12]} was trained on {base[:19]}, "
+                             f"not on {model_id[:19]}")  # fmt: skip
+        merge_lora(model, state, meta)
     model.to(device)
     model.eval()
     lm = LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype)

@@ -33,6 +33,8 @@ MODEL_RE = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
 MAX_INPUT_CHARS = 32_768
 MAX_RESULT_CHARS = 262_144
 MAX_BATCH = 64  # tasks per announce, offers per bid
+TASK_TYPES = ("inference", "lora_training")
+ADAPTER_RE = r"(|[0-9a-f]{64})"
 
 # send(peer_id, request, reply_type) -> reply on /vcoin/task/1.0.0; the node routes it
 # over a stream, or as a plain call when the peer is itself.
@@ -66,6 +68,9 @@ class AnnouncedTask:
     input_chars: int = field(metadata=lim(min=0, max=MAX_INPUT_CHARS))
     priority: int = field(default=0, metadata=lim(min=-1000, max=1000))
     max_price: float | None = field(default=None, metadata=lim(min=0))
+    # "lora_training": bidders offer to train a shard (their training throughput)
+    task_type: str = field(default="inference", metadata=lim(choices=TASK_TYPES))
+    adapter: str = field(default="", metadata=lim(pattern=ADAPTER_RE, max_len=64))
 
 
 @message
@@ -160,6 +165,9 @@ class Assign:
     exclude: tuple[str, ...] = field(
         default=(), metadata=lim(max_len=256, items={"pattern": PEER_ID_RE, "max_len": 64})
     )
+    # Generate with this LoRA adapter (its id: the sha256 of its safetensors bytes) merged
+    # into the model; the worker fetches it from a node that holds it.
+    adapter: str = field(default="", metadata=lim(pattern=ADAPTER_RE, max_len=64))
 
 
 @message

@@ -55,6 +55,7 @@ from vcoind.market.votes import MAX_REPLICAS
 from vcoind.metrics import NodeMetrics
 from vcoind.p2p.streams import StreamOpenError, StreamProtocolError
 from vcoind.store import FINISHED, BidRow, SignatureRow, TaskRow, TaskStore
+from vcoind.train.spec import TrainError
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -112,6 +113,7 @@ class Settled:
     tokens: int
     price: float  # of the accepted bid(s)
     customer: str = ""  # whose SLA the task counts under
+    samples: int = 0  # LoRA training: examples trained (the reward counts them)
 
 
 @dataclass
@@ -171,6 +173,12 @@ class TaskOrigin:
         self.disjoint_routes: (
             Callable[[str, int], Awaitable[tuple[str, list[list[tuple[str, int, int]]]]]] | None
         ) = None
+        # Runs a lora_training task (set by the node): (row, ranked bids, on_view) ->
+        # {"adapter_id", "model_id", "summary", "view"}; TrainError when it fails.
+        self.run_training: (
+            Callable[[TaskRow, list[TaskBid], Callable[[dict[str, Any]], Awaitable[None]]],
+                     Awaitable[dict[str, Any]]] | None
+        ) = None  # fmt: skip
         # A completed task whose outcome is settled (anchoring; set by the node).
         self.on_settled: Callable[[Settled], Awaitable[None]] | None = None
 
@@ -189,6 +197,7 @@ class TaskOrigin:
         replicas: int | None = None,
         pipeline: bool = False,
         customer: str = "",
+        adapter: str = "",
     ) -> str:
         if self._nursery is None:
             raise TaskError("node", "the task market is not running")
@@ -208,16 +217,40 @@ class TaskOrigin:
             raise TaskError("pipeline", "a pipelined task is mode pipeline, or consensus")
         if pipeline and self.disjoint_routes is None:
             raise TaskError("pipeline", "pipelines are not available on this node")
+        if adapter and (pipeline or mode == "pipeline"):
+            raise TaskError("adapter", "an adapter runs on whole-model tasks, not pipelines")
         now = time.time()
+        parameters = _params_dict(params) | ({"adapter": adapter} if adapter else {})
         row = TaskRow(
             id=secrets.token_hex(16), model=model, input=input_text,
-            parameters=_params_dict(params), timeout_s=timeout_s or self.config.task_timeout_s,
+            parameters=parameters, timeout_s=timeout_s or self.config.task_timeout_s,
             status="pending", phase="bidding", created_at=now, priority=priority,
             max_price=max_price, mode=mode,
             replicas=(replicas or 3) if mode == "consensus" else 1, pipeline=pipeline,
             customer=customer,
         )  # fmt: skip
         await self._tasks.insert(row)  # on disk before the id is returned
+        self._metrics.tasks.labels(status="submitted").inc()
+        self._start(row)
+        return row.id
+
+    async def submit_training(
+        self, model: str, description: str, parameters: dict[str, Any], *,
+        timeout_s: float | None = None, priority: int = 0, customer: str = "",
+    ) -> str:  # fmt: skip
+        """A ``lora_training`` task; ``parameters`` holds the settings, the node count and
+        where the dataset was saved (see ``vcoind.train``)."""
+        if self._nursery is None:
+            raise TaskError("node", "the task market is not running")
+        if self.run_training is None:
+            raise TaskError("type", "training is not available on this node")
+        row = TaskRow(
+            id=parameters["task_id"], type="lora_training", model=model, input=description,
+            parameters={k: v for k, v in parameters.items() if k != "task_id"},
+            timeout_s=timeout_s or self.config.task_timeout_s, status="pending",
+            phase="bidding", created_at=time.time(), priority=priority, customer=customer,
+        )  # fmt: skip
+        await self._tasks.insert(row)
         self._metrics.tasks.labels(status="submitted").inc()
         self._start(row)
         return row.id
@@ -336,6 +369,8 @@ class TaskOrigin:
             live.wake()
 
     async def _run_attempts(self, live: _Live, resumed: bool) -> tuple[str, str | None]:
+        if live.row.type == "lora_training":
+            return await self._run_training(live, resumed)
         if live.row.mode == "consensus":
             return await self._run_consensus(live)
         if live.row.mode == "pipeline":
@@ -436,7 +471,7 @@ class TaskOrigin:
                     route = tuple(RouteHop(*h) for h in routes.get(n, ()))
                     others = tuple(sorted({h[0] for m, r in routes.items() if m != n for h in r}))
                     a = Assign(row.id, n, row.model, row.input, params, row.priority, True,
-                               route, others)  # fmt: skip
+                               route, others, str(row.parameters.get("adapter", "")))  # fmt: skip
                     error = await self._assign(peer, a)
                     if error is not None:
                         co.on_attempt_failed(row.id, n, error)
@@ -531,6 +566,32 @@ class TaskOrigin:
         }  # fmt: skip
         return "completed", None
 
+    async def _run_training(self, live: _Live, resumed: bool) -> tuple[str, str | None]:
+        """Bids from nodes that can train the model, then the rounds (``vcoind.train``)."""
+        assert self.run_training is not None  # submit_training() checked
+        if resumed:  # the rounds' state lived in this process only
+            return "failed", "the origin restarted during training; submit it again"
+        row = live.row
+        bids = await self._collect_bids(live, want=int(row.parameters.get("nodes", 1)))
+        if not bids:
+            return "failed", f"no node bid to train {row.model!r}"
+        await self._update(live, phase="running", status="running")
+
+        async def on_view(view: dict[str, Any]) -> None:
+            live.progress = sum(n["samples"] for n in view["nodes"])
+            await self._update(live, training=view,
+                               node_id=",".join(n["node_id"] for n in view["nodes"]))  # fmt: skip
+
+        try:
+            out = await self.run_training(row, bids, on_view)
+        except TrainError as exc:
+            return "failed", str(exc)
+        await self._update(live, timings={**live.row.timings,
+                                          "train_s": out["summary"]["train_s"]})  # fmt: skip
+        live.final = {"result": out["adapter_id"], "model_id": out["model_id"],
+                      "progress": out["summary"]["samples"], "training": out["view"]}  # fmt: skip
+        return "completed", None
+
     async def _collect_signatures(
         self, live: _Live, st: RoundState, rr: RoundResult, model_id: str
     ) -> None:
@@ -616,6 +677,7 @@ class TaskOrigin:
             task_id=row.id, model=row.model,
             max_new_tokens=int(row.parameters.get("max_new_tokens", 64)),
             input_chars=len(row.input), priority=row.priority, max_price=row.max_price,
+            task_type=row.type, adapter=str(row.parameters.get("adapter", "")),
         )  # fmt: skip
         self._announce(task)
         # Announce again while nobody has bid: a node that just (re)started may not be
@@ -662,6 +724,7 @@ class TaskOrigin:
             assign = Assign(
                 task_id=row.id, attempt=n, model=row.model, input=row.input,
                 params=params_from_dict(row.parameters), priority=row.priority,
+                adapter=str(row.parameters.get("adapter", "")),
             )  # fmt: skip
             t0 = time.monotonic()
             refused = await self._assign(peer, assign)
@@ -855,7 +918,10 @@ def _params_dict(p: GenParams) -> dict[str, Any]:
 
 
 def params_from_dict(d: dict[str, Any]) -> GenParams:
-    return GenParams(**{**d, "stop": tuple(d.get("stop", ()))})
+    """The sampling parameters of a task's stored parameters (which may hold more)."""
+    names = {f.name for f in dataclasses.fields(GenParams)}
+    return GenParams(**{**{k: v for k, v in d.items() if k in names},
+                        "stop": tuple(d.get("stop", ()))})  # fmt: skip
 
 
 def _bid_row(b: TaskBid) -> BidRow:
@@ -885,6 +951,8 @@ def task_view(row: TaskRow, attempts: int, live_progress: int | None = None) -> 
         "pipeline": row.pipeline or row.mode == "pipeline",
         "customer": row.customer or None,
         "consensus": row.consensus or None,
+        "type": row.type,
+        "training": row.training or None,
         "created_at": row.created_at,
         "completed_at": row.completed_at,
         "finished": row.status in FINISHED,

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
@@ -38,6 +39,7 @@ from vcoind.market.messages import (
 )
 from vcoind.p2p.streams import StreamProtocolError
 from vcoind.store import TaskStore
+from vcoind.train.spec import TrainError
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -103,6 +105,12 @@ class TaskWorker:
         ) = None
         # Signs a single-mode result for anchoring (set by the node when it has a chain).
         self.sign_result: Callable[[TaskResult], TaskResult] = lambda r: r
+        # LoRA (set by the node): whether this node can train, whether an adapter is here or
+        # held by a peer, and the local path of an adapter (fetched when needed).
+        self.can_train: Callable[[], bool] = lambda: False
+        self.adapter_known: Callable[[str], bool] = lambda adapter_id: False
+        self.get_adapter: Callable[[str], Awaitable[Path]] | None = None
+        self.train_samples_per_s: dict[str, float] = {}  # model id -> measured
 
     @property
     def queue_length(self) -> int:
@@ -115,6 +123,13 @@ class TaskWorker:
         try:
             info = self._models.resolve(task.model)
         except ModelError:
+            return None
+        if task.task_type == "lora_training":
+            if not self.can_train():
+                return None
+            sps = self.train_samples_per_s.get(info.model_id, DEFAULT_TOKENS_PER_S)
+            return Offer(task.task_id, info.model_id, 0.0, 0.0, round(sps, 3))
+        if task.adapter and not self.adapter_known(task.adapter):
             return None
         tps = self.tokens_per_s.get(info.model_id, DEFAULT_TOKENS_PER_S)
         price = self._price * task.max_new_tokens
@@ -167,6 +182,8 @@ class TaskWorker:
                 self._models.resolve(a.model)
             except ModelError as exc:
                 raise StreamProtocolError(str(exc)) from None
+            if a.adapter and not self.adapter_known(a.adapter):
+                raise StreamProtocolError(f"adapter {a.adapter[:12]} is not known to this node")
         if not await self._tasks.claim_assignment(a.task_id, a.attempt, origin, time.time()):
             raise StreamProtocolError(f"attempt {a.attempt} of {a.task_id} was accepted before")
         job = _Job((-a.priority, next(self._arrivals)), origin, a)
@@ -258,9 +275,13 @@ class TaskWorker:
                         r, model_id = await self.run_route(a, progress)
                     else:
                         executor = await self.executor()
+                        adapter = None
+                        if a.adapter:
+                            assert self.get_adapter is not None  # adapter_known said yes
+                            adapter = (a.adapter, await self.get_adapter(a.adapter))
                         r = await executor.generate(
                             a.model, a.input, p.generation(), on_progress=progress,
-                            priority=a.priority,
+                            priority=a.priority, adapter=adapter,
                         )  # fmt: skip
                         model_id = self._models.resolve(a.model).model_id
                         self.tokens_per_s[model_id] = executor.tokens_per_s.get(model_id, 0.0)
@@ -270,7 +291,7 @@ class TaskWorker:
                         prompt_tokens=r.prompt_tokens, prefill_s=round(r.prefill_s, 6),
                         decode_s=round(r.decode_s, 6),
                     )  # fmt: skip
-                except (GenerationError, ModelError) as exc:
+                except (GenerationError, ModelError, TrainError) as exc:
                     result = TaskResult(task_id=a.task_id, attempt=a.attempt, error=str(exc))
                 except Exception as exc:  # a failing model must not take the worker down
                     log.exception("task %s attempt %d crashed", a.task_id, a.attempt)

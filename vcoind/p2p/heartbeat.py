@@ -45,6 +45,7 @@ class Capabilities:
     spans: tuple[LayerSpan, ...] = ()
     queue_length: int = 0
     services: tuple[str, ...] = ()  # e.g. "oracle"
+    adapters: tuple[str, ...] = ()  # LoRA adapter ids held
 
 
 def adaptive_interval(base: float, peer_count: int) -> float:
@@ -124,6 +125,7 @@ class HeartbeatService:
             models=caps.models,
             spans=caps.spans,
             services=caps.services,
+            adapters=caps.adapters,
             profile=self._profile,
             queue_length=caps.queue_length,
             health=self._health(sample),

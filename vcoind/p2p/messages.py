@@ -82,7 +82,7 @@ class Heartbeat(Message):
     """
 
     KIND: ClassVar[str] = "heartbeat"
-    MAX_BYTES: ClassVar[int] = 8 * 1024
+    MAX_BYTES: ClassVar[int] = 12 * 1024
 
     network: str = field(metadata=lim(pattern=NETWORK_RE, max_len=32))
     peer_id: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))
@@ -104,6 +104,10 @@ class Heartbeat(Message):
     # Extra services the node answers (``oracle``: replicated oracle queries).
     services: tuple[str, ...] = field(
         default=(), metadata=lim(max_len=8, items={"max_len": 32, "pattern": r"[a-z0-9_-]+"})
+    )
+    # Ids of the LoRA adapters the node holds (sha256 of their bytes), newest first.
+    adapters: tuple[str, ...] = field(
+        default=(), metadata=lim(max_len=16, items={"pattern": r"[0-9a-f]{64}", "max_len": 64})
     )
 
 

@@ -1,0 +1,296 @@
+"""Distributed LoRA training on real daemons: shards, FedAvg rounds, failover, anchoring,
+inference with the trained adapter, and refusal of corrupted shards and adapters."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devnet.__main__ import DevNode, stake_all
+from devnet.chain import fund_nodes
+from tests.conftest import Chain, Cluster, wait_until
+from tests.test_chain import anchor_of, three_on_chain
+from tests.test_tasks import MODEL, finished, knows_model, serving, task
+from vcoind.cli import ClientError
+from vcoind.compute.testmodel import CORPUS
+
+pytestmark = pytest.mark.slow
+
+
+def write_dataset(path: Path, repeat: int = 2) -> Path:
+    lines = [ln for ln in CORPUS.splitlines() if ln.strip()][:12]
+    with open(path, "w") as f:
+        for k in range(repeat):
+            for ln in lines:
+                f.write(json.dumps({"text": f"{ln} ({k})"}) + "\n")
+    return path
+
+
+def train(node: DevNode, dataset: Path, nodes: int, **settings: Any) -> str:
+    base = {"epochs": 3, "batch_size": 2, "learning_rate": 0.03, "sync_every": 2,
+            "dropout": 0.0, "seed": 1, "max_length": 32}  # fmt: skip
+    req = {"model": MODEL, "dataset": str(dataset), "nodes": nodes,
+           "settings": {**base, **settings}}  # fmt: skip
+    r = node.rpc.call("vcoin_train", req)
+    return str(r["task_id"])
+
+
+def generate(node: DevNode, prompt: str, adapter: str | None = None) -> dict[str, Any]:
+    req: dict[str, Any] = {"model": MODEL, "input": prompt,
+                           "parameters": {"max_new_tokens": 12}}  # fmt: skip
+    if adapter:
+        req["adapter"] = adapter
+    return finished(node, str(node.rpc.call("vcoin_submitTask", req)["task_id"]), timeout=120)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing`:FutureWarning")  # peft 0.21
+def test_three_daemons_train_anchor_and_serve_the_adapter(
+    cluster: Cluster, models_dir: Path, chain: Chain, tmp_path: Path
+) -> None:
+    nodes = three_on_chain(cluster, models_dir, chain)
+    n1 = nodes[0]
+    addr = {n.index: n.info["eth_address"] for n in nodes}
+    fund_nodes(chain.anvil.url, chain.deployment, list(addr.values()))
+    stake_all(nodes, 1000)
+    wait_until(lambda: all(p["stake"] and p["stake"]["eligible"]
+                           for p in n1.rpc.call("vcoin_peers")), 20, "stakes seen")  # fmt: skip
+
+    data = write_dataset(tmp_path / "train.jsonl")  # 24 examples: 3 shards of 8
+    t = finished(n1, train(n1, data, nodes=3), timeout=300)
+    assert t["status"] == "completed", t["error"]
+    assert t["type"] == "lora_training"
+    tr = t["training"]
+    s = tr["summary"]
+    # 8 examples, batch 2 -> 4 steps per epoch, 3 epochs -> 12 steps; sync every 2 -> 6 rounds
+    assert s["rounds"] == len(tr["history"]) == 6 and s["steps"] == 36
+    assert s["samples"] == 72 and s["reassigned"] == 0
+    assert s["final_loss"] < s["first_loss"] * 0.8, s  # it learns
+    assert {n["node_id"] for n in tr["nodes"]} == {n.info["peer_id"] for n in nodes}
+    assert all(n["samples"] == 24 and n["status"] == "done" for n in tr["nodes"])
+    assert len({sh["hash"] for sh in tr["shards"]}) == 3  # contiguous, distinct shards
+    adapter = tr["adapter_id"]
+    assert t["result"] == adapter and len(adapter) == 64
+
+    # Anchored: the adapter's hash, signed by the three trainers, rewards by samples.
+    a = anchor_of(n1, t["task_id"])
+    ev = chain.anchored_events(t["task_id"])
+    assert len(ev) == 1 and bytes(ev[0]["args"]["resultHash"]).hex() == adapter
+    assert {r["node"] for r in a["rewards"]} == set(addr.values())
+    assert len(tr["signatures"]) == 3
+
+    # Every participant holds it and says so in its heartbeats.
+    for n in nodes:
+        assert adapter in [x["adapter_id"] for x in n.rpc.call("vcoin_adapters")["local"]]
+    wait_until(lambda: any(adapter == x["adapter_id"]
+                           for x in n1.rpc.call("vcoin_adapters")["network"]), 10,
+               "the adapter in peers' heartbeats")  # fmt: skip
+
+    # Inference with the adapter differs from the base model's and equals a local load of
+    # the same adapter with PEFT (not our merge code).
+    prompt = "A Merkle tree hashes pairs"
+    base = generate(n1, prompt)
+    tuned = generate(n1, prompt, adapter)
+    assert base["status"] == tuned["status"] == "completed", tuned["error"]
+    assert tuned["result"] != base["result"]
+    assert tuned["result"] == peft_generate(models_dir / MODEL, n1.datadir / "adapters" /
+                                            f"{adapter}.safetensors", prompt, tmp_path)  # fmt: skip
+
+
+def peft_generate(model_dir: Path, adapter_file: Path, prompt: str, tmp: Path) -> str:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vcoind.compute.generate import encode_text
+    from vcoind.train.lora import adapter_from_bytes, export_peft_dir
+
+    state, meta = adapter_from_bytes(adapter_file.read_bytes())
+    export_peft_dir(state, meta, tmp / "peft")
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32), tmp / "peft"
+    ).eval()
+    ids = torch.tensor([encode_text(tok, prompt)])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=12, do_sample=False)  # fmt: skip
+    return str(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+
+
+def test_killed_training_node_shard_is_reassigned(
+    cluster: Cluster, models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VCOIN_MARKET_TRAIN_ROUND_TIMEOUT_S", "20")
+    extra = serving(models_dir)
+    n1 = cluster.start(1, extra=[*extra, "--bid-window", "5"])
+    n2 = cluster.start(2, bootstrap=n1, extra=extra)
+    n3 = cluster.start(3, bootstrap=n1, extra=extra)
+    wait_until(lambda: knows_model(n1, 2), 20, "node 1 sees the model on both peers")
+    data = write_dataset(tmp_path / "train.jsonl", repeat=4)  # 48 examples
+    # 2 nodes of 3 (the third is the spare); 24 examples each, 12 steps an epoch, 3 epochs,
+    # a sync after every step: 36 rounds, long enough to kill a node in the middle.
+    task_id = train(n1, data, nodes=2, sync_every=1)
+    tr = wait_until(lambda: (x := task(n1, task_id)["training"]) and len(x["history"]) >= 3
+                    and x, 120, "three synced rounds")  # fmt: skip
+    victim = next(n for n in (n2, n3) if n.info["peer_id"] in
+                  {x["node_id"] for x in tr["nodes"]})  # fmt: skip
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait()
+    t = finished(n1, task_id, timeout=300)
+    assert t["status"] == "completed", t["error"]
+    tr = t["training"]
+    assert tr["summary"]["reassigned"] >= 1
+    assert tr["summary"]["rounds"] == 36
+    by_id = {x["node_id"]: x for x in tr["nodes"]}
+    assert by_id[victim.info["peer_id"]]["status"] == "failed"
+    # Every shard ended on a live node and all its steps were trained.
+    assert all(sh["node_id"] != victim.info["peer_id"] for sh in tr["shards"])
+    assert len({sh["hash"] for sh in tr["shards"]}) == 2
+    assert tr["summary"]["samples"] == 48 * 3
+    assert tr["summary"]["final_loss"] < tr["summary"]["first_loss"]
+
+    # A node that took no part fetches the adapter on demand from a holder (checked by
+    # hash) and then announces it too.
+    adapter = tr["adapter_id"]
+    n4 = cluster.start(4, bootstrap=n1, extra=extra)
+    wait_until(lambda: any(x["adapter_id"] == adapter
+                           for x in n4.rpc.call("vcoin_adapters")["network"]), 20,
+               "node 4 sees the adapter announced")  # fmt: skip
+    got = n4.client(60).call("vcoin_fetchAdapter", {"adapter_id": adapter})
+    assert got["fetched"] and Path(got["path"]).read_bytes() == (
+        n1.datadir / "adapters" / f"{adapter}.safetensors").read_bytes()  # fmt: skip
+    assert not n4.rpc.call("vcoin_fetchAdapter", {"adapter_id": adapter})["fetched"]
+    with pytest.raises(ClientError, match="no holder known"):
+        n4.rpc.call("vcoin_fetchAdapter", {"adapter_id": "0" * 64})
+
+
+async def test_corrupted_shard_and_adapter_frames_are_refused(
+    cluster: Cluster, models_dir: Path
+) -> None:
+    """A peer playing origin hands a daemon shards and adapters that are not what their
+    hashes say: each is refused with a clear reason; the good ones are used."""
+    import dataclasses
+
+    import trio
+
+    from tests.test_gossip_junk import raw_host
+    from vcoind.market.messages import Ack
+    from vcoind.metrics import NodeMetrics
+    from vcoind.node import TRAIN_STREAM
+    from vcoind.p2p.keeper import parse_peer_addr
+    from vcoind.p2p.streams import StreamProtocolError, StreamService
+    from vcoind.train.adapters import blob_part, pull_blob
+    from vcoind.train.lora import adapter_from_bytes
+    from vcoind.train.spec import LoraSettings, canonical_jsonl, sha256_hex
+    from vcoind.train.wire import BlobGet, RoundDone, TrainJoin, TrainRound
+
+    n1 = await trio.to_thread.run_sync(lambda: cluster.start(1, extra=serving(models_dir)))
+    target = parse_peer_addr(n1.p2p_addr)
+    good = canonical_jsonl([{"text": f"hello world number {i}"} for i in range(4)])
+    served: dict[str, bytes] = {}  # what this fake origin hands out under each hash
+
+    async def handler(peer: Any, req: Any) -> Any:
+        if isinstance(req, BlobGet):
+            return blob_part(served.get(req.hash), req)
+        return Ack()
+
+    async with raw_host() as (host, _pubsub):
+        await host.connect(target)
+        svc = StreamService(type("Raw", (), {"host": host})(), NodeMetrics())  # type: ignore[arg-type]
+        svc.serve(TRAIN_STREAM, handler)
+
+        async def ask(record: Any, reply: type[Any] = Ack) -> Any:
+            return await svc.request(target.peer_id, TRAIN_STREAM, record, reply, timeout_s=60)
+
+        settings = json.dumps(LoraSettings(batch_size=2, max_length=16, dropout=0.0).as_dict())
+        h = sha256_hex(good)
+        join = TrainJoin("ab" * 16, 0, MODEL, settings, h, len(good), 4)
+        served[h] = good.replace(b"hello", b"HELLO")  # not what the hash says
+        with pytest.raises(StreamProtocolError, match="does not hash to"):
+            await ask(join)
+        served[h] = good
+        with pytest.raises(StreamProtocolError, match="holds 4 examples, not 5"):
+            await ask(dataclasses.replace(join, examples=5))
+        with pytest.raises(StreamProtocolError, match="settings"):
+            await ask(dataclasses.replace(join, settings='{"r": 0}'))
+        assert await ask(join) == Ack()  # the real shard
+
+        # A round for a shard never joined; a global adapter that does not hash right;
+        # one that hashes right but is no adapter.
+        with pytest.raises(StreamProtocolError, match="not joined"):
+            await ask(TrainRound("ab" * 16, 1, 0, 0, 1), RoundDone)
+        junk = b"\x08" + b"\x00" * 7 + b"{}" + b"junk" * 20
+        hj = sha256_hex(junk)
+        served[hj] = junk[::-1]
+        with pytest.raises(StreamProtocolError, match="does not hash to"):
+            await ask(TrainRound("ab" * 16, 0, 0, 0, 1, hj, len(junk)), RoundDone)
+        served[hj] = junk
+        with pytest.raises(StreamProtocolError, match="not a valid safetensors adapter"):
+            await ask(TrainRound("ab" * 16, 0, 0, 0, 1, hj, len(junk)), RoundDone)
+
+        # From the seeded initial adapter the round trains, and its adapter is served.
+        done = await ask(TrainRound("ab" * 16, 0, 0, 0, 2), RoundDone)
+        assert done.samples == 4 and len(done.losses) == 2
+
+        async def via(peer: str, record: Any, reply: type[Any]) -> Any:
+            return await svc.request(target.peer_id, TRAIN_STREAM, record, reply)
+
+        data = await pull_blob(via, str(target.peer_id), done.adapter, done.adapter_bytes)
+        state, meta = adapter_from_bytes(data)
+        assert meta["r"] == "8" and state
+    info = await trio.to_thread.run_sync(n1.rpc.call, "vcoin_nodeInfo")
+    assert info["peer_id"] == n1.info["peer_id"]  # the daemon is fine
+
+
+async def test_a_shard_left_idle_by_its_origin_is_dropped(models_dir: Path, tmp_path: Path) -> None:
+    """The host side alone, its origin a plain function: a joined shard whose origin goes
+    silent is swept (with its model) and later rounds for it are refused."""
+    import trio
+
+    from vcoind.compute.models import ModelStore
+    from vcoind.market.messages import Ack
+    from vcoind.p2p.streams import StreamProtocolError
+    from vcoind.train.adapters import AdapterStore, BlobCache, blob_part
+    from vcoind.train.host import TrainHost
+    from vcoind.train.spec import LoraSettings, canonical_jsonl, sha256_hex
+    from vcoind.train.wire import BlobGet, RoundDone, TrainJoin, TrainProgress, TrainRound
+
+    shard = canonical_jsonl([{"text": "one two three"}, {"text": "four five six"}])
+
+    progress: list[TrainProgress] = []
+
+    async def origin(peer: str, record: Any, reply: type[Any], *_: Any) -> Any:
+        if isinstance(record, TrainProgress):
+            progress.append(record)
+            return Ack()
+        assert isinstance(record, BlobGet)
+        return blob_part(shard if record.hash == sha256_hex(shard) else None, record)
+
+    async def limiter() -> trio.CapacityLimiter:
+        return trio.CapacityLimiter(1)
+
+    async def lora() -> Any:
+        import vcoind.train.lora
+
+        return vcoind.train.lora
+
+    models = ModelStore(models_dir)
+    models.scan()
+    host = TrainHost(models, AdapterStore(tmp_path / "adapters"), BlobCache(), origin,
+                     device=lambda: "cpu", limiter=limiter, lora=lora)  # fmt: skip
+    settings = json.dumps(LoraSettings(batch_size=1, max_length=16).as_dict())
+    await host.handle("origin", TrainJoin("cd" * 16, 0, MODEL, settings, sha256_hex(shard),
+                                          len(shard), 2))  # fmt: skip
+    done = await host.handle("origin", TrainRound("cd" * 16, 0, 0, 0, 1))
+    assert isinstance(done, RoundDone) and done.samples == 1
+    assert [(p.step, p.loss) for p in progress] == [(0, done.losses[0])]  # reported live
+    with pytest.raises(StreamProtocolError, match="not joined by this origin"):
+        await host.handle("someone-else", TrainRound("cd" * 16, 0, 1, 1, 1))
+    assert host.sweep(3600) == 0 and host.active == 1
+    assert host.sweep(0) == 1 and host.active == 0
+    with pytest.raises(StreamProtocolError, match="not joined"):
+        await host.handle("origin", TrainRound("cd" * 16, 0, 1, 1, 1))

@@ -1,0 +1,240 @@
+"""A node's side of LoRA training: shards it accepted, rounds it trains, adapters it keeps.
+
+Per (task, shard) the host holds the verified examples and, once the first round
+comes, a ``LoraTrainer`` (the base model with LoRA on it). A round loads the global
+adapter the origin names (pulled and checked by hash), trains its steps in a worker
+thread under the device limiter, reports (step, loss) as it goes, and answers with the
+hash of its own adapter, which it keeps for the origin to pull.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from vcoind.compute.models import ModelError, ModelStore
+from vcoind.market.messages import Ack
+from vcoind.p2p.streams import StreamProtocolError
+from vcoind.train.adapters import AdapterStore, BlobCache, Request, blob_part, pull_blob
+from vcoind.train.spec import LoraSettings, TrainError, parse_jsonl, total_steps
+from vcoind.train.wire import (
+    BlobGet,
+    BlobPart,
+    RoundDone,
+    TrainAbort,
+    TrainFinish,
+    TrainJoin,
+    TrainProgress,
+    TrainRound,
+    TrainSigned,
+)
+
+if TYPE_CHECKING:
+    from vcoind.train.lora import LoraTrainer
+
+log = logging.getLogger("vcoind.train")
+PROGRESS_EVERY_S = 0.25
+SHARD_IDLE_S = 3600.0  # a shard whose origin went silent this long is dropped (its model too)
+
+
+@dataclass
+class _Shard:
+    origin: str
+    join: TrainJoin
+    settings: LoraSettings
+    examples: list[dict[str, str]]
+    model_path: Any
+    model_id: str
+    trainer: LoraTrainer | None = None
+    last: tuple[TrainRound, RoundDone] | None = None  # answered again if asked again
+    touched: float = field(default_factory=time.monotonic)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+class TrainHost:
+    def __init__(
+        self,
+        models: ModelStore,
+        adapters: AdapterStore,
+        blobs: BlobCache,
+        request: Request,
+        *,
+        device: Callable[[], str],
+        limiter: Callable[[], Awaitable[trio.CapacityLimiter]],
+        lora: Callable[[], Awaitable[Any]],
+        sign: Callable[[str, str, str], tuple[str, bytes]] | None = None,
+    ) -> None:
+        self._models = models
+        self.adapters = adapters
+        self.blobs = blobs
+        self._request = request
+        self._device = device
+        self._limiter = limiter
+        self._lora = lora  # -> the vcoind.train.lora module, imported safely
+        self.sign = sign  # (task id, adapter id, model id) -> (eth address, signature)
+        self._shards: dict[tuple[str, int], _Shard] = {}
+        self.on_adapters: Callable[[], None] = lambda: None  # the set of adapters changed
+        self.on_rate: Callable[[str, float], None] = lambda model_id, samples_per_s: None
+        self.rounds_trained = 0
+
+    @property
+    def active(self) -> int:
+        return len(self._shards)
+
+    async def handle(self, peer: str, r: Any) -> Any:
+        """A /vcoin/train/1.0.0 request from ``peer`` (origin-side records go elsewhere)."""
+        try:
+            if isinstance(r, BlobGet):
+                return self.blob(r)
+            if isinstance(r, TrainJoin):
+                return await self._join(peer, r)
+            if isinstance(r, TrainRound):
+                return await self._round(peer, r)
+            if isinstance(r, TrainFinish):
+                return await self._finish(peer, r)
+            if isinstance(r, TrainAbort):
+                self._abort(peer, r.task_id)
+                return Ack()
+        except TrainError as exc:
+            raise StreamProtocolError(str(exc)) from None
+        raise StreamProtocolError(f"unexpected {type(r).__name__}")
+
+    def blob(self, r: BlobGet) -> BlobPart:
+        data = self.blobs.get(r.hash)
+        if data is None and self.adapters.has(r.hash):
+            data = self.adapters.get(r.hash)
+        return blob_part(data, r)
+
+    async def _join(self, origin: str, j: TrainJoin) -> Ack:
+        key = (j.task_id, j.shard)
+        old = self._shards.get(key)
+        if old is not None:
+            if old.origin != origin or old.join != j:
+                raise TrainError(f"shard {j.shard} of {j.task_id} was joined with other terms")
+            return Ack()
+        try:
+            info = self._models.resolve(j.model)
+        except ModelError as exc:
+            raise TrainError(str(exc)) from None
+        try:
+            settings = LoraSettings.from_dict(json.loads(j.settings))
+        except (ValueError, TypeError, TrainError) as exc:
+            raise TrainError(f"settings: {exc}") from None
+        data = await pull_blob(self._request, origin, j.shard_hash, j.shard_bytes)
+        examples = parse_jsonl(data, f"shard {j.shard}")
+        if len(examples) != j.examples:
+            raise TrainError(f"shard {j.shard} holds {len(examples)} examples, not {j.examples}")
+        self._shards[key] = _Shard(origin, j, settings, examples, info.path, info.model_id)
+        log.info("task %s: shard %d joined (%d examples, %d steps, checked %s)", j.task_id,
+                 j.shard, len(examples), total_steps(len(examples), settings),
+                 j.shard_hash[:12])  # fmt: skip
+        return Ack()
+
+    def _shard(self, origin: str, task_id: str, shard: int) -> _Shard:
+        sh = self._shards.get((task_id, shard))
+        if sh is None or sh.origin != origin:
+            raise TrainError(f"shard {shard} of {task_id} was not joined by this origin")
+        sh.touched = time.monotonic()
+        return sh
+
+    def sweep(self, max_idle_s: float = SHARD_IDLE_S) -> int:
+        """Drop shards nobody asked about for ``max_idle_s`` (their origin is gone)."""
+        now = time.monotonic()
+        stale = [k for k, s in self._shards.items()
+                 if now - s.touched > max_idle_s and not s.lock.locked()]  # fmt: skip
+        for task_id, shard in stale:
+            log.info("task %s: dropping shard %d, idle for %.0f s", task_id, shard, max_idle_s)
+            sh = self._shards.pop((task_id, shard))
+            sh.cancel.set()
+            sh.trainer = None
+        return len(stale)
+
+    async def _round(self, origin: str, r: TrainRound) -> RoundDone:
+        sh = self._shard(origin, r.task_id, r.shard)
+        async with sh.lock:  # a retried round waits for the one still running
+            if sh.last is not None and sh.last[0] == r and self.blobs.get(sh.last[1].adapter):
+                return sh.last[1]  # the origin did not get our answer: the same again
+            state = None
+            if r.adapter:
+                data = self.blobs.get(r.adapter)
+                if data is None:
+                    data = await pull_blob(self._request, origin, r.adapter, r.adapter_bytes)
+                    self.blobs.put(data)
+                state, _ = await trio.to_thread.run_sync((await self._lora()).adapter_from_bytes,
+                                                         data)  # fmt: skip
+            token = trio.lowlevel.current_trio_token()
+            last = 0.0
+
+            def on_step(step: int, loss: float) -> None:
+                nonlocal last
+                now = time.monotonic()
+                if now - last >= PROGRESS_EVERY_S:
+                    last = now
+                    token.run_sync_soon(nursery.start_soon, self._progress, sh, step, loss)
+
+            lora = await self._lora()
+
+            def work() -> tuple[int, list[float], bytes]:
+                if sh.trainer is None:
+                    sh.trainer = lora.LoraTrainer(sh.model_path, sh.settings, self._device())
+                if state is not None:
+                    sh.trainer.set_adapter_state(state)
+                samples, losses = sh.trainer.train(sh.examples, r.start_step, r.steps, on_step,
+                                                   sh.cancel)  # fmt: skip
+                return samples, losses, lora.adapter_to_bytes(sh.trainer.adapter_state(),
+                                                              sh.trainer.meta)  # fmt: skip
+
+            t0 = time.monotonic()
+            limiter = await self._limiter()
+            async with trio.open_nursery() as nursery:
+                samples, losses, out = await trio.to_thread.run_sync(work, limiter=limiter)
+                nursery.cancel_scope.cancel()
+            h = self.blobs.put(out)
+            self.rounds_trained += 1
+            elapsed = time.monotonic() - t0
+            if samples and elapsed > 0:
+                self.on_rate(sh.model_id, samples / elapsed)
+            log.info("task %s shard %d round %d: steps %d-%d, loss %.4f -> %.4f", r.task_id,
+                     r.shard, r.round, r.start_step, r.start_step + len(losses) - 1,
+                     losses[0] if losses else 0, losses[-1] if losses else 0)  # fmt: skip
+            done = RoundDone(r.task_id, r.shard, r.round, samples, tuple(losses), h, len(out),
+                             round(time.monotonic() - t0, 6))  # fmt: skip
+            sh.last = (r, done)
+            return done
+
+    async def _progress(self, sh: _Shard, step: int, loss: float) -> None:
+        j = sh.join
+        try:
+            await self._request(sh.origin, TrainProgress(j.task_id, j.shard, step, loss), Ack)
+        except StreamProtocolError as exc:
+            log.debug("training progress not delivered: %s", exc)
+
+    async def _finish(self, origin: str, f: TrainFinish) -> TrainSigned:
+        if not any(k[0] == f.task_id and s.origin == origin for k, s in self._shards.items()):
+            raise TrainError(f"this node trains no shard of {f.task_id} for that origin")
+        data = self.adapters.get(f.adapter) or self.blobs.get(f.adapter)
+        if data is None:
+            data = await pull_blob(self._request, origin, f.adapter, f.adapter_bytes)
+        lora = await self._lora()
+        await trio.to_thread.run_sync(lora.adapter_from_bytes, data)  # a usable adapter
+        await trio.to_thread.run_sync(self.adapters.put, f.adapter, data)
+        self.on_adapters()
+        self._abort(origin, f.task_id)
+        if self.sign is None:
+            return TrainSigned()
+        address, sig = self.sign(f.task_id, f.adapter, f.model_id)
+        return TrainSigned(address, sig)
+
+    def _abort(self, origin: str, task_id: str) -> None:
+        for key in [k for k, s in self._shards.items() if k[0] == task_id and s.origin == origin]:
+            sh = self._shards.pop(key)
+            sh.cancel.set()
+            sh.trainer = None

@@ -1,0 +1,326 @@
+"""The origin's side of a ``lora_training`` task: shards out, synchronous FedAvg rounds,
+failover, the final adapter and the participants' signatures.
+
+Round ``k`` asks every shard that has steps left for steps ``k*S .. (k+1)*S - 1``
+(``S`` = ``sync_every``), all starting from the same global adapter; the answers are
+averaged weighted by the samples each processed. A node that fails a round (timeout,
+disconnect, refusal, an adapter that does not hash to what it claimed) is dropped: its
+shard goes to a spare bidder (else to a surviving participant), which pulls the shard
+and runs the same round from the same global adapter, so the run goes on exactly as
+if nothing had happened, at most ``max_retries`` times per shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from vcoind.market.messages import Ack
+from vcoind.p2p.streams import StreamProtocolError
+from vcoind.train.adapters import BlobCache, pull_blob
+from vcoind.train.spec import (
+    LoraSettings,
+    TrainError,
+    rounds,
+    shard_bytes,
+    split_contiguous,
+    total_steps,
+)
+from vcoind.train.wire import (
+    RoundDone,
+    TrainAbort,
+    TrainFinish,
+    TrainJoin,
+    TrainProgress,
+    TrainRound,
+    TrainSigned,
+)
+
+log = logging.getLogger("vcoind.train")
+
+# (peer, record, reply type, timeout s | None) -> reply; to ourselves a plain call
+TrainRequest = Callable[..., Awaitable[Any]]
+
+
+@dataclass
+class _Node:
+    peer: str
+    shards: list[int] = field(default_factory=list)
+    samples: int = 0
+    step: int = 0
+    loss: float | None = None
+    status: str = "joining"  # joining | training | done | failed
+    error: str = ""
+
+    def view(self) -> dict[str, Any]:
+        return {"node_id": self.peer, "shards": self.shards, "samples": self.samples,
+                "step": self.step, "loss": self.loss, "status": self.status,
+                "error": self.error}  # fmt: skip
+
+
+@dataclass
+class _Shard:
+    index: int
+    examples: int
+    data: bytes
+    hash: str
+    steps: int
+    owner: str = ""
+    retries: int = 0
+
+
+class TrainingRun:
+    def __init__(
+        self,
+        task_id: str,
+        model: str,
+        model_id: str,
+        settings: LoraSettings,
+        examples: Sequence[dict[str, str]],
+        peers: Sequence[str],
+        spares: Sequence[str],
+        request: TrainRequest,
+        blobs: BlobCache,
+        lora: Callable[[], Awaitable[Any]],
+        *,
+        round_timeout_s: float = 900.0,
+        max_retries: int = 3,
+        on_change: Callable[[], None] = lambda: None,
+        alive: Callable[[str], bool] = lambda peer: True,
+    ) -> None:
+        self.task_id = task_id
+        self.model = model
+        self.model_id = model_id
+        self.settings = settings
+        self._request = request
+        self._blobs = blobs
+        self._lora = lora  # -> the vcoind.train.lora module, imported safely
+        self.round_timeout_s = round_timeout_s
+        self.max_retries = max_retries
+        self.on_change = on_change
+        self.alive = alive  # whether a peer still shows in the peer table
+        n = min(len(peers), len(examples))
+        if n < 1:
+            raise TrainError("no node to train on")
+        self.shards: list[_Shard] = []
+        for i, part in enumerate(split_contiguous(examples, n)):
+            data = shard_bytes(part)
+            self.shards.append(_Shard(i, len(part), data, blobs.put(data),
+                                      total_steps(len(part), settings)))  # fmt: skip
+        self.nodes: dict[str, _Node] = {}
+        self._spares = [p for p in spares if p not in peers[:n]]
+        for sh, peer in zip(self.shards, peers[:n], strict=True):
+            sh.owner = peer
+            self.nodes.setdefault(peer, _Node(peer)).shards.append(sh.index)
+        self.round = 0
+        self.rounds = rounds([s.steps for s in self.shards], settings.sync_every)
+        self.history: list[dict[str, Any]] = []
+        self.global_hash = ""
+        self._global: bytes = b""
+        self.reassigned = 0
+        self.started = time.time()
+
+    # --- views --------------------------------------------------------------
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings.as_dict(), "round": self.round, "rounds": self.rounds,
+            "shards": [{"shard": s.index, "examples": s.examples, "steps": s.steps,
+                        "hash": s.hash, "node_id": s.owner} for s in self.shards],
+            "nodes": [n.view() for n in self.nodes.values()],
+            "history": self.history, "reassigned": self.reassigned,
+            "global_adapter": self.global_hash,
+        }  # fmt: skip
+
+    def on_progress(self, peer: str, p: TrainProgress) -> Ack:
+        if not 0 <= p.shard < len(self.shards) or self.shards[p.shard].owner != peer:
+            raise StreamProtocolError(f"shard {p.shard} of {self.task_id} is not yours")
+        node = self.nodes[peer]
+        node.step, node.loss, node.status = p.step, p.loss, "training"
+        self.on_change()
+        return Ack()
+
+    # --- the run --------------------------------------------------------------
+
+    async def run(self) -> tuple[bytes, dict[str, Any]]:
+        """Train to the end; the final adapter's bytes and the summary. TrainError when a
+        shard cannot be placed or a round cannot be completed."""
+        async with trio.open_nursery() as nursery:
+            for sh in self.shards:
+                nursery.start_soon(self._place, sh, sh.owner)
+        for k in range(self.rounds):
+            self.round = k
+            await self._round(k)
+        if not self._global:
+            raise TrainError("no round was trained")
+        for n in self.nodes.values():
+            if n.status != "failed":
+                n.status = "done"
+        self.on_change()
+        losses = [h["loss"] for h in self.history]
+        summary = {
+            "rounds": len(self.history), "samples": sum(n.samples for n in self.nodes.values()),
+            "steps": sum(s.steps for s in self.shards), "first_loss": losses[0],
+            "final_loss": losses[-1], "reassigned": self.reassigned,
+            "train_s": round(time.time() - self.started, 3),
+        }  # fmt: skip
+        return self._global, summary
+
+    async def _place(self, sh: _Shard, peer: str) -> None:
+        """Give ``sh`` to ``peer`` (or, when it refuses or is gone, the next candidate)."""
+        while True:
+            join = TrainJoin(self.task_id, sh.index, self.model,
+                             json.dumps(self.settings.as_dict()), sh.hash, len(sh.data),
+                             sh.examples)  # fmt: skip
+            try:
+                await self._request(peer, join, Ack, None)
+            except StreamProtocolError as exc:
+                self._drop(peer, f"join of shard {sh.index} failed: {exc}")
+                peer = self._candidate(sh)
+                continue
+            if sh.owner != peer:
+                self.nodes[sh.owner].shards.remove(sh.index)
+                sh.owner = peer
+                self.nodes.setdefault(peer, _Node(peer)).shards.append(sh.index)
+            self.nodes[peer].status = "training"
+            self.on_change()
+            return
+
+    def _drop(self, peer: str, why: str) -> None:
+        node = self.nodes.setdefault(peer, _Node(peer))
+        if node.status != "failed":
+            log.warning("task %s: dropping %s: %s", self.task_id, peer, why)
+        node.status, node.error = "failed", why[:300]
+        self.on_change()
+
+    def _candidate(self, sh: _Shard) -> str:
+        """A node for ``sh`` whose owner failed: a spare, else the least loaded survivor."""
+        sh.retries += 1
+        if sh.retries > self.max_retries:
+            raise TrainError(f"shard {sh.index}: no node could train it "
+                             f"({self.max_retries} reassignments)")  # fmt: skip
+        self.reassigned += 1
+        while self._spares:
+            peer = self._spares.pop(0)
+            if self.nodes.get(peer, _Node(peer)).status != "failed":
+                return peer
+        alive = [n for n in self.nodes.values() if n.status != "failed"]
+        if not alive:
+            raise TrainError("every training node failed")
+        return min(alive, key=lambda n: (len(n.shards), n.peer)).peer
+
+    async def _round(self, k: int) -> None:
+        S = self.settings.sync_every
+        t0 = time.monotonic()
+        results: dict[int, tuple[Any, dict[str, str], RoundDone]] = {}
+        async with trio.open_nursery() as nursery:
+            for sh in self.shards:
+                if sh.steps > k * S:
+                    nursery.start_soon(self._shard_round, sh, k, results)
+        lora = await self._lora()
+        done = [results[i] for i in sorted(results)]
+        meta = {**done[0][1], "base_model_id": self.model_id}
+        weighted = [(st, float(d.samples)) for st, _, d in done]
+        avg = await trio.to_thread.run_sync(lora.fedavg, weighted)
+        self._global = await trio.to_thread.run_sync(lora.adapter_to_bytes, avg, meta)
+        old, self.global_hash = self.global_hash, self._blobs.put(self._global)
+        if old:
+            self._blobs.drop(old)
+        samples = sum(d.samples for *_, d in done)
+        losses = [x for *_, d in done for x in d.losses]
+        self.history.append({
+            "round": k, "samples": samples, "loss": sum(losses) / len(losses) if losses else 0.0,
+            "shards": {d.shard: {"samples": d.samples, "loss": d.losses[-1] if d.losses else None,
+                                 "train_s": d.train_s} for *_, d in done},
+            "adapter": self.global_hash, "round_s": round(time.monotonic() - t0, 3),
+        })  # fmt: skip
+        log.info("task %s round %d/%d: %d samples, mean loss %.4f", self.task_id, k + 1,
+                 self.rounds, samples, self.history[-1]["loss"])  # fmt: skip
+        self.on_change()
+
+    async def _shard_round(
+        self, sh: _Shard, k: int, results: dict[int, tuple[Any, dict[str, str], RoundDone]]
+    ) -> None:
+        S = self.settings.sync_every
+        start = k * S
+        req = TrainRound(self.task_id, sh.index, k, start, min(S, sh.steps - start),
+                         self.global_hash, len(self._global))  # fmt: skip
+        lora = await self._lora()
+        tries = 0
+        while True:
+            peer = sh.owner
+            try:
+                d: RoundDone = await self._request(peer, req, RoundDone, self.round_timeout_s)
+                if (d.task_id, d.shard, d.round) != (self.task_id, sh.index, k):
+                    raise TrainError("answered for another round")
+                if len(d.losses) != req.steps or not all(math.isfinite(x) for x in d.losses):
+                    raise TrainError(f"reported {len(d.losses)} losses for {req.steps} steps")
+                data = await pull_blob(self._request_blob, peer, d.adapter, d.adapter_bytes)
+                state, meta = await trio.to_thread.run_sync(lora.adapter_from_bytes, data)
+            except (StreamProtocolError, TrainError) as exc:
+                tries += 1
+                # A stream that broke to a node still in the peer table: ask again (the
+                # node answers a repeated round from what it kept). Anything else, or
+                # again and again: the node is dropped and its shard placed elsewhere.
+                if isinstance(exc, StreamProtocolError) and tries < 3 and self.alive(peer):
+                    log.info("task %s round %d of shard %d on %s: %s; asking again",
+                             self.task_id, k, sh.index, peer, exc)  # fmt: skip
+                    await trio.sleep(0.25 * tries)
+                    continue
+                tries = 0
+                self._drop(peer, f"round {k} of shard {sh.index}: {exc}")
+                await self._place(sh, self._candidate(sh))
+                continue
+            node = self.nodes[peer]
+            node.samples += d.samples
+            node.step = start + len(d.losses) - 1
+            node.loss = d.losses[-1] if d.losses else node.loss
+            results[sh.index] = (state, meta, d)
+            return
+
+    async def _request_blob(self, peer: str, record: Any, reply_type: type[Any]) -> Any:
+        return await self._request(peer, record, reply_type, None)
+
+    async def finish(self, adapter_id: str) -> list[tuple[str, TrainSigned]]:
+        """Hand the final adapter to every surviving participant: each pulls it, checks
+        it, keeps it and signs it. The (peer, signed) answers that came back."""
+        out: list[tuple[str, TrainSigned]] = []
+
+        async def one(peer: str) -> None:
+            try:
+                rec = TrainFinish(self.task_id, adapter_id, len(self._global), self.model_id)
+                out.append((peer, await self._request(peer, rec, TrainSigned, None)))
+            except StreamProtocolError as exc:
+                log.info("task %s: %s did not take the final adapter: %s", self.task_id,
+                         peer, exc)  # fmt: skip
+
+        async with trio.open_nursery() as nursery:
+            for n in self.nodes.values():
+                if n.status != "failed":
+                    nursery.start_soon(one, n.peer)
+        return out
+
+    async def abort(self) -> None:
+        """Tell every participant to drop the task (best effort)."""
+        with trio.move_on_after(10):
+            async with trio.open_nursery() as nursery:
+                for peer in self.nodes:
+                    nursery.start_soon(self._abort_one, peer)
+
+    async def _abort_one(self, peer: str) -> None:
+        with contextlib.suppress(StreamProtocolError):
+            await self._request(peer, TrainAbort(self.task_id), Ack, 5.0)
+
+    def drop_blobs(self) -> None:
+        for sh in self.shards:
+            self._blobs.drop(sh.hash)
+        if self.global_hash:
+            self._blobs.drop(self.global_hash)
