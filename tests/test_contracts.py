@@ -328,6 +328,7 @@ def anchor_call(
     outvoted: tuple[str, ...] = (),
     deterministic: bool = False,
     reward: int = REWARD,
+    shares: tuple[int, ...] = (),
 ) -> Any:
     """``TaskAnchor.anchor`` for ``o``, signed by ``signers`` (default: the voters)."""
     if sigs is None:
@@ -339,8 +340,9 @@ def anchor_call(
         DECISION_CODES[o.decision],
         voters,
         sigs,
-        (len(voters) if replicas is None else replicas, deterministic, reward, list(outvoted)),
-    )
+        (len(voters) if replicas is None else replicas, deterministic, reward, list(outvoted),
+         list(shares)),
+    )  # fmt: skip
 
 
 def test_outcome_digest_matches_python(c: Chain) -> None:
@@ -374,6 +376,25 @@ def test_anchor_happy_path_mints_rewards(c: Chain) -> None:
     assert [(r["voter"], r["amount"]) for r in rewarded] == [(v, REWARD // 3) for v in voters]
     assert [balance(c, v) - b for v, b in zip(voters, before, strict=True)] == [REWARD // 3] * 3
     assert c.anchor.functions.anchors(task_id_bytes32(outcome(2).task_id)).call()[3] == 0
+
+
+def test_anchor_splits_the_reward_by_shares(c: Chain) -> None:
+    """LoRA training: each voter's part of the reward in proportion to its samples."""
+    voters = c.nodes[:3]
+    before = [balance(c, v) for v in voters]
+    receipt = c.send(anchor_call(c, outcome(7), voters, shares=(27, 24, 9)), c.nodes[0])
+    got = [(r["voter"], r["amount"]) for r in c.events(c.anchor, "Rewarded", receipt)]
+    want = [REWARD * 27 // 60, REWARD * 24 // 60, REWARD * 9 // 60]
+    assert got == list(zip(voters, want, strict=True))
+    assert [balance(c, v) - b for v, b in zip(voters, before, strict=True)] == want
+
+
+def _shares_mismatch(c: Chain) -> tuple[Any, str, tuple[Any, ...]]:
+    return anchor_call(c, outcome(), c.nodes[:3], shares=(1, 2)), "BadShares", (2, 3)
+
+
+def _zero_shares(c: Chain) -> tuple[Any, str, tuple[Any, ...]]:
+    return anchor_call(c, outcome(), c.nodes[:2], shares=(0, 0)), "BadShares", (0, 2)
 
 
 def _wrong_signer(c: Chain) -> tuple[Any, str, tuple[Any, ...]]:
@@ -437,6 +458,8 @@ def _length_mismatch(c: Chain) -> tuple[Any, str, tuple[Any, ...]]:
         _no_decision,
         _no_replicas,
         _length_mismatch,
+        _shares_mismatch,
+        _zero_shares,
     ],
     ids=lambda f: f.__name__.strip("_"),
 )

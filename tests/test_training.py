@@ -21,12 +21,12 @@ from vcoind.compute.testmodel import CORPUS
 pytestmark = pytest.mark.slow
 
 
-def write_dataset(path: Path, repeat: int = 2) -> Path:
+def write_dataset(path: Path, n: int) -> Path:
+    """``n`` distinct lines of the test model's corpus, one JSONL example each."""
     lines = [ln for ln in CORPUS.splitlines() if ln.strip()][:12]
     with open(path, "w") as f:
-        for k in range(repeat):
-            for ln in lines:
-                f.write(json.dumps({"text": f"{ln} ({k})"}) + "\n")
+        for i in range(n):
+            f.write(json.dumps({"text": f"{lines[i % 12]} ({i // 12})"}) + "\n")
     return path
 
 
@@ -59,28 +59,35 @@ def test_three_daemons_train_anchor_and_serve_the_adapter(
     wait_until(lambda: all(p["stake"] and p["stake"]["eligible"]
                            for p in n1.rpc.call("vcoin_peers")), 20, "stakes seen")  # fmt: skip
 
-    data = write_dataset(tmp_path / "train.jsonl")  # 24 examples: 3 shards of 8
+    data = write_dataset(tmp_path / "train.jsonl", 25)  # 3 contiguous shards: 9, 8, 8
     t = finished(n1, train(n1, data, nodes=3), timeout=300)
     assert t["status"] == "completed", t["error"]
     assert t["type"] == "lora_training"
     tr = t["training"]
     s = tr["summary"]
-    # 8 examples, batch 2 -> 4 steps per epoch, 3 epochs -> 12 steps; sync every 2 -> 6 rounds
-    assert s["rounds"] == len(tr["history"]) == 6 and s["steps"] == 36
-    assert s["samples"] == 72 and s["reassigned"] == 0
+    # batch 2, 3 epochs: 5 + 4 + 4 steps an epoch -> 15 + 12 + 12; sync every 2 -> 8 rounds
+    assert s["rounds"] == len(tr["history"]) == 8 and s["steps"] == 39
+    assert s["samples"] == 75 and s["reassigned"] == 0
     assert s["final_loss"] < s["first_loss"] * 0.8, s  # it learns
     assert {n["node_id"] for n in tr["nodes"]} == {n.info["peer_id"] for n in nodes}
-    assert all(n["samples"] == 24 and n["status"] == "done" for n in tr["nodes"])
+    assert sorted(n["samples"] for n in tr["nodes"]) == [24, 24, 27]
+    assert all(n["status"] == "done" for n in tr["nodes"])
     assert len({sh["hash"] for sh in tr["shards"]}) == 3  # contiguous, distinct shards
     adapter = tr["adapter_id"]
     assert t["result"] == adapter and len(adapter) == 64
 
-    # Anchored: the adapter's hash, signed by the three trainers, rewards by samples.
+    # Anchored: the adapter's hash, signed by the three trainers; the reward (1 VCOIN +
+    # 0.01 per sample) split by the samples each trained.
     a = anchor_of(n1, t["task_id"])
     ev = chain.anchored_events(t["task_id"])
     assert len(ev) == 1 and bytes(ev[0]["args"]["resultHash"]).hex() == adapter
-    assert {r["node"] for r in a["rewards"]} == set(addr.values())
     assert len(tr["signatures"]) == 3
+    samples = {addr[n.index]: x["samples"] for n in nodes for x in tr["nodes"]
+               if x["node_id"] == n.info["peer_id"]}  # fmt: skip
+    paid = {r["node"]: r["amount"] for r in a["rewards"]}
+    assert set(paid) == set(addr.values())
+    for who, amount in paid.items():
+        assert amount == pytest.approx(1.75 * samples[who] / 75, rel=1e-9)
 
     # Every participant holds it and says so in its heartbeats.
     for n in nodes:
@@ -130,7 +137,7 @@ def test_killed_training_node_shard_is_reassigned(
     n2 = cluster.start(2, bootstrap=n1, extra=extra)
     n3 = cluster.start(3, bootstrap=n1, extra=extra)
     wait_until(lambda: knows_model(n1, 2), 20, "node 1 sees the model on both peers")
-    data = write_dataset(tmp_path / "train.jsonl", repeat=4)  # 48 examples
+    data = write_dataset(tmp_path / "train.jsonl", 48)
     # 2 nodes of 3 (the third is the spare); 24 examples each, 12 steps an epoch, 3 epochs,
     # a sync after every step: 36 rounds, long enough to kill a node in the middle.
     task_id = train(n1, data, nodes=2, sync_every=1)

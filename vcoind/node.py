@@ -417,6 +417,7 @@ class Node:
             log.warning("task %s not anchored: %s", s.task_id, exc)
             return
         voters: list[tuple[str, bytes]] = []
+        shares: list[int] = []
         for peer, _address, sig in s.signatures:
             bound = self._eth_address_of(peer)
             signer = recover_outcome_signer(digest, sig)
@@ -428,6 +429,7 @@ class Node:
                 log.info("task %s: %s has no eligible stake; not counted", s.task_id, peer)
                 continue
             voters.append((signer, sig))
+            shares.append(s.shares.get(peer, 0))
         outvoted = [a for a in map(self._eth_address_of, s.outvoted) if a]
         me = self.identity.eth_address.lower()
         if outvoted and all(a.lower() != me for a, _ in voters):
@@ -445,7 +447,7 @@ class Node:
             task_id=s.task_id, result_hash=s.result_hash, model_id=s.model_id,
             decision=DECISION_CODES[s.decision], voters=voters, replicas=s.replicas,
             outvoted=outvoted, deterministic=s.deterministic,
-            reward=wei(reward),
+            reward=wei(reward), shares=shares if s.shares and sum(shares) else [],
         )  # fmt: skip
         key = f"anchor:{s.task_id}"
         if req.decision not in (2, 3) or len(voters) * 2 <= s.replicas:
@@ -855,6 +857,7 @@ class Node:
                 row.id, run.model_id, bytes.fromhex(adapter_id), "majority", sigs,
                 replicas=len(signed) or 1, outvoted=[], deterministic=False, tokens=0,
                 price=0.0, customer=row.customer, samples=summary["samples"],
+                shares={n["node_id"]: n["samples"] for n in run.view()["nodes"]},
             ))  # fmt: skip
         return {"adapter_id": adapter_id, "model_id": run.model_id, "summary": summary,
                 "view": view}  # fmt: skip

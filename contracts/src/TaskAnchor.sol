@@ -39,6 +39,7 @@ contract TaskAnchor is AccessControl {
         bool deterministic;
         uint256 reward;
         address[] outvoted;
+        uint256[] shares;
     }
 
     VCoin public immutable token;
@@ -72,6 +73,7 @@ contract TaskAnchor is AccessControl {
     error DuplicateOutvoted(address node);
     error CallerNotVoter(address caller);
     error ZeroAddress();
+    error BadShares(uint256 shares, uint256 voters);
 
     constructor(
         VCoin token_,
@@ -114,7 +116,9 @@ contract TaskAnchor is AccessControl {
     ///        token for token (deterministic); the reward in VCOIN wei, split equally between
     ///        the voters and capped at maxReward (the node computes it from the task's price and
     ///        tokens); the replicas outside the winning cluster (slashed only if deterministic,
-    ///        decision 3, the caller is a voter, and they are not voters themselves)
+    ///        decision 3, the caller is a voter, and they are not voters themselves); and
+    ///        `shares`: empty for an equal split, else one weight per voter, same order (the
+    ///        reward is split pro rata, e.g. by samples each node trained)
     function anchor(
         bytes32 taskId,
         bytes32 resultHash,
@@ -137,7 +141,7 @@ contract TaskAnchor is AccessControl {
         anchors[taskId] = Anchor(resultHash, modelId, decision, uint64(block.number), uint32(voters.length));
         emit Anchored(taskId, resultHash, modelId, decision, voters.length);
 
-        _reward(taskId, voters, claim.reward);
+        _reward(taskId, voters, claim.reward, claim.shares);
         if (
             claim.deterministic && decision == DECISION_SUPERMAJORITY && claim.outvoted.length > 0
                 && slashAmount > 0
@@ -159,16 +163,27 @@ contract TaskAnchor is AccessControl {
         }
     }
 
-    /// Splits min(reward, maxReward) equally (the remainder of the division is not minted);
-    /// near the supply cap only what is left is minted, so an anchor never fails for lack of
-    /// supply.
-    function _reward(bytes32 taskId, address[] calldata voters, uint256 reward) private {
+    /// Splits min(reward, maxReward) equally, or pro rata to `shares` (the remainder of the
+    /// division is not minted); near the supply cap only what is left is minted, so an anchor
+    /// never fails for lack of supply.
+    function _reward(bytes32 taskId, address[] calldata voters, uint256 reward, uint256[] calldata shares)
+        private
+    {
+        uint256 weights = voters.length;
+        if (shares.length != 0) {
+            if (shares.length != voters.length) revert BadShares(shares.length, voters.length);
+            weights = 0;
+            for (uint256 i = 0; i < shares.length; ++i) {
+                weights += shares[i];
+            }
+            if (weights == 0) revert BadShares(0, voters.length);
+        }
         uint256 total = reward < maxReward ? reward : maxReward;
         uint256 available = token.MAX_SUPPLY() - token.totalSupply();
         if (total > available) total = available;
-        uint256 share = total / voters.length;
-        if (share == 0) return;
         for (uint256 i = 0; i < voters.length; ++i) {
+            uint256 share = total * (shares.length == 0 ? 1 : shares[i]) / weights;
+            if (share == 0) continue;
             token.mint(voters[i], share);
             emit Rewarded(taskId, voters[i], share);
         }

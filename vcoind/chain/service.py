@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -93,6 +93,7 @@ class AnchorRequest:
     outvoted: list[str]
     deterministic: bool
     reward: int  # wei
+    shares: list[int] = field(default_factory=list)  # per voter (same order); [] = equal split
 
     def payload(self) -> dict[str, Any]:
         return {
@@ -101,7 +102,7 @@ class AnchorRequest:
             "voters": [a for a, _ in self.voters],
             "signatures": [s.hex() for _, s in self.voters], "replicas": self.replicas,
             "outvoted": self.outvoted, "deterministic": self.deterministic,
-            "reward": str(self.reward),
+            "reward": str(self.reward), "shares": [str(x) for x in self.shares],
         }  # fmt: skip
 
 
@@ -401,7 +402,8 @@ class ChainService:
                 [Web3.to_checksum_address(v) for v in p["voters"]],
                 [bytes.fromhex(s) for s in p["signatures"]],
                 (p["replicas"], p["deterministic"], int(p["reward"]),
-                 [Web3.to_checksum_address(v) for v in p["outvoted"]]),
+                 [Web3.to_checksum_address(v) for v in p["outvoted"]],
+                 [int(x) for x in p.get("shares", [])]),
             )  # fmt: skip
         amount = int(p.get("amount", 0))
         if op.kind == "approve":

@@ -114,6 +114,9 @@ class Settled:
     price: float  # of the accepted bid(s)
     customer: str = ""  # whose SLA the task counts under
     samples: int = 0  # LoRA training: examples trained (the reward counts them)
+    # LoRA training: examples each signer trained (peer id -> count); the reward is split
+    # by these instead of equally
+    shares: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -128,7 +128,7 @@ def load_examples(path: Path) -> list[dict[str, str]]:
     path = Path(path).expanduser()
     if path.is_dir():
         try:
-            import datasets  # type: ignore[import-not-found]
+            import datasets
         except ImportError:
             raise TrainError(
                 f"{path} is a directory: reading a `datasets` directory needs the "
