@@ -40,7 +40,7 @@ from vcoind.market.selection import STRATEGIES
 from vcoind.oracle.cli import add_oracle_commands, run_oracle_command
 from vcoind.p2p.errors import P2PError
 from vcoind.store import StoreError
-from vcoind.train.cli import add_train_commands, run_train_command
+from vcoind.train.cli import add_train_commands, fmt_training, run_train_command
 
 EXIT_USAGE = 2
 
@@ -795,6 +795,8 @@ CONSENSUS_VIEWS: dict[str, tuple[str, Callable[[Any], str], bool]] = {
 
 
 def _fmt_task(t: dict[str, Any]) -> str:
+    if t.get("type") == "lora_training":
+        return fmt_training(t)
     tm = t.get("timings") or {}
     lines = [
         f"task      {t['task_id']}",

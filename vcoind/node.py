@@ -809,6 +809,9 @@ class Node:
         examples = parse_jsonl(data, "dataset")
         peers = [b.peer_id for b in bids]
         n = int(p["nodes"])
+        if len(peers) < n:
+            log.info("task %s: %d node(s) asked for, %d bid; training on %d", row.id, n,
+                     len(peers), len(peers))  # fmt: skip
         run = TrainingRun(
             row.id, row.model, bids[0].model_id, settings, examples, peers[:n], peers[n:],
             self.train_send, self.blobs, self.lora,

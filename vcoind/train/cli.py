@@ -26,6 +26,7 @@ SETTING_FLAGS = {
 def add_train_commands(sub: Any) -> None:
     t = sub.add_parser(
         "train",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="LoRA-train a model across nodes (this daemon is the task's origin)",
         description="Splits the dataset into contiguous shards, one per node; every "
         "--sync-every steps the nodes' adapters are averaged (FedAvg, weighted by samples) "
@@ -36,19 +37,22 @@ def add_train_commands(sub: Any) -> None:
     t.add_argument("--dataset", required=True, type=Path,
                    help='JSONL ({"text": ...} or {"prompt": ..., "completion": ...} per line) '
                    "or a `datasets` directory; read by the daemon")  # fmt: skip
-    t.add_argument("--nodes", type=int, default=1, help="nodes to train on (default 1)")
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--lora-r", type=int, default=8)
-    t.add_argument("--lora-alpha", type=int, default=16)
-    t.add_argument("--lora-dropout", type=float, default=0.05)
-    t.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated")
-    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--nodes", type=int, default=1, help="nodes to train on, one shard each")
+    t.add_argument("--epochs", type=int, default=1, help="passes over each shard")
+    t.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    t.add_argument("--lora-alpha", type=int, default=16, help="LoRA scale numerator (alpha/r)")
+    t.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on LoRA inputs")
+    t.add_argument("--target-modules", default="q_proj,v_proj",
+                   help="comma-separated module names to adapt")  # fmt: skip
+    t.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch")
     t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    t.add_argument("--lr", type=float, default=2e-4, help="learning rate (default 2e-4)")
-    t.add_argument("--sync-every", type=int, default=20, help="steps between averages")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--max-length", type=int, default=256, help="tokens per example")
-    t.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    t.add_argument("--lr", type=float, default=2e-4, help="learning rate")
+    t.add_argument("--sync-every", type=int, default=20, help="steps between FedAvg syncs")
+    t.add_argument("--seed", type=int, default=0,
+                   help="LoRA init, batch order and dropout (the same on every node)")  # fmt: skip
+    t.add_argument("--max-length", type=int, default=256, help="tokens per example (cut)")
+    t.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                   help="AdamW (weight decay 0) or plain SGD")  # fmt: skip
     t.add_argument("--wait", action="store_true",
                    help="show per-node progress and sync rounds, then the adapter")  # fmt: skip
     a = sub.add_parser("adapters", help="LoRA adapters held here and announced by peers")
