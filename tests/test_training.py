@@ -173,6 +173,17 @@ def test_killed_training_node_shard_is_reassigned(
     assert not n4.rpc.call("vcoin_fetchAdapter", {"adapter_id": adapter})["fetched"]
     with pytest.raises(ClientError, match="no holder known"):
         n4.rpc.call("vcoin_fetchAdapter", {"adapter_id": "0" * 64})
+    # Clear errors up front, not a task that waits for bids that cannot come.
+    with pytest.raises(ClientError, match="no node is known to hold"):
+        n4.rpc.call("vcoin_submitTask", {"model": MODEL, "input": "hi", "adapter": "0" * 64})
+    with pytest.raises(ClientError, match="unknown model 'nope'"):
+        n4.rpc.call("vcoin_train", {"model": "nope", "dataset": str(data)})
+    with pytest.raises(ClientError, match="one of dataset"):
+        n4.rpc.call("vcoin_train", {"model": MODEL})
+    with pytest.raises(ClientError, match="cannot read dataset"):
+        n4.rpc.call("vcoin_train", {"model": MODEL, "dataset": str(tmp_path / "none.jsonl")})
+    with pytest.raises(ClientError, match="r must be a number"):
+        n4.rpc.call("vcoin_train", {"model": MODEL, "dataset": str(data), "settings": {"r": 0}})
 
 
 async def test_corrupted_shard_and_adapter_frames_are_refused(

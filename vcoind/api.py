@@ -322,6 +322,10 @@ def register_task_api(reg: MethodRegistry, node: Node) -> None:
         if mode != "single" and replicas == 1:
             raise RPCError(INVALID_PARAMS, "replicas: consensus needs 2 to 5")
         gen = parse_gen_params(params["parameters"] or {})
+        adapter = params["adapter"]
+        if adapter and not node.worker.adapter_known(adapter):
+            raise RPCError(INVALID_PARAMS, f"adapter: no node is known to hold {adapter} "
+                           "(vcoin_adapters lists the ones here and announced)")  # fmt: skip
         try:
             task_id = await node.origin.submit(
                 params["model"], params["input"], gen, priority=params["priority"],

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from vcoind.api import network_models
 from vcoind.market.messages import MODEL_RE
 from vcoind.market.origin import TaskError
 from vcoind.rpc import INVALID_PARAMS, NOT_FOUND, MethodRegistry, Param, RPCError
@@ -35,6 +36,11 @@ def register_train_api(reg: MethodRegistry, node: Node) -> None:
     async def train(params: dict[str, Any]) -> dict[str, Any]:
         if (params["dataset"] is None) == (params["examples"] is None):
             raise RPCError(INVALID_PARAMS, "give one of dataset (a path) or examples (a list)")
+        known = network_models(node)
+        if params["model"] not in known:
+            names = ", ".join(sorted(set(known.values()))) or "none"
+            raise RPCError(INVALID_PARAMS, f"model: unknown model {params['model']!r} "
+                           f"(served in the network: {names})")  # fmt: skip
         try:
             settings = LoraSettings.from_dict(params["settings"] or {})
             if params["dataset"] is not None:

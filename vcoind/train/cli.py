@@ -127,7 +127,7 @@ def fmt_training(t: dict[str, Any]) -> str:
                      + (f" tx {a['tx_hash']} block {a['block']}" if a.get("tx_hash") else "")
                      + (f" ({a['error']})" if a.get("error") else ""))  # fmt: skip
         for rw in a.get("rewards", []):
-            lines.append(f"  reward {rw['amount']} VCOIN -> {rw['node']}")
+            lines.append(f"  reward {rw['amount']:.6g} VCOIN -> {rw['node']}")
     return "\n".join(lines)
 
 
