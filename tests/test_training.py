@@ -12,7 +12,7 @@ import pytest
 
 from devnet.__main__ import DevNode, stake_all
 from devnet.chain import fund_nodes
-from tests.conftest import Chain, Cluster, wait_until
+from tests.conftest import Chain, Cluster, free_port, wait_until
 from tests.test_chain import anchor_of, three_on_chain
 from tests.test_tasks import MODEL, finished, knows_model, serving, task
 from vcoind.cli import ClientError
@@ -184,6 +184,28 @@ def test_killed_training_node_shard_is_reassigned(
         n4.rpc.call("vcoin_train", {"model": MODEL, "dataset": str(tmp_path / "none.jsonl")})
     with pytest.raises(ClientError, match="r must be a number"):
         n4.rpc.call("vcoin_train", {"model": MODEL, "dataset": str(data), "settings": {"r": 0}})
+
+
+def test_origin_restarted_mid_training_goes_on_from_its_last_round(
+    cluster: Cluster, models_dir: Path, tmp_path: Path
+) -> None:
+    listen = f"/ip4/127.0.0.1/tcp/{free_port()}"
+    n1 = cluster.start(1, listen=listen, extra=["--bid-window", "5"])  # an origin only
+    for i in (2, 3):
+        cluster.start(i, bootstrap=n1, extra=serving(models_dir))
+    wait_until(lambda: knows_model(n1, 2), 20, "node 1 sees the model on both peers")
+    task_id = train(n1, write_dataset(tmp_path / "train.jsonl", 48), nodes=2, sync_every=1)
+    wait_until(lambda: len(task(n1, task_id)["training"]["history"]) >= 4, 120, "4 rounds")
+    n1.proc.send_signal(signal.SIGKILL)
+    n1.proc.wait()
+    n1 = cluster.start(1, listen=listen, extra=["--bid-window", "5"])
+    t = finished(n1, task_id, timeout=300)
+    assert t["status"] == "completed", t["error"]
+    tr = t["training"]
+    assert [h["round"] for h in tr["history"]] == list(range(36))  # none lost, none twice
+    assert tr["summary"]["samples"] == 48 * 3
+    assert "resuming after round" in n1.log_path.read_text()
+    assert not any((n1.datadir / "train").iterdir())  # its files are gone once it is done
 
 
 async def test_corrupted_shard_and_adapter_frames_are_refused(

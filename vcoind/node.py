@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -812,12 +813,42 @@ class Node:
         if len(peers) < n:
             log.info("task %s: %d node(s) asked for, %d bid; training on %d", row.id, n,
                      len(peers), len(peers))  # fmt: skip
+        n = min(n, len(peers))
+        saved = self.datadir.path / "train" / row.id  # the global adapter of the last round
+        resume = None
+        done = row.training.get("history") and len(row.training.get("shards", ())) == n
+        if done and (saved / f"{row.training['global_adapter']}.safetensors").is_file():
+            f = saved / f"{row.training['global_adapter']}.safetensors"
+            resume = {"view": row.training, "adapter": await trio.to_thread.run_sync(f.read_bytes)}
+        elif row.training.get("history"):
+            log.warning("task %s: the earlier run's state is gone or was for %d nodes; "
+                        "training from the start", row.id,
+                        len(row.training.get("shards", ())))  # fmt: skip
+
+        async def on_round(adapter: bytes) -> None:
+            """The round's average on disk, then its history in the task: a restarted
+            origin goes on from here."""
+            h = sha256_hex(adapter)
+
+            def keep() -> None:
+                saved.mkdir(parents=True, exist_ok=True)
+                tmp = saved / f"{h}.part"
+                tmp.write_bytes(adapter)
+                tmp.replace(saved / f"{h}.safetensors")
+
+            await trio.to_thread.run_sync(keep)
+            await on_view(run.view())
+            for old in saved.glob("*.safetensors"):
+                if old.stem != h:
+                    old.unlink(missing_ok=True)
+
         run = TrainingRun(
             row.id, row.model, bids[0].model_id, settings, examples, peers[:n], peers[n:],
             self.train_send, self.blobs, self.lora,
             round_timeout_s=self.config.market.train_round_timeout_s,
             max_retries=self.config.market.max_retries,
             alive=lambda peer: peer == self.identity.peer_id or self.peers.get(peer) is not None,
+            on_round=on_round, resume=resume,
         )  # fmt: skip
         self._trainings[row.id] = run
         dirty = trio.Event()
@@ -841,13 +872,16 @@ class Node:
                 self._announce_adapters()
                 signed = await run.finish(adapter_id)
                 nursery.cancel_scope.cancel()
-        except BaseException:
+        except BaseException as exc:
             with trio.CancelScope(shield=True):
                 await run.abort()
+                if isinstance(exc, TrainError):  # for good: nothing to resume from
+                    await trio.to_thread.run_sync(_forget_training, saved, p["dataset_file"])
             raise
         finally:
             run.drop_blobs()
             del self._trainings[row.id]
+        await trio.to_thread.run_sync(_forget_training, saved, p["dataset_file"])
         sigs = [(peer, s.eth_address, s.signature) for peer, s in signed if s.signature]
         view = {**run.view(), "adapter_id": adapter_id, "summary": summary,
                 "signatures": [{"node_id": peer, "eth_address": a, "signature": sig.hex()}
@@ -1144,6 +1178,12 @@ class Node:
                 if self.oracle is not None:
                     await self.oracle.aclose()
                 await self.store.close()
+
+
+def _forget_training(saved: Path, dataset: str) -> None:
+    """A finished training task's files: its saved rounds and its copy of the dataset."""
+    shutil.rmtree(saved, ignore_errors=True)
+    Path(dataset).unlink(missing_ok=True)
 
 
 def _peft_available() -> bool:

@@ -572,9 +572,7 @@ class TaskOrigin:
     async def _run_training(self, live: _Live, resumed: bool) -> tuple[str, str | None]:
         """Bids from nodes that can train the model, then the rounds (``vcoind.train``)."""
         assert self.run_training is not None  # submit_training() checked
-        if resumed:  # the rounds' state lived in this process only
-            return "failed", "the origin restarted during training; submit it again"
-        row = live.row
+        row = live.row  # resumed: the node goes on from the last round it saved
         bids = await self._collect_bids(live, want=int(row.parameters.get("nodes", 1)))
         if not bids:
             return "failed", f"no node bid to train {row.model!r}"

@@ -95,6 +95,8 @@ class TrainingRun:
         max_retries: int = 3,
         on_change: Callable[[], None] = lambda: None,
         alive: Callable[[str], bool] = lambda peer: True,
+        on_round: Callable[[bytes], Awaitable[None]] | None = None,
+        resume: dict[str, Any] | None = None,
     ) -> None:
         self.task_id = task_id
         self.model = model
@@ -127,12 +129,39 @@ class TrainingRun:
         self._global: bytes = b""
         self.reassigned = 0
         self.started = time.time()
+        # After each round, with the new global adapter (the node keeps it on disk)
+        self.on_round = on_round
+        if resume is not None:
+            self._resume(resume)
+
+    def _resume(self, r: dict[str, Any]) -> None:
+        """Go on from the last round an earlier run of this task (an origin that was
+        restarted) completed: its history, the samples each node trained, its global
+        adapter (``r["adapter"]``, checked against the history's hash)."""
+        view, data = r["view"], r["adapter"]
+        from vcoind.train.spec import sha256_hex
+
+        if not view.get("history") or sha256_hex(data) != view["global_adapter"]:
+            raise TrainError("the saved state of the earlier run does not check out")
+        self.history = list(view["history"])
+        self.round = len(self.history)
+        self._global, self.global_hash = data, self._blobs.put(data)
+        self.reassigned = int(view.get("reassigned", 0))
+        self.started = time.time() - float(view.get("train_s", 0.0))
+        for n in view["nodes"]:
+            node = self.nodes.setdefault(n["node_id"], _Node(n["node_id"]))
+            node.samples = int(n["samples"])
+            if not node.shards:
+                node.status = "done"  # trained earlier; not placed this time
+        log.info("task %s: resuming after round %d of %d (adapter %s)", self.task_id,
+                 self.round, self.rounds, self.global_hash[:12])  # fmt: skip
 
     # --- views --------------------------------------------------------------
 
     def view(self) -> dict[str, Any]:
         return {
             "settings": self.settings.as_dict(), "round": self.round, "rounds": self.rounds,
+            "train_s": round(time.time() - self.started, 3),
             "shards": [{"shard": s.index, "examples": s.examples, "steps": s.steps,
                         "hash": s.hash, "node_id": s.owner} for s in self.shards],
             "nodes": [n.view() for n in self.nodes.values()],
@@ -156,7 +185,7 @@ class TrainingRun:
         async with trio.open_nursery() as nursery:
             for sh in self.shards:
                 nursery.start_soon(self._place, sh, sh.owner)
-        for k in range(self.rounds):
+        for k in range(len(self.history), self.rounds):
             self.round = k
             await self._round(k)
         if not self._global:
@@ -244,6 +273,8 @@ class TrainingRun:
         })  # fmt: skip
         log.info("task %s round %d/%d: %d samples, mean loss %.4f", self.task_id, k + 1,
                  self.rounds, samples, self.history[-1]["loss"])  # fmt: skip
+        if self.on_round is not None:
+            await self.on_round(self._global)
         self.on_change()
 
     async def _shard_round(
