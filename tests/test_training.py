@@ -257,12 +257,18 @@ async def test_corrupted_shard_and_adapter_frames_are_refused(
             await ask(dataclasses.replace(join, examples=5))
         with pytest.raises(StreamProtocolError, match="settings"):
             await ask(dataclasses.replace(join, settings='{"r": 0}'))
+        with pytest.raises(StreamProtocolError, match="exceeds the limit"):
+            await ask(dataclasses.replace(join, shard=9, shard_bytes=9 << 20))
         assert await ask(join) == Ack()  # the real shard
+        for i in (1, 2, 3):  # at most 4 shards at once on a node
+            assert await ask(dataclasses.replace(join, shard=i)) == Ack()
+        with pytest.raises(StreamProtocolError, match="the most"):
+            await ask(dataclasses.replace(join, shard=4))
 
         # A round for a shard never joined; a global adapter that does not hash right;
         # one that hashes right but is no adapter.
         with pytest.raises(StreamProtocolError, match="not joined"):
-            await ask(TrainRound("ab" * 16, 1, 0, 0, 1), RoundDone)
+            await ask(TrainRound("ab" * 16, 7, 0, 0, 1), RoundDone)
         junk = b"\x08" + b"\x00" * 7 + b"{}" + b"junk" * 20
         hj = sha256_hex(junk)
         served[hj] = junk[::-1]

@@ -23,7 +23,13 @@ from vcoind.compute.models import ModelError, ModelStore
 from vcoind.market.messages import Ack
 from vcoind.p2p.streams import StreamProtocolError
 from vcoind.train.adapters import AdapterStore, BlobCache, Request, blob_part, pull_blob
-from vcoind.train.spec import LoraSettings, TrainError, parse_jsonl, total_steps
+from vcoind.train.spec import (
+    MAX_SHARD_BYTES,
+    LoraSettings,
+    TrainError,
+    parse_jsonl,
+    total_steps,
+)
 from vcoind.train.wire import (
     BlobGet,
     BlobPart,
@@ -41,6 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vcoind.train")
 PROGRESS_EVERY_S = 0.25
+MAX_SHARDS = 4  # shards one node trains at once (each holds a copy of its base model)
 SHARD_IDLE_S = 3600.0  # a shard whose origin went silent this long is dropped (its model too)
 
 
@@ -120,6 +127,11 @@ class TrainHost:
             if old.origin != origin or old.join != j:
                 raise TrainError(f"shard {j.shard} of {j.task_id} was joined with other terms")
             return Ack()
+        if j.shard_bytes > MAX_SHARD_BYTES:
+            raise TrainError(f"a shard of {j.shard_bytes} bytes exceeds the limit of "
+                             f"{MAX_SHARD_BYTES}")  # fmt: skip
+        if len(self._shards) >= MAX_SHARDS:
+            raise TrainError(f"this node trains {len(self._shards)} shards already (the most)")
         try:
             info = self._models.resolve(j.model)
         except ModelError as exc:

@@ -32,6 +32,7 @@ from vcoind.train.spec import (
     rounds,
     shard_bytes,
     split_contiguous,
+    step_batches,
     total_steps,
 )
 from vcoind.train.wire import (
@@ -75,6 +76,12 @@ class _Shard:
     steps: int
     owner: str = ""
     retries: int = 0
+
+    def samples_in(self, start: int, steps: int, settings: LoraSettings) -> int:
+        """Examples in steps ``start..start+steps-1`` of this shard: what the FedAvg weight
+        and the reward count, so a node cannot claim more than it trained."""
+        return sum(len(b) for k in range(start, start + steps)
+                   for b in step_batches(self.examples, settings, k))  # fmt: skip
 
 
 class TrainingRun:
@@ -294,6 +301,9 @@ class TrainingRun:
                     raise TrainError("answered for another round")
                 if len(d.losses) != req.steps or not all(math.isfinite(x) for x in d.losses):
                     raise TrainError(f"reported {len(d.losses)} losses for {req.steps} steps")
+                if d.samples != sh.samples_in(start, req.steps, self.settings):
+                    raise TrainError(f"claimed {d.samples} samples for steps the schedule "
+                                     "gives another count")  # fmt: skip
                 data = await pull_blob(self._request_blob, peer, d.adapter, d.adapter_bytes)
                 state, meta = await trio.to_thread.run_sync(lora.adapter_from_bytes, data)
             except (StreamProtocolError, TrainError) as exc:
