@@ -249,3 +249,85 @@ def test_other_strategies_share_concurrent_load(
     # equal measured speed (weighted RR) / in-flight counts (least connections): both work
     assert set(per_node) == {w.info["peer_id"] for w in workers}
     assert min(per_node.values()) >= 6, per_node
+
+
+async def test_an_assignment_whose_verdict_was_lost_is_sent_again_and_not_run_twice(
+    cluster: Cluster,
+) -> None:
+    """A worker (a raw libp2p host) takes an assignment and its answer is lost (the stream
+    reset, as under simultaneous dials): the origin sends it again, takes "accepted before"
+    as accepted, and the task completes with that worker's one result."""
+    import time
+
+    import trio
+
+    from tests.test_gossip_junk import heartbeat_for, raw_host
+    from vcoind.market.messages import (
+        ACCEPTED_BEFORE,
+        TASK_PROTOCOL,
+        Accepted,
+        Ack,
+        Assignments,
+        Bid,
+        Offer,
+        TaskAnnounce,
+        TaskResult,
+    )  # fmt: skip
+    from vcoind.metrics import NodeMetrics
+    from vcoind.node import TASK_STREAM
+    from vcoind.p2p.codec import decode, encode
+    from vcoind.p2p.keeper import parse_peer_addr
+    from vcoind.p2p.messages import ModelServed
+    from vcoind.p2p.streams import StreamService, read_frame, write_frame
+
+    n1 = await trio.to_thread.run_sync(lambda: cluster.start(1))  # an origin, no model
+    target = parse_peer_addr(n1.p2p_addr)
+    requests: list[Assignments] = []
+    async with raw_host() as (host, pubsub):
+        me = host.get_id().to_base58()
+
+        async def on_task_stream(stream: Any) -> None:
+            req = decode(await read_frame(stream, 1 << 20))
+            assert isinstance(req, Assignments)
+            requests.append(req)
+            if len(requests) == 1:
+                await stream.reset()  # took it, but the verdict never arrives
+                return
+            a = req.items[0]
+            await write_frame(stream, encode(Accepted(
+                (f"attempt {a.attempt} of {a.task_id} {ACCEPTED_BEFORE}",))))  # fmt: skip
+            await stream.close()
+
+        host.set_stream_handler(TASK_PROTOCOL, on_task_stream)
+        await host.connect(target)
+        sub = await pubsub.subscribe("/vcoin/testnet/tasks/1")
+        # Announce the model, as a worker's heartbeat does, until the origin knows it.
+        served = (ModelServed(MODEL, "sha256:" + "1" * 64),)
+        with trio.fail_after(30):
+            while not await trio.to_thread.run_sync(lambda: knows_model(n1, 1)):
+                hb = heartbeat_for(host, models=served, seq=int(time.time() * 1000))
+                await pubsub.publish("/vcoin/testnet/heartbeat/1", encode(hb))
+                await trio.sleep(0.3)
+        task_id = await trio.to_thread.run_sync(lambda: n1.rpc.call(
+            "vcoin_submitTask", {"model": MODEL, "input": "hi"}))  # fmt: skip
+        with trio.fail_after(30):
+            while True:
+                ann = decode((await sub.get()).data)
+                if isinstance(ann, TaskAnnounce) and ann.tasks[0].task_id == task_id["task_id"]:
+                    break
+        offer = Offer(task_id["task_id"], "sha256:" + "1" * 64, 0.0, 0.1, 100.0)
+        bid = Bid("testnet", me, int(time.time() * 1000), time.time(), ann.peer_id, 1.0, 0,
+                  (offer,))  # fmt: skip
+        await pubsub.publish("/vcoin/testnet/tasks/1", encode(bid))
+        with trio.fail_after(30):
+            while len(requests) < 2:
+                await trio.sleep(0.05)
+        a = requests[1].items[0]
+        assert requests[0] == requests[1]  # the same assignment, sent again
+        svc = StreamService(type("Raw", (), {"host": host})(), NodeMetrics())  # type: ignore[arg-type]
+        result = TaskResult(a.task_id, a.attempt, text="the answer", token_ids=(1, 2),
+                            finish_reason="length", model_id="sha256:" + "1" * 64)  # fmt: skip
+        assert await svc.request(target.peer_id, TASK_STREAM, result, Ack) == Ack()
+        t = await trio.to_thread.run_sync(lambda: finished(n1, a.task_id, timeout=30))
+    assert t["status"] == "completed" and t["result"] == "the answer", t
+    assert t["attempts"] == 1 and t["node_id"] == me

@@ -34,6 +34,8 @@ MAX_INPUT_CHARS = 32_768
 MAX_RESULT_CHARS = 262_144
 MAX_BATCH = 64  # tasks per announce, offers per bid
 TASK_TYPES = ("inference", "lora_training")
+# The end of a worker's verdict on an attempt it holds already (a resent assignment)
+ACCEPTED_BEFORE = "was accepted before"
 ADAPTER_RE = r"(|[0-9a-f]{64})"
 
 # send(peer_id, request, reply_type) -> reply on /vcoin/task/1.0.0; the node routes it

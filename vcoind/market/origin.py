@@ -33,6 +33,7 @@ from vcoind.consensus.outcome import result_hash
 from vcoind.consensus.reputation import DEFAULT_REPUTATION
 from vcoind.market.consensus import Coordinator, RoundResult, RoundState, choose_replicas
 from vcoind.market.messages import (
+    ACCEPTED_BEFORE,
     MAX_BATCH,
     Accepted,
     Ack,
@@ -768,6 +769,7 @@ class TaskOrigin:
                         break
                     batch.append(queue.pop(0))
                 request = Assignments(tuple(a for a, _ in batch))
+                resent = False
                 try:
                     with trio.fail_after(ASSIGN_TIMEOUT_S):
                         try:
@@ -775,9 +777,20 @@ class TaskOrigin:
                         except StreamOpenError:  # nothing sent: one more try on a new dial
                             await trio.sleep(REDIAL_WAIT_S)
                             reply = await self._send(peer, request, Accepted)
+                        except StreamProtocolError as exc:
+                            # Sent, but the verdict was lost (a connection reset under
+                            # simultaneous dials): ask once more. What the worker took the
+                            # first time comes back as accepted before: it is accepted.
+                            log.info("assignments to %s: %s; sending them again", peer, exc)
+                            await trio.sleep(REDIAL_WAIT_S)
+                            resent = True
+                            reply = await self._send(peer, request, Accepted)
                     if len(reply.errors) != len(batch):
                         raise StreamProtocolError(f"{len(reply.errors)} verdicts for {len(batch)}")
-                    errors = [f"{peer} refused: {e}" if e else None for e in reply.errors]
+                    errors = [
+                        None if not e or (resent and e.endswith(ACCEPTED_BEFORE))
+                        else f"{peer} refused: {e}" for e in reply.errors
+                    ]  # fmt: skip
                 except (StreamProtocolError, trio.TooSlowError) as exc:
                     errors = [f"assignment to {peer} failed: {exc or 'timeout'}"] * len(batch)
                 for (_, verdict), error in zip(batch, errors, strict=True):

@@ -24,6 +24,7 @@ import trio
 from vcoind.compute.models import ModelError, ModelStore
 from vcoind.compute.params import GenerationError
 from vcoind.market.messages import (
+    ACCEPTED_BEFORE,
     Accepted,
     Ack,
     AnnouncedTask,
@@ -185,7 +186,7 @@ class TaskWorker:
             if a.adapter and not self.adapter_known(a.adapter):
                 raise StreamProtocolError(f"adapter {a.adapter[:12]} is not known to this node")
         if not await self._tasks.claim_assignment(a.task_id, a.attempt, origin, time.time()):
-            raise StreamProtocolError(f"attempt {a.attempt} of {a.task_id} was accepted before")
+            raise StreamProtocolError(f"attempt {a.attempt} of {a.task_id} {ACCEPTED_BEFORE}")
         job = _Job((-a.priority, next(self._arrivals)), origin, a)
         self._jobs[(a.task_id, a.attempt)] = job
         heapq.heappush(self._queue, job)
