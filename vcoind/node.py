@@ -103,8 +103,6 @@ from vcoind.train.spec import LoraSettings, TrainError, parse_jsonl, sha256_hex
 from vcoind.train.wire import (
     TRAIN_PROTOCOL,
     TRAIN_REQUESTS,
-    BlobGet,
-    BlobPart,
     TrainJoin,
     TrainProgress,
 )
@@ -762,9 +760,7 @@ class Node:
         return self.identity.eth_address, sign_outcome(bytes(self.identity.eth.key), digest)
 
     def _announce_adapters(self) -> None:
-        held = sorted(self.adapters.path(a) for a in self.adapters.ids())
-        newest = sorted(held, key=lambda p: p.stat().st_mtime, reverse=True)[:16]
-        ids = tuple(p.stem for p in newest)
+        ids = tuple(self.adapters.newest(16))
         if ids != self.heartbeat.capabilities.adapters:
             self.heartbeat.set_capabilities(
                 dataclasses.replace(self.heartbeat.capabilities, adapters=ids))  # fmt: skip
@@ -787,8 +783,7 @@ class Node:
         try:
             for peer in self._holders(adapter_id):
                 try:
-                    first = await self.train_send(peer, BlobGet(adapter_id), BlobPart)
-                    data = await pull_blob(self.train_send, peer, adapter_id, first.total)
+                    data = await pull_blob(self.train_send, peer, adapter_id)
                     await trio.to_thread.run_sync((await self.lora()).adapter_from_bytes, data)
                 except (StreamProtocolError, TrainError) as exc:
                     errors.append(f"{peer[-8:]}: {exc}")
@@ -814,13 +809,12 @@ class Node:
             log.info("task %s: %d node(s) asked for, %d bid; training on %d", row.id, n,
                      len(peers), len(peers))  # fmt: skip
         n = min(n, len(peers))
-        saved = self.datadir.path / "train" / row.id  # the global adapter of the last round
+        saved = AdapterStore(self.datadir.path / "train" / row.id)  # the last round's average
         resume = None
-        done = row.training.get("history") and len(row.training.get("shards", ())) == n
-        if done and (saved / f"{row.training['global_adapter']}.safetensors").is_file():
-            f = saved / f"{row.training['global_adapter']}.safetensors"
-            resume = {"view": row.training, "adapter": await trio.to_thread.run_sync(f.read_bytes)}
-        elif row.training.get("history"):
+        if row.training.get("history") and len(row.training.get("shards", ())) == n:
+            last = await trio.to_thread.run_sync(saved.get, row.training["global_adapter"])
+            resume = {"view": row.training, "adapter": last} if last is not None else None
+        if row.training.get("history") and resume is None:
             log.warning("task %s: the earlier run's state is gone or was for %d nodes; "
                         "training from the start", row.id,
                         len(row.training.get("shards", ())))  # fmt: skip
@@ -829,18 +823,11 @@ class Node:
             """The round's average on disk, then its history in the task: a restarted
             origin goes on from here."""
             h = sha256_hex(adapter)
-
-            def keep() -> None:
-                saved.mkdir(parents=True, exist_ok=True)
-                tmp = saved / f"{h}.part"
-                tmp.write_bytes(adapter)
-                tmp.replace(saved / f"{h}.safetensors")
-
-            await trio.to_thread.run_sync(keep)
+            await trio.to_thread.run_sync(saved.put, h, adapter)
             await on_view(run.view())
-            for old in saved.glob("*.safetensors"):
-                if old.stem != h:
-                    old.unlink(missing_ok=True)
+            for old in saved.ids():
+                if old != h:
+                    saved.path(old).unlink(missing_ok=True)
 
         run = TrainingRun(
             row.id, row.model, bids[0].model_id, settings, examples, peers[:n], peers[n:],
@@ -876,12 +863,12 @@ class Node:
             with trio.CancelScope(shield=True):
                 await run.abort()
                 if isinstance(exc, TrainError):  # for good: nothing to resume from
-                    await trio.to_thread.run_sync(_forget_training, saved, p["dataset_file"])
+                    await trio.to_thread.run_sync(_forget_training, saved.root, p["dataset_file"])
             raise
         finally:
             run.drop_blobs()
             del self._trainings[row.id]
-        await trio.to_thread.run_sync(_forget_training, saved, p["dataset_file"])
+        await trio.to_thread.run_sync(_forget_training, saved.root, p["dataset_file"])
         sigs = [(peer, s.eth_address, s.signature) for peer, s in signed if s.signature]
         view = {**run.view(), "adapter_id": adapter_id, "summary": summary,
                 "signatures": [{"node_id": peer, "eth_address": a, "signature": sig.hex()}

@@ -41,6 +41,11 @@ class AdapterStore:
             return []
         return sorted(p.stem for p in self.root.glob("*.safetensors") if ID_RE.fullmatch(p.stem))
 
+    def newest(self, n: int) -> list[str]:
+        """The ``n`` most recently stored ids, newest first."""
+        paths = (self.path(a) for a in self.ids())
+        return [p.stem for p in sorted(paths, key=lambda p: -p.stat().st_mtime)[:n]]
+
     def has(self, adapter_id: str) -> bool:
         return self.path(adapter_id).is_file()
 
@@ -108,14 +113,15 @@ def blob_part(data: bytes | None, req: BlobGet) -> BlobPart:
     return BlobPart(req.hash, req.offset, len(data), chunk)
 
 
-async def pull_blob(request: Request, peer: str, h: str, size: int) -> bytes:
-    """Blob ``h`` of ``size`` bytes from ``peer``, chunk by chunk; TrainError unless the
-    whole hashes to ``h``."""
-    if not 0 < size <= MAX_BLOB_BYTES:
+async def pull_blob(request: Request, peer: str, h: str, size: int | None = None) -> bytes:
+    """Blob ``h`` of ``size`` bytes (None: as its holder's first part says) from ``peer``,
+    chunk by chunk; TrainError unless the whole hashes to ``h``."""
+    if size is not None and not 0 < size <= MAX_BLOB_BYTES:
         raise TrainError(f"blob size {size} is outside 1..{MAX_BLOB_BYTES}")
     buf = bytearray()
-    while len(buf) < size:
+    while size is None or len(buf) < size:
         part: BlobPart = await request(peer, BlobGet(h, len(buf)), BlobPart)
+        size = part.total if size is None else size
         if part.hash != h or part.offset != len(buf) or part.total != size or not part.data:
             raise TrainError(f"{peer[-8:]} sent a blob part that does not match the request")
         buf += part.data

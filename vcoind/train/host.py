@@ -115,10 +115,7 @@ class TrainHost:
         raise StreamProtocolError(f"unexpected {type(r).__name__}")
 
     def blob(self, r: BlobGet) -> BlobPart:
-        data = self.blobs.get(r.hash)
-        if data is None and self.adapters.has(r.hash):
-            data = self.adapters.get(r.hash)
-        return blob_part(data, r)
+        return blob_part(self.blobs.get(r.hash) or self.adapters.get(r.hash), r)
 
     async def _join(self, origin: str, j: TrainJoin) -> Ack:
         key = (j.task_id, j.shard)

@@ -30,6 +30,7 @@ from vcoind.train.spec import (
     LoraSettings,
     TrainError,
     rounds,
+    sha256_hex,
     shard_bytes,
     split_contiguous,
     step_batches,
@@ -47,7 +48,7 @@ from vcoind.train.wire import (
 
 log = logging.getLogger("vcoind.train")
 
-# (peer, record, reply type, timeout s | None) -> reply; to ourselves a plain call
+# (peer, record, reply type[, timeout s | None]) -> reply; to ourselves a plain call
 TrainRequest = Callable[..., Awaitable[Any]]
 
 
@@ -146,8 +147,6 @@ class TrainingRun:
         restarted) completed: its history, the samples each node trained, its global
         adapter (``r["adapter"]``, checked against the history's hash)."""
         view, data = r["view"], r["adapter"]
-        from vcoind.train.spec import sha256_hex
-
         if not view.get("history") or sha256_hex(data) != view["global_adapter"]:
             raise TrainError("the saved state of the earlier run does not check out")
         self.history = list(view["history"])
@@ -304,7 +303,7 @@ class TrainingRun:
                 if d.samples != sh.samples_in(start, req.steps, self.settings):
                     raise TrainError(f"claimed {d.samples} samples for steps the schedule "
                                      "gives another count")  # fmt: skip
-                data = await pull_blob(self._request_blob, peer, d.adapter, d.adapter_bytes)
+                data = await pull_blob(self._request, peer, d.adapter, d.adapter_bytes)
                 state, meta = await trio.to_thread.run_sync(lora.adapter_from_bytes, data)
             except (StreamProtocolError, TrainError) as exc:
                 tries += 1
@@ -326,9 +325,6 @@ class TrainingRun:
             node.loss = d.losses[-1] if d.losses else node.loss
             results[sh.index] = (state, meta, d)
             return
-
-    async def _request_blob(self, peer: str, record: Any, reply_type: type[Any]) -> Any:
-        return await self._request(peer, record, reply_type, None)
 
     async def finish(self, adapter_id: str) -> list[tuple[str, TrainSigned]]:
         """Hand the final adapter to every surviving participant: each pulls it, checks
