@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from vcoind.compute.engine import Batcher, Engine, Stack, generate_ids
+from vcoind.compute.engine import DEFAULT_MAX_CONTEXT, Batcher, Engine, Stack, generate_ids
 from vcoind.compute.generate import GenerationParams, load_model, pick_device
 from vcoind.compute.testmodel import make_test_model
 
@@ -156,7 +156,18 @@ def main() -> int:
     p.add_argument("--no-graphs", action="store_true", help="eager decode on CUDA too")
     p.add_argument("--compile", action="store_true", help="experimental: torch.compile decode")
     p.add_argument("--no-hf", action="store_true", help="engine figures only (no ratios)")
-    p.add_argument("--profile", action="store_true", help="count GPU kernels per decode step")
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=DEFAULT_MAX_CONTEXT,
+        help="positions per engine slot (default: the daemon's compute.max_context, %(default)s)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="GPU kernels of one decode step (count and time by kernel), and the graph "
+        "step's time at each cache width, batch 1 and full",
+    )
     p.add_argument("--json", type=Path, help="also write the figures here")
     ns = p.parse_args()
     device, dtype = pick_device(ns.device)
@@ -171,7 +182,7 @@ def main() -> int:
     )
     bandwidth = copy_bandwidth(device)
     bound = bandwidth / weights
-    ctx = ns.prompt_tokens + ns.new_tokens + 8
+    ctx = max(ns.max_context, ns.prompt_tokens + ns.new_tokens + 8)
     slots = max(ns.concurrent, 1)
     engine = Engine(
         Stack.of_model(model),
@@ -195,8 +206,8 @@ def main() -> int:
     print(
         f"{shape} on {name}, {str(dtype).removeprefix('torch.')}, weights read per token "
         f"{weights / 2**30:.2f} GiB, copy bandwidth {bandwidth / 1e9:.0f} GB/s -> "
-        f"bound {bound:.0f} tokens/s at batch 1; engine slots {slots}, "
-        f"CUDA graphs {'on' if engine.cuda_graphs else 'off'}",
+        f"bound {bound:.0f} tokens/s at batch 1; engine slots {slots} x {engine.max_context} "
+        f"positions, CUDA graphs {'on' if engine.cuda_graphs else 'off'}",
         flush=True,
     )
 
@@ -204,7 +215,7 @@ def main() -> int:
     params = GenerationParams(max_new_tokens=ns.new_tokens)
 
     if ns.profile:
-        profile_step(engine, device)
+        profile_step(engine, device, ns.prompt_tokens + ns.new_tokens // 2, fig)
 
     # --- batch 1 -------------------------------------------------------------
     nan = float("nan")
@@ -302,16 +313,18 @@ def main() -> int:
     return 0
 
 
-def profile_step(engine: Engine, device: torch.device) -> None:
-    """GPU kernels one eager decode step (batch 1) launches: what a graph replays."""
+def profile_step(engine: Engine, device: torch.device, at: int, fig: dict[str, Any]) -> None:
+    """What a decode step costs on the GPU: the kernels of one eager batch-1 step at
+    position ``at`` (what its graph replays), by count and time; then the graph replay's
+    own time at each cache width, batch 1 and every slot."""
     from torch.profiler import ProfilerActivity, profile
 
     if device.type != "cuda":
-        print("decode step: kernel count needs a CUDA device")
+        print("decode step: the profile needs a CUDA device")
         return
+    width = next(w for w in engine._widths if w > at)
     x = torch.zeros(1, dtype=torch.long, device=device)
-    pos = torch.zeros(1, dtype=torch.long, device=device)
-    width = engine._cols.numel()
+    pos = torch.full((1,), at, dtype=torch.long, device=device)
     with torch.inference_mode():
         for _ in range(2):
             engine._decode_fn(x, pos, None, width)
@@ -321,12 +334,38 @@ def profile_step(engine: Engine, device: torch.device) -> None:
             sync(device)
     kernels = [e for e in prof.events() if str(e.device_type).endswith("CUDA")]
     layers = len(engine.stack.layers)
-    names: dict[str, int] = {}
+    by_name: dict[str, list[float]] = {}
     for e in kernels:
-        names[e.name[:60]] = names.get(e.name[:60], 0) + 1
-    print(f"decode step: {len(kernels)} GPU kernels ({len(kernels) / layers:.1f} per layer)")
-    for n, c in sorted(names.items(), key=lambda kv: -kv[1])[:25]:
-        print(f"  {c:5d}  {n}")
+        by_name.setdefault(e.name[:70], []).append(e.time_range.elapsed_us())
+    busy = sum(sum(v) for v in by_name.values())
+    print(
+        f"decode step at position {at} (width {width}): {len(kernels)} GPU kernels "
+        f"({len(kernels) / layers:.1f} per layer), {busy:.0f} us of kernel time"
+    )
+    for n, ts in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:25]:
+        print(f"  {len(ts):5d} x {sum(ts) / len(ts):7.1f} us = {sum(ts):8.0f} us  {n}")
+    fig["profile"] = {
+        "kernels": len(kernels),
+        "kernel_us": busy,
+        "by_kernel": {n: [len(ts), sum(ts)] for n, ts in by_name.items()},
+    }
+    if not engine.cuda_graphs:
+        return
+    steps: dict[str, float] = {}
+    for rows in sorted({1, engine.n_slots}):
+        for w in engine._widths:
+            slots, positions = list(range(rows)), [w - 1] * rows
+            ids = torch.zeros(rows, dtype=torch.long, device=device)
+            with torch.inference_mode(), engine.lock:
+                step = functools.partial(engine._static_step, slots, positions, ids)
+                step()  # captures
+                _, dt = timed(device, lambda: [step() for _ in range(50)])  # noqa: B023
+            steps[f"{rows}x{w}"] = 1e6 * dt / 50
+    fig["graph_step_us"] = steps
+    print(
+        "graph step, us (rows x cache width): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in steps.items())
+    )
 
 
 def parity(

@@ -70,6 +70,61 @@ def test_fused_path_matches_the_reference_path(lm: Any, models_dir: Path) -> Non
     assert hf_greedy(other, ids, 8) == hf_greedy(lm, ids, 8)
 
 
+def test_graph_padding_run_eagerly_gives_the_same_tokens(lm: Any, models_dir: Path) -> None:
+    """The CUDA path's decode step, padded to batch and width buckets as its graphs are
+    (slots 0..B-1, the cache read up to 256, 512, .. positions, idle rows writing to the
+    scratch column), run eagerly on the CPU: the same tokens as the plain path, for rows
+    in any slots, across width buckets."""
+    other = load_model(models_dir / "tiny-qwen2", torch.device("cpu"), torch.float32,
+                       engine=False)  # fmt: skip
+    padded = Engine(Stack.of_model(other.model), slots=5, max_context=600, fused=True,
+                    static_shapes=True)  # fmt: skip
+    assert padded._widths == [256, 512, 608] and padded._batch_buckets == [1, 2, 4, 5]
+    long_ids = encode_prompt(lm, " ".join(PROMPTS))[:240]  # crosses 256 while decoding
+    cases = [(encode_prompt(lm, PROMPTS[i]), GenerationParams(max_new_tokens=12 + 5 * i))
+             for i in range(6)] + [(long_ids, GenerationParams(max_new_tokens=40))]  # fmt: skip
+    batcher = Batcher(padded, lm.tokenizer)
+    try:
+        got = [f.result(timeout=120) for f in [batcher.submit(i, p) for i, p in cases]]
+    finally:
+        batcher.close()
+    for (ids, p), r in zip(cases, got, strict=True):
+        assert r.token_ids == generate_ids(lm.engine, ids, p, lm.tokenizer).token_ids
+    assert len(got[-1].token_ids) == 40 and batcher.peak_batch == 5 and padded.free_slots == 5
+    # Rows that sit out a padded step keep their cache: slot 4 decodes alone (a bucket of
+    # 5 rows), then slots 0..3 go on where they were.
+    prompts = [encode_prompt(lm, PROMPTS[i]) for i in (7, 8, 9, 10, 11)]
+    want = [generate_ids(lm.engine, ids, GenerationParams(max_new_tokens=10), lm.tokenizer)
+            for ids in prompts]  # fmt: skip
+    slots = [padded.alloc() for _ in prompts]
+    last = [
+        int(padded.prefill(s, torch.tensor(ids)).argmax())
+        for s, ids in zip(slots, prompts, strict=True)
+    ]
+    seen: list[list[int]] = [[t] for t in last]
+    for group in ([4], [0, 1, 2, 3]):
+        for _ in range(9):
+            logits = padded.decode(group, torch.tensor([seen[s][-1] for s in group]))
+            for s, row in zip(group, logits, strict=True):
+                seen[s].append(int(row.argmax()))
+    for s, w in zip(slots, want, strict=True):
+        assert tuple(seen[s][: len(w.token_ids)]) == w.token_ids
+        padded.release(s)
+
+
+def test_rotation_matrix_is_the_rotary_step(lm: Any) -> None:
+    engine = Engine(Stack.of_model(lm.model), slots=1, max_context=64, fused=True)
+    pos = torch.tensor([[0], [5], [63]])
+    h = torch.zeros(3, 1, engine.hidden)
+    cos, sin = lm.model.model.rotary_emb(h, pos)  # transformers' own rotary [3, 1, d]
+    x = torch.randn(3, 4, engine.head_dim)
+    half = engine.head_dim // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    want = x * cos + rotated * sin
+    got = torch.bmm(x, engine._rotation(*engine._rope(h, pos)))
+    assert torch.allclose(got, want, atol=1e-6)
+
+
 def test_prefill_in_chunks_and_from_an_earlier_position(lm: Any) -> None:
     engine = Engine(Stack.of_model(lm.model), slots=2, max_context=128)
     ids = encode_prompt(lm, PROMPTS[3] + " and more words to make it longer")
@@ -109,10 +164,14 @@ def test_unsupported_architectures_are_refused(lm: Any) -> None:
         Engine(Stack(stack.layers, stack.rotary, cfg), slots=1)
 
 
-def test_span_engines_chain_to_the_whole_model(lm: Any, models_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fused", [False, True])
+def test_span_engines_chain_to_the_whole_model(
+    lm: Any, models_dir: Path, tmp_path: Path, fused: bool
+) -> None:
     dirs = split_model(models_dir / "tiny-qwen2", tmp_path, even_ranges(4, 2), name="t",
                        model_id="x")  # fmt: skip
-    spans = [Engine(Stack.of_shard(load_shard(d)), slots=1, max_context=256) for d in dirs]
+    spans = [Engine(Stack.of_shard(load_shard(d)), slots=1, max_context=256, fused=fused,
+                    static_shapes=fused) for d in dirs]  # fmt: skip
     for prompt in PROMPTS[:10]:
         ids = encode_prompt(lm, prompt)
         want = generate_ids(lm.engine, ids, GenerationParams(max_new_tokens=16), lm.tokenizer)
@@ -121,7 +180,10 @@ def test_span_engines_chain_to_the_whole_model(lm: Any, models_dir: Path, tmp_pa
         for step in range(len(want.token_ids)):
             h = x
             for e, s in zip(spans, slots, strict=True):
-                h = e.prefill(s, h) if step == 0 else e.decode([s], h)
+                given = h.clone()
+                out = e.prefill(s, h) if step == 0 else e.decode([s], h)
+                assert torch.equal(h, given)  # a span's input is left as it was
+                h = out
             got.append(int(torch.argmax(h if h.dim() == 1 else h[-1])))
             x = torch.tensor([got[-1]])
         for e, s in zip(spans, slots, strict=True):

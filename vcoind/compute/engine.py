@@ -13,10 +13,17 @@ transformers' modules (their weights, their norms and MLPs) instead of the model
 * **Prefill** runs one slot's chunk of tokens (or hidden states) from any start
   position (a pipeline replays a prefix this way), eagerly.
 * **Decode** runs one token for several slots at once. On CUDA the step for slots
-  ``0..B-1`` is captured once per bucket size ``B`` in a CUDA graph and replayed (no
-  Python or launch overhead per layer); attention reads the whole slot and masks
-  positions past each row's length. Elsewhere it runs eagerly over the rows asked for,
-  reading only the positions in use.
+  ``0..B-1`` reading the first ``W`` positions is captured once per batch bucket ``B``
+  (1, 2, 4, .., slots) and width bucket ``W`` (256, 512, .., the context) in a CUDA graph
+  and replayed (no Python or launch overhead per layer); attention masks positions past
+  each row's length, so a step reads the cache up to the longest row rounded up to a
+  power of two, not the whole context. Elsewhere it runs eagerly over the rows asked
+  for, reading only the positions in use (or, with ``static_shapes``, padded exactly as
+  the graph is: how the graph path is tested on a CPU).
+* **Fused step** (the default on CUDA, where a batch-1 step is bound by its kernel
+  count): q/k/v and gate/up are one matmul each; RMSNorm is one kernel; the rotary step
+  of a decode is one batched matmul by each row's rotation matrix; the residual adds
+  ride in the o_proj and down_proj matmuls (``addmm_``); attention is one SDPA kernel.
 * **Numerics.** fp16 on CUDA, with fp32 softmax and fp32 logits; RMSNorm statistics in
   fp32 (transformers' own module). fp32 on CPU, where greedy output is token-identical to
   transformers' ``generate``.
@@ -115,6 +122,7 @@ class Engine:
         cuda_graphs: bool | None = None,
         fused: bool | None = None,
         compile_decode: bool = False,
+        static_shapes: bool | None = None,
     ) -> None:
         _check_supported(stack)
         if slots < 1:
@@ -137,6 +145,10 @@ class Engine:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
+        # Decode steps padded to a (batch bucket, width bucket) shape: what a graph needs.
+        self.static_shapes = self.cuda_graphs if static_shapes is None else static_shapes
+        if self.cuda_graphs and not self.static_shapes:
+            raise ValueError("CUDA graphs need static shapes")
         # Fewer, larger kernels (what a CUDA-graph step is bound by): q/k/v and gate/up as
         # one matmul each, fused RMSNorm, one attention kernel per layer. The CPU keeps
         # transformers' exact order of operations (token-identical to its generate).
@@ -148,15 +160,27 @@ class Engine:
             self.k = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in stack.layers]
             self.v = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in stack.layers]
             self._cols = torch.arange(shape[2], device=self.device)
+            # the rotation matrix's off-diagonal entries: column j takes row (j + d/2) % d
+            self._rot_cols = torch.arange(self.head_dim, device=self.device)
+            self._rot_rows = (self._rot_cols + self.head_dim // 2) % self.head_dim
+        self._batch_buckets = _buckets(slots)
+        self._widths = _widths(self.max_context)
         self.length = [0] * slots
         self._free = list(range(slots))  # a heap: the lowest free slot first
         self.lock = threading.RLock()  # one step at a time, from whichever thread
-        self._graphs: dict[int, _Graph] = {}
+        self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool: Any = None
         # Experimental: torch.compile the decode step before its graph is captured (fuses
-        # the elementwise kernels; compiles once per batch bucket).
+        # the elementwise kernels; compiles once per batch and width bucket).
         self._decode_fn = self._decode_rows
         if compile_decode and self.cuda_graphs:
+            # one compile per (batch, width) bucket: more than dynamo's default 8
+            import torch._dynamo.config as dynamo
+
+            shapes = len(self._batch_buckets) * len(self._widths)
+            for knob in ("recompile_limit", "cache_size_limit"):
+                if hasattr(dynamo, knob):
+                    setattr(dynamo, knob, max(getattr(dynamo, knob), shapes))
             self._decode_fn = torch.compile(self._decode_rows, dynamic=False)
 
     # --- slots --------------------------------------------------------------
@@ -199,7 +223,7 @@ class Engine:
             assert self.stack.embed is not None
             out: torch.Tensor = self.stack.embed(x)
             return out
-        return x.to(self.dtype)
+        return x.to(self.dtype, copy=True)  # the residual stream is updated in place
 
     def _out(self, h: torch.Tensor) -> torch.Tensor:
         if self.last:
@@ -225,12 +249,36 @@ class Engine:
             sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
+    def _rotation(self, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Each row's rotary step as a ``[d, d]`` matrix (``x @ R`` == ``x * cos +
+        rotate_half(x) * sin``), from ``_rope``'s cos and signed sin ``[N, 1, 1, d]``: a
+        decode applies it to q and k of every layer in one batched matmul."""
+        cos, sin = cos.flatten(0, -2), sin.flatten(0, -2)  # [N, d]
+        rot = torch.diag_embed(cos)
+        rot[:, self._rot_rows, self._rot_cols] = sin
+        return rot
+
     def _qkv(
-        self, i: int, layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        i: int,
+        layer: Any,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        rot: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (rotated) and v ``[B, heads, T, d]``; ``rot`` (fused decode, T == 1):
+        the rows' rotation matrices, applied with one kernel instead of three."""
         x = self._norm(layer.input_layernorm, h)
         b, t, _ = x.shape
         nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
+        if self.fused and rot is not None:
+            f = self._fused[i]
+            qkv = torch.nn.functional.linear(x, f.w_qkv, f.b_qkv).view(b, nh + 2 * nkv, d)
+            qk = torch.bmm(qkv[:, : nh + nkv], rot)
+            q = qk[:, :nh].unsqueeze(2)
+            k = qk[:, nh:].unsqueeze(2)
+            return q, k, qkv[:, nh + nkv :].unsqueeze(2)
         if self.fused:
             f = self._fused[i]
             qkv = torch.nn.functional.linear(x, f.w_qkv, f.b_qkv).view(b, t, nh + 2 * nkv, d)
@@ -249,16 +297,16 @@ class Engine:
 
     def _layer_out(self, i: int, layer: Any, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         b, _, t, _ = attn.shape
-        h = h + layer.self_attn.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
-        x = self._norm(layer.post_attention_layernorm, h)
-        if self.fused:
-            f, mlp = self._fused[i], layer.mlp
-            gu = torch.nn.functional.linear(x, f.w_gu)
-            n = gu.shape[-1] // 2
-            out: torch.Tensor = h + mlp.down_proj(mlp.act_fn(gu[..., :n]) * gu[..., n:])
+        attn = attn.transpose(1, 2).reshape(b, t, -1)
+        if not self.fused:
+            h = h + layer.self_attn.o_proj(attn)
+            out: torch.Tensor = h + layer.mlp(self._norm(layer.post_attention_layernorm, h))
             return out
-        out = h + layer.mlp(x)
-        return out
+        f, mlp = self._fused[i], layer.mlp
+        h = _add_linear(h, attn, f.w_o, layer.self_attn.o_proj)
+        gu = torch.nn.functional.linear(self._norm(layer.post_attention_layernorm, h), f.w_gu)
+        n = gu.shape[-1] // 2
+        return _add_linear(h, mlp.act_fn(gu[..., :n]) * gu[..., n:], f.w_down, mlp.down_proj)
 
     @torch.inference_mode()
     def prefill(self, slot: int, x: torch.Tensor, start: int | None = None) -> torch.Tensor:
@@ -302,13 +350,14 @@ class Engine:
         b = x.shape[0]
         h = self._embed(x.unsqueeze(1))
         cos, sin = self._rope(h, pos.unsqueeze(1))
+        rot = self._rotation(cos, sin) if self.fused else None
         visible = self._cols[:width].unsqueeze(0) <= pos.unsqueeze(1)  # [B, width]
         bias_dtype = self.dtype if self.fused else torch.float32
         bias = torch.zeros(visible.shape, device=self.device, dtype=bias_dtype)
         bias = bias.masked_fill(~visible, float("-inf")).view(b, 1, 1, width)
         at = torch.arange(b, device=self.device)
         for i, layer in enumerate(self.stack.layers):
-            q, k, v = self._qkv(i, layer, h, cos, sin)
+            q, k, v = self._qkv(i, layer, h, cos, sin, rot)
             kc = self.k[i][:b] if rows is None else self.k[i]
             vc = self.v[i][:b] if rows is None else self.v[i]
             index = at if rows is None else rows
@@ -338,8 +387,8 @@ class Engine:
             positions = [self.length[s] for s in slots]
             self.check_fits(max(positions) + 1)
             x = x.to(self.device)
-            if self.cuda_graphs:
-                out = self._replay(slots, positions, x)
+            if self.static_shapes:
+                out = self._static_step(slots, positions, x)
             else:
                 pos = torch.tensor(positions, device=self.device)
                 # Slots 0..B-1 in order (a full batch) are read in place, others gathered.
@@ -352,30 +401,42 @@ class Engine:
 
     # --- CUDA graphs ----------------------------------------------------------
 
-    def _replay(self, slots: Sequence[int], positions: list[int], x: torch.Tensor) -> torch.Tensor:
-        need = max(slots) + 1
-        bucket = next((b for b in _buckets(self.n_slots) if b >= need), self.n_slots)
-        graph = self._graphs.get(bucket)
-        if graph is None:
-            graph = self._graphs[bucket] = self._capture(bucket)
+    def _static_step(
+        self, slots: Sequence[int], positions: list[int], x: torch.Tensor
+    ) -> torch.Tensor:
+        """The step padded to slots ``0..B-1`` and the first ``W`` positions (B, W the
+        smallest buckets that hold it): a graph's replay on CUDA, else run eagerly."""
+        need, top = max(slots) + 1, max(positions) + 1
+        bucket = next(b for b in self._batch_buckets if b >= need)
+        width = next(w for w in self._widths if w >= top)
         pos = [self.max_context] * bucket  # rows not taking part write to the scratch column
         for s, p in zip(slots, positions, strict=True):
             pos[s] = p
-        graph.pos.copy_(torch.tensor(pos), non_blocking=True)
         index = torch.tensor(list(slots), device=self.device)
+        if not self.cuda_graphs:
+            padded = self._blank_input(bucket).index_copy_(0, index, x.to(self._input_dtype))
+            at = torch.tensor(pos, device=self.device)
+            return self._decode_fn(padded, at, None, width).index_select(0, index)
+        graph = self._graphs.get((bucket, width))
+        if graph is None:
+            graph = self._graphs[bucket, width] = self._capture(bucket, width)
+        graph.pos.copy_(torch.tensor(pos), non_blocking=True)
         graph.x.index_copy_(0, index, x.to(graph.x.dtype))
         graph.graph.replay()
         return graph.out.index_select(0, index)
 
-    def _capture(self, bucket: int) -> _Graph:
+    @property
+    def _input_dtype(self) -> torch.dtype:
+        return torch.long if self.first else self.dtype
+
+    def _blank_input(self, bucket: int) -> torch.Tensor:
+        shape = (bucket,) if self.first else (bucket, self.hidden)
+        return torch.zeros(shape, dtype=self._input_dtype, device=self.device)
+
+    def _capture(self, bucket: int, width: int) -> _Graph:
         t0 = time.perf_counter()
-        x = (
-            torch.zeros(bucket, dtype=torch.long, device=self.device)
-            if self.first
-            else torch.zeros(bucket, self.hidden, dtype=self.dtype, device=self.device)
-        )
+        x = self._blank_input(bucket)
         pos = torch.full((bucket,), self.max_context, dtype=torch.long, device=self.device)
-        width = self._cols.numel()
         stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -387,7 +448,10 @@ class Engine:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             out = self._decode_fn(x, pos, None, width)
-        log.info("captured decode graph for %d slots in %.2f s", bucket, time.perf_counter() - t0)
+        log.info(
+            "captured decode graph for %d slots x %d positions in %.2f s",
+            bucket, width, time.perf_counter() - t0,
+        )  # fmt: skip
         return _Graph(graph, x, pos, out)
 
 
@@ -396,6 +460,26 @@ class _Fused:
     w_qkv: torch.Tensor
     b_qkv: torch.Tensor | None
     w_gu: torch.Tensor
+    w_o: torch.Tensor | None  # o_proj's weight where it is a plain bias-free Linear
+    w_down: torch.Tensor | None
+
+
+def _plain_weight(module: Any) -> torch.Tensor | None:
+    if type(module) is nn.Linear and module.bias is None:
+        return module.weight
+    return None
+
+
+def _add_linear(
+    h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, module: Any
+) -> torch.Tensor:
+    """``h + module(x)``: with a plain weight, one matmul that accumulates into ``h`` in
+    place (``h`` is the engine's own residual stream, contiguous ``[B, T, H]``)."""
+    if weight is None:
+        out: torch.Tensor = h + module(x)
+        return out
+    h.view(-1, h.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight.t())
+    return h
 
 
 def _fuse(layer: Any) -> _Fused:
@@ -418,7 +502,8 @@ def _fuse(layer: Any) -> _Fused:
     w_qkv = cat([a.q_proj, a.k_proj, a.v_proj], "weight")
     w_gu = cat([mlp.gate_proj, mlp.up_proj], "weight")
     assert w_qkv is not None and w_gu is not None
-    return _Fused(w_qkv, cat([a.q_proj, a.k_proj, a.v_proj], "bias"), w_gu)
+    b_qkv = cat([a.q_proj, a.k_proj, a.v_proj], "bias")
+    return _Fused(w_qkv, b_qkv, w_gu, _plain_weight(a.o_proj), _plain_weight(mlp.down_proj))
 
 
 @dataclass
@@ -429,12 +514,22 @@ class _Graph:
     out: torch.Tensor
 
 
-def _buckets(n: int) -> list[int]:
-    out, b = [], 1
+def _buckets(n: int, first: int = 1) -> list[int]:
+    """Powers of two from ``first`` below ``n``, then ``n``."""
+    out, b = [], first
     while b < n:
         out.append(b)
         b *= 2
     return [*out, n]
+
+
+MIN_WIDTH = 256
+
+
+def _widths(max_context: int) -> list[int]:
+    """The cache widths a decode graph reads: 256, 512, .. then the whole context, each a
+    multiple of 16 (aligned attention masks)."""
+    return _buckets(-(-max_context // 16) * 16, MIN_WIDTH)
 
 
 # --- sampling and stop conditions ----------------------------------------------

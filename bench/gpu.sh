@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The inference engine's GPU figures in one go (about 5 minutes on an H100 or H200),
+# for a machine with an NVIDIA GPU, torch, transformers and pynvml (no daemon install):
+#
+#     bash bench/gpu.sh              # figures and logs under $OUT (default /tmp/vcoin-gpu)
+#     QUICK=1 bash bench/gpu.sh      # engine only, no HF generate or parity (about 2 min)
+#
+# 1. the card, torch and transformers versions, and the heartbeat's NVML telemetry;
+# 2. bench/inference.py on the DeepSeek-R1-Distill-Qwen-1.5B shape in the daemon's
+#    default configuration (fp16, CUDA graphs, 64 slots x 4096 positions), HF generate
+#    in the same run, greedy parity, and the decode step's kernel profile;
+# 3. batch 1 with compute.compile_decode (torch.compile under the graphs), engine only.
+set -u
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/vcoin-gpu}
+py=${PYTHON:-python}
+mkdir -p "$out"
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    $py -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
+    $py -c 'from vcoind.compute.telemetry import Telemetry; print(Telemetry().sample().device)'
+} 2>&1 | tee "$out/gpu.txt"
+shape=(--device cuda --shape deepseek-1.5b)
+if [ -n "${QUICK:-}" ]; then
+    $py bench/inference.py "${shape[@]}" --no-hf --parity 0 --profile \
+        --json "$out/engine.json" 2>&1 | tee "$out/engine.txt"
+else
+    $py bench/inference.py "${shape[@]}" --profile --json "$out/engine.json" 2>&1 |
+        tee "$out/engine.txt"
+    $py bench/inference.py "${shape[@]}" --no-hf --parity 0 --concurrent 1 --compile \
+        --json "$out/compile.json" 2>&1 | tee "$out/compile.txt"
+fi
+echo "figures in $out"
