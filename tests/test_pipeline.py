@@ -14,11 +14,12 @@ from devnet.__main__ import DevNode
 from tests.conftest import Cluster, wait_until
 from tests.test_tasks import MODEL, finished, task
 from vcoind.compute.frames import TensorFrame
+from vcoind.compute.generate import load_model
 from vcoind.compute.shards import even_ranges, split_model
 from vcoind.compute.testmodel import CORPUS
-from vcoind.market.pipeline import ServedSpan, ShardHost
+from vcoind.market.pipeline import LocalChannel, PipelineError, PipelineRun, ServedSpan, ShardHost
 from vcoind.market.shardwire import ShardClose, ShardOpen, ShardOutput, ShardStep
-from vcoind.p2p.streams import StreamProtocolError
+from vcoind.p2p.streams import StreamOpenError, StreamProtocolError
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["Explain proof of stake", "What is a Merkle tree?", "Define gas", "Why hash?"]
@@ -97,9 +98,9 @@ def test_pipelined_consensus_replicas_run_on_disjoint_routes(
     others = [cluster.start(i, bootstrap=n1, extra=spans(models_dir, s))
               for i, s in ((2, "2-3"), (3, "0-1"), (4, "2-3"))]  # fmt: skip
     nodes = [n1, *others]
-    # every node (each may drive a route) knows every other node's span
-    for n in nodes:
-        wait_until(lambda n=n: sees_spans(n, 3), 30, "every node sees every span")
+    # The origin knows every span; the drivers may not have met their route's other node
+    # yet (they wait for it: test_a_driver_waits_to_meet_the_nodes_on_its_route).
+    wait_until(lambda: sees_spans(n1, 3), 30, "the origin sees every span")
     req = {"model": MODEL, "input": PROMPTS[1], "mode": "consensus", "replicas": 2,
            "pipeline": True, "parameters": {"max_new_tokens": 12}}  # fmt: skip
     t = finished(n1, str(n1.rpc.call("vcoin_submitTask", req)["task_id"]), timeout=120)
@@ -209,3 +210,60 @@ async def test_span_memory_budget_unloads_idle_spans_first(
     await host.handle("p", ShardClose("a" * 32))
     await host.handle("p", ShardOpen("b" * 32, mid, 2, 3))  # a is idle now: unloaded
     assert a.shard is None and b.shard is not None
+
+
+class _Unreachable:
+    """What a stream to a node without a known address gives: no stream."""
+
+    async def request(self, record: Any, reply_type: type[Any]) -> Any:
+        raise StreamOpenError("cannot open /vcoin/shard/1.0.0: no addresses for the peer")
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_driver_waits_to_meet_the_nodes_on_its_route(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """An origin hands a replica's driver a route through a node the driver has not heard
+    from yet (right after start-up). The driver waits for it instead of failing the
+    route; a node it never meets fails the run after the wait, with the reason."""
+    mid = "sha256:" + "4" * 64
+    d = split_model(models_dir / MODEL, tmp_path, even_ranges(4, 2), name=MODEL, model_id=mid)
+    hosts = {"a": ShardHost(), "b": ShardHost()}
+    hosts["a"].add(ServedSpan(MODEL, mid, 0, 1, d[0]))
+    hosts["b"].add(ServedSpan(MODEL, mid, 2, 3, d[1]))
+    met = {"a"}
+    route = [("a", 0, 1), ("b", 2, 3)]
+    ids = [5, 17, 33, 2, 9]
+    lm = load_model(models_dir / MODEL, torch.device("cpu"), torch.float32, engine=False)
+    want = lm.model(torch.tensor([ids])).logits[0, -1]
+
+    def run(**kw: Any) -> PipelineRun:
+        return PipelineRun(
+            lambda p: LocalChannel(hosts[p], "driver") if p in met else _Unreachable(),
+            mid, 4, lambda: {p: [s.span() for s in hosts[p].spans] for p in met},
+            lambda p: (0.0, 0.0), route=route, **kw,
+        )  # fmt: skip
+
+    # without waiting: b fails, and no other node serves layers 2-3
+    with pytest.raises(PipelineError, match="no route covers"):
+        await run().forward(ids)
+
+    async def meet_b() -> None:
+        await trio.sleep(0.3)
+        met.add("b")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(meet_b)
+        waiting = run(ready=met.__contains__, learn_timeout_s=10)
+        got = await waiting.forward(ids)
+    assert waiting.reroutes == 0 and [h.peer for h in waiting.hops] == ["a", "b"]
+    assert torch.allclose(got, want, atol=1e-4)
+    await waiting.close()
+
+    met.discard("b")  # never met: the wait ends, and the run fails as before
+    t0 = trio.current_time()
+    with pytest.raises(PipelineError, match="no route covers"):
+        await run(ready=met.__contains__, learn_timeout_s=0.5).forward(ids)
+    assert trio.current_time() - t0 >= 0.5

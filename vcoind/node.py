@@ -516,6 +516,14 @@ class Node:
         out[self.identity.peer_id] = [s.span() for s in self.shard_host.spans]
         return out
 
+    def _met(self, peer: str) -> bool:
+        """This node has had ``peer``'s heartbeat (its spans) and holds a connection."""
+        if peer == self.identity.peer_id:
+            return True
+        return self.peers.get(peer) is not None and any(
+            p.to_base58() == peer for p in self.p2p.connected_peers()
+        )
+
     def _route_rank(self, peer: str) -> tuple[float, float]:
         """Lower is better: health (rounded, so near-equal nodes tie), then load (queue
         and pipeline sessions), then latency."""
@@ -563,7 +571,7 @@ class Node:
         run = PipelineRun(self.shard_channel, model_id, int(config.num_hidden_layers),
                           self._spans_by_peer, self._route_rank,
                           hop_timeout_s=min(30.0, timeout_s), route=route,
-                          exclude=exclude)  # fmt: skip
+                          exclude=exclude, ready=self._met)  # fmt: skip
         max_pos = int(getattr(config, "max_position_embeddings", 1 << 30))
         t0 = time.monotonic()
         try:

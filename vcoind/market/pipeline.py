@@ -50,6 +50,7 @@ log = logging.getLogger("vcoind.pipeline")
 MAX_SESSIONS = 32
 SESSION_IDLE_S = 120.0
 MAX_REROUTES = 3
+LEARN_TIMEOUT_S = 10.0  # two heartbeats: how long a driver waits to meet its route's nodes
 
 
 class Channel(Protocol):
@@ -444,11 +445,19 @@ class PipelineRun:
         *,
         route: list[tuple[str, int, int]] | None = None,
         exclude: AbstractSet[str] = frozenset(),
+        ready: Callable[[str], bool] | None = None,
+        learn_timeout_s: float = LEARN_TIMEOUT_S,
     ) -> None:
         """``route``: the first route to try (else the best one); ``exclude``: nodes never
-        used, first route and reroutes alike (another replica's)."""
+        used, first route and reroutes alike (another replica's); ``ready(peer)``: whether
+        this node has heard from and connected to ``peer``. A route handed over by an
+        origin was chosen from the origin's peer table: right after start-up this node
+        may not have met every node on it yet, so it waits up to ``learn_timeout_s`` for
+        them before dialling (a hop that fails is never tried again in this run)."""
         self._connect = connect
         self._first_route = route
+        self._ready = ready
+        self.learn_timeout_s = learn_timeout_s
         self.exclude = frozenset(exclude)
         self.model_id = model_id
         self.num_layers = num_layers
@@ -467,6 +476,8 @@ class PipelineRun:
         if route is None or any(p in self.exclude for p, _, _ in route):
             route = choose_route(self._spans(), self.model_id, self.num_layers, self._rank,
                                  self.failed_peers | self.exclude)  # fmt: skip
+        else:
+            await self._meet(route)
         self.hops = [Hop(p, a, b) for p, a, b in route]
         self.history += self.hops
         for h in self.hops:
@@ -478,6 +489,18 @@ class PipelineRun:
             h.status = "running"
         log.info("pipeline route: %s", " -> ".join(f"{h.peer[-6:]}[{h.start}-{h.end}]"
                                                     for h in self.hops))  # fmt: skip
+
+    async def _meet(self, route: list[tuple[str, int, int]]) -> None:
+        ready = self._ready
+        if ready is None or all(ready(p) for p, _, _ in route):
+            return
+        t0 = trio.current_time()
+        with trio.move_on_after(self.learn_timeout_s):
+            while not all(ready(p) for p, _, _ in route):
+                await trio.sleep(0.1)
+        missing = [p[-6:] for p, _, _ in route if not ready(p)]
+        log.info("pipeline route: waited %.1f s for its nodes%s", trio.current_time() - t0,
+                 f"; still unmet: {', '.join(missing)}" if missing else "")  # fmt: skip
 
     async def close(self) -> None:
         for h in self.hops:
