@@ -112,6 +112,47 @@ def test_graph_padding_run_eagerly_gives_the_same_tokens(lm: Any, models_dir: Pa
         padded.release(s)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_batched_prefill_matches_one_by_one(lm: Any, models_dir: Path, fused: bool) -> None:
+    other = load_model(models_dir / "tiny-qwen2", torch.device("cpu"), torch.float32,
+                       engine=False)  # fmt: skip
+    engine = Engine(Stack.of_model(other.model), slots=4, max_context=256, fused=fused)
+    prompts = [torch.tensor(encode_prompt(lm, PROMPTS[i])) for i in (0, 5, 13, 22)]
+    assert len({len(p) for p in prompts}) > 1  # padded to the longest
+    solo = []
+    for p in prompts:
+        s = engine.alloc()
+        solo.append(engine.prefill(s, p))
+        solo.append(engine.decode([s], solo[-1].argmax().view(1))[0])
+        engine.release(s)
+    slots = [engine.alloc() for _ in prompts]
+    first = engine.prefill_batch(slots, prompts)
+    assert [engine.length[s] for s in slots] == [len(p) for p in prompts]
+    then = engine.decode(slots, first.argmax(dim=-1))  # the padding is overwritten, unseen
+    assert torch.allclose(first, torch.stack(solo[0::2]), atol=1e-4)  # gemm shapes differ
+    assert torch.allclose(then, torch.stack(solo[1::2]), atol=1e-4)
+    with pytest.raises(EngineError, match="one prompt per slot"):
+        engine.prefill_batch(slots[:2], prompts)
+    spans = Engine(Stack(engine.stack.layers, engine.stack.rotary, engine.stack.config),
+                   slots=1, max_context=64)  # fmt: skip
+    with pytest.raises(EngineError, match="whole model"):
+        spans.prefill_batch([0], prompts[:1])
+    # a burst queued at once is prefilled together, and each gets what it gets alone
+    for s in slots:
+        engine.release(s)
+    batcher = Batcher(engine, lm.tokenizer)
+    p = GenerationParams(max_new_tokens=10)
+    try:
+        with batcher._cv:  # the batcher's thread admits nothing until all are queued
+            futures = [batcher.submit(x.tolist(), p) for x in prompts]
+        got = [f.result(timeout=60) for f in futures]
+    finally:
+        batcher.close()
+    assert batcher.peak_prefill == 4
+    for x, r in zip(prompts, got, strict=True):
+        assert r.token_ids == generate_ids(lm.engine, x.tolist(), p, lm.tokenizer).token_ids
+
+
 def test_rotation_matrix_is_the_rotary_step(lm: Any) -> None:
     engine = Engine(Stack.of_model(lm.model), slots=1, max_context=64, fused=True)
     pos = torch.tensor([[0], [5], [63]])

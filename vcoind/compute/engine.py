@@ -30,7 +30,9 @@ transformers' modules (their weights, their norms and MLPs) instead of the model
 
 ``Batcher`` puts an engine behind a thread that serves many requests at once:
 requests join the running batch at token boundaries, leave when done, each with its own
-sampling parameters; waiting requests are admitted by priority, then arrival.
+sampling parameters; waiting requests are admitted by priority, then arrival, and the
+prompts admitted together are prefilled together (``prefill_batch``: one padded forward
+pass of up to ``PREFILL_TOKENS`` tokens), so a burst reaches its first tokens at once.
 
 Free of the daemon (no trio, no network): only torch and transformers.
 """
@@ -55,6 +57,7 @@ from vcoind.compute.params import GenerationError, GenerationParams
 log = logging.getLogger("vcoind.engine")
 
 DEFAULT_MAX_CONTEXT = 4096
+PREFILL_TOKENS = 8192  # padded prompt tokens per batched prefill pass
 
 
 class EngineError(GenerationError):
@@ -341,6 +344,45 @@ class Engine:
                 h = self._layer_out(i, layer, h, attn)
             self.length[slot] = end
             return self._out(h[:, -1])[0] if self.last else h[0]
+
+    @torch.inference_mode()
+    def prefill_batch(self, slots: Sequence[int], prompts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Several fresh slots' prompts (token ids from position 0) in one forward pass,
+        right-padded to the longest (causal attention keeps the padding out of every real
+        position; decode overwrites it). Returns each prompt's last-position fp32 logits
+        ``[N, V]``. Whole-model engines only."""
+        if not (self.first and self.last):
+            raise EngineError("a batched prefill needs an engine over the whole model")
+        if len(slots) != len(prompts) or not prompts:
+            raise EngineError("a batched prefill needs one prompt per slot")
+        with self.lock:
+            lengths = [int(p.shape[0]) for p in prompts]
+            if min(lengths) == 0:
+                raise EngineError("prefill needs tokens")
+            t, n = max(lengths), len(prompts)
+            self.check_fits(t)
+            ids = torch.zeros(n, t, dtype=torch.long)
+            for row, (p, m) in enumerate(zip(prompts, lengths, strict=True)):
+                ids[row, :m] = p
+            h = self._embed(ids.to(self.device))
+            pos = torch.arange(t, device=self.device).expand(n, t)
+            cos, sin = self._rope(h, pos)
+            index = torch.tensor(list(slots), device=self.device)
+            for i, layer in enumerate(self.stack.layers):
+                q, k, v = self._qkv(i, layer, h, cos, sin)
+                self.k[i][index, :, :t] = k
+                self.v[i][index, :, :t] = v
+                if self.groups > 1:
+                    k = k.repeat_interleave(self.groups, dim=1)
+                    v = v.repeat_interleave(self.groups, dim=1)
+                attn = torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, scale=self.scale
+                )
+                h = self._layer_out(i, layer, h, attn)
+            for slot, m in zip(slots, lengths, strict=True):
+                self.length[slot] = m
+            last = torch.tensor(lengths, device=self.device) - 1
+            return self._out(h[torch.arange(n, device=self.device), last])
 
     def _decode_rows(
         self, x: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None, width: int
@@ -669,7 +711,8 @@ class Batcher:
         self._active: list[_Request] = []
         self._thread: threading.Thread | None = None
         self._closed = False
-        self.peak_batch = 0
+        self.peak_batch = 0  # the most requests decoded in one step
+        self.peak_prefill = 0  # the most prompts prefilled in one pass
 
     def submit(
         self,
@@ -715,8 +758,7 @@ class Batcher:
                     req.slot = self.engine.alloc()
                     admitted.append(req)
             try:
-                for req in admitted:
-                    self._prefill(req)
+                self._prefill(admitted)
                 self._step()
             except Exception as exc:  # a broken step fails its requests, not the thread
                 log.exception("engine step failed")
@@ -726,21 +768,51 @@ class Batcher:
         for req in [*self._active, *(w.req for w in self._waiting)]:
             self._finish(req, EngineError("the engine is shut down"))
 
-    def _prefill(self, req: _Request) -> None:
-        if req.cancel is not None and req.cancel.is_set():
-            self._finish(req, GenerationCancelled())
-            return
-        req.t_admit = time.perf_counter()
-        try:
-            logits = self.engine.prefill(req.slot, torch.tensor(req.prompt_ids))
-            nxt = req.stream.push(logits)
-        except Exception as exc:
-            self._finish(req, exc)
-            return
-        req.t_first = time.perf_counter()
-        self._advance(req, nxt)
-        if nxt is not None:
-            self._active.append(req)
+    def _prefill(self, admitted: list[_Request]) -> None:
+        """Prompts of newly admitted requests, several per forward pass (up to
+        ``PREFILL_TOKENS`` padded tokens): a burst of requests reaches its first tokens
+        together instead of one prefill after another."""
+        live = []
+        for req in admitted:
+            if req.cancel is not None and req.cancel.is_set():
+                self._finish(req, GenerationCancelled())
+            else:
+                live.append(req)
+        group: list[_Request] = []
+        for req in live:
+            longest = max([len(req.prompt_ids), *(len(r.prompt_ids) for r in group)])
+            if group and longest * (len(group) + 1) > PREFILL_TOKENS:
+                self._prefill_group(group)
+                group = []
+            group.append(req)
+        if group:
+            self._prefill_group(group)
+
+    def _prefill_group(self, group: list[_Request]) -> None:
+        t0 = time.perf_counter()
+        logits: list[torch.Tensor] = []
+        if len(group) > 1:
+            try:
+                prompts = [torch.tensor(r.prompt_ids) for r in group]
+                logits = list(self.engine.prefill_batch([r.slot for r in group], prompts))
+                self.peak_prefill = max(self.peak_prefill, len(group))
+            except Exception as exc:  # out of memory, say: one at a time instead
+                log.warning("batched prefill of %d requests failed (%s); one by one",
+                            len(group), exc)  # fmt: skip
+                logits = []
+        for i, req in enumerate(group):
+            req.t_admit = t0
+            try:
+                out = logits[i] if logits else self.engine.prefill(
+                    req.slot, torch.tensor(req.prompt_ids))  # fmt: skip
+                nxt = req.stream.push(out)
+            except Exception as exc:
+                self._finish(req, exc)
+                continue
+            req.t_first = time.perf_counter()
+            self._advance(req, nxt)
+            if nxt is not None:
+                self._active.append(req)
 
     def _advance(self, req: _Request, nxt: int | None) -> None:
         if req.on_token is not None and req.stream.out:
