@@ -9,7 +9,8 @@
 # 2. bench/inference.py on the DeepSeek-R1-Distill-Qwen-1.5B shape in the daemon's
 #    default configuration (fp16, CUDA graphs, 64 slots x 4096 positions), HF generate
 #    in the same run, greedy parity, and the decode step's kernel profile;
-# 3. batch 1 with compute.compile_decode (torch.compile under the graphs), engine only.
+# 3. batch 1 with compute.compile_decode (torch.compile under the graphs), engine only;
+# 4. LoRA training steps on the same shape (bench/train.py), where peft is installed.
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/vcoin-gpu}
@@ -29,5 +30,11 @@ else
         tee "$out/engine.txt"
     $py bench/inference.py "${shape[@]}" --no-hf --parity 0 --concurrent 1 --compile \
         --json "$out/compile.json" 2>&1 | tee "$out/compile.txt"
+    if $py -c 'import peft' 2>/dev/null; then
+        $py bench/train.py --device cuda --shape deepseek-1.5b --steps 5 2>&1 |
+            tee "$out/train.txt"
+    else
+        echo "bench/train.py skipped: peft is not installed here" | tee "$out/train.txt"
+    fi
 fi
 echo "figures in $out"
