@@ -4,6 +4,7 @@
 #
 #     bash bench/gpu.sh              # figures and logs under $OUT (default /tmp/vcoin-gpu)
 #     QUICK=1 bash bench/gpu.sh      # engine only, no HF generate or parity (about 2 min)
+#     DEVICE=cpu SHAPE=test bash bench/gpu.sh   # a dry run of the script itself, on a CPU
 #
 # 1. the card, torch and transformers versions, and the heartbeat's NVML telemetry;
 # 2. bench/inference.py on the DeepSeek-R1-Distill-Qwen-1.5B shape in the daemon's
@@ -21,7 +22,7 @@ mkdir -p "$out"
     $py -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
     $py -c 'from vcoind.compute.telemetry import Telemetry; print(Telemetry().sample().device)'
 } 2>&1 | tee "$out/gpu.txt"
-shape=(--device cuda --shape deepseek-1.5b)
+shape=(--device "${DEVICE:-cuda}" --shape "${SHAPE:-deepseek-1.5b}")
 if [ -n "${QUICK:-}" ]; then
     $py bench/inference.py "${shape[@]}" --no-hf --parity 0 --profile \
         --json "$out/engine.json" 2>&1 | tee "$out/engine.txt"
@@ -31,7 +32,7 @@ else
     $py bench/inference.py "${shape[@]}" --no-hf --parity 0 --concurrent 1 --compile \
         --json "$out/compile.json" 2>&1 | tee "$out/compile.txt"
     if $py -c 'import peft' 2>/dev/null; then
-        $py bench/train.py --device cuda --shape deepseek-1.5b --steps 5 2>&1 |
+        $py bench/train.py "${shape[@]}" --steps 5 2>&1 |
             tee "$out/train.txt"
     else
         echo "bench/train.py skipped: peft is not installed here" | tee "$out/train.txt"
