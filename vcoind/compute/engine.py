@@ -322,27 +322,10 @@ class Engine:
             if t == 0 or start > self.length[slot]:
                 raise EngineError("prefill needs tokens, from a position the slot has reached")
             self.check_fits(start + t)
-            end = start + t
-            h = self._embed(x.to(self.device).unsqueeze(0))
-            pos = torch.arange(start, end, device=self.device).unsqueeze(0)
-            cos, sin = self._rope(h, pos)
-            causal = None
-            if start:
-                causal = self._cols[:end].unsqueeze(0) <= pos[0].unsqueeze(1)  # [T, end]
-            for i, layer in enumerate(self.stack.layers):
-                q, k, v = self._qkv(i, layer, h, cos, sin)
-                self.k[i][slot, :, start:end] = k[0]
-                self.v[i][slot, :, start:end] = v[0]
-                keys = self.k[i][slot : slot + 1, :, :end]
-                vals = self.v[i][slot : slot + 1, :, :end]
-                if self.groups > 1:
-                    keys = keys.repeat_interleave(self.groups, dim=1)
-                    vals = vals.repeat_interleave(self.groups, dim=1)
-                attn = torch.nn.functional.scaled_dot_product_attention(
-                    q, keys, vals, attn_mask=causal, is_causal=causal is None, scale=self.scale
-                )
-                h = self._layer_out(i, layer, h, attn)
-            self.length[slot] = end
+            h = self._prefill_pass(
+                slice(slot, slot + 1), self._embed(x.to(self.device)[None]), start
+            )
+            self.length[slot] = start + t
             return self._out(h[:, -1])[0] if self.last else h[0]
 
     @torch.inference_mode()
@@ -364,25 +347,40 @@ class Engine:
             ids = torch.zeros(n, t, dtype=torch.long)
             for row, (p, m) in enumerate(zip(prompts, lengths, strict=True)):
                 ids[row, :m] = p
-            h = self._embed(ids.to(self.device))
-            pos = torch.arange(t, device=self.device).expand(n, t)
-            cos, sin = self._rope(h, pos)
             index = torch.tensor(list(slots), device=self.device)
-            for i, layer in enumerate(self.stack.layers):
-                q, k, v = self._qkv(i, layer, h, cos, sin)
-                self.k[i][index, :, :t] = k
-                self.v[i][index, :, :t] = v
-                if self.groups > 1:
-                    k = k.repeat_interleave(self.groups, dim=1)
-                    v = v.repeat_interleave(self.groups, dim=1)
-                attn = torch.nn.functional.scaled_dot_product_attention(
-                    q, k, v, is_causal=True, scale=self.scale
-                )
-                h = self._layer_out(i, layer, h, attn)
+            h = self._prefill_pass(index, self._embed(ids.to(self.device)), 0)
             for slot, m in zip(slots, lengths, strict=True):
                 self.length[slot] = m
             last = torch.tensor(lengths, device=self.device) - 1
             return self._out(h[torch.arange(n, device=self.device), last])
+
+    def _prefill_pass(
+        self, rows: slice | torch.Tensor, h: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        """Every layer over ``h`` ``[B, T, H]`` at positions ``start..start+T-1`` of the
+        slots ``rows`` (one per row of ``h``), causal, writing their caches; attention
+        also reads what the slots held before ``start``."""
+        t = h.shape[1]
+        end = start + t
+        pos = torch.arange(start, end, device=self.device).expand(h.shape[0], t)
+        cos, sin = self._rope(h, pos)
+        causal = None
+        if start:
+            causal = self._cols[:end].unsqueeze(0) <= pos[0].unsqueeze(1)  # [T, end]
+        for i, layer in enumerate(self.stack.layers):
+            q, k, v = self._qkv(i, layer, h, cos, sin)
+            self.k[i][rows, :, start:end] = k
+            self.v[i][rows, :, start:end] = v
+            if start:  # the earlier positions too
+                k, v = self.k[i][rows, :, :end], self.v[i][rows, :, :end]
+            if self.groups > 1:
+                k = k.repeat_interleave(self.groups, dim=1)
+                v = v.repeat_interleave(self.groups, dim=1)
+            attn = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=causal, is_causal=causal is None, scale=self.scale
+            )
+            h = self._layer_out(i, layer, h, attn)
+        return h
 
     def _decode_rows(
         self, x: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None, width: int

@@ -233,10 +233,7 @@ class TaskOrigin:
             replicas=(replicas or 3) if mode == "consensus" else 1, pipeline=pipeline,
             customer=customer,
         )  # fmt: skip
-        await self._tasks.insert(row)  # on disk before the id is returned
-        self._metrics.tasks.labels(status="submitted").inc()
-        self._start(row)
-        return row.id
+        return await self._launch(row)
 
     async def submit_training(
         self, model: str, description: str, parameters: dict[str, Any], *,
@@ -254,7 +251,10 @@ class TaskOrigin:
             timeout_s=timeout_s or self.config.task_timeout_s, status="pending",
             phase="bidding", created_at=time.time(), priority=priority, customer=customer,
         )  # fmt: skip
-        await self._tasks.insert(row)
+        return await self._launch(row)
+
+    async def _launch(self, row: TaskRow) -> str:
+        await self._tasks.insert(row)  # on disk before the id is returned
         self._metrics.tasks.labels(status="submitted").inc()
         self._start(row)
         return row.id
