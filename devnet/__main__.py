@@ -224,9 +224,13 @@ def ensure_test_model(models: Path) -> Path:
 
 
 def run_task(node: DevNode, req: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Submit ``req`` to ``node`` and poll until it finishes (status "timeout" if it
-    does not within ``timeout`` seconds)."""
-    task_id = node.rpc.call("vcoin_submitTask", req)["task_id"]
+    """Submit ``req`` to ``node`` and wait for it (``wait_task``)."""
+    return wait_task(node, node.rpc.call("vcoin_submitTask", req)["task_id"], timeout)
+
+
+def wait_task(node: DevNode, task_id: str, timeout: float) -> dict[str, Any]:
+    """Poll the task until it finishes (status "timeout" if it does not within
+    ``timeout`` seconds)."""
     deadline = time.monotonic() + timeout
     while True:
         t: dict[str, Any] = node.rpc.call("vcoin_getTask", {"task_id": task_id})
@@ -237,7 +241,7 @@ def run_task(node: DevNode, req: dict[str, Any], timeout: float) -> dict[str, An
         time.sleep(0.02)
 
 
-def _wait_task(origin: DevNode, req: dict[str, Any], timeout: float) -> dict[str, Any]:
+def _run_completed(origin: DevNode, req: dict[str, Any], timeout: float) -> dict[str, Any]:
     t = run_task(origin, req, timeout)
     if t["status"] != "completed":
         raise DevnetError(f"demo task {t['task_id']} {t['status']}: {t['error']}")
@@ -296,7 +300,7 @@ def demo_task(origin: DevNode, prompt: str, timeout: float = 120.0) -> dict[str,
     """Submit a prompt to ``origin``; show the bids, the chosen node and the answer."""
     print(f'\ndemo task: "{prompt}" -> node {origin.index}', flush=True)
     req = {"model": TEST_MODEL, "input": prompt, "parameters": {"max_new_tokens": 48}}
-    t = _wait_task(origin, req, timeout)
+    t = _run_completed(origin, req, timeout)
     for b in t["bids"]:
         print(f"  bid  {b['peer_id']}  eta {b['eta_s']:.3f} s  queue {b['queue_length']}  "
               f"health {b['health']:.2f}", flush=True)  # fmt: skip
@@ -315,7 +319,7 @@ def demo_consensus(origin: DevNode, prompt: str, replicas: int, timeout: float =
           flush=True)  # fmt: skip
     req = {"model": TEST_MODEL, "input": prompt, "mode": "consensus", "replicas": replicas,
            "parameters": {"max_new_tokens": 48}}  # fmt: skip
-    t = _wait_task(origin, req, timeout)
+    t = _run_completed(origin, req, timeout)
     deadline = time.monotonic() + 5  # the replicas' signatures are collected just after
     while len(t["consensus"]["signatures"]) < replicas and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -342,7 +346,7 @@ def demo_pipeline(origin: DevNode, prompt: str, timeout: float = 120.0) -> None:
         if time.monotonic() > deadline:
             raise DevnetError("no peer advertises a layer span")
         time.sleep(0.2)
-    t = _wait_task(origin, req, timeout)
+    t = _run_completed(origin, req, timeout)
     for h in t["timings"]["hops"]:
         print(f"  hop {h['node_id']}  layers {h['layers']}  {h['status']}  compute "
               f"{h['compute_s']:.3f} s  transfer {h['transfer_s']:.3f} s  {h['bytes']} bytes",
@@ -367,11 +371,7 @@ def demo_training(origin: DevNode, nodes: int, base: Path, timeout: float = 300.
                 "max_length": 32, "dropout": 0.0}  # fmt: skip
     r = origin.rpc.call("vcoin_train", {"model": TEST_MODEL, "dataset": str(data),
                                         "nodes": nodes, "settings": settings})  # fmt: skip
-    deadline = time.monotonic() + timeout
-    while not (t := origin.rpc.call("vcoin_getTask", {"task_id": r["task_id"]}))["finished"]:
-        if time.monotonic() > deadline:
-            raise DevnetError(f"training task {r['task_id']} did not finish in {timeout:g} s")
-        time.sleep(0.3)
+    t = wait_task(origin, r["task_id"], timeout)
     if t["status"] != "completed":
         raise DevnetError(f"training task {t['task_id']} {t['status']}: {t['error']}")
     tr = t["training"]
@@ -392,7 +392,7 @@ def demo_training(origin: DevNode, nodes: int, base: Path, timeout: float = 300.
                                "parameters": {"max_new_tokens": 16}}  # fmt: skip
         if adapter:
             req["adapter"] = adapter
-        out = _wait_task(origin, req, 120.0)
+        out = _run_completed(origin, req, 120.0)
         print(f"  {'with the adapter' if adapter else 'base model      '}: {prompt!r} -> "
               f"{out['result']!r}", flush=True)  # fmt: skip
 

@@ -332,7 +332,7 @@ def register_task_api(reg: MethodRegistry, node: Node) -> None:
                 timeout_s=params["timeout_s"], max_price=params["max_price"], mode=mode,
                 replicas=None if replicas in (None, 1) else replicas,
                 pipeline=pipelined_replicas, customer=params["customer"] or "",
-                adapter=params["adapter"] or "",
+                adapter=adapter or "",
             )  # fmt: skip
         except TaskError as exc:
             raise RPCError(INVALID_PARAMS, str(exc)) from None
