@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from vcoind.train.adapters import BlobCache
+from vcoind.train.run import TrainingRun
 from vcoind.train.spec import (
     LoraSettings,
     TrainError,
@@ -14,6 +17,7 @@ from vcoind.train.spec import (
     load_examples,
     parse_jsonl,
     rounds,
+    sha256_hex,
     split_contiguous,
     step_batches,
     steps_per_epoch,
@@ -90,3 +94,40 @@ def test_settings_are_validated() -> None:
         with pytest.raises(TrainError, match=problem):
             LoraSettings.from_dict(bad)
     assert json.loads(json.dumps(LoraSettings().as_dict()))["r"] == 8
+
+
+def _run(peers: list[str], resume: dict[str, Any] | None = None) -> TrainingRun:
+    examples = [{"text": f"line {i}"} for i in range(48)]
+    settings = LoraSettings.from_dict({"epochs": 3, "batch_size": 2, "sync_every": 1})
+
+    async def nothing(*_: Any) -> Any:
+        raise AssertionError("no request is made before run()")
+
+    return TrainingRun("t1", "m", "id", settings, examples, peers, [], nothing, BlobCache(),
+                       nothing, resume=resume)  # fmt: skip
+
+
+def test_a_resumed_run_keeps_the_earlier_split_whoever_bids() -> None:
+    """An origin restarted mid-training goes on with the shards (and so the rounds) of
+    its earlier run, even when fewer or other nodes bid this time."""
+    first = _run(["a", "b"])
+    assert [s.owner for s in first.shards] == ["a", "b"] and first.rounds == 36
+    adapter = b"the average after round 3"
+    first.history = [{"round": k} for k in range(4)]
+    first.global_hash = sha256_hex(adapter)
+    view = first.view()
+    resume = {"view": view, "adapter": adapter}
+
+    alone = _run(["b"], resume)  # only one of them bid again: it trains both shards
+    assert [s.hash for s in alone.shards] == [s.hash for s in first.shards]
+    assert alone.rounds == 36 and alone.round == 4 and alone.history == first.history
+    assert [s.owner for s in alone.shards] == ["b", "b"]
+
+    more = _run(["c", "b", "a"], resume)  # the earlier owners keep their shards
+    assert [s.owner for s in more.shards] == ["a", "b"] and more._spares == ["c"]
+
+    swapped = _run(["c", "b"], resume)  # a newcomer takes the missing node's shard
+    assert [s.owner for s in swapped.shards] == ["c", "b"]
+
+    with pytest.raises(TrainError, match="does not check out"):
+        _run(["a"], {"view": view, "adapter": b"another adapter"})

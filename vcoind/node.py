@@ -819,13 +819,12 @@ class Node:
         n = min(n, len(peers))
         saved = AdapterStore(self.datadir.path / "train" / row.id)  # the last round's average
         resume = None
-        if row.training.get("history") and len(row.training.get("shards", ())) == n:
+        if row.training.get("history"):
             last = await trio.to_thread.run_sync(saved.get, row.training["global_adapter"])
             resume = {"view": row.training, "adapter": last} if last is not None else None
-        if row.training.get("history") and resume is None:
-            log.warning("task %s: the earlier run's state is gone or was for %d nodes; "
-                        "training from the start", row.id,
-                        len(row.training.get("shards", ())))  # fmt: skip
+            if resume is None:
+                log.warning("task %s: the earlier run's adapter is gone; training from the "
+                            "start", row.id)  # fmt: skip
 
         async def on_round(adapter: bytes) -> None:
             """The round's average on disk, then its history in the task: a restarted
@@ -838,7 +837,8 @@ class Node:
                     saved.path(old).unlink(missing_ok=True)
 
         run = TrainingRun(
-            row.id, row.model, bids[0].model_id, settings, examples, peers[:n], peers[n:],
+            row.id, row.model, bids[0].model_id, settings, examples,
+            peers if resume else peers[:n], peers[n:],
             self.train_send, self.blobs, self.lora,
             round_timeout_s=self.config.market.train_round_timeout_s,
             max_retries=self.config.market.max_retries,

@@ -85,6 +85,18 @@ class _Shard:
                    for b in step_batches(self.examples, settings, k))  # fmt: skip
 
 
+def _owners(n: int, peers: Sequence[str], earlier: Sequence[str] = ()) -> list[str]:
+    """A node for each of ``n`` shards: the shard's earlier owner when it is among
+    ``peers`` (a resumed run), else the least loaded of ``peers`` in their order."""
+    out = [p if p in peers else "" for p in earlier] or [""] * n
+    load = {p: out.count(p) for p in peers}
+    for i, p in enumerate(out):
+        if not p:
+            out[i] = min(peers, key=lambda q: (load[q], peers.index(q)))
+            load[out[i]] += 1
+    return out
+
+
 class TrainingRun:
     def __init__(
         self,
@@ -117,17 +129,21 @@ class TrainingRun:
         self.max_retries = max_retries
         self.on_change = on_change
         self.alive = alive  # whether a peer still shows in the peer table
-        n = min(len(peers), len(examples))
-        if n < 1:
+        if not peers:
             raise TrainError("no node to train on")
+        # A resumed run keeps the earlier run's split (its rounds and history depend on
+        # it) even when fewer nodes bid this time: then a node trains several shards.
+        earlier = [str(s.get("node_id", "")) for s in resume["view"]["shards"]] if resume else []
+        n = len(earlier) or min(len(peers), len(examples))
         self.shards: list[_Shard] = []
         for i, part in enumerate(split_contiguous(examples, n)):
             data = shard_bytes(part)
             self.shards.append(_Shard(i, len(part), data, blobs.put(data),
                                       total_steps(len(part), settings)))  # fmt: skip
         self.nodes: dict[str, _Node] = {}
-        self._spares = [p for p in spares if p not in peers[:n]]
-        for sh, peer in zip(self.shards, peers[:n], strict=True):
+        owners = _owners(n, peers, earlier)
+        self._spares = [p for p in dict.fromkeys((*peers, *spares)) if p not in owners]
+        for sh, peer in zip(self.shards, owners, strict=True):
             sh.owner = peer
             self.nodes.setdefault(peer, _Node(peer)).shards.append(sh.index)
         self.round = 0
@@ -147,7 +163,11 @@ class TrainingRun:
         restarted) completed: its history, the samples each node trained, its global
         adapter (``r["adapter"]``, checked against the history's hash)."""
         view, data = r["view"], r["adapter"]
-        if not view.get("history") or sha256_hex(data) != view["global_adapter"]:
+        if (
+            not view.get("history")
+            or sha256_hex(data) != view["global_adapter"]
+            or [s.get("hash") for s in view["shards"]] != [s.hash for s in self.shards]
+        ):
             raise TrainError("the saved state of the earlier run does not check out")
         self.history = list(view["history"])
         self.round = len(self.history)
