@@ -3,6 +3,7 @@ transformers, static-cache slots, prefill from an offset, continuous batching.""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from vcoind.compute.engine import (
     Stack,
     UnsupportedModel,
     generate_ids,
+    sample_rows,
 )
 from vcoind.compute.executor import Executor, ExecutorConfig
 from vcoind.compute.generate import GenerationParams, encode_prompt, load_model
@@ -316,3 +318,62 @@ async def test_executor_batches_concurrent_requests(models_dir: Path) -> None:
         ids = encode_prompt(slot.lm, PROMPTS[i])
         assert list(r.token_ids) == hf_greedy(slot.lm, ids, 48)[: len(r.token_ids)]
     ex.close()
+
+
+def one_draw(logits: torch.Tensor, p: GenerationParams, seed: int) -> int:
+    """The textbook draw for one row: temperature, top-k, top-p, ``torch.multinomial``."""
+    if p.temperature == 0.0:
+        return int(torch.argmax(logits))
+    x = logits / p.temperature
+    if 0 < p.top_k < x.numel():
+        x = x.masked_fill(x < torch.topk(x, p.top_k).values[-1], float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if p.top_p < 1.0:
+        ordered, order = torch.sort(probs, descending=True)
+        ordered = ordered.masked_fill(torch.cumsum(ordered, 0) - ordered >= p.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, order, ordered)
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_a_batch_samples_each_row_by_its_own_parameters_and_seed() -> None:
+    """One batched draw (``sample_rows``) gives each row what its own parameters and seed
+    give it alone, whatever else is in the batch; the seed decides the draw."""
+    torch.manual_seed(0)
+    logits = torch.randn(48, 500) * 4
+    logits[24:] /= 8  # flat rows: many tokens in reach, the cuts decide
+    kinds = [(0.0, 1.0, 0), (0.7, 1.0, 0), (1.0, 1.0, 20), (0.9, 0.8, 0), (1.3, 0.5, 40),
+             (0.8, 0.95, 499), (2.0, 0.3, 1), (1.0, 1.0, 500)]  # fmt: skip
+    params = [GenerationParams(temperature=t, top_p=tp, top_k=k, seed=i)
+              for i, (t, tp, k) in enumerate(kinds * 6)]  # fmt: skip
+
+    def gens(order: list[int]) -> list[torch.Generator | None]:
+        return [torch.Generator().manual_seed(params[i].seed) for i in order]
+
+    rows = list(range(48))
+    got = sample_rows(logits, params, gens(rows))
+    want = [one_draw(logits[i], params[i], params[i].seed) for i in rows]
+    assert got == want
+    assert len(set(got[1::8])) > 1  # sampled rows draw different tokens
+    back = rows[::-1]  # the same rows in another batch, order and company
+    assert sample_rows(logits[back], [params[i] for i in back], gens(back)) == got[::-1]
+    odd = rows[1::2]
+    assert sample_rows(logits[odd], [params[i] for i in odd], gens(odd)) == got[1::2]
+    assert sample_rows(logits, params, [torch.Generator().manual_seed(p.seed + 1)
+                                        for p in params]) != got  # fmt: skip
+    picked = sample_rows(logits[6::8], params[6::8], gens(rows[6::8]))  # top_k 1: argmax
+    assert picked == torch.argmax(logits[6::8], dim=-1).tolist()
+
+
+def test_top_k_and_top_p_cut_where_they_should() -> None:
+    """Over 300 seeds, top-k 3 of a flat row draws exactly its 3 largest; top-p 0.7 of
+    probabilities 0.5/0.3/0.15/0.05 draws exactly the first two."""
+    flat = torch.tensor([0.1, 0.3, 0.0, 0.25, 0.2, 0.05])
+    skewed = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    for logits, p, want in [
+        (flat, GenerationParams(temperature=1.0, top_k=3), {1, 3, 4}),
+        (skewed, GenerationParams(temperature=1.0, top_p=0.7), {0, 1}),
+    ]:
+        params = [dataclasses.replace(p, seed=s) for s in range(300)]
+        gens = [torch.Generator().manual_seed(s) for s in range(300)]
+        assert set(sample_rows(logits.expand(300, -1), params, gens)) == want

@@ -577,23 +577,56 @@ def _widths(max_context: int) -> list[int]:
 
 def sample_next(logits: torch.Tensor, p: GenerationParams, gen: torch.Generator | None) -> int:
     """Pick the next token from 1-D logits (fp32 math whatever the model dtype)."""
+    return sample_rows(logits.unsqueeze(0), [p], [gen])[0]
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    params: Sequence[GenerationParams],
+    gens: Sequence[torch.Generator | None],
+) -> list[int]:
+    """The next token of each row of ``logits`` ``[B, V]``, each by its own parameters
+    and generator, with one device-to-host copy for the batch: greedy rows take the
+    argmax; sampled rows are scaled by their temperature, cut to their top-k, then to
+    their top-p nucleus, and drawn as ``torch.multinomial`` draws one sample. Each row's
+    draw is what it would be alone (``sample_next``), so a request's seed gives the same
+    tokens in any batch."""
     logits = logits.float()
-    if p.temperature == 0.0:
-        return int(torch.argmax(logits).item())
-    logits = logits / p.temperature
-    if p.top_k > 0 and p.top_k < logits.numel():
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if p.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        drop = cumulative - sorted_probs >= p.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs, 1, generator=gen).item())
+    picks = torch.argmax(logits, dim=-1)
+    hot = [i for i, p in enumerate(params) if p.temperature > 0.0]
+    if not hot:
+        return [int(t) for t in picks.tolist()]
+    dev, v = logits.device, logits.shape[-1]
+    rows = torch.tensor(hot, device=dev)
+
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, device=dev, dtype=torch.float32).unsqueeze(1)
+
+    x = logits.index_select(0, rows) / column([params[i].temperature for i in hot])
+    ks = [params[i].top_k if 0 < params[i].top_k < v else 0 for i in hot]
+    if any(ks):  # the k-th largest of each row that has a top-k (-inf: keep all)
+        top = torch.topk(x, max(ks), dim=-1).values
+        kth = top.gather(1, torch.tensor([max(k - 1, 0) for k in ks], device=dev)[:, None])
+        kth = kth.masked_fill(column([float(k == 0) for k in ks]) > 0, float("-inf"))
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    tops = [params[i].top_p for i in hot]
+    if min(tops) < 1.0:
+        # keep the smallest prefix whose mass reaches top_p (always at least one token);
+        # rows without a top-p keep their probabilities untouched (multinomial does not
+        # need them to sum to one)
+        ordered, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        limit = column([t if t < 1.0 else float("inf") for t in tops])
+        ordered = ordered.masked_fill(torch.cumsum(ordered, dim=-1) - ordered >= limit, 0.0)
+        probs = torch.zeros_like(probs).scatter(1, order, ordered)
+    if bool(torch.isnan(probs).any()):
+        raise GenerationError("the model's logits hold NaN: nothing to sample from")
+    # multinomial's own draw of one sample (argmax of p / Exp(1) noise), with each row's
+    # noise from its generator: one kernel a row, then one division and argmax for all
+    noise = torch.stack([torch.empty(v, device=dev).exponential_(generator=gens[i])
+                         for i in hot])  # fmt: skip
+    picks = picks.index_copy(0, rows, torch.argmax(probs / noise, dim=-1))
+    return [int(t) for t in picks.tolist()]
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int:
@@ -833,11 +866,11 @@ class Batcher:
         self.peak_batch = max(self.peak_batch, len(live))
         x = torch.tensor([r.last for r in live])
         logits = self.engine.decode([r.slot for r in live], x)
-        greedy = [r.stream.params.temperature == 0.0 for r in live]
-        picks = torch.argmax(logits, dim=-1).tolist() if any(greedy) else []
+        picks = sample_rows(logits, [r.stream.params for r in live],
+                            [r.stream.gen for r in live])  # fmt: skip
         still = []
-        for i, req in enumerate(live):
-            nxt = req.stream.accept(picks[i]) if greedy[i] else req.stream.push(logits[i])
+        for req, pick in zip(live, picks, strict=True):
+            nxt = req.stream.accept(pick)
             self._advance(req, nxt)
             if nxt is not None:
                 still.append(req)
