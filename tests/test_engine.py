@@ -72,16 +72,39 @@ def test_fused_path_matches_the_reference_path(lm: Any, models_dir: Path) -> Non
     assert hf_greedy(other, ids, 8) == hf_greedy(lm, ids, 8)
 
 
-def test_graph_padding_run_eagerly_gives_the_same_tokens(lm: Any, models_dir: Path) -> None:
+def replayed_eagerly(monkeypatch: pytest.MonkeyPatch, *engines: Engine) -> None:
+    """The engines take the CUDA-graph path on the CPU: each "graph" is its step over the
+    same static input and output buffers, run again at each replay (what a captured
+    graph does), so the path's buffers and bookkeeping are what is tested."""
+
+    def record(self: Engine, step: Any) -> tuple[Any, torch.Tensor]:
+        out = step().clone()
+        return (lambda: out.copy_(step())), out
+
+    monkeypatch.setattr(Engine, "_record", record)
+    for e in engines:
+        e.cuda_graphs = True
+
+
+@pytest.mark.parametrize("replayed", [False, True])
+def test_graph_padding_run_eagerly_gives_the_same_tokens(
+    lm: Any, models_dir: Path, replayed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The CUDA path's decode step, padded to batch and width buckets as its graphs are
     (slots 0..B-1, the cache read up to 256, 512, .. positions, idle rows writing to the
     scratch column), run eagerly on the CPU: the same tokens as the plain path, for rows
-    in any slots, across width buckets."""
+    in any slots, across width buckets. ``replayed``: through the graphs' input buffers,
+    some captured up front (``warm_up``), the others on first use."""
     other = load_model(models_dir / "tiny-qwen2", torch.device("cpu"), torch.float32,
                        engine=False)  # fmt: skip
     padded = Engine(Stack.of_model(other.model), slots=5, max_context=600, fused=True,
                     static_shapes=True)  # fmt: skip
     assert padded._widths == [256, 512, 608] and padded._batch_buckets == [1, 2, 4, 5]
+    if replayed:
+        replayed_eagerly(monkeypatch, padded)
+        assert padded.warm_up(batch=2, positions=300) == 4  # 1 and 2 slots x 256 and 512
+    else:
+        assert padded.warm_up() == 0  # nothing to capture
     long_ids = encode_prompt(lm, " ".join(PROMPTS))[:240]  # crosses 256 while decoding
     cases = [(encode_prompt(lm, PROMPTS[i]), GenerationParams(max_new_tokens=12 + 5 * i))
              for i in range(6)] + [(long_ids, GenerationParams(max_new_tokens=40))]  # fmt: skip
@@ -111,6 +134,8 @@ def test_graph_padding_run_eagerly_gives_the_same_tokens(lm: Any, models_dir: Pa
                 seen[s].append(int(row.argmax()))
     for s, w in zip(slots, want, strict=True):
         assert tuple(seen[s][: len(w.token_ids)]) == w.token_ids
+    if replayed:  # the long prompt reached the third width with 4 or 5 rows, say
+        assert len(padded._graphs) > 4 and (2, 256) in padded._graphs
         padded.release(s)
 
 
@@ -207,14 +232,17 @@ def test_unsupported_architectures_are_refused(lm: Any) -> None:
         Engine(Stack(stack.layers, stack.rotary, cfg), slots=1)
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused,replayed", [(False, False), (True, False), (True, True)])
 def test_span_engines_chain_to_the_whole_model(
-    lm: Any, models_dir: Path, tmp_path: Path, fused: bool
-) -> None:
+    lm: Any, models_dir: Path, tmp_path: Path, fused: bool, replayed: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
     dirs = split_model(models_dir / "tiny-qwen2", tmp_path, even_ranges(4, 2), name="t",
                        model_id="x")  # fmt: skip
     spans = [Engine(Stack.of_shard(load_shard(d)), slots=1, max_context=256, fused=fused,
                     static_shapes=fused) for d in dirs]  # fmt: skip
+    if replayed:  # token ids into the first span's graph, hidden states into the second's
+        replayed_eagerly(monkeypatch, *spans)
     for prompt in PROMPTS[:10]:
         ids = encode_prompt(lm, prompt)
         want = generate_ids(lm.engine, ids, GenerationParams(max_new_tokens=16), lm.tokenizer)

@@ -40,6 +40,7 @@ Free of the daemon (no trio, no network): only torch and transformers.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import heapq
 import itertools
 import logging
@@ -426,10 +427,10 @@ class Engine:
         with self.lock:
             positions = [self.length[s] for s in slots]
             self.check_fits(max(positions) + 1)
-            x = x.to(self.device)
             if self.static_shapes:
                 out = self._static_step(slots, positions, x)
             else:
+                x = x.to(self.device)
                 pos = torch.tensor(positions, device=self.device)
                 # Slots 0..B-1 in order (a full batch) are read in place, others gathered.
                 contiguous = list(slots) == list(range(len(slots)))
@@ -452,18 +453,55 @@ class Engine:
         pos = [self.max_context] * bucket  # rows not taking part write to the scratch column
         for s, p in zip(slots, positions, strict=True):
             pos[s] = p
-        index = torch.tensor(list(slots), device=self.device)
         if not self.cuda_graphs:
-            padded = self._blank_input(bucket).index_copy_(0, index, x.to(self._input_dtype))
+            index = torch.tensor(list(slots), device=self.device)
+            x = x.to(self.device, self._input_dtype)
+            padded = self._blank_input(bucket).index_copy_(0, index, x)
             at = torch.tensor(pos, device=self.device)
             return self._decode_fn(padded, at, None, width).index_select(0, index)
         graph = self._graphs.get((bucket, width))
-        if graph is None:
+        if graph is None:  # not warmed up: this step waits for the capture
             graph = self._graphs[bucket, width] = self._capture(bucket, width)
-        graph.pos.copy_(torch.tensor(pos), non_blocking=True)
-        graph.x.index_copy_(0, index, x.to(graph.x.dtype))
-        graph.graph.replay()
+            log.info("captured the decode graph for %d slots x %d positions on first use",
+                     bucket, width)  # fmt: skip
+        # One host-to-device copy a step: [token ids | positions | slots] into the graph's
+        # input buffer (a span past the first copies its hidden states too).
+        n = len(slots)
+        start = 0 if self.first else bucket
+        host = [*pos, *slots]
+        if self.first:
+            ids = [0] * bucket
+            for s, t in zip(slots, x.tolist(), strict=True):
+                ids[s] = int(t)
+            host = ids + host
+        graph.inp[start : 2 * bucket + n].copy_(torch.tensor(host), non_blocking=True)
+        index = graph.inp[2 * bucket : 2 * bucket + n]
+        if not self.first:
+            graph.x.index_copy_(0, index, x.to(self.device, self.dtype))
+        graph.replay()
         return graph.out.index_select(0, index)
+
+    @torch.inference_mode()
+    def warm_up(self, batch: int | None = None, positions: int | None = None) -> int:
+        """Capture the decode graphs now (CUDA graphs only) rather than in the first step
+        of each shape, which would stall the requests in it: every batch bucket up to
+        ``batch`` slots and width up to ``positions`` (default: all). Returns how many
+        graphs the engine holds."""
+        if not self.cuda_graphs:
+            return 0
+        want_b = min(batch or self.n_slots, self.n_slots)
+        want_w = min(positions or self.max_context, self.max_context)
+        top_b = next(b for b in self._batch_buckets if b >= want_b)
+        top_w = next(w for w in self._widths if w >= want_w)
+        t0, before = time.perf_counter(), len(self._graphs)
+        with self.lock:
+            for b in self._batch_buckets:
+                for w in self._widths:
+                    if b <= top_b and w <= top_w and (b, w) not in self._graphs:
+                        self._graphs[b, w] = self._capture(b, w)
+        log.info("%d decode graphs captured in %.1f s (%d slots x %d positions at most)",
+                 len(self._graphs) - before, time.perf_counter() - t0, top_b, top_w)  # fmt: skip
+        return len(self._graphs)
 
     @property
     def _input_dtype(self) -> torch.dtype:
@@ -475,24 +513,33 @@ class Engine:
 
     def _capture(self, bucket: int, width: int) -> _Graph:
         t0 = time.perf_counter()
-        x = self._blank_input(bucket)
-        pos = torch.full((bucket,), self.max_context, dtype=torch.long, device=self.device)
+        # the step's inputs: token ids (first span), positions, then the slots (read after
+        # the replay, by index_select, not by the graph)
+        inp = torch.zeros(3 * bucket, dtype=torch.long, device=self.device)
+        inp[bucket : 2 * bucket] = self.max_context
+        x = inp[:bucket] if self.first else self._blank_input(bucket)
+        pos = inp[bucket : 2 * bucket]
+        replay, out = self._record(functools.partial(self._decode_fn, x, pos, None, width))
+        log.debug(
+            "captured decode graph for %d slots x %d positions in %.2f s",
+            bucket, width, time.perf_counter() - t0,
+        )  # fmt: skip
+        return _Graph(replay, inp, x, out)
+
+    def _record(self, step: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        """``step`` captured in a CUDA graph: its replay, and the tensor it writes."""
         stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: lazy inits happen outside the capture
-                self._decode_fn(x, pos, None, width)
+                step()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            out = self._decode_fn(x, pos, None, width)
-        log.info(
-            "captured decode graph for %d slots x %d positions in %.2f s",
-            bucket, width, time.perf_counter() - t0,
-        )  # fmt: skip
-        return _Graph(graph, x, pos, out)
+            out = step()
+        return graph.replay, out
 
 
 @dataclass
@@ -548,9 +595,9 @@ def _fuse(layer: Any) -> _Fused:
 
 @dataclass
 class _Graph:
-    graph: Any  # torch.cuda.CUDAGraph
-    x: torch.Tensor
-    pos: torch.Tensor
+    replay: Callable[[], None]  # the captured torch.cuda.CUDAGraph's
+    inp: torch.Tensor  # long [3B]: token ids, positions, the step's slots
+    x: torch.Tensor  # the input rows: inp[:B] (ids), or hidden states [B, H]
     out: torch.Tensor
 
 

@@ -114,7 +114,22 @@ def load_model(
                                compile_decode=compile_decode)  # fmt: skip
         except UnsupportedModel as exc:
             log.info("%s: generating with transformers (%s)", path.name, exc)
+        else:
+            warm_up(lm.engine, path.name, compiled=compile_decode)
     return lm
+
+
+def warm_up(engine: Any, name: str, compiled: bool = False) -> None:
+    """Capture an engine's decode graphs while its model loads (CUDA only); a failure
+    (out of memory, say) leaves them to be captured on first use. A compiled decode step
+    compiles once per shape: those stay lazy."""
+    if compiled or not engine.cuda_graphs:
+        return
+    try:
+        engine.warm_up()
+    except Exception as exc:  # the engine still works; its graphs come lazily
+        log.warning("%s: capturing decode graphs failed (%s); capturing on first use",
+                    name, exc)  # fmt: skip
 
 
 def encode_prompt(lm: LoadedModel, prompt: str) -> list[int]:

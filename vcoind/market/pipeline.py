@@ -334,12 +334,14 @@ class ShardHost:
 
     def _load_engine(self, path: Path) -> tuple[Any, Any]:
         from vcoind.compute.engine import Engine, Stack
+        from vcoind.compute.generate import warm_up
         from vcoind.compute.shards import load_shard
 
         shard = load_shard(path, self._device, self._dtype)
         engine = Engine(Stack.of_shard(shard), slots=self.max_sessions,
                         max_context=self.max_context, device=self._device,
                         dtype=self._dtype)  # fmt: skip
+        warm_up(engine, path.name)
         return shard, engine
 
     def _expire(self) -> None:
