@@ -97,7 +97,7 @@ from vcoind.rpc import MethodRegistry, RPCServer, RPCServerConfig
 from vcoind.store import AlertStore, ConsensusStore, OracleStore, SLAStore, Store, TaskStore
 from vcoind.train.adapters import AdapterStore, BlobCache, pull_blob
 from vcoind.train.api import register_train_api
-from vcoind.train.host import TrainHost
+from vcoind.train.host import MAX_SHARDS, TrainHost
 from vcoind.train.run import TrainingRun
 from vcoind.train.spec import LoraSettings, TrainError, parse_jsonl, sha256_hex
 from vcoind.train.wire import (
@@ -821,10 +821,15 @@ class Node:
         resume = None
         if row.training.get("history"):
             last = await trio.to_thread.run_sync(saved.get, row.training["global_adapter"])
-            resume = {"view": row.training, "adapter": last} if last is not None else None
-            if resume is None:
+            shards = len(row.training.get("shards", ()))
+            if last is None:
                 log.warning("task %s: the earlier run's adapter is gone; training from the "
                             "start", row.id)  # fmt: skip
+            elif shards > len(peers) * MAX_SHARDS:
+                log.warning("task %s: %d node(s) bid, too few for the earlier run's %d shards; "
+                            "training from the start", row.id, len(peers), shards)  # fmt: skip
+            else:
+                resume = {"view": row.training, "adapter": last}
 
         async def on_round(adapter: bytes) -> None:
             """The round's average on disk, then its history in the task: a restarted
