@@ -670,7 +670,7 @@ def sample_rows(
         raise GenerationError("the model's logits hold NaN: nothing to sample from")
     # multinomial's own draw of one sample (argmax of p / Exp(1) noise), with each row's
     # noise from its generator: one kernel a row, then one division and argmax for all
-    noise = torch.stack([torch.empty(v, device=dev).exponential_(generator=gens[i])
+    noise = torch.stack([probs.new_empty(v).exponential_(generator=gens[i])
                          for i in hot])  # fmt: skip
     picks = picks.index_copy(0, rows, torch.argmax(probs / noise, dim=-1))
     return [int(t) for t in picks.tolist()]
