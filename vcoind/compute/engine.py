@@ -868,22 +868,32 @@ class Batcher:
 
     def _prefill_group(self, group: list[_Request]) -> None:
         t0 = time.perf_counter()
-        logits: list[torch.Tensor] = []
+        for req in group:
+            req.t_admit = t0
+        picks: list[int] = []  # each request's first token, sampled together
         if len(group) > 1:
             try:
                 prompts = [torch.tensor(r.prompt_ids) for r in group]
-                logits = list(self.engine.prefill_batch([r.slot for r in group], prompts))
-                self.peak_prefill = max(self.peak_prefill, len(group))
+                logits = self.engine.prefill_batch([r.slot for r in group], prompts)
             except Exception as exc:  # out of memory, say: one at a time instead
                 log.warning("batched prefill of %d requests failed (%s); one by one",
                             len(group), exc)  # fmt: skip
-                logits = []
+            else:
+                self.peak_prefill = max(self.peak_prefill, len(group))
+                try:
+                    picks = sample_rows(logits, [r.stream.params for r in group],
+                                        [r.stream.gen for r in group])  # fmt: skip
+                except Exception as exc:  # the prompts are in: no second prefill
+                    for req in group:
+                        self._finish(req, exc)
+                    return
         for i, req in enumerate(group):
-            req.t_admit = t0
             try:
-                out = logits[i] if logits else self.engine.prefill(
-                    req.slot, torch.tensor(req.prompt_ids))  # fmt: skip
-                nxt = req.stream.push(out)
+                if picks:
+                    nxt = req.stream.accept(picks[i])
+                else:
+                    out = self.engine.prefill(req.slot, torch.tensor(req.prompt_ids))
+                    nxt = req.stream.push(out)
             except Exception as exc:
                 self._finish(req, exc)
                 continue
