@@ -850,18 +850,13 @@ class Batcher:
         """Prompts of newly admitted requests, several per forward pass (up to
         ``PREFILL_TOKENS`` padded tokens): a burst of requests reaches its first tokens
         together instead of one prefill after another."""
-        live = []
-        for req in admitted:
-            if req.cancel is not None and req.cancel.is_set():
-                self._finish(req, GenerationCancelled())
-            else:
-                live.append(req)
         group: list[_Request] = []
-        for req in live:
-            longest = max([len(req.prompt_ids), *(len(r.prompt_ids) for r in group)])
+        longest = 0
+        for req in self._uncancelled(admitted):
+            longest = max(longest, len(req.prompt_ids))
             if group and longest * (len(group) + 1) > PREFILL_TOKENS:
                 self._prefill_group(group)
-                group = []
+                group, longest = [], len(req.prompt_ids)
             group.append(req)
         if group:
             self._prefill_group(group)
@@ -881,8 +876,7 @@ class Batcher:
             else:
                 self.peak_prefill = max(self.peak_prefill, len(group))
                 try:
-                    picks = sample_rows(logits, [r.stream.params for r in group],
-                                        [r.stream.gen for r in group])  # fmt: skip
+                    picks = self._sample(group, logits)
                 except Exception as exc:  # the prompts are in: no second prefill
                     for req in group:
                         self._finish(req, exc)
@@ -902,6 +896,21 @@ class Batcher:
             if nxt is not None:
                 self._active.append(req)
 
+    def _uncancelled(self, reqs: list[_Request]) -> list[_Request]:
+        """``reqs`` less those cancelled, which are finished here."""
+        live = []
+        for req in reqs:
+            if req.cancel is not None and req.cancel.is_set():
+                self._finish(req, GenerationCancelled())
+            else:
+                live.append(req)
+        return live
+
+    @staticmethod
+    def _sample(reqs: list[_Request], logits: torch.Tensor) -> list[int]:
+        """Each request's next token from its row of ``logits``, by its own parameters."""
+        return sample_rows(logits, [r.stream.params for r in reqs], [r.stream.gen for r in reqs])
+
     def _advance(self, req: _Request, nxt: int | None) -> None:
         if req.on_token is not None and req.stream.out:
             req.on_token(len(req.stream.out))
@@ -911,20 +920,13 @@ class Batcher:
             req.last = nxt
 
     def _step(self) -> None:
-        live = []
-        for req in self._active:
-            if req.cancel is not None and req.cancel.is_set():
-                self._finish(req, GenerationCancelled())
-            else:
-                live.append(req)
-        self._active = live
+        live = self._active = self._uncancelled(self._active)
         if not live:
             return
         self.peak_batch = max(self.peak_batch, len(live))
         x = torch.tensor([r.last for r in live])
         logits = self.engine.decode([r.slot for r in live], x)
-        picks = sample_rows(logits, [r.stream.params for r in live],
-                            [r.stream.gen for r in live])  # fmt: skip
+        picks = self._sample(live, logits)
         still = []
         for req, pick in zip(live, picks, strict=True):
             nxt = req.stream.accept(pick)

@@ -123,7 +123,7 @@ def warm_up(engine: Any, name: str, compiled: bool = False) -> None:
     """Capture an engine's decode graphs while its model loads (CUDA only); a failure
     (out of memory, say) leaves them to be captured on first use. A compiled decode step
     compiles once per shape: those stay lazy."""
-    if compiled or not engine.cuda_graphs:
+    if compiled:
         return
     try:
         engine.warm_up()
