@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The inference engine's GPU figures in one go (about 5 minutes on an H100 or H200),
+# The inference engine's GPU figures in one go (about 6 minutes on an H100 or H200),
 # for a machine with an NVIDIA GPU, torch, transformers and pynvml (no daemon install):
 #
 #     bash bench/gpu.sh              # figures and logs under $OUT (default /tmp/vcoin-gpu)
@@ -10,8 +10,10 @@
 # 2. bench/inference.py on the DeepSeek-R1-Distill-Qwen-1.5B shape in the daemon's
 #    default configuration (fp16, CUDA graphs, 64 slots x 4096 positions), HF generate
 #    in the same run, greedy parity, and the decode step's kernel profile;
-# 3. batch 1 with compute.compile_decode (torch.compile under the graphs), engine only;
-# 4. LoRA training steps on the same shape (bench/train.py), where peft is installed.
+# 3. batch 1 without the engine's triton kernels (the torch ops they replace), engine
+#    only, with its kernel profile: what the kernels are worth on this card;
+# 4. batch 1 with compute.compile_decode (torch.compile under the graphs), engine only;
+# 5. LoRA training steps on the same shape (bench/train.py), where peft is installed.
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/vcoin-gpu}
@@ -20,6 +22,7 @@ mkdir -p "$out"
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     $py -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
+    $py -c 'import triton; print("triton", triton.__version__)' || echo "triton: not installed"
     $py -c 'from vcoind.compute.telemetry import Telemetry; print(Telemetry().sample().device)'
 } 2>&1 | tee "$out/gpu.txt"
 shape=(--device "${DEVICE:-cuda}" --shape "${SHAPE:-deepseek-1.5b}")
@@ -29,6 +32,8 @@ if [ -n "${QUICK:-}" ]; then
 else
     $py bench/inference.py "${shape[@]}" --profile --json "$out/engine.json" 2>&1 |
         tee "$out/engine.txt"
+    $py bench/inference.py "${shape[@]}" --no-hf --parity 0 --concurrent 1 --kernels off \
+        --profile --json "$out/nokernels.json" 2>&1 | tee "$out/nokernels.txt"
     $py bench/inference.py "${shape[@]}" --no-hf --parity 0 --concurrent 1 --compile \
         --json "$out/compile.json" 2>&1 | tee "$out/compile.txt"
     if $py -c 'import peft' 2>/dev/null; then

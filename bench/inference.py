@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -156,6 +157,15 @@ def main() -> int:
     p.add_argument("--parity-tokens", type=int, default=32)
     p.add_argument("--no-graphs", action="store_true", help="eager decode on CUDA too")
     p.add_argument("--compile", action="store_true", help="experimental: torch.compile decode")
+    p.add_argument(
+        "--kernels",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="the engine's triton kernels (rotary + cache write, SiLU * up): auto = the "
+        "daemon's default (on for CUDA where triton passes its check); on = the fused step "
+        "with them on any device (a CPU runs them under triton's interpreter: slow, for "
+        "parity only)",
+    )
     p.add_argument("--no-hf", action="store_true", help="engine figures only (no ratios)")
     p.add_argument(
         "--max-context",
@@ -172,6 +182,8 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="also write the figures here")
     ns = p.parse_args()
     device, dtype = pick_device(ns.device)
+    if ns.kernels == "on" and device.type != "cuda":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.manual_seed(0)
     model, path = build(ns, device, dtype)
     model.generation_config.eos_token_id = None
@@ -193,6 +205,7 @@ def main() -> int:
         dtype=dtype,
         cuda_graphs=False if ns.no_graphs else None,
         compile_decode=ns.compile,
+        **engine_kernels(ns),
     )
     # every graph the runs below need, captured before any timing (as the daemon does at load)
     graphs, fig_warm = timed(
@@ -207,6 +220,7 @@ def main() -> int:
         "copy_gbps": bandwidth / 1e9,
         "bound_tps": bound,
         "cuda_graphs": engine.cuda_graphs,
+        "kernels": engine.kernels is not None,
         "graphs": graphs,
         "graph_capture_s": fig_warm,
     }
@@ -214,7 +228,8 @@ def main() -> int:
         f"{shape} on {name}, {str(dtype).removeprefix('torch.')}, weights read per token "
         f"{weights / 2**30:.2f} GiB, copy bandwidth {bandwidth / 1e9:.0f} GB/s -> "
         f"bound {bound:.0f} tokens/s at batch 1; engine slots {slots} x {engine.max_context} "
-        f"positions, CUDA graphs {'on' if engine.cuda_graphs else 'off'}"
+        f"positions, CUDA graphs {'on' if engine.cuda_graphs else 'off'}, triton kernels "
+        f"{'on' if engine.kernels is not None else 'off'}"
         + (f" ({graphs} captured in {fig_warm:.1f} s)" if engine.cuda_graphs else ""),
         flush=True,
     )
@@ -312,6 +327,15 @@ def main() -> int:
     if ns.json:
         ns.json.write_text(json.dumps(fig, indent=2) + "\n")
     return 0
+
+
+def engine_kernels(ns: argparse.Namespace) -> dict[str, Any]:
+    """The Engine arguments for ``--kernels``."""
+    if ns.kernels == "auto":
+        return {}
+    if ns.kernels == "off":
+        return {"kernels": False}
+    return {"kernels": True, "fused": True}
 
 
 def serve(
@@ -454,6 +478,7 @@ def parity(
             max_context=engine.max_context,
             device=device,
             dtype=dtype,
+            **engine_kernels(ns),
         )
         for d in dirs
     ]

@@ -21,6 +21,10 @@ from vcoind.chain.cli import DEPLOYER_KEY_ENV
 from vcoind.chain.contracts import Contracts, Deployment
 from vcoind.consensus.outcome import task_id_bytes32
 
+# The engine's triton kernels (vcoind.compute.kernels) run on CPU tensors under triton's
+# interpreter: read when the kernels are first loaded.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 FAST = {"heartbeat": 0.3, "peer_timeout": 3.0, "network": "testnet"}
 
 

@@ -80,6 +80,10 @@ class ComputeConfig:
     # graph (fuses elementwise kernels: faster steps, a compile per batch size on first
     # use). Off by default.
     compile_decode: bool = False
+    # CUDA: the engine's triton kernels (rotary + KV-cache write, SiLU * up: fewer
+    # kernels per decode step), used where triton is installed and they pass their
+    # self-check against torch at load. false = torch's own ops only.
+    triton_kernels: bool = True
     # CPU threads for torch (inference and sentence embeddings); 0 = torch's default.
     # Several daemons on one box (a devnet) each want 1.
     cpu_threads: int = 0

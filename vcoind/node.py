@@ -308,7 +308,8 @@ class Node:
         self.streams.serve(TASK_STREAM, self._task_request)
         cc = self.config.compute
         self.shard_host = ShardHost(cc.device, budget_bytes=cc.memory_budget_mb << 20,
-                                    slots=cc.batch_slots, max_context=cc.max_context)  # fmt: skip
+                                    slots=cc.batch_slots, max_context=cc.max_context,
+                                    kernels=None if cc.triton_kernels else False)  # fmt: skip
         self.streams.serve(SHARD_STREAM, lambda peer, r: self.shard_host.handle(
             peer.to_base58(), r))  # fmt: skip
         self.origin.run_pipeline = self._run_pipeline
@@ -1086,7 +1087,8 @@ class Node:
                 self.models,
                 ExecutorConfig(device=cc.device, memory_budget_mb=cc.memory_budget_mb,
                                batch_slots=cc.batch_slots, max_context=cc.max_context,
-                               compile_decode=cc.compile_decode),
+                               compile_decode=cc.compile_decode,
+                               triton_kernels=cc.triton_kernels),
             )  # fmt: skip
         return self._executor
 

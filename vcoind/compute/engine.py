@@ -24,6 +24,9 @@ transformers' modules (their weights, their norms and MLPs) instead of the model
   count): q/k/v and gate/up are one matmul each; RMSNorm is one kernel; the rotary step
   of a decode is one batched matmul by each row's rotation matrix; the residual adds
   ride in the o_proj and down_proj matmuls (``addmm_``); attention is one SDPA kernel.
+  Where triton is there (CUDA builds of torch bring it) two kernels of our own
+  (``vcoind.compute.kernels``) cut it further: the rotary step of q and k with both
+  cache writes is one kernel, SiLU * up another, each rounding as transformers' ops do.
 * **Numerics.** fp16 on CUDA, with fp32 softmax and fp32 logits; RMSNorm statistics in
   fp32 (transformers' own module). fp32 on CPU, where greedy output is token-identical to
   transformers' ``generate``.
@@ -48,12 +51,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from vcoind.compute.params import GenerationError, GenerationParams
+
+if TYPE_CHECKING:
+    from vcoind.compute.kernels import Kernels
 
 log = logging.getLogger("vcoind.engine")
 
@@ -127,6 +133,7 @@ class Engine:
         fused: bool | None = None,
         compile_decode: bool = False,
         static_shapes: bool | None = None,
+        kernels: bool | None = None,
     ) -> None:
         _check_supported(stack)
         if slots < 1:
@@ -158,6 +165,17 @@ class Engine:
         # transformers' exact order of operations (token-identical to its generate).
         self.fused = self.device.type == "cuda" if fused is None else fused
         self._fused = [_fuse(layer) for layer in stack.layers] if self.fused else []
+        # Triton kernels for what torch needs several kernels for (the rotary step with
+        # both cache writes; SiLU * up): on by default for a fused CUDA engine whose
+        # triton passes the kernels' self-check; True insists (the CPU tests, under
+        # triton's interpreter).
+        self.kernels: Kernels | None = None
+        if kernels and not self.fused:
+            raise ValueError("the triton kernels are part of the fused step")
+        wanted = kernels or (kernels is None and self.device.type == "cuda")
+        if self.fused and not compile_decode and wanted:
+            self.kernels = _trusted_kernels(self.device, dtype, required=bool(kernels))
+        self._silu_mul = self.kernels is not None and getattr(cfg, "hidden_act", "") == "silu"
         # positions: max_context, plus the scratch one, rounded up to 16 (aligned masks)
         shape = (slots, self.n_kv, -(-(self.max_context + 1) // 16) * 16, self.head_dim)
         with torch.inference_mode():
@@ -309,8 +327,13 @@ class Engine:
         f, mlp = self._fused[i], layer.mlp
         h = _add_linear(h, attn, f.w_o, layer.self_attn.o_proj)
         gu = torch.nn.functional.linear(self._norm(layer.post_attention_layernorm, h), f.w_gu)
-        n = gu.shape[-1] // 2
-        return _add_linear(h, mlp.act_fn(gu[..., :n]) * gu[..., n:], f.w_down, mlp.down_proj)
+        if self._silu_mul:
+            assert self.kernels is not None
+            act = self.kernels.silu_mul(gu)
+        else:
+            n = gu.shape[-1] // 2
+            act = mlp.act_fn(gu[..., :n]) * gu[..., n:]
+        return _add_linear(h, act, f.w_down, mlp.down_proj)
 
     @torch.inference_mode()
     def prefill(self, slot: int, x: torch.Tensor, start: int | None = None) -> torch.Tensor:
@@ -390,22 +413,22 @@ class Engine:
         each row's position; attention over the first ``width`` positions."""
         b = x.shape[0]
         h = self._embed(x.unsqueeze(1))
-        cos, sin = self._rope(h, pos.unsqueeze(1))
-        rot = self._rotation(cos, sin) if self.fused else None
+        if self.kernels is not None:  # transformers' cos and sin [B, d], for rope_store
+            cos, sin = (t.reshape(b, -1) for t in self.stack.rotary(h, pos.unsqueeze(1)))
+            rot = None
+        else:
+            cos, sin = self._rope(h, pos.unsqueeze(1))
+            rot = self._rotation(cos, sin) if self.fused else None
         visible = self._cols[:width].unsqueeze(0) <= pos.unsqueeze(1)  # [B, width]
         bias_dtype = self.dtype if self.fused else torch.float32
         bias = torch.zeros(visible.shape, device=self.device, dtype=bias_dtype)
         bias = bias.masked_fill(~visible, float("-inf")).view(b, 1, 1, width)
-        at = torch.arange(b, device=self.device)
+        index = torch.arange(b, device=self.device) if rows is None else rows
         for i, layer in enumerate(self.stack.layers):
-            q, k, v = self._qkv(i, layer, h, cos, sin, rot)
-            kc = self.k[i][:b] if rows is None else self.k[i]
-            vc = self.v[i][:b] if rows is None else self.v[i]
-            index = at if rows is None else rows
-            kc[index, :, pos] = k[:, :, 0]
-            vc[index, :, pos] = v[:, :, 0]
-            keys = kc[:, :, :width] if rows is None else kc[rows, :, :width]
-            vals = vc[:, :, :width] if rows is None else vc[rows, :, :width]
+            q = self._step_qkv(i, layer, h, cos, sin, rot, pos, index)
+            kc, vc = self.k[i], self.v[i]
+            keys = kc[:b, :, :width] if rows is None else kc[rows, :, :width]
+            vals = vc[:b, :, :width] if rows is None else vc[rows, :, :width]
             # A kv head's query heads side by side, as if they were query positions.
             qg = q.reshape(b, self.n_kv, self.groups, self.head_dim)
             if self.fused:  # one kernel (fp32 softmax inside)
@@ -419,6 +442,31 @@ class Engine:
             attn = attn.reshape(b, self.n_heads, 1, self.head_dim)
             h = self._layer_out(i, layer, h, attn)
         return self._out(h[:, -1]) if self.last else h[:, -1]
+
+    def _step_qkv(
+        self,
+        i: int,
+        layer: Any,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        rot: torch.Tensor | None,
+        pos: torch.Tensor,
+        index: torch.Tensor,
+    ) -> torch.Tensor:
+        """A decode step's q ``[B, heads, 1, d]``; each row's k and v go into the caches
+        of slot ``index[row]`` at position ``pos[row]``."""
+        if self.kernels is not None:
+            f = self._fused[i]
+            x = self._norm(layer.input_layernorm, h)[:, 0]
+            qkv = torch.nn.functional.linear(x, f.w_qkv, f.b_qkv)
+            q = self.kernels.rope_store(qkv, cos, sin, pos, index, self.k[i], self.v[i],
+                                        self.n_heads, self.n_kv)  # fmt: skip
+            return q.unsqueeze(2)
+        q, k, v = self._qkv(i, layer, h, cos, sin, rot)
+        self.k[i][index, :, pos] = k[:, :, 0]
+        self.v[i][index, :, pos] = v[:, :, 0]
+        return q
 
     @torch.inference_mode()
     def decode(self, slots: Sequence[int], x: torch.Tensor) -> torch.Tensor:
@@ -549,6 +597,22 @@ class _Fused:
     w_gu: torch.Tensor
     w_o: torch.Tensor | None  # o_proj's weight where it is a plain bias-free Linear
     w_down: torch.Tensor | None
+
+
+def _trusted_kernels(device: torch.device, dtype: torch.dtype, required: bool) -> Kernels | None:
+    """The triton kernels if they load and agree with torch on this device, else None
+    (or, when ``required``, an error saying why)."""
+    from vcoind.compute import kernels
+
+    loaded = kernels.load()
+    problem = "triton is not installed" if loaded is None else loaded.check(device, dtype)
+    if problem is None:
+        log.info("fused decode step with triton kernels (rotary + cache write, SiLU * up)")
+        return loaded
+    if required:
+        raise EngineError(f"the engine's triton kernels cannot run here: {problem}")
+    log.warning("fused decode step without triton kernels (%s): torch ops instead", problem)
+    return None
 
 
 def _plain_weight(module: Any) -> torch.Tensor | None:

@@ -50,6 +50,7 @@ class ExecutorConfig:
     batch_slots: int = 0  # concurrent requests per model; 0 = 32 on a GPU, 4 on CPU
     max_context: int = DEFAULT_MAX_CONTEXT  # positions per request (prompt + new tokens)
     compile_decode: bool = False  # CUDA: torch.compile the decode step (experimental)
+    triton_kernels: bool = True  # CUDA: the engine's triton kernels where they pass
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Executor:
         self.slots = config.batch_slots or default_slots(self.device)
         self.max_context = config.max_context
         self.compile_decode = config.compile_decode
+        self.kernels = None if config.triton_kernels else False
         self._limiter = trio.CapacityLimiter(1)  # one per device
         self._loaded: OrderedDict[str, _Slot] = OrderedDict()  # model id -> slot, LRU order
         self._loading: dict[str, trio.Event] = {}
@@ -122,6 +124,7 @@ class Executor:
                      with_adapter, self.device)  # fmt: skip
             load = functools.partial(load_model, slots=self.slots, max_context=self.max_context,
                                      compile_decode=self.compile_decode,
+                                     kernels=self.kernels,
                                      adapter=adapter[1] if adapter else None,
                                      model_id=info.model_id)  # fmt: skip
             lm = await trio.to_thread.run_sync(

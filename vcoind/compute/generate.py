@@ -83,13 +83,15 @@ def load_model(
     max_context: int = DEFAULT_MAX_CONTEXT,
     engine: bool = True,
     compile_decode: bool = False,
+    kernels: bool | None = None,
     adapter: Path | None = None,
     model_id: str = "",
 ) -> LoadedModel:
     """Load a model and, where the architecture allows, its engine (``slots`` concurrent
     requests, 0 = the device's default; ``max_context`` positions each). ``adapter``: a
     LoRA adapter file (``vcoind.train``) merged into the weights; it must have been
-    trained on ``model_id`` when both name one."""
+    trained on ``model_id`` when both name one. ``kernels``: the engine's triton kernels
+    (None: where they work, False: never)."""
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model: Any = AutoModelForCausalLM.from_pretrained(
@@ -111,7 +113,7 @@ def load_model(
         try:
             lm.engine = Engine(Stack.of_model(model), slots=slots or default_slots(device),
                                max_context=max_context, device=device, dtype=dtype,
-                               compile_decode=compile_decode)  # fmt: skip
+                               compile_decode=compile_decode, kernels=kernels)  # fmt: skip
         except UnsupportedModel as exc:
             log.info("%s: generating with transformers (%s)", path.name, exc)
         else:

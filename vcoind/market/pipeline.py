@@ -141,11 +141,12 @@ class ShardHost:
 
     def __init__(
         self, device: str = "auto", budget_bytes: int = 0, *, slots: int = 0,
-        max_context: int = 4096,
+        max_context: int = 4096, kernels: bool | None = None,
     ) -> None:  # fmt: skip
         self.budget_bytes = budget_bytes  # 0: no limit
         self.max_sessions = slots or MAX_SESSIONS
         self.max_context = max_context
+        self.kernels = kernels  # the engines' triton kernels: None = where they work
         self.sessions_served = 0  # sessions opened since start
         self.peak_batch = 0  # most decode steps run together
         self._waiting: dict[int, list[_Pending]] = {}  # engine -> steps waiting for a batch
@@ -340,7 +341,7 @@ class ShardHost:
         shard = load_shard(path, self._device, self._dtype)
         engine = Engine(Stack.of_shard(shard), slots=self.max_sessions,
                         max_context=self.max_context, device=self._device,
-                        dtype=self._dtype)  # fmt: skip
+                        dtype=self._dtype, kernels=self.kernels)  # fmt: skip
         warm_up(engine, path.name)
         return shard, engine
 
