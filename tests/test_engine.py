@@ -4,6 +4,8 @@ transformers, static-cache slots, prefill from an offset, continuous batching.""
 from __future__ import annotations
 
 import dataclasses
+import math
+import random
 import threading
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 import torch
 import trio
 
+from vcoind.compute import engine as engine_mod
 from vcoind.compute.engine import (
     Batcher,
     Engine,
@@ -349,19 +352,33 @@ async def test_executor_batches_concurrent_requests(models_dir: Path) -> None:
 
 
 def one_draw(logits: torch.Tensor, p: GenerationParams, seed: int) -> int:
-    """The textbook draw for one row: temperature, top-k, top-p, ``torch.multinomial``."""
+    """The textbook draw for one row, in plain Python: temperature; top-k keeping ties
+    with the k-th value; softmax; the top-p nucleus (largest first, ties by token id);
+    inverse CDF at one uniform from ``random.Random(seed)``, over the kept tokens largest
+    first (a row without cuts: all of them in token order)."""
     if p.temperature == 0.0:
         return int(torch.argmax(logits))
-    x = logits / p.temperature
-    if 0 < p.top_k < x.numel():
-        x = x.masked_fill(x < torch.topk(x, p.top_k).values[-1], float("-inf"))
-    probs = torch.softmax(x, dim=-1)
+    x = (logits.float() / p.temperature).tolist()
+    order = sorted(range(len(x)), key=lambda i: (-x[i], i))
+    if not 0 < p.top_k < len(x) and p.top_p >= 1.0:  # no cut: the row in token order
+        order = list(range(len(x)))
+    if 0 < p.top_k < len(x):
+        kth = x[order[p.top_k - 1]]
+        order = [i for i in order if x[i] >= kth]
+    top = x[order[0]]
+    weights = [math.exp(x[i] - top) for i in order]
+    probs = [w / sum(weights) for w in weights]
     if p.top_p < 1.0:
-        ordered, order = torch.sort(probs, descending=True)
-        ordered = ordered.masked_fill(torch.cumsum(ordered, 0) - ordered >= p.top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter(0, order, ordered)
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)))
+        mass, n = 0.0, 0
+        while n < len(probs) and (n == 0 or mass < p.top_p):
+            mass, n = mass + probs[n], n + 1
+        order, probs = order[:n], probs[:n]
+    target, mass = random.Random(seed).random() * sum(probs), 0.0
+    for i, pr in zip(order, probs, strict=True):
+        mass += pr
+        if mass > target:
+            return i
+    return order[-1]
 
 
 def test_a_batch_samples_each_row_by_its_own_parameters_and_seed() -> None:
@@ -375,22 +392,95 @@ def test_a_batch_samples_each_row_by_its_own_parameters_and_seed() -> None:
     params = [GenerationParams(temperature=t, top_p=tp, top_k=k, seed=i)
               for i, (t, tp, k) in enumerate(kinds * 6)]  # fmt: skip
 
-    def gens(order: list[int]) -> list[torch.Generator | None]:
-        return [torch.Generator().manual_seed(params[i].seed) for i in order]
+    def rngs(order: list[int]) -> list[random.Random | None]:
+        return [random.Random(params[i].seed) for i in order]
 
     rows = list(range(48))
-    got = sample_rows(logits, params, gens(rows))
+    got = sample_rows(logits, params, rngs(rows))
     want = [one_draw(logits[i], params[i], params[i].seed) for i in rows]
     assert got == want
     assert len(set(got[1::8])) > 1  # sampled rows draw different tokens
     back = rows[::-1]  # the same rows in another batch, order and company
-    assert sample_rows(logits[back], [params[i] for i in back], gens(back)) == got[::-1]
+    assert sample_rows(logits[back], [params[i] for i in back], rngs(back)) == got[::-1]
     odd = rows[1::2]
-    assert sample_rows(logits[odd], [params[i] for i in odd], gens(odd)) == got[1::2]
-    assert sample_rows(logits, params, [torch.Generator().manual_seed(p.seed + 1)
-                                        for p in params]) != got  # fmt: skip
-    picked = sample_rows(logits[6::8], params[6::8], gens(rows[6::8]))  # top_k 1: argmax
+    assert sample_rows(logits[odd], [params[i] for i in odd], rngs(odd)) == got[1::2]
+    assert sample_rows(logits, params, [random.Random(p.seed + 1) for p in params]) != got
+    # a vocabulary wider than the candidates: rows with cuts are drawn from their largest
+    # logits, renormalised over the whole row (top-p alone) or the top-k set
+    wide = torch.randn(16, 3000) * 3
+    cuts = [GenerationParams(temperature=t, top_p=tp, top_k=k, seed=100 + i)
+            for i, (t, tp, k) in enumerate([(1.0, 0.7, 0), (0.8, 0.5, 0), (1.0, 0.9, 64),
+                                            (1.2, 1.0, 900)] * 4)]  # fmt: skip
+    drawn = sample_rows(wide, cuts, [random.Random(p.seed) for p in cuts])
+    assert drawn == [one_draw(r, p, p.seed) for r, p in zip(wide, cuts, strict=True)]
+    picked = sample_rows(logits[6::8], params[6::8], rngs(rows[6::8]))  # top_k 1: argmax
     assert picked == torch.argmax(logits[6::8], dim=-1).tolist()
+    # a request's generator moves on: its next draw is the next uniform
+    gen = random.Random(5)
+    p = dataclasses.replace(params[1], seed=5)
+    first, second = (sample_rows(logits[1:2], [p], [gen])[0] for _ in range(2))
+    twice = random.Random(5)
+    twice.random()
+    assert second == sample_rows(logits[1:2], [p], [twice])[0]
+    assert first == one_draw(logits[1], p, 5)
+
+
+def test_draws_follow_the_cut_distribution() -> None:
+    """4,000 seeds: each token is drawn about as often as its renormalised probability
+    after the cuts (within 4 standard deviations), and never a token cut away."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -8.0]).log_softmax(0)
+    n = 4000
+    for p in (GenerationParams(temperature=1.0),
+              GenerationParams(temperature=0.7, top_k=5),
+              GenerationParams(temperature=1.0, top_k=6, top_p=0.8)):  # fmt: skip
+        probs = one_cut_distribution(logits, p)
+        params = [dataclasses.replace(p, seed=s) for s in range(n)]
+        got = sample_rows(logits.expand(n, -1), params, [random.Random(s) for s in range(n)])
+        counts = torch.bincount(torch.tensor(got), minlength=len(logits)).double()
+        sd = (n * probs * (1 - probs)).sqrt()
+        assert torch.all((counts - n * probs).abs() <= 4 * sd + 1e-9), (p, counts, n * probs)
+        assert torch.all(counts[probs == 0] == 0)
+
+
+def one_cut_distribution(logits: torch.Tensor, p: GenerationParams) -> torch.Tensor:
+    x = logits.double() / p.temperature
+    if p.top_k:
+        x = x.masked_fill(x < torch.topk(x, p.top_k).values[-1], float("-inf"))
+    probs = torch.softmax(x, 0)
+    ordered, order = torch.sort(probs, descending=True, stable=True)
+    ordered = ordered.masked_fill(torch.cumsum(ordered, 0) - ordered >= p.top_p, 0.0)
+    probs = torch.zeros_like(probs).scatter(0, order, ordered)
+    return probs / probs.sum()
+
+
+def test_cuts_past_the_candidates_are_drawn_from_the_whole_row() -> None:
+    """A tie run at the k-th value keeps every tied token (more than k+1 candidates hold),
+    and a nucleus wider than ``CANDIDATES`` reaches past them: both are drawn again from
+    the whole sorted row, alone or in a batch."""
+    ties = torch.full((3000,), -10.0)
+    ties[:4] = torch.tensor([1.5, 1.4, 1.3, 1.2])
+    ties[2000:2040] = 1.0  # 40 tokens tie with the 5th largest
+    wide = -torch.arange(5000.0) / 5000  # token i ranks i-th; a flat nucleus of ~4,500
+    n = 600
+    for logits, p, allowed in [
+        (ties, GenerationParams(temperature=1.0, top_k=5), {0, 1, 2, 3, *range(2000, 2040)}),
+        (wide, GenerationParams(temperature=1.0, top_p=0.9), set(range(4600))),
+    ]:
+        params = [dataclasses.replace(p, seed=s) for s in range(n)]
+        got = sample_rows(logits.expand(n, -1), params, [random.Random(s) for s in range(n)])
+        assert set(got) <= allowed
+        assert got[:20] == [one_draw(logits, q, q.seed) for q in params[:20]]
+        if p.top_k:
+            assert len(set(got) & set(range(2000, 2040))) > 30  # all of the tie run
+        else:
+            assert max(got) > engine_mod.CANDIDATES  # past the first candidates
+            assert sum(t > 2 * engine_mod.CANDIDATES for t in got) > n // 4
+    # the same rows next to a greedy row and a plain one draw the same
+    mixed = torch.stack([ties[:3000], wide[:3000], wide[:3000]])
+    q = [GenerationParams(temperature=1.0, top_k=5, seed=7), GenerationParams(seed=1),
+         GenerationParams(temperature=0.9, seed=2)]  # fmt: skip
+    got = sample_rows(mixed, q, [random.Random(7), None, random.Random(2)])
+    assert got == [one_draw(r, p, p.seed) for r, p in zip(mixed, q, strict=True)]
 
 
 def test_top_k_and_top_p_cut_where_they_should() -> None:
@@ -403,5 +493,5 @@ def test_top_k_and_top_p_cut_where_they_should() -> None:
         (skewed, GenerationParams(temperature=1.0, top_p=0.7), {0, 1}),
     ]:
         params = [dataclasses.replace(p, seed=s) for s in range(300)]
-        gens = [torch.Generator().manual_seed(s) for s in range(300)]
-        assert set(sample_rows(logits.expand(300, -1), params, gens)) == want
+        rngs = [random.Random(s) for s in range(300)]
+        assert set(sample_rows(logits.expand(300, -1), params, rngs)) == want

@@ -47,6 +47,7 @@ import functools
 import heapq
 import itertools
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -686,58 +687,114 @@ def _widths(max_context: int) -> list[int]:
 # --- sampling and stop conditions ----------------------------------------------
 
 
-def sample_next(logits: torch.Tensor, p: GenerationParams, gen: torch.Generator | None) -> int:
+def sample_next(logits: torch.Tensor, p: GenerationParams, rng: random.Random | None) -> int:
     """Pick the next token from 1-D logits (fp32 math whatever the model dtype)."""
-    return sample_rows(logits.unsqueeze(0), [p], [gen])[0]
+    return sample_rows(logits.unsqueeze(0), [p], [rng])[0]
+
+
+CANDIDATES = 1024  # tokens a row with top-p but no top-k is first drawn from
 
 
 def sample_rows(
     logits: torch.Tensor,
     params: Sequence[GenerationParams],
-    gens: Sequence[torch.Generator | None],
+    rngs: Sequence[random.Random | None],
 ) -> list[int]:
-    """The next token of each row of ``logits`` ``[B, V]``, each by its own parameters
-    and generator, with one device-to-host copy for the batch: greedy rows take the
-    argmax; sampled rows are scaled by their temperature, cut to their top-k, then to
-    their top-p nucleus, and drawn as ``torch.multinomial`` draws one sample. Each row's
-    draw is what it would be alone (``sample_next``), so a request's seed gives the same
-    tokens in any batch."""
+    """The next token of each row of ``logits`` ``[B, V]``, each by its own parameters,
+    with one device-to-host copy for the batch (two where a row's cut reaches past its
+    candidates). Greedy rows take the argmax. A sampled row is scaled by its temperature,
+    cut to its top-k (ties with the k-th value kept, as transformers does), renormalised,
+    cut to its top-p nucleus (the smallest prefix, largest first and ties by token id,
+    whose mass reaches top_p), and drawn by inverse CDF over the kept tokens, largest
+    first (a row without cuts: the whole row in token order, no sort), at one uniform
+    from the request's own ``random.Random`` (seeded from its seed; None: a fresh one
+    from ``params.seed``). The uniforms come from the host, so no kernel runs per row and a
+    seed draws the same on any device and in any batch.
+
+    Rows with a cut are drawn from their largest logits only (``topk`` of k + 1, or
+    ``CANDIDATES`` for top-p alone), not from a sort of the whole vocabulary; a row whose
+    kept tokens reach the end of its candidates (a tie run or a wide nucleus) is drawn
+    again from the whole sorted row."""
     logits = logits.float()
     picks = torch.argmax(logits, dim=-1)
     hot = [i for i, p in enumerate(params) if p.temperature > 0.0]
     if not hot:
         return [int(t) for t in picks.tolist()]
     dev, v = logits.device, logits.shape[-1]
-    rows = torch.tensor(hot, device=dev)
-
-    def column(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, device=dev, dtype=torch.float32).unsqueeze(1)
-
-    x = logits.index_select(0, rows) / column([params[i].temperature for i in hot])
+    us = [(rngs[i] or random.Random(params[i].seed)).random() for i in hot]
     ks = [params[i].top_k if 0 < params[i].top_k < v else 0 for i in hot]
-    if any(ks):  # the k-th largest of each row that has a top-k (-inf: keep all)
-        top = torch.topk(x, max(ks), dim=-1).values
-        kth = top.gather(1, torch.tensor([max(k - 1, 0) for k in ks], device=dev)[:, None])
-        kth = kth.masked_fill(column([float(k == 0) for k in ks]) > 0, float("-inf"))
-        x = x.masked_fill(x < kth, float("-inf"))
-    probs = torch.softmax(x, dim=-1)
-    tops = [params[i].top_p for i in hot]
-    if min(tops) < 1.0:
-        # keep the smallest prefix whose mass reaches top_p (always at least one token);
-        # rows without a top-p keep their probabilities untouched (multinomial does not
-        # need them to sum to one)
-        ordered, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-        limit = column([t if t < 1.0 else float("inf") for t in tops])
-        ordered = ordered.masked_fill(torch.cumsum(ordered, dim=-1) - ordered >= limit, 0.0)
-        probs = torch.zeros_like(probs).scatter(1, order, ordered)
-    if bool(torch.isnan(probs).any()):
+    tops = [params[i].top_p if params[i].top_p < 1.0 else 2.0 for i in hot]
+    host = torch.tensor([[params[i].temperature for i in hot], ks, tops, us],
+                        dtype=torch.float64)  # fmt: skip
+    cols = host.to(dev).unsqueeze(-1)  # [4, n, 1]: one copy for every row's parameters
+    temp, kcol, pcol, ucol = cols[0].float(), cols[1].long(), cols[2].float(), cols[3].float()
+    rows = torch.tensor(hot, device=dev)
+    x = _take(logits, hot, rows) / temp
+    cut = [j for j, (k, t) in enumerate(zip(ks, tops, strict=True)) if k or t < 1.0]
+    plain = [j for j in range(len(hot)) if not (ks[j] or tops[j] < 1.0)]
+    tokens = torch.empty(len(hot), dtype=torch.long, device=dev)
+    overflow = torch.zeros(len(hot), dtype=torch.bool, device=dev)
+    if plain:  # the whole row in token order: no sort at all
+        at = torch.tensor(plain, device=dev)
+        cum = torch.cumsum(torch.softmax(_take(x, plain, at), dim=-1), dim=-1)
+        drawn = torch.searchsorted(cum, ucol[at] * cum[:, -1:], right=True)
+        tokens[at] = drawn.clamp(max=v - 1).squeeze(1)
+    if cut:
+        at = torch.tensor(cut, device=dev)
+        width = max([k + 1 for k in ks if k] + [CANDIDATES if min(tops) < 1.0 else 0])
+        got, over = _draw_cut(_take(x, cut, at), kcol[at], pcol[at], ucol[at], min(width, v))
+        tokens[at], overflow[at] = got, over
+    nan = torch.isnan(x).any(dim=-1)
+    back = torch.cat([picks.index_copy(0, rows, tokens), overflow.long(), nan.long()]).tolist()
+    if any(back[-len(hot) :]):
         raise GenerationError("the model's logits hold NaN: nothing to sample from")
-    # multinomial's own draw of one sample (argmax of p / Exp(1) noise), with each row's
-    # noise from its generator: one kernel a row, then one division and argmax for all
-    noise = torch.stack([probs.new_empty(v).exponential_(generator=gens[i])
-                         for i in hot])  # fmt: skip
-    picks = picks.index_copy(0, rows, torch.argmax(probs / noise, dim=-1))
-    return [int(t) for t in picks.tolist()]
+    out = [int(t) for t in back[: len(params)]]
+    again = [j for j in range(len(hot)) if back[len(params) + j]]
+    if again:  # the kept tokens may go on past the candidates: the whole row, sorted
+        at = torch.tensor(again, device=dev)
+        got, _ = _draw_cut(x[at], kcol[at], pcol[at], ucol[at], v)
+        for j, t in zip(again, got.tolist(), strict=True):
+            out[hot[j]] = int(t)
+    return out
+
+
+def _take(x: torch.Tensor, rows: list[int], index: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` of ``x`` (``index``: the same on its device): ``x`` itself when they
+    are all of its rows in order (no copy of a [B, vocabulary] tensor)."""
+    return x if rows == list(range(x.shape[0])) else x[index]
+
+
+def _draw_cut(
+    x: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of scaled logits ``x`` ``[n, V]`` cut to top-k (``k`` ``[n, 1]``, 0: none) and
+    top-p (``[n, 1]``, 2: none), drawn at ``u`` ``[n, 1]`` among the ``width`` largest:
+    the token ids ``[n]``, and whether each row's kept tokens reach the last candidate
+    (then the draw may be wrong unless ``width`` is the whole row)."""
+    v = x.shape[-1]
+    if width >= v:
+        vals, idx = torch.sort(x, dim=-1, descending=True, stable=True)
+    else:  # topk's order among equal values is its own: make it the stable sort's
+        vals, idx = torch.topk(x, width, dim=-1)
+        by_id = torch.argsort(idx, dim=-1)
+        vals, idx = vals.gather(1, by_id), idx.gather(1, by_id)
+        order = torch.argsort(vals, dim=-1, descending=True, stable=True)
+        vals, idx = vals.gather(1, order), idx.gather(1, order)
+    has_k = k > 0
+    kth = vals.gather(1, (k.clamp(min=1) - 1).clamp(max=width - 1))
+    keep = (vals >= kth) | ~has_k
+    # renormalised over the top-k set (within the candidates), or over the whole row
+    masked = vals.masked_fill(~keep, float("-inf"))
+    lse = torch.where(has_k, torch.logsumexp(masked, dim=-1, keepdim=True),
+                      torch.logsumexp(x, dim=-1, keepdim=True))  # fmt: skip
+    probs = torch.exp(masked - lse)
+    keep &= torch.cumsum(probs, dim=-1) - probs < top_p  # a prefix, at least one token
+    probs = probs.masked_fill(~keep, 0.0)
+    cum = torch.cumsum(probs, dim=-1)
+    last = keep.sum(dim=-1, keepdim=True) - 1  # the last kept candidate
+    drawn = torch.searchsorted(cum, u * cum[:, -1:], right=True).clamp(max=last)
+    over = vals.gather(1, last) == vals[:, -1:] if width < v else torch.zeros_like(has_k)
+    return idx.gather(1, drawn).squeeze(1), over.squeeze(1)
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int:
@@ -769,7 +826,6 @@ class TokenStream:
         prompt_ids: Sequence[int],
         params: GenerationParams,
         tokenizer: Any,
-        device: torch.device | str = "cpu",
     ) -> None:
         if not prompt_ids:
             raise GenerationError("the prompt encodes to no tokens")
@@ -777,16 +833,14 @@ class TokenStream:
         self.params = params
         self.tokenizer = tokenizer
         self.eos = tokenizer.eos_token_id
-        self.gen: torch.Generator | None = None
-        if params.temperature > 0:
-            self.gen = torch.Generator(device=device)
-            self.gen.manual_seed(params.seed)
+        # the request's draws: one uniform per sampled token, from its seed
+        self.rng = random.Random(params.seed) if params.temperature > 0 else None
         self.out: list[int] = []
         self.finish = "length"
         self.text: str | None = None
 
     def push(self, logits: torch.Tensor) -> int | None:
-        return self.accept(sample_next(logits, self.params, self.gen))
+        return self.accept(sample_next(logits, self.params, self.rng))
 
     def accept(self, nxt: int) -> int | None:
         p = self.params
@@ -866,7 +920,7 @@ class Batcher:
         cancel: threading.Event | None = None,
     ) -> concurrent.futures.Future[GenerationResult]:
         """Queue one request; the future holds its ``GenerationResult`` (or the error)."""
-        stream = TokenStream(prompt_ids, params, self.tokenizer, self.engine.device)
+        stream = TokenStream(prompt_ids, params, self.tokenizer)
         self.engine.check_request(len(prompt_ids), params.max_new_tokens)
         fut: concurrent.futures.Future[GenerationResult] = concurrent.futures.Future()
         req = _Request(list(prompt_ids), stream, priority, on_token, cancel, fut)
@@ -973,7 +1027,7 @@ class Batcher:
     @staticmethod
     def _sample(reqs: list[_Request], logits: torch.Tensor) -> list[int]:
         """Each request's next token from its row of ``logits``, by its own parameters."""
-        return sample_rows(logits, [r.stream.params for r in reqs], [r.stream.gen for r in reqs])
+        return sample_rows(logits, [r.stream.params for r in reqs], [r.stream.rng for r in reqs])
 
     def _advance(self, req: _Request, nxt: int | None) -> None:
         if req.on_token is not None and req.stream.out:
@@ -1021,14 +1075,13 @@ def decode_loop(
     forward: Callable[[list[int]], torch.Tensor],
     tokenizer: Any,
     max_positions: int,
-    device: torch.device | str = "cpu",
     *,
     on_token: Callable[[int], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> GenerationResult:
     """Prefill then decode with ``forward(new token ids) -> logits of the last position``
     (an engine slot, or a model with its own KV cache): sampling, EOS, stop strings."""
-    stream = TokenStream(prompt_ids, params, tokenizer, device)
+    stream = TokenStream(prompt_ids, params, tokenizer)
     if len(prompt_ids) + params.max_new_tokens > max_positions:
         raise GenerationError(
             f"prompt ({len(prompt_ids)} tokens) + max_new_tokens exceeds the model's "
@@ -1068,6 +1121,6 @@ def generate_ids(
 
     try:
         return decode_loop(prompt_ids, params, forward, tokenizer, engine.max_context,
-                           engine.device, on_token=on_token, cancel=cancel)  # fmt: skip
+                           on_token=on_token, cancel=cancel)  # fmt: skip
     finally:
         engine.release(slot)

@@ -2,10 +2,10 @@
 
 Synchronous and free of the daemon (no trio, no network): it runs in a worker
 thread of the node, and alone on a GPU box for benchmarks. Greedy when
-temperature is 0; otherwise temperature, top-k, top-p sampling from a
-``torch.Generator`` seeded per request, so a (model, device, seed) triple always
-gives the same tokens. Progress is reported after every token and cancellation is
-checked between tokens.
+temperature is 0; otherwise temperature, top-k, top-p sampling with uniforms from a
+``random.Random`` seeded per request, so a (model, device, seed) triple always gives
+the same tokens (and devices whose probabilities agree draw the same). Progress is
+reported after every token and cancellation is checked between tokens.
 """
 
 from __future__ import annotations
@@ -174,5 +174,5 @@ def generate(
         logits: torch.Tensor = lm.model(input_ids=ids, logits_to_keep=1, **kw).logits[0, -1]
         return logits
 
-    return decode_loop(prompt_ids, params, forward, lm.tokenizer, max_pos, lm.device,
+    return decode_loop(prompt_ids, params, forward, lm.tokenizer, max_pos,
                        on_token=on_token, cancel=cancel)  # fmt: skip
