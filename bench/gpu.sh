@@ -13,7 +13,8 @@
 # 3. batch 1 without the engine's triton kernels (the torch ops they replace), engine
 #    only, with its kernel profile: what the kernels are worth on this card;
 # 4. batch 1 with compute.compile_decode (torch.compile under the graphs), engine only;
-# 5. LoRA training steps on the same shape (bench/train.py), where peft is installed.
+# 5. the batched sampler on 64 rows of DeepSeek's vocabulary (bench/sampling.py);
+# 6. LoRA training steps on the same shape (bench/train.py), where peft is installed.
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/vcoin-gpu}
@@ -36,6 +37,7 @@ else
         --profile --json "$out/nokernels.json" 2>&1 | tee "$out/nokernels.txt"
     $py bench/inference.py "${shape[@]}" --no-hf --parity 0 --concurrent 1 --compile \
         --json "$out/compile.json" 2>&1 | tee "$out/compile.txt"
+    $py bench/sampling.py --device "${DEVICE:-cuda}" 2>&1 | tee "$out/sampling.txt"
     if $py -c 'import peft' 2>/dev/null; then
         $py bench/train.py "${shape[@]}" --steps 5 2>&1 |
             tee "$out/train.txt"

@@ -741,8 +741,10 @@ def sample_rows(
         tokens[at] = drawn.clamp(max=v - 1).squeeze(1)
     if cut:
         at = torch.tensor(cut, device=dev)
-        width = max([k + 1 for k in ks if k] + [CANDIDATES if min(tops) < 1.0 else 0])
-        got, over = _draw_cut(_take(x, cut, at), kcol[at], pcol[at], ucol[at], min(width, v))
+        width = max(k + 1 if k else CANDIDATES for k in (ks[j] for j in cut))
+        whole = not all(ks[j] for j in cut)
+        got, over = _draw_cut(_take(x, cut, at), kcol[at], pcol[at], ucol[at], min(width, v),
+                              whole)  # fmt: skip
         tokens[at], overflow[at] = got, over
     nan = torch.isnan(x).any(dim=-1)
     back = torch.cat([picks.index_copy(0, rows, tokens), overflow.long(), nan.long()]).tolist()
@@ -765,12 +767,18 @@ def _take(x: torch.Tensor, rows: list[int], index: torch.Tensor) -> torch.Tensor
 
 
 def _draw_cut(
-    x: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor, width: int
+    x: torch.Tensor,
+    k: torch.Tensor,
+    top_p: torch.Tensor,
+    u: torch.Tensor,
+    width: int,
+    whole_rows: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of scaled logits ``x`` ``[n, V]`` cut to top-k (``k`` ``[n, 1]``, 0: none) and
     top-p (``[n, 1]``, 2: none), drawn at ``u`` ``[n, 1]`` among the ``width`` largest:
     the token ids ``[n]``, and whether each row's kept tokens reach the last candidate
-    (then the draw may be wrong unless ``width`` is the whole row)."""
+    (then the draw may be wrong unless ``width`` is the whole row). ``whole_rows``: some
+    row has no top-k (False saves a pass over every row)."""
     v = x.shape[-1]
     if width >= v:
         vals, idx = torch.sort(x, dim=-1, descending=True, stable=True)
@@ -785,8 +793,9 @@ def _draw_cut(
     keep = (vals >= kth) | ~has_k
     # renormalised over the top-k set (within the candidates), or over the whole row
     masked = vals.masked_fill(~keep, float("-inf"))
-    lse = torch.where(has_k, torch.logsumexp(masked, dim=-1, keepdim=True),
-                      torch.logsumexp(x, dim=-1, keepdim=True))  # fmt: skip
+    lse = torch.logsumexp(masked, dim=-1, keepdim=True)
+    if whole_rows:  # rows without a top-k: over the whole row, candidates or not
+        lse = torch.where(has_k, lse, torch.logsumexp(x, dim=-1, keepdim=True))
     probs = torch.exp(masked - lse)
     keep &= torch.cumsum(probs, dim=-1) - probs < top_p  # a prefix, at least one token
     probs = probs.masked_fill(~keep, 0.0)
