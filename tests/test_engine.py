@@ -89,6 +89,21 @@ def replayed_eagerly(monkeypatch: pytest.MonkeyPatch, *engines: Engine) -> None:
         e.cuda_graphs = True
 
 
+def served_as_alone(
+    engine: Engine, lm: Any, cases: list[tuple[list[int], GenerationParams]]
+) -> tuple[Batcher, list[Any]]:
+    """All ``cases`` at once on a batcher over ``engine``: each gets the tokens the plain
+    engine gives it alone. The (closed) batcher and the results."""
+    batcher = Batcher(engine, lm.tokenizer)
+    try:
+        got = [f.result(timeout=300) for f in [batcher.submit(i, p) for i, p in cases]]
+    finally:
+        batcher.close()
+    for (ids, p), r in zip(cases, got, strict=True):
+        assert r.token_ids == generate_ids(lm.engine, ids, p, lm.tokenizer).token_ids
+    return batcher, got
+
+
 @pytest.mark.parametrize("replayed", [False, True])
 def test_graph_padding_run_eagerly_gives_the_same_tokens(
     lm: Any, models_dir: Path, replayed: bool, monkeypatch: pytest.MonkeyPatch
@@ -111,13 +126,7 @@ def test_graph_padding_run_eagerly_gives_the_same_tokens(
     long_ids = encode_prompt(lm, " ".join(PROMPTS))[:240]  # crosses 256 while decoding
     cases = [(encode_prompt(lm, PROMPTS[i]), GenerationParams(max_new_tokens=12 + 5 * i))
              for i in range(6)] + [(long_ids, GenerationParams(max_new_tokens=40))]  # fmt: skip
-    batcher = Batcher(padded, lm.tokenizer)
-    try:
-        got = [f.result(timeout=120) for f in [batcher.submit(i, p) for i, p in cases]]
-    finally:
-        batcher.close()
-    for (ids, p), r in zip(cases, got, strict=True):
-        assert r.token_ids == generate_ids(lm.engine, ids, p, lm.tokenizer).token_ids
+    batcher, got = served_as_alone(padded, lm, cases)
     assert len(got[-1].token_ids) == 40 and batcher.peak_batch == 5 and padded.free_slots == 5
     # Rows that sit out a padded step keep their cache: slot 4 decodes alone (a bucket of
     # 5 rows), then slots 0..3 go on where they were.
@@ -235,15 +244,20 @@ def test_unsupported_architectures_are_refused(lm: Any) -> None:
         Engine(Stack(stack.layers, stack.rotary, cfg), slots=1)
 
 
-@pytest.mark.parametrize("fused,replayed", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize(
+    "fused,replayed,kernels",
+    [(False, False, False), (True, False, False), (True, True, False), (True, False, True)],
+)
 def test_span_engines_chain_to_the_whole_model(
-    lm: Any, models_dir: Path, tmp_path: Path, fused: bool, replayed: bool,
+    lm: Any, models_dir: Path, tmp_path: Path, fused: bool, replayed: bool, kernels: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
+    """``kernels``: the fused step with the triton kernels (tests/test_kernels.py), under
+    triton's interpreter."""
     dirs = split_model(models_dir / "tiny-qwen2", tmp_path, even_ranges(4, 2), name="t",
                        model_id="x")  # fmt: skip
     spans = [Engine(Stack.of_shard(load_shard(d)), slots=1, max_context=256, fused=fused,
-                    static_shapes=fused) for d in dirs]  # fmt: skip
+                    static_shapes=fused, kernels=kernels) for d in dirs]  # fmt: skip
     if replayed:  # token ids into the first span's graph, hidden states into the second's
         replayed_eagerly(monkeypatch, *spans)
     for prompt in PROMPTS[:10]:

@@ -1,7 +1,8 @@
 """The engine's triton kernels (rotary + cache write, SiLU * up) under triton's
 interpreter on CPU tensors: they round as the torch ops they replace, write only their
 rows' cache entries, refuse what they cannot run, and an engine using them gives the
-tokens the torch path gives (whole model, graph padding, span engines)."""
+tokens the torch path gives (whole model and graph padding here; span engines in
+``tests/test_engine.py``)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,11 @@ from typing import Any
 import pytest
 import torch
 
-from tests.test_engine import PROMPTS, replayed_eagerly
+from tests.test_engine import PROMPTS, replayed_eagerly, served_as_alone
 from vcoind.compute import engine as engine_mod
 from vcoind.compute import kernels
-from vcoind.compute.engine import Batcher, Engine, EngineError, Stack, generate_ids
+from vcoind.compute.engine import Engine, EngineError, Stack
 from vcoind.compute.generate import GenerationParams, encode_prompt, load_model
-from vcoind.compute.shards import even_ranges, load_shard, split_model
 
 CPU = torch.device("cpu")
 
@@ -127,42 +127,9 @@ def test_engine_with_kernels_gives_the_torch_paths_tokens(
     long_ids = encode_prompt(lm, " ".join(PROMPTS))[:245]  # crosses 256 while decoding
     cases = [(encode_prompt(lm, PROMPTS[i]), GenerationParams(max_new_tokens=6 + 4 * i))
              for i in range(3)] + [(long_ids, GenerationParams(max_new_tokens=16))]  # fmt: skip
-    cases.append(
-        (
-            encode_prompt(lm, PROMPTS[5]),
-            GenerationParams(max_new_tokens=12, temperature=0.9, top_k=20, seed=3),
-        )
-    )
-    batcher = Batcher(eng, lm.tokenizer)
-    try:
-        got = [f.result(timeout=300) for f in [batcher.submit(i, p) for i, p in cases]]
-    finally:
-        batcher.close()
-    for (ids, p), r in zip(cases, got, strict=True):
-        assert r.token_ids == generate_ids(lm.engine, ids, p, lm.tokenizer).token_ids
+    sampled = GenerationParams(max_new_tokens=12, temperature=0.9, top_k=20, seed=3)
+    cases.append((encode_prompt(lm, PROMPTS[5]), sampled))
+    batcher, _ = served_as_alone(eng, lm, cases)
     # all three slots in one step; the long prompt's rows read past the first width
     assert batcher.peak_batch == 3 and eng._widths == [256, 304]
     assert {b for b, _ in eng._graphs} >= {3} and {w for _, w in eng._graphs} == {256, 304}
-
-
-def test_span_engines_with_kernels_chain_to_the_whole_model(
-    k: kernels.Kernels, lm: Any, models_dir: Path, tmp_path: Path
-) -> None:
-    dirs = split_model(models_dir / "tiny-qwen2", tmp_path, even_ranges(4, 2), name="t",
-                       model_id="x")  # fmt: skip
-    spans = [Engine(Stack.of_shard(load_shard(d)), slots=2, max_context=128, fused=True,
-                    static_shapes=True, kernels=True) for d in dirs]  # fmt: skip
-    for prompt in PROMPTS[10:14]:
-        ids = encode_prompt(lm, prompt)
-        want = generate_ids(lm.engine, ids, GenerationParams(max_new_tokens=10), lm.tokenizer)
-        slots = [e.alloc() for e in spans]
-        x, got = torch.tensor(ids), []
-        for step in range(len(want.token_ids)):
-            h = x
-            for e, s in zip(spans, slots, strict=True):
-                h = e.prefill(s, h) if step == 0 else e.decode([s], h)
-            got.append(int(torch.argmax(h)))
-            x = torch.tensor([got[-1]])
-        for e, s in zip(spans, slots, strict=True):
-            e.release(s)
-        assert tuple(got) == want.token_ids, prompt
