@@ -237,6 +237,24 @@ def test_slots_run_out_with_a_clear_error(lm: Any) -> None:
         generate_ids(engine, [1] * 60, GenerationParams(max_new_tokens=8), lm.tokenizer)
 
 
+def test_the_fused_steps_rotary_table_is_the_modules_own(lm: Any, models_dir: Path) -> None:
+    """Every cache position's cos | sin, gathered in a decode step, is what the model's
+    rotary module gives for that position alone; a rotary type whose angles change with
+    the sequence gets no table (the module runs each step)."""
+    model = load_model(models_dir / "tiny-qwen2", torch.device("cpu"), torch.float16,
+                       engine=False).model  # fmt: skip
+    eng = Engine(Stack.of_model(model), slots=1, max_context=300, dtype=torch.float16,
+                 fused=True)  # fmt: skip
+    assert eng._angles is not None and eng._angles.shape[0] == eng.k[0].shape[2]
+    for p in (0, 1, 37, 299, 300):  # 300: the scratch position
+        x = torch.zeros(1, 1, eng.hidden, dtype=torch.float16)
+        cos, sin = model.model.rotary_emb(x, torch.tensor([[p]]))
+        assert torch.equal(eng._angles[p], torch.cat([cos, sin], dim=-1)[0, 0])
+    model.model.rotary_emb.rope_type = "dynamic"
+    again = Engine(Stack.of_model(model), slots=1, max_context=300, fused=True)
+    assert again._angles is None
+
+
 def test_unsupported_architectures_are_refused(lm: Any) -> None:
     stack = Stack.of_model(lm.model)
     cfg = type("Cfg", (), {"model_type": "llama"})()

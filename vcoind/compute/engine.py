@@ -66,6 +66,7 @@ log = logging.getLogger("vcoind.engine")
 
 DEFAULT_MAX_CONTEXT = 4096
 PREFILL_TOKENS = 8192  # padded prompt tokens per batched prefill pass
+STATIC_ROPE = ("default", "linear")  # rotary types whose angles depend on position alone
 
 
 class EngineError(GenerationError):
@@ -186,6 +187,19 @@ class Engine:
             # the rotation matrix's off-diagonal entries: column j takes row (j + d/2) % d
             self._rot_cols = torch.arange(self.head_dim, device=self.device)
             self._rot_rows = (self._rot_cols + self.head_dim // 2) % self.head_dim
+            # attention bias: 0 where a row may look, -inf past its position
+            bias_dtype = dtype if self.fused else torch.float32
+            self._open = torch.zeros((), device=self.device, dtype=bias_dtype)
+            self._shut = torch.full((), float("-inf"), device=self.device, dtype=bias_dtype)
+            # The fused step's rotary angles, cos | sin for every cache position, from the
+            # model's own rotary module (each position's values are what it gives for that
+            # position alone): one gather a step instead of the module's nine kernels.
+            # Rotary types whose angles change with the sequence (dynamic) run it per step.
+            self._angles: torch.Tensor | None = None
+            if self.fused and getattr(stack.rotary, "rope_type", "default") in STATIC_ROPE:
+                every = torch.arange(shape[2], device=self.device).unsqueeze(0)
+                probe = torch.zeros(1, device=self.device, dtype=dtype)
+                self._angles = torch.cat(stack.rotary(probe, every), dim=-1)[0].contiguous()
         self._batch_buckets = _buckets(slots)
         self._widths = _widths(self.max_context)
         self.length = [0] * slots
@@ -274,7 +288,7 @@ class Engine:
 
     def _rotation(self, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Each row's rotary step as a ``[d, d]`` matrix (``x @ R`` == ``x * cos +
-        rotate_half(x) * sin``), from ``_rope``'s cos and signed sin ``[N, 1, 1, d]``: a
+        rotate_half(x) * sin``), from cos and signed sin ``[N, d]`` (or ``_rope``'s): a
         decode applies it to q and k of every layer in one batched matmul."""
         cos, sin = cos.flatten(0, -2), sin.flatten(0, -2)  # [N, d]
         rot = torch.diag_embed(cos)
@@ -414,16 +428,20 @@ class Engine:
         each row's position; attention over the first ``width`` positions."""
         b = x.shape[0]
         h = self._embed(x.unsqueeze(1))
-        if self.kernels is not None:  # transformers' cos and sin [B, d], for rope_store
-            cos, sin = (t.reshape(b, -1) for t in self.stack.rotary(h, pos.unsqueeze(1)))
-            rot = None
-        else:
+        rot = None
+        if not self.fused:
             cos, sin = self._rope(h, pos.unsqueeze(1))
-            rot = self._rotation(cos, sin) if self.fused else None
+        else:  # transformers' cos and sin [B, d]: rope_store's, or the rotation matrices'
+            if self._angles is not None:
+                cs = self._angles.index_select(0, pos)
+                cos, sin = cs[:, : self.head_dim], cs[:, self.head_dim :]
+            else:
+                cos, sin = (t.reshape(b, -1) for t in self.stack.rotary(h, pos.unsqueeze(1)))
+            if self.kernels is None:
+                half = self.head_dim // 2
+                rot = self._rotation(cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1))
         visible = self._cols[:width].unsqueeze(0) <= pos.unsqueeze(1)  # [B, width]
-        bias_dtype = self.dtype if self.fused else torch.float32
-        bias = torch.zeros(visible.shape, device=self.device, dtype=bias_dtype)
-        bias = bias.masked_fill(~visible, float("-inf")).view(b, 1, 1, width)
+        bias = torch.where(visible, self._open, self._shut).view(b, 1, 1, width)
         index = torch.arange(b, device=self.device) if rows is None else rows
         for i, layer in enumerate(self.stack.layers):
             q = self._step_qkv(i, layer, h, cos, sin, rot, pos, index)
