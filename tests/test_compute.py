@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -197,3 +199,37 @@ async def test_executor_evicts_least_recently_used(models_dir: Path, tmp_path: P
     ex.budget_bytes = size // 2
     with pytest.raises(ModelError, match="more than the memory budget"):
         await ex.load("tiny-qwen2")
+
+
+GPU_BOX_CHECK = """
+import importlib.abc, runpy, sys
+ABSENT = {"libp2p", "multiaddr", "trio", "web3", "eth_account", "eth_tester", "eth_utils",
+          "hypercorn", "starlette", "msgpack", "httpx", "peft", "sentence_transformers",
+          "prometheus_client", "triton"}
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ABSENT:
+            raise ImportError(f"no module named {name!r} on this box")
+sys.meta_path.insert(0, Absent())
+import vcoind.compute.engine, vcoind.compute.generate, vcoind.compute.kernels
+import vcoind.compute.shards, vcoind.compute.telemetry, vcoind.compute.testmodel
+assert vcoind.compute.kernels.load() is None  # no triton: the engine runs torch's ops
+for script in ("bench/inference.py", "bench/sampling.py", "bench/train.py"):
+    sys.argv = [script, "--help"]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exc:
+        assert exc.code in (0, None), (script, exc.code)
+print("imports:", sorted(m for m in sys.modules if m.split(".")[0] in ABSENT))
+"""
+
+
+def test_compute_and_benches_run_without_the_daemons_network_stack() -> None:
+    """The GPU box has torch, transformers, safetensors, pynvml and psutil, none of the
+    daemon's network, chain or training stack (and maybe no triton): ``vcoind.compute``
+    and the benchmarks import there and the engine's kernels stand down."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", GPU_BOX_CHECK], cwd=root, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "imports: []" in done.stdout
