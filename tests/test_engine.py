@@ -192,6 +192,29 @@ def test_batched_prefill_matches_one_by_one(lm: Any, models_dir: Path, fused: bo
         assert r.token_ids == generate_ids(lm.engine, x.tolist(), p, lm.tokenizer).token_ids
 
 
+def test_a_burst_is_prefilled_shortest_first_in_passes_of_like_lengths(
+    lm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Long and short prompts queued together, alternating, with room for two prompts a
+    pass: the two short ones share a pass and the two long ones another, so the passes
+    pad little (one pad token a pass here; in arrival order, 100 in all)."""
+    monkeypatch.setattr(engine_mod, "PREFILL_TOKENS", 2 * 60)
+    ids = encode_prompt(lm, " ".join(PROMPTS))
+    prompts = [ids[:60], ids[:9], ids[3:62], ids[5:15]]  # 60, 9, 59 and 10 tokens
+    engine = Engine(Stack.of_model(lm.model), slots=4, max_context=128)
+    p = GenerationParams(max_new_tokens=6)
+    batcher = Batcher(engine, lm.tokenizer)
+    try:
+        with batcher._cv:  # the batcher's thread admits nothing until all are queued
+            futures = [batcher.submit(x, p) for x in prompts]
+        got = [f.result(timeout=60) for f in futures]
+    finally:
+        batcher.close()
+    assert batcher.peak_prefill == 2 and batcher.prefill_padding == 1 + 1
+    for x, r in zip(prompts, got, strict=True):
+        assert r.token_ids == generate_ids(lm.engine, x, p, lm.tokenizer).token_ids
+
+
 def test_rotation_matrix_is_the_rotary_step(lm: Any) -> None:
     engine = Engine(Stack.of_model(lm.model), slots=1, max_context=64, fused=True)
     pos = torch.tensor([[0], [5], [63]])

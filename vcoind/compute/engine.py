@@ -936,6 +936,7 @@ class Batcher:
         self._closed = False
         self.peak_batch = 0  # the most requests decoded in one step
         self.peak_prefill = 0  # the most prompts prefilled in one pass
+        self.prefill_padding = 0  # pad tokens run by batched prefills, all told
 
     def submit(
         self,
@@ -994,14 +995,14 @@ class Batcher:
     def _prefill(self, admitted: list[_Request]) -> None:
         """Prompts of newly admitted requests, several per forward pass (up to
         ``PREFILL_TOKENS`` padded tokens): a burst of requests reaches its first tokens
-        together instead of one prefill after another."""
+        together instead of one prefill after another. Shortest first, so a pass pads
+        its prompts to a length near their own (and short prompts see their first tokens
+        soonest); all of them run before the next decode step."""
         group: list[_Request] = []
-        longest = 0
-        for req in self._uncancelled(admitted):
-            longest = max(longest, len(req.prompt_ids))
-            if group and longest * (len(group) + 1) > PREFILL_TOKENS:
+        for req in sorted(self._uncancelled(admitted), key=lambda r: len(r.prompt_ids)):
+            if group and len(req.prompt_ids) * (len(group) + 1) > PREFILL_TOKENS:
                 self._prefill_group(group)
-                group, longest = [], len(req.prompt_ids)
+                group = []
             group.append(req)
         if group:
             self._prefill_group(group)
@@ -1020,6 +1021,8 @@ class Batcher:
                             len(group), exc)  # fmt: skip
             else:
                 self.peak_prefill = max(self.peak_prefill, len(group))
+                longest = max(len(r.prompt_ids) for r in group)
+                self.prefill_padding += sum(longest - len(r.prompt_ids) for r in group)
                 try:
                     picks = self._sample(group, logits)
                 except Exception as exc:  # the prompts are in: no second prefill
