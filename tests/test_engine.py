@@ -508,6 +508,16 @@ def one_cut_distribution(logits: torch.Tensor, p: GenerationParams) -> torch.Ten
     return probs / probs.sum()
 
 
+def test_the_inverse_cdf_never_lands_on_a_token_of_no_mass() -> None:
+    """Uniforms at the very ends (0, and 1 after rounding) pick the first and the last
+    token that has mass, not one whose probability underflowed to 0."""
+    cum = torch.cumsum(torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.2, 0.8, 0.0]]), dim=-1)
+    ends = engine_mod._inverse_cdf
+    assert ends(cum, torch.tensor([[1.0], [1.0]])).tolist() == [[1], [2]]
+    assert ends(cum, torch.tensor([[0.0], [0.0]])).tolist() == [[0], [1]]
+    assert ends(cum, torch.tensor([[0.6], [0.1]])).tolist() == [[1], [2]]
+
+
 def test_cuts_past_the_candidates_are_drawn_from_the_whole_row() -> None:
     """A tie run at the k-th value keeps every tied token (more than k+1 candidates hold),
     and a nucleus wider than ``CANDIDATES`` reaches past them: both are drawn again from

@@ -755,8 +755,7 @@ def sample_rows(
     if plain:  # the whole row in token order: no sort at all
         at = torch.tensor(plain, device=dev)
         cum = torch.cumsum(torch.softmax(_take(x, plain, at), dim=-1), dim=-1)
-        drawn = torch.searchsorted(cum, ucol[at] * cum[:, -1:], right=True)
-        tokens[at] = drawn.clamp(max=v - 1).squeeze(1)
+        tokens[at] = _inverse_cdf(cum, ucol[at]).squeeze(1)
     if cut:
         at = torch.tensor(cut, device=dev)
         width = max(k + 1 if k else CANDIDATES for k in (ks[j] for j in cut))
@@ -817,11 +816,18 @@ def _draw_cut(
     probs = torch.exp(masked - lse)
     keep &= torch.cumsum(probs, dim=-1) - probs < top_p  # a prefix, at least one token
     probs = probs.masked_fill(~keep, 0.0)
-    cum = torch.cumsum(probs, dim=-1)
+    drawn = _inverse_cdf(torch.cumsum(probs, dim=-1), u)
     last = keep.sum(dim=-1, keepdim=True) - 1  # the last kept candidate
-    drawn = torch.searchsorted(cum, u * cum[:, -1:], right=True).clamp(max=last)
     over = vals.gather(1, last) == vals[:, -1:] if width < v else torch.zeros_like(has_k)
     return idx.gather(1, drawn).squeeze(1), over.squeeze(1)
+
+
+def _inverse_cdf(cum: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Where each row's cumulative mass ``cum`` ``[n, m]`` first passes ``u`` ``[n, 1]``
+    of its total: never an entry of zero mass, even where ``u`` rounds to 1."""
+    total = cum[:, -1:]
+    drawn = torch.searchsorted(cum, u * total, right=True)
+    return drawn.clamp(max=(cum < total).sum(dim=-1, keepdim=True))
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int:
