@@ -515,7 +515,8 @@ def test_the_inverse_cdf_never_lands_on_a_token_of_no_mass() -> None:
     ends = engine_mod._inverse_cdf
     assert ends(cum, torch.tensor([[1.0], [1.0]])).tolist() == [[1], [2]]
     assert ends(cum, torch.tensor([[0.0], [0.0]])).tolist() == [[0], [1]]
-    assert ends(cum, torch.tensor([[0.6], [0.1]])).tolist() == [[1], [2]]
+    assert ends(cum, torch.tensor([[0.6], [0.1]])).tolist() == [[1], [1]]
+    assert ends(cum, torch.tensor([[0.4], [0.3]])).tolist() == [[0], [2]]
 
 
 def test_cuts_past_the_candidates_are_drawn_from_the_whole_row() -> None:
