@@ -15,7 +15,7 @@ import torch
 from tests.test_engine import PROMPTS, replayed_eagerly, served_as_alone
 from vcoind.compute import engine as engine_mod
 from vcoind.compute import kernels
-from vcoind.compute.engine import Engine, EngineError, Stack
+from vcoind.compute.engine import Engine, EngineError, Stack, apply_rotary
 from vcoind.compute.generate import GenerationParams, encode_prompt, load_model
 
 CPU = torch.device("cpu")
@@ -75,7 +75,7 @@ def test_rope_store_rounds_as_transformers_and_writes_only_its_rows(
     q = k.rope_store(qkv, cos, sin, pos, slots, kc, vc, nh, nkv)
     heads = qkv.view(b, nh + 2 * nkv, d)
     # transformers' apply_rotary_pos_emb, in the same dtype: bit for bit
-    turned = kernels.rotate_reference(heads[:, : nh + nkv], cos[:, None], sin[:, None])
+    turned = apply_rotary(heads[:, : nh + nkv], cos[:, None], sin[:, None])
     assert q.shape == (b, nh, d) and torch.equal(q, turned[:, :nh])
     assert torch.equal(kc[slots, :, pos], turned[:, nh:])
     assert torch.equal(vc[slots, :, pos], heads[:, nh + nkv :])
@@ -93,6 +93,10 @@ def test_a_wrong_kernel_is_caught_and_the_engine_falls_back(
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     assert k.check(CPU, torch.float16) is None and k.check(CPU, torch.float32) is None
+    # a verdict is kept per device and dtype: a second engine does not run the check again
+    monkeypatch.setattr(kernels, "_check", lambda *a: "ran again")
+    assert k.check(CPU, torch.float32) is None
+    monkeypatch.undo()
     real = kernels.Kernels.rope_store
 
     def swapped(self: kernels.Kernels, qkv: torch.Tensor, *args: Any) -> torch.Tensor:
@@ -101,6 +105,7 @@ def test_a_wrong_kernel_is_caught_and_the_engine_falls_back(
         return real(self, qkv, cos, sin, pos, slots, vc, kc, nh, nkv)
 
     monkeypatch.setattr(kernels.Kernels, "rope_store", swapped)
+    monkeypatch.setattr(k, "_verdicts", {})  # the patched kernels are checked afresh
     assert "k/v" in (k.check(CPU, torch.float32) or "")
     with pytest.raises(EngineError, match="triton kernels cannot run here"):
         Engine(Stack.of_model(fresh(models_dir)), slots=1, max_context=64, fused=True,
@@ -110,6 +115,7 @@ def test_a_wrong_kernel_is_caught_and_the_engine_falls_back(
     assert "without triton kernels" in caplog.text
     monkeypatch.setattr(kernels.Kernels, "rope_store", real)
     monkeypatch.setattr(kernels.Kernels, "silu_mul", lambda self, gu: gu[..., ::2] * 1.0)
+    monkeypatch.setattr(k, "_verdicts", {})
     assert "silu_mul" in (k.check(CPU, torch.float32) or "")
     with pytest.raises(ValueError, match="fused step"):
         Engine(Stack.of_model(fresh(models_dir)), slots=1, fused=False, kernels=True)

@@ -109,6 +109,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' rotary step, op by op: ``x * cos + rotate_half(x) * sin``."""
+    return x * cos + _rotate_half(x) * sin
+
+
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` with its first half negated: ``rotate_half(x) * sin`` is then a plain
+    rotation of ``x`` by half a head (roll, or the rotation matrix's off-diagonal)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
 def _check_supported(stack: Stack) -> None:
     cfg = stack.config
     if getattr(cfg, "model_type", "qwen2") not in ("qwen2",):
@@ -282,8 +294,7 @@ class Engine:
         fused path takes sin with its first half negated: see ``_qkv``)."""
         cos, sin = self.stack.rotary(h, pos)
         if self.fused:
-            half = sin.shape[-1] // 2
-            sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+            sin = _signed_sin(sin)
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
     def _rotation(self, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -328,8 +339,8 @@ class Engine:
         q = a.q_proj(x).view(b, t, nh, d).transpose(1, 2)
         k = a.k_proj(x).view(b, t, nkv, d).transpose(1, 2)
         v = a.v_proj(x).view(b, t, nkv, d).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
         return q, k, v
 
     def _layer_out(self, i: int, layer: Any, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -438,8 +449,7 @@ class Engine:
             else:
                 cos, sin = (t.reshape(b, -1) for t in self.stack.rotary(h, pos.unsqueeze(1)))
             if self.kernels is None:
-                half = self.head_dim // 2
-                rot = self._rotation(cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1))
+                rot = self._rotation(cos, _signed_sin(sin))
         visible = self._cols[:width].unsqueeze(0) <= pos.unsqueeze(1)  # [B, width]
         bias = torch.where(visible, self._open, self._shut).view(b, 1, 1, width)
         index = torch.arange(b, device=self.device) if rows is None else rows

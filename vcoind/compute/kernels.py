@@ -26,6 +26,8 @@ from types import ModuleType
 
 import torch
 
+from vcoind.compute.engine import apply_rotary
+
 log = logging.getLogger("vcoind.engine")
 
 
@@ -38,6 +40,7 @@ class Kernels:
         self._triton = module.triton
         # libdevice's expf (what torch's CUDA silu calls); the interpreter lacks it
         self._precise = not self.interpreted and module.HAS_LIBDEVICE
+        self._verdicts: dict[tuple[str, torch.dtype], str | None] = {}
 
     def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
         """``silu(gu[..., :n]) * gu[..., n:]`` for ``gu`` ``[.., 2n]``."""
@@ -87,17 +90,15 @@ class Kernels:
 
     def check(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """Run both kernels on a small random input and compare them with the torch ops
-        they replace: None when they agree, else what went wrong."""
-        try:
-            return _check(self, device, dtype)
-        except Exception as exc:  # a compile error, an unsupported card
-            return f"{type(exc).__name__}: {exc}"
-
-
-def rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' rotary step, op by op: ``x * cos + rotate_half(x) * sin``."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+        they replace: None when they agree, else what went wrong. Once per device and
+        dtype (every engine a daemon builds asks)."""
+        key = (str(device), dtype)
+        if key not in self._verdicts:
+            try:
+                self._verdicts[key] = _check(self, device, dtype)
+            except Exception as exc:  # a compile error, an unsupported card
+                self._verdicts[key] = f"{type(exc).__name__}: {exc}"
+        return self._verdicts[key]
 
 
 def _check(k: Kernels, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -124,7 +125,7 @@ def _check(k: Kernels, device: torch.device, dtype: torch.dtype) -> str | None:
     slots = torch.tensor([2, 0, 3], device=device)
     q = k.rope_store(qkv, cos, sin, pos, slots, kc, vc, nh, nkv)
     heads = qkv.view(b, nh + 2 * nkv, d)
-    turned = rotate_reference(heads[:, : nh + nkv], cos[:, None], sin[:, None])
+    turned = apply_rotary(heads[:, : nh + nkv], cos[:, None], sin[:, None])
     if not torch.equal(q, turned[:, :nh]):
         return "rope_store's q differs from transformers' rotary step"
     if not (torch.equal(kc[slots, :, pos], turned[:, nh:]) and
