@@ -9,7 +9,8 @@
 # 1. the card, torch and transformers versions, and the heartbeat's NVML telemetry;
 # 2. bench/inference.py on the DeepSeek-R1-Distill-Qwen-1.5B shape in the daemon's
 #    default configuration (fp16, CUDA graphs, 64 slots x 4096 positions), HF generate
-#    in the same run, greedy parity, and the decode step's kernel profile;
+#    in the same run, a 2048-token prompt joining 8 decoding requests (chunked prefill
+#    and whole), greedy parity, and the decode step's kernel profile;
 # 3. batch 1 without the engine's triton kernels (the torch ops they replace), engine
 #    only, with its kernel profile: what the kernels are worth on this card;
 # 4. batch 1 with compute.compile_decode (torch.compile under the graphs), engine only;
@@ -33,9 +34,9 @@ if [ -n "${QUICK:-}" ]; then
 else
     $py bench/inference.py "${shape[@]}" --profile --json "$out/engine.json" 2>&1 |
         tee "$out/engine.txt"
-    $py bench/inference.py "${shape[@]}" --no-hf --parity 0 --concurrent 1 --kernels off \
+    $py bench/inference.py "${shape[@]}" --no-hf --parity 0 --concurrent 1 --join-tokens 0 --kernels off \
         --profile --json "$out/nokernels.json" 2>&1 | tee "$out/nokernels.txt"
-    $py bench/inference.py "${shape[@]}" --no-hf --parity 0 --concurrent 1 --compile \
+    $py bench/inference.py "${shape[@]}" --no-hf --parity 0 --concurrent 1 --join-tokens 0 --compile \
         --json "$out/compile.json" 2>&1 | tee "$out/compile.txt"
     $py bench/sampling.py --device "${DEVICE:-cuda}" 2>&1 | tee "$out/sampling.txt"
     if $py -c 'import peft' 2>/dev/null; then

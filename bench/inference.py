@@ -17,6 +17,8 @@ box without the daemon's network stack. In one run, same prompts:
 * peak GPU memory of each phase;
 * each figure's ratio to HF, and batch-1 speed against the memory-bandwidth bound
   (measured copy bandwidth / bytes of weights read per token);
+* a ``--join-tokens`` prompt joining ``--join-running`` decoding requests: their longest
+  wait between two tokens, with the batcher's chunked prefill and with whole prompts;
 * greedy parity on ``--parity`` prompts: token-identical to HF ``generate``, the largest
   first-step logit difference; and (from a checkpoint directory) a 2-shard pipeline of
   span engines against the whole-model engine.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import statistics
@@ -42,7 +45,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from vcoind.compute.engine import DEFAULT_MAX_CONTEXT, Batcher, Engine, Stack, generate_ids
+from vcoind.compute.engine import (
+    DEFAULT_MAX_CONTEXT,
+    PREFILL_CHUNK,
+    Batcher,
+    Engine,
+    Stack,
+    generate_ids,
+)
 from vcoind.compute.generate import GenerationParams, load_model, pick_device
 from vcoind.compute.testmodel import make_test_model
 
@@ -153,6 +163,14 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--concurrent", type=int, default=64)
     p.add_argument("--runs", type=int, default=2, help="timed batch-1 runs of each")
+    p.add_argument(
+        "--join-tokens",
+        type=int,
+        default=2048,
+        help="a prompt this long joins --join-running decoding requests: their longest wait "
+        "between tokens, with chunked prefill (the daemon's default) and whole (0 skips)",
+    )
+    p.add_argument("--join-running", type=int, default=8)
     p.add_argument("--parity", type=int, default=50, help="prompts for the parity check")
     p.add_argument("--parity-tokens", type=int, default=32)
     p.add_argument("--no-graphs", action="store_true", help="eager decode on CUDA too")
@@ -195,7 +213,7 @@ def main() -> int:
     )
     bandwidth = copy_bandwidth(device)
     bound = bandwidth / weights
-    ctx = max(ns.max_context, ns.prompt_tokens + ns.new_tokens + 8)
+    ctx = max(ns.max_context, ns.prompt_tokens + ns.new_tokens + 8, ns.join_tokens + 16)
     slots = max(ns.concurrent, 1)
     engine = Engine(
         Stack.of_model(model),
@@ -208,9 +226,8 @@ def main() -> int:
         **engine_kernels(ns),
     )
     # every graph the runs below need, captured before any timing (as the daemon does at load)
-    graphs, fig_warm = timed(
-        device, lambda: engine.warm_up(slots, ns.prompt_tokens + ns.new_tokens)
-    )
+    longest = max(ns.prompt_tokens + ns.new_tokens, ns.join_tokens + 16)
+    graphs, fig_warm = timed(device, lambda: engine.warm_up(slots, longest))
     tok = IdTokenizer()
     fig: dict[str, Any] = {
         "device": name,
@@ -317,6 +334,8 @@ def main() -> int:
         batcher.close()
         print(f"{ns.concurrent} concurrent, sampled (temperature 0.8, top-p 0.95, top-k 50): "
               f"engine {fig['engine_batch_sampled_tps']:.0f} tok/s", flush=True)  # fmt: skip
+    if ns.join_tokens and ns.join_running:
+        join(ns, engine, tok, cfg.vocab_size, fig)
     for key in ("hf_peak_gib", "engine_peak_gib", "hf_batch_peak_gib", "engine_batch_peak_gib"):
         if fig.get(key) is not None:
             print(f"  peak memory {key.removesuffix('_peak_gib')}: {fig[key]:.2f} GiB")
@@ -327,6 +346,61 @@ def main() -> int:
     if ns.json:
         ns.json.write_text(json.dumps(fig, indent=2) + "\n")
     return 0
+
+
+def join(ns: argparse.Namespace, engine: Engine, tok: Any, vocab: int, fig: dict[str, Any]) -> None:
+    """A ``--join-tokens`` prompt joins ``--join-running`` decoding requests, with the
+    batcher's chunked prefill (the daemon's default chunk) and with whole prompts: the
+    running requests' longest wait between two tokens, their median, and the joiner's
+    time to first token."""
+    if engine.n_slots <= ns.join_running:
+        print(f"join skipped: {engine.n_slots} engine slots (--concurrent) for "
+              f"{ns.join_running} running requests and the joiner")  # fmt: skip
+        return
+    running = prompts(ns.join_running, ns.prompt_tokens, vocab, 4)
+    joiner = prompts(1, ns.join_tokens, vocab, 5)[0]
+    for chunk in (PREFILL_CHUNK, 0):
+        key = f"join_chunk{chunk}"
+        fig[key] = joined(Batcher(engine, tok, prefill_chunk=chunk), running, joiner)
+        how = f"chunks of {chunk}" if chunk else "whole"
+        print(
+            f"a {ns.join_tokens}-token prompt joins {len(running)} decoding requests, "
+            f"prefilled {how}: their longest wait between tokens "
+            f"{fig[key]['longest_gap_ms']:.1f} ms (median {fig[key]['median_gap_ms']:.1f}); "
+            f"its first token after {fig[key]['joiner_ttft_ms']:.1f} ms",
+            flush=True,
+        )
+
+
+def joined(batcher: Batcher, running: list[list[int]], joiner: list[int]) -> dict[str, Any]:
+    """``joiner`` submitted once every ``running`` request has 8 tokens (then closes
+    ``batcher``): see ``join``."""
+    stamps: list[list[float]] = [[] for _ in running]
+    going = threading.Event()  # all of them decoding
+    first: list[float] = []
+
+    def mark(i: int, n: int) -> None:  # on the batcher's thread: must not block
+        stamps[i].append(time.perf_counter())
+        if n == 8 and all(len(ts) >= 8 for ts in stamps):
+            going.set()
+
+    params = GenerationParams(max_new_tokens=64 + len(joiner) // 16)
+    futures = [batcher.submit(ids, params, on_token=functools.partial(mark, i))
+               for i, ids in enumerate(running)]  # fmt: skip
+    going.wait()
+    t_join = time.perf_counter()
+    late = batcher.submit(joiner, GenerationParams(max_new_tokens=4),
+                          on_token=lambda n: first.append(time.perf_counter()))  # fmt: skip
+    late.result()
+    [f.result() for f in futures]
+    batcher.close()
+    gaps = [b - a for ts in stamps for a, b in itertools.pairwise(ts[8:])]
+    return {
+        "longest_gap_ms": 1000 * max(gaps),
+        "median_gap_ms": 1000 * statistics.median(gaps),
+        "joiner_ttft_ms": 1000 * (first[0] - t_join),
+        "chunks": batcher.prefill_chunks,
+    }
 
 
 def engine_kernels(ns: argparse.Namespace) -> dict[str, Any]:

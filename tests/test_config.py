@@ -77,6 +77,7 @@ def test_datadir_from_env_and_flag(tmp_path: Path) -> None:
         ({"p2p.max_invalid_messages": 1.5}, "p2p.max_invalid_messages", "integer"),
         ({"market.fault": "evil"}, "market.fault", "one of junk, copy, slow, silent"),
         ({"market.fault": "junk", "network": "mainnet"}, "market.fault", "refused on network"),
+        ({"compute.prefill_chunk": -1}, "compute.prefill_chunk", "0 = whole prompts"),
     ],
 )
 def test_errors_name_the_key(

@@ -383,6 +383,88 @@ def test_batcher_cancel_and_priority(lm: Any) -> None:
     assert engine.free_slots == 1
 
 
+def spied(engine: Engine) -> list[tuple[Any, ...]]:
+    """The engine's prefill and decode calls from now on, in order: ("prefill", slot,
+    start, tokens) and ("decode", slots)."""
+    calls: list[tuple[Any, ...]] = []
+    prefill, decode = engine.prefill, engine.decode
+
+    def spy_prefill(slot: int, x: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        calls.append(("prefill", slot, start, int(x.shape[0])))
+        return prefill(slot, x, start)
+
+    def spy_decode(slots: Any, x: torch.Tensor) -> torch.Tensor:
+        calls.append(("decode", tuple(slots)))
+        return decode(slots, x)
+
+    engine.prefill = spy_prefill  # type: ignore[method-assign]
+    engine.decode = spy_decode  # type: ignore[method-assign]
+    return calls
+
+
+def test_long_prompts_joining_a_running_batch_are_prefilled_in_chunks(lm: Any) -> None:
+    """While a request decodes, two long prompts join: each is prefilled in chunks of
+    ``prefill_chunk`` tokens with a decode step of the running request between chunks
+    (the first begun, the first finished), and every request gets the tokens it gets
+    alone. A third, cancelled after its first chunk, gives its slot back. Alone, a long
+    prompt runs whole."""
+    engine = Engine(Stack.of_model(lm.model), slots=4, max_context=512)
+    ids = encode_prompt(lm, " ".join(PROMPTS))
+    assert len(ids) > 350
+    running_p, long_p = GenerationParams(max_new_tokens=300), GenerationParams(max_new_tokens=4)
+    batcher = Batcher(engine, lm.tokenizer, prefill_chunk=64)
+    calls = spied(engine)
+    started, cancel = threading.Event(), threading.Event()
+    try:
+        running = batcher.submit(ids[:8], running_p, on_token=lambda n: started.set())
+        assert started.wait(30)
+        with batcher._cv:  # admitted together
+            first = batcher.submit(ids[:300], long_p)
+            second = batcher.submit(ids[10:150], long_p)
+            dropped = batcher.submit(ids[20:220], long_p, cancel=cancel)
+        # cancelled once its first chunk is in
+        prefill = engine.prefill
+
+        def cancel_after_a_chunk(slot: int, x: torch.Tensor, start: int | None = None) -> Any:
+            out = prefill(slot, x, start)
+            if slot == 3:
+                cancel.set()
+            return out
+
+        engine.prefill = cancel_after_a_chunk  # type: ignore[method-assign]
+        got = [f.result(timeout=120) for f in (running, first, second)]
+        with pytest.raises(GenerationCancelled):
+            dropped.result(timeout=30)
+    finally:
+        batcher.close()
+    for x, p, r in zip((ids[:8], ids[:300], ids[10:150]), (running_p, long_p, long_p), got,
+                       strict=True):  # fmt: skip
+        assert r.token_ids == generate_ids(lm.engine, x, p, lm.tokenizer).token_ids
+    chunks = [(c[1], c[2], c[3]) for c in calls if c[0] == "prefill" and c[1] != 0]
+    assert chunks[:5] == [(1, 0, 64), (1, 64, 64), (1, 128, 64), (1, 192, 64), (1, 256, 44)]
+    assert chunks[5:8] == [(2, 0, 20), (2, 20, 64), (2, 84, 56)]  # a chunk of what is left
+    assert chunks[8:] == [(3, 0, 8)]  # what the budget had left; none after the cancel
+    assert batcher.prefill_chunks == 9
+    # at most 64 prompt tokens between two decode steps of the running request
+    between, runs = 0, []
+    for c in calls:
+        if c[0] == "decode" and 0 in c[1]:
+            runs.append(between)
+            between = 0
+        elif c[0] == "prefill" and c[1] != 0:
+            between += c[3]
+    assert max(runs) == 64 and sum(runs) == 300 + 140 + 8
+    assert engine.free_slots == 4
+    # with no request decoding, a long prompt runs whole
+    alone = Batcher(engine, lm.tokenizer, prefill_chunk=64)
+    engine.prefill = prefill  # type: ignore[method-assign]
+    try:
+        r = alone.submit(ids[:300], long_p).result(timeout=60)
+    finally:
+        alone.close()
+    assert alone.prefill_chunks == 0 and r.token_ids == got[1].token_ids
+
+
 async def test_executor_batches_concurrent_requests(models_dir: Path) -> None:
     store = ModelStore(models_dir)
     store.scan()

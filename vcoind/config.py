@@ -84,6 +84,10 @@ class ComputeConfig:
     # kernels per decode step), used where triton is installed and they pass their
     # self-check against torch at load. false = torch's own ops only.
     triton_kernels: bool = True
+    # Prompt tokens prefilled between two decode steps while other requests are decoding
+    # (chunked prefill: a long prompt joining delays the running streams' next tokens by
+    # one chunk, not by its whole prefill); 0 = every prompt whole.
+    prefill_chunk: int = 512
     # CPU threads for torch (inference and sentence embeddings); 0 = torch's default.
     # Several daemons on one box (a devnet) each want 1.
     cpu_threads: int = 0
@@ -410,6 +414,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("compute.batch_slots", "must be 0..1024 (0 = automatic)")
     if not 16 <= cfg.compute.max_context <= 1 << 20:
         raise ConfigError("compute.max_context", "must be 16..1048576 positions")
+    if cfg.compute.prefill_chunk < 0:
+        raise ConfigError("compute.prefill_chunk", "must be >= 0 tokens (0 = whole prompts)")
     m = cfg.market
     if m.strategy not in STRATEGIES:
         raise ConfigError("market.strategy", f"must be one of {', '.join(STRATEGIES)}")

@@ -1088,7 +1088,8 @@ class Node:
                 ExecutorConfig(device=cc.device, memory_budget_mb=cc.memory_budget_mb,
                                batch_slots=cc.batch_slots, max_context=cc.max_context,
                                compile_decode=cc.compile_decode,
-                               triton_kernels=cc.triton_kernels),
+                               triton_kernels=cc.triton_kernels,
+                               prefill_chunk=cc.prefill_chunk),
             )  # fmt: skip
         return self._executor
 

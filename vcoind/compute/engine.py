@@ -36,6 +36,9 @@ requests join the running batch at token boundaries, leave when done, each with 
 sampling parameters; waiting requests are admitted by priority, then arrival, and the
 prompts admitted together are prefilled together (``prefill_batch``: one padded forward
 pass of up to ``PREFILL_TOKENS`` tokens), so a burst reaches its first tokens at once.
+While other requests are decoding, prompts are prefilled in chunks of ``prefill_chunk``
+tokens between their decode steps (chunked prefill): a long prompt joining delays the
+running streams' next tokens by one chunk's pass, not by its whole prefill.
 
 Free of the daemon (no trio, no network): only torch and transformers.
 """
@@ -66,6 +69,7 @@ log = logging.getLogger("vcoind.engine")
 
 DEFAULT_MAX_CONTEXT = 4096
 PREFILL_TOKENS = 8192  # padded prompt tokens per batched prefill pass
+PREFILL_CHUNK = 512  # prompt tokens prefilled between two decode steps of running streams
 STATIC_ROPE = ("default", "linear")  # rotary types whose angles depend on position alone
 
 
@@ -925,6 +929,7 @@ class _Request:
     future: concurrent.futures.Future[GenerationResult]
     slot: int = -1
     last: int = 0
+    done: int = 0  # prompt tokens in the slot's cache (chunked prefill)
     t_admit: float = 0.0
     t_first: float = 0.0
 
@@ -938,21 +943,35 @@ class _Waiting:
 class Batcher:
     """Serves requests on an engine from its own thread; see the module docstring."""
 
-    def __init__(self, engine: Engine, tokenizer: Any, name: str = "engine") -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Any,
+        name: str = "engine",
+        prefill_chunk: int = PREFILL_CHUNK,
+    ) -> None:
+        """``prefill_chunk``: prompt tokens prefilled between two decode steps while
+        other requests are decoding (0: every admitted prompt whole before the next
+        step)."""
         if not engine.first or not engine.last:
             raise ValueError("a batcher needs an engine over the whole model")
+        if prefill_chunk < 0:
+            raise ValueError("prefill_chunk must be >= 0 (0 = whole prompts)")
         self.engine = engine
+        self.prefill_chunk = prefill_chunk
         self.tokenizer = tokenizer
         self.name = name
         self._cv = threading.Condition()
         self._waiting: list[_Waiting] = []
         self._seq = itertools.count()
         self._active: list[_Request] = []
+        self._pending: list[_Request] = []  # admitted, prompt not all in the cache yet
         self._thread: threading.Thread | None = None
         self._closed = False
         self.peak_batch = 0  # the most requests decoded in one step
         self.peak_prefill = 0  # the most prompts prefilled in one pass
         self.prefill_padding = 0  # pad tokens run by batched prefills, all told
+        self.prefill_chunks = 0  # passes over part of a prompt (chunked prefill)
 
     def submit(
         self,
@@ -988,34 +1007,83 @@ class Batcher:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._waiting and not self._active and not self._closed:
+                while (not self._waiting and not self._active and not self._pending
+                       and not self._closed):  # fmt: skip
                     self._cv.wait()
                 if self._closed:
                     break
-                admitted = []
                 while self._waiting and self.engine.free_slots:
                     req = heapq.heappop(self._waiting).req
                     req.slot = self.engine.alloc()
-                    admitted.append(req)
+                    self._pending.append(req)
             try:
-                self._prefill(admitted)
+                self._prefill()
                 self._step()
             except Exception as exc:  # a broken step fails its requests, not the thread
                 log.exception("engine step failed")
-                for req in self._active:
+                for req in [*self._active, *self._pending]:
                     self._finish(req, exc)
-                self._active = []
-        for req in [*self._active, *(w.req for w in self._waiting)]:
+                self._active, self._pending = [], []
+        for req in [*self._active, *self._pending, *(w.req for w in self._waiting)]:
             self._finish(req, EngineError("the engine is shut down"))
 
-    def _prefill(self, admitted: list[_Request]) -> None:
-        """Prompts of newly admitted requests, several per forward pass (up to
-        ``PREFILL_TOKENS`` padded tokens): a burst of requests reaches its first tokens
-        together instead of one prefill after another. Shortest first, so a pass pads
-        its prompts to a length near their own (and short prompts see their first tokens
-        soonest); all of them run before the next decode step."""
+    def _prefill(self) -> None:
+        """Prompts of admitted requests. With no request decoding (nobody waits on a
+        next token) every prompt runs whole, before the first step. Otherwise at most
+        ``prefill_chunk`` prompt tokens run before the next step, in admission order: a
+        prompt begun earlier goes on first, a prompt that fits what is left runs whole,
+        and a longer one starts with a chunk of what is left (``Engine.prefill`` from
+        the position its last chunk reached)."""
+        pending = self._pending = self._uncancelled(self._pending)
+        budget = self.prefill_chunk if self._active and self.prefill_chunk else None
+        whole: list[_Request] = []
+        rest: list[_Request] = []  # still to come (or to go on) after the next step
+        for req in pending:  # admission order: what was begun first goes on first
+            need = len(req.prompt_ids) - req.done
+            if budget is not None and budget <= 0:
+                rest.append(req)
+            elif req.done == 0 and (budget is None or need <= budget):
+                whole.append(req)
+            else:
+                self._prefill_part(req, need if budget is None else min(need, budget))
+                if req.slot >= 0 and req.done < len(req.prompt_ids):
+                    rest.append(req)
+            if budget is not None:
+                budget -= need
+        self._pending = rest
+        self._prefill_whole(whole)
+
+    def _prefill_part(self, req: _Request, n: int) -> None:
+        """The next ``n`` tokens of the request's prompt; its first token once the
+        prompt is all in."""
+        if req.done == 0:
+            req.t_admit = time.perf_counter()
+        try:
+            chunk = torch.tensor(req.prompt_ids[req.done : req.done + n])
+            out = self.engine.prefill(req.slot, chunk, start=req.done)
+            req.done += n
+            self.prefill_chunks += n < len(req.prompt_ids)
+            nxt = req.stream.push(out) if req.done == len(req.prompt_ids) else None
+        except Exception as exc:
+            self._finish(req, exc)
+            return
+        if req.done == len(req.prompt_ids):
+            self._started(req, nxt)
+
+    def _started(self, req: _Request, nxt: int | None) -> None:
+        """The request's prompt is in and ``nxt`` its first token (None: done)."""
+        req.t_first = time.perf_counter()
+        self._advance(req, nxt)
+        if nxt is not None:
+            self._active.append(req)
+
+    def _prefill_whole(self, admitted: list[_Request]) -> None:
+        """Whole prompts, several per forward pass (up to ``PREFILL_TOKENS`` padded
+        tokens): a burst of requests reaches its first tokens together instead of one
+        prefill after another. Shortest first, so a pass pads its prompts to a length
+        near their own (and short prompts see their first tokens soonest)."""
         group: list[_Request] = []
-        for req in sorted(self._uncancelled(admitted), key=lambda r: len(r.prompt_ids)):
+        for req in sorted(admitted, key=lambda r: len(r.prompt_ids)):
             if group and len(req.prompt_ids) * (len(group) + 1) > PREFILL_TOKENS:
                 self._prefill_group(group)
                 group = []
@@ -1046,6 +1114,7 @@ class Batcher:
                         self._finish(req, exc)
                     return
         for i, req in enumerate(group):
+            req.done = len(req.prompt_ids)
             try:
                 if picks:
                     nxt = req.stream.accept(picks[i])
@@ -1055,10 +1124,7 @@ class Batcher:
             except Exception as exc:
                 self._finish(req, exc)
                 continue
-            req.t_first = time.perf_counter()
-            self._advance(req, nxt)
-            if nxt is not None:
-                self._active.append(req)
+            self._started(req, nxt)
 
     def _uncancelled(self, reqs: list[_Request]) -> list[_Request]:
         """``reqs`` less those cancelled, which are finished here."""

@@ -25,7 +25,7 @@ import psutil
 import torch
 import trio
 
-from vcoind.compute.engine import DEFAULT_MAX_CONTEXT, Batcher
+from vcoind.compute.engine import DEFAULT_MAX_CONTEXT, PREFILL_CHUNK, Batcher
 from vcoind.compute.generate import (
     GenerationParams,
     GenerationResult,
@@ -51,6 +51,7 @@ class ExecutorConfig:
     max_context: int = DEFAULT_MAX_CONTEXT  # positions per request (prompt + new tokens)
     compile_decode: bool = False  # CUDA: torch.compile the decode step (experimental)
     triton_kernels: bool = True  # CUDA: the engine's triton kernels where they pass
+    prefill_chunk: int = PREFILL_CHUNK  # prompt tokens between decode steps; 0 = whole
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Executor:
         self.max_context = config.max_context
         self.compile_decode = config.compile_decode
         self.kernels = None if config.triton_kernels else False
+        self.prefill_chunk = config.prefill_chunk
         self._limiter = trio.CapacityLimiter(1)  # one per device
         self._loaded: OrderedDict[str, _Slot] = OrderedDict()  # model id -> slot, LRU order
         self._loading: dict[str, trio.Event] = {}
@@ -132,7 +134,8 @@ class Executor:
             )
             slot = _Slot(info=info, lm=lm, in_use=1)
             if lm.engine is not None:
-                slot.batcher = Batcher(lm.engine, lm.tokenizer, name=f"engine-{info.name}")
+                slot.batcher = Batcher(lm.engine, lm.tokenizer, name=f"engine-{info.name}",
+                                       prefill_chunk=self.prefill_chunk)  # fmt: skip
             self._loaded[key] = slot
             return slot
         finally:
