@@ -19,6 +19,8 @@ box without the daemon's network stack. In one run, same prompts:
   (measured copy bandwidth / bytes of weights read per token);
 * a ``--join-tokens`` prompt joining ``--join-running`` decoding requests: their longest
   wait between two tokens, with the batcher's chunked prefill and with whole prompts;
+* requests sharing a ``--shared-prefix``-token start: time to first token with the
+  batcher's prefix reuse and without;
 * greedy parity on ``--parity`` prompts: token-identical to HF ``generate``, the largest
   first-step logit difference; and (from a checkpoint directory) a 2-shard pipeline of
   span engines against the whole-model engine.
@@ -171,6 +173,14 @@ def main() -> int:
         "between tokens, with chunked prefill (the daemon's default) and whole (0 skips)",
     )
     p.add_argument("--join-running", type=int, default=8)
+    p.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=1024,
+        help="8 requests one after another, each this many shared tokens (a system prompt) "
+        "and 32 of its own: time to first token with the batcher's prefix reuse and without "
+        "(0 skips)",
+    )
     p.add_argument("--parity", type=int, default=50, help="prompts for the parity check")
     p.add_argument("--parity-tokens", type=int, default=32)
     p.add_argument("--no-graphs", action="store_true", help="eager decode on CUDA too")
@@ -213,7 +223,8 @@ def main() -> int:
     )
     bandwidth = copy_bandwidth(device)
     bound = bandwidth / weights
-    ctx = max(ns.max_context, ns.prompt_tokens + ns.new_tokens + 8, ns.join_tokens + 16)
+    ctx = max(ns.max_context, ns.prompt_tokens + ns.new_tokens + 8, ns.join_tokens + 16,
+              ns.shared_prefix + 64)  # fmt: skip
     slots = max(ns.concurrent, 1)
     engine = Engine(
         Stack.of_model(model),
@@ -226,7 +237,7 @@ def main() -> int:
         **engine_kernels(ns),
     )
     # every graph the runs below need, captured before any timing (as the daemon does at load)
-    longest = max(ns.prompt_tokens + ns.new_tokens, ns.join_tokens + 16)
+    longest = max(ns.prompt_tokens + ns.new_tokens, ns.join_tokens + 16, ns.shared_prefix + 64)
     graphs, fig_warm = timed(device, lambda: engine.warm_up(slots, longest))
     tok = IdTokenizer()
     fig: dict[str, Any] = {
@@ -336,6 +347,8 @@ def main() -> int:
               f"engine {fig['engine_batch_sampled_tps']:.0f} tok/s", flush=True)  # fmt: skip
     if ns.join_tokens and ns.join_running:
         join(ns, engine, tok, cfg.vocab_size, fig)
+    if ns.shared_prefix:
+        shared(ns, engine, tok, cfg.vocab_size, fig)
     for key in ("hf_peak_gib", "engine_peak_gib", "hf_batch_peak_gib", "engine_batch_peak_gib"):
         if fig.get(key) is not None:
             print(f"  peak memory {key.removesuffix('_peak_gib')}: {fig[key]:.2f} GiB")
@@ -361,7 +374,8 @@ def join(ns: argparse.Namespace, engine: Engine, tok: Any, vocab: int, fig: dict
     joiner = prompts(1, ns.join_tokens, vocab, 5)[0]
     for chunk in (PREFILL_CHUNK, 0):
         key = f"join_chunk{chunk}"
-        fig[key] = joined(Batcher(engine, tok, prefill_chunk=chunk), running, joiner)
+        batcher = Batcher(engine, tok, prefill_chunk=chunk, reuse_prefix=False)  # both runs
+        fig[key] = joined(batcher, running, joiner)  # prefill the same prompts
         how = f"chunks of {chunk}" if chunk else "whole"
         print(
             f"a {ns.join_tokens}-token prompt joins {len(running)} decoding requests, "
@@ -401,6 +415,27 @@ def joined(batcher: Batcher, running: list[list[int]], joiner: list[int]) -> dic
         "joiner_ttft_ms": 1000 * (first[0] - t_join),
         "chunks": batcher.prefill_chunks,
     }
+
+
+def shared(
+    ns: argparse.Namespace, engine: Engine, tok: Any, vocab: int, fig: dict[str, Any]
+) -> None:
+    """8 requests one after another, each a ``--shared-prefix``-token system prompt and 32
+    tokens of its own, 16 new tokens: median time to first token with the batcher's
+    prefix reuse (the daemon's default) and without."""
+    system = prompts(1, ns.shared_prefix, vocab, 6)[0]
+    warm, *own = prompts(9, 32, vocab, 7)
+    for reuse in (True, False):
+        batcher = Batcher(engine, tok, reuse_prefix=reuse)
+        batcher.submit(system + warm, GenerationParams(max_new_tokens=2)).result()
+        ttft = [batcher.submit(system + ids, GenerationParams(max_new_tokens=16)).result().prefill_s
+                for ids in own]  # fmt: skip
+        batcher.close()
+        key = "shared_prefix_reuse" if reuse else "shared_prefix_whole"
+        fig[key] = {"ttft_ms": 1000 * statistics.median(ttft), "reused": batcher.reused_tokens}
+        how = "reused" if reuse else "prefilled every time"
+        print(f"a {ns.shared_prefix}-token shared prefix + 32 own tokens, {how}: time to first "
+              f"token {fig[key]['ttft_ms']:.1f} ms (median of 8)", flush=True)  # fmt: skip
 
 
 def engine_kernels(ns: argparse.Namespace) -> dict[str, Any]:

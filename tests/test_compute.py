@@ -216,8 +216,8 @@ figures = sys.argv[1]
 runs = [[s, "--help"] for s in ("bench/inference.py", "bench/sampling.py", "bench/train.py")]
 runs.append(["bench/inference.py", "--device", "cpu", "--shape", "test", "--runs", "1",
              "--new-tokens", "16", "--concurrent", "4", "--parity", "3", "--parity-tokens",
-             "8", "--join-tokens", "1100", "--join-running", "2", "--max-context", "1200",
-             "--json", figures])
+             "8", "--join-tokens", "1100", "--join-running", "2", "--shared-prefix", "100",
+             "--max-context", "1200", "--json", figures])
 for argv in runs:
     sys.argv = argv
     try:
@@ -245,3 +245,6 @@ def test_compute_and_benches_run_without_the_daemons_network_stack(tmp_path: Pat
     assert (fig["parity_same"], fig["parity_n"]) == (3, 3)  # fp32 on a CPU: identical
     # the 1,100-token prompt joined the decoding requests in 3 chunks, or whole
     assert fig["join_chunk512"]["chunks"] == 3 and fig["join_chunk0"]["chunks"] == 0
+    # 8 requests after a warm-up, each finding the 100-token shared start in place
+    assert fig["shared_prefix_reuse"]["reused"] == 8 * 100
+    assert fig["shared_prefix_whole"]["reused"] == 0

@@ -167,7 +167,9 @@ def test_batched_prefill_matches_one_by_one(lm: Any, models_dir: Path, fused: bo
     slots = [engine.alloc() for _ in prompts]
     first = engine.prefill_batch(slots, prompts)
     assert [engine.length[s] for s in slots] == [len(p) for p in prompts]
+    assert [engine._ids[s] for s in slots] == [p.tolist() for p in prompts]  # for reuse
     then = engine.decode(slots, first.argmax(dim=-1))  # the padding is overwritten, unseen
+    assert [engine._ids[s][-1] for s in slots] == first.argmax(dim=-1).tolist()
     assert torch.allclose(first, torch.stack(solo[0::2]), atol=1e-4)  # gemm shapes differ
     assert torch.allclose(then, torch.stack(solo[1::2]), atol=1e-4)
     with pytest.raises(EngineError, match="one prompt per slot"):
@@ -459,10 +461,105 @@ def test_long_prompts_joining_a_running_batch_are_prefilled_in_chunks(lm: Any) -
     alone = Batcher(engine, lm.tokenizer, prefill_chunk=64)
     engine.prefill = prefill  # type: ignore[method-assign]
     try:
-        r = alone.submit(ids[:300], long_p).result(timeout=60)
+        r = alone.submit(ids[40:340], long_p).result(timeout=60)
     finally:
         alone.close()
-    assert alone.prefill_chunks == 0 and r.token_ids == got[1].token_ids
+    assert alone.prefill_chunks == 0 and calls[-long_p.max_new_tokens :][0][1:] == (0, None, 300)
+    assert r.token_ids == generate_ids(lm.engine, ids[40:340], long_p, lm.tokenizer).token_ids
+
+
+def test_a_prompt_that_starts_as_another_is_prefilled_from_where_they_part(lm: Any) -> None:
+    """A slot's cache outlives its request: a prompt that starts as an earlier one (a
+    shared system prompt; the previous turn with its answer) or a running one does gets
+    those positions in place (copied where they are in another slot) and is prefilled
+    from where they part, with the tokens it gets alone. A prefill that fails part way
+    leaves no stale claim on what it overwrote."""
+    engine = Engine(Stack.of_model(lm.model), slots=3, max_context=512)
+    ids = encode_prompt(lm, " ".join(PROMPTS))
+    system, p = ids[:100], GenerationParams(max_new_tokens=12)
+    batcher = Batcher(engine, lm.tokenizer)
+    calls = spied(engine)
+
+    def served(prompt: list[int], slot: int, start: int | None) -> Any:
+        """``prompt`` through the batcher: prefilled in ``slot`` from ``start``."""
+        del calls[:]
+        r = batcher.submit(prompt, p).result(timeout=60)
+        assert calls[0] == ("prefill", slot, start, len(prompt) - (start or 0))
+        assert r.token_ids == generate_ids(lm.engine, prompt, p, lm.tokenizer).token_ids
+        return r
+
+    try:
+        served(system + ids[200:220], 0, None)
+        turn = system + ids[230:250]
+        answer = served(turn, 0, 100)  # the system prompt was in place
+        assert answer.finish_reason == "length"
+        then = turn + list(answer.token_ids) + ids[260:270]  # its answer's last token
+        assert len(then) > 130
+        served(then, 0, len(turn) + len(answer.token_ids) - 1)  # was never fed
+        served(then, 0, len(then) - 1)  # the same again: its last position's logits
+        # a prefill that fails after its layers wrote the cache: what it overwrote is not
+        # claimed (the slot holds `then`'s first 130 tokens after it, not all of them)
+        failing = engine._prefill_pass
+
+        def fail(rows: Any, h: torch.Tensor, start: int) -> torch.Tensor:
+            for cache in (*engine.k, *engine.v):
+                cache[rows, :, start:] = 99.0
+            raise RuntimeError("out of memory, say")
+
+        engine._prefill_pass = fail  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError, match="out of memory"):
+            batcher.submit(then[:130] + ids[:20], p).result(timeout=60)
+        engine._prefill_pass = failing  # type: ignore[method-assign]
+        served(then, 0, 130)
+        # copied from a running request's slot into the lowest free one
+        started = threading.Event()
+        long_p = GenerationParams(max_new_tokens=200)
+        running = batcher.submit(system + ids[300:310], long_p, on_token=lambda n: started.set())
+        assert started.wait(30)
+        served(system + ids[320:330], 1, 100)
+        want = generate_ids(lm.engine, system + ids[300:310], long_p, lm.tokenizer)
+        assert running.result(timeout=60).token_ids == want.token_ids
+    finally:
+        batcher.close()
+    assert batcher.reused_tokens == (100 + (len(turn) + len(answer.token_ids) - 1)
+                                     + (len(then) - 1) + 130 + 130 + 100 + 100)  # fmt: skip
+    # not below REUSE_MIN tokens, nor with reuse off
+    plain = Batcher(engine, lm.tokenizer, reuse_prefix=False)
+    try:
+        del calls[:]
+        plain.submit(then, p).result(timeout=60)
+    finally:
+        plain.close()
+    assert calls[0] == ("prefill", 0, None, len(then)) and plain.reused_tokens == 0
+    slot = engine.alloc([*then[: engine_mod.REUSE_MIN - 1], 5, 6])
+    assert engine.length[slot] == 0
+    engine.release(slot)
+    slot = engine.alloc([*then[: engine_mod.REUSE_MIN], 5, 6])
+    assert engine.length[slot] == engine_mod.REUSE_MIN
+    engine.release(slot)
+    # a replay from an earlier position (a pipeline's) that fails part way: nothing is
+    # claimed from there on
+    q = ids[::-1][:80]
+    slot = engine.alloc()
+    engine.prefill(slot, torch.tensor(q))
+    engine._prefill_pass = fail  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.prefill(slot, torch.tensor(q[50:55]), start=50)
+    engine._prefill_pass = failing  # type: ignore[method-assign]
+    engine.release(slot)
+    slot = engine.alloc(q)
+    assert engine.length[slot] == 50
+
+
+def test_common_prefix() -> None:
+    rng = random.Random(0)
+    for _ in range(500):
+        a = [rng.randrange(3) for _ in range(rng.randrange(40))]
+        b = a[: rng.randrange(len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(9))]
+        want = next(
+            (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+        )
+        assert engine_mod._common_prefix(a, b) == want
 
 
 async def test_executor_batches_concurrent_requests(models_dir: Path) -> None:

@@ -88,6 +88,10 @@ class ComputeConfig:
     # (chunked prefill: a long prompt joining delays the running streams' next tokens by
     # one chunk, not by its whole prefill); 0 = every prompt whole.
     prefill_chunk: int = 512
+    # A prompt whose start some slot's cache holds already (a system prompt, the previous
+    # turn of a conversation, at least 16 tokens) gets those positions' K/V copied
+    # instead of prefilled. false = every prompt prefilled from its first token.
+    reuse_prefix: bool = True
     # CPU threads for torch (inference and sentence embeddings); 0 = torch's default.
     # Several daemons on one box (a devnet) each want 1.
     cpu_threads: int = 0

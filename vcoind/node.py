@@ -1089,7 +1089,8 @@ class Node:
                                batch_slots=cc.batch_slots, max_context=cc.max_context,
                                compile_decode=cc.compile_decode,
                                triton_kernels=cc.triton_kernels,
-                               prefill_chunk=cc.prefill_chunk),
+                               prefill_chunk=cc.prefill_chunk,
+                               reuse_prefix=cc.reuse_prefix),
             )  # fmt: skip
         return self._executor
 

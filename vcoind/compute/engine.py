@@ -39,6 +39,9 @@ pass of up to ``PREFILL_TOKENS`` tokens), so a burst reaches its first tokens at
 While other requests are decoding, prompts are prefilled in chunks of ``prefill_chunk``
 tokens between their decode steps (chunked prefill): a long prompt joining delays the
 running streams' next tokens by one chunk's pass, not by its whole prefill.
+A slot's cache outlives its request: a prompt that starts as an earlier or a running
+one does (a system prompt, the previous turn of a conversation) gets those positions'
+K/V copied into its slot and is prefilled only from where the two part.
 
 Free of the daemon (no trio, no network): only torch and transformers.
 """
@@ -70,6 +73,7 @@ log = logging.getLogger("vcoind.engine")
 DEFAULT_MAX_CONTEXT = 4096
 PREFILL_TOKENS = 8192  # padded prompt tokens per batched prefill pass
 PREFILL_CHUNK = 512  # prompt tokens prefilled between two decode steps of running streams
+REUSE_MIN = 16  # prompt tokens found in some slot's cache worth copying from there
 STATIC_ROPE = ("default", "linear")  # rotary types whose angles depend on position alone
 
 
@@ -219,6 +223,9 @@ class Engine:
         self._batch_buckets = _buckets(slots)
         self._widths = _widths(self.max_context)
         self.length = [0] * slots
+        # Engines that take token ids: the ids whose K/V each slot's cache holds, position
+        # by position (kept after a release, for a later prompt with the same start).
+        self._ids: list[list[int]] = [[] for _ in range(slots)]
         self._free = list(range(slots))  # a heap: the lowest free slot first
         self.lock = threading.RLock()  # one step at a time, from whichever thread
         self._graphs: dict[tuple[int, int], _Graph] = {}
@@ -238,12 +245,34 @@ class Engine:
 
     # --- slots --------------------------------------------------------------
 
-    def alloc(self) -> int:
+    def alloc(self, prompt: Sequence[int] = ()) -> int:
+        """The lowest free slot. On an engine that takes token ids, where some slot's
+        cache holds the start of ``prompt`` (at least ``REUSE_MIN`` tokens; a slot's
+        cache outlives its request, and a running request's prompt is there too), those
+        positions' K/V are copied into the new slot (a device copy instead of their
+        prefill). The slot's ``length`` is how many of ``prompt``'s positions are in
+        place, at most all but the last (whose logits a prefill must give): prefill goes
+        on from there."""
         with self.lock:
             if not self._free:
                 raise EngineError(f"all {self.n_slots} engine slots are busy")
-            slot = heapq.heappop(self._free)
-            self.length[slot] = 0
+            slot, have, src = heapq.heappop(self._free), 0, -1
+            if self.first and len(prompt) > REUSE_MIN:
+                want = list(prompt)
+                for s, ids in enumerate(self._ids):
+                    n = _common_prefix(ids, want)
+                    if n > have or (n == have and s == slot):  # no copy where it is
+                        src, have = s, n
+                have = min(have, len(prompt) - 1)
+            if have < REUSE_MIN:
+                have = 0
+            elif src != slot:
+                with torch.inference_mode():
+                    for cache in (*self.k, *self.v):
+                        cache[slot, :, :have] = cache[src, :, :have]
+                self._ids[slot] = list(prompt[:have])
+            del self._ids[slot][have:]
+            self.length[slot] = have
             return slot
 
     def release(self, slot: int) -> None:
@@ -376,10 +405,13 @@ class Engine:
             if t == 0 or start > self.length[slot]:
                 raise EngineError("prefill needs tokens, from a position the slot has reached")
             self.check_fits(start + t)
+            del self._ids[slot][start:]  # overwritten from here on, whatever happens
             h = self._prefill_pass(
                 slice(slot, slot + 1), self._embed(x.to(self.device)[None]), start
             )
             self.length[slot] = start + t
+            if self.first:
+                self._ids[slot].extend(x.tolist())
             return self._out(h[:, -1])[0] if self.last else h[0]
 
     @torch.inference_mode()
@@ -402,9 +434,12 @@ class Engine:
             for row, (p, m) in enumerate(zip(prompts, lengths, strict=True)):
                 ids[row, :m] = p
             index = torch.tensor(list(slots), device=self.device)
+            for slot in slots:
+                self._ids[slot].clear()
             h = self._prefill_pass(index, self._embed(ids.to(self.device)), 0)
-            for slot, m in zip(slots, lengths, strict=True):
+            for slot, p, m in zip(slots, prompts, lengths, strict=True):
                 self.length[slot] = m
+                self._ids[slot] = p.tolist()
             last = torch.tensor(lengths, device=self.device) - 1
             return self._out(h[torch.arange(n, device=self.device), last])
 
@@ -508,6 +543,8 @@ class Engine:
         with self.lock:
             positions = [self.length[s] for s in slots]
             self.check_fits(max(positions) + 1)
+            for s, at in zip(slots, positions, strict=True):
+                del self._ids[s][at:]
             if self.static_shapes:
                 out = self._static_step(slots, positions, x)
             else:
@@ -519,6 +556,9 @@ class Engine:
                 out = self._decode_rows(x, pos, rows, max(positions) + 1)
             for s in slots:
                 self.length[s] += 1
+            if self.first:
+                for s, token in zip(slots, x.tolist(), strict=True):
+                    self._ids[s].append(int(token))
             return out
 
     # --- CUDA graphs ----------------------------------------------------------
@@ -705,6 +745,21 @@ def _buckets(n: int, first: int = 1) -> list[int]:
         out.append(b)
         b *= 2
     return [*out, n]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading items ``a`` and ``b`` share (by halving: list slices compare
+    in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while hi - lo > 1:  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 MIN_WIDTH = 256
@@ -930,6 +985,7 @@ class _Request:
     slot: int = -1
     last: int = 0
     done: int = 0  # prompt tokens in the slot's cache (chunked prefill)
+    reused: int = 0  # of which were there already (a prefix another request left)
     t_admit: float = 0.0
     t_first: float = 0.0
 
@@ -949,16 +1005,19 @@ class Batcher:
         tokenizer: Any,
         name: str = "engine",
         prefill_chunk: int = PREFILL_CHUNK,
+        reuse_prefix: bool = True,
     ) -> None:
         """``prefill_chunk``: prompt tokens prefilled between two decode steps while
         other requests are decoding (0: every admitted prompt whole before the next
-        step)."""
+        step). ``reuse_prefix``: a prompt's start found in some slot's cache is copied,
+        not prefilled (``Engine.alloc``)."""
         if not engine.first or not engine.last:
             raise ValueError("a batcher needs an engine over the whole model")
         if prefill_chunk < 0:
             raise ValueError("prefill_chunk must be >= 0 (0 = whole prompts)")
         self.engine = engine
         self.prefill_chunk = prefill_chunk
+        self.reuse_prefix = reuse_prefix
         self.tokenizer = tokenizer
         self.name = name
         self._cv = threading.Condition()
@@ -972,6 +1031,7 @@ class Batcher:
         self.peak_prefill = 0  # the most prompts prefilled in one pass
         self.prefill_padding = 0  # pad tokens run by batched prefills, all told
         self.prefill_chunks = 0  # passes over part of a prompt (chunked prefill)
+        self.reused_tokens = 0  # prompt tokens found in a slot's cache, not prefilled
 
     def submit(
         self,
@@ -1014,7 +1074,9 @@ class Batcher:
                     break
                 while self._waiting and self.engine.free_slots:
                     req = heapq.heappop(self._waiting).req
-                    req.slot = self.engine.alloc()
+                    req.slot = self.engine.alloc(req.prompt_ids if self.reuse_prefix else ())
+                    req.done = req.reused = self.engine.length[req.slot]
+                    self.reused_tokens += req.reused
                     self._pending.append(req)
             try:
                 self._prefill()
@@ -1056,13 +1118,13 @@ class Batcher:
     def _prefill_part(self, req: _Request, n: int) -> None:
         """The next ``n`` tokens of the request's prompt; its first token once the
         prompt is all in."""
-        if req.done == 0:
+        if req.done == req.reused:
             req.t_admit = time.perf_counter()
         try:
             chunk = torch.tensor(req.prompt_ids[req.done : req.done + n])
             out = self.engine.prefill(req.slot, chunk, start=req.done)
             req.done += n
-            self.prefill_chunks += n < len(req.prompt_ids)
+            self.prefill_chunks += n < len(req.prompt_ids) - req.reused
             nxt = req.stream.push(out) if req.done == len(req.prompt_ids) else None
         except Exception as exc:
             self._finish(req, exc)

@@ -52,6 +52,7 @@ class ExecutorConfig:
     compile_decode: bool = False  # CUDA: torch.compile the decode step (experimental)
     triton_kernels: bool = True  # CUDA: the engine's triton kernels where they pass
     prefill_chunk: int = PREFILL_CHUNK  # prompt tokens between decode steps; 0 = whole
+    reuse_prefix: bool = True  # a prompt's start found in a slot's cache is copied
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Executor:
         self.compile_decode = config.compile_decode
         self.kernels = None if config.triton_kernels else False
         self.prefill_chunk = config.prefill_chunk
+        self.reuse_prefix = config.reuse_prefix
         self._limiter = trio.CapacityLimiter(1)  # one per device
         self._loaded: OrderedDict[str, _Slot] = OrderedDict()  # model id -> slot, LRU order
         self._loading: dict[str, trio.Event] = {}
@@ -135,7 +137,8 @@ class Executor:
             slot = _Slot(info=info, lm=lm, in_use=1)
             if lm.engine is not None:
                 slot.batcher = Batcher(lm.engine, lm.tokenizer, name=f"engine-{info.name}",
-                                       prefill_chunk=self.prefill_chunk)  # fmt: skip
+                                       prefill_chunk=self.prefill_chunk,
+                                       reuse_prefix=self.reuse_prefix)  # fmt: skip
             self._loaded[key] = slot
             return slot
         finally:
