@@ -579,6 +579,10 @@ async def test_executor_batches_concurrent_requests(models_dir: Path) -> None:
             nursery.start_soon(one, i)
     slot = next(iter(ex._loaded.values()))
     assert slot.batcher is not None and slot.batcher.peak_batch >= 2
+    [figures] = ex.engines()  # what vcoin_nodeInfo reports
+    assert figures["model"] == "tiny-qwen2" and figures["adapter"] is None
+    assert (figures["slots"], figures["busy_slots"]) == (4, 0)
+    assert figures["peak_batch"] == slot.batcher.peak_batch and not figures["cuda_graphs"]
     for i, r in results.items():
         ids = encode_prompt(slot.lm, PROMPTS[i])
         assert list(r.token_ids) == hf_greedy(slot.lm, ids, 48)[: len(r.token_ids)]

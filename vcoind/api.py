@@ -84,6 +84,7 @@ def register_node_api(reg: MethodRegistry, node: Node) -> None:
             "pipeline_sessions": node.shard_host.open_sessions,
             "pipeline_sessions_served": node.shard_host.sessions_served,
             "pipeline_peak_batch": node.shard_host.peak_batch,
+            "engines": node.executor.engines() if node.has_executor else [],
             "datadir": str(node.datadir.path),
         }
 

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -98,6 +99,31 @@ class Executor:
 
     def loaded(self) -> list[ModelInfo]:
         return [s.info for s in self._loaded.values()]
+
+    def engines(self) -> list[dict[str, Any]]:
+        """Each warm model's inference engine and batcher, as figures (for
+        ``vcoin_nodeInfo``)."""
+        out = []
+        for key, slot in self._loaded.items():
+            b = slot.batcher
+            if b is None:
+                continue
+            e = b.engine
+            out.append({
+                "model": slot.info.name,
+                "adapter": key.partition("+")[2] or None,
+                "device": str(e.device),
+                "slots": e.n_slots,
+                "busy_slots": e.n_slots - e.free_slots,
+                "max_context": e.max_context,
+                "cuda_graphs": e.cuda_graphs,
+                "triton_kernels": e.kernels is not None,
+                "peak_batch": b.peak_batch,
+                "peak_prefill": b.peak_prefill,
+                "prefill_chunks": b.prefill_chunks,
+                "reused_tokens": b.reused_tokens,
+            })  # fmt: skip
+        return out
 
     async def load(self, ref: str) -> ModelInfo:
         """Load a model by name or id (no-op when warm)."""
