@@ -401,7 +401,8 @@ def joined(batcher: Batcher, running: list[list[int]], joiner: list[int]) -> dic
     params = GenerationParams(max_new_tokens=64 + len(joiner) // 16)
     futures = [batcher.submit(ids, params, on_token=functools.partial(mark, i))
                for i, ids in enumerate(running)]  # fmt: skip
-    going.wait()
+    if not going.wait(300):
+        raise RuntimeError(f"the running requests did not reach 8 tokens: {futures}")
     t_join = time.perf_counter()
     late = batcher.submit(joiner, GenerationParams(max_new_tokens=4),
                           on_token=lambda n: first.append(time.perf_counter()))  # fmt: skip
