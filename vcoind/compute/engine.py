@@ -271,6 +271,9 @@ class Engine:
                     for cache in (*self.k, *self.v):
                         cache[slot, :, :have] = cache[src, :, :have]
                 self._ids[slot] = list(prompt[:have])
+            if have:
+                log.debug("slot %d: %d of the prompt's %d tokens in place (from slot %d)",
+                          slot, have, len(prompt), src)  # fmt: skip
             del self._ids[slot][have:]
             self.length[slot] = have
             return slot
