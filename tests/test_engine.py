@@ -151,6 +151,42 @@ def test_graph_padding_run_eagerly_gives_the_same_tokens(
         padded.release(s)
 
 
+def test_a_refused_graph_capture_falls_back_to_eager_steps(
+    lm: Any, models_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the card or torch refuses a capture (here: graphs wider than 256 positions,
+    at a width's first use; then every graph, at load), the engine says so and runs its
+    steps eagerly from then on: the model still serves, with the same tokens."""
+    other = load_model(models_dir / "tiny-qwen2", torch.device("cpu"), torch.float32,
+                       engine=False)  # fmt: skip
+    padded = Engine(Stack.of_model(other.model), slots=4, max_context=600, fused=True,
+                    static_shapes=True)  # fmt: skip
+    replayed_eagerly(monkeypatch, padded)
+    replay = Engine._record
+    widest = [256]
+
+    def refuse_wide(self: Engine, step: Any) -> tuple[Any, torch.Tensor]:
+        if step.args[3] > widest[0]:  # the step's width
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return replay(self, step)
+
+    monkeypatch.setattr(Engine, "_record", refuse_wide)
+    assert padded.warm_up(positions=200) == 3  # 1, 2 and 4 slots x 256
+    long_ids = encode_prompt(lm, " ".join(PROMPTS))[:240]  # crosses 256 while decoding
+    cases = [(encode_prompt(lm, PROMPTS[i]), GenerationParams(max_new_tokens=20))
+             for i in range(3)] + [(long_ids, GenerationParams(max_new_tokens=40))]  # fmt: skip
+    with caplog.at_level("WARNING", logger="vcoind.engine"):
+        served_as_alone(padded, lm, cases)
+    assert not padded.cuda_graphs and not padded._graphs
+    assert "decode steps run without CUDA graphs" in caplog.text
+    again = Engine(Stack.of_model(other.model), slots=2, max_context=600, fused=True,
+                   static_shapes=True)  # fmt: skip
+    again.cuda_graphs = True
+    widest[0] = 0
+    assert again.warm_up() == 0 and not again.cuda_graphs
+    served_as_alone(again, lm, cases[:2])
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_batched_prefill_matches_one_by_one(lm: Any, models_dir: Path, fused: bool) -> None:
     other = load_model(models_dir / "tiny-qwen2", torch.device("cpu"), torch.float32,

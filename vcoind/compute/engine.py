@@ -577,17 +577,18 @@ class Engine:
         pos = [self.max_context] * bucket  # rows not taking part write to the scratch column
         for s, p in zip(slots, positions, strict=True):
             pos[s] = p
-        if not self.cuda_graphs:
+        graph = self._graphs.get((bucket, width)) if self.cuda_graphs else None
+        if graph is None and self.cuda_graphs:  # not warmed up: this step waits for it
+            graph = self._capture_or_none(bucket, width)
+            if graph is not None:
+                log.info("captured the decode graph for %d slots x %d positions on first "
+                         "use", bucket, width)  # fmt: skip
+        if graph is None:  # the same padded step, run eagerly
             index = torch.tensor(list(slots), device=self.device)
             x = x.to(self.device, self._input_dtype)
             padded = self._blank_input(bucket).index_copy_(0, index, x)
             at = torch.tensor(pos, device=self.device)
             return self._decode_fn(padded, at, None, width).index_select(0, index)
-        graph = self._graphs.get((bucket, width))
-        if graph is None:  # not warmed up: this step waits for the capture
-            graph = self._graphs[bucket, width] = self._capture(bucket, width)
-            log.info("captured the decode graph for %d slots x %d positions on first use",
-                     bucket, width)  # fmt: skip
         # One host-to-device copy a step: [token ids | positions | slots] into the graph's
         # input buffer (a span past the first copies its hidden states too).
         n = len(slots)
@@ -621,11 +622,27 @@ class Engine:
         with self.lock:
             for b in self._batch_buckets:
                 for w in self._widths:
-                    if b <= top_b and w <= top_w and (b, w) not in self._graphs:
-                        self._graphs[b, w] = self._capture(b, w)
+                    wanted = b <= top_b and w <= top_w and (b, w) not in self._graphs
+                    if wanted and self._capture_or_none(b, w) is None:
+                        return 0
         log.info("%d decode graphs captured in %.1f s (%d slots x %d positions at most)",
                  len(self._graphs) - before, time.perf_counter() - t0, top_b, top_w)  # fmt: skip
         return len(self._graphs)
+
+    def _capture_or_none(self, bucket: int, width: int) -> _Graph | None:
+        """The step's graph, kept; or, where this card or torch refuses the capture,
+        None, with every later step run eagerly (slower, the same tokens) instead of a
+        model that does not serve."""
+        try:
+            graph = self._graphs[bucket, width] = self._capture(bucket, width)
+        except Exception as exc:
+            log.warning("capturing the decode graph for %d slots x %d positions failed "
+                        "(%s: %s); decode steps run without CUDA graphs from now on",
+                        bucket, width, type(exc).__name__, exc)  # fmt: skip
+            self.cuda_graphs = False
+            self._graphs.clear()
+            return None
+        return graph
 
     @property
     def _input_dtype(self) -> torch.dtype:
