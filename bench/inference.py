@@ -409,7 +409,8 @@ def joined(batcher: Batcher, running: list[list[int]], joiner: list[int]) -> dic
     late.result()
     [f.result() for f in futures]
     batcher.close()
-    gaps = [b - a for ts in stamps for a, b in itertools.pairwise(ts[8:])]
+    # every wait that ended after the joiner came (the first may span its whole prefill)
+    gaps = [b - a for ts in stamps for a, b in itertools.pairwise(ts) if b > t_join]
     return {
         "longest_gap_ms": 1000 * max(gaps),
         "median_gap_ms": 1000 * statistics.median(gaps),
