@@ -47,14 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from vcoind.compute.engine import (
-    DEFAULT_MAX_CONTEXT,
-    PREFILL_CHUNK,
-    Batcher,
-    Engine,
-    Stack,
-    generate_ids,
-)
+from vcoind.compute.batcher import PREFILL_CHUNK, Batcher
+from vcoind.compute.engine import DEFAULT_MAX_CONTEXT, Engine, Stack, generate_ids
 from vcoind.compute.generate import GenerationParams, load_model, pick_device
 from vcoind.compute.testmodel import make_test_model
 

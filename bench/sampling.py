@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from vcoind.compute.engine import sample_rows
 from vcoind.compute.params import GenerationParams
+from vcoind.compute.sampling import sample_rows
 
 KINDS = {
     "greedy": GenerationParams(),

@@ -209,7 +209,8 @@ ABSENT = {"libp2p", "multiaddr", "trio", "web3", "eth_account", "eth_tester", "e
           "prometheus_client", "triton"}
 for name in ABSENT:  # as if not installed: imports fail, importlib.util.find_spec is None
     sys.modules[name] = None
-import vcoind.compute.engine, vcoind.compute.generate, vcoind.compute.kernels
+import vcoind.compute.batcher, vcoind.compute.engine, vcoind.compute.generate
+import vcoind.compute.kernels, vcoind.compute.sampling
 import vcoind.compute.shards, vcoind.compute.telemetry, vcoind.compute.testmodel
 assert vcoind.compute.kernels.load() is None  # no triton: the engine runs torch's ops
 figures = sys.argv[1]

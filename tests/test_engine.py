@@ -15,20 +15,15 @@ import pytest
 import torch
 import trio
 
+from vcoind.compute import batcher as batcher_mod
 from vcoind.compute import engine as engine_mod
-from vcoind.compute.engine import (
-    Batcher,
-    Engine,
-    EngineError,
-    GenerationCancelled,
-    Stack,
-    UnsupportedModel,
-    generate_ids,
-    sample_rows,
-)
+from vcoind.compute import sampling as sampling_mod
+from vcoind.compute.batcher import Batcher
+from vcoind.compute.engine import Engine, EngineError, Stack, UnsupportedModel, generate_ids
 from vcoind.compute.executor import Executor, ExecutorConfig
 from vcoind.compute.generate import GenerationParams, encode_prompt, load_model
 from vcoind.compute.models import ModelStore
+from vcoind.compute.sampling import GenerationCancelled, sample_rows
 from vcoind.compute.shards import even_ranges, load_shard, split_model
 
 TOPICS = ["stake", "blocks", "a Merkle tree", "GPU hosts", "rewards", "the quick brown fox",
@@ -236,7 +231,7 @@ def test_a_burst_is_prefilled_shortest_first_in_passes_of_like_lengths(
     """Long and short prompts queued together, alternating, with room for two prompts a
     pass: the two short ones share a pass and the two long ones another, so the passes
     pad little (one pad token a pass here; in arrival order, 100 in all)."""
-    monkeypatch.setattr(engine_mod, "PREFILL_TOKENS", 2 * 60)
+    monkeypatch.setattr(batcher_mod, "PREFILL_TOKENS", 2 * 60)
     ids = encode_prompt(lm, " ".join(PROMPTS))
     prompts = [ids[:60], ids[:9], ids[3:62], ids[5:15]]  # 60, 9, 59 and 10 tokens
     engine = Engine(Stack.of_model(lm.model), slots=4, max_context=128)
@@ -742,7 +737,7 @@ def test_the_inverse_cdf_never_lands_on_a_token_of_no_mass() -> None:
     """Uniforms at the very ends (0, and 1 after rounding) pick the first and the last
     token that has mass, not one whose probability underflowed to 0."""
     cum = torch.cumsum(torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.2, 0.8, 0.0]]), dim=-1)
-    ends = engine_mod._inverse_cdf
+    ends = sampling_mod._inverse_cdf
     assert ends(cum, torch.tensor([[1.0], [1.0]])).tolist() == [[1], [2]]
     assert ends(cum, torch.tensor([[0.0], [0.0]])).tolist() == [[0], [1]]
     assert ends(cum, torch.tensor([[0.6], [0.1]])).tolist() == [[1], [1]]
@@ -769,8 +764,8 @@ def test_cuts_past_the_candidates_are_drawn_from_the_whole_row() -> None:
         if p.top_k:
             assert len(set(got) & set(range(2000, 2040))) > 30  # all of the tie run
         else:
-            assert max(got) > engine_mod.CANDIDATES  # past the first candidates
-            assert sum(t > 2 * engine_mod.CANDIDATES for t in got) > n // 4
+            assert max(got) > sampling_mod.CANDIDATES  # past the first candidates
+            assert sum(t > 2 * sampling_mod.CANDIDATES for t in got) > n // 4
     # the same rows next to a greedy row and a plain one draw the same
     mixed = torch.stack([ties[:3000], wide[:3000], wide[:3000]])
     q = [GenerationParams(temperature=1.0, top_k=5, seed=7), GenerationParams(seed=1),

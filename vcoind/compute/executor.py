@@ -26,7 +26,8 @@ import psutil
 import torch
 import trio
 
-from vcoind.compute.engine import DEFAULT_MAX_CONTEXT, PREFILL_CHUNK, Batcher
+from vcoind.compute.batcher import PREFILL_CHUNK, Batcher
+from vcoind.compute.engine import DEFAULT_MAX_CONTEXT
 from vcoind.compute.generate import (
     GenerationParams,
     GenerationResult,

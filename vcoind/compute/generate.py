@@ -22,18 +22,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.utils import logging as hf_logging
 
-from vcoind.compute.engine import (
-    DEFAULT_MAX_CONTEXT,
-    Engine,
-    GenerationCancelled,
-    GenerationResult,
-    Stack,
-    UnsupportedModel,
-    decode_loop,
-    generate_ids,
-)
+from vcoind.compute.engine import DEFAULT_MAX_CONTEXT, Engine, Stack, UnsupportedModel, generate_ids
 from vcoind.compute.models import ModelError
 from vcoind.compute.params import GenerationError, GenerationParams
+from vcoind.compute.sampling import GenerationCancelled, GenerationResult, decode_loop
 
 __all__ = [
     "GenerationCancelled",

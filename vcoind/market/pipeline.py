@@ -582,9 +582,9 @@ async def generate_pipelined(
     """The decode loop (sampling, EOS, stop strings: ``TokenStream``) on the trio thread,
     each forward pass through ``run``: per token, sampling is all the origin computes, so
     no worker-thread round trip is worth its cost."""
-    from vcoind.compute.engine import TokenStream
     from vcoind.compute.generate import encode_text
     from vcoind.compute.params import GenerationError
+    from vcoind.compute.sampling import TokenStream
 
     ids = encode_text(tokenizer, prompt)
     stream = TokenStream(ids, params, tokenizer)

@@ -45,8 +45,8 @@ from vcoind.train.spec import TrainError
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
-    from vcoind.compute.engine import GenerationResult
     from vcoind.compute.executor import Executor
+    from vcoind.compute.sampling import GenerationResult
 
 log = logging.getLogger("vcoind.worker")
 
