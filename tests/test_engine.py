@@ -593,6 +593,34 @@ def test_a_prompt_that_starts_as_another_is_prefilled_from_where_they_part(
     assert engine.length[slot] == 50
 
 
+def test_a_failed_prefix_copy_prefills_the_whole_prompt(lm: Any) -> None:
+    """Copying a prompt's cached start that fails (out of memory, say) claims nothing:
+    the new slot starts empty and the prompt is prefilled from its first token."""
+    engine = Engine(Stack.of_model(lm.model), slots=2, max_context=256)
+    ids = encode_prompt(lm, " ".join(PROMPTS))[:60]
+    busy = engine.alloc()
+    engine.prefill(busy, torch.tensor(ids))
+
+    class Refusing:
+        def __init__(self, t: torch.Tensor) -> None:
+            self.t = t
+
+        def __getitem__(self, i: Any) -> torch.Tensor:
+            return self.t[i]
+
+        def __setitem__(self, i: Any, v: torch.Tensor) -> None:
+            raise RuntimeError("CUDA out of memory")
+
+    real = engine.k[1]
+    engine.k[1] = Refusing(real)  # type: ignore[call-overload]
+    slot = engine.alloc([*ids, 5])
+    engine.k[1] = real
+    assert (slot, engine.length[slot], engine._ids[slot]) == (1, 0, [])
+    engine.release(slot)
+    slot = engine.alloc([*ids, 5])  # with the copy working: 60 positions in place
+    assert (slot, engine.length[slot]) == (1, 60)
+
+
 def test_common_prefix() -> None:
     rng = random.Random(0)
     for _ in range(500):

@@ -257,10 +257,16 @@ class Engine:
             if have < REUSE_MIN:
                 have = 0
             elif src != slot:
-                with torch.inference_mode():
-                    for cache in (*self.k, *self.v):
-                        cache[slot, :, :have] = cache[src, :, :have]
-                self._ids[slot] = list(prompt[:have])
+                try:
+                    with torch.inference_mode():
+                        for cache in (*self.k, *self.v):
+                            cache[slot, :, :have] = cache[src, :, :have]
+                except Exception as exc:  # out of memory, say: prefill it all instead
+                    log.warning("copying a prompt's cached start failed (%s); prefilling it",
+                                exc)  # fmt: skip
+                    have = 0
+                else:
+                    self._ids[slot] = list(prompt[:have])
             if have:
                 log.debug("slot %d: %d of the prompt's %d tokens in place (from slot %d)",
                           slot, have, len(prompt), src)  # fmt: skip
