@@ -163,7 +163,7 @@ class Batcher:
         prompt begun earlier goes on first, a prompt that fits what is left runs whole,
         and a longer one starts with a chunk of what is left (``Engine.prefill`` from
         the position its last chunk reached)."""
-        pending = self._pending = self._uncancelled(self._pending)
+        pending = self._uncancelled(self._pending)
         budget = self.prefill_chunk if self._active and self.prefill_chunk else None
         whole: list[_Request] = []
         rest: list[_Request] = []  # still to come (or to go on) after the next step
