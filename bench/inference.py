@@ -217,8 +217,9 @@ def main() -> int:
     )
     bandwidth = copy_bandwidth(device)
     bound = bandwidth / weights
-    ctx = max(ns.max_context, ns.prompt_tokens + ns.new_tokens + 8, ns.join_tokens + 16,
-              ns.shared_prefix + 64)  # fmt: skip
+    # the positions the runs below reach (the batch-1 runs with 8 to spare)
+    longest = max(ns.prompt_tokens + ns.new_tokens, ns.join_tokens + 16, ns.shared_prefix + 64)
+    ctx = max(ns.max_context, ns.prompt_tokens + ns.new_tokens + 8, longest)
     slots = max(ns.concurrent, 1)
     engine = Engine(
         Stack.of_model(model),
@@ -231,7 +232,6 @@ def main() -> int:
         **engine_kernels(ns),
     )
     # every graph the runs below need, captured before any timing (as the daemon does at load)
-    longest = max(ns.prompt_tokens + ns.new_tokens, ns.join_tokens + 16, ns.shared_prefix + 64)
     graphs, fig_warm = timed(device, lambda: engine.warm_up(slots, longest))
     tok = IdTokenizer()
     fig: dict[str, Any] = {
