@@ -2,7 +2,8 @@
 # The inference engine's GPU figures in one go (about 6 minutes on an H100 or H200),
 # for a machine with an NVIDIA GPU, torch, transformers and pynvml (no daemon install):
 #
-#     bash bench/gpu.sh              # figures and logs under $OUT (default /tmp/vcoin-gpu)
+#     bash bench/gpu.sh              # under $OUT (default /tmp/vcoin-gpu): gpu.txt, the log
+#                                    # of it all, and each inference run's JSON
 #     QUICK=1 bash bench/gpu.sh      # engine only, no HF generate or parity (about 2 min)
 #     DEVICE=cpu SHAPE=test bash bench/gpu.sh   # a dry run of the script itself, on a CPU
 #
@@ -13,37 +14,37 @@
 #    and whole), greedy parity, and the decode step's kernel profile;
 # 3. batch 1 without the engine's triton kernels (the torch ops they replace), engine
 #    only, with its kernel profile: what the kernels are worth on this card;
-# 4. batch 1 with compute.compile_decode (torch.compile under the graphs), engine only;
-# 5. the batched sampler on 64 rows of DeepSeek's vocabulary (bench/sampling.py);
-# 6. LoRA training steps on the same shape (bench/train.py), where peft is installed.
+# 4. the batched sampler on 64 rows of DeepSeek's vocabulary (bench/sampling.py);
+# 5. LoRA training steps on the same shape (bench/train.py), where peft is installed;
+# 6. batch 1 with compute.compile_decode (torch.compile under the graphs), engine only
+#    (last: compiling every graph bucket is the slowest step).
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/vcoin-gpu}
 py=${PYTHON:-python}
 mkdir -p "$out"
+rm -f "$out/gpu.txt"
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     $py -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
     $py -c 'import triton; print("triton", triton.__version__)' || echo "triton: not installed"
     $py -c 'from vcoind.compute.telemetry import Telemetry; print(Telemetry().sample().device)'
-} 2>&1 | tee "$out/gpu.txt"
+} 2>&1 | tee -a "$out/gpu.txt"
 shape=(--device "${DEVICE:-cuda}" --shape "${SHAPE:-deepseek-1.5b}")
 if [ -n "${QUICK:-}" ]; then
     $py bench/inference.py "${shape[@]}" --no-hf --parity 0 --profile \
-        --json "$out/engine.json" 2>&1 | tee "$out/engine.txt"
+        --json "$out/engine.json" 2>&1 | tee -a "$out/gpu.txt"
 else
-    $py bench/inference.py "${shape[@]}" --profile --json "$out/engine.json" 2>&1 |
-        tee "$out/engine.txt"
+    $py bench/inference.py "${shape[@]}" --profile --json "$out/engine.json" 2>&1 | tee -a "$out/gpu.txt"
     $py bench/inference.py "${shape[@]}" --no-hf --parity 0 --concurrent 1 --join-tokens 0 --kernels off \
-        --profile --json "$out/nokernels.json" 2>&1 | tee "$out/nokernels.txt"
-    $py bench/inference.py "${shape[@]}" --no-hf --parity 0 --concurrent 1 --join-tokens 0 --compile \
-        --json "$out/compile.json" 2>&1 | tee "$out/compile.txt"
-    $py bench/sampling.py --device "${DEVICE:-cuda}" 2>&1 | tee "$out/sampling.txt"
+        --profile --json "$out/nokernels.json" 2>&1 | tee -a "$out/gpu.txt"
+    $py bench/sampling.py --device "${DEVICE:-cuda}" 2>&1 | tee -a "$out/gpu.txt"
     if $py -c 'import peft' 2>/dev/null; then
-        $py bench/train.py "${shape[@]}" --steps 5 2>&1 |
-            tee "$out/train.txt"
+        $py bench/train.py "${shape[@]}" --steps 5 2>&1 | tee -a "$out/gpu.txt"
     else
-        echo "bench/train.py skipped: peft is not installed here" | tee "$out/train.txt"
+        echo "bench/train.py skipped: peft is not installed here" | tee -a "$out/gpu.txt"
     fi
+    $py bench/inference.py "${shape[@]}" --no-hf --parity 0 --concurrent 1 --join-tokens 0 --compile \
+        --json "$out/compile.json" 2>&1 | tee -a "$out/gpu.txt"
 fi
 echo "figures in $out"
