@@ -48,7 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from vcoind.compute.batcher import PREFILL_CHUNK, Batcher
-from vcoind.compute.engine import DEFAULT_MAX_CONTEXT, Engine, Stack, generate_ids
+from vcoind.compute.engine import (
+    DEFAULT_MAX_CONTEXT,
+    SDPA_BACKENDS,
+    Engine,
+    Stack,
+    generate_ids,
+)
 from vcoind.compute.generate import GenerationParams, load_model, pick_device
 from vcoind.compute.testmodel import make_test_model
 
@@ -188,6 +194,13 @@ def main() -> int:
         "with them on any device (a CPU runs them under triton's interpreter: slow, for "
         "parity only)",
     )
+    p.add_argument(
+        "--decode-attention",
+        default="auto",
+        choices=SDPA_BACKENDS,
+        help="SDPA backend of the fused decode step's attention (auto: torch's choice, the "
+        "daemon's); bench/attention.py times each on its own",
+    )
     p.add_argument("--no-hf", action="store_true", help="engine figures only (no ratios)")
     p.add_argument(
         "--max-context",
@@ -229,6 +242,7 @@ def main() -> int:
         dtype=dtype,
         cuda_graphs=False if ns.no_graphs else None,
         compile_decode=ns.compile,
+        decode_attention=ns.decode_attention,
         **engine_kernels(ns),
     )
     # every graph the runs below need, captured before any timing (as the daemon does at load)
@@ -243,6 +257,7 @@ def main() -> int:
         "bound_tps": bound,
         "cuda_graphs": engine.cuda_graphs,
         "kernels": engine.kernels is not None,
+        "decode_attention": ns.decode_attention,
         "graphs": graphs,
         "graph_capture_s": fig_warm,
     }
@@ -251,7 +266,8 @@ def main() -> int:
         f"{weights / 2**30:.2f} GiB, copy bandwidth {bandwidth / 1e9:.0f} GB/s -> "
         f"bound {bound:.0f} tokens/s at batch 1; engine slots {slots} x {engine.max_context} "
         f"positions, CUDA graphs {'on' if engine.cuda_graphs else 'off'}, triton kernels "
-        f"{'on' if engine.kernels is not None else 'off'}"
+        f"{'on' if engine.kernels is not None else 'off'}, decode attention "
+        f"{ns.decode_attention}"
         + (f" ({graphs} captured in {fig_warm:.1f} s)" if engine.cuda_graphs else ""),
         flush=True,
     )

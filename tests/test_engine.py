@@ -522,11 +522,17 @@ def test_a_prompt_that_starts_as_another_is_prefilled_from_where_they_part(
     calls = spied(engine)
 
     def served(prompt: list[int], slot: int, start: int | None) -> Any:
-        """``prompt`` through the batcher: prefilled in ``slot`` from ``start``."""
+        """``prompt`` through the batcher: prefilled in ``slot`` from ``start`` (all but
+        its last token in place: that token is the slot's first decode step)."""
         del calls[:]
         r = batcher.submit(prompt, p).result(timeout=60)
         prefills = [c for c in calls if c[0] == "prefill"]  # (a running request decodes)
-        assert prefills == [("prefill", slot, start, len(prompt) - (start or 0))]
+        if start == len(prompt) - 1:
+            assert prefills == []
+            assert calls[0] == ("decode", (slot,))
+            assert len(calls) == len(r.token_ids)
+        else:
+            assert prefills == [("prefill", slot, start, len(prompt) - (start or 0))]
         assert r.token_ids == generate_ids(lm.engine, prompt, p, lm.tokenizer).token_ids
         return r
 
@@ -538,7 +544,7 @@ def test_a_prompt_that_starts_as_another_is_prefilled_from_where_they_part(
         then = turn + list(answer.token_ids) + ids[260:270]  # its answer's last token
         assert len(then) > 130
         served(then, 0, len(turn) + len(answer.token_ids) - 1)  # was never fed
-        served(then, 0, len(then) - 1)  # the same again: its last position's logits
+        served(then, 0, len(then) - 1)  # the same again: its last token decoded
         # a prefill that fails after its layers wrote the cache: what it overwrote is not
         # claimed (the slot holds `then`'s first 130 tokens after it, not all of them)
         failing = engine._prefill_pass

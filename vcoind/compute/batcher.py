@@ -12,7 +12,8 @@ are admitted by priority, then arrival.
 * **Prefix reuse.** A slot's cache outlives its request: a prompt that starts as an
   earlier or a running one does (a system prompt, the previous turn of a conversation)
   gets those positions' K/V copied into its slot (``Engine.alloc``) and is prefilled
-  only from where the two part.
+  only from where the two part; one whose prompt is all there but its last token (a
+  repeated prompt) joins the next decode step with that token, no prefill of its own.
 
 Free of the daemon (no trio, no network): only torch.
 """
@@ -171,6 +172,8 @@ class Batcher:
             need = len(req.prompt_ids) - req.done
             if budget is not None and budget <= 0:
                 rest.append(req)
+            elif need == 1 and req.done == req.reused:
+                self._join_step(req)
             elif req.done == 0 and (budget is None or need <= budget):
                 whole.append(req)
             else:
@@ -181,6 +184,16 @@ class Batcher:
                 budget -= need
         self._pending = rest
         self._prefill_whole(whole)
+
+    def _join_step(self, req: _Request) -> None:
+        """A request whose prompt is in the cache but for its last token (the rest was
+        found there, ``Engine.alloc``): that token is one more row of the next decode
+        step, whose logits give its first token (one prefill pass of its own each cost
+        a burst of repeated prompts a pass per request)."""
+        req.t_admit = time.perf_counter()
+        req.last = req.prompt_ids[-1]
+        req.done = len(req.prompt_ids)
+        self._active.append(req)
 
     def _prefill_part(self, req: _Request, n: int) -> None:
         """The next ``n`` tokens of the request's prompt; its first token once the
@@ -287,7 +300,9 @@ class Batcher:
         logits = self.engine.decode([r.slot for r in live], x)
         picks = self._sample(live, logits)
         still = []
+        now = time.perf_counter()
         for req, pick in zip(live, picks, strict=True):
+            req.t_first = req.t_first or now  # a request that joined at its last prompt token
             nxt = req.stream.accept(pick)
             self._advance(req, nxt)
             if nxt is not None:

@@ -42,6 +42,7 @@ Free of the daemon (no trio, no network): only torch and transformers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import heapq
 import logging
@@ -65,6 +66,9 @@ log = logging.getLogger("vcoind.engine")
 DEFAULT_MAX_CONTEXT = 4096
 REUSE_MIN = 16  # prompt tokens found in some slot's cache worth copying from there
 STATIC_ROPE = ("default", "linear")  # rotary types whose angles depend on position alone
+# SDPA backends: "auto" is torch's own choice; prefill on CUDA leaves cuDNN out (see
+# ``_sdpa``); the decode step takes ``Engine(decode_attention=...)``.
+SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 
 
 class EngineError(GenerationError):
@@ -146,8 +150,14 @@ class Engine:
         compile_decode: bool = False,
         static_shapes: bool | None = None,
         kernels: bool | None = None,
+        decode_attention: str = "auto",
     ) -> None:
+        """``decode_attention``: the SDPA backend of the fused decode step's attention
+        (one of ``SDPA_BACKENDS``; "auto": torch's choice, cuDNN's on recent CUDA builds),
+        for benchmarks comparing them."""
         _check_supported(stack)
+        if decode_attention not in SDPA_BACKENDS:
+            raise ValueError(f"decode_attention must be one of {', '.join(SDPA_BACKENDS)}")
         if slots < 1:
             raise ValueError("an engine needs at least one slot")
         cfg = stack.config
@@ -166,6 +176,13 @@ class Engine:
         self.first = stack.embed is not None
         self.last = stack.head is not None and stack.norm is not None
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.decode_attention = decode_attention
+        # Prefill's attention shapes change with every prompt length and chunk; cuDNN's
+        # SDPA builds an execution plan per new shape (tens of milliseconds), so prefill
+        # on CUDA takes flash / memory-efficient attention. A decode graph's shape is
+        # fixed when it is captured: there torch's choice stands (or decode_attention).
+        self._prefill_sdpa = ("flash", "efficient", "math") if self.device.type == "cuda" else ()
+        self._decode_sdpa = () if decode_attention == "auto" else (decode_attention,)
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         # Decode steps padded to a (batch bucket, width bucket) shape: what a graph needs.
@@ -455,19 +472,20 @@ class Engine:
         causal = None
         if start:
             causal = self._cols[:end].unsqueeze(0) <= pos[0].unsqueeze(1)  # [T, end]
-        for i, layer in enumerate(self.stack.layers):
-            q, k, v = self._qkv(i, layer, h, cos, sin)
-            self.k[i][rows, :, start:end] = k
-            self.v[i][rows, :, start:end] = v
-            if start:  # the earlier positions too
-                k, v = self.k[i][rows, :, :end], self.v[i][rows, :, :end]
-            if self.groups > 1:
-                k = k.repeat_interleave(self.groups, dim=1)
-                v = v.repeat_interleave(self.groups, dim=1)
-            attn = torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=causal, is_causal=causal is None, scale=self.scale
-            )
-            h = self._layer_out(i, layer, h, attn)
+        with _sdpa(self._prefill_sdpa):
+            for i, layer in enumerate(self.stack.layers):
+                q, k, v = self._qkv(i, layer, h, cos, sin)
+                self.k[i][rows, :, start:end] = k
+                self.v[i][rows, :, start:end] = v
+                if start:  # the earlier positions too
+                    k, v = self.k[i][rows, :, :end], self.v[i][rows, :, :end]
+                if self.groups > 1:
+                    k = k.repeat_interleave(self.groups, dim=1)
+                    v = v.repeat_interleave(self.groups, dim=1)
+                attn = torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=causal, is_causal=causal is None, scale=self.scale
+                )
+                h = self._layer_out(i, layer, h, attn)
         return h
 
     def _decode_rows(
@@ -491,6 +509,24 @@ class Engine:
         visible = self._cols[:width].unsqueeze(0) <= pos.unsqueeze(1)  # [B, width]
         bias = torch.where(visible, self._open, self._shut).view(b, 1, 1, width)
         index = torch.arange(b, device=self.device) if rows is None else rows
+        with _sdpa(self._decode_sdpa):
+            h = self._decode_layers(h, cos, sin, rot, pos, rows, index, bias, width)
+        return self._out(h[:, -1]) if self.last else h[:, -1]
+
+    def _decode_layers(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        rot: torch.Tensor | None,
+        pos: torch.Tensor,
+        rows: torch.Tensor | None,
+        index: torch.Tensor,
+        bias: torch.Tensor,
+        width: int,
+    ) -> torch.Tensor:
+        """``_decode_rows``' pass over the layers: hidden states ``[B, 1, H]`` out."""
+        b = h.shape[0]
         for i, layer in enumerate(self.stack.layers):
             q = self._step_qkv(i, layer, h, cos, sin, rot, pos, index)
             kc, vc = self.k[i], self.v[i]
@@ -508,7 +544,7 @@ class Engine:
                 attn = torch.matmul(probs, vals)
             attn = attn.reshape(b, self.n_heads, 1, self.head_dim)
             h = self._layer_out(i, layer, h, attn)
-        return self._out(h[:, -1]) if self.last else h[:, -1]
+        return h
 
     def _step_qkv(
         self,
@@ -752,6 +788,20 @@ class _Graph:
     inp: torch.Tensor  # long [3B]: token ids, positions, the step's slots
     x: torch.Tensor  # the input rows: inp[:B] (ids), or hidden states [B, H]
     out: torch.Tensor
+
+
+def _sdpa(backends: tuple[str, ...]) -> contextlib.AbstractContextManager[Any]:
+    """SDPA restricted to ``backends`` (names from ``SDPA_BACKENDS``; none: torch's own
+    choice, as on torch builds without ``torch.nn.attention``)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return contextlib.nullcontext()
+    if not backends:
+        return contextlib.nullcontext()
+    names = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION",
+             "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}  # fmt: skip
+    return sdpa_kernel([getattr(SDPBackend, names[b]) for b in backends])
 
 
 def _buckets(n: int, first: int = 1) -> list[int]:

@@ -52,7 +52,7 @@ class Kernels:
         block = min(1024, self._triton.next_power_of_2(n))
         grid = (flat.shape[0], self._triton.cdiv(n, block))
         self._k.silu_mul_kernel[grid](flat, out, n, flat.stride(0), out.stride(0), BLOCK=block,
-                             PRECISE=self._precise)  # fmt: skip
+                             PRECISE=self._precise, enable_fp_fusion=False)  # fmt: skip
         return out.view(*gu.shape[:-1], n)
 
     def rope_store(
@@ -85,7 +85,8 @@ class Kernels:
         self._k.rope_store_kernel[grid](qkv, cos, sin, pos, slots, q, k_cache, v_cache,
                                qkv.stride(0), cos.stride(0), s_slot, s_head, s_pos,
                                NH=n_heads, NKV=n_kv, D=d,
-                               BLOCK=self._triton.next_power_of_2(d))  # fmt: skip
+                               BLOCK=self._triton.next_power_of_2(d),
+                               enable_fp_fusion=False)  # fmt: skip
         return q
 
     def check(self, device: torch.device, dtype: torch.dtype) -> str | None:
