@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The inference engine's GPU figures in one go (about 6 minutes on an H100 or H200),
+# The inference engine's GPU figures in one go (about 6 minutes on an H100),
 # for a machine with an NVIDIA GPU, torch, transformers and pynvml (no daemon install):
 #
 #     bash bench/gpu.sh              # under $OUT (default /tmp/vcoin-gpu): gpu.txt, the log
@@ -9,14 +9,16 @@
 #
 # 1. the card, torch and transformers versions, and the heartbeat's NVML telemetry;
 # 2. bench/inference.py on the DeepSeek-R1-Distill-Qwen-1.5B shape in the daemon's
-#    default configuration (fp16, CUDA graphs, 64 slots x 4096 positions), HF generate
+#    default configuration (fp16, CUDA graphs, 4096 positions a slot; 64 slots), HF generate
 #    in the same run, a 2048-token prompt joining 8 decoding requests (chunked prefill
-#    and whole), greedy parity, and the decode step's kernel profile;
-# 3. batch 1 without the engine's triton kernels (the torch ops they replace), engine
+#    and whole), greedy parity (against HF fp16 and an fp32 yardstick), and the decode
+#    step's kernel profile;
+# 3. the SDPA backends on the engine's attention shapes (bench/attention.py);
+# 4. batch 1 without the engine's triton kernels (the torch ops they replace), engine
 #    only, with its kernel profile: what the kernels are worth on this card;
-# 4. the batched sampler on 64 rows of DeepSeek's vocabulary (bench/sampling.py);
-# 5. LoRA training steps on the same shape (bench/train.py), where peft is installed;
-# 6. batch 1 with compute.compile_decode (torch.compile under the graphs), engine only
+# 5. the batched sampler on 64 rows of DeepSeek's vocabulary (bench/sampling.py);
+# 6. LoRA training steps on the same shape (bench/train.py), where peft is installed;
+# 7. batch 1 with compute.compile_decode (torch.compile under the graphs), engine only
 #    (last: compiling every graph bucket is the slowest step).
 set -u
 cd "$(dirname "$0")/.."
@@ -36,6 +38,8 @@ if [ -n "${QUICK:-}" ]; then
         --json "$out/engine.json" 2>&1 | tee -a "$out/gpu.txt"
 else
     $py bench/inference.py "${shape[@]}" --profile --json "$out/engine.json" 2>&1 | tee -a "$out/gpu.txt"
+    $py bench/attention.py --device "${DEVICE:-cuda}" --json "$out/attention.json" 2>&1 |
+        tee -a "$out/gpu.txt"
     $py bench/inference.py "${shape[@]}" --no-hf --parity 0 --concurrent 1 --join-tokens 0 --kernels off \
         --profile --json "$out/nokernels.json" 2>&1 | tee -a "$out/gpu.txt"
     $py bench/sampling.py --device "${DEVICE:-cuda}" 2>&1 | tee -a "$out/gpu.txt"

@@ -183,6 +183,19 @@ def main() -> int:
     )
     p.add_argument("--parity", type=int, default=50, help="prompts for the parity check")
     p.add_argument("--parity-tokens", type=int, default=32)
+    p.add_argument(
+        "--no-fp32-reference",
+        action="store_true",
+        help="skip the fp32 yardstick of an fp16 parity check (HF generate with the same "
+        "weights in fp32: how often HF's own fp16 run and the engine's each match it)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float16", "float32"),
+        help="the model's dtype (auto: fp16 on CUDA, fp32 on CPU; float16 on a CPU is a "
+        "stand-in for the GPU's parity check)",
+    )
     p.add_argument("--no-graphs", action="store_true", help="eager decode on CUDA too")
     p.add_argument("--compile", action="store_true", help="experimental: torch.compile decode")
     p.add_argument(
@@ -217,6 +230,8 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="also write the figures here")
     ns = p.parse_args()
     device, dtype = pick_device(ns.device)
+    if ns.dtype != "auto":
+        dtype = getattr(torch, ns.dtype)
     if ns.kernels == "on" and device.type != "cuda":
         os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.manual_seed(0)
@@ -328,10 +343,18 @@ def main() -> int:
             fig["hf_batch_tps"] = ns.concurrent * ns.new_tokens / dt
         fig["hf_batch_peak_gib"] = peak_gib(device)
         batcher = Batcher(engine, tok)
-        warm = [batcher.submit(ids, GenerationParams(max_new_tokens=4)) for ids in many]
+        # warm-up prompts of their own: the timed prompts' K/V must not be in the slots'
+        # caches already (prefix reuse would skip their prefill)
+        warm_up = prompts(ns.concurrent, ns.prompt_tokens, cfg.vocab_size, 3)
+        warm = [batcher.submit(ids, GenerationParams(max_new_tokens=4)) for ids in warm_up]
         [f.result() for f in warm]
         peak_reset(device)
+        reused = batcher.reused_tokens
         tps, ttft = serve(batcher, many, [params] * len(many))
+        fig.update(
+            engine_batch_reused_tokens=batcher.reused_tokens - reused,
+            engine_batch_peak_prefill=batcher.peak_prefill,
+        )
         fig.update(
             engine_batch_tps=tps,
             engine_batch_peak_gib=peak_gib(device),
@@ -345,13 +368,15 @@ def main() -> int:
             f"({fig['engine_batch_tps'] / fig['hf_batch_tps']:.1f}x "
             f"HF batched, {fig['engine_batch_tps'] / fig['hf_tps']:.0f}x HF batch 1); "
             f"engine TTFT p50 {fig['engine_batch_ttft_p50_ms']:.0f} ms, p95 "
-            f"{fig['engine_batch_ttft_p95_ms']:.0f} ms, peak batch {batcher.peak_batch}",
+            f"{fig['engine_batch_ttft_p95_ms']:.0f} ms, peak batch {batcher.peak_batch}, "
+            f"prompts per prefill pass {batcher.peak_prefill}",
             flush=True,
         )
         # The same requests sampled, each with its own seed (what most users send).
         sampled = [dataclasses.replace(params, temperature=0.8, top_p=0.95, top_k=50, seed=i)
                    for i in range(len(many))]  # fmt: skip
-        fig["engine_batch_sampled_tps"], _ = serve(batcher, many, sampled)
+        fresh = prompts(ns.concurrent, ns.prompt_tokens, cfg.vocab_size, 8)
+        fig["engine_batch_sampled_tps"], _ = serve(batcher, fresh, sampled)
         batcher.close()
         print(f"{ns.concurrent} concurrent, sampled (temperature 0.8, top-p 0.95, top-k 50): "
               f"engine {fig['engine_batch_sampled_tps']:.0f} tok/s", flush=True)  # fmt: skip
@@ -550,12 +575,24 @@ def parity(
     params = GenerationParams(max_new_tokens=ns.parity_tokens)
     tok = IdTokenizer()
     same, max_diff, ours, gaps = 0, 0.0, [], []
+    # The yardstick for fp16: the same weights in fp32. Where HF's own fp16 run parts
+    # from it as often as the engine does, the partings are fp16 rounding at near-ties.
+    ref32 = None
+    if dtype != torch.float32 and not ns.no_fp32_reference:
+        import copy
+
+        ref32 = copy.deepcopy(model).float()
+    hf_32 = engine_32 = 0
     with torch.inference_mode():
         for ids in cases:
             r = generate_ids(engine, ids, params, tok)
             ours.append(r.token_ids)
             ref = hf_generate(model, [ids], ns.parity_tokens, device)[0].tolist()
             same += ref == list(r.token_ids)
+            if ref32 is not None:
+                want = hf_generate(ref32, [ids], ns.parity_tokens, device)[0].tolist()
+                hf_32 += ref == want
+                engine_32 += list(r.token_ids) == want
             if ref != list(r.token_ids):
                 # How close a call was it? HF's logit margin between the two picks.
                 j = next(
@@ -580,6 +617,13 @@ def parity(
         f"greedy parity vs HF generate: {same}/{len(cases)} token-identical "
         f"({ns.parity_tokens} tokens each); max first-step logit diff {max_diff:.2e}"
     )
+    if ref32 is not None:
+        del ref32
+        fig.update(parity_fp32_hf=hf_32, parity_fp32_engine=engine_32)
+        print(
+            f"  against HF generate in fp32 (same weights): HF {str(dtype)[6:]} "
+            f"token-identical on {hf_32}/{len(cases)}, the engine on {engine_32}/{len(cases)}"
+        )
     if gaps:
         print(
             f"  where they part, HF's own logits rank the two picks {max(gaps):.2e} apart "

@@ -214,7 +214,9 @@ import vcoind.compute.kernels, vcoind.compute.sampling
 import vcoind.compute.shards, vcoind.compute.telemetry, vcoind.compute.testmodel
 assert vcoind.compute.kernels.load() is None  # no triton: the engine runs torch's ops
 figures = sys.argv[1]
-runs = [[s, "--help"] for s in ("bench/inference.py", "bench/sampling.py", "bench/train.py")]
+runs = [[s, "--help"] for s in ("bench/inference.py", "bench/sampling.py", "bench/train.py",
+                                 "bench/attention.py")]
+runs.append(["bench/attention.py", "--device", "cpu", "--quick", "--json", sys.argv[2]])
 runs.append(["bench/inference.py", "--device", "cpu", "--shape", "test", "--runs", "1",
              "--new-tokens", "16", "--concurrent", "4", "--parity", "3", "--parity-tokens",
              "8", "--join-tokens", "1100", "--join-running", "2", "--shared-prefix", "100",
@@ -236,16 +238,24 @@ def test_compute_and_benches_run_without_the_daemons_network_stack(tmp_path: Pat
     and the benchmarks import there, the engine's kernels stand down, and the inference
     benchmark runs end to end (here on the CPU, with the test model, cut short)."""
     root = Path(__file__).resolve().parent.parent
-    figures = tmp_path / "engine.json"
-    done = subprocess.run([sys.executable, "-c", GPU_BOX_CHECK, str(figures)], cwd=root,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    figures, attention = tmp_path / "engine.json", tmp_path / "attention.json"
+    done = subprocess.run([sys.executable, "-c", GPU_BOX_CHECK, str(figures), str(attention)],
+                          cwd=root, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "imports: []" in done.stdout
     fig = json.loads(figures.read_text())
     assert fig["engine_tps"] > 0 and fig["engine_batch_tps"] > 0 and fig["peak_batch"] == 4
+    # the concurrent run's prompts were not in the cache (the warm-up had its own)
+    assert fig["engine_batch_reused_tokens"] == 0 and fig["engine_batch_peak_prefill"] == 4
     assert (fig["parity_same"], fig["parity_n"]) == (3, 3)  # fp32 on a CPU: identical
     # the 1,100-token prompt joined the decoding requests in 3 chunks, or whole
     assert fig["join_chunk512"]["chunks"] == 3 and fig["join_chunk0"]["chunks"] == 0
     # 8 requests after a warm-up, each finding the 100-token shared start in place
     assert fig["shared_prefix_reuse"]["reused"] == 8 * 100
     assert fig["shared_prefix_whole"]["reused"] == 0
+    # SDPA backends by shape: torch's choice and math run on a CPU, cuDNN does not
+    att = json.loads(attention.read_text())
+    assert set(att) >= {"prefill causal T=128", "prefill chunk 512 of E=1024", "decode B=64 W=512"}
+    for row in att.values():
+        assert row["auto"]["median_us"] > 0 and row["math"]["median_us"] > 0
+        assert row["cudnn"] is None

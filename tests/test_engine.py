@@ -416,6 +416,22 @@ def test_batcher_cancel_and_priority(lm: Any) -> None:
     assert engine.free_slots == 1
 
 
+def test_the_decode_steps_attention_backend_is_a_choice(lm: Any) -> None:
+    """``decode_attention`` picks the SDPA backend of the fused decode step (how the
+    benchmarks compare them): the math backend gives the tokens torch's own choice gives;
+    a name that is not a backend is refused."""
+    params = GenerationParams(max_new_tokens=12)
+    ids = encode_prompt(lm, PROMPTS[0])
+    got = {}
+    for backend in ("auto", "math"):
+        engine = Engine(Stack.of_model(lm.model), slots=2, max_context=256, fused=True,
+                        static_shapes=True, decode_attention=backend)  # fmt: skip
+        got[backend] = generate_ids(engine, ids, params, lm.tokenizer).token_ids
+    assert got["math"] == got["auto"] and len(got["auto"]) == 12
+    with pytest.raises(ValueError, match="decode_attention must be one of"):
+        Engine(Stack.of_model(lm.model), slots=1, decode_attention="cudnn2")
+
+
 def spied(engine: Engine) -> list[tuple[Any, ...]]:
     """The engine's prefill and decode calls from now on, in order: ("prefill", slot,
     start, tokens) and ("decode", slots)."""
