@@ -274,6 +274,7 @@ def main() -> int:
         "kernels": engine.kernels is not None,
         "decode_attention": ns.decode_attention,
         "graphs": graphs,
+        "prefill_graphs": len(engine._prefill_graphs),
         "graph_capture_s": fig_warm,
     }
     print(
@@ -283,7 +284,12 @@ def main() -> int:
         f"positions, CUDA graphs {'on' if engine.cuda_graphs else 'off'}, triton kernels "
         f"{'on' if engine.kernels is not None else 'off'}, decode attention "
         f"{ns.decode_attention}"
-        + (f" ({graphs} captured in {fig_warm:.1f} s)" if engine.cuda_graphs else ""),
+        + (
+            f" ({graphs} decode and {len(engine._prefill_graphs)} prefill graphs captured in "
+            f"{fig_warm:.1f} s)"
+            if engine.cuda_graphs
+            else ""
+        ),
         flush=True,
     )
 

@@ -146,6 +146,83 @@ def test_graph_padding_run_eagerly_gives_the_same_tokens(
         padded.release(s)
 
 
+def test_short_prompts_are_prefilled_through_padded_graphs(
+    lm: Any, models_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A prompt of up to 512 tokens from position 0 is prefilled padded to 32, 64, ..
+    512 tokens, through a graph warm_up captured (replayed eagerly here): the plain
+    pass's logits, the prompt's own ids claimed, the decode steps after it unchanged.
+    Capturing runs on a free slot's cache, whose cached prompt is forgotten. Longer
+    prompts and prompts that go on from a position run eagerly; a refused capture leaves
+    prefill eager, and the model serving."""
+    other = load_model(models_dir / "tiny-qwen2", torch.device("cpu"), torch.float32,
+                       engine=False)  # fmt: skip
+    padded = Engine(Stack.of_model(other.model), slots=3, max_context=600, fused=True,
+                    static_shapes=True)  # fmt: skip
+    plain = Engine(Stack.of_model(other.model), slots=1, max_context=600, fused=True)
+    assert padded._prefill_buckets == [32, 64, 128, 256, 512]
+    assert plain._prefill_buckets == [] and not plain.static_shapes
+    ids = encode_prompt(lm, " ".join(PROMPTS))
+    ids = (ids * (1 + 600 // len(ids)))[:560]
+    slot = padded.alloc()
+    padded.prefill(slot, torch.tensor(ids[:40]))
+    padded.release(slot)
+    assert padded._ids[0] == ids[:40]
+    replayed_eagerly(monkeypatch, padded)
+    padded.warm_up(batch=1, positions=256)
+    assert sorted(padded._prefill_graphs) == [32, 64, 128, 256, 512] and padded._ids[0] == []
+    passes: list[int] = []
+    inner = padded._prefill_pass
+
+    def spy(rows: Any, h: torch.Tensor, start: int) -> torch.Tensor:
+        passes.append(h.shape[1])
+        return inner(rows, h, start)
+
+    padded._prefill_pass = spy  # type: ignore[method-assign]
+    for n, width in ((5, 32), (32, 32), (33, 64), (200, 256), (512, 512), (513, 513)):
+        del passes[:]
+        slot, ref = padded.alloc(), plain.alloc()
+        got, want = (
+            padded.prefill(slot, torch.tensor(ids[:n])),
+            plain.prefill(ref, torch.tensor(ids[:n])),
+        )
+        assert passes == [width]
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+        assert padded._ids[slot] == ids[:n] and padded.length[slot] == n
+        nxt = got.argmax().view(1)
+        after = padded.decode([slot], nxt)[0], plain.decode([ref], nxt)[0]
+        assert torch.allclose(*after, atol=1e-4, rtol=1e-4)
+        padded.release(slot)
+        plain.release(ref)
+    # going on from a position (a chunk, a reused prefix's remainder): eager
+    del passes[:]
+    slot = padded.alloc()
+    padded.prefill(slot, torch.tensor(ids[:20]))
+    padded.prefill(slot, torch.tensor(ids[20:30]))
+    assert passes == [32, 10]
+    padded.release(slot)
+
+    def refuse(self: Engine, step: Any) -> tuple[Any, torch.Tensor]:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    again = Engine(Stack.of_model(other.model), slots=2, max_context=600, fused=True,
+                   static_shapes=True)  # fmt: skip
+    again.cuda_graphs = True
+    monkeypatch.setattr(Engine, "_capture", lambda self, b, w: _fake_graph())
+    monkeypatch.setattr(Engine, "_record", refuse)
+    with caplog.at_level("WARNING", logger="vcoind.engine"):
+        again.warm_up(batch=1, positions=200)
+    assert "prefill graph for 32 tokens failed" in caplog.text
+    assert not again._prefill_graphs and again._prefill_buckets == []
+    want = plain.prefill(plain.alloc(), torch.tensor(ids[:9]))
+    assert torch.allclose(again.prefill(again.alloc(), torch.tensor(ids[:9])), want, atol=1e-4)
+
+
+def _fake_graph() -> Any:
+    """A stand-in for a captured decode graph (where only prefill captures are tested)."""
+    return engine_mod._Graph(lambda: None, torch.zeros(3), torch.zeros(1), torch.zeros(1))
+
+
 def test_a_refused_graph_capture_falls_back_to_eager_steps(
     lm: Any, models_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -161,7 +238,7 @@ def test_a_refused_graph_capture_falls_back_to_eager_steps(
     widest = [256]
 
     def refuse_wide(self: Engine, step: Any) -> tuple[Any, torch.Tensor]:
-        if step.args[3] > widest[0]:  # the step's width
+        if len(step.args) == 4 and step.args[3] > widest[0]:  # a decode step's width
             raise RuntimeError("operation not permitted when stream is capturing")
         return replay(self, step)
 

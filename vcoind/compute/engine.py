@@ -11,7 +11,10 @@ transformers' modules (their weights, their norms and MLPs) instead of the model
   Position ``max_context`` is scratch: rows of a decode batch that are not taking part
   write there, and no real query ever attends to it.
 * **Prefill** runs one slot's chunk of tokens (or hidden states) from any start
-  position (a pipeline replays a prefix this way), eagerly.
+  position (a pipeline replays a prefix this way), eagerly; on CUDA a whole model's
+  prompt of up to 512 tokens from position 0 replays a graph instead, padded to 32, 64,
+  .. 512 tokens (captured by ``warm_up``), since its eager pass is bound by launching
+  kernels.
 * **Decode** runs one token for several slots at once. On CUDA the step for slots
   ``0..B-1`` reading the first ``W`` positions is captured once per batch bucket ``B``
   (1, 2, 4, .., slots) and width bucket ``W`` (256, 512, .., the context) in a CUDA graph
@@ -65,6 +68,10 @@ log = logging.getLogger("vcoind.engine")
 
 DEFAULT_MAX_CONTEXT = 4096
 REUSE_MIN = 16  # prompt tokens found in some slot's cache worth copying from there
+# Prompt lengths (padded up to these) whose prefill from position 0 replays a CUDA graph:
+# short prompts, whose eager pass is bound by launching its kernels (about 14 ms on an
+# H100 whatever the length, against a millisecond or two of GPU work).
+PREFILL_GRAPH_TOKENS = (32, 64, 128, 256, 512)
 STATIC_ROPE = ("default", "linear")  # rotary types whose angles depend on position alone
 # SDPA backends: "auto" is torch's own choice; prefill on CUDA leaves cuDNN out (see
 # ``_sdpa``); the decode step takes ``Engine(decode_attention=...)``.
@@ -236,6 +243,11 @@ class Engine:
         self._free = list(range(slots))  # a heap: the lowest free slot first
         self.lock = threading.RLock()  # one step at a time, from whichever thread
         self._graphs: dict[tuple[int, int], _Graph] = {}
+        # prefill graphs by padded length (captured by warm_up only: see _prefill_padded)
+        self._prefill_graphs: dict[int, _Graph] = {}
+        self._prefill_buckets = [t for t in PREFILL_GRAPH_TOKENS if t <= self.max_context]
+        if not (self.static_shapes and self.first and self.last and self._angles is not None):
+            self._prefill_buckets = []  # spans, and rotary types computed per sequence
         self._pool: Any = None
         # Experimental: torch.compile the decode step before its graph is captured (fuses
         # the elementwise kernels; compiles once per batch and width bucket).
@@ -422,13 +434,44 @@ class Engine:
                 raise EngineError("prefill needs tokens, from a position the slot has reached")
             self.check_fits(start + t)
             del self._ids[slot][start:]  # overwritten from here on, whatever happens
-            h = self._prefill_pass(
-                slice(slot, slot + 1), self._embed(x.to(self.device)[None]), start
-            )
+            bucket = next((b for b in self._prefill_buckets if b >= t), 0) if start == 0 else 0
+            # its graph's replay (CUDA); run eagerly on a CPU with static shapes (the tests)
+            if bucket and (bucket in self._prefill_graphs or not self.cuda_graphs):
+                out = self._prefill_padded(slot, x, bucket)
+            else:
+                h = self._prefill_pass(
+                    slice(slot, slot + 1), self._embed(x.to(self.device)[None]), start
+                )
+                out = self._out(h[:, -1])[0] if self.last else h[0]
             self.length[slot] = start + t
             if self.first:
                 self._ids[slot].extend(x.tolist())
-            return self._out(h[:, -1])[0] if self.last else h[0]
+            return out
+
+    def _prefill_padded(self, slot: int, x: torch.Tensor, bucket: int) -> torch.Tensor:
+        """A whole-model prefill of prompt ``x`` from position 0, padded to ``bucket``
+        tokens (one of ``PREFILL_GRAPH_TOKENS``): the graph's replay where warm_up
+        captured it, else the same padded pass run eagerly. Causal attention keeps the
+        padding out of the prompt's positions; the cache positions it writes past the
+        prompt are the next decode steps' to overwrite, and no step reads them before
+        (the mask)."""
+        t = int(x.shape[0])
+        host = torch.zeros(bucket + 2, dtype=torch.long)
+        host[:t] = x
+        host[bucket], host[bucket + 1] = slot, t - 1
+        graph = self._prefill_graphs.get(bucket) if self.cuda_graphs else None
+        if graph is None:
+            return self._prefill_step(host.to(self.device), bucket)[0]
+        graph.inp.copy_(host, non_blocking=True)
+        graph.replay()
+        return graph.out[0].clone()
+
+    def _prefill_step(self, inp: torch.Tensor, bucket: int) -> torch.Tensor:
+        """``inp`` ``[bucket + 2]``: the padded prompt, its slot, its last position.
+        Returns that position's fp32 logits ``[1, V]``."""
+        ids, slot, last = inp[:bucket], inp[bucket : bucket + 1], inp[bucket + 1 :]
+        h = self._prefill_pass(slot, self._embed(ids[None]), 0)
+        return self._out(h[0].index_select(0, last))
 
     @torch.inference_mode()
     def prefill_batch(self, slots: Sequence[int], prompts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -657,9 +700,36 @@ class Engine:
                     wanted = b <= top_b and w <= top_w and (b, w) not in self._graphs
                     if wanted and self._capture_or_none(b, w) is None:
                         return 0
-        log.info("%d decode graphs captured in %.1f s (%d slots x %d positions at most)",
-                 len(self._graphs) - before, time.perf_counter() - t0, top_b, top_w)  # fmt: skip
+            prefills = self._capture_prefills()
+        log.info("%d decode graphs captured in %.1f s (%d slots x %d positions at most), "
+                 "%d prefill graphs", len(self._graphs) - before, time.perf_counter() - t0,
+                 top_b, top_w, prefills)  # fmt: skip
         return len(self._graphs)
+
+    def _capture_prefills(self) -> int:
+        """The prefill graphs, one per ``PREFILL_GRAPH_TOKENS`` length. Capturing runs the
+        pass on a slot's cache: a free slot's, whose cached prompt is then forgotten (so
+        only here, not on first use, where every slot may be serving). A refused capture
+        leaves prefill eager. Returns how many the engine holds."""
+        if not self._prefill_buckets or not self._free:
+            return len(self._prefill_graphs)
+        slot = self._free[0]
+        self._ids[slot] = []
+        for bucket in self._prefill_buckets:
+            if bucket in self._prefill_graphs:
+                continue
+            inp = torch.zeros(bucket + 2, dtype=torch.long, device=self.device)
+            inp[bucket] = slot
+            try:
+                replay, out = self._record(functools.partial(self._prefill_step, inp, bucket))
+            except Exception as exc:
+                log.warning("capturing the prefill graph for %d tokens failed (%s: %s); "
+                            "prompts are prefilled eagerly", bucket, type(exc).__name__,
+                            exc)  # fmt: skip
+                self._prefill_buckets = [b for b in self._prefill_buckets if b < bucket]
+                break
+            self._prefill_graphs[bucket] = _Graph(replay, inp, inp[:bucket], out)
+        return len(self._prefill_graphs)
 
     def _capture_or_none(self, bucket: int, width: int) -> _Graph | None:
         """The step's graph, kept; or, where this card or torch refuses the capture,
