@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The inference engine's GPU figures in one go (about 6 minutes on an H100),
+# The inference engine's GPU figures in one go (about 7.5 minutes on an H100),
 # for a machine with an NVIDIA GPU, torch, transformers and pynvml (no daemon install):
 #
 #     bash bench/gpu.sh              # under $OUT (default /tmp/vcoin-gpu): gpu.txt, the log
