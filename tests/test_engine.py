@@ -244,12 +244,13 @@ def test_a_refused_graph_capture_falls_back_to_eager_steps(
 
     monkeypatch.setattr(Engine, "_record", refuse_wide)
     assert padded.warm_up(positions=200) == 3  # 1, 2 and 4 slots x 256
+    assert len(padded._prefill_graphs) == 5  # 32 .. 512 tokens
     long_ids = encode_prompt(lm, " ".join(PROMPTS))[:240]  # crosses 256 while decoding
     cases = [(encode_prompt(lm, PROMPTS[i]), GenerationParams(max_new_tokens=20))
              for i in range(3)] + [(long_ids, GenerationParams(max_new_tokens=40))]  # fmt: skip
     with caplog.at_level("WARNING", logger="vcoind.engine"):
         served_as_alone(padded, lm, cases)
-    assert not padded.cuda_graphs and not padded._graphs
+    assert not padded.cuda_graphs and not padded._graphs and not padded._prefill_graphs
     assert "decode steps run without CUDA graphs" in caplog.text
     again = Engine(Stack.of_model(other.model), slots=2, max_context=600, fused=True,
                    static_shapes=True)  # fmt: skip

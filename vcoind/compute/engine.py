@@ -436,7 +436,7 @@ class Engine:
             del self._ids[slot][start:]  # overwritten from here on, whatever happens
             bucket = next((b for b in self._prefill_buckets if b >= t), 0) if start == 0 else 0
             # its graph's replay (CUDA); run eagerly on a CPU with static shapes (the tests)
-            if bucket and (bucket in self._prefill_graphs or not self.cuda_graphs):
+            if bucket and (bucket in self._prefill_graphs or self.device.type != "cuda"):
                 out = self._prefill_padded(slot, x, bucket)
             else:
                 h = self._prefill_pass(
@@ -459,7 +459,7 @@ class Engine:
         host = torch.zeros(bucket + 2, dtype=torch.long)
         host[:t] = x
         host[bucket], host[bucket + 1] = slot, t - 1
-        graph = self._prefill_graphs.get(bucket) if self.cuda_graphs else None
+        graph = self._prefill_graphs.get(bucket)
         if graph is None:
             return self._prefill_step(host.to(self.device), bucket)[0]
         graph.inp.copy_(host, non_blocking=True)
@@ -743,6 +743,7 @@ class Engine:
                         bucket, width, type(exc).__name__, exc)  # fmt: skip
             self.cuda_graphs = False
             self._graphs.clear()
+            self._prefill_graphs.clear()
             return None
         return graph
 
