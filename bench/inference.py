@@ -274,7 +274,7 @@ def main() -> int:
         "kernels": engine.kernels is not None,
         "decode_attention": ns.decode_attention,
         "graphs": graphs,
-        "prefill_graphs": len(engine._prefill_graphs),
+        "prefill_graphs": engine.graph_counts[1],
         "graph_capture_s": fig_warm,
     }
     print(
@@ -285,7 +285,7 @@ def main() -> int:
         f"{'on' if engine.kernels is not None else 'off'}, decode attention "
         f"{ns.decode_attention}"
         + (
-            f" ({graphs} decode and {len(engine._prefill_graphs)} prefill graphs captured in "
+            f" ({graphs} decode and {engine.graph_counts[1]} prefill graphs captured in "
             f"{fig_warm:.1f} s)"
             if engine.cuda_graphs
             else ""

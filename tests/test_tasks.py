@@ -67,6 +67,7 @@ def test_submit_completes_and_greedy_output_is_the_same_on_every_node(
     for n in (n1, n2, n3):  # each ran one task on its engine
         [engine] = n.rpc.call("vcoin_nodeInfo")["engines"]
         assert engine["model"] == "tiny-qwen2" and engine["peak_batch"] == 1
+        assert engine["graphs"] == {"decode": 0, "prefill": 0}  # a CPU captures none
     listed = n1.rpc.call("vcoin_listTasks", {"status": "completed"})
     assert listed["total"] == 3
     assert n2.rpc.call("vcoin_listTasks")["total"] == 0  # tasks live at their origin

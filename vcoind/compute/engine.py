@@ -312,6 +312,11 @@ class Engine:
     def free_slots(self) -> int:
         return len(self._free)
 
+    @property
+    def graph_counts(self) -> tuple[int, int]:
+        """CUDA graphs held: decode steps, prefills."""
+        return len(self._graphs), len(self._prefill_graphs)
+
     def check_request(self, prompt_tokens: int, max_new_tokens: int) -> None:
         if prompt_tokens + max_new_tokens > self.max_context:
             raise EngineError(

@@ -118,6 +118,7 @@ class Executor:
                 "busy_slots": e.n_slots - e.free_slots,
                 "max_context": e.max_context,
                 "cuda_graphs": e.cuda_graphs,
+                "graphs": dict(zip(("decode", "prefill"), e.graph_counts, strict=True)),
                 "triton_kernels": e.kernels is not None,
                 "peak_batch": b.peak_batch,
                 "peak_prefill": b.peak_prefill,
