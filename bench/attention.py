@@ -26,27 +26,20 @@ import argparse
 import functools
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
+from vcoind.compute.engine import SDPA_BACKENDS, sdpa_backends
+
 HEADS, KV, D = 12, 2, 128
-BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
-
-
-def context(name: str) -> Any:
-    import contextlib
-
-    if name == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    names = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION",
-             "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}  # fmt: skip
-    return sdpa_kernel([getattr(SDPBackend, names[name])])
 
 
 def sync(device: torch.device) -> None:
@@ -109,7 +102,7 @@ def measure(
     graph: bool,
     reps: int,
 ) -> dict[str, float] | None:
-    with context(backend):
+    with sdpa_backends((backend,)):
         try:
             fn = make()
             first = wall(device, fn)
@@ -160,7 +153,7 @@ def main() -> None:
     for label, kind, size, width in cases:
         row: dict[str, Any] = {}
         cells = []
-        for i, backend in enumerate(BACKENDS):
+        for i, backend in enumerate(SDPA_BACKENDS):
             got = measure(device, backend, functools.partial(make, kind, size, width, 16 * i),
                           kind == "decode", reps)  # fmt: skip
             row[backend] = got

@@ -360,8 +360,6 @@ def main() -> int:
         fig.update(
             engine_batch_reused_tokens=batcher.reused_tokens - reused,
             engine_batch_peak_prefill=batcher.peak_prefill,
-        )
-        fig.update(
             engine_batch_tps=tps,
             engine_batch_peak_gib=peak_gib(device),
             engine_batch_ttft_p50_ms=1000 * ttft[len(ttft) // 2],
@@ -554,7 +552,7 @@ def profile_step(engine: Engine, device: torch.device, at: int, fig: dict[str, A
             slots, positions = list(range(rows)), [w - 1] * rows
             ids = torch.zeros(rows, dtype=torch.long, device=device)
             with torch.inference_mode(), engine.lock:
-                step = functools.partial(engine._static_step, slots, positions, ids)
+                step = functools.partial(engine._static_step, slots, positions, ids, [0] * rows)
                 step()  # captures
                 _, dt = timed(device, lambda: [step() for _ in range(50)])  # noqa: B023
             steps[f"{rows}x{w}"] = 1e6 * dt / 50
@@ -627,7 +625,7 @@ def parity(
         del ref32
         fig.update(parity_fp32_hf=hf_32, parity_fp32_engine=engine_32)
         print(
-            f"  against HF generate in fp32 (same weights): HF {str(dtype)[6:]} "
+            f"  against HF generate in fp32 (same weights): HF {str(dtype).removeprefix('torch.')} "
             f"token-identical on {hf_32}/{len(cases)}, the engine on {engine_32}/{len(cases)}"
         )
     if gaps:

@@ -74,7 +74,7 @@ REUSE_MIN = 16  # prompt tokens found in some slot's cache worth copying from th
 PREFILL_GRAPH_TOKENS = (32, 64, 128, 256, 512)
 STATIC_ROPE = ("default", "linear")  # rotary types whose angles depend on position alone
 # SDPA backends: "auto" is torch's own choice; prefill on CUDA leaves cuDNN out (see
-# ``_sdpa``); the decode step takes ``Engine(decode_attention=...)``.
+# ``sdpa_backends``); the decode step takes ``Engine(decode_attention=...)``.
 SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 
 
@@ -183,13 +183,12 @@ class Engine:
         self.first = stack.embed is not None
         self.last = stack.head is not None and stack.norm is not None
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self.decode_attention = decode_attention
         # Prefill's attention shapes change with every prompt length and chunk; cuDNN's
         # SDPA builds an execution plan per new shape (tens of milliseconds), so prefill
         # on CUDA takes flash / memory-efficient attention. A decode graph's shape is
         # fixed when it is captured: there torch's choice stands (or decode_attention).
         self._prefill_sdpa = ("flash", "efficient", "math") if self.device.type == "cuda" else ()
-        self._decode_sdpa = () if decode_attention == "auto" else (decode_attention,)
+        self._decode_sdpa = (decode_attention,)
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         # Decode steps padded to a (batch bucket, width bucket) shape: what a graph needs.
@@ -520,7 +519,7 @@ class Engine:
         causal = None
         if start:
             causal = self._cols[:end].unsqueeze(0) <= pos[0].unsqueeze(1)  # [T, end]
-        with _sdpa(self._prefill_sdpa):
+        with sdpa_backends(self._prefill_sdpa):
             for i, layer in enumerate(self.stack.layers):
                 q, k, v = self._qkv(i, layer, h, cos, sin)
                 self.k[i][rows, :, start:end] = k
@@ -557,7 +556,7 @@ class Engine:
         visible = self._cols[:width].unsqueeze(0) <= pos.unsqueeze(1)  # [B, width]
         bias = torch.where(visible, self._open, self._shut).view(b, 1, 1, width)
         index = torch.arange(b, device=self.device) if rows is None else rows
-        with _sdpa(self._decode_sdpa):
+        with sdpa_backends(self._decode_sdpa):
             h = self._decode_layers(h, cos, sin, rot, pos, rows, index, bias, width)
         return self._out(h[:, -1]) if self.last else h[:, -1]
 
@@ -628,8 +627,10 @@ class Engine:
             self.check_fits(max(positions) + 1)
             for s, at in zip(slots, positions, strict=True):
                 del self._ids[s][at:]
+            # the token ids on the host, once (the graph's input and the slots' cached ids)
+            tokens = [int(t) for t in x.tolist()] if self.first else []
             if self.static_shapes:
-                out = self._static_step(slots, positions, x)
+                out = self._static_step(slots, positions, x, tokens)
             else:
                 x = x.to(self.device)
                 pos = torch.tensor(positions, device=self.device)
@@ -640,17 +641,18 @@ class Engine:
             for s in slots:
                 self.length[s] += 1
             if self.first:
-                for s, token in zip(slots, x.tolist(), strict=True):
-                    self._ids[s].append(int(token))
+                for s, token in zip(slots, tokens, strict=True):
+                    self._ids[s].append(token)
             return out
 
     # --- CUDA graphs ----------------------------------------------------------
 
     def _static_step(
-        self, slots: Sequence[int], positions: list[int], x: torch.Tensor
+        self, slots: Sequence[int], positions: list[int], x: torch.Tensor, tokens: list[int]
     ) -> torch.Tensor:
         """The step padded to slots ``0..B-1`` and the first ``W`` positions (B, W the
-        smallest buckets that hold it): a graph's replay on CUDA, else run eagerly."""
+        smallest buckets that hold it): a graph's replay on CUDA, else run eagerly.
+        ``tokens``: ``x`` on the host, on the first span."""
         need, top = max(slots) + 1, max(positions) + 1
         bucket = next(b for b in self._batch_buckets if b >= need)
         width = next(w for w in self._widths if w >= top)
@@ -676,8 +678,8 @@ class Engine:
         host = [*pos, *slots]
         if self.first:
             ids = [0] * bucket
-            for s, t in zip(slots, x.tolist(), strict=True):
-                ids[s] = int(t)
+            for s, t in zip(slots, tokens, strict=True):
+                ids[s] = t
             host = ids + host
         graph.inp[start : 2 * bucket + n].copy_(torch.tensor(host), non_blocking=True)
         index = graph.inp[2 * bucket : 2 * bucket + n]
@@ -866,14 +868,14 @@ class _Graph:
     out: torch.Tensor
 
 
-def _sdpa(backends: tuple[str, ...]) -> contextlib.AbstractContextManager[Any]:
-    """SDPA restricted to ``backends`` (names from ``SDPA_BACKENDS``; none: torch's own
-    choice, as on torch builds without ``torch.nn.attention``)."""
+def sdpa_backends(backends: tuple[str, ...]) -> contextlib.AbstractContextManager[Any]:
+    """SDPA restricted to ``backends`` (names from ``SDPA_BACKENDS`` but "auto"; none, or
+    "auto" alone: torch's own choice, as on torch builds without ``torch.nn.attention``)."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:  # pragma: no cover - torch < 2.3
         return contextlib.nullcontext()
-    if not backends:
+    if not backends or backends == ("auto",):
         return contextlib.nullcontext()
     names = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION",
              "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}  # fmt: skip
