@@ -197,6 +197,13 @@ def main() -> int:
         "stand-in for the GPU's parity check)",
     )
     p.add_argument("--no-graphs", action="store_true", help="eager decode on CUDA too")
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="the engine's unfused path with eager steps (no CUDA graphs, no triton kernels): "
+        "transformers' own order of operations and SDPA calls, bit-exact with HF generate in "
+        "fp16 on a CPU; slow, for the parity check",
+    )
     p.add_argument("--compile", action="store_true", help="experimental: torch.compile decode")
     p.add_argument(
         "--kernels",
@@ -255,10 +262,9 @@ def main() -> int:
         max_context=ctx,
         device=device,
         dtype=dtype,
-        cuda_graphs=False if ns.no_graphs else None,
         compile_decode=ns.compile,
         decode_attention=ns.decode_attention,
-        **engine_kernels(ns),
+        **engine_options(ns),
     )
     # every graph the runs below need, captured before any timing (as the daemon does at load)
     graphs, fig_warm = timed(device, lambda: engine.warm_up(slots, longest))
@@ -271,6 +277,7 @@ def main() -> int:
         "copy_gbps": bandwidth / 1e9,
         "bound_tps": bound,
         "cuda_graphs": engine.cuda_graphs,
+        "fused": engine.fused,
         "kernels": engine.kernels is not None,
         "decode_attention": ns.decode_attention,
         "graphs": graphs,
@@ -281,7 +288,8 @@ def main() -> int:
         f"{shape} on {name}, {str(dtype).removeprefix('torch.')}, weights read per token "
         f"{weights / 2**30:.2f} GiB, copy bandwidth {bandwidth / 1e9:.0f} GB/s -> "
         f"bound {bound:.0f} tokens/s at batch 1; engine slots {slots} x {engine.max_context} "
-        f"positions, CUDA graphs {'on' if engine.cuda_graphs else 'off'}, triton kernels "
+        f"positions, {'fused' if engine.fused else 'unfused (reference)'} step, CUDA graphs "
+        f"{'on' if engine.cuda_graphs else 'off'}, triton kernels "
         f"{'on' if engine.kernels is not None else 'off'}, decode attention "
         f"{ns.decode_attention}"
         + (
@@ -479,13 +487,18 @@ def shared(
               f"token {fig[key]['ttft_ms']:.1f} ms (median of 8)", flush=True)  # fmt: skip
 
 
-def engine_kernels(ns: argparse.Namespace) -> dict[str, Any]:
-    """The Engine arguments for ``--kernels``."""
+def engine_options(ns: argparse.Namespace) -> dict[str, Any]:
+    """The Engine arguments for ``--kernels``, ``--no-graphs`` and ``--reference``."""
+    graphs: dict[str, Any] = {"cuda_graphs": False} if ns.no_graphs or ns.reference else {}
+    if ns.reference:
+        if ns.kernels == "on":
+            raise SystemExit("--reference runs without the triton kernels (--kernels on)")
+        return {**graphs, "fused": False, "kernels": False}
     if ns.kernels == "auto":
-        return {}
+        return graphs
     if ns.kernels == "off":
-        return {"kernels": False}
-    return {"kernels": True, "fused": True}
+        return {**graphs, "kernels": False}
+    return {**graphs, "kernels": True, "fused": True}
 
 
 def serve(
@@ -609,7 +622,12 @@ def parity(
                 mine = engine.prefill(slot, torch.tensor(ids))
             finally:
                 engine.release(slot)
-            theirs = model(torch.tensor([ids], device=device)).logits[0, -1].float()
+            # generate's own first logits (its LM head runs on the last position alone: a
+            # forward over every position rounds them differently)
+            first = model.generate(torch.tensor([ids], device=device), max_new_tokens=1,
+                                   do_sample=False, pad_token_id=0, output_logits=True,
+                                   return_dict_in_generate=True)  # fmt: skip
+            theirs = first.logits[0][0].float()
             max_diff = max(max_diff, float((mine - theirs).abs().max()))
     fig.update(
         parity_same=same,
@@ -647,7 +665,7 @@ def parity(
             max_context=engine.max_context,
             device=device,
             dtype=dtype,
-            **engine_kernels(ns),
+            **engine_options(ns),
         )
         for d in dirs
     ]

@@ -52,6 +52,35 @@ def test_engine_greedy_is_token_identical_to_hf_generate_on_50_prompts(lm: Any) 
     assert lm.engine.free_slots == lm.engine.n_slots  # every slot given back
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_the_unfused_engine_is_bit_exact_with_hf_generate(
+    models_dir: Path, dtype: torch.dtype
+) -> None:
+    """On the CPU, fp16 (the GPU's dtype) too: the unfused path runs transformers' own
+    order of operations and SDPA calls, so its logits are generate's to the bit, and
+    greedy output is token-identical (where the fused step parts at fp16 near-ties)."""
+    one = load_model(models_dir / "tiny-qwen2", torch.device("cpu"), dtype)
+    assert one.engine is not None and not one.engine.fused
+    for prompt in PROMPTS:
+        ids = encode_prompt(one, prompt)
+        ours = generate_ids(one.engine, ids, GenerationParams(max_new_tokens=24),
+                            one.tokenizer)  # fmt: skip
+        assert list(ours.token_ids) == hf_greedy(one, ids, 24)[: len(ours.token_ids)], prompt
+    # the logits of generate's prefill and of its first three decode steps, to the bit
+    ref = one.model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True)  # fmt: skip
+    slot = one.engine.alloc()
+    try:
+        mine = [one.engine.prefill(slot, torch.tensor(ids))]
+        for t in ref.sequences[0, len(ids) : -1]:
+            mine.append(one.engine.decode([slot], t.view(1))[0])
+    finally:
+        one.engine.release(slot)
+    assert len(mine) == len(ref.logits) == 4
+    for ours_t, theirs in zip(mine, ref.logits, strict=True):
+        assert torch.equal(ours_t, theirs[0].float())
+
+
 def test_fused_path_matches_the_reference_path(lm: Any, models_dir: Path) -> None:
     """The CUDA path's fused q/k/v, gate/up, RMSNorm and attention, run on the CPU."""
     other = load_model(models_dir / "tiny-qwen2", torch.device("cpu"), torch.float32,

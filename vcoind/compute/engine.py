@@ -31,8 +31,11 @@ transformers' modules (their weights, their norms and MLPs) instead of the model
   (``vcoind.compute.kernels``) cut it further: the rotary step of q and k with both
   cache writes is one kernel, SiLU * up another, each rounding as transformers' ops do.
 * **Numerics.** fp16 on CUDA, with fp32 softmax and fp32 logits; RMSNorm statistics in
-  fp32 (transformers' own module). fp32 on CPU, where greedy output is token-identical to
-  transformers' ``generate``.
+  fp32 (transformers' own module). fp32 on CPU. The unfused step (``fused=False``, the
+  CPU's default) runs transformers' own order of operations and calls SDPA as it does:
+  with eager steps its logits are ``generate``'s to the bit, in fp32 and in fp16 (tested
+  on the CPU). The fused step and the graphs' padded cache widths round differently in
+  fp16, so greedy output parts from ``generate``'s where two tokens' logits all but tie.
 * **Prefix reuse.** A slot's cache outlives its request: ``alloc(prompt)`` copies the
   K/V of a prompt's start from whichever slot holds it (``REUSE_MIN`` tokens at least;
   each slot's cached token ids are kept through prefill and decode).
@@ -76,6 +79,8 @@ STATIC_ROPE = ("default", "linear")  # rotary types whose angles depend on posit
 # SDPA backends: "auto" is torch's own choice; prefill on CUDA leaves cuDNN out (see
 # ``sdpa_backends``); the decode step takes ``Engine(decode_attention=...)``.
 SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+# SDPA's own grouped-query attention (torch 2.5 on), as transformers calls it
+_NATIVE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 class EngineError(GenerationError):
@@ -183,11 +188,17 @@ class Engine:
         self.first = stack.embed is not None
         self.last = stack.head is not None and stack.norm is not None
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        # Fewer, larger kernels (what a CUDA-graph step is bound by): q/k/v and gate/up as
+        # one matmul each, fused RMSNorm, one attention kernel per layer. Unfused (the CPU's
+        # default) keeps transformers' exact order of operations and its SDPA calls: greedy
+        # output token-identical to its generate, in fp32 and (eager steps) in fp16.
+        self.fused = self.device.type == "cuda" if fused is None else fused
         # Prefill's attention shapes change with every prompt length and chunk; cuDNN's
-        # SDPA builds an execution plan per new shape (tens of milliseconds), so prefill
-        # on CUDA takes flash / memory-efficient attention. A decode graph's shape is
-        # fixed when it is captured: there torch's choice stands (or decode_attention).
-        self._prefill_sdpa = ("flash", "efficient", "math") if self.device.type == "cuda" else ()
+        # SDPA builds an execution plan per new shape (tens of milliseconds), so the fused
+        # prefill on CUDA takes flash / memory-efficient attention. A decode graph's shape
+        # is fixed when it is captured: there torch's choice stands (or decode_attention).
+        cuda_fused = self.device.type == "cuda" and self.fused
+        self._prefill_sdpa = ("flash", "efficient", "math") if cuda_fused else ()
         self._decode_sdpa = (decode_attention,)
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
@@ -195,10 +206,6 @@ class Engine:
         self.static_shapes = self.cuda_graphs if static_shapes is None else static_shapes
         if self.cuda_graphs and not self.static_shapes:
             raise ValueError("CUDA graphs need static shapes")
-        # Fewer, larger kernels (what a CUDA-graph step is bound by): q/k/v and gate/up as
-        # one matmul each, fused RMSNorm, one attention kernel per layer. The CPU keeps
-        # transformers' exact order of operations (token-identical to its generate).
-        self.fused = self.device.type == "cuda" if fused is None else fused
         self._fused = [_fuse(layer) for layer in stack.layers] if self.fused else []
         # Triton kernels for what torch needs several kernels for (the rotary step with
         # both cache writes; SiLU * up): on by default for a fused CUDA engine whose
@@ -221,9 +228,8 @@ class Engine:
             self._rot_cols = torch.arange(self.head_dim, device=self.device)
             self._rot_rows = (self._rot_cols + self.head_dim // 2) % self.head_dim
             # attention bias: 0 where a row may look, -inf past its position
-            bias_dtype = dtype if self.fused else torch.float32
-            self._open = torch.zeros((), device=self.device, dtype=bias_dtype)
-            self._shut = torch.full((), float("-inf"), device=self.device, dtype=bias_dtype)
+            self._open = torch.zeros((), device=self.device, dtype=dtype)
+            self._shut = torch.full((), float("-inf"), device=self.device, dtype=dtype)
             # The fused step's rotary angles, cos | sin for every cache position, from the
             # model's own rotary module (each position's values are what it gives for that
             # position alone): one gather a step instead of the module's nine kernels.
@@ -526,20 +532,46 @@ class Engine:
                 self.v[i][rows, :, start:end] = v
                 if start:  # the earlier positions too
                     k, v = self.k[i][rows, :, :end], self.v[i][rows, :, :end]
-                if self.groups > 1:
-                    k = k.repeat_interleave(self.groups, dim=1)
-                    v = v.repeat_interleave(self.groups, dim=1)
-                attn = torch.nn.functional.scaled_dot_product_attention(
-                    q, k, v, attn_mask=causal, is_causal=causal is None, scale=self.scale
-                )
+                attn = self._attend(q, k, v, causal, is_causal=causal is None)
                 h = self._layer_out(i, layer, h, attn)
         return h
 
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """SDPA of q ``[B, heads, T, d]`` over k, v ``[B, kv_heads, S, d]``. Unfused, as
+        transformers' SDPA attention calls it: with no mask, its native grouped-query
+        attention; with one, the K/V heads repeated. (The fused prefill always repeats
+        them: memory-efficient attention, a T4's, takes no ``enable_gqa`` on older
+        torch.)"""
+        extra: dict[str, Any] = {}
+        if self.groups > 1:
+            if mask is None and not self.fused and _NATIVE_GQA:
+                extra["enable_gqa"] = True
+            else:
+                k = k.repeat_interleave(self.groups, dim=1)
+                v = v.repeat_interleave(self.groups, dim=1)
+        out: torch.Tensor = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, **extra
+        )
+        return out
+
     def _decode_rows(
-        self, x: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None, width: int
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        rows: torch.Tensor | None,
+        width: int,
+        masked: bool = True,
     ) -> torch.Tensor:
         """One token for each row: ``rows`` are slot indices (None: slots 0..B-1), ``pos``
-        each row's position; attention over the first ``width`` positions."""
+        each row's position; attention over the first ``width`` positions (``masked``
+        False: every row is at position ``width - 1``, nothing to mask)."""
         b = x.shape[0]
         h = self._embed(x.unsqueeze(1))
         rot = None
@@ -553,8 +585,10 @@ class Engine:
                 cos, sin = (t.reshape(b, -1) for t in self.stack.rotary(h, pos.unsqueeze(1)))
             if self.kernels is None:
                 rot = self._rotation(cos, _signed_sin(sin))
-        visible = self._cols[:width].unsqueeze(0) <= pos.unsqueeze(1)  # [B, width]
-        bias = torch.where(visible, self._open, self._shut).view(b, 1, 1, width)
+        bias = None
+        if masked:
+            visible = self._cols[:width].unsqueeze(0) <= pos.unsqueeze(1)  # [B, width]
+            bias = torch.where(visible, self._open, self._shut).view(b, 1, 1, width)
         index = torch.arange(b, device=self.device) if rows is None else rows
         with sdpa_backends(self._decode_sdpa):
             h = self._decode_layers(h, cos, sin, rot, pos, rows, index, bias, width)
@@ -569,7 +603,7 @@ class Engine:
         pos: torch.Tensor,
         rows: torch.Tensor | None,
         index: torch.Tensor,
-        bias: torch.Tensor,
+        bias: torch.Tensor | None,
         width: int,
     ) -> torch.Tensor:
         """``_decode_rows``' pass over the layers: hidden states ``[B, 1, H]`` out."""
@@ -579,17 +613,14 @@ class Engine:
             kc, vc = self.k[i], self.v[i]
             keys = kc[:b, :, :width] if rows is None else kc[rows, :, :width]
             vals = vc[:b, :, :width] if rows is None else vc[rows, :, :width]
-            # A kv head's query heads side by side, as if they were query positions.
-            qg = q.reshape(b, self.n_kv, self.groups, self.head_dim)
             if self.fused:  # one kernel (fp32 softmax inside)
+                # A kv head's query heads side by side, as if they were query positions.
+                qg = q.reshape(b, self.n_kv, self.groups, self.head_dim)
                 attn = torch.nn.functional.scaled_dot_product_attention(
                     qg, keys, vals, attn_mask=bias, scale=self.scale
-                )
+                ).reshape(b, self.n_heads, 1, self.head_dim)
             else:
-                scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.scale + bias
-                probs = torch.softmax(scores, dim=-1).to(vals.dtype)
-                attn = torch.matmul(probs, vals)
-            attn = attn.reshape(b, self.n_heads, 1, self.head_dim)
+                attn = self._attend(q, keys, vals, bias)
             h = self._layer_out(i, layer, h, attn)
         return h
 
@@ -637,7 +668,8 @@ class Engine:
                 # Slots 0..B-1 in order (a full batch) are read in place, others gathered.
                 contiguous = list(slots) == list(range(len(slots)))
                 rows = None if contiguous else torch.tensor(list(slots), device=self.device)
-                out = self._decode_rows(x, pos, rows, max(positions) + 1)
+                masked = min(positions) != max(positions)
+                out = self._decode_rows(x, pos, rows, max(positions) + 1, masked)
             for s in slots:
                 self.length[s] += 1
             if self.first:
