@@ -471,7 +471,8 @@ def shared(
 ) -> None:
     """8 requests one after another, each a ``--shared-prefix``-token system prompt and 32
     tokens of its own, 16 new tokens: median time to first token with the batcher's
-    prefix reuse (the daemon's default) and without."""
+    prefix reuse (the daemon's default) and without; then 8 such requests at once whose
+    shared start no slot holds yet (the batcher prefills it once and copies it)."""
     system = prompts(1, ns.shared_prefix, vocab, 6)[0]
     warm, *own = prompts(9, 32, vocab, 7)
     for reuse in (True, False):
@@ -485,6 +486,21 @@ def shared(
         how = "reused" if reuse else "prefilled every time"
         print(f"a {ns.shared_prefix}-token shared prefix + 32 own tokens, {how}: time to first "
               f"token {fig[key]['ttft_ms']:.1f} ms (median of 8)", flush=True)  # fmt: skip
+    # The same, as a burst: 8 at once, sharing a start no slot holds yet.
+    fresh = prompts(1, ns.shared_prefix, vocab, 9)[0]
+    few = GenerationParams(max_new_tokens=16)
+    for reuse in (True, False):
+        batcher = Batcher(engine, tok, reuse_prefix=reuse)
+        batcher.submit(warm, GenerationParams(max_new_tokens=2)).result()
+        _, ttft = serve(batcher, [fresh + ids for ids in own], [few] * len(own))
+        batcher.close()
+        key = "shared_burst_reuse" if reuse else "shared_burst_whole"
+        fig[key] = {"ttft_p50_ms": 1000 * ttft[len(ttft) // 2], "ttft_max_ms": 1000 * ttft[-1],
+                    "reused": batcher.reused_tokens}  # fmt: skip
+        how = "prefilled once, then copied" if reuse else "prefilled by each"
+        print(f"the same 8 at once, their shared prefix new ({how}): time to first token p50 "
+              f"{fig[key]['ttft_p50_ms']:.1f} ms, last {fig[key]['ttft_max_ms']:.1f} ms",
+              flush=True)  # fmt: skip
 
 
 def engine_options(ns: argparse.Namespace) -> dict[str, Any]:
@@ -504,7 +520,8 @@ def engine_options(ns: argparse.Namespace) -> dict[str, Any]:
 def serve(
     batcher: Batcher, many: list[list[int]], params: list[GenerationParams]
 ) -> tuple[float, list[float]]:
-    """All requests at once: aggregate tokens/s and the sorted times to first token."""
+    """All requests at once (queued before the batcher admits any): aggregate tokens/s
+    and the sorted times to first token."""
     first: list[float] = []
     lock = threading.Lock()
 
@@ -515,7 +532,8 @@ def serve(
 
     t0 = time.perf_counter()
     pairs = zip(many, params, strict=True)
-    futures = [batcher.submit(ids, p, on_token=on_token) for ids, p in pairs]
+    with batcher._cv:  # its thread admits nothing until all are queued
+        futures = [batcher.submit(ids, p, on_token=on_token) for ids, p in pairs]
     results = [f.result() for f in futures]
     dt = time.perf_counter() - t0
     return sum(len(r.token_ids) for r in results) / dt, sorted(t - t0 for t in first)

@@ -541,9 +541,9 @@ def test_the_decode_steps_attention_backend_is_a_choice(lm: Any) -> None:
 
 def spied(engine: Engine) -> list[tuple[Any, ...]]:
     """The engine's prefill and decode calls from now on, in order: ("prefill", slot,
-    start, tokens) and ("decode", slots)."""
+    start, tokens), ("prefill_batch", slots, start, tokens) and ("decode", slots)."""
     calls: list[tuple[Any, ...]] = []
-    prefill, decode = engine.prefill, engine.decode
+    prefill, decode, batch = engine.prefill, engine.decode, engine.prefill_batch
 
     def spy_prefill(slot: int, x: torch.Tensor, start: int | None = None) -> torch.Tensor:
         calls.append(("prefill", slot, start, int(x.shape[0])))
@@ -553,8 +553,13 @@ def spied(engine: Engine) -> list[tuple[Any, ...]]:
         calls.append(("decode", tuple(slots)))
         return decode(slots, x)
 
+    def spy_batch(slots: Any, prompts: Any, start: int = 0) -> torch.Tensor:
+        calls.append(("prefill_batch", tuple(slots), start, tuple(len(p) for p in prompts)))
+        return batch(slots, prompts, start)
+
     engine.prefill = spy_prefill  # type: ignore[method-assign]
     engine.decode = spy_decode  # type: ignore[method-assign]
+    engine.prefill_batch = spy_batch  # type: ignore[method-assign]
     return calls
 
 
@@ -618,7 +623,7 @@ def test_long_prompts_joining_a_running_batch_are_prefilled_in_chunks(lm: Any) -
         r = alone.submit(ids[40:340], long_p).result(timeout=60)
     finally:
         alone.close()
-    assert alone.prefill_chunks == 0 and calls[-long_p.max_new_tokens :][0][1:] == (0, None, 300)
+    assert alone.prefill_chunks == 0 and calls[-long_p.max_new_tokens :][0][1:] == (0, 0, 300)
     assert r.token_ids == generate_ids(lm.engine, ids[40:340], long_p, lm.tokenizer).token_ids
 
 
@@ -644,7 +649,7 @@ def test_a_prompt_that_starts_as_another_is_prefilled_from_where_they_part(
     batcher = Batcher(engine, lm.tokenizer)
     calls = spied(engine)
 
-    def served(prompt: list[int], slot: int, start: int | None) -> Any:
+    def served(prompt: list[int], slot: int, start: int) -> Any:
         """``prompt`` through the batcher: prefilled in ``slot`` from ``start`` (all but
         its last token in place: that token is the slot's first decode step)."""
         del calls[:]
@@ -655,12 +660,12 @@ def test_a_prompt_that_starts_as_another_is_prefilled_from_where_they_part(
             assert calls[0] == ("decode", (slot,))
             assert len(calls) == len(r.token_ids)
         else:
-            assert prefills == [("prefill", slot, start, len(prompt) - (start or 0))]
+            assert prefills == [("prefill", slot, start, len(prompt) - start)]
         assert r.token_ids == generate_ids(lm.engine, prompt, p, lm.tokenizer).token_ids
         return r
 
     try:
-        served(system + ids[200:220], 0, None)
+        served(system + ids[200:220], 0, 0)
         turn = system + ids[230:250]
         answer = served(turn, 0, 100)  # the system prompt was in place
         assert answer.finish_reason == "length"
@@ -701,7 +706,7 @@ def test_a_prompt_that_starts_as_another_is_prefilled_from_where_they_part(
         plain.submit(then, p).result(timeout=60)
     finally:
         plain.close()
-    assert calls[0] == ("prefill", 0, None, len(then)) and plain.reused_tokens == 0
+    assert calls[0] == ("prefill", 0, 0, len(then)) and plain.reused_tokens == 0
     slot = engine.alloc([*then[: engine_mod.REUSE_MIN - 1], 5, 6])
     assert engine.length[slot] == 0
     engine.release(slot)
@@ -720,6 +725,98 @@ def test_a_prompt_that_starts_as_another_is_prefilled_from_where_they_part(
     engine.release(slot)
     slot = engine.alloc(q)
     assert engine.length[slot] == 50
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_a_burst_sharing_a_system_prompt_prefills_it_once(lm: Any, reuse: bool) -> None:
+    """Five prompts queued at once, four sharing a 100-token start (a system prompt) no
+    slot holds yet: the first of the four is prefilled (with the fifth, which shares
+    nothing), then the other three get its first 100 positions copied and only their
+    own tokens prefilled, together in one pass from position 100. Each gets what it gets
+    alone. With reuse off, all five are prefilled whole in one pass."""
+    engine = Engine(Stack.of_model(lm.model), slots=5, max_context=256)
+    ids = encode_prompt(lm, " ".join(PROMPTS))
+    system = ids[:100]
+    burst = [system + ids[200:215], ids[300:320], system + ids[220:232],
+             system + ids[240:260], system + ids[262:270]]  # fmt: skip
+    p = GenerationParams(max_new_tokens=8)
+    batcher = Batcher(engine, lm.tokenizer, reuse_prefix=reuse)
+    calls = spied(engine)
+    try:
+        with batcher._cv:  # the batcher's thread admits nothing until all are queued
+            futures = [batcher.submit(x, p) for x in burst]
+        got = [f.result(timeout=60) for f in futures]
+    finally:
+        batcher.close()
+    prefills = [c for c in calls if c[0] != "decode"]
+    if reuse:
+        assert prefills == [("prefill_batch", (1, 0), 0, (20, 115)),  # shortest first
+                            ("prefill_batch", (4, 2, 3), 100, (8, 12, 20))]  # fmt: skip
+        assert batcher.reused_tokens == 300
+    else:
+        assert prefills == [("prefill_batch", (1, 4, 2, 0, 3), 0, (20, 108, 112, 115, 120))]
+        assert batcher.reused_tokens == 0
+    for x, r in zip(burst, got, strict=True):
+        assert r.token_ids == generate_ids(lm.engine, x, p, lm.tokenizer).token_ids
+    # a batched prefill from a position every slot has reached, and not from beyond
+    own = [list(range(500, 510)), list(range(510, 520))]  # found in no slot
+    slots = [engine.alloc(system + own[0]), engine.alloc(system + own[1])]
+    assert [engine.length[s] for s in slots] == [100, 100]
+    logits = engine.prefill_batch(slots, [torch.tensor(own[0]), torch.tensor(own[1])],
+                                  100)  # fmt: skip
+    assert [engine.length[s] for s in slots] == [110, 110]
+    assert engine._ids[slots[1]] == system + own[1]
+    alone = Engine(Stack.of_model(lm.model), slots=1, max_context=256)
+    want = alone.prefill(alone.alloc(), torch.tensor(system + own[1]))
+    assert torch.allclose(logits[1], want, atol=1e-4)
+    with pytest.raises(EngineError, match="a position the slot has reached"):
+        engine.prefill_batch(slots, [torch.tensor(ids[:3]), torch.tensor(ids[:3])], 111)
+
+
+def test_a_burst_joining_a_running_batch_shares_its_system_prompt_chunk_by_chunk(
+    lm: Any,
+) -> None:
+    """While a request decodes (chunked prefill, 64 tokens between its steps), three
+    prompts sharing a 150-token start arrive together: the first is prefilled in chunks,
+    the other two wait for it, then get the 150 positions copied and prefill only their
+    own tokens. Never more than 64 prompt tokens between two decode steps; each request
+    gets what it gets alone."""
+    engine = Engine(Stack.of_model(lm.model), slots=4, max_context=512)
+    ids = encode_prompt(lm, " ".join(PROMPTS))
+    system = ids[:150]
+    burst = [system + ids[200:215], system + ids[220:232], system + ids[240:260]]
+    batcher = Batcher(engine, lm.tokenizer, prefill_chunk=64)
+    calls = spied(engine)
+    started = threading.Event()
+    running_p, p = GenerationParams(max_new_tokens=120), GenerationParams(max_new_tokens=6)
+    try:
+        running = batcher.submit(ids[300:310], running_p, on_token=lambda n: started.set())
+        assert started.wait(30)
+        with batcher._cv:
+            futures = [batcher.submit(x, p) for x in burst]
+        got = [f.result(timeout=60) for f in futures]
+        want = generate_ids(lm.engine, ids[300:310], running_p, lm.tokenizer)
+        assert running.result(timeout=60).token_ids == want.token_ids
+    finally:
+        batcher.close()
+    assert batcher.reused_tokens == 2 * 150
+    followers = {2, 3}  # slot 0 runs the first request, slot 1 the burst's first
+    for c in calls:
+        if c[0] == "prefill" and c[1] in followers:
+            assert c[2] >= 150
+        elif c[0] == "prefill_batch":
+            assert set(c[1]) <= followers and c[2] == 150
+    between, most = 0, 0
+    for c in calls:
+        if c[0] == "decode" and 0 in c[1]:
+            most, between = max(most, between), 0
+        elif c[0] == "prefill":
+            between += c[3]
+        elif c[0] == "prefill_batch":
+            between += sum(c[3])
+    assert most <= 64
+    for x, r in zip(burst, got, strict=True):
+        assert r.token_ids == generate_ids(lm.engine, x, p, lm.tokenizer).token_ids
 
 
 def test_a_failed_prefix_copy_prefills_the_whole_prompt(lm: Any) -> None:
@@ -758,7 +855,7 @@ def test_common_prefix() -> None:
         want = next(
             (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
         )
-        assert engine_mod._common_prefix(a, b) == want
+        assert engine_mod.common_prefix(a, b) == want
 
 
 async def test_executor_batches_concurrent_requests(models_dir: Path) -> None:

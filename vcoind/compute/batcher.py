@@ -14,6 +14,10 @@ are admitted by priority, then arrival.
   gets those positions' K/V copied into its slot (``Engine.alloc``) and is prefilled
   only from where the two part; one whose prompt is all there but its last token (a
   repeated prompt) joins the next decode step with that token, no prefill of its own.
+  Prompts admitted together that share a start no cache holds yet (a burst with one
+  system prompt): the first prefills it, the others wait for that, copy it
+  (``Engine.reuse``) and prefill the rest together (``Engine.prefill_batch`` from the
+  shared position).
 
 Free of the daemon (no trio, no network): only torch.
 """
@@ -32,7 +36,7 @@ from typing import Any
 
 import torch
 
-from vcoind.compute.engine import Engine, EngineError
+from vcoind.compute.engine import REUSE_MIN, Engine, EngineError, common_prefix
 from vcoind.compute.params import GenerationParams
 from vcoind.compute.sampling import GenerationCancelled, GenerationResult, TokenStream, sample_rows
 
@@ -163,18 +167,75 @@ class Batcher:
         ``prefill_chunk`` prompt tokens run before the next step, in admission order: a
         prompt begun earlier goes on first, a prompt that fits what is left runs whole,
         and a longer one starts with a chunk of what is left (``Engine.prefill`` from
-        the position its last chunk reached)."""
+        the position its last chunk reached).
+
+        A prompt that starts as an earlier admitted one does, further than any slot's
+        cache holds yet (a burst sharing a system prompt), waits for that one: once its
+        prefill has passed the shared start, those positions are copied in
+        (``Engine.reuse``) and only the rest is prefilled, with the other followers of
+        the same start in one pass."""
         pending = self._uncancelled(self._pending)
         budget = self.prefill_chunk if self._active and self.prefill_chunk else None
+        leaders: list[_Request] = []
+        followers: list[_Request] = []
+        for i, req in enumerate(pending):
+            if self._fresh(req) and self._behind(req, pending[:i]):
+                followers.append(req)
+            else:
+                leaders.append(req)
+        rest, budget = self._prefill_round(leaders, budget)
+        ready: list[_Request] = []
+        waits = {id(r) for r in followers}
+        for i, req in enumerate(pending):
+            if id(req) not in waits or req.slot < 0:
+                continue
+            if self._behind(req, pending[:i]):  # its leader's prefill is not that far yet
+                rest.append(req)
+            else:
+                self._fresh(req)
+                ready.append(req)
+        more, _ = self._prefill_round(ready, budget)
+        keep = {id(r) for r in (*rest, *more)}
+        self._pending = [r for r in pending if id(r) in keep]  # admission order
+
+    def _fresh(self, req: _Request) -> bool:
+        """Whether the request's prefill has not begun; if so, any more of its prompt's
+        start that some slot's cache holds now is copied into its slot first."""
+        if not self.reuse_prefix or req.done != req.reused:
+            return False
+        have = self.engine.reuse(req.slot, req.prompt_ids)
+        self.reused_tokens += have - req.reused
+        req.done = req.reused = have
+        return True
+
+    def _behind(self, req: _Request, others: list[_Request]) -> bool:
+        """Another admitted request's prompt shares more of this one's start than its
+        slot holds (``REUSE_MIN`` tokens at least), and its prefill has not got that far
+        yet: worth waiting for, then copying."""
+        cap = len(req.prompt_ids) - 1
+        for o in others:
+            if o is req or o.slot < 0 or o.done >= cap:
+                continue
+            n = min(common_prefix(o.prompt_ids, req.prompt_ids), cap)
+            if n >= REUSE_MIN and n > req.done and o.done < n:
+                return True
+        return False
+
+    def _prefill_round(
+        self, pending: list[_Request], budget: int | None
+    ) -> tuple[list[_Request], int | None]:
+        """``_prefill``'s pass over ``pending`` with ``budget`` prompt tokens (None: no
+        limit): the requests still to come or to go on after the next step, and what is
+        left of the budget."""
         whole: list[_Request] = []
-        rest: list[_Request] = []  # still to come (or to go on) after the next step
+        rest: list[_Request] = []
         for req in pending:  # admission order: what was begun first goes on first
             need = len(req.prompt_ids) - req.done
             if budget is not None and budget <= 0:
                 rest.append(req)
             elif need == 1 and req.done == req.reused:
                 self._join_step(req)
-            elif req.done == 0 and (budget is None or need <= budget):
+            elif req.done == req.reused and (budget is None or need <= budget):
                 whole.append(req)
             else:
                 self._prefill_part(req, need if budget is None else min(need, budget))
@@ -182,8 +243,8 @@ class Batcher:
                     rest.append(req)
             if budget is not None:
                 budget -= need
-        self._pending = rest
         self._prefill_whole(whole)
+        return rest, budget
 
     def _join_step(self, req: _Request) -> None:
         """A request whose prompt is in the cache but for its last token (the rest was
@@ -220,13 +281,15 @@ class Batcher:
             self._active.append(req)
 
     def _prefill_whole(self, admitted: list[_Request]) -> None:
-        """Whole prompts, several per forward pass (up to ``PREFILL_TOKENS`` padded
-        tokens): a burst of requests reaches its first tokens together instead of one
-        prefill after another. Shortest first, so a pass pads its prompts to a length
-        near their own (and short prompts see their first tokens soonest)."""
+        """Whole prompts (all of each but the start its slot holds), several per forward
+        pass (those from the same position, up to ``PREFILL_TOKENS`` padded tokens): a
+        burst of requests reaches its first tokens together instead of one prefill after
+        another. Shortest first, so a pass pads its prompts to a length near their own
+        (and short prompts see their first tokens soonest)."""
         group: list[_Request] = []
-        for req in sorted(admitted, key=lambda r: len(r.prompt_ids)):
-            if group and len(req.prompt_ids) * (len(group) + 1) > PREFILL_TOKENS:
+        for req in sorted(admitted, key=lambda r: (r.done, len(r.prompt_ids))):
+            n = len(req.prompt_ids) - req.done
+            if group and (req.done != group[0].done or n * (len(group) + 1) > PREFILL_TOKENS):
                 self._prefill_group(group)
                 group = []
             group.append(req)
@@ -238,10 +301,11 @@ class Batcher:
         for req in group:
             req.t_admit = t0
         picks: list[int] = []  # each request's first token, sampled together
+        start = group[0].done  # every prompt's from here (its slot holds the rest)
         if len(group) > 1:
             try:
-                prompts = [torch.tensor(r.prompt_ids) for r in group]
-                logits = self.engine.prefill_batch([r.slot for r in group], prompts)
+                prompts = [torch.tensor(r.prompt_ids[start:]) for r in group]
+                logits = self.engine.prefill_batch([r.slot for r in group], prompts, start)
             except Exception as exc:  # out of memory, say: one at a time instead
                 log.warning("batched prefill of %d requests failed (%s); one by one",
                             len(group), exc)  # fmt: skip
@@ -261,7 +325,8 @@ class Batcher:
                 if picks:
                     nxt = req.stream.accept(picks[i])
                 else:
-                    out = self.engine.prefill(req.slot, torch.tensor(req.prompt_ids))
+                    tail = torch.tensor(req.prompt_ids[start:])
+                    out = self.engine.prefill(req.slot, tail, start)
                     nxt = req.stream.push(out)
             except Exception as exc:
                 self._finish(req, exc)

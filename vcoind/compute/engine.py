@@ -280,33 +280,60 @@ class Engine:
         with self.lock:
             if not self._free:
                 raise EngineError(f"all {self.n_slots} engine slots are busy")
-            slot, have, src = heapq.heappop(self._free), 0, -1
-            if self.first and len(prompt) > REUSE_MIN:
-                want = list(prompt)
-                for s, ids in enumerate(self._ids):
-                    n = _common_prefix(ids, want)
-                    if n > have or (n == have and s == slot):  # no copy where it is
-                        src, have = s, n
-                have = min(have, len(prompt) - 1)
-            if have < REUSE_MIN:
-                have = 0
-            elif src != slot:
-                try:
-                    with torch.inference_mode():
-                        for cache in (*self.k, *self.v):
-                            cache[slot, :, :have] = cache[src, :, :have]
-                except Exception as exc:  # out of memory, say: prefill it all instead
-                    log.warning("copying a prompt's cached start failed (%s); prefilling it",
-                                exc)  # fmt: skip
-                    have = 0
-                else:
-                    self._ids[slot] = list(prompt[:have])
-            if have:
-                log.debug("slot %d: %d of the prompt's %d tokens in place (from slot %d)",
-                          slot, have, len(prompt), src)  # fmt: skip
-            del self._ids[slot][have:]
-            self.length[slot] = have
+            slot = heapq.heappop(self._free)
+            self._place(slot, prompt, 0)
             return slot
+
+    def reuse(self, slot: int, prompt: Sequence[int]) -> int:
+        """``alloc``'s copy again, for a slot allocated for ``prompt`` whose prefill has
+        not begun: where some slot's cache now holds more of the prompt's start (another
+        request sharing it was prefilled since), those positions are copied in. Returns
+        the slot's ``length``, the positions in place."""
+        with self.lock:
+            return self._place(slot, prompt, self.length[slot])
+
+    def _place(self, slot: int, prompt: Sequence[int], held: int) -> int:
+        """Copy what some slot's cache holds of ``prompt``'s start past the ``held``
+        positions ``slot`` has of it already; set the slot's ids and length."""
+        src, have = self._cached(prompt, slot)
+        if have > held and src != slot:
+            try:
+                with torch.inference_mode():
+                    for cache in (*self.k, *self.v):
+                        cache[slot, :, held:have] = cache[src, :, held:have]
+            except Exception as exc:  # out of memory, say: prefill it instead
+                log.warning("copying a prompt's cached start failed (%s); prefilling it",
+                            exc)  # fmt: skip
+                have = held
+            else:
+                self._ids[slot] = list(prompt[:have])
+        have = max(have, held)
+        if have > held:
+            log.debug("slot %d: %d of the prompt's %d tokens in place (from slot %d)",
+                      slot, have, len(prompt), src)  # fmt: skip
+        del self._ids[slot][have:]
+        self.length[slot] = have
+        return have
+
+    def _cached(self, prompt: Sequence[int], prefer: int = -1) -> tuple[int, int]:
+        """The slot whose cache holds the longest start of ``prompt`` (``prefer`` on a
+        tie: no copy where it is) and how many of its positions are usable: at most all
+        but the last, 0 below ``REUSE_MIN``."""
+        src, have = -1, 0
+        if self.first and len(prompt) > REUSE_MIN:
+            want = list(prompt)
+            for s, ids in enumerate(self._ids):
+                n = common_prefix(ids, want)
+                if n > have or (n == have and s == prefer):
+                    src, have = s, n
+            have = min(have, len(prompt) - 1)
+        return (src, have) if have >= REUSE_MIN else (-1, 0)
+
+    def cached_prefix(self, prompt: Sequence[int]) -> int:
+        """How many of ``prompt``'s positions ``alloc`` would find in some slot's cache
+        now (0 below ``REUSE_MIN``; never the last)."""
+        with self.lock:
+            return self._cached(prompt)[1]
 
     def release(self, slot: int) -> None:
         with self.lock:
@@ -484,11 +511,14 @@ class Engine:
         return self._out(h[0].index_select(0, last))
 
     @torch.inference_mode()
-    def prefill_batch(self, slots: Sequence[int], prompts: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Several fresh slots' prompts (token ids from position 0) in one forward pass,
-        right-padded to the longest (causal attention keeps the padding out of every real
-        position; decode overwrites it). Returns each prompt's last-position fp32 logits
-        ``[N, V]``. Whole-model engines only."""
+    def prefill_batch(
+        self, slots: Sequence[int], prompts: Sequence[torch.Tensor], start: int = 0
+    ) -> torch.Tensor:
+        """Several slots' prompts (token ids) in one forward pass, each from position
+        ``start`` (every slot holds that many positions already: 0, or a shared start
+        copied in by ``alloc``), right-padded to the longest (causal attention keeps the
+        padding out of every real position; decode overwrites it). Returns each prompt's
+        last-position fp32 logits ``[N, V]``. Whole-model engines only."""
         if not (self.first and self.last):
             raise EngineError("a batched prefill needs an engine over the whole model")
         if len(slots) != len(prompts) or not prompts:
@@ -497,18 +527,20 @@ class Engine:
             lengths = [int(p.shape[0]) for p in prompts]
             if min(lengths) == 0:
                 raise EngineError("prefill needs tokens")
+            if any(self.length[s] < start for s in slots):
+                raise EngineError("prefill needs tokens, from a position the slot has reached")
             t, n = max(lengths), len(prompts)
-            self.check_fits(t)
+            self.check_fits(start + t)
             ids = torch.zeros(n, t, dtype=torch.long)
             for row, (p, m) in enumerate(zip(prompts, lengths, strict=True)):
                 ids[row, :m] = p
             index = torch.tensor(list(slots), device=self.device)
             for slot in slots:
-                self._ids[slot].clear()
-            h = self._prefill_pass(index, self._embed(ids.to(self.device)), 0)
+                del self._ids[slot][start:]  # overwritten from here on, whatever happens
+            h = self._prefill_pass(index, self._embed(ids.to(self.device)), start)
             for slot, p, m in zip(slots, prompts, lengths, strict=True):
-                self.length[slot] = m
-                self._ids[slot] = p.tolist()
+                self.length[slot] = start + m
+                self._ids[slot].extend(p.tolist())
             last = torch.tensor(lengths, device=self.device) - 1
             return self._out(h[torch.arange(n, device=self.device), last])
 
@@ -923,7 +955,7 @@ def _buckets(n: int, first: int = 1) -> list[int]:
     return [*out, n]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     """How many leading items ``a`` and ``b`` share (by halving: list slices compare
     in C)."""
     lo, hi = 0, min(len(a), len(b))
