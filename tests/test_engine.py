@@ -289,6 +289,17 @@ def test_a_refused_graph_capture_falls_back_to_eager_steps(
     served_as_alone(again, lm, cases[:2])
 
 
+def queued_at_once(batcher: Batcher, prompts: list[list[int]], p: GenerationParams) -> list[Any]:
+    """``prompts`` queued before the batcher admits any (a burst); their results. Closes
+    the batcher."""
+    try:
+        with batcher._cv:  # the batcher's thread admits nothing until all are queued
+            futures = [batcher.submit(x, p) for x in prompts]
+        return [f.result(timeout=60) for f in futures]
+    finally:
+        batcher.close()
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_batched_prefill_matches_one_by_one(lm: Any, models_dir: Path, fused: bool) -> None:
     other = load_model(models_dir / "tiny-qwen2", torch.device("cpu"), torch.float32,
@@ -321,12 +332,7 @@ def test_batched_prefill_matches_one_by_one(lm: Any, models_dir: Path, fused: bo
         engine.release(s)
     batcher = Batcher(engine, lm.tokenizer)
     p = GenerationParams(max_new_tokens=10)
-    try:
-        with batcher._cv:  # the batcher's thread admits nothing until all are queued
-            futures = [batcher.submit(x.tolist(), p) for x in prompts]
-        got = [f.result(timeout=60) for f in futures]
-    finally:
-        batcher.close()
+    got = queued_at_once(batcher, [x.tolist() for x in prompts], p)
     assert batcher.peak_prefill == 4
     for x, r in zip(prompts, got, strict=True):
         assert r.token_ids == generate_ids(lm.engine, x.tolist(), p, lm.tokenizer).token_ids
@@ -344,12 +350,7 @@ def test_a_burst_is_prefilled_shortest_first_in_passes_of_like_lengths(
     engine = Engine(Stack.of_model(lm.model), slots=4, max_context=128)
     p = GenerationParams(max_new_tokens=6)
     batcher = Batcher(engine, lm.tokenizer)
-    try:
-        with batcher._cv:  # the batcher's thread admits nothing until all are queued
-            futures = [batcher.submit(x, p) for x in prompts]
-        got = [f.result(timeout=60) for f in futures]
-    finally:
-        batcher.close()
+    got = queued_at_once(batcher, prompts, p)
     assert batcher.peak_prefill == 2 and batcher.prefill_padding == 1 + 1
     for x, r in zip(prompts, got, strict=True):
         assert r.token_ids == generate_ids(lm.engine, x, p, lm.tokenizer).token_ids
@@ -742,12 +743,7 @@ def test_a_burst_sharing_a_system_prompt_prefills_it_once(lm: Any, reuse: bool) 
     p = GenerationParams(max_new_tokens=8)
     batcher = Batcher(engine, lm.tokenizer, reuse_prefix=reuse)
     calls = spied(engine)
-    try:
-        with batcher._cv:  # the batcher's thread admits nothing until all are queued
-            futures = [batcher.submit(x, p) for x in burst]
-        got = [f.result(timeout=60) for f in futures]
-    finally:
-        batcher.close()
+    got = queued_at_once(batcher, burst, p)
     prefills = [c for c in calls if c[0] != "decode"]
     if reuse:
         assert prefills == [("prefill_batch", (1, 0), 0, (20, 115)),  # shortest first
