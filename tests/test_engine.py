@@ -815,6 +815,45 @@ def test_a_burst_joining_a_running_batch_shares_its_system_prompt_chunk_by_chunk
         assert r.token_ids == generate_ids(lm.engine, x, p, lm.tokenizer).token_ids
 
 
+def test_prompt_starts_are_reused_within_a_scope_only(lm: Any) -> None:
+    """A slot's cached prompt is reused for requests of the scope it was allocated in
+    (the daemon's: the task's origin), never across: another requester's first token
+    must not come faster for guessing how someone's prompt began. A burst of two scopes
+    sharing a start: each scope's first prefills it, its followers copy it."""
+    engine = Engine(Stack.of_model(lm.model), slots=6, max_context=256)
+    ids = encode_prompt(lm, " ".join(PROMPTS))
+    system = ids[:100]
+    slot = engine.alloc(system + ids[200:210], scope="alice")
+    engine.prefill(slot, torch.tensor(system + ids[200:210]))
+    engine.release(slot)
+    other = engine.alloc(system + ids[210:220], scope="bob")
+    assert engine.length[other] == 0  # alice's start is not bob's to reuse
+    engine.release(other)  # (alloc took slot 0 itself, now bob's: alice's ids are gone)
+    again = engine.alloc(system + ids[220:230], scope="bob")
+    assert engine.length[again] == 0
+    engine.release(again)
+    burst = [system + ids[200:215], system + ids[220:232], system + ids[240:260],
+             system + ids[262:270]]  # fmt: skip
+    scopes = ["alice", "bob", "alice", "bob"]
+    p = GenerationParams(max_new_tokens=6)
+    batcher = Batcher(engine, lm.tokenizer)
+    calls = spied(engine)
+    try:
+        with batcher._cv:
+            futures = [
+                batcher.submit(x, p, scope=who) for x, who in zip(burst, scopes, strict=True)
+            ]
+        got = [f.result(timeout=60) for f in futures]
+    finally:
+        batcher.close()
+    assert batcher.reused_tokens == 2 * 100  # one follower in each scope
+    prefills = [c for c in calls if c[0] != "decode"]
+    assert prefills[0] == ("prefill_batch", (1, 0), 0, (112, 115))  # a leader each
+    assert [c[2] for c in prefills[1:]] == [100] and set(prefills[1][1]) == {2, 3}
+    for x, r in zip(burst, got, strict=True):
+        assert r.token_ids == generate_ids(lm.engine, x, p, lm.tokenizer).token_ids
+
+
 def test_a_failed_prefix_copy_prefills_the_whole_prompt(lm: Any) -> None:
     """Copying a prompt's cached start that fails (out of memory, say) claims nothing:
     the new slot starts empty and the prompt is prefilled from its first token."""
@@ -863,7 +902,7 @@ async def test_executor_batches_concurrent_requests(models_dir: Path) -> None:
 
     async def one(i: int) -> None:
         results[i] = await ex.generate(
-            "tiny-qwen2", PROMPTS[i], GenerationParams(max_new_tokens=48)
+            "tiny-qwen2", PROMPTS[i], GenerationParams(max_new_tokens=48), scope="origin-a"
         )
 
     async with trio.open_nursery() as nursery:
@@ -878,6 +917,16 @@ async def test_executor_batches_concurrent_requests(models_dir: Path) -> None:
     for i, r in results.items():
         ids = encode_prompt(slot.lm, PROMPTS[i])
         assert list(r.token_ids) == hf_greedy(slot.lm, ids, 48)[: len(r.token_ids)]
+    # a prompt again: its start is reused for the same requester, not for another
+    long_prompt = " ".join(PROMPTS[:8])
+    p = GenerationParams(max_new_tokens=2)
+    await ex.generate("tiny-qwen2", long_prompt, p, scope="origin-a")
+    before = slot.batcher.reused_tokens
+    await ex.generate("tiny-qwen2", long_prompt, p, scope="origin-a")
+    assert slot.batcher.reused_tokens > before
+    before = slot.batcher.reused_tokens
+    await ex.generate("tiny-qwen2", long_prompt, p, scope="origin-b")
+    assert slot.batcher.reused_tokens == before
     ex.close()
 
 

@@ -90,7 +90,9 @@ class ComputeConfig:
     prefill_chunk: int = 512
     # A prompt whose start some slot's cache holds already (a system prompt, the previous
     # turn of a conversation, at least 16 tokens) gets those positions' K/V copied
-    # instead of prefilled. false = every prompt prefilled from its first token.
+    # instead of prefilled; only between tasks of one origin (a faster first token must
+    # not tell a requester how another's prompt began). false = every prompt prefilled
+    # from its first token.
     reuse_prefix: bool = True
     # CPU threads for torch (inference and sentence embeddings); 0 = torch's default.
     # Several daemons on one box (a devnet) each want 1.

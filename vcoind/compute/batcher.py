@@ -54,6 +54,7 @@ class _Request:
     on_token: Callable[[int], None] | None
     cancel: threading.Event | None
     future: concurrent.futures.Future[GenerationResult]
+    scope: str = ""
     slot: int = -1
     last: int = 0
     done: int = 0  # prompt tokens in the slot's cache (chunked prefill)
@@ -113,12 +114,16 @@ class Batcher:
         priority: int = 0,
         on_token: Callable[[int], None] | None = None,
         cancel: threading.Event | None = None,
+        scope: str = "",
     ) -> concurrent.futures.Future[GenerationResult]:
-        """Queue one request; the future holds its ``GenerationResult`` (or the error)."""
+        """Queue one request; the future holds its ``GenerationResult`` (or the error).
+        ``scope``: prompt starts are reused between requests of one scope only (the
+        daemon's: the task's origin), so a faster first token tells a requester nothing
+        of another's prompts."""
         stream = TokenStream(prompt_ids, params, self.tokenizer)
         self.engine.check_request(len(prompt_ids), params.max_new_tokens)
         fut: concurrent.futures.Future[GenerationResult] = concurrent.futures.Future()
-        req = _Request(list(prompt_ids), stream, priority, on_token, cancel, fut)
+        req = _Request(list(prompt_ids), stream, priority, on_token, cancel, fut, scope)
         with self._cv:
             if self._closed:
                 raise EngineError("the engine is shut down")
@@ -146,7 +151,8 @@ class Batcher:
                     break
                 while self._waiting and self.engine.free_slots:
                     req = heapq.heappop(self._waiting).req
-                    req.slot = self.engine.alloc(req.prompt_ids if self.reuse_prefix else ())
+                    prompt = req.prompt_ids if self.reuse_prefix else ()
+                    req.slot = self.engine.alloc(prompt, req.scope)
                     req.done = req.reused = self.engine.length[req.slot]
                     self.reused_tokens += req.reused
                     self._pending.append(req)
@@ -209,12 +215,12 @@ class Batcher:
         return True
 
     def _behind(self, req: _Request, others: list[_Request]) -> bool:
-        """Another admitted request's prompt shares more of this one's start than its
+        """Another admitted request of its scope shares more of this one's start than its
         slot holds (``REUSE_MIN`` tokens at least), and its prefill has not got that far
         yet: worth waiting for, then copying."""
         cap = len(req.prompt_ids) - 1
         for o in others:
-            if o is req or o.slot < 0 or o.done >= cap:
+            if o is req or o.slot < 0 or o.done >= cap or o.scope != req.scope:
                 continue
             n = min(common_prefix(o.prompt_ids, req.prompt_ids), cap)
             if n >= REUSE_MIN and n > req.done and o.done < n:

@@ -245,6 +245,7 @@ class Engine:
         # Engines that take token ids: the ids whose K/V each slot's cache holds, position
         # by position (kept after a release, for a later prompt with the same start).
         self._ids: list[list[int]] = [[] for _ in range(slots)]
+        self._scope = [""] * slots  # whose request each slot was last allocated to
         self._free = list(range(slots))  # a heap: the lowest free slot first
         self.lock = threading.RLock()  # one step at a time, from whichever thread
         self._graphs: dict[tuple[int, int], _Graph] = {}
@@ -269,19 +270,21 @@ class Engine:
 
     # --- slots --------------------------------------------------------------
 
-    def alloc(self, prompt: Sequence[int] = ()) -> int:
+    def alloc(self, prompt: Sequence[int] = (), scope: str = "") -> int:
         """The lowest free slot. On an engine that takes token ids, where some slot's
         cache holds the start of ``prompt`` (at least ``REUSE_MIN`` tokens; a slot's
         cache outlives its request, and a running request's prompt is there too), those
         positions' K/V are copied into the new slot (a device copy instead of their
         prefill). The slot's ``length`` is how many of ``prompt``'s positions are in
         place, at most all but the last (whose logits a prefill must give): prefill goes
-        on from there."""
+        on from there. Only slots last allocated in the same ``scope`` count: a requester
+        cannot tell from a faster first token what another scope's prompts began with."""
         with self.lock:
             if not self._free:
                 raise EngineError(f"all {self.n_slots} engine slots are busy")
             slot = heapq.heappop(self._free)
-            self._place(slot, prompt, 0)
+            self._place(slot, prompt, 0, scope)
+            self._scope[slot] = scope
             return slot
 
     def reuse(self, slot: int, prompt: Sequence[int]) -> int:
@@ -290,12 +293,12 @@ class Engine:
         request sharing it was prefilled since), those positions are copied in. Returns
         the slot's ``length``, the positions in place."""
         with self.lock:
-            return self._place(slot, prompt, self.length[slot])
+            return self._place(slot, prompt, self.length[slot], self._scope[slot])
 
-    def _place(self, slot: int, prompt: Sequence[int], held: int) -> int:
-        """Copy what some slot's cache holds of ``prompt``'s start past the ``held``
+    def _place(self, slot: int, prompt: Sequence[int], held: int, scope: str) -> int:
+        """Copy what some slot of ``scope`` holds of ``prompt``'s start past the ``held``
         positions ``slot`` has of it already; set the slot's ids and length."""
-        src, have = self._cached(prompt, slot)
+        src, have = self._cached(prompt, scope, slot)
         if have > held and src != slot:
             try:
                 with torch.inference_mode():
@@ -315,25 +318,21 @@ class Engine:
         self.length[slot] = have
         return have
 
-    def _cached(self, prompt: Sequence[int], prefer: int = -1) -> tuple[int, int]:
-        """The slot whose cache holds the longest start of ``prompt`` (``prefer`` on a
-        tie: no copy where it is) and how many of its positions are usable: at most all
-        but the last, 0 below ``REUSE_MIN``."""
+    def _cached(self, prompt: Sequence[int], scope: str, prefer: int = -1) -> tuple[int, int]:
+        """The slot of ``scope`` whose cache holds the longest start of ``prompt``
+        (``prefer`` on a tie: no copy where it is) and how many of its positions are
+        usable: at most all but the last, 0 below ``REUSE_MIN``."""
         src, have = -1, 0
         if self.first and len(prompt) > REUSE_MIN:
             want = list(prompt)
             for s, ids in enumerate(self._ids):
+                if self._scope[s] != scope:
+                    continue
                 n = common_prefix(ids, want)
                 if n > have or (n == have and s == prefer):
                     src, have = s, n
             have = min(have, len(prompt) - 1)
         return (src, have) if have >= REUSE_MIN else (-1, 0)
-
-    def cached_prefix(self, prompt: Sequence[int]) -> int:
-        """How many of ``prompt``'s positions ``alloc`` would find in some slot's cache
-        now (0 below ``REUSE_MIN``; never the last)."""
-        with self.lock:
-            return self._cached(prompt)[1]
 
     def release(self, slot: int) -> None:
         with self.lock:

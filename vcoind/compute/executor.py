@@ -200,9 +200,11 @@ class Executor:
         on_progress: Callable[[int], None] | None = None,
         priority: int = 0,
         adapter: tuple[str, Path] | None = None,
+        scope: str = "",
     ) -> GenerationResult:
         """Run one request (on the model with ``adapter`` (id, path) merged in, if given);
-        cancelling the caller stops it at the next token."""
+        cancelling the caller stops it at the next token. ``scope`` (the requester):
+        cached prompt starts are shared within one scope only."""
         slot = await self._acquire(ref, adapter)
         cancel = threading.Event()
         token = trio.lowlevel.current_trio_token()
@@ -227,7 +229,7 @@ class Executor:
             if slot.batcher is not None:
                 ids = await trio.to_thread.run_sync(encode_prompt, slot.lm, prompt)
                 future = slot.batcher.submit(ids, params, priority=priority, on_token=progress,
-                                             cancel=cancel)  # fmt: skip
+                                             cancel=cancel, scope=scope)  # fmt: skip
                 work, limiter = future.result, None
             else:
                 work = functools.partial(generate, slot.lm, prompt, params, on_token=progress,

@@ -280,9 +280,10 @@ class TaskWorker:
                         if a.adapter:
                             assert self.get_adapter is not None  # adapter_known said yes
                             adapter = (a.adapter, await self.get_adapter(a.adapter))
+                        # prompt starts cached for one origin are not reused for another's
                         r = await executor.generate(
                             a.model, a.input, p.generation(), on_progress=progress,
-                            priority=a.priority, adapter=adapter,
+                            priority=a.priority, adapter=adapter, scope=job.origin,
                         )  # fmt: skip
                         model_id = self._models.resolve(a.model).model_id
                         self.tokens_per_s[model_id] = executor.tokens_per_s.get(model_id, 0.0)
