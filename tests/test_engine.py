@@ -728,14 +728,23 @@ def test_a_prompt_that_starts_as_another_is_prefilled_from_where_they_part(
     assert engine.length[slot] == 50
 
 
-@pytest.mark.parametrize("reuse", [True, False])
-def test_a_burst_sharing_a_system_prompt_prefills_it_once(lm: Any, reuse: bool) -> None:
+@pytest.mark.parametrize(("reuse", "graph_path"), [(True, False), (False, False), (True, True)])
+def test_a_burst_sharing_a_system_prompt_prefills_it_once(
+    lm: Any, models_dir: Path, reuse: bool, graph_path: bool
+) -> None:
     """Five prompts queued at once, four sharing a 100-token start (a system prompt) no
     slot holds yet: the first of the four is prefilled (with the fifth, which shares
     nothing), then the other three get its first 100 positions copied and only their
     own tokens prefilled, together in one pass from position 100. Each gets what it gets
-    alone. With reuse off, all five are prefilled whole in one pass."""
-    engine = Engine(Stack.of_model(lm.model), slots=5, max_context=256)
+    alone. With reuse off, all five are prefilled whole in one pass. ``graph_path``: the
+    CUDA path's fused, padded steps (run eagerly)."""
+    if graph_path:
+        other = load_model(models_dir / "tiny-qwen2", torch.device("cpu"), torch.float32,
+                           engine=False)  # fmt: skip
+        engine = Engine(Stack.of_model(other.model), slots=5, max_context=256, fused=True,
+                        static_shapes=True)  # fmt: skip
+    else:
+        engine = Engine(Stack.of_model(lm.model), slots=5, max_context=256)
     ids = encode_prompt(lm, " ".join(PROMPTS))
     system = ids[:100]
     burst = [system + ids[200:215], ids[300:320], system + ids[220:232],
