@@ -515,9 +515,10 @@ class Engine:
     ) -> torch.Tensor:
         """Several slots' prompts (token ids) in one forward pass, each from position
         ``start`` (every slot holds that many positions already: 0, or a shared start
-        copied in by ``alloc``), right-padded to the longest (causal attention keeps the
-        padding out of every real position; decode overwrites it). Returns each prompt's
-        last-position fp32 logits ``[N, V]``. Whole-model engines only."""
+        copied in by ``alloc`` or ``reuse``), right-padded to the longest (causal
+        attention keeps the padding out of every real position; decode overwrites it).
+        Returns each prompt's last-position fp32 logits ``[N, V]``. Whole-model engines
+        only."""
         if not (self.first and self.last):
             raise EngineError("a batched prefill needs an engine over the whole model")
         if len(slots) != len(prompts) or not prompts:
@@ -578,8 +579,8 @@ class Engine:
         """SDPA of q ``[B, heads, T, d]`` over k, v ``[B, kv_heads, S, d]``. Unfused, as
         transformers' SDPA attention calls it: with no mask, its native grouped-query
         attention; with one, the K/V heads repeated. (The fused prefill always repeats
-        them: memory-efficient attention, a T4's, takes no ``enable_gqa`` on older
-        torch.)"""
+        them: with ``enable_gqa`` only flash attention, sm80 and up, and math run, so a
+        T4's memory-efficient attention would fall back to math.)"""
         extra: dict[str, Any] = {}
         if self.groups > 1:
             if mask is None and not self.fused and _NATIVE_GQA:
