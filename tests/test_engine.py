@@ -99,6 +99,15 @@ def test_fused_path_matches_the_reference_path(lm: Any, models_dir: Path) -> Non
     assert hf_greedy(other, ids, 8) == hf_greedy(lm, ids, 8)
 
 
+def padded_engine(models_dir: Path, slots: int, max_context: int) -> Engine:
+    """The CUDA path's fused, padded steps, run eagerly on the CPU, over a model of its
+    own (the fused weights become views of the engine's)."""
+    other = load_model(models_dir / "tiny-qwen2", torch.device("cpu"), torch.float32,
+                       engine=False)  # fmt: skip
+    return Engine(Stack.of_model(other.model), slots=slots, max_context=max_context,
+                  fused=True, static_shapes=True)  # fmt: skip
+
+
 def replayed_eagerly(monkeypatch: pytest.MonkeyPatch, *engines: Engine) -> None:
     """The engines take the CUDA-graph path on the CPU: each "graph" is its step over the
     same static input and output buffers, run again at each replay (what a captured
@@ -137,10 +146,7 @@ def test_graph_padding_run_eagerly_gives_the_same_tokens(
     scratch column), run eagerly on the CPU: the same tokens as the plain path, for rows
     in any slots, across width buckets. ``replayed``: through the graphs' input buffers,
     some captured up front (``warm_up``), the others on first use."""
-    other = load_model(models_dir / "tiny-qwen2", torch.device("cpu"), torch.float32,
-                       engine=False)  # fmt: skip
-    padded = Engine(Stack.of_model(other.model), slots=5, max_context=600, fused=True,
-                    static_shapes=True)  # fmt: skip
+    padded = padded_engine(models_dir, 5, 600)
     assert padded._widths == [256, 512, 608] and padded._batch_buckets == [1, 2, 4, 5]
     if replayed:
         replayed_eagerly(monkeypatch, padded)
@@ -184,11 +190,8 @@ def test_short_prompts_are_prefilled_through_padded_graphs(
     Capturing runs on a free slot's cache, whose cached prompt is forgotten. Longer
     prompts and prompts that go on from a position run eagerly; a refused capture leaves
     prefill eager, and the model serving."""
-    other = load_model(models_dir / "tiny-qwen2", torch.device("cpu"), torch.float32,
-                       engine=False)  # fmt: skip
-    padded = Engine(Stack.of_model(other.model), slots=3, max_context=600, fused=True,
-                    static_shapes=True)  # fmt: skip
-    plain = Engine(Stack.of_model(other.model), slots=1, max_context=600, fused=True)
+    padded = padded_engine(models_dir, 3, 600)
+    plain = Engine(padded.stack, slots=1, max_context=600, fused=True)
     assert padded._prefill_buckets == [32, 64, 128, 256, 512]
     assert plain._prefill_buckets == [] and not plain.static_shapes
     ids = encode_prompt(lm, " ".join(PROMPTS))
@@ -234,7 +237,7 @@ def test_short_prompts_are_prefilled_through_padded_graphs(
     def refuse(self: Engine, step: Any) -> tuple[Any, torch.Tensor]:
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    again = Engine(Stack.of_model(other.model), slots=2, max_context=600, fused=True,
+    again = Engine(padded.stack, slots=2, max_context=600, fused=True,
                    static_shapes=True)  # fmt: skip
     again.cuda_graphs = True
     monkeypatch.setattr(Engine, "_capture", lambda self, b, w: _fake_graph())
@@ -258,10 +261,7 @@ def test_a_refused_graph_capture_falls_back_to_eager_steps(
     """Where the card or torch refuses a capture (here: graphs wider than 256 positions,
     at a width's first use; then every graph, at load), the engine says so and runs its
     steps eagerly from then on: the model still serves, with the same tokens."""
-    other = load_model(models_dir / "tiny-qwen2", torch.device("cpu"), torch.float32,
-                       engine=False)  # fmt: skip
-    padded = Engine(Stack.of_model(other.model), slots=4, max_context=600, fused=True,
-                    static_shapes=True)  # fmt: skip
+    padded = padded_engine(models_dir, 4, 600)
     replayed_eagerly(monkeypatch, padded)
     replay = Engine._record
     widest = [256]
@@ -281,7 +281,7 @@ def test_a_refused_graph_capture_falls_back_to_eager_steps(
         served_as_alone(padded, lm, cases)
     assert not padded.cuda_graphs and not padded._graphs and not padded._prefill_graphs
     assert "decode steps run without CUDA graphs" in caplog.text
-    again = Engine(Stack.of_model(other.model), slots=2, max_context=600, fused=True,
+    again = Engine(padded.stack, slots=2, max_context=600, fused=True,
                    static_shapes=True)  # fmt: skip
     again.cuda_graphs = True
     widest[0] = 0
@@ -639,10 +639,7 @@ def test_a_prompt_that_starts_as_another_is_prefilled_from_where_they_part(
     leaves no stale claim on what it overwrote. ``graph_path``: the CUDA path's fused,
     padded steps (run eagerly)."""
     if graph_path:
-        other = load_model(models_dir / "tiny-qwen2", torch.device("cpu"), torch.float32,
-                           engine=False)  # fmt: skip
-        engine = Engine(Stack.of_model(other.model), slots=3, max_context=512, fused=True,
-                        static_shapes=True)  # fmt: skip
+        engine = padded_engine(models_dir, 3, 512)
     else:
         engine = Engine(Stack.of_model(lm.model), slots=3, max_context=512)
     ids = encode_prompt(lm, " ".join(PROMPTS))
@@ -739,10 +736,7 @@ def test_a_burst_sharing_a_system_prompt_prefills_it_once(
     alone. With reuse off, all five are prefilled whole in one pass. ``graph_path``: the
     CUDA path's fused, padded steps (run eagerly)."""
     if graph_path:
-        other = load_model(models_dir / "tiny-qwen2", torch.device("cpu"), torch.float32,
-                           engine=False)  # fmt: skip
-        engine = Engine(Stack.of_model(other.model), slots=5, max_context=256, fused=True,
-                        static_shapes=True)  # fmt: skip
+        engine = padded_engine(models_dir, 5, 256)
     else:
         engine = Engine(Stack.of_model(lm.model), slots=5, max_context=256)
     ids = encode_prompt(lm, " ".join(PROMPTS))
