@@ -11,8 +11,8 @@ from eth_account import Account
 
 from vcoind.p2p.codec import decode, encode
 from vcoind.p2p.errors import CodecError
-from vcoind.p2p.heartbeat import BindingCheck
-from vcoind.p2p.messages import DeviceInfo, Heartbeat, LayerSpan, ModelServed, sign_binding
+from vcoind.presence.heartbeat import BindingCheck
+from vcoind.presence.messages import DeviceInfo, Heartbeat, LayerSpan, ModelServed, sign_binding
 
 PEER = "12D3KooWEAFCy2zHaWq3TPHeHx8F35FTbdWa12zjgDUzEWrp2RmC"
 ACCT = Account.from_key("0x" + "11" * 32)

@@ -27,7 +27,7 @@ from tests.conftest import Cluster, peers_of, wait_until
 from vcoind.p2p.codec import encode
 from vcoind.p2p.host import GOSSIP_PROTOCOLS
 from vcoind.p2p.keeper import parse_peer_addr
-from vcoind.p2p.messages import Heartbeat, sign_binding
+from vcoind.presence.messages import Heartbeat, sign_binding
 
 pytestmark = pytest.mark.slow
 TOPIC = "/vcoin/testnet/heartbeat/1"

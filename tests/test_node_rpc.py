@@ -14,8 +14,8 @@ import trio
 from vcoind.config import load
 from vcoind.datadir import DataDir
 from vcoind.node import Node, RunInfo
-from vcoind.p2p.heartbeat import Capabilities
-from vcoind.p2p.messages import ModelServed
+from vcoind.presence.heartbeat import Capabilities
+from vcoind.presence.messages import ModelServed
 
 
 @asynccontextmanager
@@ -52,8 +52,8 @@ async def test_node_rpc_methods_and_endpoints(tmp_path: Path) -> None:
         assert (tmp_path / "a" / "run.json").exists()
         with trio.fail_after(15):
             for n in (a, b):
-                while len(n.peers) < 1:
-                    await n.peers.wait_changed()
+                while len(n.presence.peers) < 1:
+                    await n.presence.peers.wait_changed()
 
         info = (await rpc(client, ia.rpc_url, "vcoin_nodeInfo"))["result"]
         assert info["peer_id"] == ia.peer_id and info["network"] == "unit"
@@ -137,8 +137,8 @@ async def test_models_are_served_and_advertised(tmp_path: Path, models_dir: Path
                 (model,) = (await rpc(client, ia.rpc_url, "vcoin_models"))["result"]["models"]
         assert model["model_id"].startswith("sha256:")
         with trio.fail_after(15):  # b hears a's heartbeat, which lists the model
-            while (st := b.peers.get(ia.peer_id)) is None:
-                await b.peers.wait_changed()
+            while (st := b.presence.peers.get(ia.peer_id)) is None:
+                await b.presence.peers.wait_changed()
         assert st.heartbeat.models == (ModelServed("tiny-qwen2", model["model_id"]),)
         peers = (await rpc(client, ib.rpc_url, "vcoin_peers"))["result"]
         assert peers[0]["models"] == [{"name": "tiny-qwen2", "model_id": model["model_id"]}]
@@ -151,14 +151,14 @@ async def test_capability_change_is_announced_at_once(tmp_path: Path) -> None:
         node_in_process(tmp_path / "b", **{"p2p.bootstrap": [ia.p2p_addrs[0]]}) as (b, _ib),
     ):
         with trio.fail_after(15):
-            while len(a.peers) < 1:
-                await a.peers.wait_changed()
+            while len(a.presence.peers) < 1:
+                await a.presence.peers.wait_changed()
         started = trio.current_time()
         served = (ModelServed("tiny-qwen2", "sha256:" + "12" * 32),)
-        a.heartbeat.set_capabilities(Capabilities(models=served, queue_length=3))
+        a.presence.heartbeat.set_capabilities(Capabilities(models=served, queue_length=3))
         with trio.fail_after(10):  # far less than the 30 s interval
             while True:
-                st = b.peers.get(ia.peer_id)
+                st = b.presence.peers.get(ia.peer_id)
                 if st is not None and st.heartbeat.models == served:
                     break
                 await trio.sleep(0.02)
@@ -203,4 +203,4 @@ async def test_task_notifications_over_websocket(tmp_path: Path, models_dir: Pat
         metrics = (await client.get(ia.rpc_url + "/metrics")).text
         assert 'vcoin_tasks_total{status="completed"} 1.0' in metrics
         assert "vcoin_task_dispatch_seconds_count 1.0" in metrics
-        assert a.worker.queue_length == 0
+        assert a.market.worker.queue_length == 0

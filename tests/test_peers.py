@@ -14,10 +14,10 @@ from libp2p.peer.id import ID
 
 from tests.test_codec import make
 from vcoind.metrics import NodeMetrics
-from vcoind.p2p import peers as peers_module
 from vcoind.p2p.gossip import Gossip, ReplayWindow
-from vcoind.p2p.heartbeat import adaptive_interval
-from vcoind.p2p.peers import PeerTable
+from vcoind.presence import peers as peers_module
+from vcoind.presence.heartbeat import adaptive_interval
+from vcoind.presence.peers import PeerTable
 from vcoind.store import Store
 
 

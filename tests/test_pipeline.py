@@ -15,10 +15,11 @@ from tests.conftest import Cluster, wait_until
 from tests.test_tasks import MODEL, finished, task
 from vcoind.compute.frames import TensorFrame
 from vcoind.compute.generate import load_model
+from vcoind.compute.shard_host import LocalChannel, PipelineError, ServedSpan, ShardHost
 from vcoind.compute.shards import even_ranges, split_model
+from vcoind.compute.shardwire import ShardClose, ShardOpen, ShardOutput, ShardStep
 from vcoind.compute.testmodel import CORPUS
-from vcoind.market.pipeline import LocalChannel, PipelineError, PipelineRun, ServedSpan, ShardHost
-from vcoind.market.shardwire import ShardClose, ShardOpen, ShardOutput, ShardStep
+from vcoind.market.routes import PipelineRun
 from vcoind.p2p.streams import StreamOpenError, StreamProtocolError
 
 pytestmark = pytest.mark.slow

@@ -206,8 +206,8 @@ async def test_task_protocol_rejects_oversized_frames_and_replayed_assignments(
 
     from tests.test_gossip_junk import raw_host
     from vcoind.market.messages import TASK_PROTOCOL, Accepted, Assign, Assignments, GenParams
+    from vcoind.market.protocol import TASK_STREAM
     from vcoind.metrics import NodeMetrics
-    from vcoind.node import TASK_STREAM
     from vcoind.p2p.keeper import parse_peer_addr
     from vcoind.p2p.streams import HEADER, StreamProtocolError, StreamService, read_frame
 
@@ -277,12 +277,12 @@ async def test_an_assignment_whose_verdict_was_lost_is_sent_again_and_not_run_tw
         TaskAnnounce,
         TaskResult,
     )  # fmt: skip
+    from vcoind.market.protocol import TASK_STREAM
     from vcoind.metrics import NodeMetrics
-    from vcoind.node import TASK_STREAM
     from vcoind.p2p.codec import decode, encode
     from vcoind.p2p.keeper import parse_peer_addr
-    from vcoind.p2p.messages import ModelServed
     from vcoind.p2p.streams import StreamService, read_frame, write_frame
+    from vcoind.presence.messages import ModelServed
 
     n1 = await trio.to_thread.run_sync(lambda: cluster.start(1))  # an origin, no model
     target = parse_peer_addr(n1.p2p_addr)

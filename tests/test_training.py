@@ -220,11 +220,11 @@ async def test_corrupted_shard_and_adapter_frames_are_refused(
     from tests.test_gossip_junk import raw_host
     from vcoind.market.messages import Ack
     from vcoind.metrics import NodeMetrics
-    from vcoind.node import TRAIN_STREAM
     from vcoind.p2p.keeper import parse_peer_addr
     from vcoind.p2p.streams import StreamProtocolError, StreamService
     from vcoind.train.adapters import blob_part, pull_blob
     from vcoind.train.lora import adapter_from_bytes
+    from vcoind.train.service import TRAIN_STREAM
     from vcoind.train.spec import LoraSettings, canonical_jsonl, sha256_hex
     from vcoind.train.wire import BlobGet, RoundDone, TrainJoin, TrainRound
 

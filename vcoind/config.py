@@ -406,7 +406,7 @@ def validate(cfg: Config) -> Config:
     if cfg.compute.device not in DEVICES:
         raise ConfigError("compute.device", f"must be one of {', '.join(DEVICES)}")
     for spec in cfg.compute.serve_layers:
-        from vcoind.market.pipeline import parse_serve_spec
+        from vcoind.compute.shard_host import parse_serve_spec
 
         try:
             parse_serve_spec(spec)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 from web3 import Web3
@@ -14,9 +14,6 @@ from vcoind.market.messages import TASK_ID_RE
 from vcoind.rpc import CHAIN_ERROR, INVALID_PARAMS, NOT_FOUND, MethodRegistry, Param, RPCError
 from vcoind.rpc import RPCMethod as M
 from vcoind.store import ChainOp
-
-if TYPE_CHECKING:
-    from vcoind.node import Node
 
 OBJ: dict[str, Any] = {"type": "object"}
 ADDRESS = {"type": "string", "pattern": "^0x[0-9a-fA-F]{40}$"}
@@ -34,11 +31,11 @@ def op_view(op: ChainOp | None) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def register_chain_api(reg: MethodRegistry, node: Node) -> None:
+def register_chain_api(reg: MethodRegistry, service: ChainService | None) -> None:
     def chain() -> ChainService:
-        if node.chain is None:
+        if service is None:
             raise RPCError(CHAIN_ERROR, "this node runs without a chain (--no-chain)")
-        return node.chain
+        return service
 
     async def read(fn: Any, *args: Any) -> Any:
         try:

@@ -32,7 +32,6 @@ from vcoind.consensus.outcome import (
     outcome_digest,
     recover_outcome_signer,
     result_hash,
-    sign_outcome,
 )
 from vcoind.consensus.reputation import DEFAULT_REPUTATION, updated_reputation
 from vcoind.consensus.weights import NodeRecord, node_weight
@@ -46,6 +45,7 @@ from vcoind.market.votes import (
     ResultCommitment,
     ResultReveal,
 )
+from vcoind.signer import Signer
 from vcoind.store import ConsensusStore, SignatureRow, ValidationRow
 
 if TYPE_CHECKING:
@@ -68,8 +68,7 @@ class VoteContext:
 
     peer_id: str
     network: str
-    eth_key: bytes
-    eth_address: str
+    signer: Signer  # the node's Ethereum key: outcome signatures
     publish: Publish
     embed: Callable[[Sequence[str]], Awaitable[list[tuple[float, ...]]]]
     rejected: Counter  # vcoin_consensus_rejected_total{reason}
@@ -170,11 +169,11 @@ class Replica:
         outcome = await tally_async(p.closed.prompt, results, weights, self._ctx.embed)
         digest = outcome_digest(self._ctx.network, task_id, outcome.result_hash,
                                 p.result.model_id, outcome.decision)  # fmt: skip
-        sig = sign_outcome(self._ctx.eth_key, digest)
+        sig = self._ctx.signer.sign_digest(digest)
         self._pending.pop(task_id, None)
         await self._ctx.publish(OutcomeVote(
             self._ctx.network, self._ctx.peer_id, 0, 0.0, task_id, p.origin, p.closed.round,
-            outcome.result_hash, outcome.decision, self._ctx.eth_address, sig,
+            outcome.result_hash, outcome.decision, self._ctx.signer.address, sig,
         ))  # fmt: skip
 
 
@@ -419,11 +418,11 @@ class Coordinator:
         assert rr.outcome is not None
         o, ctx = rr.outcome, self._ctx
         digest = outcome_digest(ctx.network, st.task_id, o.result_hash, model_id, o.decision)
-        sig = sign_outcome(ctx.eth_key, digest)
+        sig = ctx.signer.sign_digest(digest)
         vote = OutcomeVote(ctx.network, ctx.peer_id, 0, 0.0, st.task_id, ctx.peer_id, st.round,
-                           o.result_hash, o.decision, ctx.eth_address, sig)  # fmt: skip
+                           o.result_hash, o.decision, ctx.signer.address, sig)  # fmt: skip
         await ctx.publish(vote)
-        row = SignatureRow(ctx.peer_id, ctx.eth_address, o.result_hash.hex(), o.decision,
+        row = SignatureRow(ctx.peer_id, ctx.signer.address, o.result_hash.hex(), o.decision,
                            sig.hex(), time.time())  # fmt: skip
         await self._store.add_signature(st.task_id, row)
         return row

@@ -25,7 +25,8 @@ from typing import Any, ClassVar
 
 from vcoind.compute.params import GenerationParams
 from vcoind.p2p.codec import Message, lim, message
-from vcoind.p2p.messages import NETWORK_RE, PEER_ID_RE
+from vcoind.p2p.streams import Ack as Ack  # the generic reply: with the stream transport
+from vcoind.presence.messages import NETWORK_RE, PEER_ID_RE
 
 TASK_PROTOCOL = "/vcoin/task/1.0.0"
 TASK_ID_RE = r"[0-9a-f]{32}"
@@ -238,12 +239,3 @@ class TaskResult(Message):
     # see vcoind.consensus.outcome. Empty when the node has no chain.
     eth_address: str = field(default="", metadata=lim(max_len=42))
     signature: bytes = field(default=b"", metadata=lim(max_len=65))
-
-
-@message
-@dataclass(frozen=True)
-class Ack(Message):
-    KIND: ClassVar[str] = "ack"
-    MAX_BYTES: ClassVar[int] = 256
-
-    ok: bool = True

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from vcoind.compute.shard_host import PipelineError
 from vcoind.config import MarketConfig
 from vcoind.consensus.outcome import result_hash
 from vcoind.consensus.reputation import DEFAULT_REPUTATION
@@ -50,13 +51,14 @@ from vcoind.market.messages import (
     TaskBid,
     TaskResult,
 )
-from vcoind.market.pipeline import PipelineError
+from vcoind.market.ports import Pipelines, Trainer, WorkError
 from vcoind.market.selection import SelectionState, rank
+from vcoind.market.settle import Settled
 from vcoind.market.votes import MAX_REPLICAS
 from vcoind.metrics import NodeMetrics
 from vcoind.p2p.streams import StreamOpenError, StreamProtocolError
+from vcoind.presence.view import NetworkView
 from vcoind.store import FINISHED, BidRow, SignatureRow, TaskRow, TaskStore
-from vcoind.train.spec import TrainError
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -99,27 +101,6 @@ class _Live:
         self.changed = trio.Event()
 
 
-@dataclass(frozen=True)
-class Settled:
-    """A completed task's outcome, for anchoring: who signed it, who was outvoted."""
-
-    task_id: str
-    model_id: str
-    result_hash: bytes
-    decision: str  # "majority" for a single-mode task (one replica, one signature)
-    signatures: list[tuple[str, str, bytes]]  # (peer id, eth address, signature) of agreeing
-    replicas: int  # assigned in the deciding round
-    outvoted: list[str]  # peer ids of replicas outside the agreed answer
-    deterministic: bool  # greedy: replicas had to match token for token
-    tokens: int
-    price: float  # of the accepted bid(s)
-    customer: str = ""  # whose SLA the task counts under
-    samples: int = 0  # LoRA training: examples trained (the reward counts them)
-    # LoRA training: examples each signer trained (peer id -> count); the reward is split
-    # by these instead of equally
-    shares: dict[str, int] = field(default_factory=dict)
-
-
 @dataclass
 class _Verdict:
     done: trio.Event = field(default_factory=trio.Event)
@@ -140,8 +121,12 @@ class TaskOrigin:
         publish_bid: Callable[[Bid], Awaitable[None]],
         send: Send,
         notify: Callable[[dict[str, Any]], Awaitable[None]],
-        peer_alive: Callable[[str], bool],
-        expected_bidders: Callable[[str], set[str]],
+        view: NetworkView,
+        reputations: Callable[[list[str]], Awaitable[dict[str, float]]],
+        coordinator: Coordinator | None = None,
+        settle: Callable[[Settled], Awaitable[None]] | None = None,
+        pipelines: Pipelines | None = None,
+        trainer: Trainer | None = None,
     ) -> None:
         self._tasks = tasks
         self._metrics = metrics
@@ -153,8 +138,14 @@ class TaskOrigin:
         self._publish_bid = publish_bid
         self._send = send
         self._notify = notify
-        self._peer_alive = peer_alive
-        self._expected_bidders = expected_bidders
+        self._view = view
+        # Consensus tasks (commit-reveal rounds), anchoring, pipelined and training tasks:
+        # each unavailable without its port.
+        self._coordinator = coordinator
+        self._reputations = reputations
+        self._settle = settle
+        self._pipelines = pipelines
+        self._trainer = trainer
         self._live: dict[str, _Live] = {}
         self._resumed = False  # run() has picked up the unfinished tasks of an earlier run
         self._selection = SelectionState()
@@ -162,29 +153,6 @@ class TaskOrigin:
         self._to_announce: list[AnnouncedTask] = []
         self._announce_wake = trio.Event()
         self._to_assign: dict[str, list[tuple[Assign, _Verdict]]] = {}
-        self.coordinator: Coordinator | None = None  # set by the node: consensus tasks
-        self.profile_of: Callable[[str], Any] = lambda peer: None
-        self.idle_nodes: Callable[[str], int] = lambda model: len(expected_bidders(model))
-        self.reputations: Callable[[list[str]], Awaitable[dict[str, float]]] = _no_reputations
-        # Bids from peers this says no to are ignored (stake gating).
-        self.bid_allowed: Callable[[str], bool] = lambda peer: True
-        # Runs a pipelined task (set by the node): (row, on_token) -> outcome dict.
-        self.run_pipeline: (
-            Callable[[TaskRow, Callable[[int], None]], Awaitable[dict[str, Any]]] | None
-        ) = None
-        # Up to k routes of a model with no node in two of them (set by the node):
-        # (model, k) -> (model id, [[(peer, start, end), ...], ...]); pipelined replicas.
-        self.disjoint_routes: (
-            Callable[[str, int], Awaitable[tuple[str, list[list[tuple[str, int, int]]]]]] | None
-        ) = None
-        # Runs a lora_training task (set by the node): (row, ranked bids, on_view) ->
-        # {"adapter_id", "model_id", "summary", "view"}; TrainError when it fails.
-        self.run_training: (
-            Callable[[TaskRow, list[TaskBid], Callable[[dict[str, Any]], Awaitable[None]]],
-                     Awaitable[dict[str, Any]]] | None
-        ) = None  # fmt: skip
-        # A completed task whose outcome is settled (anchoring; set by the node).
-        self.on_settled: Callable[[Settled], Awaitable[None]] | None = None
 
     # --- API --------------------------------------------------------------
 
@@ -207,19 +175,17 @@ class TaskOrigin:
             raise TaskError("node", "the task market is not running")
         if mode not in ("single", "consensus", "auto", "pipeline"):
             raise TaskError("mode", "must be single, consensus, auto or pipeline")
-        if mode == "pipeline" and self.run_pipeline is None:
+        if mode == "pipeline" and self._pipelines is None:
             raise TaskError("pipeline", "pipelines are not available on this node")
         if replicas is not None and not 2 <= replicas <= 5:
             raise TaskError("replicas", "must be 2 to 5")
         if mode == "auto":  # consensus when enough nodes serve the model to replicate it
-            mode = (
-                "consensus" if len(self._expected_bidders(model)) >= (replicas or 3) else "single"
-            )
-        if mode == "consensus" and self.coordinator is None:
+            mode = "consensus" if len(self._view.serving(model)) >= (replicas or 3) else "single"
+        if mode == "consensus" and self._coordinator is None:
             raise TaskError("mode", "consensus is not available on this node")
         if pipeline and mode != "consensus":
             raise TaskError("pipeline", "a pipelined task is mode pipeline, or consensus")
-        if pipeline and self.disjoint_routes is None:
+        if pipeline and self._pipelines is None:
             raise TaskError("pipeline", "pipelines are not available on this node")
         if adapter and (pipeline or mode == "pipeline"):
             raise TaskError("adapter", "an adapter runs on whole-model tasks, not pipelines")
@@ -243,7 +209,7 @@ class TaskOrigin:
         where the dataset was saved (see ``vcoind.train``)."""
         if self._nursery is None:
             raise TaskError("node", "the task market is not running")
-        if self.run_training is None:
+        if self._trainer is None:
             raise TaskError("type", "training is not available on this node")
         row = TaskRow(
             id=parameters["task_id"], type="lora_training", model=model, input=description,
@@ -290,7 +256,7 @@ class TaskOrigin:
             live = self._live.get(tb.task_id)
             if live is None:
                 continue  # not ours, or already decided
-            if not self.bid_allowed(tb.peer_id):
+            if not self._view.eligible(tb.peer_id):
                 log.debug("bid of %s for %s ignored: not staked", tb.peer_id, tb.task_id)
                 continue
             if all(b.peer_id != tb.peer_id for b in live.bids):
@@ -321,8 +287,8 @@ class TaskOrigin:
         if live.attempt_peers.get(r.attempt) != peer:
             raise StreamProtocolError(f"attempt {r.attempt} of {r.task_id} is not yours")
         if live.row.mode == "consensus":
-            if r.error and self.coordinator is not None:
-                self.coordinator.on_attempt_failed(r.task_id, r.attempt, r.error)
+            if r.error and self._coordinator is not None:
+                self._coordinator.on_attempt_failed(r.task_id, r.attempt, r.error)
             return Ack()  # a replica's answer comes by commit and reveal
         if r.error:
             if r.attempt == live.attempt:
@@ -423,7 +389,7 @@ class TaskOrigin:
         """Replicas, commit-reveal, vote; when confidence is below 75 % one more round with
         two more replicas (at most 5); if that is still below 60 %, the answer is marked as a
         conservative fallback. A restarted origin starts the rounds afresh."""
-        co = self.coordinator
+        co = self._coordinator
         assert co is not None  # submit() refuses consensus tasks without one
         row = live.row
         k = row.replicas
@@ -435,9 +401,9 @@ class TaskOrigin:
             for round_ in (1, 2):
                 routes: dict[int, list[tuple[str, int, int]]] = {}
                 if row.pipeline:  # each replica a pipeline, driven by its route's first node
-                    assert self.disjoint_routes is not None  # submit() checked
+                    assert self._pipelines is not None  # submit() checked
                     try:
-                        route_model, found = await self.disjoint_routes(row.model, k)
+                        route_model, found = await self._pipelines.disjoint(row.model, k)
                     except PipelineError as exc:
                         return "failed", str(exc)
                     if len(found) < 2:
@@ -448,7 +414,7 @@ class TaskOrigin:
                     drivers = [r[0][0] for r in found]
                 else:
                     bids = await self._collect_bids(live, want=k)
-                    chosen = choose_replicas(bids, k, self.profile_of)
+                    chosen = choose_replicas(bids, k, self._view.profile_of)
                     if not chosen:
                         if last is not None:
                             break
@@ -544,7 +510,7 @@ class TaskOrigin:
 
     async def _run_pipeline(self, live: _Live) -> tuple[str, str | None]:
         """Layer spans on several nodes; the route and per-hop times go into the task."""
-        assert self.run_pipeline is not None  # submit() refuses pipelines without it
+        assert self._pipelines is not None  # submit() refuses pipelines without it
         row = live.row
 
         def on_token(n: int) -> None:
@@ -553,7 +519,7 @@ class TaskOrigin:
 
         await self._update(live, phase="running", status="running")
         try:
-            out = await self.run_pipeline(row, on_token)
+            out = await self._pipelines.run(row, on_token)
         except PipelineError as exc:
             return "failed", str(exc)
         now = time.time()
@@ -572,7 +538,7 @@ class TaskOrigin:
 
     async def _run_training(self, live: _Live, resumed: bool) -> tuple[str, str | None]:
         """Bids from nodes that can train the model, then the rounds (``vcoind.train``)."""
-        assert self.run_training is not None  # submit_training() checked
+        assert self._trainer is not None  # submit_training() checked
         row = live.row  # resumed: the node goes on from the last round it saved
         bids = await self._collect_bids(live, want=int(row.parameters.get("nodes", 1)))
         if not bids:
@@ -585,8 +551,8 @@ class TaskOrigin:
                                node_id=",".join(n["node_id"] for n in view["nodes"]))  # fmt: skip
 
         try:
-            out = await self.run_training(row, bids, on_view)
-        except TrainError as exc:
+            out = await self._trainer.run_training(row, bids, on_view)
+        except WorkError as exc:
             return "failed", str(exc)
         await self._update(live, timings={**live.row.timings,
                                           "train_s": out["summary"]["train_s"]})  # fmt: skip
@@ -598,7 +564,7 @@ class TaskOrigin:
         self, live: _Live, st: RoundState, rr: RoundResult, model_id: str
     ) -> None:
         """The replicas' signatures, added to the finished task's consensus record."""
-        co = self.coordinator
+        co = self._coordinator
         assert co is not None
         try:
             rows = await co.collect(st, rr, model_id)
@@ -622,12 +588,12 @@ class TaskOrigin:
         signatures: list[dict[str, str]],
     ) -> None:  # fmt: skip
         o = rr.outcome
-        if self.on_settled is None or o is None:
+        if self._settle is None or o is None:
             return
         agreed = {r.peer_id for r, ok in zip(rr.results, o.agreed, strict=True) if ok}
         chosen = [b.price for b in live.bids if b.peer_id in st.attempts.values()]
         params = params_from_dict(live.row.parameters)
-        await self.on_settled(Settled(
+        await self._settle(Settled(
             task_id=live.row.id, model_id=model_id, result_hash=o.result_hash,
             decision=o.decision,
             signatures=[(s["node_id"], s["eth_address"], bytes.fromhex(s["signature"]))
@@ -691,7 +657,7 @@ class TaskOrigin:
                 if wait.cancelled_caught:
                     self._announce(task)
         # The window closes early once every node known to serve the model has bid.
-        expected = self._expected_bidders(row.model)
+        expected = self._view.serving(row.model)
 
         def enough() -> bool:
             bidders = {b.peer_id for b in live.bids}
@@ -702,7 +668,7 @@ class TaskOrigin:
                 await live.changed.wait()
         await self._tasks.add_bids(row.id, [_bid_row(b) for b in live.bids])
         bids = [b for b in live.bids if b.peer_id not in live.tried]
-        reps = await self.reputations([b.peer_id for b in bids])
+        reps = await self._reputations([b.peer_id for b in bids])
         # No checkpoint from here to the caller's _attempt, which counts the winner in
         # flight: tasks whose windows close together must see each other's choices
         # (least_connections would otherwise send a whole burst to one peer).
@@ -809,7 +775,7 @@ class TaskOrigin:
                 return None
             if live.attempt_error is not None:
                 return live.attempt_error
-            if require_alive and not self._peer_alive(peer):
+            if require_alive and not self._view.alive(peer):
                 return f"worker {peer} left the network"
             silent = trio.current_time() - live.last_progress
             if silent >= live.row.timeout_s:
@@ -846,7 +812,7 @@ class TaskOrigin:
                 progress=tokens, completed_at=time.time(), timings=timings, error=None,
                 model_id=r.model_id,
             )  # fmt: skip
-            if self.on_settled is not None and r.signature and peer is not None:
+            if self._settle is not None and r.signature and peer is not None:
                 price = next((b.price for b in live.bids if b.peer_id == peer), 0.0)
                 settled = Settled(
                     task_id=row.id, model_id=r.model_id, result_hash=result_hash(r.text),
@@ -856,7 +822,7 @@ class TaskOrigin:
                     tokens=tokens, price=price, customer=row.customer,
                 )  # fmt: skip
                 assert self._nursery is not None
-                self._nursery.start_soon(self.on_settled, settled)
+                self._nursery.start_soon(self._settle, settled)
         else:
             if live.attempt and status == "cancelled":
                 await self._cancel_worker(live)
@@ -888,10 +854,6 @@ class TaskOrigin:
 
 
 LOW_REPUTATION = DEFAULT_REPUTATION / 2
-
-
-async def _no_reputations(peers: list[str]) -> dict[str, float]:
-    return {}
 
 
 def _sig_view(s: SignatureRow) -> dict[str, str]:

@@ -26,7 +26,7 @@ from typing import ClassVar
 
 from vcoind.market.messages import TASK_ID_RE
 from vcoind.p2p.codec import Message, lim, message
-from vcoind.p2p.messages import NETWORK_RE, PEER_ID_RE
+from vcoind.presence.messages import NETWORK_RE, PEER_ID_RE
 
 MAX_REPLICAS = 8  # per round (2-5 asked, plus replacements)
 MAX_REVEAL_CHARS = 131_072  # a reveal must fit one gossip frame (1 MiB)

@@ -16,12 +16,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
-from vcoind.compute.models import ModelError, ModelStore
+from vcoind.compute.models import ModelError
 from vcoind.compute.params import GenerationError
 from vcoind.market.messages import (
     ACCEPTED_BEFORE,
@@ -38,15 +37,15 @@ from vcoind.market.messages import (
     TaskAnnounce,
     TaskResult,
 )
+from vcoind.market.ports import Pipelines, Trainer, WorkError
 from vcoind.p2p.streams import StreamProtocolError
 from vcoind.store import TaskStore
-from vcoind.train.spec import TrainError
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
     from vcoind.compute.executor import Executor
-    from vcoind.compute.sampling import GenerationResult
+    from vcoind.compute.service import ComputeService
 
 log = logging.getLogger("vcoind.worker")
 
@@ -67,8 +66,7 @@ class _Job:
 class TaskWorker:
     def __init__(
         self,
-        models: ModelStore,
-        executor: Callable[[], Executor],
+        compute: ComputeService,
         tasks: TaskStore,
         *,
         peer_id: str,
@@ -77,9 +75,14 @@ class TaskWorker:
         send: Send,
         health: Callable[[], float],
         price_per_token: float = 0.0,
+        on_change: Callable[[], None] = lambda: None,
+        commit_result: Callable[[str, TaskResult], Awaitable[None]] | None = None,
+        sign_result: Callable[[TaskResult], TaskResult] = lambda r: r,
+        pipelines: Pipelines | None = None,
+        trainer: Trainer | None = None,
     ) -> None:
-        self._models = models
-        self._executor = executor
+        self._compute = compute
+        self._models = compute.models
         self._tasks = tasks
         self._peer_id = peer_id
         self._network = network
@@ -91,27 +94,16 @@ class TaskWorker:
         self._jobs: dict[tuple[str, int], _Job] = {}
         self._arrivals = itertools.count()
         self._wake = trio.Event()
-        self._executor_lock = trio.Lock()
-        self._executor_ready: Executor | None = None
         self.running: dict[tuple[str, int], _Job] = {}  # (task id, attempt) -> job
         self.tokens_per_s: dict[str, float] = {}  # model id -> measured decode speed
-        self.on_change: Callable[[], None] = lambda: None
+        self.on_change = on_change
         # Consensus assignments: the result is committed on the votes topic, not sent.
-        self.commit_result: Callable[[str, TaskResult], Awaitable[None]] | None = None
-        # Runs a pipelined replica over its route (set by the node): (assignment, progress)
-        # -> (result, model id).
-        self.run_route: (
-            Callable[[Assign, Callable[[int], None]], Awaitable[tuple[GenerationResult, str]]]
-            | None
-        ) = None
-        # Signs a single-mode result for anchoring (set by the node when it has a chain).
-        self.sign_result: Callable[[TaskResult], TaskResult] = lambda r: r
-        # LoRA (set by the node): whether this node can train, whether an adapter is here or
-        # held by a peer, and the local path of an adapter (fetched when needed).
-        self.can_train: Callable[[], bool] = lambda: False
-        self.adapter_known: Callable[[str], bool] = lambda adapter_id: False
-        self.get_adapter: Callable[[str], Awaitable[Path]] | None = None
-        self.train_samples_per_s: dict[str, float] = {}  # model id -> measured
+        self._commit_result = commit_result
+        # Signs a single-mode result for anchoring (when the node has a chain).
+        self._sign_result = sign_result
+        # Pipelined replicas run over their route; LoRA: training, adapters.
+        self._pipelines = pipelines
+        self._trainer = trainer
 
     @property
     def queue_length(self) -> int:
@@ -126,11 +118,12 @@ class TaskWorker:
         except ModelError:
             return None
         if task.task_type == "lora_training":
-            if not self.can_train():
+            if self._trainer is None or not self._trainer.can_train():
                 return None
-            sps = self.train_samples_per_s.get(info.model_id, DEFAULT_TOKENS_PER_S)
+            sps = self._trainer.samples_per_s(info.model_id)
+            sps = DEFAULT_TOKENS_PER_S if sps is None else sps
             return Offer(task.task_id, info.model_id, 0.0, 0.0, round(sps, 3))
-        if task.adapter and not self.adapter_known(task.adapter):
+        if task.adapter and not self._adapter_known(task.adapter):
             return None
         tps = self.tokens_per_s.get(info.model_id, DEFAULT_TOKENS_PER_S)
         price = self._price * task.max_new_tokens
@@ -176,14 +169,14 @@ class TaskWorker:
 
     async def on_assign(self, origin: str, a: Assign) -> Ack:
         if a.route:
-            if self.run_route is None:
+            if self._pipelines is None:
                 raise StreamProtocolError("this node runs no pipelines")
         else:
             try:
                 self._models.resolve(a.model)
             except ModelError as exc:
                 raise StreamProtocolError(str(exc)) from None
-            if a.adapter and not self.adapter_known(a.adapter):
+            if a.adapter and not self._adapter_known(a.adapter):
                 raise StreamProtocolError(f"adapter {a.adapter[:12]} is not known to this node")
         if not await self._tasks.claim_assignment(a.task_id, a.attempt, origin, time.time()):
             raise StreamProtocolError(f"attempt {a.attempt} of {a.task_id} {ACCEPTED_BEFORE}")
@@ -224,7 +217,10 @@ class TaskWorker:
                 nursery.start_soon(self._run_job, key, job)
 
     def _concurrency(self) -> int:
-        return self._executor_ready.slots if self._executor_ready is not None else 1
+        return self._compute.slots
+
+    def _adapter_known(self, adapter_id: str) -> bool:
+        return self._trainer is not None and self._trainer.adapter_known(adapter_id)
 
     async def _run_job(self, key: tuple[str, int], job: _Job) -> None:
         try:
@@ -236,11 +232,7 @@ class TaskWorker:
 
     async def executor(self) -> Executor:
         """The node's executor; created (torch imported) once, in a worker thread."""
-        if self._executor_ready is None:  # after the first call, no thread hop per task
-            async with self._executor_lock:  # two threads importing transformers break it
-                if self._executor_ready is None:
-                    self._executor_ready = await trio.to_thread.run_sync(self._executor)
-        return self._executor_ready
+        return await self._compute.executor()
 
     async def _warm_up(self) -> None:
         try:
@@ -272,14 +264,14 @@ class TaskWorker:
                 job.scope = scope
                 try:
                     if a.route:
-                        assert self.run_route is not None  # on_assign checked
-                        r, model_id = await self.run_route(a, progress)
+                        assert self._pipelines is not None  # on_assign checked
+                        r, model_id = await self._pipelines.run_route(a, progress)
                     else:
                         executor = await self.executor()
                         adapter = None
                         if a.adapter:
-                            assert self.get_adapter is not None  # adapter_known said yes
-                            adapter = (a.adapter, await self.get_adapter(a.adapter))
+                            assert self._trainer is not None  # adapter_known said yes
+                            adapter = (a.adapter, await self._trainer.adapter_path(a.adapter))
                         # prompt starts cached for one origin are not reused for another's
                         r = await executor.generate(
                             a.model, a.input, p.generation(), on_progress=progress,
@@ -293,7 +285,7 @@ class TaskWorker:
                         prompt_tokens=r.prompt_tokens, prefill_s=round(r.prefill_s, 6),
                         decode_s=round(r.decode_s, 6),
                     )  # fmt: skip
-                except (GenerationError, ModelError, TrainError) as exc:
+                except (GenerationError, ModelError, WorkError) as exc:
                     result = TaskResult(task_id=a.task_id, attempt=a.attempt, error=str(exc))
                 except Exception as exc:  # a failing model must not take the worker down
                     log.exception("task %s attempt %d crashed", a.task_id, a.attempt)
@@ -304,10 +296,10 @@ class TaskWorker:
                 return
             nursery.cancel_scope.cancel()  # stop pending progress reports: the result follows
         await self._finish(job, "failed" if result.error else "completed")
-        if a.consensus and not result.error and self.commit_result is not None:
-            await self.commit_result(job.origin, result)
+        if a.consensus and not result.error and self._commit_result is not None:
+            await self._commit_result(job.origin, result)
         else:
-            await self._report_result(job, result if result.error else self.sign_result(result))
+            await self._report_result(job, result if result.error else self._sign_result(result))
 
     async def _report_progress(self, job: _Job, tokens: int) -> None:
         a = job.assign

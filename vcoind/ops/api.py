@@ -12,7 +12,10 @@ from vcoind.rpc import RPCMethod as M
 from vcoind.rpc.errors import INVALID_REQUEST
 
 if TYPE_CHECKING:
-    from vcoind.node import Node
+    from collections.abc import Awaitable, Callable
+
+    from vcoind.ops.alerts import AlertEngine
+    from vcoind.store import SLAStore
 
 
 DASHBOARD = Path(__file__).resolve().parent / "dashboard"
@@ -42,15 +45,20 @@ def add_dashboard_routes(server: Any) -> None:
     server.add_route("/dashboard/{name}", asset, ["GET"])
 
 
-def register_ops_api(reg: MethodRegistry, node: Node) -> None:
+def register_ops_api(
+    reg: MethodRegistry,
+    alerts_: AlertEngine | None,
+    slas: SLAStore,
+    sla_evaluate: Callable[[str | None], Awaitable[list[dict[str, Any]]]],
+) -> None:
     async def alerts(params: dict[str, Any]) -> dict[str, Any]:
-        if node.alerts is None:
+        if alerts_ is None:
             raise RPCError(INVALID_REQUEST, "alerts are off on this node (alerts.enabled)")
-        rows = node.alerts.list(params["active_only"], params["limit"])
+        rows = alerts_.list(params["active_only"], params["limit"])
         return {
-            "active": len(node.alerts.active),
+            "active": len(alerts_.active),
             "alerts": rows,
-            "rules": sorted(node.alerts.rules),
+            "rules": sorted(alerts_.rules),
         }
 
     async def sla_create(params: dict[str, Any]) -> dict[str, Any]:
@@ -60,20 +68,20 @@ def register_ops_api(reg: MethodRegistry, node: Node) -> None:
                              params["penalty_rate"])  # fmt: skip
         except ValueError as exc:
             raise RPCError(INVALID_PARAMS, str(exc)) from None
-        await node.slas.put_terms(terms)
+        await slas.put_terms(terms)
         return {"customer": terms.customer, "terms": dataclasses.asdict(terms)}
 
     async def sla_status(params: dict[str, Any]) -> dict[str, Any]:
-        rows = await node.sla_evaluate(params["customer"])
+        rows = await sla_evaluate(params["customer"])
         if not rows:
             raise RPCError(NOT_FOUND, f"customer: no SLA for {params['customer']!r}")
         return rows[0]
 
     async def sla_list(params: dict[str, Any]) -> dict[str, Any]:
-        return {"slas": await node.sla_evaluate()}
+        return {"slas": await sla_evaluate(None)}
 
     async def sla_violations(params: dict[str, Any]) -> dict[str, Any]:
-        rows = await node.slas.violations(params["customer"], params["limit"])
+        rows = await slas.violations(params["customer"], params["limit"])
         return {"violations": rows, "total_penalty": round(sum(r["penalty"] for r in rows), 9)}
 
     customer = {"type": "string", "pattern": "[A-Za-z0-9_.-]{1,64}"}

@@ -9,7 +9,8 @@ from vcoind.rpc import INVALID_PARAMS, ORACLE_ERROR, MethodRegistry, Param, RPCE
 from vcoind.rpc import RPCMethod as M
 
 if TYPE_CHECKING:
-    from vcoind.node import Node
+    from collections.abc import Awaitable, Callable
+
     from vcoind.oracle.service import OracleService
 
 OBJ: dict[str, Any] = {"type": "object"}
@@ -21,11 +22,15 @@ ORACLE_GET_PATHS = {
 }
 
 
-def register_oracle_api(reg: MethodRegistry, node: Node) -> None:
+def register_oracle_api(
+    reg: MethodRegistry,
+    local: OracleService | None,
+    replicated: Callable[[str, str, str, int], Awaitable[dict[str, Any]]],
+) -> None:
     def oracle() -> OracleService:
-        if node.oracle is None:
+        if local is None:
             raise RPCError(ORACLE_ERROR, "the oracle is off on this node (oracle.enabled)")
-        return node.oracle
+        return local
 
     async def price_analysis(params: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -83,7 +88,7 @@ def register_oracle_api(reg: MethodRegistry, node: Node) -> None:
         if window not in valid:
             raise RPCError(INVALID_PARAMS, f"window: one of {', '.join(valid)} for {kind}")
         try:
-            return await node.oracle_query(kind, params["symbol"], window, params["replicas"])
+            return await replicated(kind, params["symbol"], window, params["replicas"])
         except OracleError as exc:
             raise RPCError(ORACLE_ERROR, str(exc)) from None
 

@@ -26,11 +26,11 @@ from typing import Any, ClassVar
 
 import trio
 
-from vcoind.consensus.outcome import outcome_digest, sign_outcome
 from vcoind.consensus.reputation import updated_reputation
 from vcoind.market.messages import TASK_ID_RE
 from vcoind.oracle import OracleError
 from vcoind.p2p.codec import Message, lim, message
+from vcoind.signer import Signer
 
 log = logging.getLogger("vcoind.oracle")
 
@@ -141,8 +141,7 @@ class OracleReplica:
     """The replica side: answers queries from the node's own oracle service."""
 
     service: Any  # vcoind.oracle.service.OracleService
-    network: str
-    eth_key: bytes
+    signer: Signer  # the node's Ethereum key (its network names the digest's)
     mine: dict[str, tuple[float, ...]] = field(default_factory=dict)  # task -> own values
 
     async def compute(self, q: OracleQuery) -> tuple[tuple[float, ...], bytes]:
@@ -176,8 +175,8 @@ class OracleReplica:
             return OracleSignature(q.task_id, reason=f"{own[0]:.6g} is far from {c.values[0]:.6g}")
         if c.result_hash != result_hash(q, c.values) or c.model_id != query_model_id(q):
             return OracleSignature(q.task_id, reason="the result hash does not match the values")
-        digest = outcome_digest(self.network, q.task_id, c.result_hash, c.model_id, c.decision)
-        return OracleSignature(q.task_id, sign_outcome(self.eth_key, digest))
+        _, sig = self.signer.sign_outcome(q.task_id, c.result_hash, c.model_id, c.decision)
+        return OracleSignature(q.task_id, sig)
 
 
 @dataclass(frozen=True)

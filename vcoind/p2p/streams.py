@@ -37,6 +37,17 @@ DEFAULT_TIMEOUT_S = 30.0
 R = TypeVar("R")
 
 
+@message
+@dataclass(frozen=True)
+class Ack(Message):
+    """The generic reply of a request that returns nothing else."""
+
+    KIND: ClassVar[str] = "ack"
+    MAX_BYTES: ClassVar[int] = 256
+
+    ok: bool = True
+
+
 class StreamProtocolError(P2PError):
     """The remote answered with an error, broke the framing, or did not answer in time."""
 

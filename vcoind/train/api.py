@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from vcoind.api import network_models
 from vcoind.market.messages import MODEL_RE
 from vcoind.market.origin import TaskError
 from vcoind.rpc import INVALID_PARAMS, NOT_FOUND, MethodRegistry, Param, RPCError
@@ -26,17 +25,21 @@ from vcoind.train.spec import (
 )
 
 if TYPE_CHECKING:
-    from vcoind.node import Node
+    from vcoind.market.origin import TaskOrigin
+    from vcoind.presence.view import NetworkView
+    from vcoind.train.service import TrainService
 
 OBJ: dict[str, Any] = {"type": "object"}
 MAX_NODES = 64
 
 
-def register_train_api(reg: MethodRegistry, node: Node) -> None:
+def register_train_api(
+    reg: MethodRegistry, service: TrainService, origin: TaskOrigin, view: NetworkView
+) -> None:
     async def train(params: dict[str, Any]) -> dict[str, Any]:
         if (params["dataset"] is None) == (params["examples"] is None):
             raise RPCError(INVALID_PARAMS, "give one of dataset (a path) or examples (a list)")
-        known = network_models(node)
+        known = view.models()
         if params["model"] not in known:
             names = ", ".join(sorted(set(known.values()))) or "none"
             raise RPCError(INVALID_PARAMS, f"model: unknown model {params['model']!r} "
@@ -61,7 +64,7 @@ def register_train_api(reg: MethodRegistry, node: Node) -> None:
         if len(data) > MAX_DATASET_BYTES:
             raise RPCError(INVALID_PARAMS, f"dataset: over {MAX_DATASET_BYTES >> 20} MiB")
         digest = sha256_hex(data)
-        file = node.datadir.path / "train" / f"{task_id}.jsonl"
+        file = service.datasets_dir / f"{task_id}.jsonl"
 
         def save() -> None:
             file.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +73,7 @@ def register_train_api(reg: MethodRegistry, node: Node) -> None:
         await trio.to_thread.run_sync(save)
         description = f"LoRA training on {name}: {len(examples)} examples (sha256 {digest[:16]})"
         try:
-            await node.origin.submit_training(
+            await origin.submit_training(
                 params["model"], description,
                 {"task_id": task_id, "lora": settings.as_dict(), "nodes": n,
                  "dataset_file": str(file), "dataset_hash": digest, "examples": len(examples)},
@@ -88,8 +91,8 @@ def register_train_api(reg: MethodRegistry, node: Node) -> None:
             from safetensors import safe_open
 
             out = []
-            for a in node.adapters.ids():
-                p = node.adapters.path(a)
+            for a in service.adapters.ids():
+                p = service.adapters.path(a)
                 try:
                     with safe_open(str(p), "pt") as f:
                         meta = f.metadata() or {}
@@ -101,7 +104,7 @@ def register_train_api(reg: MethodRegistry, node: Node) -> None:
 
         held = await trio.to_thread.run_sync(local)
         network: dict[str, list[str]] = {}
-        for st in node.peers.peers():
+        for st in view.peers.peers():
             for a in st.heartbeat.adapters:
                 network.setdefault(a, []).append(st.peer_id)
         return {"local": held, "network": [{"adapter_id": a, "holders": h}
@@ -109,9 +112,9 @@ def register_train_api(reg: MethodRegistry, node: Node) -> None:
 
     async def fetch(params: dict[str, Any]) -> dict[str, Any]:
         a = params["adapter_id"]
-        had = node.adapters.has(a)
+        had = service.adapters.has(a)
         try:
-            path = await node.adapter_path(a)
+            path = await service.adapter_path(a)
         except TrainError as exc:
             raise RPCError(NOT_FOUND, str(exc)) from None
         return {"adapter_id": a, "path": str(path), "bytes": path.stat().st_size,

@@ -78,6 +78,8 @@ class TrainHost:
         limiter: Callable[[], Awaitable[trio.CapacityLimiter]],
         lora: Callable[[], Awaitable[Any]],
         sign: Callable[[str, str, str], tuple[str, bytes]] | None = None,
+        on_adapters: Callable[[], None] = lambda: None,
+        on_rate: Callable[[str, float], None] = lambda model_id, samples_per_s: None,
     ) -> None:
         self._models = models
         self.adapters = adapters
@@ -88,8 +90,8 @@ class TrainHost:
         self._lora = lora  # -> the vcoind.train.lora module, imported safely
         self.sign = sign  # (task id, adapter id, model id) -> (eth address, signature)
         self._shards: dict[tuple[str, int], _Shard] = {}
-        self.on_adapters: Callable[[], None] = lambda: None  # the set of adapters changed
-        self.on_rate: Callable[[str, float], None] = lambda model_id, samples_per_s: None
+        self.on_adapters = on_adapters  # the set of adapters changed
+        self.on_rate = on_rate  # (model id, samples per second) measured
         self.rounds_trained = 0
 
     @property

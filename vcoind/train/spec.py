@@ -18,13 +18,15 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+from vcoind.market.ports import WorkError
+
 MAX_DATASET_BYTES = 64 << 20  # what an origin reads into memory
 MAX_SHARD_BYTES = 8 << 20  # what one shard frame may carry
 MAX_EXAMPLE_CHARS = 32_768
 MAX_ROUND_STEPS = 16_384  # steps between two syncs (one loss each in a round's reply)
 
 
-class TrainError(Exception):
+class TrainError(WorkError):
     """A training request, dataset, shard or adapter that cannot be used."""
 
 

@@ -17,17 +17,17 @@ import trio
 
 from vcoind import __version__
 from vcoind.compute.telemetry import HostSample, Telemetry, package_version
-from vcoind.datadir import Identity
 from vcoind.p2p.gossip import Gossip
-from vcoind.p2p.messages import (
+from vcoind.presence.messages import (
     DeviceInfo,
     Heartbeat,
     LayerSpan,
     ModelServed,
     NumericProfile,
+    binding_text,
     recover_binding,
-    sign_binding,
 )
+from vcoind.signer import Signer
 
 if TYPE_CHECKING:
     # libp2p pulls in trio-typing, whose stale stubs shadow trio's own types for mypy.
@@ -56,7 +56,8 @@ class HeartbeatService:
     def __init__(
         self,
         gossip: Gossip,
-        identity: Identity,
+        signer: Signer,
+        peer_id: str,
         network: str,
         *,
         base_interval: float,
@@ -66,15 +67,15 @@ class HeartbeatService:
         health: Callable[[HostSample], float],
     ) -> None:
         self._gossip = gossip
-        self._id = identity
+        self._address = signer.address
         self._network = network
         self._base = base_interval
         self._telemetry = telemetry
         self._peer_count = peer_count
         self._addrs = addrs
         self._health = health
-        self._peer_id = identity.peer_id
-        self._binding = sign_binding(identity.eth.key, network, self._peer_id, identity.eth_address)
+        self._peer_id = peer_id
+        self._binding = signer.sign_text(binding_text(network, peer_id, signer.address))
         self._wake = trio.Event()
         self.capabilities = Capabilities()
         self.last: Heartbeat | None = None
@@ -104,7 +105,7 @@ class HeartbeatService:
         return Heartbeat(
             network=self._network,
             peer_id=self._peer_id,
-            eth_address=self._id.eth_address,
+            eth_address=self._address,
             eth_sig=self._binding,
             seq=0,  # stamped by Gossip.publish
             timestamp=time.time(),

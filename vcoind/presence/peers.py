@@ -22,7 +22,7 @@ import trio
 
 from vcoind.consensus.health import health_score
 from vcoind.metrics import NodeMetrics
-from vcoind.p2p.messages import Heartbeat
+from vcoind.presence.messages import Heartbeat
 from vcoind.store import PeerUpdate, Store
 
 if TYPE_CHECKING:

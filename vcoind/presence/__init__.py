@@ -1,0 +1,1 @@
+"""Presence: heartbeats, the peer table and the NetworkView built on them."""

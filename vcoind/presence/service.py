@@ -1,0 +1,94 @@
+"""The presence service: our heartbeat out, others' heartbeats into the peer table.
+
+It mounts the heartbeat gossip route (with the binding check), teaches the peer keeper
+the addresses heartbeats carry, and offers the :class:`NetworkView` the other services
+ask about the network. Capability changes (a model loaded, a span served, an adapter
+trained) go through :meth:`PresenceService.announce` and are gossiped at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from vcoind.compute.telemetry import HostSample, Telemetry
+from vcoind.consensus.health import health_score
+from vcoind.metrics import NodeMetrics
+from vcoind.p2p.gossip import Gossip
+from vcoind.presence.heartbeat import BindingCheck, HeartbeatService
+from vcoind.presence.messages import Heartbeat
+from vcoind.presence.peers import PeerTable
+from vcoind.presence.view import NetworkView
+from vcoind.signer import Signer
+from vcoind.store import Store
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+    from vcoind.config import P2PConfig
+    from vcoind.service import Mounts
+
+
+class PresenceService:
+    def __init__(
+        self,
+        cfg: P2PConfig,
+        network: str,
+        peer_id: str,
+        signer: Signer,
+        store: Store,
+        gossip: Gossip,
+        metrics: NodeMetrics,
+        *,
+        addrs: Callable[[], list[str]],
+        connected: Callable[[], set[str]],
+        error_rate: Callable[[], float],
+        eligible: Callable[[str | None], bool] = lambda address: True,
+    ) -> None:
+        self._gossip = gossip
+        self._error_rate = error_rate
+        self.telemetry = Telemetry()
+        self.peers = PeerTable(
+            store, metrics, peer_timeout=cfg.peer_timeout, base_interval=cfg.heartbeat_interval,
+            error_rate=gossip.error_rate,
+        )  # fmt: skip
+        self.heartbeat = HeartbeatService(
+            gossip, signer, peer_id, network, base_interval=cfg.heartbeat_interval,
+            telemetry=self.telemetry, peer_count=lambda: len(self.peers), addrs=addrs,
+            health=self._self_health,
+        )  # fmt: skip
+        self.view = NetworkView(
+            peer_id, signer.address, self.peers, self.heartbeat, connected=connected,
+            eligible=eligible,
+        )  # fmt: skip
+
+    def mount(self, m: Mounts) -> None:
+        m.gossip.on("heartbeat", Heartbeat, self.peers.on_heartbeat, check=BindingCheck())
+
+    def on_seen(self, fn: Callable[[Heartbeat], None]) -> None:
+        """Call ``fn`` with every heartbeat the peer table takes (addresses to learn)."""
+        self.peers.on_seen.append(fn)
+
+    def announce(self, **changes: Any) -> None:
+        """Change what we announce (models, spans, services, adapters); gossiped at once."""
+        caps = dataclasses.replace(self.heartbeat.capabilities, **changes)
+        if caps != self.heartbeat.capabilities:
+            self.heartbeat.set_capabilities(caps)
+
+    def note_queue(self, queue_length: int) -> None:
+        """Our queue length: it rides on the next heartbeat (bids carry it at once)."""
+        self.heartbeat.capabilities = dataclasses.replace(
+            self.heartbeat.capabilities, queue_length=queue_length
+        )
+
+    def _self_health(self, sample: HostSample) -> float:
+        return health_score(sample.cpu_percent, sample.memory_percent, None, self._error_rate())
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.peers.run)
+            await nursery.start(self.heartbeat.run)
+            task_status.started()
