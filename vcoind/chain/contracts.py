@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from eth_abi.abi import decode as abi_decode
 from eth_account import Account
@@ -141,14 +141,27 @@ def revert_from(exc: BaseException) -> RevertError | None:
     return None
 
 
-class Signer:
-    """Signs and sends transactions with one private key; keeps the nonce locally."""
+class KeyHolder(Protocol):
+    """What holds a key: its address and transaction signatures (``vcoind.signer.Signer``
+    for the node's own key, an eth_account ``LocalAccount`` for a deployer's)."""
 
-    def __init__(self, w3: Web3, key: bytes) -> None:
+    @property
+    def address(self) -> str: ...
+
+    def sign_transaction(self, tx: Any) -> Any: ...
+
+
+class Signer:
+    """Signs (through one key holder) and sends transactions; keeps the nonce locally."""
+
+    def __init__(self, w3: Web3, key: bytes | KeyHolder) -> None:
         self.w3 = w3
-        self.account = Account.from_key(key)
-        self.address: ChecksumAddress = self.account.address
+        self._holder: KeyHolder = Account.from_key(key) if isinstance(key, bytes) else key
+        self.address: ChecksumAddress = Web3.to_checksum_address(self._holder.address)
         self._nonce: int | None = None
+
+    def sign_transaction(self, tx: Any) -> Any:
+        return self._holder.sign_transaction(tx)
 
     def reset_nonce(self) -> None:
         self._nonce = None
@@ -172,7 +185,7 @@ class Signer:
             raise
         tx = fn.build_transaction({"from": self.address, "nonce": self._nonce, "value": value,
                                    "gas": gas * 5 // 4 + GAS_MARGIN})  # fmt: skip
-        signed = self.account.sign_transaction(tx)
+        signed = self.sign_transaction(tx)
         nonce = self._nonce
         self._nonce += 1
         return bytes(signed.raw_transaction), signed.hash.to_0x_hex(), nonce
@@ -350,7 +363,7 @@ def fund(w3: Web3, signer: Signer, c: Contracts, to: str, *, vcoin: int = 0, eth
               "gas": 21000, "chainId": w3.eth.chain_id}  # fmt: skip
         base = w3.eth.get_block("latest").get("baseFeePerGas", 10**9)
         tx.update(maxFeePerGas=2 * base + 10**9, maxPriorityFeePerGas=10**9)
-        signed = signer.account.sign_transaction(tx)
+        signed = signer.sign_transaction(tx)
         signer.reset_nonce()
         signer.broadcast(bytes(signed.raw_transaction), signed.hash.to_0x_hex())
     if vcoin:
