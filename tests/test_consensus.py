@@ -10,6 +10,12 @@ and ``eth_keys.PrivateKey.sign_msg_hash`` over
 ``keccak256(b"\\x19Ethereum Signed Message:\\n32" || digest)`` with v = 27 + recovery id.
 Each case carries a short note with its arithmetic. Floats are compared exactly: every
 function rounds to 6 dp.
+
+``tally.json`` is different: it composes the functions above (similarity matrix, vote,
+quality, confidence, result hash) and its expected outcomes were captured from
+``vcoind.consensus.tally`` itself when it moved there from ``vcoind/market/``, with fixed
+4-dimensional embeddings in place of the model's. It pins that composition: a change to
+any of it changes consensus, and every node must tally alike.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import pytest
 
 from vcoind.consensus import confidence as conf_mod
 from vcoind.consensus import outcome, reputation, similarity, voting, weights
+from vcoind.consensus.tally import Outcome, Revealed, tally
 
 VECTORS = Path(__file__).parent / "vectors" / "consensus"
 
@@ -105,6 +112,33 @@ def test_outcome_vector() -> None:
     sig = outcome.sign_outcome(bytes.fromhex(v["private_key"]), digest)
     assert sig.hex() == v["signature"]
     assert outcome.recover_outcome_signer(digest, sig) == v["address"]
+
+
+@_cases("tally")
+def test_tally_vectors(case: dict[str, Any]) -> None:
+    args = case["input"]
+    results = [
+        Revealed(r["peer_id"], r["attempt"], r["text"], tuple(r["token_ids"]), r["finish_reason"])
+        for r in args["results"]
+    ]
+    if "error" in case:
+        with pytest.raises(ValueError):
+            tally(results, args["weights"], args["prompt_vec"], args["answer_vecs"])
+        return
+    got = tally(results, args["weights"], args["prompt_vec"], args["answer_vecs"])
+    e = case["expected"]
+    assert got == Outcome(
+        decision=e["decision"],
+        share=e["share"],
+        confidence=e["confidence"],
+        action=e["action"],
+        answer=e["answer"],
+        agreed=tuple(e["agreed"]),
+        similarity=tuple(tuple(row) for row in e["similarity"]),
+        weights=tuple(e["weights"]),
+        result_hash=bytes.fromhex(e["result_hash"]),
+    )
+    assert got.view(results) == e["view"]
 
 
 # --- similarity properties ------------------------------------------------------------

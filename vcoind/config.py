@@ -19,11 +19,11 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import multiaddr
 
-from vcoind.market.selection import STRATEGIES
-
 DEFAULT_DATADIR = Path("~/.vcoin").expanduser()
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEVICES = ("auto", "cpu", "cuda")
+# Bid selection strategies (market.strategy), ranked by vcoind.market.selection.
+STRATEGIES = ("round_robin", "weighted_round_robin", "least_connections", "resource_aware")
 ENV_PREFIX = "VCOIN_"
 
 

@@ -10,7 +10,7 @@ from web3 import Web3
 
 from vcoind.chain.contracts import ChainError
 from vcoind.chain.service import VOTE_SUPPORT, ChainService, anchor_view, vcoin, wei
-from vcoind.market.messages import TASK_ID_RE
+from vcoind.consensus.outcome import TASK_ID_RE
 from vcoind.rpc import CHAIN_ERROR, INVALID_PARAMS, NOT_FOUND, MethodRegistry, Param, RPCError
 from vcoind.rpc import RPCMethod as M
 from vcoind.store import ChainOp

@@ -40,8 +40,10 @@ from eth_utils.exceptions import ValidationError as EthKeysValidationError
 DECISION_CODES: dict[str, int] = {"none": 0, "tie": 1, "majority": 2, "supermajority": 3}
 OUTCOME_DOMAIN_PREFIX = "vcoin-outcome:v1:"
 SALT_BYTES = 32
+# A task id: 32 lowercase hex characters (the wire schemas and the RPC use this pattern).
+TASK_ID_RE = r"[0-9a-f]{32}"
 
-_TASK_ID = re.compile(r"[0-9a-f]{32}")
+_TASK_ID = re.compile(TASK_ID_RE)
 _MODEL_ID = re.compile(r"sha256:([0-9a-f]{64})")
 _SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 _SECP256K1_HALF_N = _SECP256K1_N // 2

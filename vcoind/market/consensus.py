@@ -34,9 +34,9 @@ from vcoind.consensus.outcome import (
     result_hash,
 )
 from vcoind.consensus.reputation import DEFAULT_REPUTATION, updated_reputation
+from vcoind.consensus.tally import Outcome, Revealed, tally
 from vcoind.consensus.weights import NodeRecord, node_weight
 from vcoind.market.messages import TaskResult
-from vcoind.market.tally import Outcome, Revealed, tally
 from vcoind.market.votes import (
     MAX_REPLICAS,
     CommitsClosed,

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from vcoind.compute.params import GenerationParams
+from vcoind.consensus.outcome import TASK_ID_RE as TASK_ID_RE  # also imported from here
 from vcoind.p2p.codec import Message, lim, message
 from vcoind.p2p.streams import Ack as Ack  # the generic reply: with the stream transport
 from vcoind.presence.messages import NETWORK_RE, PEER_ID_RE
 
 TASK_PROTOCOL = "/vcoin/task/1.0.0"
-TASK_ID_RE = r"[0-9a-f]{32}"
 MODEL_RE = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
 MAX_INPUT_CHARS = 32_768
 MAX_RESULT_CHARS = 262_144

@@ -19,7 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-STRATEGIES = ("round_robin", "weighted_round_robin", "least_connections", "resource_aware")
+# The names live in the config (it validates market.strategy); the table below must match.
+from vcoind.config import STRATEGIES as STRATEGIES
 
 
 class BidLike(Protocol):
@@ -59,19 +60,41 @@ def rank(
     if not bids:
         return []
     tb: Callable[[BidLike], str] = lambda b: tie_break(task_id, b.peer_id)  # noqa: E731
-    if strategy == "round_robin":
-        ordered = sorted(bids, key=lambda b: b.peer_id)
-        k = state.rr_counter % len(ordered)
-        state.rr_counter += 1
-        return ordered[k:] + ordered[:k]
-    if strategy == "weighted_round_robin":
-        return _smooth_weighted(task_id, bids, state.wrr_current, tb)
-    if strategy == "least_connections":
-        flight: Mapping[str, int] = state.in_flight
-        return sorted(bids, key=lambda b: (flight.get(b.peer_id, 0), b.queue_length, tb(b)))
-    if strategy == "resource_aware":
-        return sorted(bids, key=lambda b: (-round(resource_score(b), 9), tb(b)))
-    raise ValueError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
+    ranker = _RANKERS.get(strategy)
+    if ranker is None:
+        raise ValueError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
+    return ranker(task_id, bids, state, tb)
+
+
+Ranker = Callable[[str, Sequence[BidLike], SelectionState, Callable[[BidLike], str]], list[BidLike]]
+
+
+def _round_robin(
+    task_id: str, bids: Sequence[BidLike], state: SelectionState, tb: Callable[[BidLike], str]
+) -> list[BidLike]:
+    ordered = sorted(bids, key=lambda b: b.peer_id)
+    k = state.rr_counter % len(ordered)
+    state.rr_counter += 1
+    return ordered[k:] + ordered[:k]
+
+
+def _weighted_round_robin(
+    task_id: str, bids: Sequence[BidLike], state: SelectionState, tb: Callable[[BidLike], str]
+) -> list[BidLike]:
+    return _smooth_weighted(task_id, bids, state.wrr_current, tb)
+
+
+def _least_connections(
+    task_id: str, bids: Sequence[BidLike], state: SelectionState, tb: Callable[[BidLike], str]
+) -> list[BidLike]:
+    flight: Mapping[str, int] = state.in_flight
+    return sorted(bids, key=lambda b: (flight.get(b.peer_id, 0), b.queue_length, tb(b)))
+
+
+def _resource_aware(
+    task_id: str, bids: Sequence[BidLike], state: SelectionState, tb: Callable[[BidLike], str]
+) -> list[BidLike]:
+    return sorted(bids, key=lambda b: (-round(resource_score(b), 9), tb(b)))
 
 
 def _smooth_weighted(
@@ -88,3 +111,13 @@ def _smooth_weighted(
     order = sorted(bids, key=lambda b: (-current[b.peer_id], tb(b)))
     current[order[0].peer_id] -= total
     return order
+
+
+_RANKERS: dict[str, Ranker] = {
+    "round_robin": _round_robin,
+    "weighted_round_robin": _weighted_round_robin,
+    "least_connections": _least_connections,
+    "resource_aware": _resource_aware,
+}
+if tuple(_RANKERS) != STRATEGIES:  # a name added on one side only
+    raise RuntimeError(f"selection strategies {tuple(_RANKERS)} != config's {STRATEGIES}")
