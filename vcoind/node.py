@@ -127,7 +127,7 @@ class Node:
         self.chain: ChainService | None = None
         if cfg.chain.enabled:
             self.chain = ChainService(cfg.chain, store, network=cfg.network,
-                                      eth_key=bytes(identity.eth.key), metrics=metrics)  # fmt: skip
+                                      key=signer, metrics=metrics)  # fmt: skip
         chain = self.chain
         self.presence = presence = PresenceService(
             p2p_cfg, cfg.network, me, signer, store, gossip, metrics,

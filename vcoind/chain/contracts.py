@@ -1,6 +1,6 @@
 """The compiled VCoin contracts, deployment, and revert decoding.
 
-Everything here is synchronous web3.py; :mod:`vcoind.chain.service` runs it off the trio
+Everything here is synchronous web3.py; :mod:`vcoind.chain.link` runs it off the trio
 thread. Transactions are signed locally by a :class:`Signer` (the node's Ethereum key),
 never by the chain node, so the same code talks to the embedded EVM, anvil or any RPC.
 """

@@ -25,6 +25,7 @@ from vcoind.chain.contracts import (
     ChainError,
     Contracts,
     Deployment,
+    KeyHolder,
     Signer,
     deploy,
 )
@@ -38,14 +39,15 @@ T = TypeVar("T")
 
 class ChainLink:
     def __init__(
-        self, cfg: ChainConfig, *, network: str, eth_key: bytes, metrics: NodeMetrics
+        self, cfg: ChainConfig, *, network: str, key: bytes | KeyHolder, metrics: NodeMetrics
     ) -> None:
         self.cfg = cfg
         self.network = network
         self.metrics = metrics
         self.embedded = not cfg.rpc
-        self.address: ChecksumAddress = Account.from_key(eth_key).address
-        self._key = eth_key
+        # The node's key holder (vcoind.signer.Signer): transactions are signed through it.
+        self._key: KeyHolder = Account.from_key(key) if isinstance(key, bytes) else key
+        self.address: ChecksumAddress = Web3.to_checksum_address(self._key.address)
         self._limiter = trio.CapacityLimiter(1)
         self.connected = trio.Event()
         self._connecting = False

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 from web3 import Web3
 
-from vcoind.chain.contracts import E18, ChainError
+from vcoind.chain.contracts import E18, ChainError, KeyHolder
 from vcoind.chain.link import ChainLink
 from vcoind.chain.queue import AnchorRequest, WriteQueue
 from vcoind.chain.views import GOV_STATES, VOTE_SUPPORT, StakeInfo, anchor_view, vcoin, wei
@@ -49,13 +49,13 @@ class ChainService:
         store: Store,
         *,
         network: str,
-        eth_key: bytes,
+        key: bytes | KeyHolder,
         metrics: NodeMetrics | None = None,
     ) -> None:
         self.cfg = cfg
         self.network = network
         self.metrics = metrics or NodeMetrics()
-        self.link = ChainLink(cfg, network=network, eth_key=eth_key, metrics=self.metrics)
+        self.link = ChainLink(cfg, network=network, key=key, metrics=self.metrics)
         self.ops = ChainStore(store)
         self.queue = WriteQueue(self.link, self.ops, self._own_stake_changed)
         self.embedded = self.link.embedded

@@ -21,13 +21,13 @@ from vcoind.config import (
     DEVICES,
     FAULTS,
     LOG_LEVELS,
+    STRATEGIES,
     Config,
     ConfigError,
     load,
     render_toml,
 )
 from vcoind.datadir import DataDir, DataDirError, Identity
-from vcoind.market.selection import STRATEGIES
 from vcoind.p2p.errors import P2PError
 from vcoind.store import StoreError
 

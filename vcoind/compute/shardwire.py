@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from vcoind.market.messages import TASK_ID_RE  # FIXME layering
+from vcoind.consensus.outcome import TASK_ID_RE
 from vcoind.p2p.codec import ABSOLUTE_MAX_BYTES, Message, lim, message
 
 SHARD_PROTOCOL = "/vcoin/shard/1.0.0"

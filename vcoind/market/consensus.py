@@ -3,7 +3,7 @@
 ``Replica`` is a worker's part (commit its result, reveal it once the commit phase
 is closed, tally and sign); ``Coordinator`` is the origin's part (choose replicas,
 close the commit phase, check reveals, tally, recompute when confidence is low,
-collect signatures, move reputations). Both tally with ``vcoind.market.tally``
+collect signatures, move reputations). Both tally with ``vcoind.consensus.tally``
 over the same inputs, so their outcome digests match.
 
 Rules enforced on the votes topic (each breach is logged, counted in
