@@ -20,6 +20,7 @@ from vcoind.compute import engine as engine_mod
 from vcoind.compute import sampling as sampling_mod
 from vcoind.compute.batcher import Batcher
 from vcoind.compute.engine import Engine, EngineError, Stack, UnsupportedModel, generate_ids
+from vcoind.compute.engine.graphs import Graph
 from vcoind.compute.executor import Executor, ExecutorConfig
 from vcoind.compute.generate import GenerationParams, encode_prompt, load_model
 from vcoind.compute.models import ModelStore
@@ -252,7 +253,7 @@ def test_short_prompts_are_prefilled_through_padded_graphs(
 
 def _fake_graph() -> Any:
     """A stand-in for a captured decode graph (where only prefill captures are tested)."""
-    return engine_mod._Graph(lambda: None, torch.zeros(3), torch.zeros(1), torch.zeros(1))
+    return Graph(lambda: None, torch.zeros(3), torch.zeros(1), torch.zeros(1))
 
 
 def test_a_refused_graph_capture_falls_back_to_eager_steps(

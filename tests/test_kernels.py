@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from tests.test_engine import PROMPTS, replayed_eagerly, served_as_alone
-from vcoind.compute import engine as engine_mod
 from vcoind.compute import kernels
 from vcoind.compute.engine import Engine, EngineError, Stack, apply_rotary
+from vcoind.compute.engine import fused as fused_mod
 from vcoind.compute.generate import GenerationParams, encode_prompt, load_model
 
 CPU = torch.device("cpu")
@@ -111,7 +111,7 @@ def test_a_wrong_kernel_is_caught_and_the_engine_falls_back(
         Engine(Stack.of_model(fresh(models_dir)), slots=1, max_context=64, fused=True,
                kernels=True)  # fmt: skip
     # where they were only wanted (a CUDA engine's default), the torch ops take over
-    assert engine_mod._trusted_kernels(CPU, torch.float32, required=False) is None
+    assert fused_mod.trusted_kernels(CPU, torch.float32, required=False) is None
     assert "without triton kernels" in caplog.text
     monkeypatch.setattr(kernels.Kernels, "rope_store", real)
     monkeypatch.setattr(kernels.Kernels, "silu_mul", lambda self, gu: gu[..., ::2] * 1.0)

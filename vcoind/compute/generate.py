@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.utils import logging as hf_logging
 
+from vcoind.compute.adapters import adapter_from_bytes, merge_lora
 from vcoind.compute.engine import DEFAULT_MAX_CONTEXT, Engine, Stack, UnsupportedModel, generate_ids
 from vcoind.compute.models import ModelError
 from vcoind.compute.params import GenerationError, GenerationParams
@@ -81,7 +82,7 @@ def load_model(
 ) -> LoadedModel:
     """Load a model and, where the architecture allows, its engine (``slots`` concurrent
     requests, 0 = the device's default; ``max_context`` positions each). ``adapter``: a
-    LoRA adapter file (``vcoind.train``) merged into the weights; it must have been
+    LoRA adapter file (a training task's result) merged into the weights; it must have been
     trained on ``model_id`` when both name one. ``kernels``: the engine's triton kernels
     (None: where they work, False: never)."""
     hf_logging.disable_progress_bar()
@@ -90,8 +91,6 @@ def load_model(
         str(path), dtype=dtype, attn_implementation="sdpa"
     )
     if adapter is not None:
-        from vcoind.train.lora import adapter_from_bytes, merge_lora
-
         state, meta = adapter_from_bytes(adapter.read_bytes())
         base = meta.get("base_model_id", "")
         if base and model_id and base != model_id:

@@ -26,7 +26,7 @@ from types import ModuleType
 
 import torch
 
-from vcoind.compute.engine import apply_rotary
+from vcoind.compute.rotary import apply_rotary
 
 log = logging.getLogger("vcoind.engine")
 

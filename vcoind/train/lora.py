@@ -1,4 +1,5 @@
-"""The PEFT LoRA trainer, FedAvg, adapter bytes and merging.
+"""The PEFT LoRA trainer, FedAvg and adapter bytes. Parsing and merging adapters is
+``vcoind.compute.adapters``' (inference needs them); here their errors are TrainErrors.
 
 A node trains a LoRA adapter on a frozen base model, one optimizer step of the
 deterministic schedule of ``spec.step_batches`` at a time. The LoRA init is drawn
@@ -22,20 +23,18 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from vcoind.compute import adapters
+from vcoind.compute.adapters import FORMAT, MAX_ADAPTER_BYTES, check_adapter
 from vcoind.train.spec import LoraSettings, TrainError, sha256_hex, step_batches, total_steps
 
-FORMAT = "vcoin-lora/1"
-PEFT_PREFIX = "base_model.model."
-_A, _B = ".lora_A.weight", ".lora_B.weight"
 
-
-class AdapterError(TrainError):
-    """Adapter bytes or weights that are corrupt or do not fit."""
+class AdapterError(TrainError, adapters.AdapterError):
+    """Adapter bytes or weights that are corrupt or do not fit: a TrainError to the
+    training side, and the compute side's ``AdapterError`` (a ``ModelError``) too."""
 
 
 @contextmanager
@@ -201,30 +200,6 @@ def fedavg(states: Sequence[tuple[Mapping[str, torch.Tensor], float]]) -> dict[s
     return out
 
 
-def _pairs(state: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> tuple[list[str], float]:
-    """Check an adapter; returns the module prefixes (sorted) and the scale alpha / r."""
-    if meta.get("format") != FORMAT:
-        raise AdapterError(f"not a {FORMAT} adapter (format {meta.get('format')!r})")
-    try:
-        r, alpha = int(meta["r"]), int(meta["alpha"])
-    except (KeyError, ValueError):
-        raise AdapterError("adapter metadata needs integer r and alpha") from None
-    if r < 1 or alpha < 1:
-        raise AdapterError(f"bad r={r} / alpha={alpha}")
-    prefixes = sorted({k[: -len(_A)] for k in state if k.endswith(_A)})
-    if not prefixes or set(state) != {p + s for p in prefixes for s in (_A, _B)}:
-        raise AdapterError("adapter keys must be pairs of ...lora_A.weight / ...lora_B.weight")
-    for p in prefixes:
-        a, b = state[p + _A], state[p + _B]
-        if not (a.is_floating_point() and b.is_floating_point()):
-            raise AdapterError(f"{p}: weights must be floating point")
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
-            raise AdapterError(f"{p}: shapes {tuple(a.shape)} / {tuple(b.shape)} do not fit r={r}")
-        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
-            raise AdapterError(f"{p}: non-finite weights")
-    return prefixes, alpha / r
-
-
 def adapter_to_bytes(state: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> bytes:
     """Safetensors bytes, fp32, keys and metadata sorted: equal input, equal bytes."""
     # Written here: safetensors' own writer orders the metadata by a random hash seed.
@@ -246,23 +221,14 @@ def adapter_to_bytes(state: Mapping[str, torch.Tensor], meta: Mapping[str, str])
 
 
 def adapter_from_bytes(
-    data: bytes, *, max_bytes: int = 64 << 20
+    data: bytes, *, max_bytes: int = MAX_ADAPTER_BYTES
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Parse and check adapter bytes: fp32 weights and the metadata."""
-    if len(data) > max_bytes:
-        raise AdapterError(f"adapter of {len(data)} bytes exceeds the limit of {max_bytes}")
+    """Parse and check adapter bytes (``vcoind.compute.adapters``): fp32 weights and the
+    metadata; AdapterError, a TrainError, when they do not check out."""
     try:
-        n = int.from_bytes(data[:8], "little")
-        if len(data) < 8 or n > len(data) - 8:
-            raise ValueError("truncated header")
-        meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
-        state = st_load(bytes(data))
-    except Exception as exc:  # any parse failure: JSON, safetensors, short data
-        raise AdapterError(f"not a valid safetensors adapter: {exc}") from None
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise AdapterError("adapter metadata must map strings to strings")
-    _pairs(state, meta)
-    return {k: v.to(torch.float32).contiguous() for k, v in state.items()}, dict(meta)
+        return adapters.adapter_from_bytes(data, max_bytes=max_bytes)
+    except adapters.AdapterError as exc:
+        raise AdapterError(str(exc)) from exc
 
 
 def adapter_id(data: bytes) -> str:
@@ -272,34 +238,21 @@ def adapter_id(data: bytes) -> str:
 def merge_lora(
     model: torch.nn.Module, state: Mapping[str, torch.Tensor], meta: Mapping[str, str]
 ) -> int:
-    """Merge an adapter into a plain HF model in place (W += alpha/r * B @ A); returns the
-    number of merged modules."""
-    prefixes, scale = _pairs(state, meta)
-    targets = []
-    for p in prefixes:
-        if not p.startswith(PEFT_PREFIX):
-            raise AdapterError(f"{p}: not a PEFT key ({PEFT_PREFIX}...)")
-        path = p.removeprefix(PEFT_PREFIX)
-        try:
-            weight = model.get_submodule(path).get_parameter("weight")
-        except AttributeError:
-            raise AdapterError(f"the model has no module {path!r} to merge into") from None
-        a, b = state[p + _A], state[p + _B]
-        if tuple(weight.shape) != (b.shape[0], a.shape[1]):
-            raise AdapterError(f"{p}: does not fit the model's {path} {tuple(weight.shape)}")
-        targets.append((weight, a, b))
-    with torch.no_grad():
-        for weight, a, b in targets:
-            delta = (
-                b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)
-            ) * scale
-            weight.copy_((weight.float() + delta).to(weight.dtype))
-    return len(targets)
+    """Merge an adapter into a plain HF model in place (``vcoind.compute.adapters``);
+    returns the number of merged modules. AdapterError, a TrainError, when it does not
+    fit."""
+    try:
+        return adapters.merge_lora(model, state, meta)
+    except adapters.AdapterError as exc:
+        raise AdapterError(str(exc)) from exc
 
 
 def export_peft_dir(state: Mapping[str, torch.Tensor], meta: Mapping[str, str], out: Path) -> None:
     """Write a standard PEFT adapter directory (``PeftModel.from_pretrained`` loads it)."""
-    _pairs(state, meta)
+    try:
+        check_adapter(state, meta)
+    except adapters.AdapterError as exc:
+        raise AdapterError(str(exc)) from exc
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: state[k].detach().to("cpu", torch.float32).contiguous() for k in sorted(state)}
