@@ -1,0 +1,154 @@
+"""Bidding, the origin's first step: announce a task, gather its bids, rank them.
+
+Tasks waiting to be announced leave together (one ``TaskAnnounce`` per burst, so one
+``Bid`` per bidder per burst as well); this node bids on them too. The bid window
+closes early once every node known to serve the model has bid, and the bids are ranked
+with the configured strategy, then by reputation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+import trio
+
+from vcoind.config import MarketConfig
+from vcoind.consensus.reputation import DEFAULT_REPUTATION
+from vcoind.market.live import LiveTask
+from vcoind.market.messages import MAX_BATCH, AnnouncedTask, Bid, TaskAnnounce, TaskBid
+from vcoind.market.selection import SelectionState, rank
+from vcoind.presence.view import NetworkView
+from vcoind.store import BidRow, TaskStore
+
+log = logging.getLogger("vcoind.origin")
+
+REANNOUNCE_S = 1.0
+LOW_REPUTATION = DEFAULT_REPUTATION / 2
+
+
+class Bidding:
+    """The origin's announcements and the bids for its live tasks (``live``, by id)."""
+
+    def __init__(
+        self,
+        tasks: TaskStore,
+        config: MarketConfig,
+        live: Mapping[str, LiveTask],
+        *,
+        peer_id: str,
+        network: str,
+        publish_announce: Callable[[TaskAnnounce], Awaitable[None]],
+        local_bid: Callable[[str, list[AnnouncedTask]], Bid | None],
+        publish_bid: Callable[[Bid], Awaitable[None]],
+        view: NetworkView,
+        reputations: Callable[[list[str]], Awaitable[dict[str, float]]],
+    ) -> None:
+        self._tasks = tasks
+        self._config = config
+        self._live = live
+        self._peer_id = peer_id
+        self._network = network
+        self._publish_announce = publish_announce
+        self._local_bid = local_bid
+        self._publish_bid = publish_bid
+        self._view = view
+        self._reputations = reputations
+        self._to_announce: list[AnnouncedTask] = []
+        self._announce_wake = trio.Event()
+        # What the ranking remembers between choices (assignment counts the tasks each
+        # peer has in flight in it).
+        self.selection = SelectionState()
+
+    def take(self, bid: Bid) -> None:
+        """A bid addressed to this origin: its task bids join their live tasks."""
+        for tb in bid.task_bids():
+            live = self._live.get(tb.task_id)
+            if live is None:
+                continue  # not ours, or already decided
+            if not self._view.eligible(tb.peer_id):
+                log.debug("bid of %s for %s ignored: not staked", tb.peer_id, tb.task_id)
+                continue
+            if all(b.peer_id != tb.peer_id for b in live.bids):
+                live.bids.append(tb)
+                live.wake()
+
+    def _announce(self, task: AnnouncedTask) -> None:
+        self._to_announce.append(task)
+        self._announce_wake.set()
+
+    async def announcer(self) -> None:
+        """Send queued tasks in as few announcements as possible; bid on them ourselves."""
+        while True:
+            await self._announce_wake.wait()
+            self._announce_wake = trio.Event()
+            while self._to_announce:
+                batch = self._to_announce[:MAX_BATCH]
+                del self._to_announce[:MAX_BATCH]
+                # drop finished tasks and repeats (re-announced while still queued)
+                batch = list({t.task_id: t for t in batch if t.task_id in self._live}.values())
+                if not batch:
+                    continue
+                own = self._local_bid(self._peer_id, batch)
+                if own is not None:
+                    self.take(own)
+                ann = TaskAnnounce(self._network, self._peer_id, 0, 0.0, tuple(batch))
+                try:  # seq and timestamp are stamped by gossip
+                    await self._publish_announce(ann)
+                    if own is not None:  # public like every bid: anyone can re-check the choice
+                        await self._publish_bid(own)
+                except Exception as exc:  # the tasks' drivers announce again within 1 s
+                    log.warning("announcing %d task(s) failed: %s", len(batch), exc)
+
+    async def collect(self, live: LiveTask, want: int = 1) -> list[TaskBid]:
+        """Announce and gather bids; ranked, minus peers that already failed this task.
+
+        The window closes early once every node known to serve the model has bid and
+        there are ``want`` bids (replicas of a consensus task), else after ``bid_window_s``.
+        """
+        cfg = self._config
+        live.bids = []
+        row = live.row
+        task = AnnouncedTask(
+            task_id=row.id, model=row.model,
+            max_new_tokens=int(row.parameters.get("max_new_tokens", 64)),
+            input_chars=len(row.input), priority=row.priority, max_price=row.max_price,
+            task_type=row.type, adapter=str(row.parameters.get("adapter", "")),
+        )  # fmt: skip
+        self._announce(task)
+        # Announce again while nobody has bid: a node that just (re)started may not be
+        # connected yet when the first announcement goes out.
+        with trio.move_on_after(cfg.no_bid_timeout_s):
+            while not live.bids and not live.cancelled:
+                with trio.move_on_after(REANNOUNCE_S) as wait:
+                    await live.changed.wait()
+                if wait.cancelled_caught:
+                    self._announce(task)
+        # The window closes early once every node known to serve the model has bid.
+        expected = self._view.serving(row.model)
+
+        def enough() -> bool:
+            bidders = {b.peer_id for b in live.bids}
+            return expected <= bidders and len(bidders) >= want
+
+        with trio.move_on_after(cfg.bid_window_s):
+            while not live.cancelled and not enough():
+                await live.changed.wait()
+        await self._tasks.add_bids(row.id, [_bid_row(b) for b in live.bids])
+        bids = [b for b in live.bids if b.peer_id not in live.tried]
+        reps = await self._reputations([b.peer_id for b in bids])
+        # No checkpoint from here to the caller's Assignment.attempt, which counts the
+        # winner in flight: tasks whose windows close together must see each other's
+        # choices (least_connections would otherwise send a whole burst to one peer).
+        ranked = [b for b in rank(cfg.strategy, row.id, bids, self.selection)
+                  if isinstance(b, TaskBid)]  # fmt: skip
+        # Reputation (earned in consensus rounds) decides who goes first: peers that fell
+        # under LOW_REPUTATION are only used when nobody else bid.
+        return sorted(
+            ranked, key=lambda b: reps.get(b.peer_id, DEFAULT_REPUTATION) < LOW_REPUTATION
+        )
+
+
+def _bid_row(b: TaskBid) -> BidRow:
+    return BidRow(b.peer_id, b.price, b.eta_s, b.health, b.queue_length, b.tokens_per_s,
+                  b.timestamp)  # fmt: skip

@@ -1,0 +1,62 @@
+"""The origin's record of a task it is driving, shared by its parts.
+
+``vcoind.market.origin`` (the lifecycle), ``bidding``, ``assign`` and ``rounds`` all read
+and change the same :class:`LiveTask`; this module is below all of them, so none of them
+imports another's home to get it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from vcoind.market.messages import GenParams, TaskBid, TaskResult
+from vcoind.store import TaskRow
+
+
+@dataclass
+class LiveTask:
+    row: TaskRow
+    attempt: int = 0
+    bids: list[TaskBid] = field(default_factory=list)
+    tried: set[str] = field(default_factory=set)
+    attempt_peers: dict[int, str] = field(default_factory=dict)
+    changed: trio.Event = field(default_factory=trio.Event)
+    last_progress: float = 0.0
+    progress: int = 0
+    result: TaskResult | None = None
+    attempt_error: str | None = None
+    cancelled: bool = False
+    scope: trio.CancelScope | None = None
+    submitted_mono: float = field(default_factory=time.monotonic)
+    final: dict[str, Any] | None = None  # a consensus task's concluding row changes
+
+    def wake(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class Update(Protocol):
+    """``TaskOrigin._update``: change a live task's row on disk, in memory, and notify."""
+
+    async def __call__(self, live: LiveTask, **changes: Any) -> None: ...
+
+
+def since(row: TaskRow) -> float:
+    return round(time.time() - row.created_at, 6)
+
+
+def params_dict(p: GenParams) -> dict[str, Any]:
+    return {"max_new_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
+            "top_k": p.top_k, "seed": p.seed, "stop": list(p.stop)}  # fmt: skip
+
+
+def params_from_dict(d: dict[str, Any]) -> GenParams:
+    """The sampling parameters of a task's stored parameters (which may hold more)."""
+    names = {f.name for f in dataclasses.fields(GenParams)}
+    return GenParams(**{**{k: v for k, v in d.items() if k in names},
+                        "stop": tuple(d.get("stop", ()))})  # fmt: skip
