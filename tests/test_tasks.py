@@ -40,6 +40,11 @@ def finished(node: DevNode, task_id: str, timeout: float = 60) -> dict[str, Any]
                            f"task {task_id} to finish"))  # fmt: skip
 
 
+def loaded(node: DevNode) -> bool:
+    """The node's executor holds its model (warmed up at start)."""
+    return any(m["loaded"] for m in node.rpc.call("vcoin_models")["models"])
+
+
 def knows_model(node: DevNode, n_peers: int) -> bool:
     return sum(bool(p["models"]) for p in node.rpc.call("vcoin_peers")) >= n_peers
 
@@ -136,6 +141,8 @@ def test_worker_killed_mid_task_is_replaced(cluster: Cluster, models_dir: Path) 
     n1 = cluster.start(1)  # origin only: it serves no model
     workers = [cluster.start(i, bootstrap=n1, extra=serving(models_dir)) for i in (2, 3)]
     wait_until(lambda: knows_model(n1, 2), 20, "node 1 sees both workers")
+    # The survivor must not spend the 5 s timeout loading the model on a loaded box.
+    wait_until(lambda: all(loaded(w) for w in workers), 120, "both workers load the model")
     task_id, t = long_running(n1, timeout_s=5)
     victim = next(w for w in workers if w.info["peer_id"] == t["node_id"])
     survivor = next(w for w in workers if w is not victim)
