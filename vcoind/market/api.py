@@ -97,6 +97,9 @@ def register_task_api(
         if adapter and (trainer is None or not trainer.adapter_known(adapter)):
             raise RPCError(INVALID_PARAMS, f"adapter: no node is known to hold {adapter} "
                            "(vcoin_adapters lists the ones here and announced)")  # fmt: skip
+        if adapter and params["pipeline"]:
+            raise RPCError(INVALID_PARAMS, "adapter: an adapter runs on whole-model tasks, "
+                           "not pipelines")  # fmt: skip
         try:
             task_id = await origin.submit(
                 params["model"], params["input"], gen, priority=params["priority"],

@@ -145,24 +145,19 @@ class TaskOrigin:
         customer: str = "",
         adapter: str = "",
     ) -> str:
+        """A task as ``vcoind.market.api`` checked it (mode, replicas, parameters, model,
+        adapter); refused here only for what the origin knows: whether it runs and has the
+        ports (consensus, pipelines) the task needs."""
         if self._nursery is None:
             raise TaskError("node", "the task market is not running")
-        if mode not in ("single", "consensus", "auto", "pipeline"):
-            raise TaskError("mode", "must be single, consensus, auto or pipeline")
         if mode == "pipeline" and self._pipelines is None:
             raise TaskError("pipeline", "pipelines are not available on this node")
-        if replicas is not None and not 2 <= replicas <= 5:
-            raise TaskError("replicas", "must be 2 to 5")
         if mode == "auto":  # consensus when enough nodes serve the model to replicate it
             mode = "consensus" if len(self._view.serving(model)) >= (replicas or 3) else "single"
         if mode == "consensus" and self._coordinator is None:
             raise TaskError("mode", "consensus is not available on this node")
-        if pipeline and mode != "consensus":
-            raise TaskError("pipeline", "a pipelined task is mode pipeline, or consensus")
         if pipeline and self._pipelines is None:
             raise TaskError("pipeline", "pipelines are not available on this node")
-        if adapter and (pipeline or mode == "pipeline"):
-            raise TaskError("adapter", "an adapter runs on whole-model tasks, not pipelines")
         now = time.time()
         parameters = params_dict(params) | ({"adapter": adapter} if adapter else {})
         row = TaskRow(
