@@ -1,8 +1,9 @@
 """The Store: the async facade over the one SQLite connection, and the peers table.
 
 One connection, used from a worker thread one call at a time (a CapacityLimiter
-of 1), so the trio thread never blocks on disk. Each call is one transaction: a
-failing call rolls back only its own changes.
+of 1), so the trio thread never blocks on disk (a test store may run inline: see
+``Store``). Each call is one transaction: a failing call rolls back only its own
+changes.
 """
 
 from __future__ import annotations
@@ -74,10 +75,18 @@ class PeerRow:
 
 
 class Store:
-    """Async facade over one SQLite connection."""
+    """Async facade over one SQLite connection.
 
-    def __init__(self, path: Path) -> None:
+    ``inline=True`` runs every query on the calling trio thread (after a checkpoint)
+    instead of a worker thread. It is for in-memory or test stores under trio's
+    ``MockClock``: with ``autojump_threshold=0`` the clock jumps whenever the trio loop
+    is idle, a query in a worker thread included, so timeouts would fire in the middle
+    of a write. It blocks the loop for the length of each query: never for a node's store.
+    """
+
+    def __init__(self, path: Path, *, inline: bool = False) -> None:
         self.path = path
+        self.inline = inline
         self._conn: sqlite3.Connection | None = None
         self._limiter = trio.CapacityLimiter(1)
 
@@ -86,17 +95,29 @@ class Store:
         return self._conn is not None
 
     async def open(self) -> None:
-        self._conn = await trio.to_thread.run_sync(open_db, self.path)
+        if self.inline:
+            await trio.lowlevel.checkpoint()
+            self._conn = open_db(self.path)
+        else:
+            self._conn = await trio.to_thread.run_sync(open_db, self.path)
 
     async def close(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            await trio.to_thread.run_sync(conn.close)
+            if self.inline:
+                conn.close()
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.to_thread.run_sync(conn.close)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self.inline:
+            await trio.lowlevel.checkpoint()  # a query is a checkpoint, as off-thread
         conn = self._conn
         if conn is None:
             raise StoreError("store is closed")
+        if self.inline:
+            return _atomic(conn, fn)
         return await trio.to_thread.run_sync(_atomic, conn, fn, limiter=self._limiter)
 
     async def schema_version(self) -> int:

@@ -1,0 +1,660 @@
+"""A virtual-time harness for the task market: several market nodes in one trio loop.
+
+Each node is the real market: ``TaskOrigin``, ``TaskWorker``, ``Replica`` and
+``Coordinator`` (a ``VoteContext`` with a real ``Signer``), ``TaskProtocol`` and
+``Routes``, on real ``TaskStore``/``ConsensusStore`` over an in-memory SQLite ``Store``,
+built with the constructor calls of ``vcoind.market.service.MarketService`` and mounted
+with the routes and handlers of ``MarketService.mount``. Only the ports are stand-ins:
+
+- gossip (``MemoryGossip``): a published record reaches the route for its type on every
+  OTHER live node, each delivery in its own task after the link's latency; votes also
+  come back to their publisher through a local queue (``MarketService._publish_vote``);
+- streams (``MemoryStreams``): a request runs the target's ``TaskProtocol`` handler in
+  the target's nursery after the link's latency (to itself ``TaskProtocol.send`` makes
+  a plain call); a dead node raises ``StreamOpenError`` (nothing sent), and one that
+  dies while answering never answers;
+- presence (``HarnessView``): the ``NetworkView`` methods the market calls, answered
+  from which nodes serve which model and are alive (a dead node stays in the others'
+  views for ``peer_timeout_s``, as a peer does until its heartbeat expires);
+- compute (``ScriptedCompute``): a scripted stand-in for the GPU.
+
+Run it under ``trio.testing.MockClock(autojump_threshold=0)`` with
+``virtual_time_guards``: timeouts of minutes then cost milliseconds. Records cross the
+network encoded and decoded by the wire codec, so every record sent is wire-valid.
+Nothing runs in a thread: the stores run inline and the guards make any
+``trio.to_thread.run_sync`` fail. Pipelines, training and settlement are out of scope
+(no pipelined tasks; ``trainer`` and ``settle`` are None, as on a node without them).
+
+Give latencies and durations as binary fractions (1/64, 0.125, 1.0, ...) so virtual
+times add up exactly. Otherwise a no-progress check can land a rounding error before
+its deadline: ``TaskOrigin._await_result`` then waits ``timeout - silent`` seconds, less
+than the clock can represent at that time, so the wait ends without the clock moving
+and it spins (the watchdog of ``market_net`` turns that into a failure).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import logging
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import pytest
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+
+from vcoind.compute.models import ModelError, ModelInfo
+from vcoind.compute.params import GenerationError, GenerationParams
+from vcoind.compute.sampling import GenerationResult
+from vcoind.config import MarketConfig
+from vcoind.consensus.reputation import DEFAULT_REPUTATION
+from vcoind.market import worker as worker_module
+from vcoind.market.consensus import Coordinator, Replica, VoteContext
+from vcoind.market.messages import Assignments, Bid, Cancel, Progress, TaskAnnounce, TaskResult
+from vcoind.market.origin import TaskOrigin
+from vcoind.market.protocol import TaskProtocol
+from vcoind.market.routes import Routes
+from vcoind.market.votes import CommitsClosed, OutcomeVote, ResultCommitment, ResultReveal
+from vcoind.market.worker import TaskWorker
+from vcoind.metrics import NodeMetrics
+from vcoind.p2p.codec import decode, encode
+from vcoind.p2p.streams import ErrorReply, StreamOpenError, StreamProtocol, StreamProtocolError
+from vcoind.signer import Signer
+from vcoind.store import ConsensusStore, PeerUpdate, Store, TaskRow, TaskStore
+
+log = logging.getLogger("tests.market_harness")
+
+T = TypeVar("T")
+NETWORK = "testnet"
+Behaviour = Literal["normal", "stall", "fail", "differ"]
+Handler = Callable[[Any], Awaitable[None]]
+
+
+# --- virtual time ---------------------------------------------------------------------
+
+
+class _WorkerTime:
+    """``time`` as ``vcoind.market.worker`` sees it here. Its progress throttle
+    (``PROGRESS_EVERY_S``) reads the wall clock, ``time.monotonic()``, which barely moves
+    while virtual time runs: only the first report of a job would go out, and a slow
+    worker would look silent. Here ``monotonic`` is the trio clock. (The worker could
+    read ``trio.current_time()`` itself; the market code is not changed here.)"""
+
+    time = staticmethod(time.time)
+
+    @staticmethod
+    def monotonic() -> float:
+        return trio.current_time()
+
+
+def _no_threads(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError(
+        "trio.to_thread.run_sync under the market harness: a thread breaks virtual time "
+        "(the MockClock jumps while it runs)"
+    )
+
+
+def virtual_time_guards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Call from the test's clock fixture: the worker's progress throttle on the trio
+    clock, and any thread hop an error."""
+    monkeypatch.setattr(worker_module, "time", _WorkerTime)
+    monkeypatch.setattr(trio.to_thread, "run_sync", _no_threads)
+
+
+# --- compute ----------------------------------------------------------------------------
+
+
+def scripted_tokens(prompt: str, n: int, salt: int = 0) -> tuple[int, ...]:
+    """``n`` token ids cycled from the prompt's bytes (+ ``salt``): deterministic, so equal
+    replicas answer alike token for token."""
+    data = prompt.encode() or b"\0"
+    return tuple((data[i % len(data)] + salt) % 256 for i in range(n))
+
+
+def scripted_text(tokens: Sequence[int]) -> str:
+    return " ".join(f"t{t}" for t in tokens)
+
+
+def scripted_answer(prompt: str, n: int) -> str:
+    """What a ``normal`` scripted worker answers to ``prompt`` with ``max_new_tokens=n``."""
+    return scripted_text(scripted_tokens(prompt, n))
+
+
+class ScriptedModels:
+    """The model store's lookups (``resolve``, ``all``) over names only."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self._models = {
+            n: ModelInfo(n, "sha256:" + hashlib.sha256(n.encode()).hexdigest(),
+                         Path("/nonexistent") / n, "scripted", 2, 8, 256, 0, False)
+            for n in names
+        }  # fmt: skip
+
+    def all(self) -> list[ModelInfo]:
+        return list(self._models.values())
+
+    def resolve(self, ref: str) -> ModelInfo:
+        for m in self._models.values():
+            if ref in (m.name, m.model_id):
+                return m
+        known = ", ".join(sorted(self._models)) or "none"
+        raise ModelError(f"unknown model {ref!r} (this node serves: {known})")
+
+
+class ScriptedExecutor:
+    """The executor's interface as the worker uses it (``generate``, ``load``,
+    ``tokens_per_s``, ``slots``), run by the script of its ``ScriptedCompute``."""
+
+    def __init__(self, compute: ScriptedCompute) -> None:
+        self._compute = compute
+        self.tokens_per_s: dict[str, float] = {}
+
+    @property
+    def slots(self) -> int:
+        return self._compute.slots
+
+    async def load(self, ref: str) -> ModelInfo:
+        await trio.lowlevel.checkpoint()
+        return self._compute.models.resolve(ref)
+
+    async def generate(
+        self, ref: str, prompt: str, params: GenerationParams, *,
+        on_progress: Callable[[int], None] | None = None, priority: int = 0,
+        adapter: tuple[str, Path] | None = None, scope: str = "",
+    ) -> GenerationResult:  # fmt: skip
+        c = self._compute
+        info = c.models.resolve(ref)
+        if c.behaviour == "stall":  # accepted, then never a token
+            await trio.sleep_forever()
+        await trio.sleep(c.prefill_s)
+        tokens = scripted_tokens(prompt, params.max_new_tokens, 1 if c.behaviour == "differ" else 0)
+        t0 = trio.current_time()
+        for i in range(len(tokens)):
+            if c.behaviour == "fail" and i == c.fail_at:
+                raise GenerationError(f"scripted failure after {i} tokens")
+            await trio.sleep(c.per_token_s)
+            if on_progress is not None:
+                on_progress(i + 1)
+        decode_s = trio.current_time() - t0
+        if decode_s > 0:
+            self.tokens_per_s[info.model_id] = len(tokens) / decode_s
+        return GenerationResult(scripted_text(tokens), tokens, len(prompt.encode()), "length",
+                                c.prefill_s, decode_s)  # fmt: skip
+
+
+class ScriptedCompute:
+    """A stand-in for the GPU, in timing tests only: the ``ComputeService`` parts
+    ``TaskWorker`` uses (``models``, ``await executor()``, ``slots``). Generation takes
+    ``prefill_s`` then ``per_token_s`` of virtual time per token, reporting progress each
+    token; the text comes from the prompt's bytes (``scripted_answer``). Behaviours:
+    ``normal``; ``stall`` (accepts, never progresses); ``fail`` (GenerationError after
+    ``fail_at`` tokens); ``differ`` (a different answer). The real engine is tested
+    elsewhere (tests/test_engine.py, tests/test_compute.py)."""
+
+    def __init__(
+        self, models: Sequence[str], *, behaviour: Behaviour = "normal",
+        per_token_s: float = 0.0625, prefill_s: float = 0.0, fail_at: int = 0, slots: int = 1,
+    ) -> None:  # fmt: skip
+        self.models = ScriptedModels(models)
+        self.behaviour = behaviour
+        self.per_token_s, self.prefill_s = per_token_s, prefill_s
+        self.fail_at = fail_at
+        self.slots = slots
+        self._executor = ScriptedExecutor(self)
+
+    async def executor(self) -> ScriptedExecutor:
+        await trio.lowlevel.checkpoint()
+        return self._executor
+
+
+async def deterministic_embed(texts: Sequence[str]) -> list[tuple[float, ...]]:
+    """The sentence embedder's stand-in: a 64-bin byte histogram per text (no model, no
+    thread). Equal texts embed equally; consensus tests use equal answers."""
+    await trio.lowlevel.checkpoint()
+    out = []
+    for text in texts:
+        v = [0.0] * 64
+        for b in text.encode():
+            v[b % 64] += 1.0
+        out.append(tuple(v))
+    return out
+
+
+# --- the network ports ----------------------------------------------------------------------
+
+
+class MemoryGossip:
+    """The ``Gossip`` port of one node: ``on`` routes, ``publish`` to the other nodes."""
+
+    def __init__(self, net: MarketNet, me: str) -> None:
+        self._net = net
+        self._me = me
+        self._routes: dict[tuple[str, type[Any]], Handler] = {}
+
+    def on(self, name: str, cls: type[Any], handler: Handler) -> None:
+        self._routes[(name, cls)] = handler
+
+    def route(self, name: str, cls: type[Any]) -> Handler | None:
+        return self._routes.get((name, cls))
+
+    async def publish(self, name: str, record: Any) -> None:
+        await self._net.publish(self._me, name, record)
+
+
+class MemoryStreams:
+    """The ``StreamService`` port of one node, as ``TaskProtocol`` uses it."""
+
+    def __init__(self, net: MarketNet, me: str) -> None:
+        self._net = net
+        self._me = me
+        self.proto: StreamProtocol | None = None
+        self.handler: Callable[[ID, Any], Awaitable[Any]] | None = None
+
+    def serve(self, proto: StreamProtocol, handler: Callable[[ID, Any], Awaitable[Any]]) -> None:
+        self.proto, self.handler = proto, handler
+
+    async def request(self, peer: ID, proto: StreamProtocol, record: Any, reply_type: type[T]) -> T:
+        return await self._net.request(self._me, peer.to_base58(), proto, record, reply_type)
+
+
+class HarnessView:
+    """The ``NetworkView`` methods the market calls (origin, worker, coordinator). No
+    chain: every peer is eligible."""
+
+    def __init__(self, net: MarketNet, me: str, eth_address: str) -> None:
+        self._net = net
+        self.peer_id = me
+        self.eth_address = eth_address
+
+    def _known(self, peer: str) -> MarketNode | None:
+        visible = peer == self.peer_id or self._net.visible(peer)
+        return self._net.nodes[peer] if visible else None
+
+    def alive(self, peer: str) -> bool:
+        return self._known(peer) is not None
+
+    def eligible(self, peer: str) -> bool:
+        return True
+
+    def serving(self, model: str) -> set[str]:
+        return {p for p in self._net.nodes if (n := self._known(p)) is not None and n.serves(model)}
+
+    def profile_of(self, peer: str) -> Any:
+        return n.profile if (n := self._known(peer)) else None
+
+    def eth_address_of(self, peer: str) -> str | None:
+        return n.signer.address if (n := self._known(peer)) else None
+
+    def health_of(self, peer: str) -> float:
+        return n.health if (n := self._known(peer)) else 0.5
+
+
+# --- a node -----------------------------------------------------------------------------------
+
+
+class MarketNode:
+    """One node's market, wired as ``MarketService`` wires it (constructor and mount)."""
+
+    def __init__(
+        self, net: MarketNet, name: str, cfg: MarketConfig, compute: ScriptedCompute, *,
+        health: float, profile: str,
+    ) -> None:  # fmt: skip
+        self.name = name
+        self.cfg = cfg
+        self.compute = compute
+        self.health = health
+        self.profile = profile
+        me = self.peer_id = ID.from_pubkey(create_new_key_pair().public_key).to_base58()
+        self.signer = Signer(secrets.token_bytes(32), NETWORK)
+        self.store = Store(Path(":memory:"), inline=True)
+        metrics = self.metrics = NodeMetrics()
+        gossip = self.gossip = MemoryGossip(net, me)
+        self.streams = MemoryStreams(net, me)
+        view = self.view = HarnessView(net, me, self.signer.address)
+        self.nursery: trio.Nursery | None = None
+        self.finished_at: dict[str, float] = {}  # task id -> virtual time it finished
+        self._net = net
+        # --- as MarketService.__init__ ---
+        self.tasks = TaskStore(self.store)
+        self.consensus_store = ConsensusStore(self.store)
+        self.protocol = TaskProtocol(self.streams, me)  # type: ignore[arg-type]
+        self._local_votes, self._local_votes_rx = trio.open_memory_channel[Any](256)
+        ctx = VoteContext(me, NETWORK, self.signer, self._publish_vote, deterministic_embed,
+                          metrics.consensus_rejected)  # fmt: skip
+        self.replica = Replica(ctx, fault=cfg.fault)
+        self.coordinator = Coordinator(ctx, self.consensus_store,
+                                       eth_address_of=view.eth_address_of,
+                                       health_of=view.health_of)  # fmt: skip
+        self.routes = Routes(compute, view, metrics)  # type: ignore[arg-type]
+        self.worker = TaskWorker(
+            compute, self.tasks, peer_id=me, network=NETWORK,  # type: ignore[arg-type]
+            publish_bid=lambda bid: gossip.publish("tasks", bid), send=self.protocol.send,
+            health=lambda: view.health_of(me), on_change=self._worker_changed,
+            commit_result=self.replica.commit, sign_result=lambda r: r,  # no settler
+            pipelines=self.routes, trainer=None,
+        )  # fmt: skip
+        self.origin = TaskOrigin(
+            self.tasks, metrics, cfg, peer_id=me, network=NETWORK,
+            publish_announce=lambda ann: gossip.publish("tasks", ann),
+            local_bid=self.worker.make_bid,
+            publish_bid=lambda bid: gossip.publish("tasks", bid),
+            send=self.protocol.send, notify=self._notify_task, view=view,  # type: ignore[arg-type]
+            reputations=self.reputations, coordinator=self.coordinator,
+            settle=None, pipelines=self.routes, trainer=None,
+        )  # fmt: skip
+        # --- as MarketService.mount ---
+        gossip.on("tasks", TaskAnnounce, self.worker.on_announce)
+        gossip.on("tasks", Bid, self.origin.on_bid)
+        for record in (ResultCommitment, CommitsClosed, ResultReveal, OutcomeVote):
+            gossip.on("votes", record, self._on_vote_record)
+        p = self.protocol
+        p.handle(Assignments, self.worker.on_assignments)
+        p.handle(Cancel, self.worker.on_cancel)
+        p.handle(Progress, self.origin.on_progress)
+        p.handle(TaskResult, self.origin.on_result)
+
+    def serves(self, model: str) -> bool:
+        return any(model in (m.name, m.model_id) for m in self.compute.models.all())
+
+    def peer_update(self) -> PeerUpdate:
+        """What this node's heartbeat would put in the others' peer tables."""
+        return PeerUpdate(self.peer_id, self.signer.address, (), "scripted", 0, "",
+                          self.health, "vcoind/harness", time.time())  # fmt: skip
+
+    async def reputations(self, peers: list[str]) -> dict[str, float]:
+        return await self.consensus_store.reputations(peers, DEFAULT_REPUTATION)
+
+    # --- as MarketService: the vote bus, notifications, running ---
+
+    async def _publish_vote(self, record: Any) -> None:
+        await self.gossip.publish("votes", record)
+        await self._local_votes.send(record)
+
+    async def _deliver_local_votes(self) -> None:
+        async for record in self._local_votes_rx:
+            try:
+                await self._on_vote_record(record)
+            except Exception as exc:
+                self._net.error(f"{self.name}: local {type(record).__name__} handler", exc)
+
+    async def _on_vote_record(self, record: Any) -> None:
+        if isinstance(record, ResultCommitment):
+            await self.coordinator.on_commitment(record)
+        elif isinstance(record, CommitsClosed):
+            self._spawn(self.replica.on_closed, record)
+        elif isinstance(record, ResultReveal):
+            await self.coordinator.on_reveal(record)
+            self._spawn(self.replica.on_reveal, record)
+        elif isinstance(record, OutcomeVote):
+            await self.coordinator.on_vote(record)
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        if self.nursery is not None:
+            self.nursery.start_soon(fn, *args)
+
+    async def _notify_task(self, view: dict[str, Any]) -> None:
+        self.metrics.tasks_in_flight.set(self.origin.in_flight())
+        if view["finished"]:
+            self.finished_at.setdefault(view["task_id"], trio.current_time())
+        self._net.changed()
+        await trio.lowlevel.checkpoint()
+
+    def _worker_changed(self) -> None:
+        self.metrics.queue_length.set(self.worker.queue_length)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.protocol.serve()
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            nursery.start_soon(self._deliver_local_votes)
+            await nursery.start(self.worker.run)
+            await nursery.start(self.origin.run)
+            task_status.started()
+
+    # --- for tests ---
+
+    async def wait_finished(self, task_id: str, timeout: float = 3600.0) -> tuple[TaskRow, float]:
+        """The task's final row and the virtual time it finished (this node its origin)."""
+        at = await self._net.wait_for(lambda: self.finished_at.get(task_id), timeout)
+        row = await self.tasks.get(task_id)
+        assert row is not None
+        return row, at
+
+
+# --- the network ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A record handed to a node: ``sent`` when its sender let it go, ``at`` when the
+    receiver's handler got it; ``refused``: a request to a dead node (never sent)."""
+
+    sent: float
+    at: float
+    src: str
+    dst: str
+    record: Any
+    refused: bool = False
+
+
+@dataclass
+class MarketNet:
+    nursery: trio.Nursery
+    latency_s: float = 1 / 64  # one way, unless a link says otherwise
+    peer_timeout_s: float = 30.0  # a dead node stays in the others' views this long
+    nodes: dict[str, MarketNode] = field(default_factory=dict)
+    links: dict[tuple[str, str], float] = field(default_factory=dict)
+    dead: dict[str, float] = field(default_factory=dict)  # peer -> virtual time it died
+    muted: set[tuple[str, type[Any]]] = field(default_factory=set)
+    log: list[Delivery] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    _seq: Any = field(default_factory=lambda: itertools.count(1))
+    _changed: trio.Event = field(default_factory=trio.Event)
+
+    async def add_node(
+        self, name: str, models: Sequence[str] = (), *, cfg: MarketConfig | None = None,
+        behaviour: Behaviour = "normal", per_token_s: float = 0.0625, prefill_s: float = 0.0,
+        fail_at: int = 0, slots: int = 1, health: float = 0.8, profile: str = "cpu/float32",
+    ) -> MarketNode:  # fmt: skip
+        """A running node; every node has the others in its peer table (as heartbeats do)."""
+        compute = ScriptedCompute(models, behaviour=behaviour, per_token_s=per_token_s,
+                                  prefill_s=prefill_s, fail_at=fail_at, slots=slots)  # fmt: skip
+        node = MarketNode(self, name, cfg or MarketConfig(), compute, health=health,
+                          profile=profile)  # fmt: skip
+        await node.store.open()
+        for other in self.nodes.values():
+            await other.store.upsert_peers([node.peer_update()])
+            await node.store.upsert_peers([other.peer_update()])
+        self.nodes[node.peer_id] = node
+        await self.nursery.start(node.run)
+        return node
+
+    def set_latency(self, a: MarketNode, b: MarketNode, seconds: float) -> None:
+        """One-way latency of the link between ``a`` and ``b``, both ways."""
+        self.links[(a.peer_id, b.peer_id)] = self.links[(b.peer_id, a.peer_id)] = seconds
+
+    def latency(self, src: str, dst: str) -> float:
+        return self.links.get((src, dst), self.latency_s)
+
+    def mute(self, node: MarketNode, record: type[Any]) -> None:
+        """``record``s that ``node`` gossips are lost on the way (its own copy still comes
+        back to it)."""
+        self.muted.add((node.peer_id, record))
+
+    def kill(self, node: MarketNode) -> None:
+        """The node's process ends: its tasks are cancelled, requests to it fail to open,
+        and it leaves the others' views ``peer_timeout_s`` later."""
+        self.dead[node.peer_id] = trio.current_time()
+        assert node.nursery is not None
+        node.nursery.cancel_scope.cancel()
+        self.changed()
+
+    def visible(self, peer: str) -> bool:
+        """In the peer tables: alive, or dead for less than ``peer_timeout_s``."""
+        died = self.dead.get(peer)
+        return peer in self.nodes and (
+            died is None or trio.current_time() - died < self.peer_timeout_s
+        )
+
+    def name_of(self, peer: str) -> str:
+        return self.nodes[peer].name
+
+    # --- observing ---
+
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def error(self, where: str, exc: BaseException) -> None:
+        log.error("%s failed", where, exc_info=exc)
+        self.errors.append(f"{where}: {type(exc).__name__}: {exc}")
+
+    def _record(self, d: Delivery) -> None:
+        self.log.append(d)
+        self.changed()
+
+    def deliveries(
+        self, record: type[Any], *, src: MarketNode | None = None, dst: MarketNode | None = None
+    ) -> list[Delivery]:
+        return [
+            d for d in self.log
+            if isinstance(d.record, record)
+            and (src is None or d.src == src.peer_id) and (dst is None or d.dst == dst.peer_id)
+        ]  # fmt: skip
+
+    async def wait_for(self, what: Callable[[], T | None], timeout: float = 3600.0) -> T:
+        """``what()`` once it is truthy (re-checked after every delivery and notification);
+        ``timeout`` in virtual seconds."""
+        with trio.fail_after(timeout):
+            while not (value := what()):
+                await self._changed.wait()
+        return value
+
+    # --- gossip ---
+
+    async def publish(self, src: str, topic: str, record: Any) -> None:
+        await trio.lowlevel.checkpoint()
+        if src in self.dead:
+            return
+        if (src, type(record)) in self.muted:
+            return
+        record = dataclasses.replace(record, seq=next(self._seq), timestamp=time.time())
+        data = encode(record)
+        sent = trio.current_time()
+        for dst, node in self.nodes.items():
+            if dst != src and dst not in self.dead:
+                assert node.nursery is not None
+                node.nursery.start_soon(self._deliver, sent, src, node, topic, data)
+
+    async def _deliver(
+        self, sent: float, src: str, node: MarketNode, topic: str, data: bytes
+    ) -> None:
+        await trio.sleep(self.latency(src, node.peer_id))
+        record = decode(data)
+        handler = node.gossip.route(topic, type(record))
+        if handler is None:
+            return
+        self._record(Delivery(sent, trio.current_time(), src, node.peer_id, record))
+        try:
+            await handler(record)
+        except Exception as exc:  # the real gossip logs it; here a test should see it
+            self.error(f"{node.name}: {type(record).__name__} gossip handler", exc)
+
+    # --- direct requests ---
+
+    async def request(
+        self, src: str, dst: str, proto: StreamProtocol, record: Any, reply_type: type[T]
+    ) -> T:
+        sent = trio.current_time()
+        node = self.nodes.get(dst)
+        if node is None or dst in self.dead or src in self.dead:
+            self._record(Delivery(sent, sent, src, dst, record, refused=True))
+            raise StreamOpenError(f"cannot open {proto.protocol_id} to {dst}: the node is down")
+        data = encode(record)
+        with trio.move_on_after(proto.timeout_s) as waited:
+            await trio.sleep(self.latency(src, dst))
+            if dst in self.dead:  # died on the way: the stream never answers
+                await trio.sleep_forever()
+            reply_data = await self._answer(sent, src, node, data)
+            await trio.sleep(self.latency(dst, src))
+        if waited.cancelled_caught:
+            raise StreamProtocolError(f"{proto.protocol_id} to {dst}: no reply in time")
+        reply = decode(reply_data)
+        if isinstance(reply, ErrorReply):
+            raise StreamProtocolError(f"{dst} answered {reply.code}: {reply.message}")
+        if not isinstance(reply, reply_type):
+            raise StreamProtocolError(f"{dst} answered a {type(reply).__name__}")
+        return reply
+
+    async def _answer(self, sent: float, src: str, node: MarketNode, data: bytes) -> bytes:
+        """Run ``node``'s stream handler in its own nursery (it dies with the node)."""
+        done = trio.Event()
+        reply: list[bytes] = []
+
+        async def serve() -> None:
+            request = decode(data)
+            self._record(Delivery(sent, trio.current_time(), src, node.peer_id, request))
+            assert node.streams.handler is not None
+            try:
+                answer = await node.streams.handler(ID.from_base58(src), request)
+            except StreamProtocolError as exc:
+                answer = ErrorReply("refused", str(exc)[:1024])
+            except Exception as exc:  # the real stream answers "internal"
+                self.error(f"{node.name}: {type(request).__name__} handler", exc)
+                answer = ErrorReply("internal", "internal error")
+            reply.append(encode(answer))
+            done.set()
+
+        assert node.nursery is not None
+        node.nursery.start_soon(serve)
+        await done.wait()
+        return reply[0]
+
+
+@asynccontextmanager
+async def market_net(
+    latency_s: float = 1 / 64, peer_timeout_s: float = 30.0, real_timeout_s: float = 30.0
+) -> AsyncIterator[MarketNet]:
+    """A network of market nodes for one test; on exit every node stops, and a handler
+    that raised (a bug the real node would only log) fails the test.
+
+    A loop that never sleeps stops virtual time without advancing it, and the test would
+    hang: after ``real_timeout_s`` of wall-clock time a watchdog cancels the test.
+    """
+    net: MarketNet | None = None
+    token = trio.lowlevel.current_trio_token()
+    timed_out = False
+    with trio.CancelScope() as everything:
+
+        def expire() -> None:
+            nonlocal timed_out
+            timed_out = True
+            everything.cancel()
+
+        watchdog = threading.Timer(real_timeout_s, token.run_sync_soon, (expire,))
+        watchdog.start()
+        try:
+            async with trio.open_nursery() as nursery:
+                net = MarketNet(nursery, latency_s=latency_s, peer_timeout_s=peer_timeout_s)
+                yield net
+                nursery.cancel_scope.cancel()
+        finally:
+            watchdog.cancel()
+            if net is not None:
+                with trio.CancelScope(shield=True):
+                    for node in net.nodes.values():
+                        await node.store.close()
+    if timed_out:
+        raise AssertionError(f"{real_timeout_s:g} s of real time: a loop that never sleeps?")
+    assert net is not None
+    if net.errors:
+        raise AssertionError("handlers failed:\n" + "\n".join(net.errors))

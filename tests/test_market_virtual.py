@@ -1,0 +1,352 @@
+"""The task market's timing logic in virtual time (tests/market_harness.py).
+
+Real origins, workers and consensus roles in one trio loop on trio's MockClock: bid
+windows, no-bid timeouts, reassignment, retries, dead workers and commit deadlines of
+tens of seconds cost milliseconds of real time. Times asserted are virtual
+(``trio.current_time()``, and when the harness handed each record over).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from tests.market_harness import (
+    MarketNet,
+    MarketNode,
+    market_net,
+    scripted_answer,
+    virtual_time_guards,
+)
+from vcoind.config import MarketConfig
+from vcoind.consensus.reputation import DEFAULT_REPUTATION
+from vcoind.market.consensus import REVEAL_TIMEOUT_S, VOTE_WAIT_S
+from vcoind.market.messages import Assignments, Bid, GenParams, Progress, TaskAnnounce
+from vcoind.market.origin import REANNOUNCE_S, REDIAL_WAIT_S
+from vcoind.market.votes import ResultCommitment, ResultReveal
+from vcoind.store import AttemptRow, PeerUpdate, Store
+
+# Latencies and durations are binary fractions, so virtual times add up exactly (see
+# the market harness on rounding).
+LATENCY = 0.125
+PROMPT = "hello, market"
+TOKENS = 8
+PARAMS = GenParams(max_new_tokens=TOKENS)
+ANSWER = scripted_answer(PROMPT, TOKENS)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> trio.testing.MockClock:
+    """Virtual time: pytest-trio runs a test that takes this fixture under it."""
+    virtual_time_guards(monkeypatch)
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+def config(
+    *, bid_window_s: float = 2.0, no_bid_timeout_s: float = 30.0, task_timeout_s: float = 20.0,
+    max_retries: int = 3,
+) -> MarketConfig:  # fmt: skip
+    """Explicit, deliberately long timeouts: virtual time makes them free."""
+    return MarketConfig(strategy="resource_aware", bid_window_s=bid_window_s,
+                        no_bid_timeout_s=no_bid_timeout_s, task_timeout_s=task_timeout_s,
+                        max_retries=max_retries)  # fmt: skip
+
+
+def attempts_by(net: MarketNet, rows: list[AttemptRow]) -> list[tuple[str, str]]:
+    return [(net.name_of(a.peer_id), a.status) for a in rows]
+
+
+def assigned(net: MarketNet, task_id: str, dst: MarketNode) -> list[float]:
+    """When the origin sent ``dst`` an assignment of the task (refused ones included)."""
+    return [
+        d.sent
+        for d in net.deliveries(Assignments, dst=dst)
+        if any(a.task_id == task_id for a in d.record.items)
+    ]
+
+
+# --- 1. the bid window ----------------------------------------------------------------
+
+
+async def test_bid_window_closes_once_every_server_has_bid(clock: trio.testing.MockClock) -> None:
+    cfg = config(bid_window_s=5.0)
+    async with market_net() as net:
+        origin = await net.add_node("O", cfg=cfg)  # serves nothing: never bids itself
+        a = await net.add_node("A", ["m"], health=0.5)
+        b = await net.add_node("B", ["m"], health=0.6)
+        c = await net.add_node("C", ["m"], health=0.9)
+        for node, latency in ((a, 0.125), (b, 0.25), (c, 0.375)):
+            net.set_latency(origin, node, latency)
+        t0 = trio.current_time()
+        task_id = await origin.origin.submit("m", PROMPT, PARAMS)
+        row, _ = await origin.wait_finished(task_id)
+
+        assert row.status == "completed" and row.result == ANSWER
+        # The slowest bidder's round trip (announce out, bid back) closes the window.
+        (sent,) = assigned(net, task_id, c)
+        assert sent - t0 == pytest.approx(2 * 0.375)
+        assert sent - t0 < cfg.bid_window_s / 2
+        assert {net.name_of(x.peer_id) for x in await origin.tasks.bids(task_id)} == {"A", "B", "C"}
+        assert attempts_by(net, await origin.tasks.attempts(task_id)) == [("C", "completed")]
+
+
+async def test_bid_window_runs_its_length_and_a_late_bid_is_not_used(
+    clock: trio.testing.MockClock,
+) -> None:
+    cfg = config(bid_window_s=2.0)
+    async with market_net() as net:
+        origin = await net.add_node("O", cfg=cfg)
+        await net.add_node("A", ["m"], health=0.5)
+        b = await net.add_node("B", ["m"], health=0.6, per_token_s=1.0)  # busy until ~10 s
+        c = await net.add_node("C", ["m"], health=0.9)  # the best bidder, but far away
+        net.set_latency(origin, c, 3.0)
+        t0 = trio.current_time()
+        task_id = await origin.origin.submit("m", PROMPT, PARAMS)
+        row, _ = await origin.wait_finished(task_id)
+
+        first_bid = min(d.at for d in net.deliveries(Bid, dst=origin))
+        (sent,) = assigned(net, task_id, b)
+        # C serves the model and has not bid: the window runs its whole length from the
+        # first bid, then the best bid in hand wins.
+        assert first_bid - t0 == pytest.approx(2 * net.latency_s)
+        assert sent - first_bid == pytest.approx(cfg.bid_window_s)
+        # C's bid came while the task still ran, and was not used.
+        (late,) = net.deliveries(Bid, src=c, dst=origin)
+        assert sent < late.at < origin.finished_at[task_id]
+        assert row.status == "completed" and row.node_id == b.peer_id
+        assert {net.name_of(x.peer_id) for x in await origin.tasks.bids(task_id)} == {"A", "B"}
+        assert attempts_by(net, await origin.tasks.attempts(task_id)) == [("B", "completed")]
+        assert assigned(net, task_id, c) == []
+
+
+# --- 2. nobody bids -------------------------------------------------------------------
+
+
+async def test_nobody_bids_fails_after_the_no_bid_timeout(clock: trio.testing.MockClock) -> None:
+    cfg = config(no_bid_timeout_s=30.0, bid_window_s=0.5)
+    async with market_net() as net:
+        origin = await net.add_node("O", cfg=cfg)
+        a = await net.add_node("A", ["m"])
+        t0 = trio.current_time()
+        task_id = await origin.origin.submit("ghost", PROMPT, PARAMS)
+        row, at = await origin.wait_finished(task_id)
+
+        assert row.status == "failed"
+        assert row.error == "no node bid for the task: no bid for model 'ghost' within 30 s"
+        # (then the bid window runs once more before the origin gives up)
+        assert cfg.no_bid_timeout_s <= at - t0 <= cfg.no_bid_timeout_s + cfg.bid_window_s
+        # announced again every REANNOUNCE_S meanwhile, for a node that just joined
+        announces = net.deliveries(TaskAnnounce, dst=a)
+        assert len(announces) == pytest.approx(cfg.no_bid_timeout_s / REANNOUNCE_S, abs=1)
+        assert await origin.tasks.attempts(task_id) == []
+
+
+# --- 3. reassignment after no progress ------------------------------------------------
+
+
+async def test_stalled_worker_is_replaced_after_the_task_timeout(
+    clock: trio.testing.MockClock,
+) -> None:
+    cfg = config(task_timeout_s=20.0)
+    async with market_net(latency_s=LATENCY) as net:
+        origin = await net.add_node("O", cfg=cfg)
+        a = await net.add_node("A", ["m"], health=0.9, behaviour="stall")  # accepts, then nothing
+        b = await net.add_node("B", ["m"], health=0.8)
+        task_id = await origin.origin.submit("m", PROMPT, PARAMS)
+        row, _ = await origin.wait_finished(task_id)
+
+        (to_a,) = assigned(net, task_id, a)
+        (to_b,) = assigned(net, task_id, b)
+        # A's acceptance (a round trip) starts the clock; 20 s without progress -> B
+        assert to_b - to_a == pytest.approx(2 * LATENCY + cfg.task_timeout_s)
+        assert row.status == "completed" and row.result == ANSWER and row.node_id == b.peer_id
+        assert row.retry_count == 1
+        first, second = await origin.tasks.attempts(task_id)
+        assert (first.peer_id, first.status) == (a.peer_id, "failed")
+        assert first.error == f"no progress from {a.peer_id} for 20 s"
+        assert (second.peer_id, second.status, second.error) == (b.peer_id, "completed", None)
+
+
+async def test_failing_worker_is_replaced_at_once(clock: trio.testing.MockClock) -> None:
+    cfg = config(task_timeout_s=20.0)
+    async with market_net(latency_s=LATENCY) as net:
+        origin = await net.add_node("O", cfg=cfg)
+        a = await net.add_node("A", ["m"], health=0.9, behaviour="fail", fail_at=3)
+        b = await net.add_node("B", ["m"], health=0.8)
+        task_id = await origin.origin.submit("m", PROMPT, PARAMS)
+        row, _ = await origin.wait_finished(task_id)
+
+        (to_a,) = assigned(net, task_id, a)
+        (to_b,) = assigned(net, task_id, b)
+        # assigned, 3 tokens, the error back: no waiting for the task timeout
+        assert to_b - to_a == pytest.approx(LATENCY + 3 * 0.0625 + LATENCY)
+        assert row.status == "completed" and row.node_id == b.peer_id
+        first, _ = await origin.tasks.attempts(task_id)
+        assert first.error == f"worker {a.peer_id} failed: scripted failure after 3 tokens"
+
+
+# --- 4. retries run out ---------------------------------------------------------------
+
+
+async def test_every_worker_stalls_fails_after_one_plus_max_retries_attempts(
+    clock: trio.testing.MockClock,
+) -> None:
+    cfg = config(task_timeout_s=20.0, max_retries=2)
+    async with market_net(latency_s=LATENCY) as net:
+        origin = await net.add_node("O", cfg=cfg)
+        workers = [await net.add_node(name, ["m"], health=h, behaviour="stall")
+                   for name, h in (("A", 0.9), ("B", 0.8), ("C", 0.7), ("D", 0.6))]  # fmt: skip
+        task_id = await origin.origin.submit("m", PROMPT, PARAMS)
+        row, at = await origin.wait_finished(task_id)
+
+        (first,) = assigned(net, task_id, workers[0])
+        assert at - first == pytest.approx(3 * (2 * LATENCY + cfg.task_timeout_s))
+        assert row.status == "failed"
+        third = workers[2].peer_id
+        assert row.error == f"gave up after 3 attempts: no progress from {third} for 20 s"
+        assert attempts_by(net, await origin.tasks.attempts(task_id)) == [
+            ("A", "failed"), ("B", "failed"), ("C", "failed")]  # fmt: skip
+        assert assigned(net, task_id, workers[3]) == []  # a fourth bidder, never used
+
+
+# --- 5. dead workers ------------------------------------------------------------------
+
+
+async def test_dead_worker_is_skipped_at_once(clock: trio.testing.MockClock) -> None:
+    cfg = config(task_timeout_s=20.0, bid_window_s=5.0)
+    async with market_net(latency_s=LATENCY) as net:
+        origin = await net.add_node("O", cfg=cfg)
+        a = await net.add_node("A", ["m"], health=0.9)
+        b = await net.add_node("B", ["m"], health=0.8)
+        c = await net.add_node("C", ["m"], health=0.7)
+        net.set_latency(origin, c, 0.5)  # its bid closes the window, at 1.0 s
+        task_id = await origin.origin.submit("m", PROMPT, PARAMS)
+        await net.wait_for(lambda: net.deliveries(Bid, src=a, dst=origin))
+        net.kill(a)  # its bid is in, and it still looks alive (no heartbeat missed yet)
+        row, _ = await origin.wait_finished(task_id)
+
+        tries = [d for d in net.deliveries(Assignments, dst=a) if d.refused]
+        assert [d.sent for d in tries] == pytest.approx([1.0, 1.0 + REDIAL_WAIT_S])  # one redial
+        (to_b,) = assigned(net, task_id, b)
+        assert to_b == pytest.approx(1.0 + REDIAL_WAIT_S)
+        assert to_b - 1.0 <= 1.0  # at once: no waiting for a task timeout
+        assert row.status == "completed" and row.node_id == b.peer_id
+        first, second = await origin.tasks.attempts(task_id)
+        assert first.peer_id == a.peer_id and first.status == "failed"
+        assert first.error is not None and first.error.startswith(f"assignment to {a.peer_id}")
+        assert "cannot open" in first.error
+        assert (second.peer_id, second.status) == (b.peer_id, "completed")
+
+
+async def test_worker_that_vanishes_is_replaced_when_it_leaves_the_view(
+    clock: trio.testing.MockClock,
+) -> None:
+    cfg = config(task_timeout_s=60.0)
+    async with market_net(latency_s=LATENCY, peer_timeout_s=10.0) as net:
+        origin = await net.add_node("O", cfg=cfg)
+        a = await net.add_node("A", ["m"], health=0.9, per_token_s=1.0)
+        b = await net.add_node("B", ["m"], health=0.8)
+        task_id = await origin.origin.submit("m", PROMPT, GenParams(max_new_tokens=30))
+        await net.wait_for(lambda: len(net.deliveries(Progress, src=a)) >= 3)
+        net.kill(a)
+        died = trio.current_time()
+        row, _ = await origin.wait_finished(task_id)
+
+        (to_b,) = assigned(net, task_id, b)
+        # gone from the peer table after peer_timeout_s: long before the task timeout
+        assert died + net.peer_timeout_s <= to_b <= died + net.peer_timeout_s + 1.0
+        assert row.status == "completed" and row.node_id == b.peer_id
+        first, _ = await origin.tasks.attempts(task_id)
+        assert first.error == f"worker {a.peer_id} left the network"
+
+
+# --- 6. consensus with a silent replica -----------------------------------------------
+
+
+@pytest.mark.parametrize("silence", ["never_commits", "never_reveals"])
+async def test_consensus_decides_without_a_silent_replica(
+    clock: trio.testing.MockClock, silence: str
+) -> None:
+    cfg = config(task_timeout_s=20.0)  # the commit deadline of a consensus round
+    async with market_net(latency_s=LATENCY) as net:
+        origin = await net.add_node("O", cfg=cfg)
+        r1 = await net.add_node("R1", ["m"], health=0.9)
+        r2 = await net.add_node("R2", ["m"], health=0.8)
+        silent_cfg = MarketConfig(fault="silent") if silence == "never_commits" else None
+        r3 = await net.add_node("R3", ["m"], health=0.7, cfg=silent_cfg)
+        if silence == "never_reveals":
+            net.mute(r3, ResultReveal)  # it commits; its reveal is lost
+        task_id = await origin.origin.submit("m", PROMPT, PARAMS, mode="consensus", replicas=3)
+        row, at = await origin.wait_finished(task_id)
+
+        accepted = max(assigned(net, task_id, r)[0] for r in (r1, r2, r3)) + 2 * LATENCY
+        commits = net.deliveries(ResultCommitment, dst=origin)
+        if silence == "never_commits":
+            assert {net.name_of(d.src) for d in commits} == {"R1", "R2"}
+            # the round waits out the commit deadline for R3, closes, and the two reveal
+            assert at - accepted == pytest.approx(cfg.task_timeout_s + 2 * LATENCY)
+        else:
+            assert {net.name_of(d.src) for d in commits} == {"R1", "R2", "R3"}
+            # closed once all three committed; R3's reveal is awaited until the deadline
+            closed = max(d.at for d in commits)
+            assert at - closed == pytest.approx(REVEAL_TIMEOUT_S)
+            assert at - accepted < cfg.task_timeout_s
+
+        assert row.status == "completed" and row.result == ANSWER
+        replicas = row.consensus["replicas"]
+        assert {net.name_of(r["node_id"]) for r in replicas} == {"R1", "R2"}
+        assert all(r["agreed"] for r in replicas)
+        validations = await origin.consensus_store.validations(task_id)
+        assert {(net.name_of(v.node_id), v.passed) for v in validations} == {
+            ("R1", True), ("R2", True)}  # fmt: skip
+        attempts = {net.name_of(x.peer_id): x for x in await origin.tasks.attempts(task_id)}
+        assert attempts["R3"].status == "failed"
+        assert attempts["R3"].error == "no valid commitment or reveal"
+        assert attempts["R1"].status == attempts["R2"].status == "completed"
+        reps = await origin.reputations([r1.peer_id, r2.peer_id, r3.peer_id])
+        assert reps[r3.peer_id] < DEFAULT_REPUTATION < reps[r1.peer_id] == reps[r2.peer_id]
+        if silence == "never_commits":  # the two sign the outcome; R3 was never listed
+            await trio.sleep(VOTE_WAIT_S)
+            signed = await origin.consensus_store.signatures(task_id)
+            assert {net.name_of(s.signer) for s in signed} == {"O", "R1", "R2"}
+
+
+# --- 7. progress keeps a slow worker --------------------------------------------------
+
+
+async def test_progress_keeps_a_slow_worker(clock: trio.testing.MockClock) -> None:
+    cfg = config(task_timeout_s=10.0)
+    async with market_net(latency_s=LATENCY) as net:
+        origin = await net.add_node("O", cfg=cfg)
+        a = await net.add_node("A", ["m"], health=0.9, per_token_s=1.0)  # 30 tokens: 30 s
+        b = await net.add_node("B", ["m"], health=0.8)
+        task_id = await origin.origin.submit("m", PROMPT, GenParams(max_new_tokens=30))
+        row, at = await origin.wait_finished(task_id)
+
+        (to_a,) = assigned(net, task_id, a)
+        assert at - to_a >= 3 * cfg.task_timeout_s
+        assert len(net.deliveries(Progress, src=a, dst=origin)) >= 25
+        assert row.status == "completed" and row.node_id == a.peer_id
+        assert row.result == scripted_answer(PROMPT, 30) and row.retry_count == 0
+        assert attempts_by(net, await origin.tasks.attempts(task_id)) == [("A", "completed")]
+        assert assigned(net, task_id, b) == []
+
+
+# --- the harness's store --------------------------------------------------------------
+
+
+async def test_inline_store_stays_on_the_trio_thread(
+    clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    store = Store(tmp_path / "inline.db", inline=True)  # the guards refuse any thread
+    t0 = trio.current_time()
+    await store.open()
+    await store.upsert_peers([PeerUpdate("p1", "0xabc", (), "cpu", 0, "", 0.9, "v", 1.0)])
+    assert [p.peer_id for p in await store.list_peers()] == ["p1"]
+    await store.close()
+    assert trio.current_time() == t0  # no virtual time passed inside a query
+    with pytest.raises(AssertionError, match="thread"):  # the default still hops threads
+        await Store(tmp_path / "threaded.db").open()
