@@ -25,11 +25,11 @@ Nothing runs in a thread: the stores run inline and the guards make any
 ``trio.to_thread.run_sync`` fail. Pipelines, training and settlement are out of scope
 (no pipelined tasks; ``trainer`` and ``settle`` are None, as on a node without them).
 
-Give latencies and durations as binary fractions (1/64, 0.125, 1.0, ...) so virtual
-times add up exactly. Otherwise a no-progress check can land a rounding error before
-its deadline: ``TaskOrigin._await_result`` then waits ``timeout - silent`` seconds, less
-than the clock can represent at that time, so the wait ends without the clock moving
-and it spins (the watchdog of ``market_net`` turns that into a failure).
+Latencies and durations are given as binary fractions (1/64, 0.125, 1.0, ...) so that
+virtual times add up exactly and the tests can assert them with tight tolerances. (The
+origin once spun at a no-progress boundary when they did not: it waited ``timeout -
+silent`` seconds, less than the clock resolves; it now waits for an absolute deadline.
+The watchdog of ``market_net`` turns any such spin into a failure.)
 """
 
 from __future__ import annotations
@@ -57,7 +57,6 @@ from vcoind.compute.params import GenerationError, GenerationParams
 from vcoind.compute.sampling import GenerationResult
 from vcoind.config import MarketConfig
 from vcoind.consensus.reputation import DEFAULT_REPUTATION
-from vcoind.market import worker as worker_module
 from vcoind.market.consensus import Coordinator, Replica, VoteContext
 from vcoind.market.messages import Assignments, Bid, Cancel, Progress, TaskAnnounce, TaskResult
 from vcoind.market.origin import TaskOrigin
@@ -82,20 +81,6 @@ Handler = Callable[[Any], Awaitable[None]]
 # --- virtual time ---------------------------------------------------------------------
 
 
-class _WorkerTime:
-    """``time`` as ``vcoind.market.worker`` sees it here. Its progress throttle
-    (``PROGRESS_EVERY_S``) reads the wall clock, ``time.monotonic()``, which barely moves
-    while virtual time runs: only the first report of a job would go out, and a slow
-    worker would look silent. Here ``monotonic`` is the trio clock. (The worker could
-    read ``trio.current_time()`` itself; the market code is not changed here.)"""
-
-    time = staticmethod(time.time)
-
-    @staticmethod
-    def monotonic() -> float:
-        return trio.current_time()
-
-
 def _no_threads(*args: Any, **kwargs: Any) -> Any:
     raise AssertionError(
         "trio.to_thread.run_sync under the market harness: a thread breaks virtual time "
@@ -104,9 +89,7 @@ def _no_threads(*args: Any, **kwargs: Any) -> Any:
 
 
 def virtual_time_guards(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Call from the test's clock fixture: the worker's progress throttle on the trio
-    clock, and any thread hop an error."""
-    monkeypatch.setattr(worker_module, "time", _WorkerTime)
+    """Call from the test's clock fixture: any thread hop is an error."""
     monkeypatch.setattr(trio.to_thread, "run_sync", _no_threads)
 
 

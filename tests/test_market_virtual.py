@@ -23,9 +23,10 @@ from tests.market_harness import (
 )
 from vcoind.config import MarketConfig
 from vcoind.consensus.reputation import DEFAULT_REPUTATION
+from vcoind.market.assign import REDIAL_WAIT_S
+from vcoind.market.bidding import REANNOUNCE_S
 from vcoind.market.consensus import REVEAL_TIMEOUT_S, VOTE_WAIT_S
 from vcoind.market.messages import Assignments, Bid, GenParams, Progress, TaskAnnounce
-from vcoind.market.origin import REANNOUNCE_S, REDIAL_WAIT_S
 from vcoind.market.votes import ResultCommitment, ResultReveal
 from vcoind.store import AttemptRow, PeerUpdate, Store
 

@@ -211,7 +211,7 @@ class Assignment:
     async def await_result(
         self, live: LiveTask, peer: str, require_alive: bool = True
     ) -> str | None:
-        last_written = 0.0
+        last_written = -PROGRESS_WRITE_EVERY_S
         while True:
             if live.result is not None:
                 return None
@@ -219,13 +219,16 @@ class Assignment:
                 return live.attempt_error
             if require_alive and not self._view.alive(peer):
                 return f"worker {peer} left the network"
-            silent = trio.current_time() - live.last_progress
-            if silent >= live.row.timeout_s:
+            # An absolute deadline: a remainder computed by subtraction can round to a
+            # wait shorter than the clock resolves, and the loop would spin at the boundary.
+            deadline = live.last_progress + live.row.timeout_s
+            now = trio.current_time()
+            if now >= deadline:
                 return f"no progress from {peer} for {live.row.timeout_s:g} s"
-            if live.progress and time.monotonic() - last_written >= PROGRESS_WRITE_EVERY_S:
-                last_written = time.monotonic()
+            if live.progress and now - last_written >= PROGRESS_WRITE_EVERY_S:
+                last_written = now
                 await self._update(live, progress=live.progress)
-            with trio.move_on_after(min(1.0, live.row.timeout_s - silent)):
+            with trio.move_on_at(min(now + 1.0, deadline)):
                 await live.changed.wait()
 
     async def cancel_worker(self, live: LiveTask) -> None:

@@ -253,7 +253,7 @@ class TaskWorker:
 
         def progress(n: int) -> None:
             nonlocal last_sent
-            now = time.monotonic()
+            now = trio.current_time()  # the trio clock (virtual in tests)
             if now - last_sent >= PROGRESS_EVERY_S:
                 last_sent = now
                 nursery.start_soon(self._report_progress, job, n)
