@@ -1,29 +1,38 @@
 """A virtual-time harness for the task market: several market nodes in one trio loop.
 
-Each node is the real market: ``TaskOrigin``, ``TaskWorker``, ``Replica`` and
-``Coordinator`` (a ``VoteContext`` with a real ``Signer``), ``TaskProtocol`` and
-``Routes``, on real ``TaskStore``/``ConsensusStore`` over an in-memory SQLite ``Store``,
-built with the constructor calls of ``vcoind.market.service.MarketService`` and mounted
-with the routes and handlers of ``MarketService.mount``. Only the ports are stand-ins:
+Each node runs the daemon's own ``vcoind.market.service.MarketService``: its
+``TaskOrigin``, ``TaskWorker``, consensus roles (``Replica``, ``Coordinator``, with a
+real ``Signer``), ``TaskProtocol``, vote bus and RPC methods, constructed, mounted and
+run as ``vcoind.node`` does, on real ``TaskStore``/``ConsensusStore`` over an in-memory
+SQLite ``Store``. One method is overridden (``HarnessMarket.embed``: consensus
+embeddings without a model or a thread); only the ports are stand-ins:
 
 - gossip (``MemoryGossip``): a published record reaches the route for its type on every
-  OTHER live node, each delivery in its own task after the link's latency; votes also
-  come back to their publisher through a local queue (``MarketService._publish_vote``);
+  OTHER live node, each delivery in its own task after the link's latency (the service
+  hands its own votes back to itself, as on a node);
 - streams (``MemoryStreams``): a request runs the target's ``TaskProtocol`` handler in
   the target's nursery after the link's latency (to itself ``TaskProtocol.send`` makes
   a plain call); a dead node raises ``StreamOpenError`` (nothing sent), and one that
   dies while answering never answers;
-- presence (``HarnessView``): the ``NetworkView`` methods the market calls, answered
-  from which nodes serve which model and are alive (a dead node stays in the others'
-  views for ``peer_timeout_s``, as a peer does until its heartbeat expires);
-- compute (``ScriptedCompute``): a scripted stand-in for the GPU.
+- presence (``HarnessPresence``, ``HarnessView``): the ``NetworkView`` methods the
+  market calls, answered from which nodes serve which model and are alive (a dead node
+  stays in the others' views for ``peer_timeout_s``, as a peer does until its heartbeat
+  expires);
+- compute (``ScriptedCompute``): a scripted stand-in for the GPU;
+- notifications (``MarketNode._publish``): from the task views the service publishes,
+  the node records when each task finished, and each wakes ``MarketNet.wait_for``;
+- RPC: the service's methods go on a ``MethodRegistry``, its GET aliases on a recorder
+  (``HttpAliases``).
 
 Run it under ``trio.testing.MockClock(autojump_threshold=0)`` with
 ``virtual_time_guards``: timeouts of minutes then cost milliseconds. Records cross the
 network encoded and decoded by the wire codec, so every record sent is wire-valid.
 Nothing runs in a thread: the stores run inline and the guards make any
 ``trio.to_thread.run_sync`` fail. Pipelines, training and settlement are out of scope
-(no pipelined tasks; ``trainer`` and ``settle`` are None, as on a node without them).
+(no pipelined tasks; no settler, trainer or chain, as on a node without them).
+
+A handler that raises, or anything the daemon logs at ERROR (a local vote handler, a
+task that failed unexpectedly), fails the test: the real node would only log it.
 
 Latencies and durations are given as binary fractions (1/64, 0.125, 1.0, ...) so that
 virtual times add up exactly and the tests can assert them with tight tolerances. (The
@@ -37,15 +46,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import json
 import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import pytest
 import trio
@@ -56,19 +66,17 @@ from vcoind.compute.models import ModelError, ModelInfo
 from vcoind.compute.params import GenerationError, GenerationParams
 from vcoind.compute.sampling import GenerationResult
 from vcoind.config import MarketConfig
-from vcoind.consensus.reputation import DEFAULT_REPUTATION
-from vcoind.market.consensus import Coordinator, Replica, VoteContext
-from vcoind.market.messages import Assignments, Bid, Cancel, Progress, TaskAnnounce, TaskResult
-from vcoind.market.origin import TaskOrigin
-from vcoind.market.protocol import TaskProtocol
-from vcoind.market.routes import Routes
-from vcoind.market.votes import CommitsClosed, OutcomeVote, ResultCommitment, ResultReveal
-from vcoind.market.worker import TaskWorker
+from vcoind.market.service import MarketService
 from vcoind.metrics import NodeMetrics
 from vcoind.p2p.codec import decode, encode
 from vcoind.p2p.streams import ErrorReply, StreamOpenError, StreamProtocol, StreamProtocolError
+from vcoind.rpc import MethodRegistry
+from vcoind.service import Mounts
 from vcoind.signer import Signer
-from vcoind.store import ConsensusStore, PeerUpdate, Store, TaskRow, TaskStore
+from vcoind.store import PeerUpdate, Store, TaskRow
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
 
 log = logging.getLogger("tests.market_harness")
 
@@ -284,8 +292,41 @@ class HarnessView:
 # --- a node -----------------------------------------------------------------------------------
 
 
+class HarnessPresence:
+    """The ``PresenceService`` parts the market uses: its ``view`` and ``note_queue``."""
+
+    def __init__(self, view: HarnessView) -> None:
+        self.view = view
+        self.queue_length = 0
+
+    def note_queue(self, queue_length: int) -> None:
+        self.queue_length = queue_length
+
+
+class HttpAliases:
+    """The ``RPCServer`` part ``mount`` uses: the GET aliases, recorded."""
+
+    def __init__(self) -> None:
+        self.aliases: dict[str, str] = {}
+
+    def add_get_alias(self, path: str, method: str, *, query: bool = False) -> None:
+        self.aliases[path] = method
+
+
+class HarnessMarket(MarketService):
+    """The daemon's ``MarketService`` with one override: consensus embeddings come from
+    ``deterministic_embed``. The real ``embed`` loads a sentence-transformers model and
+    runs it on a worker thread, which breaks virtual time (``virtual_time_guards`` makes
+    any thread hop fail)."""
+
+    async def embed(self, texts: Sequence[str]) -> list[tuple[float, ...]]:
+        return await deterministic_embed(texts)
+
+
 class MarketNode:
-    """One node's market, wired as ``MarketService`` wires it (constructor and mount)."""
+    """One node: the daemon's ``MarketService`` (as ``HarnessMarket``) on the harness's
+    ports, mounted and run as ``vcoind.node`` does. Its parts (``origin``, ``worker``,
+    ``tasks``, ...) are the service's."""
 
     def __init__(
         self, net: MarketNet, name: str, cfg: MarketConfig, compute: ScriptedCompute, *,
@@ -299,51 +340,27 @@ class MarketNode:
         me = self.peer_id = ID.from_pubkey(create_new_key_pair().public_key).to_base58()
         self.signer = Signer(secrets.token_bytes(32), NETWORK)
         self.store = Store(Path(":memory:"), inline=True)
-        metrics = self.metrics = NodeMetrics()
-        gossip = self.gossip = MemoryGossip(net, me)
+        self.metrics = NodeMetrics()
+        self.gossip = MemoryGossip(net, me)
         self.streams = MemoryStreams(net, me)
-        view = self.view = HarnessView(net, me, self.signer.address)
+        self.presence = HarnessPresence(HarnessView(net, me, self.signer.address))
+        self.view = self.presence.view
+        self.rpc = MethodRegistry()
+        self.http = HttpAliases()
         self.nursery: trio.Nursery | None = None
         self.finished_at: dict[str, float] = {}  # task id -> virtual time it finished
         self._net = net
-        # --- as MarketService.__init__ ---
-        self.tasks = TaskStore(self.store)
-        self.consensus_store = ConsensusStore(self.store)
-        self.protocol = TaskProtocol(self.streams, me)  # type: ignore[arg-type]
-        self._local_votes, self._local_votes_rx = trio.open_memory_channel[Any](256)
-        ctx = VoteContext(me, NETWORK, self.signer, self._publish_vote, deterministic_embed,
-                          metrics.consensus_rejected)  # fmt: skip
-        self.replica = Replica(ctx, fault=cfg.fault)
-        self.coordinator = Coordinator(ctx, self.consensus_store,
-                                       eth_address_of=view.eth_address_of,
-                                       health_of=view.health_of)  # fmt: skip
-        self.routes = Routes(compute, view, metrics)  # type: ignore[arg-type]
-        self.worker = TaskWorker(
-            compute, self.tasks, peer_id=me, network=NETWORK,  # type: ignore[arg-type]
-            publish_bid=lambda bid: gossip.publish("tasks", bid), send=self.protocol.send,
-            health=lambda: view.health_of(me), on_change=self._worker_changed,
-            commit_result=self.replica.commit, sign_result=lambda r: r,  # no settler
-            pipelines=self.routes, trainer=None,
+        service = self.service = HarnessMarket(
+            cfg, NETWORK, self.signer, self.store, self.gossip, self.streams,  # type: ignore[arg-type]
+            self.metrics, self.presence, compute, publish=self._publish,  # type: ignore[arg-type]
         )  # fmt: skip
-        self.origin = TaskOrigin(
-            self.tasks, metrics, cfg, peer_id=me, network=NETWORK,
-            publish_announce=lambda ann: gossip.publish("tasks", ann),
-            local_bid=self.worker.make_bid,
-            publish_bid=lambda bid: gossip.publish("tasks", bid),
-            send=self.protocol.send, notify=self._notify_task, view=view,  # type: ignore[arg-type]
-            reputations=self.reputations, coordinator=self.coordinator,
-            settle=None, pipelines=self.routes, trainer=None,
-        )  # fmt: skip
-        # --- as MarketService.mount ---
-        gossip.on("tasks", TaskAnnounce, self.worker.on_announce)
-        gossip.on("tasks", Bid, self.origin.on_bid)
-        for record in (ResultCommitment, CommitsClosed, ResultReveal, OutcomeVote):
-            gossip.on("votes", record, self._on_vote_record)
-        p = self.protocol
-        p.handle(Assignments, self.worker.on_assignments)
-        p.handle(Cancel, self.worker.on_cancel)
-        p.handle(Progress, self.origin.on_progress)
-        p.handle(TaskResult, self.origin.on_result)
+        mounts = Mounts(rpc=self.rpc, http=self.http, gossip=self.gossip, streams=self.streams)  # type: ignore[arg-type]
+        service.mount(mounts)
+        self.tasks, self.consensus_store = service.tasks, service.consensus_store
+        self.origin, self.worker = service.origin, service.worker
+        self.replica, self.coordinator = service.replica, service.coordinator
+        self.protocol = service.protocol
+        self.reputations = service.reputations
 
     def serves(self, model: str) -> bool:
         return any(model in (m.name, m.model_id) for m in self.compute.models.all())
@@ -353,54 +370,23 @@ class MarketNode:
         return PeerUpdate(self.peer_id, self.signer.address, (), "scripted", 0, "",
                           self.health, "vcoind/harness", time.time())  # fmt: skip
 
-    async def reputations(self, peers: list[str]) -> dict[str, float]:
-        return await self.consensus_store.reputations(peers, DEFAULT_REPUTATION)
-
-    # --- as MarketService: the vote bus, notifications, running ---
-
-    async def _publish_vote(self, record: Any) -> None:
-        await self.gossip.publish("votes", record)
-        await self._local_votes.send(record)
-
-    async def _deliver_local_votes(self) -> None:
-        async for record in self._local_votes_rx:
-            try:
-                await self._on_vote_record(record)
-            except Exception as exc:
-                self._net.error(f"{self.name}: local {type(record).__name__} handler", exc)
-
-    async def _on_vote_record(self, record: Any) -> None:
-        if isinstance(record, ResultCommitment):
-            await self.coordinator.on_commitment(record)
-        elif isinstance(record, CommitsClosed):
-            self._spawn(self.replica.on_closed, record)
-        elif isinstance(record, ResultReveal):
-            await self.coordinator.on_reveal(record)
-            self._spawn(self.replica.on_reveal, record)
-        elif isinstance(record, OutcomeVote):
-            await self.coordinator.on_vote(record)
-
-    def _spawn(self, fn: Any, *args: Any) -> None:
-        if self.nursery is not None:
-            self.nursery.start_soon(fn, *args)
-
-    async def _notify_task(self, view: dict[str, Any]) -> None:
-        self.metrics.tasks_in_flight.set(self.origin.in_flight())
-        if view["finished"]:
-            self.finished_at.setdefault(view["task_id"], trio.current_time())
-        self._net.changed()
+    async def _publish(self, channel: str, payload: Any) -> None:
+        """The node's notification port (``RPCServer.publish``): the service publishes a
+        task's view on ``task:<id>`` and on ``tasks`` at every change. Serialised as the
+        real port does for a subscriber; a change wakes ``net.wait_for``."""
+        json.dumps(payload, allow_nan=False)
+        if channel == "tasks":
+            if payload["finished"]:
+                self.finished_at.setdefault(payload["task_id"], trio.current_time())
+            self._net.changed()
         await trio.lowlevel.checkpoint()
 
-    def _worker_changed(self) -> None:
-        self.metrics.queue_length.set(self.worker.queue_length)
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self.protocol.serve()
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The service under a nursery of the node's own, which the harness's deliveries to
+        this node also run in: ``net.kill`` cancels them all, as the process ending would."""
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
-            nursery.start_soon(self._deliver_local_votes)
-            await nursery.start(self.worker.run)
-            await nursery.start(self.origin.run)
+            await nursery.start(self.service.run)
             task_status.started()
 
     # --- for tests ---
@@ -603,17 +589,45 @@ class MarketNet:
         return reply[0]
 
 
+class _ErrorRecords(logging.Handler):
+    """The daemon's ERROR records (logger ``vcoind`` and below) as ``MarketNet.errors``."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__(logging.ERROR)
+        self._errors = errors
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = f"{record.name}: {record.getMessage()}"
+        if record.exc_info and (exc := record.exc_info[1]) is not None:
+            text += f": {type(exc).__name__}: {exc}"
+        self._errors.append(text)
+
+
+@contextmanager
+def daemon_errors(errors: list[str]) -> Iterator[None]:
+    """While it lasts, what the daemon logs at ERROR is appended to ``errors``."""
+    logger = logging.getLogger("vcoind")
+    handler = _ErrorRecords(errors)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 @asynccontextmanager
 async def market_net(
     latency_s: float = 1 / 64, peer_timeout_s: float = 30.0, real_timeout_s: float = 30.0
 ) -> AsyncIterator[MarketNet]:
     """A network of market nodes for one test; on exit every node stops, and a handler
-    that raised (a bug the real node would only log) fails the test.
+    that raised or an ERROR the daemon logged (a bug the real node would only log) fails
+    the test.
 
     A loop that never sleeps stops virtual time without advancing it, and the test would
     hang: after ``real_timeout_s`` of wall-clock time a watchdog cancels the test.
     """
     net: MarketNet | None = None
+    errors: list[str] = []
     token = trio.lowlevel.current_trio_token()
     timed_out = False
     with trio.CancelScope() as everything:
@@ -626,10 +640,12 @@ async def market_net(
         watchdog = threading.Timer(real_timeout_s, token.run_sync_soon, (expire,))
         watchdog.start()
         try:
-            async with trio.open_nursery() as nursery:
-                net = MarketNet(nursery, latency_s=latency_s, peer_timeout_s=peer_timeout_s)
-                yield net
-                nursery.cancel_scope.cancel()
+            with daemon_errors(errors):
+                async with trio.open_nursery() as nursery:
+                    net = MarketNet(nursery, latency_s=latency_s, peer_timeout_s=peer_timeout_s,
+                                    errors=errors)  # fmt: skip
+                    yield net
+                    nursery.cancel_scope.cancel()
         finally:
             watchdog.cancel()
             if net is not None:
@@ -638,6 +654,5 @@ async def market_net(
                         await node.store.close()
     if timed_out:
         raise AssertionError(f"{real_timeout_s:g} s of real time: a loop that never sleeps?")
-    assert net is not None
-    if net.errors:
-        raise AssertionError("handlers failed:\n" + "\n".join(net.errors))
+    if errors:
+        raise AssertionError("handlers failed or the daemon logged errors:\n" + "\n".join(errors))
