@@ -17,7 +17,13 @@ import trio
 from libp2p.peer.id import ID
 
 from vcoind.compute.models import ModelStore
-from vcoind.compute.shard_host import SESSION_IDLE_S, LocalChannel, ServedSpan, ShardHost
+from vcoind.compute.shard_host import (
+    SESSION_IDLE_S,
+    LocalChannel,
+    ServedSpan,
+    ShardHost,
+    parse_serve_spec,
+)
 from vcoind.compute.shardwire import SHARD_PROTOCOL, ShardClose, ShardOpen, ShardStep
 from vcoind.p2p.streams import StreamProtocol, StreamService
 from vcoind.presence.messages import ModelServed
@@ -127,7 +133,6 @@ class ComputeService:
     def _resolve_spans(self) -> list[ServedSpan]:
         """``--serve-layers``: a matching shard dir in the models dir, else split the whole
         model into DATADIR/shards once. File work: runs on a worker thread."""
-        from vcoind.compute.shard_host import parse_serve_spec
         from vcoind.compute.shards import ShardManifest, split_model
 
         if not self.cfg.serve_layers:
