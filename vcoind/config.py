@@ -15,7 +15,7 @@ import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import multiaddr
 
@@ -528,3 +528,14 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, tuple):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return str(v)
+
+
+T = TypeVar("T")
+
+
+def subset(cls: type[T], section: Any, **overrides: Any) -> T:
+    """``cls`` (a dataclass of a service's settings) built from the same-named fields of
+    the config section ``section``, with ``overrides`` on top."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    given = {k: v for k, v in dataclasses.asdict(section).items() if k in names}
+    return cls(**{**given, **overrides})

@@ -72,7 +72,6 @@ class ComputeService:
                                     kernels=None if cfg.triton_kernels else False)  # fmt: skip
         self._executor: Executor | None = None
         self._executor_lock = trio.Lock()
-        self._ready: Executor | None = None
         self._served: tuple[ModelServed, ...] = ()
 
     # --- the executor -------------------------------------------------------
@@ -101,16 +100,16 @@ class ComputeService:
 
     async def executor(self) -> Executor:
         """The executor, created on a worker thread on first use."""
-        if self._ready is None:  # after the first call, no thread hop per task
+        if self._executor is None:  # after the first call, no thread hop per task
             async with self._executor_lock:  # two threads importing transformers break it
-                if self._ready is None:
-                    self._ready = await trio.to_thread.run_sync(self.executor_now)
-        return self._ready
+                if self._executor is None:
+                    await trio.to_thread.run_sync(self.executor_now)
+        return self.executor_now()
 
     @property
     def slots(self) -> int:
         """Requests the executor decodes together (1 until it exists)."""
-        return self._ready.slots if self._ready is not None else 1
+        return self._executor.slots if self._executor is not None else 1
 
     def torch_threads(self) -> None:
         n = self.cfg.cpu_threads

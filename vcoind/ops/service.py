@@ -9,7 +9,6 @@ on the ``alerts`` WebSocket channel and an optional webhook, and ``vcoin_nodeInf
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from vcoind.chain.service import vcoin
+from vcoind.config import subset
 from vcoind.metrics import NodeMetrics
 from vcoind.ops.alerts import AlertEngine, Snapshot, Thresholds
 from vcoind.ops.api import add_dashboard_routes, register_ops_api
@@ -73,9 +73,7 @@ class OpsService:
         self._nursery: trio.Nursery | None = None
         self.alerts: AlertEngine | None = None
         if alerts_cfg.enabled:
-            names = {f.name for f in dataclasses.fields(Thresholds)}
-            given = {k: v for k, v in dataclasses.asdict(alerts_cfg).items() if k in names}
-            self.alerts = AlertEngine(Thresholds(**given))
+            self.alerts = AlertEngine(subset(Thresholds, alerts_cfg))
         self.alert_store = AlertStore(store)
         self.slas = SLAStore(store)
         self.sla_status: dict[str, dict[str, Any]] = {}  # customer -> latest evaluation

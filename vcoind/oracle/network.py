@@ -4,13 +4,13 @@ queries this node is origin of (combined, signed and, with a chain, anchored).""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from vcoind.config import subset
 from vcoind.market.settle import Settled, Settler
 from vcoind.metrics import NodeMetrics
 from vcoind.oracle import OracleError
@@ -61,9 +61,7 @@ class OracleNetwork:
             coins = tuple((a.strip(), b.strip())
                           for a, _, b in (c.partition("=") for c in cfg.coins))  # fmt: skip
             classifier = str(Path(cfg.classifier_dir).expanduser()) if cfg.classifier_dir else ""
-            names = {f.name for f in dataclasses.fields(OracleSettings)}
-            given = {k: v for k, v in dataclasses.asdict(cfg).items() if k in names}
-            settings = OracleSettings(**{**given, "coins": coins, "classifier_dir": classifier})
+            settings = subset(OracleSettings, cfg, coins=coins, classifier_dir=classifier)
             self.local = OracleService(
                 settings, OracleStore(store),
                 on_cache=lambda cache, hit: metrics.oracle_cache.labels(
