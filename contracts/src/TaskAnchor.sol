@@ -313,9 +313,14 @@ contract TaskAnchor is AccessControl, EIP712 {
         });
         emit Anchored(taskId, o.resultHash, t.modelId, o.decision, votes.length);
 
+        uint256 burned;
+        uint256 fee;
         for (uint256 i = 0; i < votes.length; ++i) {
-            _pay(taskId, t.requester, votes[i].worker, votes[i].price * o.units);
+            (uint256 b, uint256 f) = _pay(taskId, t.requester, votes[i].worker, votes[i].price * o.units);
+            burned += b;
+            fee += f;
         }
+        _burnAndFee(burned, fee);
     }
 
     /// Pays an agreeing, awarded worker whose vote was left out of the anchor, exactly as the
@@ -330,7 +335,8 @@ contract TaskAnchor is AccessControl, EIP712 {
         uint32 units = a.units;
         bytes32 digest = _outcomeDigest(taskId, tHash, a.resultHash, a.decision, units, a.profile);
         _checkVote(t, tHash, digest, v);
-        _pay(taskId, t.requester, v.worker, v.price * units);
+        (uint256 burned, uint256 fee) = _pay(taskId, t.requester, v.worker, v.price * units);
+        _burnAndFee(burned, fee);
     }
 
     function _checkVote(Ticket calldata t, bytes32 tHash, bytes32 digest, Vote calldata v) private view {
@@ -344,18 +350,25 @@ contract TaskAnchor is AccessControl, EIP712 {
 
     /// Pays `gross` (price x units) from the requester's deposit, available then pending, or
     /// what it holds: burnBps burned, feeBps to the reserve, the rest to the worker, and
-    /// mintBps of it minted to the worker within the epoch's cap and the supply cap.
-    function _pay(bytes32 taskId, address requester, address worker, uint256 gross) private {
+    /// mintBps of it minted to the worker within the epoch's cap and the supply cap. Returns
+    /// the burn and the fee, which the caller settles once for all votes (`_burnAndFee`).
+    function _pay(bytes32 taskId, address requester, address worker, uint256 gross)
+        private
+        returns (uint256 burned, uint256 fee)
+    {
         paid[taskId][worker] = true;
         uint256 take = _draw(taskId, requester, gross);
-        uint256 burned = take * burnBps / BPS;
-        uint256 fee = take * feeBps / BPS;
+        burned = take * burnBps / BPS;
+        fee = take * feeBps / BPS;
         uint256 toWorker = take - burned - fee;
         uint256 minted = _mint(worker, take * mintBps / BPS);
-        if (burned > 0) token.burn(burned);
-        if (fee > 0) token.safeTransfer(staking.reserve(), fee);
         if (toWorker > 0) token.safeTransfer(worker, toWorker);
         emit Paid(taskId, worker, take, toWorker, burned, fee, minted);
+    }
+
+    function _burnAndFee(uint256 burned, uint256 fee) private {
+        if (burned > 0) token.burn(burned);
+        if (fee > 0) token.safeTransfer(staking.reserve(), fee);
     }
 
     function _draw(bytes32 taskId, address requester, uint256 gross) private returns (uint256 take) {
