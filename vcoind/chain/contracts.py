@@ -7,8 +7,9 @@ never by the chain node, so the same code talks to the embedded EVM, anvil or an
 
 from __future__ import annotations
 
+import ast
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,7 +26,8 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "contracts" / "artifacts"
 NAMES = ("VCoin", "Staking", "TaskAnchor", "VCoinTimelock", "VCoinGovernor")
 ZERO_ADDRESS = "0x0000000000000000000000000000000000000000"
 E18 = 10**18
-DEPLOYMENT_VERSION = 1
+DEPLOYMENT_VERSION = 2  # 2: settlement v2 (TaskAnchor with escrow)
+ADMIN_ROLE = bytes(32)  # DEFAULT_ADMIN_ROLE
 GAS_MARGIN = 25_000
 
 
@@ -67,7 +69,7 @@ def _error_table(abis: Iterable[Sequence[dict[str, Any]]]) -> dict[bytes, tuple[
     for abi in abis:
         for item in abi:
             if item.get("type") == "error":
-                types = [_abi_type(i) for i in item["inputs"]]
+                types = [abi_type(i) for i in item["inputs"]]
                 table[keccak(text=f"{item['name']}({','.join(types)})")[:4]] = (
                     item["name"],
                     types,
@@ -75,10 +77,10 @@ def _error_table(abis: Iterable[Sequence[dict[str, Any]]]) -> dict[bytes, tuple[
     return table
 
 
-def _abi_type(inp: dict[str, Any]) -> str:
+def abi_type(inp: dict[str, Any]) -> str:
     t = str(inp["type"])
     if t.startswith("tuple"):
-        return "(" + ",".join(_abi_type(c) for c in inp["components"]) + ")" + t[5:]
+        return "(" + ",".join(abi_type(c) for c in inp["components"]) + ")" + t[5:]
     return t
 
 
@@ -133,12 +135,28 @@ def revert_from(exc: BaseException) -> RevertError | None:
             arg = seen.args[0] if seen.args else None
             if isinstance(arg, Exception) and arg.args:
                 arg = arg.args[0]
+            if isinstance(arg, str):  # a call (not a transaction): the bytes' repr
+                arg = _bytes_repr(arg)
             if isinstance(arg, bytes):
                 return decode_revert_data(arg)
         seen = seen.__context__
     if "execution reverted" in str(exc).lower() or isinstance(exc, TransactionFailed):
         return RevertError("Error", (str(exc),))
     return None
+
+
+def _bytes_repr(text: str) -> bytes | str:
+    """The bytes eth-tester writes as ``"[execution reverted: ]b'...'"`` for a reverted
+    call, or ``text`` itself."""
+    literal = text.removeprefix("execution reverted: ")
+    if literal.startswith(("b'", 'b"')):
+        try:
+            value = ast.literal_eval(literal)
+        except (ValueError, SyntaxError):
+            return text
+        if isinstance(value, bytes):
+            return value
+    return text
 
 
 class KeyHolder(Protocol):
@@ -233,21 +251,46 @@ def events(contract: Contract, name: str, receipt: Any) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class DeployParams:
-    """Constructor arguments (see contracts/README.md). Amounts in wei, times in seconds."""
+    """Constructor arguments (see contracts/README.md). Amounts in wei, times in seconds.
+
+    The defaults are production's: the deployer hands every role to the Timelock (through
+    governance) and TaskAnchor, and keeps none. ``faucet`` (devnet) lets the deployer keep
+    its admin roles and MINTER_ROLE, to fund nodes.
+    """
 
     unstake_delay: int = 7 * 86400
     min_stake: int = 100 * E18
-    max_reward: int = 100 * E18
+    # TaskAnchor's Params
     slash_amount: int = 50 * E18
+    fee_bps: int = 200  # of every payment, to the reserve
+    burn_bps: int = 1000  # of every payment, burned
+    mint_bps: int = 500  # minted to the worker on top (below burn_bps: more burned than minted)
+    epoch_length: int = 86400
+    epoch_mint_cap: int = 10_000 * E18  # minted per epoch, at most
+    withdraw_delay: int = 86400  # a requester's deposit withdrawal waits this long
+    # Governance
     voting_delay: int = 86400
     voting_period: int = 7 * 86400
     timelock_delay: int = 2 * 86400
-    reserve: str = ""  # "" = the deployer
+    reserve: str = ""  # receives fees and half of every slash; "" = the deployer (faucet) or
+    # the Timelock (production: fees become governance's treasury)
+    faucet: bool = False
+
+    def anchor_params(self) -> tuple[int, int, int, int, int, int, int]:
+        """TaskAnchor's ``Params`` struct, in field order."""
+        return (self.slash_amount, self.fee_bps, self.burn_bps, self.mint_bps,
+                self.epoch_length, self.epoch_mint_cap, self.withdraw_delay)  # fmt: skip
+
+    def check(self) -> None:
+        """ChainError for fees the contract refuses (``BadFees``)."""
+        if not 0 <= self.mint_bps < self.burn_bps or self.fee_bps + self.burn_bps > 10_000:
+            raise ChainError(f"bad fees: fee {self.fee_bps} + burn {self.burn_bps} bps must be "
+                             f"at most 10000 and mint {self.mint_bps} below burn")  # fmt: skip
 
 
 DEVNET_PARAMS = DeployParams(
-    unstake_delay=60, min_stake=100 * E18, max_reward=100 * E18, slash_amount=50 * E18,
-    voting_delay=1, voting_period=120, timelock_delay=10,
+    unstake_delay=60, min_stake=100 * E18, slash_amount=50 * E18, epoch_length=3600,
+    withdraw_delay=60, voting_delay=1, voting_period=120, timelock_delay=10, faucet=True,
 )  # fmt: skip
 
 
@@ -280,16 +323,31 @@ class Deployment:
             raise ChainError(f"deployment file {path} not found") from None
         except (OSError, ValueError) as exc:
             raise ChainError(f"deployment file {path} is not valid JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ChainError(f"deployment file {path}: not a JSON object")
+        version = raw.get("version")
+        if version != DEPLOYMENT_VERSION:
+            old = version == 1
+            raise ChainError(
+                f"deployment file {path}: version {version} "
+                + ("(settlement v1 contracts, which this node no longer speaks)" if old
+                   else "is not supported")
+                + ": redeploy with `vcoind chain deploy`"
+            )  # fmt: skip
         try:
             d = cls(**raw)
         except TypeError as exc:
             raise ChainError(f"deployment file {path}: {exc}") from None
-        if d.version != DEPLOYMENT_VERSION:
-            raise ChainError(f"deployment file {path}: version {d.version} is not supported")
         missing = [n for n in NAMES if not Web3.is_address(d.addresses.get(n, ""))]
         if missing:
             raise ChainError(f"deployment file {path}: no address for {', '.join(missing)}")
         return d
+
+    @property
+    def faucet(self) -> str | None:
+        """The address that kept MINTER_ROLE and the admin roles (a devnet), or None."""
+        f = self.params.get("faucet")
+        return str(f) if f else None
 
 
 @dataclass
@@ -311,15 +369,34 @@ class Contracts:
 
         return cls(w3, *(bind(n) for n in NAMES))
 
+    def all(self) -> tuple[Contract, ...]:
+        """In NAMES order."""
+        return (self.token, self.staking, self.anchor, self.timelock, self.governor)
 
-def deploy(w3: Web3, signer: Signer, network: str, p: DeployParams) -> Deployment:
+    def by_name(self, name: str) -> Contract:
+        """The contract called ``name`` (one of NAMES); ValueError for another name."""
+        if name not in NAMES:
+            raise ValueError(f"unknown contract {name!r} (one of {', '.join(NAMES)})")
+        return self.all()[NAMES.index(name)]
+
+
+def deploy(
+    w3: Web3,
+    signer: Signer,
+    network: str,
+    p: DeployParams,
+    genesis: Mapping[str, int] | None = None,
+) -> Deployment:
     """Deploy the five contracts and grant the roles contracts/README.md lists.
 
-    The deployer keeps its admin roles and gets MINTER_ROLE (to fund nodes on a devnet);
-    production would hand them to the timelock and renounce them.
+    ``genesis``: VCOIN (wei) minted to addresses before the deployer gives up MINTER_ROLE
+    (without a faucet, the only tokens that exist besides what TaskAnchor mints). With
+    ``p.faucet`` the deployer keeps its admin roles and MINTER_ROLE (a devnet's faucet);
+    without, it renounces every role it holds, and the deployment is checked: the Timelock
+    is the only admin, TaskAnchor the only minter (ChainError if any role is left behind).
     """
+    p.check()
     admin = signer.address
-    reserve = p.reserve or admin
     start = w3.eth.block_number
 
     def new(name: str, *args: Any) -> Contract:
@@ -330,27 +407,92 @@ def deploy(w3: Web3, signer: Signer, network: str, p: DeployParams) -> Deploymen
         return contract
 
     token = new("VCoin", admin)
-    staking = new("Staking", token.address, admin, reserve, p.unstake_delay, p.min_stake)
-    anchor = new("TaskAnchor", token.address, staking.address, admin, network, p.max_reward,
-                 p.slash_amount)  # fmt: skip
+    staking = new("Staking", token.address, admin, p.reserve or admin, p.unstake_delay,
+                  p.min_stake)  # fmt: skip
+    anchor = new("TaskAnchor", token.address, staking.address, admin, network,
+                 p.anchor_params())  # fmt: skip
     timelock = new("VCoinTimelock", p.timelock_delay, [], [ZERO_ADDRESS], admin)
     governor = new("VCoinGovernor", token.address, timelock.address, p.voting_delay,
                    p.voting_period)  # fmt: skip
     t, s, tl = token.functions, staking.functions, timelock.functions
-    signer.send(t.grantRole(t.MINTER_ROLE().call(), anchor.address))
-    signer.send(t.grantRole(t.MINTER_ROLE().call(), admin))
-    signer.send(t.grantRole(t.BURNER_ROLE().call(), staking.address))
+    minter, burner = t.MINTER_ROLE().call(), t.BURNER_ROLE().call()
+    signer.send(t.grantRole(minter, anchor.address))
+    signer.send(t.grantRole(burner, anchor.address))  # burns its share of each payment
+    signer.send(t.grantRole(burner, staking.address))  # burns half of each slash
     signer.send(s.grantRole(s.SLASHER_ROLE().call(), anchor.address))
     signer.send(tl.grantRole(tl.PROPOSER_ROLE().call(), governor.address))
     signer.send(tl.grantRole(tl.CANCELLER_ROLE().call(), governor.address))
     for c in (token, staking, anchor):
-        signer.send(c.functions.grantRole(bytes(32), timelock.address))
+        signer.send(c.functions.grantRole(ADMIN_ROLE, timelock.address))
+    if p.faucet:
+        signer.send(t.grantRole(minter, admin))
+    minted = {Web3.to_checksum_address(a): v for a, v in (genesis or {}).items() if v}
+    if minted:
+        if not p.faucet:  # for the genesis mint only; renounced below
+            signer.send(t.grantRole(minter, admin))
+        for to, amount in minted.items():
+            signer.send(t.mint(to, amount))
+    if not p.faucet:
+        if not p.reserve:
+            signer.send(s.setReserve(timelock.address))
+        if minted:
+            signer.send(t.renounceRole(minter, admin))
+        # The Timelock's own admin role last: until then the deployer could still fix it.
+        for c in (token, staking, anchor, timelock):
+            signer.send(c.functions.renounceRole(ADMIN_ROLE, admin))
     contracts = (token, staking, anchor, timelock, governor)
-    return Deployment(
+    d = Deployment(
         chain_id=w3.eth.chain_id, network=network, deployer=admin, block=start,
         addresses={n: c.address for n, c in zip(NAMES, contracts, strict=True)},
-        params=asdict(p),
+        params={**asdict(p), "reserve": s.reserve().call(), "faucet": admin if p.faucet else None,
+                "genesis": {a: str(v) for a, v in minted.items()}},
     )  # fmt: skip
+    if not p.faucet:
+        check_handover(Contracts.at(w3, d.addresses), admin)
+    return d
+
+
+def check_handover(c: Contracts, deployer: str) -> None:
+    """ChainError unless governance owns the deployment: the deployer holds no role on any
+    contract, the Timelock is admin of VCoin, Staking, TaskAnchor and itself, and TaskAnchor
+    holds the roles it pays and slashes with."""
+    t, s, tl = c.token.functions, c.staking.functions, c.timelock.functions
+    held = [
+        (c.token, "DEFAULT_ADMIN_ROLE", ADMIN_ROLE),
+        (c.token, "MINTER_ROLE", t.MINTER_ROLE().call()),
+        (c.token, "BURNER_ROLE", t.BURNER_ROLE().call()),
+        (c.staking, "DEFAULT_ADMIN_ROLE", ADMIN_ROLE),
+        (c.staking, "SLASHER_ROLE", s.SLASHER_ROLE().call()),
+        (c.anchor, "DEFAULT_ADMIN_ROLE", ADMIN_ROLE),
+        (c.timelock, "DEFAULT_ADMIN_ROLE", ADMIN_ROLE),
+        (c.timelock, "PROPOSER_ROLE", tl.PROPOSER_ROLE().call()),
+        (c.timelock, "CANCELLER_ROLE", tl.CANCELLER_ROLE().call()),
+        (c.timelock, "EXECUTOR_ROLE", tl.EXECUTOR_ROLE().call()),
+    ]  # fmt: skip
+    problems = [
+        f"the deployer still holds {name} on {_name_of(c, k)}"
+        for k, name, role in held
+        if k.functions.hasRole(role, deployer).call()
+    ]
+    needed = [
+        (c.token, "DEFAULT_ADMIN_ROLE", ADMIN_ROLE, c.timelock),
+        (c.staking, "DEFAULT_ADMIN_ROLE", ADMIN_ROLE, c.timelock),
+        (c.anchor, "DEFAULT_ADMIN_ROLE", ADMIN_ROLE, c.timelock),
+        (c.timelock, "DEFAULT_ADMIN_ROLE", ADMIN_ROLE, c.timelock),
+        (c.token, "MINTER_ROLE", t.MINTER_ROLE().call(), c.anchor),
+        (c.token, "BURNER_ROLE", t.BURNER_ROLE().call(), c.anchor),
+        (c.staking, "SLASHER_ROLE", s.SLASHER_ROLE().call(), c.anchor),
+        (c.timelock, "PROPOSER_ROLE", tl.PROPOSER_ROLE().call(), c.governor),
+    ]  # fmt: skip
+    problems += [f"{_name_of(c, who)} lacks {name} on {_name_of(c, k)}"
+                 for k, name, role, who in needed
+                 if not k.functions.hasRole(role, who.address).call()]  # fmt: skip
+    if problems:
+        raise ChainError("the governance handover is incomplete: " + "; ".join(problems))
+
+
+def _name_of(c: Contracts, contract: Contract) -> str:
+    return next(n for n, k in zip(NAMES, c.all(), strict=True) if k.address == contract.address)
 
 
 def fund(w3: Web3, signer: Signer, c: Contracts, to: str, *, vcoin: int = 0, eth: int = 0) -> None:
@@ -378,14 +520,26 @@ class Deployer:
         self.w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 30}))
         self.signer = Signer(self.w3, key)
 
-    def deploy(self, network: str, params: DeployParams, out: Path) -> Deployment:
-        """Deploy and write the deployment file ``out``."""
-        d = deploy(self.w3, self.signer, network, params)
+    def deploy(
+        self,
+        network: str,
+        params: DeployParams,
+        out: Path,
+        genesis: Mapping[str, int] | None = None,
+    ) -> Deployment:
+        """Deploy (minting ``genesis`` wei of VCOIN to each address before any handover) and
+        write the deployment file ``out``."""
+        d = deploy(self.w3, self.signer, network, params, genesis)
         d.write(out)
         return d
 
     def fund(self, d: Deployment, addresses: Iterable[str], *, vcoin: float, eth: float) -> None:
-        """``vcoin`` VCOIN minted and ``eth`` ether sent to each address."""
+        """``vcoin`` VCOIN minted and ``eth`` ether sent to each address. Minting needs the
+        devnet's faucet (a production deployer holds no role: mint at deploy time)."""
+        if vcoin and d.faucet is None:
+            raise ChainError("this deployment has no faucet (production: the deployer renounced "
+                             "MINTER_ROLE); fund with --vcoin 0 (ether only), or give tokens at "
+                             "deploy time (`vcoind chain deploy --fund`)")  # fmt: skip
         c = Contracts.at(self.w3, d.addresses)
         for a in addresses:
             fund(self.w3, self.signer, c, a, vcoin=int(vcoin * E18), eth=int(eth * E18))
