@@ -29,6 +29,7 @@ from vcoind.chain.contracts import (
     Signer,
     deploy,
 )
+from vcoind.chain.typed import Domain
 from vcoind.chain.views import wei
 from vcoind.config import ChainConfig
 from vcoind.metrics import NodeMetrics
@@ -102,11 +103,15 @@ class ChainLink:
             d = deploy(w3, signer, self.network, DEVNET_PARAMS)
             c = Contracts.at(w3, d.addresses)
             stake = wei(self.cfg.embedded_stake)
-            if stake:  # as much again unstaked: voting power for governance
-                signer.send(c.token.functions.mint(self.address, 2 * stake))
-                signer.send(c.token.functions.approve(c.staking.address, stake))
+            if stake:  # as much deposited (its own tickets are covered) and as much again
+                # unstaked: voting power for governance
+                t = c.token.functions
+                signer.send(t.mint(self.address, 3 * stake))
+                signer.send(t.approve(c.staking.address, stake))
                 signer.send(c.staking.functions.stake(stake))
-                signer.send(c.token.functions.delegate(self.address))
+                signer.send(t.approve(c.anchor.address, stake))
+                signer.send(c.anchor.functions.deposit(stake))
+                signer.send(t.delegate(self.address))
             self._chain_checked = True
         else:
             path = Path(self.cfg.contracts).expanduser()
@@ -124,6 +129,15 @@ class ChainLink:
             c = Contracts.at(w3, d.addresses)
             signer = Signer(w3, self._key)
         self.w3, self.signer, self.contracts, self.deployment = w3, signer, c, d
+
+    def domain(self) -> Domain | None:
+        """Where this node's signatures count (network, chain id, TaskAnchor), once the
+        deployment is known: an external chain's from its start, the embedded chain's once
+        it exists."""
+        d = self.deployment
+        if d is None:
+            return None
+        return Domain(self.network, d.chain_id, Web3.to_checksum_address(d.addresses["TaskAnchor"]))
 
     def check_chain(self) -> None:
         """On first contact: the RPC serves the chain the deployment file names. The
