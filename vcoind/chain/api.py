@@ -1,4 +1,5 @@
-"""JSON-RPC methods of the chain: info, balances, anchors, rewards, stake, governance."""
+"""JSON-RPC methods of the chain: info, balances, anchors, rewards, stake, deposits,
+governance."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import trio
 from web3 import Web3
 
+from vcoind.chain import gov
 from vcoind.chain.contracts import ChainError
 from vcoind.chain.service import VOTE_SUPPORT, ChainService, anchor_view, vcoin, wei
 from vcoind.consensus.outcome import TASK_ID_RE
@@ -126,9 +128,34 @@ def register_chain_api(reg: MethodRegistry, service: ChainService | None) -> Non
     async def withdraw(params: dict[str, Any]) -> dict[str, Any]:
         return await write([("withdraw", {})], params["wait_s"])
 
-    async def propose(params: dict[str, Any]) -> dict[str, Any]:
-        return await write([("delegate", {}), ("propose", {"description": params["description"]})],
+    async def deposit(params: dict[str, Any]) -> dict[str, Any]:
+        amount = str(wei(params["amount"]))
+        return await write([("approve", {"amount": amount, "spender": "TaskAnchor"}),
+                            ("deposit", {"amount": amount})], params["wait_s"])  # fmt: skip
+
+    async def withdraw_deposit(params: dict[str, Any]) -> dict[str, Any]:
+        if params["amount"] is None:
+            return await write([("withdraw_deposit", {})], params["wait_s"])
+        return await write([("withdraw_request", {"amount": str(wei(params["amount"]))})],
                            params["wait_s"])  # fmt: skip
+
+    async def propose(params: dict[str, Any]) -> dict[str, Any]:
+        settings: dict[str, Any] = params["set"] or {}
+        description = params["description"]
+        if not settings and not description:
+            raise RPCError(INVALID_PARAMS, "give a description (a text proposal) or settings "
+                           "to change (set)")  # fmt: skip
+        actions: list[dict[str, Any]] = []
+        if settings:
+            fees: dict[str, int] = {}
+            if any(k in gov.FEES for k in settings):
+                fees = await read(chain().current_fees_sync)
+            try:
+                actions = gov.actions_for(settings, fees)
+            except ValueError as exc:
+                raise RPCError(INVALID_PARAMS, f"set: {exc}") from None
+        payload = {"description": description or gov.describe(settings), "actions": actions}
+        return await write([("delegate", {}), ("propose", payload)], params["wait_s"])
 
     def proposal_id(params: dict[str, Any]) -> int:
         if not _PROPOSAL_ID.fullmatch(params["proposal_id"]):
@@ -139,6 +166,14 @@ def register_chain_api(reg: MethodRegistry, service: ChainService | None) -> Non
         pid = proposal_id(params)
         return await write([("vote", {"proposal_id": str(pid),
                                       "support": VOTE_SUPPORT[params["support"]]})],
+                           params["wait_s"])  # fmt: skip
+
+    async def gov_queue(params: dict[str, Any]) -> dict[str, Any]:
+        return await write([("queue", {"proposal_id": str(proposal_id(params))})],
+                           params["wait_s"])  # fmt: skip
+
+    async def gov_execute(params: dict[str, Any]) -> dict[str, Any]:
+        return await write([("execute", {"proposal_id": str(proposal_id(params))})],
                            params["wait_s"])  # fmt: skip
 
     async def gov_status(params: dict[str, Any]) -> dict[str, Any]:
@@ -156,17 +191,22 @@ def register_chain_api(reg: MethodRegistry, service: ChainService | None) -> Non
     pid = Param("proposal_id", {"type": "string", "maxLength": 78}, required=True)
     task_id = Param("task_id", {"type": "string", "pattern": TASK_ID_RE}, required=True)
     amount = Param("amount", AMOUNT, required=True, description="VCOIN")
+    settings = ", ".join(f"{k} ({s.contract}, {s.unit})" for k, s in gov.SETTINGS.items())
     for m in (
         M("vcoin_chainInfo", "Chain id, contract addresses, this node's address, stake, "
-          "balance, and the chain write queue.", (), OBJ, info),
-        M("vcoin_balance", "VCOIN balance, stake and ether of an address.", (address,), OBJ,
-          balance),
+          "balance, deposit (available, pending, release_time), TaskAnchor's parameters "
+          "(fee/burn/mint bps, epoch mint cap and length, slash amount, withdrawal delay), "
+          "payments (paid on a shared chain; unpaid on the embedded one, private to this "
+          "node), the faucet on a devnet deployment, and the chain write queue.", (), OBJ,
+          info),
+        M("vcoin_balance", "VCOIN balance, stake, deposit and ether of an address.", (address,),
+          OBJ, balance),
         M("vcoin_getAnchor", "The anchor of a task this node was origin of: status (queued, "
-          "sent, anchored, failed), tx hash, block, rewards, slashes.", (task_id,), OBJ,
-          get_anchor),
-        M("vcoin_rewards", "Rewards minted to an address by task anchors, newest first.",
-          (address, limit), OBJ, rewards),
-        M("vcoin_chainEvents", "The chain's recent anchors, rewards, slashes and governance "
+          "sent, anchored, failed), tx hash, block, what each worker was paid.", (task_id,),
+          OBJ, get_anchor),
+        M("vcoin_rewards", "What task settlements paid an address (its share plus what was "
+          "minted to it), newest first.", (address, limit), OBJ, rewards),
+        M("vcoin_chainEvents", "The chain's recent anchors, payments, slashes and governance "
           "proposals (every node's), newest first.", (limit,), OBJ, chain_events),
         M("vcoin_stake", "Stake VCOIN (approve + stake; also delegates votes to this node).",
           (amount, WAIT), OBJ, stake),
@@ -174,14 +214,33 @@ def register_chain_api(reg: MethodRegistry, service: ChainService | None) -> Non
           (amount, WAIT), OBJ, unstake),
         M("vcoin_withdraw", "Withdraw unstaked VCOIN once the unstake delay has passed.",
           (WAIT,), OBJ, withdraw),
-        M("vcoin_govPropose", "Create a governance proposal (needs 1000 VCOIN of votes).",
+        M("vcoin_deposit", "Deposit VCOIN in TaskAnchor (approve + deposit): what this node's "
+          "task tickets are paid from.", (amount, WAIT), OBJ, deposit),
+        M("vcoin_withdrawDeposit", "Take a deposit back, in two steps: with an amount, "
+          "request its withdrawal (it moves to pending; the withdrawal delay starts again for "
+          "everything pending, which still pays work accepted before it leaves); without, "
+          "withdraw everything pending once the delay has passed.",
+          (Param("amount", AMOUNT, default=None,
+                 description="VCOIN to request; omit to withdraw what is released"), WAIT),
+          OBJ, withdraw_deposit),
+        M("vcoin_govPropose", "Create a governance proposal (needs 1000 VCOIN of votes): a "
+          "text proposal (description), or parameter changes (set) the Timelock makes once "
+          "it passes and is executed. Settings: " + settings + "; fee/burn/mint are set by "
+          "one call, the ones not given keep their current value.",
           (Param("description", {"type": "string", "minLength": 1, "maxLength": 4000},
-                 required=True), WAIT), OBJ, propose),
+                 default=None, description="default with set: 'set KEY=VALUE, ...'"),
+           Param("set", {"type": "object"}, default=None,
+                 description="KEY -> value (VCOIN, seconds or basis points)"), WAIT), OBJ,
+          propose),
         M("vcoin_govVote", "Vote on a proposal with this node's voting power at its snapshot.",
           (pid, Param("support", {"enum": list(VOTE_SUPPORT)}, required=True), WAIT), OBJ,
           vote),
-        M("vcoin_govStatus", "A proposal's state, votes, quorum and deadline.", (pid,), OBJ,
-          gov_status),
+        M("vcoin_govQueue", "Queue a succeeded proposal in the Timelock (anyone may).",
+          (pid, WAIT), OBJ, gov_queue),
+        M("vcoin_govExecute", "Execute a queued proposal once the Timelock delay has passed "
+          "(anyone may).", (pid, WAIT), OBJ, gov_execute),
+        M("vcoin_govStatus", "A proposal's state, actions (decoded), votes, quorum, deadline "
+          "and eta.", (pid,), OBJ, gov_status),
         M("vcoin_chainOps", "The chain write queue, newest first.", (limit,), OBJ, ops),
     ):  # fmt: skip
         reg.add(m)
