@@ -269,9 +269,18 @@ def print_anchor(origin: DevNode, task_id: str) -> None:
         print(f"  anchor: {a['status']} {a.get('error') or ''}", flush=True)
         return
     print(f"  anchored: tx {a['tx_hash']} in block {a['block']}", flush=True)
-    for r in a["rewards"]:
-        print(f"    reward {r['amount']:g} VCOIN -> {r['node']}", flush=True)
-    for r in a["slashed"]:
+    rewards = a.get("rewards") or []
+    if not rewards:
+        print("    unpaid (price 0, or an embedded chain: private to its node)", flush=True)
+    for r in rewards:
+        print(f"    {r['node']}: requester paid {r['gross']:g}, worker got {r['to_worker']:g} "
+              f"+ minted {r['minted']:g}; burned {r['burned']:g}, fee {r['fee']:g} (VCOIN)",
+              flush=True)  # fmt: skip
+    if rewards:
+        total = {k: sum(r[k] for r in rewards) for k in ("gross", "burned", "minted")}
+        print(f"    total: requester paid {total['gross']:g}, burned {total['burned']:g}, "
+              f"minted {total['minted']:g} VCOIN", flush=True)  # fmt: skip
+    for r in a.get("slashed") or []:
         print(f"    slashed {r['amount']:g} VCOIN from {r['node']}", flush=True)
 
 
@@ -296,14 +305,35 @@ def stake_all(nodes: list[DevNode], amount: float, timeout: float = 60.0) -> Non
     print(f"staked {amount:g} VCOIN on each of {len(nodes)} nodes", flush=True)
 
 
+def print_terms(t: dict[str, Any]) -> None:
+    """The requester's ticket (or why the task is unpaid) and each bid's price."""
+    pay = t.get("payment") or {}
+    if pay.get("paid"):
+        print(f"  ticket: up to {pay['max_price_per_token']:g} VCOIN/token for "
+              f"{pay['max_tokens']} tokens x {pay['replicas']} replica(s), signed by the "
+              f"requester {pay['requester']}", flush=True)  # fmt: skip
+    else:
+        print(f"  {pay.get('reason', 'unpaid')}", flush=True)
+    for b in t["bids"]:
+        print(f"  bid  {b['peer_id']}  {b['price']:g} VCOIN/token  eta {b['eta_s']:.3f} s  "
+              f"queue {b['queue_length']}  health {b['health']:.2f}", flush=True)  # fmt: skip
+
+
+def deposit_all(nodes: list[DevNode], amount: float) -> None:
+    """Each node deposits VCOIN as a requester: what its tasks' workers are paid from."""
+    for n in nodes:
+        r = n.client(40).call("vcoin_deposit", {"amount": amount, "wait_s": 30})
+        if r["status"] != "done":
+            raise DevnetError(f"node {n.index} could not deposit: {r}")
+    print(f"deposited {amount:g} VCOIN for tasks on each of {len(nodes)} nodes", flush=True)
+
+
 def demo_task(origin: DevNode, prompt: str, timeout: float = 120.0) -> dict[str, Any]:
     """Submit a prompt to ``origin``; show the bids, the chosen node and the answer."""
     print(f'\ndemo task: "{prompt}" -> node {origin.index}', flush=True)
     req = {"model": TEST_MODEL, "input": prompt, "parameters": {"max_new_tokens": 48}}
     t = _run_completed(origin, req, timeout)
-    for b in t["bids"]:
-        print(f"  bid  {b['peer_id']}  eta {b['eta_s']:.3f} s  queue {b['queue_length']}  "
-              f"health {b['health']:.2f}", flush=True)  # fmt: skip
+    print_terms(t)
     tm = t["timings"]
     print(f"  chosen {t['node_id']} (attempts {t['attempts']}); assigned after "
           f"{1000 * tm['assigned_s']:.0f} ms, done after {tm['total_s']:.2f} s, "
@@ -325,6 +355,7 @@ def demo_consensus(origin: DevNode, prompt: str, replicas: int, timeout: float =
         time.sleep(0.1)
         t = origin.rpc.call("vcoin_getTask", {"task_id": t["task_id"]})
     c = t["consensus"]
+    print_terms(t)
     for r in c["replicas"]:
         print(f"  replica {r['node_id']}  similarity {r['similarity']:.3f}  "
               f"weight {r['weight']:.3f}  {'agreed' if r['agreed'] else 'OUTVOTED'}",
@@ -473,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         if anvil is not None:
             fund_nodes(anvil.url, d, [n.info["eth_address"] for n in nodes])
             stake_all(nodes, 1000)
+            deposit_all(nodes, 100)
         if not ns.no_demo:
             demo_task(nodes[0], ns.prompt)
             if ns.nodes >= 2:

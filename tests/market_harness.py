@@ -66,6 +66,7 @@ from vcoind.compute.models import ModelError, ModelInfo
 from vcoind.compute.params import GenerationError, GenerationParams
 from vcoind.compute.sampling import GenerationResult
 from vcoind.config import MarketConfig
+from vcoind.market.payments import Payments
 from vcoind.market.service import MarketService
 from vcoind.metrics import NodeMetrics
 from vcoind.p2p.codec import decode, encode
@@ -350,8 +351,9 @@ class MarketNode:
         self.nursery: trio.Nursery | None = None
         self.finished_at: dict[str, float] = {}  # task id -> virtual time it finished
         self._net = net
+        payments = Payments(cfg, self.signer, None, self.view)  # type: ignore[arg-type]
         service = self.service = HarnessMarket(
-            cfg, NETWORK, self.signer, self.store, self.gossip, self.streams,  # type: ignore[arg-type]
+            cfg, NETWORK, payments, self.store, self.gossip, self.streams,  # type: ignore[arg-type]
             self.metrics, self.presence, compute, publish=self._publish,  # type: ignore[arg-type]
         )  # fmt: skip
         mounts = Mounts(rpc=self.rpc, http=self.http, gossip=self.gossip, streams=self.streams)  # type: ignore[arg-type]

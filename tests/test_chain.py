@@ -52,17 +52,19 @@ def test_embedded_chain_single_node_anchors_with_no_setup(
     info = n.rpc.call("vcoin_chainInfo")
     assert info["mode"] == "embedded" and info["node_address"] == n.info["eth_address"]
     assert info["stake"] == 1000.0 and info["eligible"]
-    tokens = t["timings"]["tokens"]
-    reward = 1.0 + 0.01 * tokens  # chain.reward_base + reward_per_token * tokens (price 0)
-    assert a["rewards"] == [{"node": n.info["eth_address"], "amount": pytest.approx(reward)}]
+    assert info["payments"].startswith("unpaid")  # the embedded chain is private
+    assert t["payment"] == {"paid": False,
+                            "reason": "unpaid: the embedded chain is private to this node"}
     got = n.rpc.call("vcoin_getAnchor", {"task_id": t["task_id"]})
-    assert got["payload"]["voters"] == [n.info["eth_address"]]
-    assert got["payload"]["result_hash"] == hashlib.sha256(t["result"].encode()).hexdigest()
-    assert got["payload"]["replicas"] == 1 and got["payload"]["decision"] == 2
-    r = n.rpc.call("vcoin_rewards")
-    assert r["source"] == "chain" and r["rewards"][0]["task_id"] == t["task_id"]
-    assert r["total"] == pytest.approx(reward)
-    assert n.rpc.call("vcoin_balance")["balance"] == pytest.approx(1000.0 + reward)
+    p = got["payload"]
+    # Anchored under a price-0 ticket the node signs as requester, with its own vote.
+    assert [v["worker"] for v in p["votes"]] == [n.info["eth_address"]]
+    assert p["ticket"]["requester"] == n.info["eth_address"] and p["ticket"]["max_price"] == "0"
+    assert p["ticket"]["replicas"] == 1 and p["outcome"]["decision"] == 2
+    assert p["outcome"]["result_hash"] == hashlib.sha256(t["result"].encode()).hexdigest()
+    assert p["outcome"]["units"] == t["timings"]["tokens"]
+    assert all(r["gross"] == 0 and r["minted"] == 0 for r in a["rewards"]), a  # nothing paid
+    balance = n.rpc.call("vcoin_balance")["balance"]
 
     # Stake: a write that works, one the contract refuses (decoded by name), bad params.
     rpc = n.client(40)
@@ -85,7 +87,7 @@ def test_embedded_chain_single_node_anchors_with_no_setup(
     assert v["status"] == "done", v
     st = rpc.call("vcoin_govStatus", {"proposal_id": pid})
     assert st["state"] == "active" and st["has_voted"]
-    assert st["votes"]["for"] == pytest.approx(1000.0 + reward)  # the unstaked balance
+    assert st["votes"]["for"] == pytest.approx(balance)  # the unstaked balance
     assert st["description"] == "raise maxReward to 200 VCOIN"
     with pytest.raises(ClientError, match="GovernorAlreadyCastVote"):
         rpc.call("vcoin_govVote", {"proposal_id": pid, "support": "against"})

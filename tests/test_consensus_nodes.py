@@ -12,7 +12,7 @@ import pytest
 from devnet.__main__ import DevNode
 from tests.conftest import Cluster, wait_until
 from tests.test_tasks import MODEL, finished, knows_model, serving, task
-from vcoind.consensus.outcome import outcome_digest, recover_outcome_signer
+from vcoind.chain.typed import Domain, Outcome, recover
 
 pytestmark = pytest.mark.slow
 
@@ -54,8 +54,12 @@ def test_honest_replicas_agree_and_sign(cluster: Cluster, models_dir: Path) -> N
     assert len({r["result_hash"] for r in c["replicas"]}) == 1  # greedy: identical
     assert all(r["agreed"] and r["similarity"] == 1.0 for r in c["replicas"])
     # Every replica signed the same outcome; the signatures recover to their addresses.
-    digest = outcome_digest("testnet", t["task_id"], bytes.fromhex(c["result_hash"]),
-                            t["model_id"], c["decision"])  # fmt: skip
+    signed_outcome = Outcome.from_json(c["signed"])
+    assert signed_outcome.result_hash.hex() == c["result_hash"] and signed_outcome.decision == 3
+    assert signed_outcome.units == t["progress"] > 0  # the agreed answer's tokens
+    digest = Domain.offline("testnet").digest(  # no shared chain: signed off chain
+        signed_outcome.hash_for(t["task_id"], bytes.fromhex(c["signed"]["ticket_hash"]))
+    )
     signed = wait_until(
         lambda: len((x := task(n1, t["task_id"]))["consensus"]["signatures"]) == 3 and x,
         15,
@@ -65,7 +69,7 @@ def test_honest_replicas_agree_and_sign(cluster: Cluster, models_dir: Path) -> N
     sigs = {s["node_id"]: s for s in signed["consensus"]["signatures"]}
     assert set(sigs) == ids and len(signed["consensus"]["signatures"]) == 3
     for s in sigs.values():
-        assert recover_outcome_signer(digest, bytes.fromhex(s["signature"])) == s["eth_address"]
+        assert recover(digest, bytes.fromhex(s["signature"])) == s["eth_address"]
     assert len(t["validations"]) == 3 and all(v["passed"] for v in t["validations"])
     single = finished(n1, str(n1.rpc.call("vcoin_submitTask", {
         "model": MODEL, "input": "What is a Merkle tree?",

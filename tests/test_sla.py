@@ -1,5 +1,5 @@
 """SLA math (fixed clock: uptime from heartbeat gaps, p95 latency, throughput), and a
-daemon where a violated SLA lowers the reward anchored for the customer's tasks."""
+daemon that records a violated SLA's compensation and raises its alert."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Cluster, wait_until
-from tests.test_chain import anchor_of
 from tests.test_tasks import MODEL, finished, serving
 from vcoind.ops.alerts import RULES, AlertEngine, Snapshot
 from vcoind.ops.sla import SLATerms, evaluate, merged, p95, uptime
@@ -83,18 +82,18 @@ def test_sla_alert_fires_and_resolves() -> None:
     assert engine.evaluate(Snapshot(1, sla=[("acme", [], [])]))[0][0] == "resolved"
 
 
-def test_violated_sla_lowers_the_anchored_reward(
+def test_violated_sla_owes_compensation_and_alerts(
     cluster: Cluster, models_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("VCOIN_SLA_INTERVAL_S", "0.3")
-    n1 = cluster.start(1, extra=serving(models_dir))  # embedded chain: anchors by itself
+    n1 = cluster.start(1, extra=serving(models_dir))
     n1.rpc.call(
         "vcoin_slaCreate",
         {"customer": "acme", "max_latency_s": 0.001, "price": 100, "penalty_rate": 0.1},
     )
     n1.rpc.call("vcoin_slaCreate", {"customer": "calm", "max_latency_s": 600})
 
-    def run(customer: str) -> dict[str, float]:
+    def run(customer: str) -> None:
         req = {
             "model": MODEL,
             "input": "Explain proof of stake",
@@ -103,26 +102,19 @@ def test_violated_sla_lowers_the_anchored_reward(
         }
         t = finished(n1, str(n1.rpc.call("vcoin_submitTask", req)["task_id"]), timeout=120)
         assert t["status"] == "completed" and t["customer"] == customer, t
-        a = anchor_of(n1, t["task_id"], timeout=120)
-        return {"reward": sum(r["amount"] for r in a["rewards"]), "tokens": t["progress"]}
 
-    first = run("acme")  # no violation recorded yet: full reward
+    run("acme")
     wait_until(
         lambda: n1.rpc.call("vcoin_slaViolations", {"customer": "acme"})["violations"],
         15,
         "the latency violation",
     )
     v = n1.rpc.call("vcoin_slaViolations", {"customer": "acme"})
+    # the seeds' compensation: 10 % of the price per violation, owed to the customer
     assert v["violations"][0]["kind"] == "latency" and v["total_penalty"] == 10.0
     st = n1.rpc.call("vcoin_slaStatus", {"customer": "acme"})
     assert st["violations"] == ["latency"] and st["p95_latency_s"] > 0.001
-    second = run("acme")
-    calm = run("calm")
-    per = {k: x["reward"] for k, x in (("first", first), ("second", second), ("calm", calm))}
-    # base 1 + 0.01 per token; acme's second task is cut by its 10 % penalty
-    assert per["first"] == pytest.approx(1 + 0.01 * first["tokens"]), per
-    assert per["calm"] == pytest.approx(1 + 0.01 * calm["tokens"]), per
-    assert per["second"] == pytest.approx(0.9 * (1 + 0.01 * second["tokens"])), per
+    run("calm")
     assert n1.rpc.call("vcoin_slaStatus", {"customer": "calm"})["compliant"] is True
     wait_until(
         lambda: any(

@@ -113,6 +113,12 @@ class MarketConfig:
     max_retries: int = 3
     # LoRA training (as origin): how long one node may take for one sync round
     train_round_timeout_s: float = 900.0
+    # Settlement v2 (paid only on a shared chain): what this node asks per generated token
+    # as a worker, in VCOIN, and what it offers at most per token as a requester when a
+    # task does not say (max_price); the requester's ticket is valid this long.
+    price_per_token: float = 0.0001
+    max_price_per_token: float = 0.001
+    ticket_ttl_s: float = 3600.0
     # TEST ONLY: make this node misbehave as a consensus replica (junk, copy, slow,
     # silent). Refused outside devnet/test networks.
     fault: str = ""
@@ -431,6 +437,9 @@ def validate(cfg: Config) -> Config:
         ("task_timeout_s", m.task_timeout_s, 0.5, 86_400.0),
         ("max_retries", m.max_retries, 0, 100),
         ("train_round_timeout_s", m.train_round_timeout_s, 1.0, 86_400.0),
+        ("price_per_token", m.price_per_token, 0.0, 9.0),
+        ("max_price_per_token", m.max_price_per_token, 0.0, 9.0),
+        ("ticket_ttl_s", m.ticket_ttl_s, 60.0, 30 * 86_400.0),
     ):
         if not lo <= value <= hi:
             raise ConfigError(f"market.{key}", f"must be between {lo:g} and {hi:g}, got {value}")

@@ -25,6 +25,7 @@ from vcoind.chain.service import ChainService
 from vcoind.compute.service import ComputeError, ComputeService
 from vcoind.config import Config
 from vcoind.datadir import DataDir, Identity
+from vcoind.market.payments import Payments
 from vcoind.market.service import MarketService
 from vcoind.market.settle import Settler
 from vcoind.metrics import NodeMetrics
@@ -39,7 +40,7 @@ from vcoind.presence.service import PresenceService
 from vcoind.rpc import MethodRegistry, RPCServer, RPCServerConfig
 from vcoind.service import Mounts
 from vcoind.signer import Signer
-from vcoind.store import SLAStore, Store
+from vcoind.store import Store
 from vcoind.train.api import register_train_api
 from vcoind.train.service import TrainService
 
@@ -142,17 +143,17 @@ class Node:
             cfg.compute, cfg.models_dir, datadir.path / "shards", me, streams,
             announce=presence.announce,
         )  # fmt: skip
+        payments = Payments(cfg.market, signer, chain, presence.view)
         settler = None
         if chain is not None and cfg.chain.anchor:
-            settler = Settler(cfg.chain, cfg.network, chain, presence.view, signer,
-                              SLAStore(store), sla_window_s=cfg.sla.window_s)  # fmt: skip
-        self.train = TrainService(cfg.market, datadir.path, signer, streams, presence, compute,
-                                  settler=settler)  # fmt: skip
+            settler = Settler(cfg.chain, chain, presence.view, payments)
+        self.train = TrainService(cfg.market, datadir.path, payments, streams, presence,
+                                  compute, settler=settler)  # fmt: skip
         self.market = market = MarketService(
-            cfg.market, cfg.network, signer, store, gossip, streams, metrics, presence, compute,
-            publish=self.rpc.publish, settler=settler, trainer=self.train, chain=chain,
+            cfg.market, cfg.network, payments, store, gossip, streams, metrics, presence,
+            compute, publish=self.rpc.publish, settler=settler, trainer=self.train, chain=chain,
         )  # fmt: skip
-        self.oracle = OracleNetwork(cfg.oracle, signer, store, metrics, presence, market,
+        self.oracle = OracleNetwork(cfg.oracle, payments, store, metrics, presence, market,
                                     settler=settler)  # fmt: skip
         facts = NodeFacts(
             me,

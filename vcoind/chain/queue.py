@@ -175,29 +175,6 @@ class SlashCall:
                    _unhex(p["result_hash"]), _unhex(p["sig"]))  # fmt: skip
 
 
-@dataclass(frozen=True)
-class AnchorRequest:
-    """Settlement v1's anchor (voters, reward, outvoted): kept only so that
-    ``vcoind.market.settle`` imports until it sends :class:`AnchorCall`; the queue fails
-    such an op at once (:class:`BadOp`)."""
-
-    task_id: str
-    result_hash: bytes
-    model_id: str
-    decision: int
-    voters: list[tuple[str, bytes]]
-    replicas: int
-    outvoted: list[str]
-    deterministic: bool
-    reward: int
-    shares: list[int] = field(default_factory=list)
-
-    def payload(self) -> dict[str, Any]:
-        return {"task_id": self.task_id, "result_hash": self.result_hash.hex(),
-                "model_id": self.model_id, "decision": self.decision,
-                "voters": [a for a, _ in self.voters]}  # fmt: skip
-
-
 class WriteQueue:
     """``enqueue`` a write, ``wait`` for it; ``run`` is the writer. ``on_own_change`` is
     called with the op's kind when a stake or deposit op of this node's (OWN_CHANGES) is

@@ -26,7 +26,7 @@ from web3 import Web3
 from vcoind.chain import gov
 from vcoind.chain.contracts import E18, ChainError, KeyHolder
 from vcoind.chain.link import ChainLink
-from vcoind.chain.queue import AnchorCall, AnchorRequest, ClaimCall, SlashCall, Vote, WriteQueue
+from vcoind.chain.queue import AnchorCall, ClaimCall, SlashCall, Vote, WriteQueue
 from vcoind.chain.typed import Domain
 from vcoind.chain.views import (
     GOV_STATES,
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 __all__ = [
     "VOTE_SUPPORT",
     "AnchorCall",
-    "AnchorRequest",
     "ChainService",
     "ClaimCall",
     "DepositInfo",

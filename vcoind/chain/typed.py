@@ -72,7 +72,9 @@ def struct_hash(name: str, *values: Any) -> bytes:
 
 @dataclass(frozen=True)
 class Domain:
-    """Where a signature counts: the network name, chain id and TaskAnchor address."""
+    """Where a signature counts: the network name, chain id and TaskAnchor address.
+    ``Domain.offline(network)`` (chain id 0, address 0) is what nodes without a shared
+    chain sign under: an attestation between nodes that no contract accepts."""
 
     network: str
     chain_id: int
@@ -84,6 +86,10 @@ class Domain:
         encoded = abi_encode(["bytes32", "bytes32", "uint256", "address"], values)
         return keccak(keccak(text=_DOMAIN_TYPE) + encoded)
 
+    @classmethod
+    def offline(cls, network: str) -> Domain:
+        return cls(network, 0, "0x" + "00" * 20)
+
     def digest(self, struct: bytes) -> bytes:
         """keccak256("\\x19\\x01" || domainSeparator || structHash): what is signed."""
         return keccak(b"\x19\x01" + self.separator() + struct)
@@ -94,7 +100,10 @@ def profile_hash(profile: Any) -> bytes:
     JSON; ``None`` gives 32 zero bytes."""
     if profile is None:
         return ZERO32
-    d = asdict(profile) if hasattr(profile, "__dataclass_fields__") else dict(profile)
+    if hasattr(profile, "__dataclass_fields__"):
+        d: Any = asdict(profile)
+    else:
+        d = dict(profile) if isinstance(profile, dict) else str(profile)
     return keccak(text=json.dumps(d, sort_keys=True, separators=(",", ":")))
 
 
@@ -189,7 +198,12 @@ class Outcome:
     profile: bytes = ZERO32  # the chosen answer's numeric profile (deterministic tasks)
 
     def hash(self, ticket: Ticket) -> bytes:
-        return struct_hash("Outcome", task_id_bytes32(ticket.task_id), ticket.hash(),
+        return self.hash_for(ticket.task_id, ticket.hash())
+
+    def hash_for(self, task_id: str, ticket_hash: bytes) -> bytes:
+        """The struct hash for ``task_id`` under the ticket whose struct hash is
+        ``ticket_hash`` (32 zero bytes: a task without a ticket, signed off chain only)."""
+        return struct_hash("Outcome", task_id_bytes32(task_id), ticket_hash,
                            bytes(self.result_hash), self.decision, self.units,
                            bytes(self.profile))  # fmt: skip
 

@@ -126,6 +126,12 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
         help="reassign a task with no progress for this long (default 30)",
     )
     g.add_argument(
+        "--price",
+        type=float,
+        metavar="VCOIN",
+        help="as a worker on a shared chain, ask this much per generated token (default 0.0001)",
+    )
+    g.add_argument(
         "--fault",
         choices=FAULTS,
         help="TEST ONLY: misbehave as a consensus replica (refused outside devnet/test networks)",
@@ -176,6 +182,7 @@ def _flags(ns: argparse.Namespace) -> dict[str, Any]:
         "compute.serve_layers": ns.serve_layers,
         "market.strategy": ns.strategy,
         "market.bid_window_s": ns.bid_window,
+        "market.price_per_token": ns.price,
         "market.task_timeout_s": ns.task_timeout,
         "market.fault": ns.fault,
         "chain.rpc": ns.chain_rpc,

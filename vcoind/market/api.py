@@ -164,7 +164,9 @@ def register_task_api(
                   "more nodes serve the model"),
             Param("timeout_s", {"type": "number", "minimum": 0.5, "maximum": 86400},
                   default=None, description="reassign after this long without progress"),
-            Param("max_price", {"type": "number", "minimum": 0}, default=None),
+            Param("max_price", {"type": "number", "minimum": 0, "maximum": 9}, default=None,
+                  description="the most paid per generated token, VCOIN (the ticket's cap; "
+                  "default market.max_price_per_token); bids above it are not taken"),
             Param("customer", {"type": "string", "pattern": "[A-Za-z0-9_.-]{1,64}"},
                   default=None, description="whose SLA the task counts under"),
             Param("adapter", {"type": "string", "pattern": "[0-9a-f]{64}"}, default=None,

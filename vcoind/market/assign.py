@@ -130,10 +130,12 @@ class Assignment:
         try:
             await self._tasks.add_attempt(row.id, n, peer, time.time())
             await self._update(live, phase="assigned", node_id=peer)
+            pay = self._bidding.payments
+            terms = pay.terms(live.ticket, peer, bid.price_per_token) if pay is not None else {}
             assign = Assign(
                 task_id=row.id, attempt=n, model=row.model, input=row.input,
                 params=params_from_dict(row.parameters), priority=row.priority,
-                adapter=str(row.parameters.get("adapter", "")),
+                adapter=str(row.parameters.get("adapter", "")), **terms,
             )  # fmt: skip
             t0 = time.monotonic()
             refused = await self.assign(peer, assign)

@@ -17,6 +17,7 @@ from vcoind.config import MarketConfig
 from vcoind.consensus.reputation import DEFAULT_REPUTATION
 from vcoind.market.live import LiveTask
 from vcoind.market.messages import MAX_BATCH, AnnouncedTask, Bid, TaskAnnounce, TaskBid
+from vcoind.market.payments import Payments
 from vcoind.market.selection import SelectionState, rank
 from vcoind.presence.view import NetworkView
 from vcoind.store import BidRow, TaskStore
@@ -43,8 +44,10 @@ class Bidding:
         publish_bid: Callable[[Bid], Awaitable[None]],
         view: NetworkView,
         reputations: Callable[[list[str]], Awaitable[dict[str, float]]],
+        payments: Payments | None = None,
     ) -> None:
         self._tasks = tasks
+        self.payments = payments  # settlement v2: bids checked against the ticket
         self._config = config
         self._live = live
         self._peer_id = peer_id
@@ -69,6 +72,12 @@ class Bidding:
             if not self._view.eligible(tb.peer_id):
                 log.debug("bid of %s for %s ignored: not staked", tb.peer_id, tb.task_id)
                 continue
+            st = live.ticket
+            if st is not None and self.payments is not None:
+                why = self.payments.bid_refusal(st, tb.peer_id, tb.price_per_token, tb.signature)
+                if why is not None:
+                    log.info("bid of %s for %s ignored: %s", tb.peer_id, tb.task_id, why)
+                    continue
             if all(b.peer_id != tb.peer_id for b in live.bids):
                 live.bids.append(tb)
                 live.wake()
@@ -114,6 +123,7 @@ class Bidding:
             max_new_tokens=int(row.parameters.get("max_new_tokens", 64)),
             input_chars=len(row.input), priority=row.priority, max_price=row.max_price,
             task_type=row.type, adapter=str(row.parameters.get("adapter", "")),
+            ticket=live.ticket,
         )  # fmt: skip
         self._announce(task)
         # Announce again while nobody has bid: a node that just (re)started may not be
@@ -150,5 +160,6 @@ class Bidding:
 
 
 def _bid_row(b: TaskBid) -> BidRow:
-    return BidRow(b.peer_id, b.price, b.eta_s, b.health, b.queue_length, b.tokens_per_s,
-                  b.timestamp)  # fmt: skip
+    """The stored bid: its price is the bidder's price per token, in VCOIN."""
+    return BidRow(b.peer_id, b.price_per_token / 1e18, b.eta_s, b.health, b.queue_length,
+                  b.tokens_per_s, b.timestamp)  # fmt: skip

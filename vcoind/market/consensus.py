@@ -27,16 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from vcoind.consensus.outcome import (
-    commitment,
-    outcome_digest,
-    recover_outcome_signer,
-    result_hash,
-)
+from vcoind.chain.typed import Outcome as TypedOutcome
+from vcoind.consensus.outcome import commitment, result_hash
 from vcoind.consensus.reputation import DEFAULT_REPUTATION, updated_reputation
 from vcoind.consensus.tally import Outcome, Revealed, tally
 from vcoind.consensus.weights import NodeRecord, node_weight
-from vcoind.market.messages import TaskResult
+from vcoind.market.messages import Assign, TaskResult
+from vcoind.market.payments import Payments, SignedTicket, outcome_of
 from vcoind.market.votes import (
     MAX_REPLICAS,
     CommitsClosed,
@@ -45,7 +42,6 @@ from vcoind.market.votes import (
     ResultCommitment,
     ResultReveal,
 )
-from vcoind.signer import Signer
 from vcoind.store import ConsensusStore, SignatureRow, ValidationRow
 
 if TYPE_CHECKING:
@@ -68,7 +64,7 @@ class VoteContext:
 
     peer_id: str
     network: str
-    signer: Signer  # the node's Ethereum key: outcome signatures
+    payments: Payments  # results and outcomes signed as settlement v2 typed data
     publish: Publish
     embed: Callable[[Sequence[str]], Awaitable[list[tuple[float, ...]]]]
     rejected: Counter  # vcoin_consensus_rejected_total{reason}
@@ -81,6 +77,8 @@ class _Pending:
     origin: str
     result: TaskResult
     salt: bytes
+    ticket: SignedTicket | None
+    deterministic: bool
     expires: float  # trio clock: forgotten then if the origin never closed the round
     closed: CommitsClosed | None = None
     reveals: dict[str, ResultReveal] = field(default_factory=dict)
@@ -95,7 +93,7 @@ class Replica:
         self.fault = fault
         self._pending: dict[str, _Pending] = {}  # task id -> our result awaiting reveal
 
-    async def commit(self, origin: str, result: TaskResult) -> None:
+    async def commit(self, origin: str, result: TaskResult, assign: Assign) -> None:
         """Called by the worker with a finished consensus attempt; returns once published."""
         now = trio.current_time()
         for task_id in [k for k, p in self._pending.items() if p.expires < now]:
@@ -113,7 +111,9 @@ class Replica:
         c = commitment(result.task_id, result_hash(result.text), salt)
         if self.fault == "copy":  # has nothing to copy yet: commits to a guess
             c = secrets.token_bytes(32)
-        self._pending[result.task_id] = _Pending(origin, result, salt, now + PENDING_S)
+        self._pending[result.task_id] = _Pending(origin, result, salt, assign.ticket,
+                                                 assign.params.temperature == 0,
+                                                 now + PENDING_S)  # fmt: skip
         await self._ctx.publish(ResultCommitment(
             self._ctx.network, self._ctx.peer_id, 0, 0.0, result.task_id, origin, result.attempt, c,
         ))  # fmt: skip
@@ -136,8 +136,10 @@ class Replica:
             other = next((v for k, v in p.reveals.items() if k != self._ctx.peer_id), None)
             if other is not None:
                 text = other.text
+        result_sig, profile = self._ctx.payments.sign_result(r.task_id, result_hash(text))
         reveal = ResultReveal(self._ctx.network, self._ctx.peer_id, 0, 0.0, r.task_id, p.origin,
-                              r.attempt, text, r.token_ids, r.finish_reason, salt)  # fmt: skip
+                              r.attempt, text, r.token_ids, r.finish_reason, salt, profile,
+                              result_sig)  # fmt: skip
         p.reveals[self._ctx.peer_id] = reveal
         await self._ctx.publish(reveal)
         await self._maybe_vote(msg.task_id)
@@ -167,13 +169,13 @@ class Replica:
         p.voted = True
         results, weights = ordered_results(p.closed, valid)
         outcome = await tally_async(p.closed.prompt, results, weights, self._ctx.embed)
-        digest = outcome_digest(self._ctx.network, task_id, outcome.result_hash,
-                                p.result.model_id, outcome.decision)  # fmt: skip
-        sig = self._ctx.signer.sign_digest(digest)
+        signed = settled_outcome(outcome, results, valid, p.deterministic)
+        sig = self._ctx.payments.sign_outcome(task_id, p.ticket, signed)
         self._pending.pop(task_id, None)
         await self._ctx.publish(OutcomeVote(
             self._ctx.network, self._ctx.peer_id, 0, 0.0, task_id, p.origin, p.closed.round,
-            outcome.result_hash, outcome.decision, self._ctx.signer.address, sig,
+            outcome.result_hash, outcome.decision, self._ctx.payments.address, sig,
+            signed.units, signed.profile,
         ))  # fmt: skip
 
 
@@ -200,6 +202,18 @@ def ordered_results(
     return results, weights
 
 
+def settled_outcome(
+    o: Outcome, results: Sequence[Revealed], reveals: dict[str, ResultReveal],
+    deterministic: bool,
+) -> TypedOutcome:  # fmt: skip
+    """What the agreeing replicas sign for the chain: the agreed result, the decision, the
+    agreed answer's tokens (what each is paid for) and, for a deterministic task, the
+    numeric profile its author revealed (a slash needs the same profile)."""
+    chosen = results[o.answer]
+    profile = reveals[chosen.peer_id].profile if chosen.peer_id in reveals else bytes(32)
+    return outcome_of(o.result_hash, o.decision, len(chosen.token_ids), profile, deterministic)
+
+
 async def tally_async(
     prompt: str,
     results: Sequence[Revealed],
@@ -224,6 +238,8 @@ class RoundState:
     closed: CommitsClosed | None = None
     reveals: dict[str, ResultReveal] = field(default_factory=dict)
     votes: dict[str, OutcomeVote] = field(default_factory=dict)
+    ticket: SignedTicket | None = None  # the requester's (settlement v2); None: unpaid
+    deterministic: bool = False
     changed: trio.Event = field(default_factory=trio.Event)
     phases: dict[str, float] = field(default_factory=dict)  # seconds since assignment
 
@@ -325,8 +341,12 @@ class Coordinator:
     def in_flight(self) -> int:
         return len(self._rounds)
 
-    def open_round(self, task_id: str, round_: int, attempts: dict[int, str]) -> RoundState:
-        st = RoundState(task_id, round_, attempts, time.time())
+    def open_round(
+        self, task_id: str, round_: int, attempts: dict[int, str],
+        ticket: SignedTicket | None = None, deterministic: bool = False,
+    ) -> RoundState:  # fmt: skip
+        st = RoundState(task_id, round_, attempts, time.time(), ticket=ticket,
+                        deterministic=deterministic)  # fmt: skip
         self._rounds[task_id] = st
         return st
 
@@ -413,21 +433,27 @@ class Coordinator:
                 r.peer_id, _moved("agreed" if o.agreed[i] else "outvoted")
             )
 
-    async def sign(self, st: RoundState, rr: RoundResult, model_id: str) -> SignatureRow:
+    def outcome(self, st: RoundState, rr: RoundResult) -> TypedOutcome:
+        """The round's outcome as the agreeing replicas sign it (``settled_outcome``)."""
+        assert rr.outcome is not None
+        return settled_outcome(rr.outcome, rr.results, st.reveals, st.deterministic)
+
+    async def sign(self, st: RoundState, rr: RoundResult) -> SignatureRow:
         """Sign the outcome and publish our vote; the replicas' votes follow."""
         assert rr.outcome is not None
         o, ctx = rr.outcome, self._ctx
-        digest = outcome_digest(ctx.network, st.task_id, o.result_hash, model_id, o.decision)
-        sig = ctx.signer.sign_digest(digest)
+        signed = self.outcome(st, rr)
+        sig = ctx.payments.sign_outcome(st.task_id, st.ticket, signed)
         vote = OutcomeVote(ctx.network, ctx.peer_id, 0, 0.0, st.task_id, ctx.peer_id, st.round,
-                           o.result_hash, o.decision, ctx.signer.address, sig)  # fmt: skip
+                           o.result_hash, o.decision, ctx.payments.address, sig, signed.units,
+                           signed.profile)  # fmt: skip
         await ctx.publish(vote)
-        row = SignatureRow(ctx.peer_id, ctx.signer.address, o.result_hash.hex(), o.decision,
+        row = SignatureRow(ctx.peer_id, ctx.payments.address, o.result_hash.hex(), o.decision,
                            sig.hex(), time.time())  # fmt: skip
         await self._store.add_signature(st.task_id, row)
         return row
 
-    async def collect(self, st: RoundState, rr: RoundResult, model_id: str) -> list[SignatureRow]:
+    async def collect(self, st: RoundState, rr: RoundResult) -> list[SignatureRow]:
         """Wait (at most ``VOTE_WAIT_S``) for the replicas' votes; store the valid ones.
 
         Runs after the task is complete: signatures matter for anchoring, not for the
@@ -435,17 +461,19 @@ class Coordinator:
         """
         assert rr.outcome is not None and rr.closed is not None
         o = rr.outcome
-        digest = outcome_digest(self._ctx.network, st.task_id, o.result_hash, model_id, o.decision)
+        signed = self.outcome(st, rr)
         signers = {c.peer_id for c in rr.closed.committers} - {self._ctx.peer_id}
         await st.wait(lambda: set(st.votes) >= signers, VOTE_WAIT_S)
         rows = []
         for peer, v in sorted(st.votes.items()):
             if peer == self._ctx.peer_id:
                 continue  # our own, delivered back locally: stored by sign()
-            if v.round != st.round or v.result_hash != o.result_hash or v.decision != o.decision:
+            if (v.round != st.round or v.result_hash != o.result_hash
+                    or v.decision != o.decision or v.units != signed.units
+                    or v.profile != signed.profile):  # fmt: skip
                 log.info("task %s: %s signed a different outcome", st.task_id, peer)
                 continue
-            signer = recover_outcome_signer(digest, v.signature)
+            signer = self._ctx.payments.outcome_signer(st.task_id, st.ticket, signed, v.signature)
             bound = self._eth_address_of(peer)
             if (
                 signer is None

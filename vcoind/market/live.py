@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import trio
 
 from vcoind.market.messages import GenParams, TaskBid, TaskResult
+from vcoind.market.payments import SignedTicket
 from vcoind.store import TaskRow
 
 
@@ -38,6 +39,12 @@ class LiveTask:
     def wake(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+
+    @property
+    def ticket(self) -> SignedTicket | None:
+        """The requester's signed ticket (settlement v2); None for an unpaid task."""
+        raw = self.row.payment.get("ticket")
+        return SignedTicket.from_json(raw) if raw else None
 
 
 class Update(Protocol):

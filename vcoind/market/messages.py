@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 from vcoind.compute.params import GenerationParams
 from vcoind.consensus.outcome import TASK_ID_RE as TASK_ID_RE  # also imported from here
+from vcoind.market.payments import SignedTicket
 from vcoind.p2p.codec import Message, lim, message
 from vcoind.p2p.streams import Ack as Ack  # the generic reply: with the stream transport
 from vcoind.presence.messages import NETWORK_RE, PEER_ID_RE
@@ -74,14 +75,16 @@ class AnnouncedTask:
     # "lora_training": bidders offer to train a shard (their training throughput)
     task_type: str = field(default="inference", metadata=lim(choices=TASK_TYPES))
     adapter: str = field(default="", metadata=lim(pattern=ADAPTER_RE, max_len=64))
+    # Settlement v2: the requester's signed ticket (None: an unpaid task)
+    ticket: SignedTicket | None = None
 
 
 @message
 @dataclass(frozen=True)
 class TaskAnnounce(Message):
     KIND: ClassVar[str] = "task_announce"
-    VERSION: ClassVar[int] = 2  # 2: batched
-    MAX_BYTES: ClassVar[int] = 24 * 1024
+    VERSION: ClassVar[int] = 3  # 2: batched; 3: tickets
+    MAX_BYTES: ClassVar[int] = 64 * 1024
 
     network: str = field(metadata=lim(pattern=NETWORK_RE, max_len=32))
     peer_id: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))  # the origin
@@ -92,13 +95,17 @@ class TaskAnnounce(Message):
 
 @dataclass(frozen=True)
 class Offer:
-    """A bid for one task: ``eta_s`` from the bidder's measured tokens/s and its queue."""
+    """A bid for one task: ``eta_s`` from the bidder's measured tokens/s and its queue;
+    ``price`` the whole task at ``price_per_token`` (wei; signed as a ``Bid`` on a shared
+    chain: ``signature``)."""
 
     task_id: str = field(metadata=lim(pattern=TASK_ID_RE, max_len=32))
     model_id: str = field(metadata=lim(max_len=71))
     price: float = field(metadata=lim(min=0, max=1e12))
     eta_s: float = field(metadata=lim(min=0, max=1e6))
     tokens_per_s: float = field(metadata=lim(min=0, max=1e9))
+    price_per_token: int = field(default=0, metadata=lim(min=0, max=(1 << 63) - 1))
+    signature: bytes = field(default=b"", metadata=lim(max_len=65))
 
 
 @message
@@ -107,8 +114,8 @@ class Bid(Message):
     """A node's offers for tasks of one origin, with its state when it made them."""
 
     KIND: ClassVar[str] = "bid"
-    VERSION: ClassVar[int] = 2  # 2: batched
-    MAX_BYTES: ClassVar[int] = 16 * 1024
+    VERSION: ClassVar[int] = 3  # 2: batched; 3: signed prices
+    MAX_BYTES: ClassVar[int] = 32 * 1024
 
     network: str = field(metadata=lim(pattern=NETWORK_RE, max_len=32))
     peer_id: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))  # the bidder
@@ -122,7 +129,8 @@ class Bid(Message):
     def task_bids(self) -> list[TaskBid]:
         return [
             TaskBid(self.peer_id, o.task_id, o.model_id, o.price, o.eta_s, self.health,
-                    self.queue_length, o.tokens_per_s, self.timestamp)
+                    self.queue_length, o.tokens_per_s, self.timestamp, o.price_per_token,
+                    o.signature)
             for o in self.offers
         ]  # fmt: skip
 
@@ -140,6 +148,8 @@ class TaskBid:
     queue_length: int
     tokens_per_s: float
     timestamp: float
+    price_per_token: int = 0  # wei
+    signature: bytes = b""  # the bidder's Bid signature (shared chain)
 
 
 @dataclass(frozen=True)
@@ -171,6 +181,10 @@ class Assign:
     # Generate with this LoRA adapter (its id: the sha256 of its safetensors bytes) merged
     # into the model; the worker fetches it from a node that holds it.
     adapter: str = field(default="", metadata=lim(pattern=ADAPTER_RE, max_len=64))
+    # Settlement v2: the ticket, and the requester's award of this worker at its price
+    ticket: SignedTicket | None = None
+    price_per_token: int = field(default=0, metadata=lim(min=0, max=(1 << 63) - 1))
+    award: bytes = field(default=b"", metadata=lim(max_len=65))
 
 
 @message
@@ -235,7 +249,9 @@ class TaskResult(Message):
     prefill_s: float = field(default=0.0, metadata=lim(min=0))
     decode_s: float = field(default=0.0, metadata=lim(min=0))
     error: str = field(default="", metadata=lim(max_len=1024))
-    # The worker's signature of the outcome (decision "majority", one replica) for anchoring:
-    # see vcoind.consensus.outcome. Empty when the node has no chain.
+    # Settlement v2 (a paid task): the worker's signatures of the outcome (decision
+    # "majority", one replica) and of its own Result, and its numeric profile.
     eth_address: str = field(default="", metadata=lim(max_len=42))
     signature: bytes = field(default=b"", metadata=lim(max_len=65))
+    result_sig: bytes = field(default=b"", metadata=lim(max_len=65))
+    profile: bytes = field(default=b"", metadata=lim(max_len=32))

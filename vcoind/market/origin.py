@@ -50,9 +50,10 @@ from vcoind.market.messages import (
     TaskAnnounce,
     TaskResult,
 )
+from vcoind.market.payments import Payments, outcome_of
 from vcoind.market.ports import Pipelines, Trainer
 from vcoind.market.rounds import ConsensusRounds
-from vcoind.market.settle import Settled
+from vcoind.market.settle import Settled, Vote
 from vcoind.market.views import generation_timings, task_view
 from vcoind.metrics import NodeMetrics
 from vcoind.p2p.streams import StreamProtocolError
@@ -95,8 +96,10 @@ class TaskOrigin:
         settle: Callable[[Settled], Awaitable[None]] | None = None,
         pipelines: Pipelines | None = None,
         trainer: Trainer | None = None,
+        payments: Payments | None = None,
     ) -> None:
         self._tasks = tasks
+        self._payments = payments
         self._metrics = metrics
         self.config = config
         self._peer_id = peer_id
@@ -114,7 +117,7 @@ class TaskOrigin:
         self._bidding = Bidding(
             tasks, config, self._live, peer_id=peer_id, network=network,
             publish_announce=publish_announce, local_bid=local_bid, publish_bid=publish_bid,
-            view=view, reputations=reputations,
+            view=view, reputations=reputations, payments=payments,
         )  # fmt: skip
         self._assignment = Assignment(
             tasks, metrics, config, view, self._bidding, send=send, update=self._update,
@@ -160,13 +163,18 @@ class TaskOrigin:
             raise TaskError("pipeline", "pipelines are not available on this node")
         now = time.time()
         parameters = params_dict(params) | ({"adapter": adapter} if adapter else {})
+        task_id = secrets.token_hex(16)
+        n = (replicas or 3) if mode == "consensus" else 1
+        payment = (self._payments.payment_record(
+            task_id, model, mode if not pipeline else "pipeline", n, params.temperature == 0,
+            max_price, params.max_new_tokens) if self._payments is not None else
+            {"paid": False, "reason": "unpaid: no settlement on this node"})  # fmt: skip
         row = TaskRow(
-            id=secrets.token_hex(16), model=model, input=input_text,
+            id=task_id, model=model, input=input_text,
             parameters=parameters, timeout_s=timeout_s or self.config.task_timeout_s,
             status="pending", phase="bidding", created_at=now, priority=priority,
             max_price=max_price, mode=mode,
-            replicas=(replicas or 3) if mode == "consensus" else 1, pipeline=pipeline,
-            customer=customer,
+            replicas=n, pipeline=pipeline, customer=customer, payment=payment,
         )  # fmt: skip
         return await self._launch(row)
 
@@ -340,13 +348,14 @@ class TaskOrigin:
                 model_id=r.model_id,
             )  # fmt: skip
             if self._settle is not None and r.signature and peer is not None:
-                price = next((b.price for b in live.bids if b.peer_id == peer), 0.0)
+                price = next((b.price_per_token for b in live.bids if b.peer_id == peer), 0)
+                deterministic = params_from_dict(row.parameters).temperature == 0
                 settled = Settled(
-                    task_id=row.id, model_id=r.model_id, result_hash=result_hash(r.text),
-                    decision="majority", signatures=[(peer, r.eth_address, r.signature)],
-                    replicas=1, outvoted=[],
-                    deterministic=params_from_dict(row.parameters).temperature == 0,
-                    tokens=tokens, price=price, customer=row.customer,
+                    task_id=row.id, model_id=r.model_id, mode="single",
+                    outcome=outcome_of(result_hash(r.text), "majority", tokens, r.profile,
+                                       deterministic),
+                    votes=[Vote(peer, r.eth_address, r.signature, price)], replicas=1,
+                    deterministic=deterministic, ticket=live.ticket, customer=row.customer,
                 )  # fmt: skip
                 assert self._nursery is not None
                 self._nursery.start_soon(self._settle, settled)

@@ -19,13 +19,15 @@ from typing import Any
 import trio
 
 from vcoind.compute.shard_host import PipelineError
+from vcoind.consensus.outcome import result_hash
 from vcoind.market.assign import Assignment
 from vcoind.market.bidding import Bidding
 from vcoind.market.consensus import Coordinator, RoundResult, RoundState, choose_replicas
 from vcoind.market.live import LiveTask, Update, params_from_dict, since
 from vcoind.market.messages import Assign, GenParams, RouteHop
+from vcoind.market.payments import ticket_hash
 from vcoind.market.ports import Pipelines
-from vcoind.market.settle import Settled
+from vcoind.market.settle import Evidence, Settled, Vote
 from vcoind.market.votes import MAX_REPLICAS
 from vcoind.presence.view import NetworkView
 from vcoind.store import SignatureRow, TaskStore
@@ -64,6 +66,15 @@ class ConsensusRounds:
         self._nursery = nursery
         self._settle = settle
         self._pipelines = pipelines
+
+    def _terms(self, live: LiveTask, peer: str) -> dict[str, Any]:
+        """The ticket and award of ``peer``'s assignment: at its bid's price (a pipelined
+        replica did not bid: at the ticket's maximum)."""
+        pay, st = self._bidding.payments, live.ticket
+        if pay is None or st is None:
+            return {}
+        price = _price_of(live, peer)
+        return pay.terms(st, peer, st.max_price if price is None else price)
 
     async def run(self, live: LiveTask) -> tuple[str, str | None]:
         """Replicas, commit-reveal, vote; when confidence is below 75 % one more round with
@@ -106,7 +117,8 @@ class ConsensusRounds:
                     if found:
                         routes[live.attempt] = found[i]
                     await self._tasks.add_attempt(row.id, live.attempt, peer, time.time())
-                st = co.open_round(row.id, round_, attempts)
+                st = co.open_round(row.id, round_, attempts, live.ticket,
+                                   params_from_dict(row.parameters).temperature == 0)  # fmt: skip
                 await self._update(live, phase="assigned", status="running",
                                    node_id=",".join(attempts.values()))  # fmt: skip
                 params = params_from_dict(row.parameters)
@@ -120,7 +132,8 @@ class ConsensusRounds:
                     route = tuple(RouteHop(*h) for h in routes.get(n, ()))
                     others = tuple(sorted({h[0] for m, r in routes.items() if m != n for h in r}))
                     a = Assign(row.id, n, row.model, row.input, params, row.priority, True,
-                               route, others, str(row.parameters.get("adapter", "")))  # fmt: skip
+                               route, others, str(row.parameters.get("adapter", "")),
+                               **self._terms(live, peer))  # fmt: skip
                     error = await self._assignment.assign(peer, a)
                     if error is not None:
                         co.on_attempt_failed(row.id, n, error)
@@ -164,7 +177,7 @@ class ConsensusRounds:
             assert rr.outcome is not None
             bid_model = (b.model_id for b in live.bids if b.peer_id in st.attempts.values())
             model_id = route_model if row.pipeline else next(bid_model, "")
-            own = await co.sign(st, rr, model_id)
+            own = await co.sign(st, rr)
             o = rr.outcome
             answer = rr.results[o.answer]
             view = {
@@ -174,6 +187,9 @@ class ConsensusRounds:
                 "fallback": o.action == "fallback",
                 "note": _NOTES.get(o.action, ""),
                 "signatures": [_sig_view(own)],
+                # what the signatures sign (settlement v2, under the ticket's hash)
+                "signed": {**co.outcome(st, rr).to_json(),
+                           "ticket_hash": ticket_hash(live.ticket).hex()},
             }  # fmt: skip
             live.final = {
                 "result": answer.text, "node_id": answer.peer_id, "model_id": model_id,
@@ -192,7 +208,7 @@ class ConsensusRounds:
         """The replicas' signatures, added to the finished task's consensus record."""
         co = self._coordinator
         try:
-            rows = await co.collect(st, rr, model_id)
+            rows = await co.collect(st, rr)
             while live.row.id in self._live:  # the task's own final write goes first
                 await live.changed.wait()
             stored = await self._tasks.get(live.row.id)
@@ -216,19 +232,31 @@ class ConsensusRounds:
         if self._settle is None or o is None:
             return
         agreed = {r.peer_id for r, ok in zip(rr.results, o.agreed, strict=True) if ok}
-        chosen = [b.price for b in live.bids if b.peer_id in st.attempts.values()]
-        params = params_from_dict(live.row.parameters)
+        ticket = live.ticket
+        cap = ticket.max_price if ticket is not None else 0
+
+        def price(peer: str) -> int:
+            p = _price_of(live, peer)
+            return cap if p is None else p
+
+        evidence = [
+            Evidence(r.peer_id, result_hash(r.text), r.profile, r.result_sig)
+            for peer, r in st.reveals.items()
+            if peer not in agreed and r.result_sig
+        ]
         await self._settle(Settled(
-            task_id=live.row.id, model_id=model_id, result_hash=o.result_hash,
-            decision=o.decision,
-            signatures=[(s["node_id"], s["eth_address"], bytes.fromhex(s["signature"]))
-                        for s in signatures if s["node_id"] in agreed],
-            replicas=len(st.attempts),
-            outvoted=sorted(set(st.attempts.values()) - agreed), customer=live.row.customer,
-            deterministic=params.temperature == 0,
-            tokens=len(rr.results[o.answer].token_ids),
-            price=sum(chosen) / len(chosen) if chosen else 0.0,
+            task_id=live.row.id, model_id=model_id, mode="consensus",
+            outcome=self._coordinator.outcome(st, rr),
+            votes=[Vote(s["node_id"], s["eth_address"], bytes.fromhex(s["signature"]),
+                        price(s["node_id"]))
+                   for s in signatures if s["node_id"] in agreed],
+            replicas=len(st.attempts), deterministic=st.deterministic, ticket=ticket,
+            evidence=evidence, customer=live.row.customer,
         ))  # fmt: skip
+
+
+def _price_of(live: LiveTask, peer: str) -> int | None:
+    return next((b.price_per_token for b in live.bids if b.peer_id == peer), None)
 
 
 def _sig_view(s: SignatureRow) -> dict[str, str]:

@@ -21,6 +21,7 @@ from vcoind.market.api import REST_ALIASES, register_consensus_api, register_tas
 from vcoind.market.consensus import Coordinator, Replica, VoteContext
 from vcoind.market.messages import Assignments, Bid, Cancel, Progress, TaskAnnounce, TaskResult
 from vcoind.market.origin import TaskOrigin
+from vcoind.market.payments import Payments
 from vcoind.market.protocol import TaskProtocol
 from vcoind.market.routes import Routes
 from vcoind.market.votes import CommitsClosed, OutcomeVote, ResultCommitment, ResultReveal
@@ -28,7 +29,6 @@ from vcoind.market.worker import TaskWorker
 from vcoind.metrics import NodeMetrics
 from vcoind.p2p.gossip import Gossip
 from vcoind.p2p.streams import StreamService
-from vcoind.signer import Signer
 from vcoind.store import ConsensusStore, Store, TaskStore
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ class MarketService:
         self,
         cfg: MarketConfig,
         network: str,
-        signer: Signer,
+        payments: Payments,
         store: Store,
         gossip: Gossip,
         streams: StreamService,
@@ -80,7 +80,8 @@ class MarketService:
         self._embedder: Any = None
         self._embed_limiter = trio.CapacityLimiter(1)
         self._local_votes, self._local_votes_rx = trio.open_memory_channel[Any](256)
-        ctx = VoteContext(me, network, signer, self._publish_vote, self.embed,
+        self.payments = payments
+        ctx = VoteContext(me, network, payments, self._publish_vote, self.embed,
                           metrics.consensus_rejected)  # fmt: skip
         self.replica = Replica(ctx, fault=cfg.fault)
         self.coordinator = Coordinator(ctx, self.consensus_store,
@@ -91,9 +92,8 @@ class MarketService:
             compute, self.tasks, peer_id=me, network=network,
             publish_bid=lambda bid: gossip.publish("tasks", bid), send=self.protocol.send,
             health=lambda: view.health_of(me), on_change=self._worker_changed,
-            commit_result=self.replica.commit,
-            sign_result=settler.sign_result if settler is not None else lambda r: r,
-            pipelines=self.routes, trainer=trainer,
+            commit_result=self.replica.commit, payments=payments, pipelines=self.routes,
+            trainer=trainer,
         )  # fmt: skip
         self.origin = TaskOrigin(
             self.tasks, metrics, cfg, peer_id=me, network=network,
@@ -103,7 +103,7 @@ class MarketService:
             send=self.protocol.send, notify=self._notify_task, view=view,
             reputations=self.reputations, coordinator=self.coordinator,
             settle=settler.settle if settler is not None else None,
-            pipelines=self.routes, trainer=trainer,
+            pipelines=self.routes, trainer=trainer, payments=payments,
         )  # fmt: skip
 
     async def reputations(self, peers: list[str]) -> dict[str, float]:

@@ -43,7 +43,24 @@ def task_view(row: TaskRow, attempts: int, live_progress: int | None = None) -> 
         "consensus": row.consensus or None,
         "type": row.type,
         "training": row.training or None,
+        "payment": payment_view(row.payment),
         "created_at": row.created_at,
         "completed_at": row.completed_at,
         "finished": row.status in FINISHED,
     }
+
+
+def payment_view(payment: dict[str, Any]) -> dict[str, Any] | None:
+    """Whether the task is paid (settlement v2) and, if so, the requester's ticket terms in
+    VCOIN; None for a task from before settlement v2."""
+    if not payment:
+        return None
+    t = payment.get("ticket")
+    if not payment.get("paid") or not t:
+        return {"paid": False, "reason": payment.get("reason", "unpaid")}
+    return {
+        "paid": True, "requester": t["requester"],
+        "max_price_per_token": int(t["max_price"]) / 1e18, "max_tokens": t["max_tokens"],
+        "replicas": t["replicas"], "deadline": t["deadline"],
+        "max_cost": int(t["max_price"]) * int(t["max_tokens"]) * int(t["replicas"]) / 1e18,
+    }  # fmt: skip

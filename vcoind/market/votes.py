@@ -12,8 +12,8 @@ A consensus task runs on several replicas. Each replica's round, in order:
    does not hash to its commitment, from a replica not listed, or before the
    phase closed is rejected and counted against the sender.
 4. ``OutcomeVote``: every replica (and the origin) computes the same outcome from
-   the revealed results and the listed weights, and signs
-   ``vcoind.consensus.outcome.outcome_digest`` with its Ethereum key.
+   the revealed results and the listed weights, and signs its settlement-v2
+   ``Outcome`` (``vcoind.chain.typed``) with its Ethereum key.
 
 Gossip envelopes are signed by the sender's libp2p key, so the ``peer_id`` of a
 record is its author.
@@ -89,12 +89,16 @@ class ResultReveal(VoteRecord):
     token_ids: tuple[int, ...] = field(metadata=lim(max_len=8192))
     finish_reason: str = field(metadata=lim(max_len=16))
     salt: bytes = field(metadata=lim(**HASH))
+    # Settlement v2: the replica's numeric profile and its signed Result (slash evidence)
+    profile: bytes = field(default=bytes(32), metadata=lim(**HASH))
+    result_sig: bytes = field(default=b"", metadata=lim(max_len=65))
 
 
 @message
 @dataclass(frozen=True)
 class OutcomeVote(VoteRecord):
-    """A signer's agreement to an outcome: ``signature`` over ``outcome_digest``."""
+    """A signer's agreement to an outcome: ``signature`` over the settlement-v2 ``Outcome``
+    (``vcoind.chain.typed``) of the task's ticket; empty for an unpaid task."""
 
     KIND: ClassVar[str] = "outcome_vote"
     MAX_BYTES: ClassVar[int] = 1024
@@ -104,4 +108,6 @@ class OutcomeVote(VoteRecord):
     result_hash: bytes = field(metadata=lim(**HASH))
     decision: str = field(metadata=lim(choices=("none", "tie", "majority", "supermajority")))
     eth_address: str = field(metadata=lim(pattern=r"0x[0-9a-fA-F]{40}", max_len=42))
-    signature: bytes = field(metadata=lim(exact_len=65, max_len=65))
+    signature: bytes = field(metadata=lim(max_len=65))
+    units: int = field(default=0, metadata=lim(min=0, max=(1 << 32) - 1))
+    profile: bytes = field(default=bytes(32), metadata=lim(**HASH))

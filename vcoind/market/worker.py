@@ -10,6 +10,7 @@ origin at most every ``PROGRESS_EVERY_S``; the result is retried a few times.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -20,8 +21,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from vcoind.chain.views import wei
 from vcoind.compute.models import ModelError
 from vcoind.compute.params import GenerationError
+from vcoind.consensus.outcome import result_hash
 from vcoind.market.messages import (
     ACCEPTED_BEFORE,
     Accepted,
@@ -37,6 +40,7 @@ from vcoind.market.messages import (
     TaskAnnounce,
     TaskResult,
 )
+from vcoind.market.payments import Payments, outcome_of
 from vcoind.market.ports import Pipelines, Trainer, WorkError
 from vcoind.p2p.streams import StreamProtocolError
 from vcoind.store import TaskStore
@@ -74,10 +78,9 @@ class TaskWorker:
         publish_bid: Callable[[Bid], Awaitable[None]],
         send: Send,
         health: Callable[[], float],
-        price_per_token: float = 0.0,
+        payments: Payments | None = None,
         on_change: Callable[[], None] = lambda: None,
-        commit_result: Callable[[str, TaskResult], Awaitable[None]] | None = None,
-        sign_result: Callable[[TaskResult], TaskResult] = lambda r: r,
+        commit_result: Callable[[str, TaskResult, Assign], Awaitable[None]] | None = None,
         pipelines: Pipelines | None = None,
         trainer: Trainer | None = None,
     ) -> None:
@@ -89,7 +92,9 @@ class TaskWorker:
         self._publish_bid = publish_bid
         self._send = send
         self._health = health
-        self._price = price_per_token
+        # Settlement v2: tickets checked, prices and results signed (None: unpaid work)
+        self._payments = payments
+        self._price = payments.price if payments is not None else 0
         self._queue: list[_Job] = []
         self._jobs: dict[tuple[str, int], _Job] = {}
         self._arrivals = itertools.count()
@@ -99,8 +104,6 @@ class TaskWorker:
         self.on_change = on_change
         # Consensus assignments: the result is committed on the votes topic, not sent.
         self._commit_result = commit_result
-        # Signs a single-mode result for anchoring (when the node has a chain).
-        self._sign_result = sign_result
         # Pipelined replicas run over their route; LoRA: training, adapters.
         self._pipelines = pipelines
         self._trainer = trainer
@@ -111,8 +114,9 @@ class TaskWorker:
 
     # --- bidding ----------------------------------------------------------
 
-    def make_offer(self, task: AnnouncedTask, queued_tokens: int) -> Offer | None:
-        """Our offer for ``task``, or None if we do not serve its model or it pays too little."""
+    def make_offer(self, task: AnnouncedTask, queued_tokens: int, origin: str = "") -> Offer | None:
+        """Our offer for ``task``, or None if we do not serve its model, it pays too little
+        or its ticket does not do (``Payments.ticket_refusal``)."""
         try:
             info = self._models.resolve(task.model)
         except ModelError:
@@ -125,19 +129,28 @@ class TaskWorker:
             return Offer(task.task_id, info.model_id, 0.0, 0.0, round(sps, 3))
         if task.adapter and not self._adapter_known(task.adapter):
             return None
-        tps = self.tokens_per_s.get(info.model_id, DEFAULT_TOKENS_PER_S)
-        price = self._price * task.max_new_tokens
-        if task.max_price is not None and price > task.max_price:
+        pay = self._payments
+        refusal = pay.ticket_refusal(task.ticket, origin) if pay is not None and origin else None
+        if refusal is None and task.ticket is not None and task.ticket.model_id != info.model_id:
+            refusal = f"the ticket is for model {task.ticket.model_id[:19]}, ours is another"
+        if refusal is not None:
+            log.info("not bidding on task %s: %s", task.task_id, refusal)
             return None
+        tps = self.tokens_per_s.get(info.model_id, DEFAULT_TOKENS_PER_S)
+        if task.max_price is not None and self._price > wei(task.max_price):
+            return None  # max_price: VCOIN per token
+        price = self._price * task.max_new_tokens / 1e18
         eta = round((queued_tokens + task.max_new_tokens) / tps, 4)
-        return Offer(task.task_id, info.model_id, price, eta, round(tps, 3))
+        sig = pay.sign_bid(task.task_id) if pay is not None and task.ticket is not None else b""
+        return Offer(task.task_id, info.model_id, price, eta, round(tps, 3), self._price, sig)
 
     def make_bid(self, origin: str, tasks: Sequence[AnnouncedTask]) -> Bid | None:
         """One bid with our offers for those of ``tasks`` we can run (None: no offer)."""
         queued_tokens = sum(
             j.assign.params.max_new_tokens for j in (*self._queue, *self.running.values())
         )
-        offers = tuple(o for t in tasks if (o := self.make_offer(t, queued_tokens)) is not None)
+        offers = tuple(o for t in tasks
+                       if (o := self.make_offer(t, queued_tokens, origin)) is not None)  # fmt: skip
         if not offers:
             return None
         return Bid(
@@ -146,6 +159,8 @@ class TaskWorker:
         )  # fmt: skip
 
     async def on_announce(self, ann: TaskAnnounce) -> None:
+        if self._payments is not None:  # the requesters' deposits, fresh enough to judge
+            await self._payments.prefetch([t.ticket for t in ann.tasks])
         bid = self.make_bid(ann.peer_id, ann.tasks)
         if bid is not None:
             await self._publish_bid(bid)
@@ -168,6 +183,13 @@ class TaskWorker:
         return Accepted(tuple(errors))
 
     async def on_assign(self, origin: str, a: Assign) -> Ack:
+        if self._payments is not None:
+            await self._payments.prefetch([a.ticket])
+            refusal = self._payments.ticket_refusal(
+                a.ticket, origin
+            ) or self._payments.award_refusal(a.ticket, a.price_per_token, a.award)
+            if refusal is not None:
+                raise StreamProtocolError(f"refused: {refusal}")
         if a.route:
             if self._pipelines is None:
                 raise StreamProtocolError("this node runs no pipelines")
@@ -297,9 +319,23 @@ class TaskWorker:
             nursery.cancel_scope.cancel()  # stop pending progress reports: the result follows
         await self._finish(job, "failed" if result.error else "completed")
         if a.consensus and not result.error and self._commit_result is not None:
-            await self._commit_result(job.origin, result)
+            await self._commit_result(job.origin, result, a)
         else:
-            await self._report_result(job, result if result.error else self._sign_result(result))
+            await self._report_result(job, result if result.error else self._signed(a, result))
+
+    def _signed(self, a: Assign, r: TaskResult) -> TaskResult:
+        """A single-mode result with our signatures: the outcome (one replica, "majority")
+        under the task's ticket, and our Result (slashing evidence)."""
+        pay = self._payments
+        if pay is None or not r.model_id:
+            return r
+        rh = result_hash(r.text)
+        result_sig, profile = pay.sign_result(a.task_id, rh)
+        outcome = outcome_of(rh, "majority", len(r.token_ids), profile,
+                             a.params.temperature == 0)  # fmt: skip
+        sig = pay.sign_outcome(a.task_id, a.ticket, outcome)
+        return dataclasses.replace(r, eth_address=pay.address, signature=sig,
+                                   result_sig=result_sig, profile=profile)  # fmt: skip
 
     async def _report_progress(self, job: _Job, tokens: int) -> None:
         a = job.assign

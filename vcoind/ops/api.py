@@ -96,8 +96,8 @@ def register_ops_api(
             Param("min_throughput_per_day", {"type": "number", "minimum": 0}, default=0.0),
             Param("price", {"type": "number", "minimum": 0}, default=0.0),
             Param("penalty_rate", {"type": "number", "minimum": 0, "maximum": 1}, default=0.1,
-                  description="share of the price per violation; while violated, rewards "
-                  "of the customer's tasks are cut by it"),
+                  description="share of the price owed to the customer per violation (the "
+                  "seeds' compensation; recorded, the workers' signed prices are not cut)"),
         ),
         {"type": "object"}, sla_create,
     ))  # fmt: skip

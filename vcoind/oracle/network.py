@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from vcoind.chain.typed import DECISIONS, Outcome
 from vcoind.config import subset
-from vcoind.market.settle import Settled, Settler
+from vcoind.market.payments import Payments
+from vcoind.market.settle import Settled, Settler, Vote
 from vcoind.metrics import NodeMetrics
 from vcoind.oracle import OracleError
 from vcoind.oracle.api import ORACLE_GET_PATHS, register_oracle_api
@@ -23,7 +25,6 @@ from vcoind.oracle.replicated import (
     replicated_query,
 )
 from vcoind.p2p.streams import StreamProtocolError
-from vcoind.signer import Signer
 from vcoind.store import OracleStore, Store
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ class OracleNetwork:
     def __init__(
         self,
         cfg: OracleConfig,
-        signer: Signer,
+        payments: Payments,
         store: Store,
         metrics: NodeMetrics,
         presence: PresenceService,
@@ -53,6 +54,7 @@ class OracleNetwork:
         self._view = presence.view
         self._market = market
         self._settler = settler
+        self._payments = payments
         self.local: OracleService | None = None
         self._replica: OracleReplica | None = None
         if cfg.enabled:
@@ -67,7 +69,7 @@ class OracleNetwork:
                 on_cache=lambda cache, hit: metrics.oracle_cache.labels(
                     cache=cache, result="hit" if hit else "miss").inc(),
             )  # fmt: skip
-            self._replica = OracleReplica(self.local, signer)
+            self._replica = OracleReplica(self.local, payments)
             presence.announce(services=("oracle",))
 
     async def query(self, kind: str, symbol: str, window: str, replicas: int) -> dict[str, Any]:
@@ -82,16 +84,19 @@ class OracleNetwork:
         if len(chosen) < 2:
             raise OracleError(f"{len(chosen)} oracle node(s) known; a replicated answer needs 2")
         q = OracleQuery(new_task_id(), kind, symbol.upper() if kind == "price" else "", window)
+        pay = self._payments
         answer, sigs, out, decision = await replicated_query(
             q, chosen, market.protocol.send, market.reputations,
             market.consensus_store.adjust_reputation,
+            lambda model_id: pay.unpaid_ticket(q.task_id, model_id, "oracle", len(chosen),
+                                               False).hash(),
         )  # fmt: skip
         answer["anchor"] = None
         if self._settler is not None and decision != "none":
-            signed = [(p, view.eth_address_of(p) or "", s) for p, s in sigs]
+            votes = [Vote(p, view.eth_address_of(p) or "", s) for p, s in sigs]
+            outcome = Outcome(bytes.fromhex(answer["result_hash"]), DECISIONS[decision], 0)
             await self._settler.settle(Settled(
-                q.task_id, answer["model_id"], bytes.fromhex(answer["result_hash"]), decision,
-                signed, len(chosen), out, False, 0, 0.0,
+                q.task_id, answer["model_id"], "oracle", outcome, votes, len(chosen), False,
             ))  # fmt: skip
             answer["anchor"] = f"anchor:{q.task_id} (vcoin_getAnchor)"
         log.info("oracle %s %s %s: %s, %d signed, outliers %s", kind, q.symbol, window,

@@ -26,11 +26,12 @@ from typing import Any, ClassVar
 
 import trio
 
+from vcoind.chain.typed import DECISIONS, Outcome
 from vcoind.consensus.reputation import updated_reputation
 from vcoind.market.messages import TASK_ID_RE
+from vcoind.market.payments import Payments
 from vcoind.oracle import OracleError
 from vcoind.p2p.codec import Message, lim, message
-from vcoind.signer import Signer
 
 log = logging.getLogger("vcoind.oracle")
 
@@ -78,6 +79,8 @@ class OracleConfirm(Message):
     result_hash: bytes = field(metadata=lim(exact_len=32, max_len=32))
     model_id: str = field(metadata=lim(max_len=80))
     decision: str = field(metadata=lim(max_len=16))
+    # the struct hash of the origin's (unpaid) ticket the outcome is signed under
+    ticket_hash: bytes = field(default=bytes(32), metadata=lim(exact_len=32, max_len=32))
 
 
 @message
@@ -141,7 +144,7 @@ class OracleReplica:
     """The replica side: answers queries from the node's own oracle service."""
 
     service: Any  # vcoind.oracle.service.OracleService
-    signer: Signer  # the node's Ethereum key (its network names the digest's)
+    payments: Payments  # signs the answer as a settlement-v2 outcome
     mine: dict[str, tuple[float, ...]] = field(default_factory=dict)  # task -> own values
 
     async def compute(self, q: OracleQuery) -> tuple[tuple[float, ...], bytes]:
@@ -175,7 +178,8 @@ class OracleReplica:
             return OracleSignature(q.task_id, reason=f"{own[0]:.6g} is far from {c.values[0]:.6g}")
         if c.result_hash != result_hash(q, c.values) or c.model_id != query_model_id(q):
             return OracleSignature(q.task_id, reason="the result hash does not match the values")
-        _, sig = self.signer.sign_outcome(q.task_id, c.result_hash, c.model_id, c.decision)
+        outcome = Outcome(c.result_hash, DECISIONS.get(c.decision, 0), 0)
+        sig = self.payments.sign_outcome_for(q.task_id, c.ticket_hash, outcome)
         return OracleSignature(q.task_id, sig)
 
 
@@ -194,9 +198,11 @@ async def replicated_query(
     send: Callable[[str, Any, type[Any]], Awaitable[Any]],
     reputations: Callable[[list[str]], Awaitable[dict[str, float]]],
     adjust: Callable[[str, Callable[[float], float]], Awaitable[Any]],
+    ticket_hash: Callable[[str], bytes] = lambda model_id: bytes(32),
 ) -> tuple[dict[str, Any], list[tuple[str, bytes]], list[str], str]:
     """Ask ``peers``, combine, confirm. Returns (the answer, [(peer, signature)] of the
-    agreeing replicas, outlier peers, decision)."""
+    agreeing replicas, outlier peers, decision). ``ticket_hash(model_id)``: the struct
+    hash of the origin's unpaid ticket the replicas sign the answer under."""
     reports: dict[str, OracleReport] = {}
     errors: dict[str, str] = {}
 
@@ -234,7 +240,7 @@ async def replicated_query(
     model_id = query_model_id(q)
     signatures: list[tuple[str, bytes]] = []
     if decision != "none":
-        confirm = OracleConfirm(q, combined, rhash, model_id, decision)
+        confirm = OracleConfirm(q, combined, rhash, model_id, decision, ticket_hash(model_id))
 
         async def sign(peer: str) -> None:
             try:

@@ -97,6 +97,19 @@ class NetworkView:
             names |= {m.name for m in st.heartbeat.models}
         return {name: len(self.serving(name)) for name in sorted(names)}
 
+    def model_id_of(self, model: str) -> str | None:
+        """The weight-hash id of ``model`` (a name or an id): the id most nodes we know of
+        serve under that name (None: nobody does)."""
+        if model.startswith("sha256:"):
+            return model
+        counts: dict[str, int] = {}
+        served = [*self.capabilities.models, *(m for st in self.peers.peers()
+                                               for m in st.heartbeat.models)]  # fmt: skip
+        for m in served:
+            if m.name == model:
+                counts[m.model_id] = counts.get(m.model_id, 0) + 1
+        return max(sorted(counts), key=lambda k: counts[k]) if counts else None
+
     def models(self) -> dict[str, str]:
         """Model names and ids served anywhere in the network we know of -> a name."""
         out: dict[str, str] = {}

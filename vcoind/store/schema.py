@@ -244,6 +244,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE tasks ADD COLUMN training TEXT NOT NULL DEFAULT '{}';
     """,
+    # 11: settlement v2: the task's payment (the requester's signed ticket, the awards, and
+    # whether it is paid at all: tasks between embedded chains run unpaid).
+    """
+    ALTER TABLE tasks ADD COLUMN payment TEXT NOT NULL DEFAULT '{}';
+    """,
 )
 
 

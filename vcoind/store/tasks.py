@@ -17,9 +17,9 @@ TASK_COLUMNS = (
     "id", "type", "model", "model_id", "input", "parameters", "priority", "timeout_s",
     "max_price", "status", "phase", "progress", "result", "node_id", "retry_count", "error",
     "timings", "created_at", "completed_at", "mode", "replicas", "consensus", "pipeline",
-    "customer", "training",
+    "customer", "training", "payment",
 )  # fmt: skip
-_JSON_COLUMNS = ("parameters", "timings", "consensus", "training")
+_JSON_COLUMNS = ("parameters", "timings", "consensus", "training", "payment")
 FINISHED = ("completed", "failed", "cancelled")
 
 
@@ -50,6 +50,8 @@ class TaskRow:
     pipeline: bool = False  # consensus replicas are pipelines on disjoint routes
     customer: str = ""  # whose SLA the task counts under ("" = none)
     training: dict[str, Any] = field(default_factory=dict)  # type lora_training
+    # settlement v2 (vcoind.market.payments): {"paid": bool, "reason", "ticket", "awards"}
+    payment: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

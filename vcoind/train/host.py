@@ -77,7 +77,7 @@ class TrainHost:
         device: Callable[[], str],
         limiter: Callable[[], Awaitable[trio.CapacityLimiter]],
         lora: Callable[[], Awaitable[Any]],
-        sign: Callable[[str, str, str], tuple[str, bytes]] | None = None,
+        sign: Callable[[str, str, bytes], tuple[str, bytes]] | None = None,
         on_adapters: Callable[[], None] = lambda: None,
         on_rate: Callable[[str, float], None] = lambda model_id, samples_per_s: None,
     ) -> None:
@@ -88,7 +88,7 @@ class TrainHost:
         self._device = device
         self._limiter = limiter
         self._lora = lora  # -> the vcoind.train.lora module, imported safely
-        self.sign = sign  # (task id, adapter id, model id) -> (eth address, signature)
+        self.sign = sign  # (task id, adapter id, ticket hash) -> (eth address, signature)
         self._shards: dict[tuple[str, int], _Shard] = {}
         self.on_adapters = on_adapters  # the set of adapters changed
         self.on_rate = on_rate  # (model id, samples per second) measured
@@ -241,7 +241,7 @@ class TrainHost:
         self._abort(origin, f.task_id)
         if self.sign is None:
             return TrainSigned()
-        address, sig = self.sign(f.task_id, f.adapter, f.model_id)
+        address, sig = self.sign(f.task_id, f.adapter, f.ticket_hash)
         return TrainSigned(address, sig)
 
     def _abort(self, origin: str, task_id: str) -> None:

@@ -346,14 +346,17 @@ class TrainingRun:
             results[sh.index] = (state, meta, d)
             return
 
-    async def finish(self, adapter_id: str) -> list[tuple[str, TrainSigned]]:
+    async def finish(
+        self, adapter_id: str, ticket_hash: bytes = bytes(32)
+    ) -> list[tuple[str, TrainSigned]]:
         """Hand the final adapter to every surviving participant: each pulls it, checks
         it, keeps it and signs it. The (peer, signed) answers that came back."""
         out: list[tuple[str, TrainSigned]] = []
 
         async def one(peer: str) -> None:
             try:
-                rec = TrainFinish(self.task_id, adapter_id, len(self._global), self.model_id)
+                rec = TrainFinish(self.task_id, adapter_id, len(self._global), self.model_id,
+                                  ticket_hash)  # fmt: skip
                 out.append((peer, await self._request(peer, rec, TrainSigned, None)))
             except StreamProtocolError as exc:
                 log.info("task %s: %s did not take the final adapter: %s", self.task_id,

@@ -4,7 +4,7 @@ It serves ``/vcoin/train/1.0.0`` (``TrainHost``: shards, rounds, blobs), runs th
 FedAvg rounds of the ``lora_training`` tasks this node is origin of (the market's
 ``Trainer`` port: ``run_training``), keeps the adapters trained or fetched here and
 announces them, fetches an adapter from the peers that announce it (checked by its
-hash), and settles a finished training (the signers share the reward by samples).
+hash), and settles a finished training (its signers anchor the adapter; unpaid for now).
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 import trio
 from libp2p.peer.id import ID
 
+from vcoind.chain.typed import Outcome
+from vcoind.market.payments import Payments
 from vcoind.market.ports import OnView
-from vcoind.market.settle import Settled, Settler
+from vcoind.market.settle import Settled, Settler, Vote
 from vcoind.p2p.streams import StreamProtocol, StreamProtocolError, StreamService
 from vcoind.presence.service import PresenceService
-from vcoind.signer import Signer
 from vcoind.store import TaskRow
 from vcoind.train.adapters import AdapterStore, BlobCache, pull_blob
 from vcoind.train.host import MAX_SHARDS, TrainHost
@@ -54,7 +55,7 @@ class TrainService:
         self,
         cfg: MarketConfig,
         datadir: Path,
-        signer: Signer,
+        payments: Payments,
         streams: StreamService,
         presence: PresenceService,
         compute: ComputeService,
@@ -64,7 +65,7 @@ class TrainService:
         self._cfg = cfg
         self._datadir = datadir
         self.datasets_dir = datadir / "train"
-        self._signer = signer
+        self._payments = payments
         self._streams = streams
         self._presence = presence
         self._view = presence.view
@@ -187,7 +188,10 @@ class TrainService:
                 adapter_id = sha256_hex(final)
                 await trio.to_thread.run_sync(self.adapters.put, adapter_id, final)
                 self._announce_adapters()
-                signed = await run.finish(adapter_id)
+                survivors = sum(1 for x in run.nodes.values() if x.status != "failed")
+                ticket = self._payments.unpaid_ticket(row.id, run.model_id, "lora_training",
+                                                      survivors, False)  # fmt: skip
+                signed = await run.finish(adapter_id, ticket.hash())
                 nursery.cancel_scope.cancel()
         except BaseException as exc:
             with trio.CancelScope(shield=True):
@@ -208,10 +212,9 @@ class TrainService:
                  summary["final_loss"], len(sigs))  # fmt: skip
         if self._settler is not None:
             await self._settler.settle(Settled(
-                row.id, run.model_id, bytes.fromhex(adapter_id), "majority", sigs,
-                replicas=len(signed) or 1, outvoted=[], deterministic=False, tokens=0,
-                price=0.0, customer=row.customer, samples=summary["samples"],
-                shares={n["node_id"]: n["samples"] for n in run.view()["nodes"]},
+                row.id, run.model_id, "lora_training", _adapter_outcome(adapter_id),
+                [Vote(peer, a, sig) for peer, a, sig in sigs], replicas=ticket.replicas,
+                deterministic=False, customer=row.customer,
             ))  # fmt: skip
         return {"adapter_id": adapter_id, "model_id": run.model_id, "summary": summary,
                 "view": view}  # fmt: skip
@@ -249,9 +252,12 @@ class TrainService:
         return await self._streams.request(ID.from_base58(peer), TRAIN_STREAM, record,
                                            reply_type, timeout_s=timeout_s)  # fmt: skip
 
-    def _sign_adapter(self, task_id: str, adapter_id: str, model_id: str) -> tuple[str, bytes]:
-        return self._signer.sign_outcome(task_id, bytes.fromhex(adapter_id), model_id,
-                                         "majority")  # fmt: skip
+    def _sign_adapter(self, task_id: str, adapter_id: str, ticket_hash: bytes) -> tuple[str, bytes]:
+        """Our signature of a training's outcome: its adapter, under the origin's unpaid
+        ticket (training is not paid for yet)."""
+        outcome = _adapter_outcome(adapter_id)
+        return self._payments.address, self._payments.sign_outcome_for(task_id, ticket_hash,
+                                                                       outcome)  # fmt: skip
 
     def _announce_adapters(self) -> None:
         self._presence.announce(adapters=tuple(self.adapters.newest(16)))
@@ -273,3 +279,8 @@ def _forget_training(saved: Path, dataset: str) -> None:
     """A finished training task's files: its saved rounds and its copy of the dataset."""
     shutil.rmtree(saved, ignore_errors=True)
     Path(dataset).unlink(missing_ok=True)
+
+
+def _adapter_outcome(adapter_id: str) -> Outcome:
+    """A training's outcome: the adapter's hash agreed by its signers (no units paid)."""
+    return Outcome(bytes.fromhex(adapter_id), 2, 0)

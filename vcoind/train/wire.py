@@ -101,6 +101,8 @@ class TrainFinish(Message):
     adapter: str = field(metadata=_HASH)
     adapter_bytes: int = field(metadata=lim(min=1, max=MAX_BLOB_BYTES))
     model_id: str = field(metadata=lim(max_len=71))
+    # the struct hash of the origin's (unpaid) ticket the outcome is signed under
+    ticket_hash: bytes = field(default=bytes(32), metadata=lim(exact_len=32, max_len=32))
 
 
 @message
