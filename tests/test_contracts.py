@@ -535,6 +535,16 @@ def test_settlement_draws_available_then_pending_and_pays_what_is_there(c: Chain
     assert all(a.paid(task, w).call() for w in workers)  # an unfunded vote is settled too
 
 
+def test_a_price_too_large_to_multiply_pays_the_whole_deposit(c: Chain) -> None:
+    """price x units saturates instead of overflowing: the anchor still stands."""
+    top = 2**256 - 1
+    t, o = ticket(c, replicas=1, max_price=top), outcome(units=2)
+    receipt = c.send(anchor_fn(c, t, o, [vote(c, t, o, c.nodes[0], top)]), c.nodes[0])
+    assert paid(c, receipt) == [(c.nodes[0], split(DEPOSIT))]
+    assert c.events(c.anchor, "Underfunded", receipt)[0]["short"] == top - DEPOSIT
+    assert escrow(c, c.requester) == 0
+
+
 # ---- TaskAnchor: settlement ----
 
 

@@ -313,14 +313,7 @@ contract TaskAnchor is AccessControl, EIP712 {
         });
         emit Anchored(taskId, o.resultHash, t.modelId, o.decision, votes.length);
 
-        uint256 burned;
-        uint256 fee;
-        for (uint256 i = 0; i < votes.length; ++i) {
-            (uint256 b, uint256 f) = _pay(taskId, t.requester, votes[i].worker, votes[i].price * o.units);
-            burned += b;
-            fee += f;
-        }
-        _burnAndFee(burned, fee);
+        _payAll(taskId, t.requester, votes, o.units);
     }
 
     /// Pays an agreeing, awarded worker whose vote was left out of the anchor, exactly as the
@@ -335,7 +328,7 @@ contract TaskAnchor is AccessControl, EIP712 {
         uint32 units = a.units;
         bytes32 digest = _outcomeDigest(taskId, tHash, a.resultHash, a.decision, units, a.profile);
         _checkVote(t, tHash, digest, v);
-        (uint256 burned, uint256 fee) = _pay(taskId, t.requester, v.worker, v.price * units);
+        (uint256 burned, uint256 fee) = _pay(taskId, t.requester, v.worker, _gross(v.price, units));
         _burnAndFee(burned, fee);
     }
 
@@ -346,6 +339,24 @@ contract TaskAnchor is AccessControl, EIP712 {
         if (!_signedBy(award, v.awardSig, t.requester)) revert BadAward(w);
         if (!_signedBy(digest, v.outcomeSig, w)) revert BadSignature(w);
         if (!staking.isEligible(w)) revert NotStaked(w);
+    }
+
+    function _payAll(bytes32 taskId, address requester, Vote[] calldata votes, uint32 units) private {
+        uint256 burned;
+        uint256 fee;
+        for (uint256 i = 0; i < votes.length; ++i) {
+            (uint256 b, uint256 f) = _pay(taskId, requester, votes[i].worker, _gross(votes[i].price, units));
+            burned += b;
+            fee += f;
+        }
+        _burnAndFee(burned, fee);
+    }
+
+    /// price x units, saturating at 2^256 - 1 (no deposit holds that much: it pays what it
+    /// holds instead of reverting).
+    function _gross(uint256 price, uint32 units) private pure returns (uint256) {
+        if (units != 0 && price > type(uint256).max / units) return type(uint256).max;
+        return price * units;
     }
 
     /// Pays `gross` (price x units) from the requester's deposit, available then pending, or
