@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from devnet.__main__ import DevNode, stake_all
+from devnet.__main__ import DevNode, deposit_all, stake_all
 from devnet.chain import fund_nodes
 from tests.conftest import Chain, Cluster, wait_until
 from tests.test_consensus_nodes import submit_consensus
@@ -53,8 +53,10 @@ def test_embedded_chain_single_node_anchors_with_no_setup(
     assert info["mode"] == "embedded" and info["node_address"] == n.info["eth_address"]
     assert info["stake"] == 1000.0 and info["eligible"]
     assert info["payments"].startswith("unpaid")  # the embedded chain is private
-    assert t["payment"] == {"paid": False,
-                            "reason": "unpaid: the embedded chain is private to this node"}
+    assert t["payment"] == {
+        "paid": False,
+        "reason": "unpaid: the embedded chain is private to this node",
+    }
     got = n.rpc.call("vcoin_getAnchor", {"task_id": t["task_id"]})
     p = got["payload"]
     # Anchored under a price-0 ticket the node signs as requester, with its own vote.
@@ -141,7 +143,7 @@ def three_on_chain(
     return [n1, n2, n3]
 
 
-def test_three_daemons_on_anvil_anchor_reward_stake_gate_and_slash(
+def test_three_daemons_on_anvil_pay_from_the_deposit_gate_stake_and_slash(
     cluster: Cluster, models_dir: Path, chain: Chain, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("VCOIN_MARKET_NO_BID_TIMEOUT_S", "2")
@@ -158,36 +160,71 @@ def test_three_daemons_on_anvil_anchor_reward_stake_gate_and_slash(
     peers = {p["peer_id"]: p for p in n1.rpc.call("vcoin_peers")}
     assert peers[n3.info["peer_id"]]["stake"]["stake"] == 1000.0
 
+    # A paid task whose requester has no deposit: the others refuse to work for it (its own
+    # node may: it would only pay itself).
+    t = finished(n1, submit(n1, "before the deposit", max_new_tokens=4))
+    assert t["status"] == "completed" and t["payment"]["paid"], t
+    assert {b["peer_id"] for b in t["bids"]} == {n1.info["peer_id"]}, t["bids"]
+    wait_until(lambda: "does not cover the ticket" in (n2.datadir / "vcoind.log").read_text(),
+               10, "node 2's refusal in its log")  # fmt: skip
+    deposit_all([n1], 100)
+    anchor = chain.c.anchor.functions
+    deposit = int(anchor.depositOf(addr[1]).call()[0])
+    assert deposit >= 100 * E18
+
     # Greedy consensus tasks until the junk replica is outvoted by a supermajority (its
-    # reputation, hence weight, drops each time it loses): then it is slashed.
+    # reputation, hence weight, drops each time it loses): then its own signed Result is
+    # the evidence that slashes it.
     reserve = chain.balance(chain.deployment.deployer)
+    fees = spent = 0.0
     slashed_task = None
     for trial in range(10):
         before = {i: chain.balance(a) for i, a in addr.items()}
         t = finished(n1, submit_consensus(n1, "Explain proof of stake", seed=trial,
                                           max_new_tokens=8), timeout=120)  # fmt: skip
         assert t["status"] == "completed", t
+        assert {b["peer_id"] for b in t["bids"]} == {n.info["peer_id"] for n in nodes}
+        assert all(b["price"] == pytest.approx(0.0001) for b in t["bids"])  # signed prices
         a = anchor_of(n1, t["task_id"])
         ev = chain.anchored_events(t["task_id"])
         assert len(ev) == 1
         assert bytes(ev[0]["args"]["resultHash"]).hex() == t["consensus"]["result_hash"]
         assert bytes(ev[0]["args"]["resultHash"]) == hashlib.sha256(t["result"].encode()).digest()
         agreed = {r["node_id"] for r in t["consensus"]["replicas"] if r["agreed"]}
-        rewarded = {r["node"] for r in a["rewards"]}
-        assert rewarded == {n.info["eth_address"] for n in nodes if n.info["peer_id"] in agreed}
-        assert addr[3] not in rewarded  # the junk answer earns nothing
-        for r in a["rewards"]:  # minted on chain, as reported
+        paid = {r["node"]: r for r in a["rewards"]}
+        assert set(paid) == {n.info["eth_address"] for n in nodes if n.info["peer_id"] in agreed}
+        assert addr[3] not in paid  # the junk answer earns nothing
+        units = t["consensus"]["signed"]["units"]
+        for r in paid.values():  # price x tokens from the deposit; 10 % burned, 2 % fee, 5 % minted
+            assert r["gross"] == pytest.approx(0.0001 * units)
+            assert (r["burned"], r["fee"], r["minted"]) == pytest.approx(
+                (0.1 * r["gross"], 0.02 * r["gross"], 0.05 * r["gross"]))  # fmt: skip
+            assert r["to_worker"] == pytest.approx(r["gross"] - r["burned"] - r["fee"])
             i = next(i for i, x in addr.items() if x == r["node"])
-            assert chain.balance(r["node"]) - before[i] == pytest.approx(r["amount"] * E18)
+            got = chain.balance(r["node"]) - before[i]
+            assert got == pytest.approx((r["to_worker"] + r["minted"]) * E18)
+            fees += r["fee"]
+            spent += r["gross"]
         if a["slashed"]:
             slashed_task = t
             assert [s["node"] for s in a["slashed"]] == [addr[3]], a
             assert t["consensus"]["decision"] == "supermajority"
+            tid = t["task_id"]
+
+            def slashes(tid: str = tid) -> list[dict[str, Any]] | None:
+                got: list[dict[str, Any]] = task(n1, tid)["anchor"]["slashed"]
+                return got if all(x["status"] == "slashed" for x in got) else None
+
+            done = wait_until(slashes, 30, "the slash")
+            assert done[0]["amount"] == 50.0
             break
     assert slashed_task is not None, "the junk node was never outvoted by a supermajority"
     assert chain.stake(addr[3]) == 950 * E18  # slashAmount 50 VCOIN
-    assert chain.balance(chain.deployment.deployer) - reserve == 25 * E18  # half to reserve
+    # half the slash and every fee to the reserve (the deployer on a devnet)
+    got = chain.balance(chain.deployment.deployer) - reserve
+    assert got == pytest.approx(25 * E18 + fees * E18)
     assert chain.stake(addr[1]) == chain.stake(addr[2]) == 1000 * E18
+    assert int(anchor.depositOf(addr[1]).call()[0]) == pytest.approx(deposit - spent * E18)
     r = n2.rpc.call("vcoin_rewards")  # read from the chain's logs, not n2's own anchors
     assert r["source"] == "chain" and r["total"] > 0
 
@@ -199,6 +236,7 @@ def test_anvil_down_60s_delays_anchors_but_loses_none(
     n1 = nodes[0]
     fund_nodes(chain.anvil.url, chain.deployment, [n.info["eth_address"] for n in nodes])
     stake_all(nodes, 1000)
+    deposit_all([n1], 100)
     first = finished(n1, submit(n1, "before the outage", max_new_tokens=4))
     anchor_of(n1, first["task_id"])
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vcoind.cli import daemon_main
-from vcoind.config import Config, ConfigError, load, render_toml
+from vcoind.config import Config, ConfigError, load, read_toml, render_toml
 
 BOOT = "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWEAFCy2zHaWq3TPHeHx8F35FTbdWa12zjgDUzEWrp2RmC"
 
@@ -142,3 +142,12 @@ def test_every_metric_is_documented_and_the_dashboard_uses_real_ones() -> None:
             for n in re.findall(r"vcoin_[a-z0-9_]+", t["expr"])}  # fmt: skip
     base = {re.sub(r"_(total|bucket|sum|count)$", "", n) for n in used}
     assert base <= names, base - names
+
+
+def test_retired_reward_keys_are_ignored_not_fatal(tmp_path: Path) -> None:
+    # An earlier `vcoind init` wrote chain.reward_*; settlement v2 has no reward setting.
+    (tmp_path / "config.toml").write_text("[chain]\nreward_base = 1.0\nreward_per_token = 0.01\n")
+    assert read_toml(tmp_path / "config.toml") == {}
+    (tmp_path / "config.toml").write_text("[chain]\nreward_bonus = 1.0\n")
+    with pytest.raises(ConfigError, match="unknown key"):
+        read_toml(tmp_path / "config.toml")

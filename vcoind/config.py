@@ -8,6 +8,7 @@ field, so an error always names the key and the problem.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import tomllib
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import multiaddr
+
+log = logging.getLogger("vcoind.config")
 
 DEFAULT_DATADIR = Path("~/.vcoin").expanduser()
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -140,12 +143,10 @@ class ChainConfig:
     # Ignore bids from nodes below the minimum stake: on | off | auto (on for an external
     # chain; an embedded chain is private to this node, so nobody else is staked on it).
     require_stake: str = "auto"
-    # Reward per task, in VCOIN: base + per token generated + the task's price; the contract
-    # caps it (maxReward) and splits it between the agreeing nodes.
-    reward_base: float = 1.0
-    reward_per_token: float = 0.01
-    reward_per_sample: float = 0.01  # LoRA training: per example trained
-    # Embedded chain only: VCOIN this node mints itself and stakes at start.
+    # What a task pays is settled by the requester's ticket and the workers' signed prices
+    # (market.price_per_token, market.max_price_per_token): there is no reward setting.
+    # Embedded chain only: this node mints itself 3x this VCOIN at start, stakes one part,
+    # deposits one (its own tickets are covered) and keeps one (governance votes).
     embedded_stake: float = 1000.0
     stake_refresh_s: float = 10.0  # how often peers' stakes are re-read
     retry_max_s: float = 10.0  # longest wait between retries of a chain write
@@ -323,6 +324,12 @@ def _flatten_toml(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Keys an earlier version wrote into config.toml, now without effect.
+_PRICED = "settlement v2 pays the workers' signed prices: see market.price_per_token"
+RETIRED_KEYS = {f"chain.{k}": _PRICED for k in ("reward_base", "reward_per_token",
+                                                "reward_per_sample")}  # fmt: skip
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     """Flattened values of a config file; unknown keys are errors."""
     try:
@@ -334,8 +341,11 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(str(path), f"not valid TOML: {exc}") from None
     flat = _flatten_toml(raw)
     known = known_keys()
-    for key in flat:
-        if key not in known or key == "datadir":
+    for key in list(flat):
+        if key in RETIRED_KEYS:  # written by an earlier `vcoind init`: ignored, said once
+            log.warning("%s: %s is no longer used (%s)", path, key, RETIRED_KEYS[key])
+            del flat[key]
+        elif key not in known or key == "datadir":
             raise ConfigError(key, f"unknown key in {path}")
     return flat
 
@@ -455,9 +465,6 @@ def validate(cfg: Config) -> Config:
     if ch.require_stake not in REQUIRE_STAKE:
         raise ConfigError("chain.require_stake", f"must be one of {', '.join(REQUIRE_STAKE)}")
     for key, value, lo, hi in (
-        ("reward_base", ch.reward_base, 0.0, 1e9),
-        ("reward_per_token", ch.reward_per_token, 0.0, 1e9),
-        ("reward_per_sample", ch.reward_per_sample, 0.0, 1e9),
         ("embedded_stake", ch.embedded_stake, 0.0, 1e9),
         ("stake_refresh_s", ch.stake_refresh_s, 0.1, 86_400.0),
         ("retry_max_s", ch.retry_max_s, 0.1, 3600.0),

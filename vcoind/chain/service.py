@@ -16,6 +16,7 @@ a ticket is covered), and ``enqueue`` with an :class:`AnchorCall` / :class:`Clai
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -159,7 +160,8 @@ class ChainService:
     ) -> DepositInfo | None:
         """``address``'s deposit in TaskAnchor: from the cache when read less than
         ``max_age_s`` ago, else read from the chain (concurrent reads of one address share
-        one). None when the chain cannot be reached. ValueError for a malformed address."""
+        one). When the chain cannot be reached: the last value read (None if none was),
+        not asked for again for ``max_age_s``. ValueError for a malformed address."""
         a = Web3.to_checksum_address(address)
         k = a.lower()
         while True:
@@ -178,8 +180,13 @@ class ChainService:
             info = await self.link.call(self._read_deposit, a)
         except Exception as exc:  # down, or the embedded chain could not be made
             self.link.mark(False, f"{type(exc).__name__}: {exc}")
-            self.deposits.pop(k, None)
-            return None
+            old = self.deposits.get(k)
+            if old is None:
+                return None
+            # An outage: the last value read stands (tickets are judged on it until the
+            # chain is back), and is not asked for again before max_age_s.
+            self.deposits[k] = dataclasses.replace(old, fetched_at=time.time())
+            return old
         finally:
             del self._deposit_reads[k]
             done.set()

@@ -104,3 +104,13 @@ def anchor_view(op: ChainOp | None) -> dict[str, Any] | None:
     if int(op.result.get("underfunded") or 0):
         out["underfunded"] = vcoin(int(op.result["underfunded"]))
     return out
+
+
+def slash_view(op: ChainOp) -> dict[str, Any]:
+    """A queued slash of a task's outvoted worker (``slash:<task>:<node>``): its status and,
+    once done, the amount taken from the node's stake."""
+    status = {"pending": "queued", "done": "slashed", "failed": "failed"}[op.status]
+    amount = op.result.get("amount")
+    return {"node": op.payload.get("node"), "status": status, "tx_hash": op.tx_hash,
+            "block": op.block, "error": op.error,
+            "amount": vcoin(int(amount)) if amount is not None else None}  # fmt: skip

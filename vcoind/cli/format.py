@@ -143,14 +143,25 @@ def fmt_consensus(c: dict[str, Any]) -> list[str]:
     return lines
 
 
+def fmt_payment(p: dict[str, Any]) -> str:
+    if not p.get("paid"):
+        return f"payment   {p.get('reason', 'unpaid')}"
+    return (f"payment   ticket of {p['requester']}: up to {p['max_price_per_token']:g} "
+            f"VCOIN/token x {p['max_tokens']} tokens x {p['replicas']} (at most "
+            f"{p['max_cost']:g} VCOIN)")  # fmt: skip
+
+
 def fmt_anchor(a: dict[str, Any]) -> str:
     line = f"anchor    {a['status']}"
     if a.get("tx_hash"):
         line += f"  tx {a['tx_hash']}  block {a.get('block')}"
     if a.get("rewards"):
-        line += "  rewards " + ", ".join(f"{r['node'][:10]}… {r['amount']:g}" for r in a["rewards"])
+        line += "  paid " + ", ".join(
+            f"{r['node'][:10]}… {r['to_worker']:g}+{r['minted']:g} minted (burned {r['burned']:g})"
+            for r in a["rewards"])  # fmt: skip
     if a.get("slashed"):
-        line += "  slashed " + ", ".join(f"{r['node'][:10]}… {r['amount']:g}" for r in a["slashed"])
+        line += "  slashed " + ", ".join(f"{r['node'][:10]}… {r['amount'] or 0:g} ({r['status']})"
+                                         for r in a["slashed"])  # fmt: skip
     if a.get("error"):
         line += f"  ({a['error']})"
     return line
@@ -193,6 +204,12 @@ def fmt_task(t: dict[str, Any]) -> str:
                      f"{h['bytes']} bytes")  # fmt: skip
     if t.get("error"):
         lines.append(f"error     {t['error']}")
+    pay = t.get("payment")
+    if pay:
+        lines.append(fmt_payment(pay))
+    for b in t.get("bids", []):
+        lines.append(f"bid       {short_id(b['peer_id'])}  {b['price']:g} VCOIN/token  "
+                     f"eta {b['eta_s']:.3f} s  health {b['health']:.2f}")  # fmt: skip
     if t.get("consensus"):
         lines += fmt_consensus(t["consensus"])
     if t.get("anchor"):

@@ -8,6 +8,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, cast
 
 from vcoind.chain.service import anchor_view
+from vcoind.chain.views import slash_view
 from vcoind.compute.params import GenerationError, GenerationParams
 from vcoind.market.messages import MAX_INPUT_CHARS, TASK_ID_RE, GenParams
 from vcoind.market.origin import TaskError, task_view
@@ -126,6 +127,10 @@ def register_task_api(
         view["bids"] = [dataclasses.asdict(b) for b in await tasks.bids(row.id)]
         if chain is not None:
             view["anchor"] = anchor_view(await chain.ops.by_key(f"anchor:{row.id}"))
+            if view["anchor"] is not None:
+                view["anchor"]["slashed"] = [
+                    slash_view(op) for op in await chain.ops.with_key_prefix(f"slash:{row.id}:")
+                ]
         if row.mode == "consensus":
             view["validations"] = [
                 dataclasses.asdict(v) for v in await consensus_store.validations(row.id)

@@ -53,7 +53,8 @@ ADDRESS_RE = r"0x[0-9a-fA-F]{40}"
 SIG = {"max_len": 65}
 UNPAID_EMBEDDED = "unpaid: the embedded chain is private to this node"
 UNPAID_NO_CHAIN = "unpaid: this node runs without a chain"
-DEPOSIT_MAX_AGE_S = 10.0
+DEPOSIT_MAX_AGE_S = 10.0  # a deposit that covers the ticket is re-read this often
+SHORT_DEPOSIT_MAX_AGE_S = 1.0  # one that does not, this often
 
 
 @dataclass(frozen=True)
@@ -259,8 +260,15 @@ class Payments:
         """Read (or refresh) the deposits of the requesters of ``tickets``."""
         if not self.shared or self._chain is None:
             return
-        for a in {st.requester for st in tickets if st is not None}:
-            await self._chain.deposit_of(a, max_age_s=DEPOSIT_MAX_AGE_S)
+        need: dict[str, int] = {}
+        for st in tickets:
+            if st is not None:
+                cost = st.max_price * st.max_tokens * st.replicas
+                need[st.requester] = max(need.get(st.requester, 0), cost)
+        for a, cost in need.items():
+            dep = await self._chain.deposit_of(a, max_age_s=DEPOSIT_MAX_AGE_S)
+            if dep is not None and dep.available < cost:  # short: it may have deposited since
+                await self._chain.deposit_of(a, max_age_s=SHORT_DEPOSIT_MAX_AGE_S)
 
     def award_refusal(self, st: SignedTicket | None, price: int, sig: bytes) -> str | None:
         """Why an assignment's award does not do (None: it does, or we work unpaid)."""

@@ -89,6 +89,17 @@ class ChainStore:
 
         return await self._store._run(q)
 
+    async def with_key_prefix(self, prefix: str) -> list[ChainOp]:
+        """Ops whose key starts with ``prefix`` (e.g. a task's slashes), oldest first."""
+
+        def q(c: sqlite3.Connection) -> list[ChainOp]:
+            like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            rows = c.execute("SELECT * FROM chain_ops WHERE key LIKE ? ESCAPE '\\' ORDER BY id",
+                             (like + "%",)).fetchall()  # fmt: skip
+            return [_chain_op(r) for r in rows]
+
+        return await self._store._run(q)
+
     async def next_pending(self) -> ChainOp | None:
         """The oldest pending op (writes go out in order: nonces are sequential)."""
 
