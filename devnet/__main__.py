@@ -260,6 +260,11 @@ def wait_anchor(origin: DevNode, task_id: str, timeout: float = 30.0) -> dict[st
         time.sleep(0.1)
 
 
+def amount(vcoin: float) -> str:
+    """VCOIN without exponent notation: 0.000096 VCOIN, not 9.6e-05."""
+    return f"{vcoin:.8f}".rstrip("0").rstrip(".") + " VCOIN"
+
+
 def print_anchor(origin: DevNode, task_id: str) -> None:
     a = wait_anchor(origin, task_id)
     if a is None:
@@ -270,18 +275,21 @@ def print_anchor(origin: DevNode, task_id: str) -> None:
         return
     print(f"  anchored: tx {a['tx_hash']} in block {a['block']}", flush=True)
     rewards = a.get("rewards") or []
-    if not rewards:
-        print("    unpaid (price 0, or an embedded chain: private to its node)", flush=True)
+    if not any(r["gross"] for r in rewards):
+        print(f"    unpaid (price 0): signed by {len(rewards)} node(s); nothing paid, burned or "
+              "minted", flush=True)  # fmt: skip
+        rewards = []
     for r in rewards:
-        print(f"    {r['node']}: requester paid {r['gross']:g}, worker got {r['to_worker']:g} "
-              f"+ minted {r['minted']:g}; burned {r['burned']:g}, fee {r['fee']:g} (VCOIN)",
-              flush=True)  # fmt: skip
+        print(f"    {r['node']}: requester paid {amount(r['gross'])}, worker got "
+              f"{amount(r['to_worker'])} + minted {amount(r['minted'])}; burned "
+              f"{amount(r['burned'])}, fee {amount(r['fee'])}", flush=True)  # fmt: skip
     if rewards:
         total = {k: sum(r[k] for r in rewards) for k in ("gross", "burned", "minted")}
-        print(f"    total: requester paid {total['gross']:g}, burned {total['burned']:g}, "
-              f"minted {total['minted']:g} VCOIN", flush=True)  # fmt: skip
+        print(f"    total: requester paid {amount(total['gross'])}, burned "
+              f"{amount(total['burned'])}, minted {amount(total['minted'])}",
+              flush=True)  # fmt: skip
     for r in a.get("slashed") or []:
-        print(f"    slashed {r['amount']:g} VCOIN from {r['node']}", flush=True)
+        print(f"    slash of {r['node']}: {r['status']}", flush=True)
 
 
 def stake_all(nodes: list[DevNode], amount: float, timeout: float = 60.0) -> None:
