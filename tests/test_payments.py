@@ -32,12 +32,18 @@ class Deposit:
 class SharedChain:
     deposits: dict[str, Deposit] = field(default_factory=dict)
     shared: bool = True
+    reads: list[tuple[str, float]] = field(default_factory=list)
+    on_chain: dict[str, Deposit] = field(default_factory=dict)
 
     def domain(self) -> Domain:
         return DOMAIN
 
     async def deposit_of(self, address: str, max_age_s: float = 10.0) -> Deposit | None:
-        return self.deposits.get(address.lower())
+        self.reads.append((address.lower(), max_age_s))
+        got = self.on_chain.get(address.lower())
+        if got is not None:
+            self.deposits[address.lower()] = got
+        return got
 
 
 class View:
@@ -115,3 +121,25 @@ def test_off_a_shared_chain_work_is_unpaid() -> None:
     assert pay.ticket_refusal(None, "anyone") is None
     sig, profile = pay.sign_result(secrets.token_hex(16), bytes(32))
     assert len(sig) == 65 and len(profile) == 32  # signed off chain all the same
+
+
+async def test_prefetch_reads_only_the_origins_own_address() -> None:
+    chain = SharedChain()
+    origin, o_signer = node(chain, {})
+    stranger, _ = node(chain, {})
+    worker, _ = node(chain, {"origin": o_signer.address})
+    task = secrets.token_hex(16)
+    st = origin.ticket(task, MODEL, "single", 1, True, None, 64)
+    alien = stranger.ticket(task, MODEL, "single", 1, True, None, 64)
+    assert st is not None and alien is not None
+    # A ticket that fails the cheap checks costs no chain read.
+    await worker.prefetch([alien, None], "origin")
+    assert chain.reads == []
+    chain.on_chain[o_signer.address.lower()] = Deposit(0)
+    await worker.prefetch([st, alien], "origin")
+    # Short of the ticket: read once more at once, it may have deposited since.
+    assert chain.reads == [(o_signer.address.lower(), 10.0), (o_signer.address.lower(), 1.0)]
+    assert "does not cover" in (worker.ticket_refusal(st, "origin") or "")
+    chain.on_chain[o_signer.address.lower()] = Deposit(st.ticket().max_cost())
+    await worker.prefetch([st], "origin")
+    assert worker.ticket_refusal(st, "origin") is None

@@ -8,6 +8,7 @@ imports another's home to get it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -40,9 +41,10 @@ class LiveTask:
         self.changed.set()
         self.changed = trio.Event()
 
-    @property
+    @functools.cached_property
     def ticket(self) -> SignedTicket | None:
-        """The requester's signed ticket (settlement v2); None for an unpaid task."""
+        """The requester's signed ticket (settlement v2); None for an unpaid task. Set when
+        the task is submitted, never changed: read once."""
         raw = self.row.payment.get("ticket")
         return SignedTicket.from_json(raw) if raw else None
 

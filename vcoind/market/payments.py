@@ -226,6 +226,24 @@ class Payments:
         by the requester's deposit (as last read from the chain: ``prefetch``)."""
         if not self.shared:
             return None
+        why = self._signed_refusal(st, origin)
+        if why is not None or st is None:
+            return why or "no ticket"
+        t = st.ticket()
+        if t.requester.lower() == self.address.lower():
+            return None  # our own task: we would only pay ourselves
+        assert self._chain is not None
+        dep = self._chain.deposits.get(t.requester.lower())
+        if dep is None:
+            return "the requester's deposit is not known yet"
+        if dep.available < t.max_cost():
+            return (f"the requester's deposit ({dep.available / 1e18:g} VCOIN) does not cover the "
+                    f"ticket ({t.max_cost() / 1e18:g} VCOIN)")  # fmt: skip
+        return None
+
+    def _signed_refusal(self, st: SignedTicket | None, origin: str) -> str | None:
+        """The checks that need no chain read: a well-formed, unexpired ticket signed by
+        the origin's bound address on our chain, paying our price."""
         if st is None:
             return "no ticket: this node works for pay on a shared chain (the origin has none)"
         domain = self.domain()
@@ -245,25 +263,18 @@ class Payments:
             return "the ticket has expired"
         if t.max_price < self.price:
             return f"the ticket pays at most {t.max_price} wei/token, this node asks {self.price}"
-        if t.requester.lower() == self.address.lower():
-            return None  # our own task: we would only pay ourselves
-        assert self._chain is not None
-        dep = self._chain.deposits.get(t.requester.lower())
-        if dep is None:
-            return "the requester's deposit is not known yet"
-        if dep.available < t.max_cost():
-            return (f"the requester's deposit ({dep.available / 1e18:g} VCOIN) does not cover the "
-                    f"ticket ({t.max_cost() / 1e18:g} VCOIN)")  # fmt: skip
         return None
 
-    async def prefetch(self, tickets: list[SignedTicket | None]) -> None:
-        """Read (or refresh) the deposits of the requesters of ``tickets``."""
+    async def prefetch(self, tickets: list[SignedTicket | None], origin: str) -> None:
+        """Read (or refresh) the deposit of ``origin``'s requester address for those of
+        ``tickets`` that pass every other check (a peer can only make us read the address
+        its own heartbeats bind)."""
         if not self.shared or self._chain is None:
             return
         need: dict[str, int] = {}
         for st in tickets:
-            if st is not None:
-                cost = st.max_price * st.max_tokens * st.replicas
+            if st is not None and self._signed_refusal(st, origin) is None:
+                cost = st.ticket().max_cost()
                 need[st.requester] = max(need.get(st.requester, 0), cost)
         for a, cost in need.items():
             dep = await self._chain.deposit_of(a, max_age_s=DEPOSIT_MAX_AGE_S)

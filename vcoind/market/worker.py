@@ -160,7 +160,7 @@ class TaskWorker:
 
     async def on_announce(self, ann: TaskAnnounce) -> None:
         if self._payments is not None:  # the requesters' deposits, fresh enough to judge
-            await self._payments.prefetch([t.ticket for t in ann.tasks])
+            await self._payments.prefetch([t.ticket for t in ann.tasks], ann.peer_id)
         bid = self.make_bid(ann.peer_id, ann.tasks)
         if bid is not None:
             await self._publish_bid(bid)
@@ -184,7 +184,7 @@ class TaskWorker:
 
     async def on_assign(self, origin: str, a: Assign) -> Ack:
         if self._payments is not None:
-            await self._payments.prefetch([a.ticket])
+            await self._payments.prefetch([a.ticket], origin)
             refusal = self._payments.ticket_refusal(
                 a.ticket, origin
             ) or self._payments.award_refusal(a.ticket, a.price_per_token, a.award)
