@@ -144,6 +144,9 @@ def client_parser() -> argparse.ArgumentParser:
                    help="run across nodes serving layer spans (--serve-layers); with --mode "
                    "consensus each replica is a pipeline, on routes sharing no node")  # fmt: skip
     s.add_argument("--customer", help="count the task under this customer's SLA")
+    s.add_argument("--max-price", type=float, metavar="VCOIN",
+                   help="pay at most this per generated token on a shared chain (the ticket's "
+                   "cap; default the node's market.max_price_per_token, 0.001)")  # fmt: skip
     s.add_argument("--adapter", metavar="ID",
                    help="generate with this LoRA adapter merged in (vcoin adapters)")  # fmt: skip
     s.add_argument("--wait", action="store_true", help="show progress, then print the answer")
@@ -285,6 +288,8 @@ def _task_command(ns: argparse.Namespace, client: RPCClient) -> tuple[Any, Calla
             req["pipeline"] = True
         if ns.customer:
             req["customer"] = ns.customer
+        if ns.max_price is not None:
+            req["max_price"] = ns.max_price
         if ns.adapter:
             req["adapter"] = ns.adapter
         task_id = client.call("vcoin_submitTask", req)["task_id"]
