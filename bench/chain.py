@@ -3,10 +3,11 @@
     .venv/bin/python bench/chain.py [--tasks 30] [--consensus 5] [--keep]
 
 Starts anvil, deploys the contracts, starts three vcoind processes on it serving the test
-model, funds them and has each stake 1000 VCOIN. Then submits ``--tasks`` single-mode
+model, funds them, has each stake 1000 VCOIN and node 1 deposit 100 VCOIN to pay its
+tasks' workers (settlement v2). Then submits ``--tasks`` single-mode
 tasks (4 tokens) at once and ``--consensus`` consensus tasks one by one to node 1, and for
 each measures task completed -> anchored (seen by polling vcoin_getTask every 20 ms), the
-anchor's block, and the rewards minted. Reports p50/p95 and the anchors per second the
+anchor's block, and what the workers were paid. Reports p50/p95 and the anchors per second the
 origin's write queue sustained. Exit 0 when every task completed and was anchored once.
 """
 
@@ -28,6 +29,7 @@ from web3 import Web3
 from devnet.__main__ import (
     TEST_MODEL,
     DevNode,
+    deposit_all,
     ensure_test_model,
     free_port,
     stake_all,
@@ -83,6 +85,7 @@ def main() -> int:
         wait_for_mesh(nodes, 60)
         fund_nodes(anvil.url, d, [n.info["eth_address"] for n in nodes])
         stake_all(nodes, 1000)
+        deposit_all(nodes[:1], 100)
         n1 = nodes[0]
         req = {"model": TEST_MODEL, "input": "warm up", "parameters": {"max_new_tokens": 4}}
         watch(n1, [n1.rpc.call("vcoin_submitTask", req)["task_id"]], 120)
