@@ -166,7 +166,7 @@ class TaskOrigin:
         task_id = secrets.token_hex(16)
         n = (replicas or 3) if mode == "consensus" else 1
         payment = (self._payments.payment_record(
-            task_id, model, mode if not pipeline else "pipeline", n, params.temperature == 0,
+            task_id, model, mode, n, params.temperature == 0,
             max_price, params.max_new_tokens) if self._payments is not None else
             {"paid": False, "reason": "unpaid: no settlement on this node"})  # fmt: skip
         row = TaskRow(
