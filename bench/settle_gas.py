@@ -1,6 +1,6 @@
 """Gas of settling one 3-replica task: TaskAnchor v2 against v1, on py-evm.
 
-    .venv/bin/python bench/settle_gas.py [--v1-commit 939beb7] [--tasks 3]
+    .venv/bin/python bench/settle_gas.py [--tasks 3] [--v1-commit COMMIT]
 
 v2: the artifacts in ``contracts/artifacts``; the requester has a deposit, the ticket says
 3 replicas, each of the 3 workers is awarded at the same price and signs the outcome; one
@@ -8,8 +8,9 @@ v2: the artifacts in ``contracts/artifacts``; the requester has a deposit, the t
 reserve, capped mint). Also measured: a ``claim`` (the third vote left out of a 2-vote
 anchor), a ``slash`` with a node's Result signature, and a ``deposit``.
 
-v1: nothing is compiled: VCoin, Staking and TaskAnchor come from the v1 commit's artifacts
-(``git show <commit>:contracts/artifacts/<name>.json``), deployed on a separate chain; one
+v1: nothing is compiled: VCoin, Staking and TaskAnchor are the committed v1 artifacts in
+``tests/vectors/contracts_v1`` (commit 939beb7's ``contracts/artifacts``; ``--v1-commit``
+reads another commit's instead, with ``git show``), deployed on a separate chain; one
 ``anchor`` with 3 voters' EIP-191 signatures mints the reward to them (no escrow).
 
 Each chain settles ``--tasks`` tasks one after another (one transaction a block, workers
@@ -49,6 +50,8 @@ from vcoind.chain.typed import (
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "contracts" / "artifacts"
+V1_ARTIFACTS = ROOT / "tests" / "vectors" / "contracts_v1"  # commit 939beb7's
+V1_COMMIT = "939beb7"
 NETWORK = "devnet"
 E18 = 10**18
 STAKE = 1000 * E18
@@ -171,14 +174,24 @@ def v1_digest(n: int, decision: int) -> bytes:
     return keccak(abi_encode(["bytes32", "bytes32", "bytes32", "bytes32", "uint8"], values))
 
 
-def measure_v1(tasks: int, commit: str) -> dict[str, list[int]]:
-    net = Net()
+def v1_artifacts(commit: str | None) -> dict[str, dict[str, Any]]:
+    """v1's VCoin, Staking and TaskAnchor: the committed vectors, or ``commit``'s
+    ``contracts/artifacts`` (needs the git history)."""
     arts: dict[str, dict[str, Any]] = {}
     for name in ARTIFACT_NAMES:
+        if commit is None:
+            arts[name] = json.loads((V1_ARTIFACTS / f"{name}.json").read_text())
+            continue
         path = f"{commit}:contracts/artifacts/{name}.json"
         shown = subprocess.run(["git", "show", path], cwd=ROOT, check=True,
                                capture_output=True, text=True)  # fmt: skip
         arts[name] = json.loads(shown.stdout)
+    return arts
+
+
+def measure_v1(tasks: int, commit: str | None = None) -> dict[str, list[int]]:
+    net = Net()
+    arts = v1_artifacts(commit)
     reward = 3 * PRICE * UNITS  # what the three v2 workers are paid
     _, _, anchor = net.setup(arts, 10 * reward, 50 * E18)
     three = net.workers[:3]
@@ -204,13 +217,19 @@ def show(label: str, gas: list[int]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--v1-commit", default="939beb7", help="the commit with v1's artifacts")
+    ap.add_argument(
+        "--v1-commit",
+        default=None,
+        help=f"read v1's artifacts from this commit's contracts/artifacts (default: "
+        f"tests/vectors/contracts_v1, commit {V1_COMMIT}'s)",
+    )
     ap.add_argument("--tasks", type=int, default=3, help="settlements per kind (at least 2)")
     args = ap.parse_args()
     v1 = measure_v1(args.tasks, args.v1_commit)
     v2 = measure_v2(args.tasks)
     print("gas used, py-evm (eth-tester), EVM cancun, one transaction a block")
-    print(show(f"v1 anchor, 3 voters ({args.v1_commit}: mint the reward)", v1["anchor"]))
+    v1_label = args.v1_commit or V1_COMMIT
+    print(show(f"v1 anchor, 3 voters ({v1_label}: mint the reward)", v1["anchor"]))
     print(show("v2 anchor, 3 votes (escrow: pay, burn, fee, mint)", v2["anchor"]))
     print(show("v2 claim, 1 vote left out of a 2-vote anchor", v2["claim"]))
     print(show("v2 slash (a Result signature)", v2["slash"]))

@@ -986,7 +986,8 @@ def test_parameter_setters_are_admin_only_with_events(c: Chain) -> None:
 #
 # Each test below is an attack that succeeded on TaskAnchor v1 (commit 939beb7), whose
 # voters signed only (task, result, model, decision) and whose caller supplied the replica
-# count, the reward, the outvoted list and the split.
+# count, the reward, the outvoted list and the split. tests/test_contracts_v1.py runs each
+# attack against the v1 artifacts and asserts that it succeeds there.
 
 
 def holdings(c: Chain, addresses: list[str]) -> int:
