@@ -103,6 +103,8 @@ class Settler:
             why = ("no clear decision" if s.outcome.decision not in (2, 3) else
                    f"{len(votes)} of {t.replicas} replicas signed with an eligible stake; a "
                    "quorum needs more than half")  # fmt: skip
+            if s.ticket is None and not self._chain.shared and s.outcome.decision in (2, 3):
+                why += " (this node's embedded chain is its own: only its signature counts)"
             op_id = await self._chain.ops.enqueue("anchor", {"task_id": s.task_id}, key)
             await self._chain.ops.update(op_id, status="failed", error=f"not anchored: {why}")
             log.info("task %s not anchored: %s", s.task_id, why)
