@@ -87,7 +87,16 @@ class Settler:
     async def settle(self, s: Settled) -> None:
         """Queue the anchor of a completed task (and the slashes its evidence supports),
         or record why it is not anchored."""
-        key = f"anchor:{s.task_id}"
+        me = self._payments.address.lower()
+        if (
+            s.ticket is None
+            and not self._chain.shared
+            and not any(v.address.lower() == me for v in s.votes)
+        ):  # an embedded chain counts our signature only, and we have none: no chain work
+            await self._not_anchored(s.task_id, f"0 of {s.replicas} replicas signed on this "
+                                     "node's embedded chain (it is its own: only this node's "
+                                     "signature counts there)")  # fmt: skip
+            return
         try:
             domain = await self._chain.ensure_domain()
         except ChainError as exc:
@@ -105,14 +114,18 @@ class Settler:
                    "quorum needs more than half")  # fmt: skip
             if s.ticket is None and not self._chain.shared and s.outcome.decision in (2, 3):
                 why += " (this node's embedded chain is its own: only its signature counts)"
-            op_id = await self._chain.ops.enqueue("anchor", {"task_id": s.task_id}, key)
-            await self._chain.ops.update(op_id, status="failed", error=f"not anchored: {why}")
-            log.info("task %s not anchored: %s", s.task_id, why)
+            await self._not_anchored(s.task_id, why)
             return
         call = AnchorCall(t, st.signature, s.outcome, votes)
         await self._chain.enqueue("anchor", call.payload(), call.key())
         for slash in self._slashable(domain, s):  # after the anchor: the queue keeps order
             await self._chain.enqueue("slash", slash.payload(), slash.key())
+
+    async def _not_anchored(self, task_id: str, why: str) -> None:
+        """The task's anchor op, failed with ``why`` (``vcoin task`` shows it)."""
+        op_id = await self._chain.ops.enqueue("anchor", {"task_id": task_id}, f"anchor:{task_id}")
+        await self._chain.ops.update(op_id, status="failed", error=f"not anchored: {why}")
+        log.info("task %s not anchored: %s", task_id, why)
 
     def _votes(self, domain: Domain, s: Settled) -> tuple[SignedTicket, list[ChainVote]]:
         """The ticket to anchor under and the votes that count: each recovering to its
