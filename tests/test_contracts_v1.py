@@ -51,7 +51,7 @@ from web3 import EthereumTesterProvider, Web3
 from web3.contract import Contract
 from web3.logs import DISCARD
 
-from vcoind.chain.contracts import abi_type, revert_from
+from vcoind.chain.contracts import error_table, revert_from
 from vcoind.consensus.outcome import model_id_bytes32, task_id_bytes32
 
 V1 = Path(__file__).resolve().parent / "vectors" / "contracts_v1"
@@ -76,17 +76,7 @@ def artifact(name: str) -> dict[str, Any]:
     return json.loads((V1 / f"{name}.json").read_text())
 
 
-def _errors() -> dict[bytes, tuple[str, list[str]]]:
-    table = {}
-    for name in ("VCoin", "Staking", "TaskAnchor"):
-        for item in artifact(name)["abi"]:
-            if item["type"] == "error":
-                types = [abi_type(i) for i in item["inputs"]]
-                table[keccak(text=f"{item['name']}({','.join(types)})")[:4]] = (item["name"], types)
-    return table
-
-
-V1_ERRORS = _errors()
+V1_ERRORS = error_table(artifact(n)["abi"] for n in ("VCoin", "Staking", "TaskAnchor"))
 
 
 @dataclass

@@ -61,7 +61,9 @@ def artifact(name: str) -> dict[str, Any]:
     return data
 
 
-def _error_table(abis: Iterable[Sequence[dict[str, Any]]]) -> dict[bytes, tuple[str, list[str]]]:
+def error_table(abis: Iterable[Sequence[dict[str, Any]]]) -> dict[bytes, tuple[str, list[str]]]:
+    """Selector -> (custom error name, argument types) of every error in ``abis``, plus
+    Solidity's ``Error(string)`` and ``Panic(uint256)``."""
     table: dict[bytes, tuple[str, list[str]]] = {
         keccak(text="Error(string)")[:4]: ("Error", ["string"]),
         keccak(text="Panic(uint256)")[:4]: ("Panic", ["uint256"]),
@@ -91,7 +93,7 @@ def decode_revert_data(data: bytes) -> RevertError:
     """Name and arguments of revert ``data`` against every VCoin contract's errors."""
     global _ERRORS
     if _ERRORS is None:
-        _ERRORS = _error_table(artifact(n)["abi"] for n in NAMES)
+        _ERRORS = error_table(artifact(n)["abi"] for n in NAMES)
     if len(data) < 4:
         return RevertError("Revert", () if not data else (data,))
     found = _ERRORS.get(data[:4])
