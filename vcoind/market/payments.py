@@ -307,16 +307,10 @@ class Payments:
         sig = self._signer.sign_typed(domain, result_struct_hash(task_id, result_hash, profile))
         return sig, profile
 
-    def result_signer(self, task_id: str, result_hash: bytes, profile: bytes,
-                      sig: bytes) -> str | None:  # fmt: skip
-        digest = self.signing_domain().digest(result_struct_hash(task_id, result_hash, profile))
-        return recover(digest, sig)
-
     def sign_outcome(self, task_id: str, st: SignedTicket | None, outcome: Outcome) -> bytes:
         """Our signature of ``outcome`` under ticket ``st`` (None: an unpaid task, signed
         under the offline domain with no ticket)."""
-        return self._signer.sign_typed(self.signing_domain(),
-                                       outcome.hash_for(task_id, ticket_hash(st)))  # fmt: skip
+        return self.sign_outcome_for(task_id, ticket_hash(st), outcome)
 
     def sign_outcome_for(self, task_id: str, ticket_hash: bytes, outcome: Outcome) -> bytes:
         """Our signature of ``outcome`` under the ticket with struct hash ``ticket_hash``

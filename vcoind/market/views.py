@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vcoind.chain.typed import Ticket
 from vcoind.store import FINISHED, TaskRow
 
 
@@ -62,5 +63,5 @@ def payment_view(payment: dict[str, Any]) -> dict[str, Any] | None:
         "paid": True, "requester": t["requester"],
         "max_price_per_token": int(t["max_price"]) / 1e18, "max_tokens": t["max_tokens"],
         "replicas": t["replicas"], "deadline": t["deadline"],
-        "max_cost": int(t["max_price"]) * int(t["max_tokens"]) * int(t["replicas"]) / 1e18,
+        "max_cost": Ticket.from_json(t).max_cost() / 1e18,
     }  # fmt: skip
