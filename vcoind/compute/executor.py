@@ -159,9 +159,11 @@ class Executor:
                                      kernels=self.kernels,
                                      adapter=adapter[1] if adapter else None,
                                      model_id=info.model_id)  # fmt: skip
-            lm = await trio.to_thread.run_sync(
-                load, info.path, self.device, self.dtype, limiter=self._limiter
-            )
+            # Abandoned on cancel: a node shutting down does not wait for a load to finish.
+            lm = await trio.to_thread.run_sync(  # type: ignore[call-arg]
+                load, info.path, self.device, self.dtype, limiter=self._limiter,
+                abandon_on_cancel=True,
+            )  # fmt: skip
             slot = _Slot(info=info, lm=lm, in_use=1)
             if lm.engine is not None:
                 slot.batcher = Batcher(lm.engine, lm.tokenizer, name=f"engine-{info.name}",

@@ -9,6 +9,7 @@ and answers ``vcoin_models``.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,6 +73,7 @@ class ComputeService:
                                     kernels=None if cfg.triton_kernels else False)  # fmt: skip
         self._executor: Executor | None = None
         self._executor_lock = trio.Lock()
+        self._executor_thread_lock = threading.Lock()
         self._served: tuple[ModelServed, ...] = ()
 
     # --- the executor -------------------------------------------------------
@@ -82,28 +84,30 @@ class ComputeService:
 
     def executor_now(self) -> Executor:
         """The executor, created here on first use (blocking: imports torch)."""
-        if self._executor is None:
-            self.torch_threads()
-            from vcoind.compute.executor import Executor, ExecutorConfig
+        with self._executor_thread_lock:  # an abandoned creator thread may still be in here
+            if self._executor is None:
+                self.torch_threads()
+                from vcoind.compute.executor import Executor, ExecutorConfig
 
-            cc = self.cfg
-            self._executor = Executor(
-                self.models,
-                ExecutorConfig(device=cc.device, memory_budget_mb=cc.memory_budget_mb,
-                               batch_slots=cc.batch_slots, max_context=cc.max_context,
-                               compile_decode=cc.compile_decode,
-                               triton_kernels=cc.triton_kernels,
-                               prefill_chunk=cc.prefill_chunk,
-                               reuse_prefix=cc.reuse_prefix),
-            )  # fmt: skip
-        return self._executor
+                cc = self.cfg
+                self._executor = Executor(
+                    self.models,
+                    ExecutorConfig(device=cc.device, memory_budget_mb=cc.memory_budget_mb,
+                                   batch_slots=cc.batch_slots, max_context=cc.max_context,
+                                   compile_decode=cc.compile_decode,
+                                   triton_kernels=cc.triton_kernels,
+                                   prefill_chunk=cc.prefill_chunk,
+                                   reuse_prefix=cc.reuse_prefix),
+                )  # fmt: skip
+            return self._executor
 
     async def executor(self) -> Executor:
         """The executor, created on a worker thread on first use."""
         if self._executor is None:  # after the first call, no thread hop per task
             async with self._executor_lock:  # two threads importing transformers break it
                 if self._executor is None:
-                    await trio.to_thread.run_sync(self.executor_now)
+                    # Abandoned on cancel: shutting down never waits for torch's import.
+                    await trio.to_thread.run_sync(self.executor_now, abandon_on_cancel=True)  # type: ignore[call-arg]
         return self.executor_now()
 
     @property
@@ -132,10 +136,11 @@ class ComputeService:
     def _resolve_spans(self) -> list[ServedSpan]:
         """``--serve-layers``: a matching shard dir in the models dir, else split the whole
         model into DATADIR/shards once. File work: runs on a worker thread."""
-        from vcoind.compute.shards import ShardManifest, split_model
-
         if not self.cfg.serve_layers:
             return []
+        # torch comes with shards: a node serving no span starts without it (about 2 s).
+        from vcoind.compute.shards import ShardManifest, split_model
+
         root = Path(self.models.root or ".")
         manifests = []
         for d in [*sorted(root.glob("*")), *sorted(self._shards_dir.glob("*"))]:
