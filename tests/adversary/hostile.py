@@ -1,0 +1,107 @@
+"""A hostile node made of the project's own parts: a real libp2p host (``build_host``),
+real pubsub and stream framing (``StreamService``), a real Ethereum key bound to its peer
+id. It runs none of vcoind's rules, so a test can make it say anything a peer can say.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import trio
+from eth_account import Account
+from libp2p.crypto.ed25519 import create_new_key_pair
+
+from vcoind.metrics import NodeMetrics
+from vcoind.p2p.codec import Message, encode
+from vcoind.p2p.gossip import topic_name
+from vcoind.p2p.host import P2PHost, build_host, running
+from vcoind.p2p.keeper import parse_peer_addr
+from vcoind.p2p.streams import StreamProtocol, StreamService
+from vcoind.presence.messages import Heartbeat, sign_binding
+
+R = TypeVar("R")
+
+
+@dataclasses.dataclass
+class Hostile:
+    p2p: P2PHost
+    streams: StreamService
+    network: str
+    account: Any  # eth_account LocalAccount: the key its binding names
+    _seq: int = 0
+
+    @property
+    def peer_id(self) -> str:
+        return self.p2p.peer_id.to_base58()
+
+    @property
+    def eth_address(self) -> str:
+        return str(self.account.address)
+
+    def topic(self, name: str) -> str:
+        return topic_name(self.network, name)
+
+    def seq(self) -> int:
+        """A fresh gossip sequence number (a replayed one is rejected)."""
+        self._seq = max(self._seq + 1, int(time.time() * 1000))
+        return self._seq
+
+    async def connect(self, p2p_addr: str) -> str:
+        """Dial a node by its multiaddr; returns its peer id."""
+        info = parse_peer_addr(p2p_addr)
+        await self.p2p.host.connect(info)
+        return info.peer_id.to_base58()
+
+    async def join(self, p2p_addr: str, *names: str) -> str:
+        """Connect and subscribe to topics (``heartbeat``, ``tasks``, ``votes``), waiting
+        until the node sees the subscriptions; returns the node's peer id."""
+        info = parse_peer_addr(p2p_addr)
+        await self.p2p.host.connect(info)
+        for name in names:
+            await self.p2p.pubsub.subscribe(self.topic(name))
+            await self.p2p.pubsub.wait_for_subscription(info.peer_id, self.topic(name))
+        return info.peer_id.to_base58()
+
+    async def publish(self, name: str, record: Message | bytes) -> None:
+        data = record if isinstance(record, bytes) else encode(record)
+        await self.p2p.pubsub.publish(self.topic(name), data)
+
+    def heartbeat(self, **over: Any) -> Heartbeat:
+        """A valid heartbeat binding this host to its Ethereum key (``over`` changes fields)."""
+        hb = Heartbeat(
+            network=self.network,
+            peer_id=self.peer_id,
+            eth_address=self.eth_address,
+            eth_sig=sign_binding(self.account.key, self.network, self.peer_id, self.eth_address),
+            seq=self.seq(),
+            timestamp=time.time(),
+            interval=0.3,
+        )
+        return dataclasses.replace(hb, **over)
+
+    async def request(
+        self, peer_id: str, proto: StreamProtocol, record: Any, reply_type: type[R], **kw: Any
+    ) -> R:
+        """One request on a direct stream, framed as vcoind frames it."""
+        from libp2p.peer.id import ID
+
+        return await self.streams.request(ID.from_base58(peer_id), proto, record, reply_type, **kw)
+
+
+@asynccontextmanager
+async def hostile(network: str = "testnet", account: Any = None) -> AsyncIterator[Hostile]:
+    """Run a hostile node on loopback for the duration of the block."""
+    p2p = build_host(create_new_key_pair(), lambda peer, topic: None)
+    async with running(p2p, ["/ip4/127.0.0.1/tcp/0"]):
+        yield Hostile(p2p, StreamService(p2p, NodeMetrics()), network,
+                      account or Account.create())  # fmt: skip
+        await trio.sleep(0)
+
+
+async def in_thread(fn: Any, *args: Any) -> Any:
+    """Run a blocking call (RPC to a daemon, ``wait_until``) off the trio thread."""
+    return await trio.to_thread.run_sync(fn, *args)
