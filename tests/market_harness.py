@@ -457,8 +457,8 @@ class MarketNet:
         return self.links.get((src, dst), self.latency_s)
 
     def mute(self, node: MarketNode, record: type[Any]) -> None:
-        """``record``s that ``node`` gossips are lost on the way (its own copy still comes
-        back to it)."""
+        """``record``s that ``node`` gossips or sends are lost on the way (its own copy of a
+        gossiped one still comes back to it)."""
         self.muted.add((node.peer_id, record))
 
     def kill(self, node: MarketNode) -> None:
@@ -547,6 +547,9 @@ class MarketNet:
     ) -> T:
         sent = trio.current_time()
         node = self.nodes.get(dst)
+        if (src, type(record)) in self.muted:  # lost on the way: the sender hears nothing
+            await trio.sleep(proto.timeout_s)
+            raise StreamProtocolError(f"{proto.protocol_id} to {dst}: no reply in time")
         if node is None or dst in self.dead or src in self.dead:
             self._record(Delivery(sent, sent, src, dst, record, refused=True))
             raise StreamOpenError(f"cannot open {proto.protocol_id} to {dst}: the node is down")

@@ -100,7 +100,12 @@ def test_outcome_vector() -> None:
     rh = outcome.result_hash(v["text"])
     assert rh.hex() == v["result_hash"]
     salt = bytes.fromhex(v["salt"])
-    assert outcome.commitment(v["task_id"], rh, salt).hex() == v["commitment"]
+    c = outcome.commitment(v["task_id"], v["committer"], v["attempt"], rh, salt)
+    assert c.hex() == v["commitment"]
+    # bound to its committer and attempt: another peer or attempt commits differently
+    assert outcome.commitment(v["task_id"], v["committer"][:-1] + "x", v["attempt"], rh,
+                              salt) != c  # fmt: skip
+    assert outcome.commitment(v["task_id"], v["committer"], v["attempt"] + 1, rh, salt) != c
     assert outcome.task_id_bytes32(v["task_id"]).hex() == v["task_id_bytes32"]
     assert outcome.model_id_bytes32(v["model_id"]).hex() == v["model_id_bytes32"]
 
@@ -264,9 +269,13 @@ _TASK = "0123456789abcdef0123456789abcdef"
 def test_outcome_input_validation() -> None:
     rh = outcome.result_hash("x")
     with pytest.raises(ValueError):
-        outcome.commitment(_TASK, rh, b"\x00" * 31)
+        outcome.commitment(_TASK, "peer", 1, rh, b"\x00" * 31)
     with pytest.raises(ValueError):
-        outcome.commitment(_TASK, rh[:31], b"\x00" * 32)
+        outcome.commitment(_TASK, "peer", 1, rh[:31], b"\x00" * 32)
+    with pytest.raises(ValueError):
+        outcome.commitment(_TASK, "", 1, rh, b"\x00" * 32)
+    with pytest.raises(ValueError):
+        outcome.commitment(_TASK, "peer", -1, rh, b"\x00" * 32)
     for bad in ("0123", _TASK.upper(), _TASK + "00", "g" * 32):
         with pytest.raises(ValueError):
             outcome.task_id_bytes32(bad)

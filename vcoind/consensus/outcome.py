@@ -6,8 +6,11 @@ Byte layout (stable):
   with 16 zero bytes, i.e. ``bytes32(uint256(uint128(id)))`` in Solidity.
 - ``model_id_bytes32("sha256:<64 lowercase hex>")``: the 32 bytes of the hex part.
 - ``result_hash(text) = sha256(utf8(text))``.
-- ``commitment(task_id, result_hash, salt) = sha256(utf8(task_id) || result_hash || salt)``
-  with the task id as its 32-character ASCII hex text and a 32-byte random salt.
+- ``commitment(task_id, committer, attempt, result_hash, salt) = sha256("vcoin/commit/2" ||
+  utf8(task_id) || uint8(len(committer)) || utf8(committer) || uint32be(attempt) ||
+  result_hash || salt)`` with the task id as its 32-character ASCII hex text, the
+  committer's libp2p peer id (base58) and a 32-byte random salt. Bound to its committer
+  and attempt: a commitment copied from another replica cannot be revealed as one's own.
 - ``decision``: ``DECISION_CODES`` as a uint8: none 0, tie 1, majority 2, supermajority 3.
 
 What replicas sign (their result, the agreed outcome) is settlement-v2 EIP-712 typed data:
@@ -38,11 +41,25 @@ def result_hash(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()
 
 
-def commitment(task_id: str, result_hash: bytes, salt: bytes) -> bytes:
-    """sha256(utf8(task_id) || result_hash || salt); both hashes 32 bytes (ValueError if not)."""
+COMMIT_TAG = b"vcoin/commit/2"
+
+
+def commitment(
+    task_id: str, committer: str, attempt: int, result_hash: bytes, salt: bytes
+) -> bytes:
+    """A replica's commitment to ``result_hash``, bound to the committer's peer id and the
+    attempt (the module docstring's layout); ValueError on malformed input."""
     _check_bytes32("result_hash", result_hash)
     _check_bytes32("salt", salt)
-    return hashlib.sha256(task_id.encode("utf-8") + bytes(result_hash) + bytes(salt)).digest()
+    who = committer.encode("utf-8")
+    if not who or len(who) > 255:
+        raise ValueError("committer must be a peer id of 1-255 bytes")
+    if not 0 <= attempt < 1 << 32:
+        raise ValueError("attempt must fit 32 bits")
+    return hashlib.sha256(
+        COMMIT_TAG + task_id.encode("utf-8") + bytes([len(who)]) + who
+        + attempt.to_bytes(4, "big") + bytes(result_hash) + bytes(salt)
+    ).digest()  # fmt: skip
 
 
 def task_id_bytes32(task_id: str) -> bytes:

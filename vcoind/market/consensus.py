@@ -6,17 +6,22 @@ close the commit phase, check reveals, tally, recompute when confidence is low,
 collect signatures, move reputations). Both tally with ``vcoind.consensus.tally``
 over the same inputs, so their outcome digests match.
 
-Rules enforced on the votes topic (each breach is logged, counted in
+Rules enforced (each breach is logged, counted in
 ``vcoin_consensus_rejected_total{reason}`` and, at the origin, costs the sender
-reputation): a commitment after the phase closed (``late_commit``), a reveal
+reputation): a commitment after the phase closed (``late_commit``), a commitment equal
+to another replica's (``duplicate_commit``: copied from gossip), a reveal
 before it closed (``early_reveal``), a reveal that does not hash to its
-commitment (``bad_reveal``), a reveal or vote from a peer not listed
-(``not_listed``), a signature that does not recover to the signer
-(``bad_signature``).
+commitment (``bad_reveal``: commitments are bound to their committer and attempt), a
+reveal or vote from a peer not listed (``not_listed``), a reveal sent by a peer other
+than its author (``not_author``), a signature that does not recover to the signer
+(``bad_signature``). Reveals travel point to point (``VoteContext.send_reveal``); a
+replica that commits and never reveals is dropped at the reveal deadline and the others
+vote without it (``RevealsClosed``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import time
@@ -41,6 +46,7 @@ from vcoind.market.votes import (
     OutcomeVote,
     ResultCommitment,
     ResultReveal,
+    RevealsClosed,
 )
 from vcoind.store import ConsensusStore, SignatureRow, ValidationRow
 
@@ -55,6 +61,8 @@ PENDING_S = 300.0
 SLOW_FAULT_S = 5.0
 ENDED_ROUNDS_KEPT = 4096  # a replica keeps an unrevealed result this long
 PROMPT_HEAD = 2048
+_COSTS_LIKE_BAD_REVEAL = ("bad_reveal", "not_listed", "early_reveal", "duplicate_commit",
+                          "not_author")  # fmt: skip
 Publish = Callable[[Any], Awaitable[None]]
 
 
@@ -68,6 +76,13 @@ class VoteContext:
     publish: Publish
     embed: Callable[[Sequence[str]], Awaitable[list[tuple[float, ...]]]]
     rejected: Counter  # vcoin_consensus_rejected_total{reason}
+    # a reveal to one peer on the task protocol (StreamProtocolError if undelivered)
+    send_reveal: Callable[[str, ResultReveal], Awaitable[None]]
+
+
+def prompt_hash(prompt: str) -> bytes:
+    """What ``CommitsClosed`` carries instead of the prompt: sha256 of its head."""
+    return hashlib.sha256(prompt[:PROMPT_HEAD].encode("utf-8")).digest()
 
 
 @dataclass
@@ -80,8 +95,10 @@ class _Pending:
     ticket: SignedTicket | None
     deterministic: bool
     expires: float  # trio clock: forgotten then if the origin never closed the round
+    prompt: str = ""  # the head of our assignment's input (relevance is judged on it)
     closed: CommitsClosed | None = None
     reveals: dict[str, ResultReveal] = field(default_factory=dict)
+    reveals_closed: RevealsClosed | None = None
     voted: bool = False
 
 
@@ -108,12 +125,14 @@ class Replica:
             result = TaskResult(**{**result.__dict__, "text": " ".join(words),
                                    "token_ids": tuple(range(len(words)))})  # fmt: skip
         salt = secrets.token_bytes(32)
-        c = commitment(result.task_id, result_hash(result.text), salt)
+        c = commitment(result.task_id, self._ctx.peer_id, result.attempt,
+                       result_hash(result.text), salt)  # fmt: skip
         if self.fault == "copy":  # has nothing to copy yet: commits to a guess
             c = secrets.token_bytes(32)
         self._pending[result.task_id] = _Pending(origin, result, salt, assign.ticket,
                                                  assign.params.temperature == 0,
-                                                 now + PENDING_S)  # fmt: skip
+                                                 now + PENDING_S,
+                                                 assign.input[:PROMPT_HEAD])  # fmt: skip
         await self._ctx.publish(ResultCommitment(
             self._ctx.network, self._ctx.peer_id, 0, 0.0, result.task_id, origin, result.attempt, c,
         ))  # fmt: skip
@@ -125,6 +144,11 @@ class Replica:
         me = next((c for c in msg.committers if c.peer_id == self._ctx.peer_id), None)
         if me is None or me.attempt != p.result.attempt:
             log.info("task %s: our commitment was not accepted", msg.task_id)
+            return
+        if msg.prompt_hash != prompt_hash(p.prompt):
+            log.warning("task %s: the origin's close names another prompt than our "
+                        "assignment's; not revealing", msg.task_id)  # fmt: skip
+            self._pending.pop(msg.task_id, None)
             return
         p.closed = msg
         r = p.result
@@ -141,21 +165,44 @@ class Replica:
                               r.attempt, text, r.token_ids, r.finish_reason, salt, profile,
                               result_sig)  # fmt: skip
         p.reveals[self._ctx.peer_id] = reveal
-        await self._ctx.publish(reveal)
+        # Point to point: to the origin and the other listed replicas, never gossiped.
+        targets = ({c.peer_id for c in msg.committers} - {self._ctx.peer_id}) | {p.origin}
+        async with trio.open_nursery() as nursery:
+            for peer in sorted(targets):
+                nursery.start_soon(self._send_reveal, peer, reveal)
         await self._maybe_vote(msg.task_id)
+
+    async def _send_reveal(self, peer: str, reveal: ResultReveal) -> None:
+        from vcoind.p2p.streams import StreamProtocolError
+
+        try:
+            await self._ctx.send_reveal(peer, reveal)
+        except StreamProtocolError as exc:
+            log.info("task %s: reveal not delivered to %s: %s", reveal.task_id, peer, exc)
 
     async def on_reveal(self, r: ResultReveal) -> None:
         p = self._pending.get(r.task_id)
         if p is None:
             return
         if p.closed is None:  # we have not seen the close yet: keep it, judge it then
-            p.reveals.setdefault(r.peer_id, r)
+            if len(p.reveals) < MAX_REPLICAS:
+                p.reveals.setdefault(r.peer_id, r)
             return
         if _check_reveal(p.closed, r) is None:
             p.reveals.setdefault(r.peer_id, r)
             await self._maybe_vote(r.task_id)
 
+    async def on_reveals_closed(self, msg: RevealsClosed) -> None:
+        p = self._pending.get(msg.task_id)
+        if p is None or msg.peer_id != p.origin or p.closed is None:
+            return
+        if msg.round == p.closed.round:
+            p.reveals_closed = msg
+            await self._maybe_vote(msg.task_id)
+
     async def _maybe_vote(self, task_id: str) -> None:
+        """Vote once we hold a valid reveal from every listed replica, or from every one
+        the origin tallied after the reveal deadline (``RevealsClosed``)."""
         p = self._pending.get(task_id)
         if p is None or p.closed is None or p.voted:
             return
@@ -163,12 +210,16 @@ class Replica:
             del self._pending[task_id]
             return
         listed = {c.peer_id for c in p.closed.committers}
-        valid = {k: v for k, v in p.reveals.items() if _check_reveal(p.closed, v) is None}
-        if set(valid) != listed:
+        want = listed if p.reveals_closed is None else set(p.reveals_closed.revealed) & listed
+        if self._ctx.peer_id not in want:  # dropped from the round: nothing of ours to sign
+            return
+        valid = {k: v for k, v in p.reveals.items()
+                 if k in want and _check_reveal(p.closed, v) is None}  # fmt: skip
+        if not want or set(valid) != want:
             return
         p.voted = True
         results, weights = ordered_results(p.closed, valid)
-        outcome = await tally_async(p.closed.prompt, results, weights, self._ctx.embed)
+        outcome = await tally_async(p.prompt, results, weights, self._ctx.embed)
         signed = settled_outcome(outcome, results, valid, p.deterministic)
         sig = self._ctx.payments.sign_outcome(task_id, p.ticket, signed)
         self._pending.pop(task_id, None)
@@ -184,7 +235,7 @@ def _check_reveal(closed: CommitsClosed, r: ResultReveal) -> str | None:
     c = next((c for c in closed.committers if c.peer_id == r.peer_id), None)
     if c is None or c.attempt != r.attempt:
         return "not_listed"
-    if commitment(r.task_id, result_hash(r.text), r.salt) != c.commitment:
+    if commitment(r.task_id, r.peer_id, r.attempt, result_hash(r.text), r.salt) != c.commitment:
         return "bad_reveal"
     return None
 
@@ -296,6 +347,9 @@ class Coordinator:
         if st.closed is not None:
             await self._penalise(c.peer_id, "late_commit", c.task_id)
             return
+        if any(cm == c.commitment for a, (cm, _) in st.commits.items() if a != c.attempt):
+            await self._penalise(c.peer_id, "duplicate_commit", c.task_id)  # copied
+            return
         st.commits.setdefault(c.attempt, (c.commitment, time.time()))
         st.wake()
 
@@ -332,7 +386,7 @@ class Coordinator:
     async def _penalise(self, peer: str, reason: str, task_id: str) -> None:
         log.info("task %s: %s from %s rejected", task_id, reason, peer)
         self._ctx.rejected.labels(reason=reason).inc()
-        event = "bad_reveal" if reason in ("bad_reveal", "not_listed", "early_reveal") else reason
+        event = "bad_reveal" if reason in _COSTS_LIKE_BAD_REVEAL else reason
         if event in ("bad_reveal", "late_commit"):
             await self._store.adjust_reputation(peer, _moved(event))
 
@@ -372,19 +426,27 @@ class Coordinator:
             for a in sorted(st.commits)
         )
         closed = CommitsClosed(self._ctx.network, self._ctx.peer_id, 0, 0.0, st.task_id, st.round,
-                               prompt[:PROMPT_HEAD], committers)  # fmt: skip
+                               prompt_hash(prompt), committers)  # fmt: skip
         st.closed = closed
         st.mark("commits_closed")
         await self._ctx.publish(closed)
         listed = {c.peer_id for c in committers}
         await st.wait(lambda: set(st.reveals) >= listed, REVEAL_TIMEOUT_S)
-        for peer in listed - set(st.reveals):
-            await self._store.adjust_reputation(peer, _moved("timeout"))
         results, ws = ordered_results(closed, st.reveals)
         st.mark("revealed")
         if not results:
             return RoundResult(None, [], closed, "no replica revealed a valid result")
-        outcome = await tally_async(closed.prompt, results, ws, self._ctx.embed)
+        missing = listed - set(st.reveals)
+        for peer in missing:
+            await self._store.adjust_reputation(peer, _moved("timeout"))
+        if missing:  # dropped from the round: the others vote on what we tally
+            log.info("task %s: %d replica(s) did not reveal in time; tallying %d",
+                     st.task_id, len(missing), len(results))  # fmt: skip
+            await self._ctx.publish(RevealsClosed(
+                self._ctx.network, self._ctx.peer_id, 0, 0.0, st.task_id, st.round,
+                tuple(r.peer_id for r in results),
+            ))  # fmt: skip
+        outcome = await tally_async(prompt[:PROMPT_HEAD], results, ws, self._ctx.embed)
         st.mark("tallied")
         return RoundResult(outcome, results, closed)
 
@@ -462,12 +524,13 @@ class Coordinator:
         assert rr.outcome is not None and rr.closed is not None
         o = rr.outcome
         signed = self.outcome(st, rr)
-        signers = {c.peer_id for c in rr.closed.committers} - {self._ctx.peer_id}
+        # the replicas whose reveals were tallied (one dropped at the deadline signs nothing)
+        signers = {r.peer_id for r in rr.results} - {self._ctx.peer_id}
         await st.wait(lambda: set(st.votes) >= signers, VOTE_WAIT_S)
         rows = []
         for peer, v in sorted(st.votes.items()):
-            if peer == self._ctx.peer_id:
-                continue  # our own, delivered back locally: stored by sign()
+            if peer not in signers:
+                continue  # our own (stored by sign()), or a replica dropped from the round
             if (v.round != st.round or v.result_hash != o.result_hash
                     or v.decision != o.decision or v.units != signed.units
                     or v.profile != signed.profile):  # fmt: skip

@@ -24,11 +24,17 @@ from vcoind.market.origin import TaskOrigin
 from vcoind.market.payments import Payments
 from vcoind.market.protocol import TaskProtocol
 from vcoind.market.routes import Routes
-from vcoind.market.votes import CommitsClosed, OutcomeVote, ResultCommitment, ResultReveal
+from vcoind.market.votes import (
+    CommitsClosed,
+    OutcomeVote,
+    ResultCommitment,
+    ResultReveal,
+    RevealsClosed,
+)
 from vcoind.market.worker import TaskWorker
 from vcoind.metrics import NodeMetrics
 from vcoind.p2p.gossip import Gossip
-from vcoind.p2p.streams import StreamService
+from vcoind.p2p.streams import Ack, StreamProtocolError, StreamService
 from vcoind.store import ConsensusStore, Store, TaskStore
 
 if TYPE_CHECKING:
@@ -67,6 +73,7 @@ class MarketService:
         view = self.view = presence.view
         me = view.peer_id
         self._gossip = gossip
+        self._network = network
         self._metrics = metrics
         self._presence = presence
         self._compute = compute
@@ -82,7 +89,7 @@ class MarketService:
         self._local_votes, self._local_votes_rx = trio.open_memory_channel[Any](256)
         self.payments = payments
         ctx = VoteContext(me, network, payments, self._publish_vote, self.embed,
-                          metrics.consensus_rejected)  # fmt: skip
+                          metrics.consensus_rejected, self._send_reveal)  # fmt: skip
         self.replica = Replica(ctx, fault=cfg.fault)
         self.coordinator = Coordinator(ctx, self.consensus_store,
                                        eth_address_of=view.eth_address_of,
@@ -114,9 +121,11 @@ class MarketService:
     def mount(self, m: Mounts) -> None:
         m.gossip.on("tasks", TaskAnnounce, self.worker.on_announce)
         m.gossip.on("tasks", Bid, self.origin.on_bid)
-        for record in (ResultCommitment, CommitsClosed, ResultReveal, OutcomeVote):
+        # Hashes only on gossip; reveals (answers) come on the task protocol.
+        for record in (ResultCommitment, CommitsClosed, RevealsClosed, OutcomeVote):
             m.gossip.on("votes", record, self._on_vote_record)
         p = self.protocol
+        p.handle(ResultReveal, self._on_direct_reveal)
         p.handle(Assignments, self.worker.on_assignments)
         p.handle(Cancel, self.worker.on_cancel)
         p.handle(Progress, self.origin.on_progress)
@@ -149,6 +158,18 @@ class MarketService:
         # a handler that publishes must not re-enter the caller.
         await self._local_votes.send(record)
 
+    async def _send_reveal(self, peer: str, reveal: ResultReveal) -> None:
+        await self.protocol.send(peer, reveal, Ack)
+
+    async def _on_direct_reveal(self, peer: str, r: ResultReveal) -> Ack:
+        """A reveal on the task protocol: only its author may send it."""
+        if peer != r.peer_id or r.network != self._network:
+            self._metrics.consensus_rejected.labels(reason="not_author").inc()
+            raise StreamProtocolError("refused: a reveal must come from its author, "
+                                      "on this network")  # fmt: skip
+        await self._on_vote_record(r)
+        return Ack()
+
     async def _deliver_local_votes(self) -> None:
         async for record in self._local_votes_rx:
             try:
@@ -164,6 +185,8 @@ class MarketService:
         elif isinstance(record, ResultReveal):
             await self.coordinator.on_reveal(record)
             self._spawn(self.replica.on_reveal, record)  # may tally (embedding) and sign
+        elif isinstance(record, RevealsClosed):
+            self._spawn(self.replica.on_reveals_closed, record)
         elif isinstance(record, OutcomeVote):
             await self.coordinator.on_vote(record)
 

@@ -1,22 +1,33 @@
-"""Wire records of consensus, gossiped on ``/vcoin/<network>/votes/1``.
+"""Consensus records. Commitments, closes and outcome votes are gossiped on
+``/vcoin/<network>/votes/1``; reveals travel point to point, so gossip carries hashes,
+never prompts or answers.
 
 A consensus task runs on several replicas. Each replica's round, in order:
 
-1. ``ResultCommitment``: ``commitment = sha256(task_id || sha256(text) || salt)``
-   (``vcoind.consensus.outcome.commitment``), published as soon as the replica has
-   its result. Nobody can copy an answer they have not seen.
+1. ``ResultCommitment``: ``commitment(task_id, committer, attempt, sha256(text), salt)``
+   (``vcoind.consensus.outcome.commitment``: bound to the committer's peer id and the
+   attempt), published as soon as the replica has its result. Nobody can copy an answer
+   they have not seen, and a copied commitment cannot be revealed as one's own; the origin
+   refuses a commitment equal to another replica's (``duplicate_commit``).
 2. ``CommitsClosed``: the origin closes the commit phase once every replica has
    committed or the deadline passed. It lists the accepted commitments with the
-   vote weight of each replica; later commitments are rejected.
-3. ``ResultReveal``: each listed replica reveals its text and salt. A reveal that
-   does not hash to its commitment, from a replica not listed, or before the
-   phase closed is rejected and counted against the sender.
-4. ``OutcomeVote``: every replica (and the origin) computes the same outcome from
+   vote weight of each replica, and the hash of the prompt head the tally judges
+   relevance on (each replica has the prompt from its assignment); later commitments
+   are rejected.
+3. ``ResultReveal``: each listed replica sends its text and salt, on the task protocol
+   (``/vcoin/task/1.0.0``), to the origin and the other listed replicas. A reveal that
+   does not hash to its commitment, from a replica not listed, from a peer other than
+   its author, or before the phase closed is rejected and counted against the sender.
+4. ``RevealsClosed``: when a listed replica has not revealed by the reveal deadline, the
+   origin drops it from the round and names the reveals it tallies; the others vote on
+   those (a replica that commits and never reveals cannot stall the round).
+5. ``OutcomeVote``: every replica (and the origin) computes the same outcome from
    the revealed results and the listed weights, and signs its settlement-v2
    ``Outcome`` (``vcoind.chain.typed``) with its Ethereum key.
 
 Gossip envelopes are signed by the sender's libp2p key, so the ``peer_id`` of a
-record is its author.
+gossiped record is its author; a reveal's author is the peer at the other end of its
+stream.
 """
 
 from __future__ import annotations
@@ -73,8 +84,24 @@ class CommitsClosed(VoteRecord):
     MAX_BYTES: ClassVar[int] = 2048
 
     round: int = field(metadata=lim(min=1, max=10))
-    prompt: str = field(metadata=lim(max_len=2048))  # its head: relevance is judged on it
+    # sha256 of the prompt's head (relevance is judged on it; the replicas have the prompt)
+    prompt_hash: bytes = field(metadata=lim(**HASH))
     committers: tuple[Committer, ...] = field(metadata=lim(min_len=1, max_len=MAX_REPLICAS))
+
+
+@message
+@dataclass(frozen=True)
+class RevealsClosed(VoteRecord):
+    """The origin's list of the reveals it tallied, sent when a listed replica did not
+    reveal in time: the other replicas vote on exactly these."""
+
+    KIND: ClassVar[str] = "reveals_closed"
+    MAX_BYTES: ClassVar[int] = 1024
+
+    round: int = field(metadata=lim(min=1, max=10))
+    revealed: tuple[str, ...] = field(
+        metadata=lim(min_len=1, max_len=MAX_REPLICAS, items=lim(pattern=PEER_ID_RE, max_len=64))
+    )
 
 
 @message
