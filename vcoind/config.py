@@ -122,6 +122,8 @@ class MarketConfig:
     price_per_token: float = 0.0001
     max_price_per_token: float = 0.001
     ticket_ttl_s: float = 3600.0
+    # As a worker: assignments of one requester (origin) queued or running here at most.
+    max_queued_per_origin: int = 256
     # TEST ONLY: make this node misbehave as a consensus replica (junk, copy, slow,
     # silent). Refused outside devnet/test networks.
     fault: str = ""
@@ -450,6 +452,7 @@ def validate(cfg: Config) -> Config:
         ("price_per_token", m.price_per_token, 0.0, 9.0),
         ("max_price_per_token", m.max_price_per_token, 0.0, 9.0),
         ("ticket_ttl_s", m.ticket_ttl_s, 60.0, 30 * 86_400.0),
+        ("max_queued_per_origin", m.max_queued_per_origin, 0, 1_000_000),
     ):
         if not lo <= value <= hi:
             raise ConfigError(f"market.{key}", f"must be between {lo:g} and {hi:g}, got {value}")

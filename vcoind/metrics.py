@@ -111,6 +111,12 @@ class NodeMetrics:
             "Tensor bytes sent and received by pipelines",
             registry=r,
         )
+        self.sign_refused = Counter(
+            "vcoin_sign_refused_total",
+            "Requests refused because they would make this node sign work that is not its "
+            "own (an assignment it did not bid on, from a peer other than the task's origin)",
+            ["kind", "reason"], registry=r,
+        )  # fmt: skip
 
     def rpc_call(self, method: str, outcome: str) -> None:
         self.rpc_calls.labels(method=method, outcome=outcome).inc()

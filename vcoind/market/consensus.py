@@ -96,6 +96,7 @@ class _Pending:
     deterministic: bool
     expires: float  # trio clock: forgotten then if the origin never closed the round
     prompt: str = ""  # the head of our assignment's input (relevance is judged on it)
+    evidence: bool = True  # sign our Result (slashing evidence); not as a pipeline driver
     closed: CommitsClosed | None = None
     reveals: dict[str, ResultReveal] = field(default_factory=dict)
     reveals_closed: RevealsClosed | None = None
@@ -132,7 +133,8 @@ class Replica:
         self._pending[result.task_id] = _Pending(origin, result, salt, assign.ticket,
                                                  assign.params.temperature == 0,
                                                  now + PENDING_S,
-                                                 assign.input[:PROMPT_HEAD])  # fmt: skip
+                                                 assign.input[:PROMPT_HEAD],
+                                                 not assign.route)  # fmt: skip
         await self._ctx.publish(ResultCommitment(
             self._ctx.network, self._ctx.peer_id, 0, 0.0, result.task_id, origin, result.attempt, c,
         ))  # fmt: skip
@@ -161,6 +163,8 @@ class Replica:
             if other is not None:
                 text = other.text
         result_sig, profile = self._ctx.payments.sign_result(r.task_id, result_hash(text))
+        if not p.evidence:  # a pipeline driver bid on nothing: it signs no Result
+            result_sig = b""
         reveal = ResultReveal(self._ctx.network, self._ctx.peer_id, 0, 0.0, r.task_id, p.origin,
                               r.attempt, text, r.token_ids, r.finish_reason, salt, profile,
                               result_sig)  # fmt: skip

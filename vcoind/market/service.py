@@ -100,7 +100,8 @@ class MarketService:
             publish_bid=lambda bid: gossip.publish("tasks", bid), send=self.protocol.send,
             health=lambda: view.health_of(me), on_change=self._worker_changed,
             commit_result=self.replica.commit, payments=payments, pipelines=self.routes,
-            trainer=trainer,
+            trainer=trainer, max_queued_per_origin=cfg.max_queued_per_origin,
+            refused=lambda kind, reason: metrics.sign_refused.labels(kind, reason).inc(),
         )  # fmt: skip
         self.origin = TaskOrigin(
             self.tasks, metrics, cfg, peer_id=me, network=network,

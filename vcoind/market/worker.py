@@ -6,6 +6,14 @@ slots: they decode together, token by token). Each accepted
 (task, attempt) is recorded in SQLite before it is acknowledged, so a worker
 restarted mid-task never runs the same attempt twice. Progress goes to the
 origin at most every ``PROGRESS_EVERY_S``; the result is retried a few times.
+
+Sign only our own work: an assignment is accepted only for a task whose announce we bid
+on, from the peer that announced it (a pipeline route's driver, chosen from the spans it
+advertises, bids on nothing: it runs the route but signs no Result, the slashing
+evidence). Anything else is refused, logged and counted
+(``vcoin_sign_refused_total{kind="assignment"}``), so no peer can make this node sign a
+result or an outcome for a task it did not bid on. Queued work per requester is capped
+(``market.max_queued_per_origin``).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import heapq
 import itertools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -56,6 +65,8 @@ log = logging.getLogger("vcoind.worker")
 PROGRESS_EVERY_S = 0.25
 RESULT_TRIES = 8  # ~1 min with backoff: long enough for an origin to restart
 DEFAULT_TOKENS_PER_S = 50.0  # until this node has measured itself
+BIDS_REMEMBERED = 8192  # task ids we bid on (an assignment must match one)
+BID_MEMORY_S = 3600.0  # a ticket's default life: no assignment comes later than that
 
 
 @dataclass(order=True)
@@ -83,6 +94,8 @@ class TaskWorker:
         commit_result: Callable[[str, TaskResult, Assign], Awaitable[None]] | None = None,
         pipelines: Pipelines | None = None,
         trainer: Trainer | None = None,
+        refused: Callable[[str, str], None] = lambda kind, reason: None,
+        max_queued_per_origin: int = 0,
     ) -> None:
         self._compute = compute
         self._models = compute.models
@@ -107,6 +120,10 @@ class TaskWorker:
         # Pipelined replicas run over their route; LoRA: training, adapters.
         self._pipelines = pipelines
         self._trainer = trainer
+        # task id -> (the origin whose announce we bid on, trio time): what we accept
+        self._bid_on: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._refused = refused  # (kind, reason) -> the refusal metric
+        self._max_queued_per_origin = max_queued_per_origin  # 0: no cap
 
     @property
     def queue_length(self) -> int:
@@ -153,6 +170,15 @@ class TaskWorker:
                        if (o := self.make_offer(t, queued_tokens, origin)) is not None)  # fmt: skip
         if not offers:
             return None
+        now = trio.current_time()
+        for o in offers:
+            self._bid_on[o.task_id] = (origin, now)
+            self._bid_on.move_to_end(o.task_id)
+        while self._bid_on and (
+            len(self._bid_on) > BIDS_REMEMBERED
+            or next(iter(self._bid_on.values()))[1] < now - BID_MEMORY_S
+        ):
+            self._bid_on.popitem(last=False)  # fmt: skip
         return Bid(
             network=self._network, peer_id=self._peer_id, seq=0, timestamp=time.time(),
             origin=origin, health=self._health(), queue_length=self.queue_length, offers=offers,
@@ -182,7 +208,24 @@ class TaskWorker:
                 nursery.start_soon(one, i, a)
         return Accepted(tuple(errors))
 
+    def _refuse(self, reason: str, message: str, a: Assign, origin: str) -> StreamProtocolError:
+        log.warning("refused task %s attempt %d from %s: %s", a.task_id, a.attempt, origin,
+                    message)  # fmt: skip
+        self._refused("assignment", reason)
+        return StreamProtocolError(f"refused: {message}")
+
     async def on_assign(self, origin: str, a: Assign) -> Ack:
+        bid = self._bid_on.get(a.task_id)
+        if not a.route and (bid is None or bid[0] != origin):
+            raise self._refuse(
+                "not_bid" if bid is None else "not_origin",
+                "this node did not bid on that task" if bid is None
+                else "the assignment does not come from the task's origin", a, origin,
+            )  # fmt: skip
+        cap = self._max_queued_per_origin
+        if cap and sum(j.origin == origin for j in self._jobs.values()) >= cap:
+            why = f"{cap} of this requester's tasks are queued here already"
+            raise self._refuse("queue_full", why + " (market.max_queued_per_origin)", a, origin)
         if self._payments is not None:
             await self._payments.prefetch([a.ticket], origin)
             refusal = self._payments.ticket_refusal(
@@ -331,6 +374,8 @@ class TaskWorker:
             return r
         rh = result_hash(r.text)
         result_sig, profile = pay.sign_result(a.task_id, rh)
+        if a.route:  # a driver bid on nothing: no Result signature (slashing evidence)
+            result_sig = b""
         outcome = outcome_of(rh, "majority", len(r.token_ids), profile,
                              a.params.temperature == 0)  # fmt: skip
         sig = pay.sign_outcome(a.task_id, a.ticket, outcome)
