@@ -16,7 +16,8 @@ from eth_account import Account
 from libp2p.crypto.ed25519 import create_new_key_pair
 
 from vcoind.metrics import NodeMetrics
-from vcoind.p2p.codec import Message, encode
+from vcoind.p2p.codec import Message, decode, encode
+from vcoind.p2p.errors import CodecError
 from vcoind.p2p.gossip import topic_name
 from vcoind.p2p.host import P2PHost, build_host, running
 from vcoind.p2p.keeper import parse_peer_addr
@@ -33,6 +34,7 @@ class Hostile:
     network: str
     account: Any  # eth_account LocalAccount: the key its binding names
     _seq: int = 0
+    subs: dict[str, Any] = dataclasses.field(default_factory=dict)  # topic name -> queue
 
     @property
     def peer_id(self) -> str:
@@ -62,9 +64,19 @@ class Hostile:
         info = parse_peer_addr(p2p_addr)
         await self.p2p.host.connect(info)
         for name in names:
-            await self.p2p.pubsub.subscribe(self.topic(name))
+            if name not in self.subs:
+                self.subs[name] = await self.p2p.pubsub.subscribe(self.topic(name))
             await self.p2p.pubsub.wait_for_subscription(info.peer_id, self.topic(name))
         return info.peer_id.to_base58()
+
+    async def next_record(self, name: str) -> Any:
+        """The next record gossiped on a joined topic (decoded; junk is skipped)."""
+        while True:
+            msg = await self.subs[name].get()
+            try:
+                return decode(msg.data)
+            except CodecError:
+                continue
 
     async def publish(self, name: str, record: Message | bytes) -> None:
         data = record if isinstance(record, bytes) else encode(record)
