@@ -331,7 +331,7 @@ class MarketNode:
 
     def __init__(
         self, net: MarketNet, name: str, cfg: MarketConfig, compute: ScriptedCompute, *,
-        health: float, profile: str,
+        health: float, profile: str, key: bytes | None = None,
     ) -> None:  # fmt: skip
         self.name = name
         self.cfg = cfg
@@ -339,7 +339,7 @@ class MarketNode:
         self.health = health
         self.profile = profile
         me = self.peer_id = ID.from_pubkey(create_new_key_pair().public_key).to_base58()
-        self.signer = Signer(secrets.token_bytes(32), NETWORK)
+        self.signer = Signer(key or secrets.token_bytes(32), NETWORK)  # shared: one stake
         self.store = Store(Path(":memory:"), inline=True)
         self.metrics = NodeMetrics()
         self.gossip = MemoryGossip(net, me)
@@ -435,12 +435,13 @@ class MarketNet:
         self, name: str, models: Sequence[str] = (), *, cfg: MarketConfig | None = None,
         behaviour: Behaviour = "normal", per_token_s: float = 0.0625, prefill_s: float = 0.0,
         fail_at: int = 0, slots: int = 1, health: float = 0.8, profile: str = "cpu/float32",
+        key: bytes | None = None,
     ) -> MarketNode:  # fmt: skip
         """A running node; every node has the others in its peer table (as heartbeats do)."""
         compute = ScriptedCompute(models, behaviour=behaviour, per_token_s=per_token_s,
                                   prefill_s=prefill_s, fail_at=fail_at, slots=slots)  # fmt: skip
         node = MarketNode(self, name, cfg or MarketConfig(), compute, health=health,
-                          profile=profile)  # fmt: skip
+                          profile=profile, key=key)  # fmt: skip
         await node.store.open()
         for other in self.nodes.values():
             await other.store.upsert_peers([node.peer_update()])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -66,8 +66,10 @@ class Assignment:
         send: Send,
         update: Update,
         nursery: Callable[[], trio.Nursery],
+        stalled: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self._tasks = tasks
+        self._stalled = stalled  # a worker accepted and made no progress (reputation)
         self._metrics = metrics
         self._config = config
         self._view = view
@@ -140,16 +142,30 @@ class Assignment:
             t0 = time.monotonic()
             refused = await self.assign(peer, assign)
             if refused is not None:
+                self._bidding.observed.failed(peer)
                 return refused
             self._metrics.dispatch_latency.observe(time.monotonic() - live.submitted_mono)
             log.info("task %s attempt %d assigned to %s (%.1f ms)", row.id, n, peer,
                      (time.monotonic() - t0) * 1000)  # fmt: skip
-            live.last_progress = trio.current_time()
+            live.last_progress = started = trio.current_time()
             await self._update(live, phase="running", status="running",
                                timings={**row.timings, "assigned_s": since(row)})  # fmt: skip
-            return await self.await_result(live, peer)
+            error = await self.await_result(live, peer)
+            await self._observe(live, peer, error, trio.current_time() - started)
+            return error
         finally:
             self._selection.in_flight[peer] -= 1
+
+    async def _observe(self, live: LiveTask, peer: str, error: str | None, took: float) -> None:
+        """Selection's record of ``peer`` (``Bidding.observed``); a worker that accepted and
+        then stalled also loses reputation, like a replica that never commits."""
+        observed = self._bidding.observed
+        if error is None and live.result is not None:
+            observed.completed(peer, len(live.result.token_ids), took)
+        elif error is not None:
+            observed.failed(peer)
+            if error.startswith("no progress") and self._stalled is not None:
+                await self._stalled(peer)
 
     async def assign(self, peer: str, assign: Assign) -> str | None:
         """Hand ``assign`` to ``peer``; None when accepted, else why not.

@@ -3,7 +3,8 @@
 Tasks waiting to be announced leave together (one ``TaskAnnounce`` per burst, so one
 ``Bid`` per bidder per burst as well); this node bids on them too. The bid window
 closes early once every node known to serve the model has bid, and the bids are ranked
-with the configured strategy, then by reputation.
+with the configured strategy, then by reputation, on what this origin measured of each
+bidder rather than what the bid claims (``vcoind.market.observed``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from vcoind.config import MarketConfig
 from vcoind.consensus.reputation import DEFAULT_REPUTATION
 from vcoind.market.live import LiveTask
 from vcoind.market.messages import MAX_BATCH, AnnouncedTask, Bid, TaskAnnounce, TaskBid
+from vcoind.market.observed import Observations
 from vcoind.market.payments import Payments
 from vcoind.market.selection import SelectionState, rank
 from vcoind.presence.view import NetworkView
@@ -62,6 +64,8 @@ class Bidding:
         # What the ranking remembers between choices (assignment counts the tasks each
         # peer has in flight in it).
         self.selection = SelectionState()
+        # What we measured of each worker: bids are ranked on it, not on their claims.
+        self.observed = Observations()
 
     def take(self, bid: Bid) -> None:
         """A bid addressed to this origin: its task bids join their live tasks."""
@@ -145,7 +149,10 @@ class Bidding:
             while not live.cancelled and not enough():
                 await live.changed.wait()
         await self._tasks.add_bids(row.id, [_bid_row(b) for b in live.bids])
-        bids = [b for b in live.bids if b.peer_id not in live.tried]
+        flight = self.selection.in_flight
+        bids = [self.observed.adjust(b, flight.get(b.peer_id, 0), task.max_new_tokens,
+                                     self._view.health_of(b.peer_id))
+                for b in live.bids if b.peer_id not in live.tried]  # fmt: skip
         reps = await self._reputations([b.peer_id for b in bids])
         # No checkpoint from here to the caller's Assignment.attempt, which counts the
         # winner in flight: tasks whose windows close together must see each other's

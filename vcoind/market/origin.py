@@ -97,6 +97,7 @@ class TaskOrigin:
         pipelines: Pipelines | None = None,
         trainer: Trainer | None = None,
         payments: Payments | None = None,
+        stalled: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self._tasks = tasks
         self._payments = payments
@@ -121,7 +122,7 @@ class TaskOrigin:
         )  # fmt: skip
         self._assignment = Assignment(
             tasks, metrics, config, view, self._bidding, send=send, update=self._update,
-            nursery=self._running_nursery,
+            nursery=self._running_nursery, stalled=stalled,
         )  # fmt: skip
         self._rounds: ConsensusRounds | None = None
         if coordinator is not None:

@@ -104,7 +104,8 @@ class ConsensusRounds:
                     drivers = [r[0][0] for r in found]
                 else:
                     bids = await self._bidding.collect(live, want=k)
-                    chosen = choose_replicas(bids, k, self._view.profile_of)
+                    chosen = choose_replicas(bids, k, self._view.profile_of,
+                                             self._view.eth_address_of)  # fmt: skip
                     if not chosen:
                         if last is not None:
                             break

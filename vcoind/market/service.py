@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from vcoind.consensus.reputation import DEFAULT_REPUTATION
+from vcoind.consensus.reputation import DEFAULT_REPUTATION, updated_reputation
 from vcoind.market.api import REST_ALIASES, register_consensus_api, register_task_api
 from vcoind.market.consensus import Coordinator, Replica, VoteContext
 from vcoind.market.messages import Assignments, Bid, Cancel, Progress, TaskAnnounce, TaskResult
@@ -112,7 +112,15 @@ class MarketService:
             reputations=self.reputations, coordinator=self.coordinator,
             settle=settler.settle if settler is not None else None,
             pipelines=self.routes, trainer=trainer, payments=payments,
+            stalled=self._stalled,
         )  # fmt: skip
+
+    async def _stalled(self, peer: str) -> None:
+        """A worker accepted a task and made no progress: it loses reputation as a replica
+        that never commits does."""
+        await self.consensus_store.adjust_reputation(
+            peer, lambda rep: updated_reputation(rep, "timeout")
+        )
 
     async def reputations(self, peers: list[str]) -> dict[str, float]:
         return await self.consensus_store.reputations(peers, DEFAULT_REPUTATION)

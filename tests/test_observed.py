@@ -1,0 +1,52 @@
+"""vcoind.market.observed: selection on what the origin measured, not on claims."""
+
+from __future__ import annotations
+
+import pytest
+
+from vcoind.market.consensus import choose_replicas
+from vcoind.market.messages import TaskBid
+from vcoind.market.observed import UNMEASURED_TOKENS_PER_S, Observations
+
+
+def bid(peer: str, *, health: float = 1.0, queue: int = 0, tps: float = 1e6) -> TaskBid:
+    return TaskBid(peer, "ab" * 16, "sha256:" + "0" * 64, 0.0, 0.0, health, queue, tps, 0.0)
+
+
+def test_a_stranger_is_ranked_on_capped_claims_and_a_neutral_record() -> None:
+    obs = Observations()
+    b = obs.adjust(bid("p", health=1.0, tps=1e6), in_flight=0, max_new_tokens=20,
+                   view_health=0.8)  # fmt: skip
+    assert b.tokens_per_s == UNMEASURED_TOKENS_PER_S
+    assert b.health == pytest.approx(0.5 * 0.8)  # its claim of 1.0 is not used
+    assert b.eta_s == pytest.approx(20 / UNMEASURED_TOKENS_PER_S)
+    slow = obs.adjust(bid("q", tps=5.0), in_flight=0, max_new_tokens=20, view_health=1.0)
+    assert slow.tokens_per_s == 5.0  # a modest claim below the cap stands
+
+
+def test_measured_speed_and_record_replace_the_claims() -> None:
+    obs = Observations()
+    obs.completed("p", tokens=100, seconds=2.0)  # 50 tokens/s as we clocked it
+    obs.completed("p", tokens=100, seconds=4.0)  # 25: smoothed
+    b = obs.adjust(bid("p", tps=1e6, queue=0), in_flight=2, max_new_tokens=10, view_health=1.0)
+    assert b.tokens_per_s == pytest.approx(50 + 0.3 * (25 - 50))
+    assert b.queue_length == 2  # what we have in flight there, above its claim of 0
+    assert b.health == pytest.approx(3 / 4)
+    obs.failed("p")
+    obs.failed("p")
+    obs.failed("p")
+    assert obs.get("p").reliability == pytest.approx(3 / 7)
+
+
+def test_forgetting_is_bounded() -> None:
+    obs = Observations(peers_kept=3)
+    for i in range(10):
+        obs.failed(f"p{i}")
+    assert obs.get("p0").failed == 0 and obs.get("p9").failed == 1
+
+
+def test_one_replica_slot_per_address() -> None:
+    ranked = [bid("s1"), bid("s2"), bid("h"), bid("s3")]
+    addr = {"s1": "0xAA", "s2": "0xaa", "s3": "0xAa", "h": "0xBB"}
+    chosen = choose_replicas(ranked, 3, lambda p: "cpu", addr.get)
+    assert [b.peer_id for b in chosen] == ["s1", "h"]  # s2, s3: the same stake again
