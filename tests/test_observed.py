@@ -1,4 +1,5 @@
-"""vcoind.market.observed: selection on what the origin measured, not on claims."""
+"""Hostile-input rules of the market that are pure: selection on measured figures
+(vcoind.market.observed), one slot per address, the early-reveal buffer."""
 
 from __future__ import annotations
 
@@ -50,3 +51,21 @@ def test_one_replica_slot_per_address() -> None:
     addr = {"s1": "0xAA", "s2": "0xaa", "s3": "0xAa", "h": "0xBB"}
     chosen = choose_replicas(ranked, 3, lambda p: "cpu", addr.get)
     assert [b.peer_id for b in chosen] == ["s1", "h"]  # s2, s3: the same stake again
+
+
+def test_early_reveals_from_strangers_cannot_crowd_out_the_replicas() -> None:
+    from vcoind.market.consensus import MAX_REPLICAS, _keep_early, _Pending
+    from vcoind.market.messages import TaskResult
+    from vcoind.market.votes import ResultReveal
+
+    def reveal(peer: str) -> ResultReveal:
+        return ResultReveal("testnet", peer, 1, 0.0, "ab" * 16, "origin", 1, "t", (), "stop",
+                            b"\x00" * 32)  # fmt: skip
+
+    p = _Pending("origin", TaskResult("ab" * 16, 1), b"\x00" * 32, None, True, 0.0)
+    for i in range(MAX_REPLICAS + 3):
+        _keep_early(p, reveal(f"sybil{i}"))
+    assert len(p.reveals) == MAX_REPLICAS
+    p.committed.add("replica")
+    _keep_early(p, reveal("replica"))
+    assert "replica" in p.reveals and len(p.reveals) == MAX_REPLICAS

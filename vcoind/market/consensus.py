@@ -100,6 +100,7 @@ class _Pending:
     closed: CommitsClosed | None = None
     reveals: dict[str, ResultReveal] = field(default_factory=dict)
     reveals_closed: RevealsClosed | None = None
+    committed: set[str] = field(default_factory=set)  # peers seen committing to the task
     voted: bool = False
 
 
@@ -184,13 +185,18 @@ class Replica:
         except StreamProtocolError as exc:
             log.info("task %s: reveal not delivered to %s: %s", reveal.task_id, peer, exc)
 
+    def on_commitment(self, c: ResultCommitment) -> None:
+        """Who committed to a task we hold a result of: only they may reveal early."""
+        p = self._pending.get(c.task_id)
+        if p is not None and c.origin == p.origin and len(p.committed) < 4 * MAX_REPLICAS:
+            p.committed.add(c.peer_id)
+
     async def on_reveal(self, r: ResultReveal) -> None:
         p = self._pending.get(r.task_id)
         if p is None:
             return
         if p.closed is None:  # we have not seen the close yet: keep it, judge it then
-            if len(p.reveals) < MAX_REPLICAS:
-                p.reveals.setdefault(r.peer_id, r)
+            _keep_early(p, r)
             return
         if _check_reveal(p.closed, r) is None:
             p.reveals.setdefault(r.peer_id, r)
@@ -232,6 +238,21 @@ class Replica:
             outcome.result_hash, outcome.decision, self._ctx.payments.address, sig,
             signed.units, signed.profile,
         ))  # fmt: skip
+
+
+def _keep_early(p: _Pending, r: ResultReveal) -> None:
+    """Keep a reveal that came before the close, at most ``MAX_REPLICAS`` of them; one
+    from a peer seen committing displaces one from a peer that was not (strangers cannot
+    crowd the real replicas out, and a reveal that outran its commitment is still kept
+    while there is room)."""
+    if r.peer_id in p.reveals:
+        return
+    if len(p.reveals) >= MAX_REPLICAS:
+        stranger = next((k for k in p.reveals if k not in p.committed), None)
+        if r.peer_id not in p.committed or stranger is None:
+            return
+        del p.reveals[stranger]
+    p.reveals[r.peer_id] = r
 
 
 def _check_reveal(closed: CommitsClosed, r: ResultReveal) -> str | None:

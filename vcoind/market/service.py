@@ -188,6 +188,7 @@ class MarketService:
 
     async def _on_vote_record(self, record: Any) -> None:
         if isinstance(record, ResultCommitment):
+            self.replica.on_commitment(record)
             await self.coordinator.on_commitment(record)
         elif isinstance(record, CommitsClosed):
             self._spawn(self.replica.on_closed, record)  # may wait for others' reveals
