@@ -45,9 +45,11 @@ def ws_auth(datadir: Path) -> list[tuple[bytes, bytes]]:
     return [(b"Authorization", f"Bearer {DataDir(datadir).read_cookie()}".encode())]
 
 
-async def rpc(client: httpx.AsyncClient, url: str, method: str, params: Any = None) -> Any:
+async def rpc(
+    client: httpx.AsyncClient, url: str, method: str, params: Any = None, **headers: str
+) -> Any:
     body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params or {}}
-    reply = (await client.post(url + "/rpc", json=body)).json()
+    reply = (await client.post(url + "/rpc", json=body, headers=headers)).json()
     return reply
 
 
@@ -148,7 +150,7 @@ async def test_models_are_served_and_advertised(tmp_path: Path, models_dir: Path
             while (st := b.presence.peers.get(ia.peer_id)) is None:
                 await b.presence.peers.wait_changed()
         assert st.heartbeat.models == (ModelServed("tiny-qwen2", model["model_id"]),)
-        peers = (await rpc(client, ib.rpc_url, "vcoin_peers"))["result"]
+        peers = (await rpc(client, ib.rpc_url, "vcoin_peers", **auth(tmp_path / "b")))["result"]
         assert peers[0]["models"] == [{"name": "tiny-qwen2", "model_id": model["model_id"]}]
 
 
