@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,6 +16,7 @@ import trio
 import trio_websocket
 from trio_websocket import WebSocketConnection
 
+from vcoind.config import ConfigError, load
 from vcoind.rpc import (
     FORBIDDEN,
     INTERNAL_ERROR,
@@ -754,3 +756,15 @@ def test_login_tokens_are_spent_once_and_expire() -> None:
     tokens = [sessions.mint_token() for _ in range(MAX_TOKENS + 1)]
     assert sessions.redeem(tokens[0]) is None  # the oldest was forgotten
     assert sessions.redeem(tokens[-1]) is not None
+
+
+def test_rpc_hosts_and_origins_config(tmp_path: Path) -> None:
+    cfg = load(tmp_path, env={"VCOIN_RPC_HOSTS": "vcoin.lan,ops.lan:8645",
+                              "VCOIN_RPC_ORIGINS": "https://ops.example"}, flags={})  # fmt: skip
+    assert cfg.rpc.hosts == ("vcoin.lan", "ops.lan:8645")
+    assert cfg.rpc.origins == ("https://ops.example",)
+    assert load(tmp_path, env={}, flags={}).rpc.origins == ()  # no CORS by default
+    for key, bad in (("ORIGINS", "ops.example"), ("ORIGINS", "https://ops.example/app"),
+                     ("HOSTS", "http://vcoin.lan")):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"rpc.{key.lower()}"):
+            load(tmp_path, env={f"VCOIN_RPC_{key}": bad}, flags={})
