@@ -401,7 +401,7 @@ def demo_training(origin: DevNode, nodes: int, base: Path, timeout: float = 300.
     same prompt with and without the adapter."""
     from vcoind.compute.testmodel import CORPUS
 
-    data = base / "train.jsonl"
+    data = origin.datadir / "train.jsonl"  # vcoin_train reads only under the datadir
     lines = [ln for ln in CORPUS.splitlines() if ln.strip()]
     data.write_text("".join(json.dumps({"text": ln}) + "\n" for ln in lines * 2))
     print(f"\nLoRA training: {2 * len(lines)} examples on {nodes} nodes -> node {origin.index}",
@@ -533,11 +533,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f'     vcoin --datadir {nodes[0].datadir} submit "What is a Merkle tree?" '
               f"--model {TEST_MODEL} --pipeline --wait", flush=True)  # fmt: skip
         print(f"     vcoin --datadir {nodes[0].datadir} train --model {TEST_MODEL} "
-              f"--dataset {base / 'train.jsonl'} --nodes {min(3, ns.nodes)} --wait",
+              f"--dataset {nodes[0].datadir / 'train.jsonl'} --nodes {min(3, ns.nodes)} --wait",
               flush=True)  # fmt: skip
         print(f"     vcoin --datadir {nodes[0].datadir} chain info", flush=True)
         print(f"     vcoin --datadir {nodes[0].datadir} alerts --follow", flush=True)
-        print(f"dashboard: {nodes[0].info['rpc_url']}/", flush=True)
+        print(f"dashboard (a one-time link; `vcoin --datadir {nodes[0].datadir} dashboard` "
+              f"prints a new one): {nodes[0].rpc.call('vcoin_dashboardUrl')['url']}",
+              flush=True)  # fmt: skip
         if not ns.check:
             print("running; Ctrl-C stops all nodes", flush=True)
             while True:

@@ -104,10 +104,13 @@ def webhook() -> Any:
 
 
 @contextlib.asynccontextmanager
-async def subscribed(url: str) -> AsyncIterator[Any]:
+async def subscribed(url: str, auth: dict[str, str]) -> AsyncIterator[Any]:
     from trio_websocket import open_websocket_url
 
-    async with open_websocket_url(url.replace("http://", "ws://") + "/ws") as ws:
+    headers = [(k.encode(), v.encode()) for k, v in auth.items()]
+    async with open_websocket_url(
+        url.replace("http://", "ws://") + "/ws", extra_headers=headers
+    ) as ws:
         await ws.send_message(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "vcoin_subscribe",
                                           "params": {"channel": "alerts"}}))  # fmt: skip
         assert "result" in json.loads(await ws.get_message())
@@ -132,7 +135,10 @@ async def test_daemon_peer_offline_alert_fires_and_resolves(cluster: Cluster) ->
         n2 = await call(lambda: cluster.start(2, bootstrap=n1))
         await call(wait_until, lambda: n2.info["peer_id"] in peers_of(n1), 15, "node 2 joined")
         url = n1.info["rpc_url"]
-        async with subscribed(url) as ws, httpx.AsyncClient(timeout=10) as client:
+        async with (
+            subscribed(url, n1.rpc.auth) as ws,
+            httpx.AsyncClient(timeout=10, headers=n1.rpc.auth) as client,
+        ):
             n2.proc.terminate()
             await call(n2.proc.wait)
             with trio.fail_after(20):

@@ -34,7 +34,8 @@ def three(cluster: Cluster, models_dir: Path, faulty: str | None = None) -> list
 
 
 def rejected(node: DevNode, reason: str) -> float:
-    with urllib.request.urlopen(node.info["rpc_url"] + "/metrics") as resp:
+    metrics_url = node.info["rpc_url"] + "/metrics"
+    with urllib.request.urlopen(urllib.request.Request(metrics_url, headers=node.rpc.auth)) as resp:
         text = resp.read().decode()
     for line in text.splitlines():
         if line.startswith(f'vcoin_consensus_rejected_total{{reason="{reason}"}}'):

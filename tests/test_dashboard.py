@@ -58,8 +58,12 @@ def test_dashboard_live_in_headless_chromium(
     n2 = cluster.start(2, bootstrap=n1, extra=serving(models_dir))
     n3 = cluster.start(3, bootstrap=n1, extra=serving(models_dir))
     wait_until(lambda: knows_model(n1, 2), 20, "node 1 sees both peers")
-    browser.get(n1.info["rpc_url"] + "/")
+    # The one-time link (`vcoin dashboard`) becomes an HttpOnly session cookie; the token
+    # leaves the address bar.
+    browser.get(n1.rpc.call("vcoin_dashboardUrl")["url"])
     assert browser.title == "VCoin node"
+    assert browser.current_url == n1.info["rpc_url"] + "/dashboard"
+    assert "vcoin_session" not in browser.execute_script("return document.cookie")
     for n in (n2, n3):
         wait_until(lambda n=n: "online" in text_of(browser, f'tr[data-peer="{n.info["peer_id"]}"]'),
                    15, "the peer rows")  # fmt: skip

@@ -159,7 +159,8 @@ async def test_persistent_junk_sender_is_blacklisted(cluster: Cluster) -> None:
         await call(
             wait_until, lambda: not host.get_connected_peers(), 10, "node 1 dropped the junk sender"
         )
-    with urllib.request.urlopen(n1.info["rpc_url"] + "/metrics") as resp:
+    metrics_url = n1.info["rpc_url"] + "/metrics"
+    with urllib.request.urlopen(urllib.request.Request(metrics_url, headers=n1.rpc.auth)) as resp:
         text = resp.read().decode()
     assert "vcoin_peers_blacklisted_total 1.0" in text
     assert n1.rpc.call("vcoin_nodeInfo")["peer_id"] == n1.info["peer_id"]

@@ -148,7 +148,10 @@ def test_client_cli_against_running_daemon(cluster: Cluster) -> None:
     assert js.returncode == 0, js.stderr
     assert f'"peer_id": "{n1.info["peer_id"]}"' in js.stdout
     status = subprocess.run(
-        [*vcoin, "--rpc", n1.info["rpc_url"], "status"], capture_output=True, text=True, timeout=30
+        [*vcoin, "--datadir", str(n1.datadir), "--rpc", n1.info["rpc_url"], "status"],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert status.returncode == 0 and "2 active nodes" in status.stdout
     missing = subprocess.run(

@@ -37,9 +37,19 @@ async def node_in_process(datadir: Path, **flags: Any) -> AsyncIterator[tuple[No
         nursery.cancel_scope.cancel()
 
 
-async def rpc(client: httpx.AsyncClient, url: str, method: str, params: Any = None) -> Any:
+def auth(datadir: Path) -> dict[str, str]:
+    return {"Authorization": f"Bearer {DataDir(datadir).read_cookie()}"}
+
+
+def ws_auth(datadir: Path) -> list[tuple[bytes, bytes]]:
+    return [(b"Authorization", f"Bearer {DataDir(datadir).read_cookie()}".encode())]
+
+
+async def rpc(
+    client: httpx.AsyncClient, url: str, method: str, params: Any = None, **headers: str
+) -> Any:
     body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params or {}}
-    reply = (await client.post(url + "/rpc", json=body)).json()
+    reply = (await client.post(url + "/rpc", json=body, headers=headers)).json()
     return reply
 
 
@@ -47,7 +57,7 @@ async def test_node_rpc_methods_and_endpoints(tmp_path: Path) -> None:
     async with (
         node_in_process(tmp_path / "a") as (a, ia),
         node_in_process(tmp_path / "b", **{"p2p.bootstrap": [ia.p2p_addrs[0]]}) as (b, ib),
-        httpx.AsyncClient(timeout=10) as client,
+        httpx.AsyncClient(timeout=10, headers=auth(tmp_path / "a")) as client,
     ):
         assert (tmp_path / "a" / "run.json").exists()
         with trio.fail_after(15):
@@ -125,7 +135,7 @@ async def test_models_are_served_and_advertised(tmp_path: Path, models_dir: Path
     async with (
         node_in_process(tmp_path / "a", **flags) as (_a, ia),
         node_in_process(tmp_path / "b", **{"p2p.bootstrap": [ia.p2p_addrs[0]]}) as (b, ib),
-        httpx.AsyncClient(timeout=10) as client,
+        httpx.AsyncClient(timeout=10, headers=auth(tmp_path / "a")) as client,
     ):
         reply = (await rpc(client, ia.rpc_url, "vcoin_models"))["result"]
         assert reply["models_dir"] == str(models_dir)
@@ -140,7 +150,7 @@ async def test_models_are_served_and_advertised(tmp_path: Path, models_dir: Path
             while (st := b.presence.peers.get(ia.peer_id)) is None:
                 await b.presence.peers.wait_changed()
         assert st.heartbeat.models == (ModelServed("tiny-qwen2", model["model_id"]),)
-        peers = (await rpc(client, ib.rpc_url, "vcoin_peers"))["result"]
+        peers = (await rpc(client, ib.rpc_url, "vcoin_peers", **auth(tmp_path / "b")))["result"]
         assert peers[0]["models"] == [{"name": "tiny-qwen2", "model_id": model["model_id"]}]
 
 
@@ -171,10 +181,10 @@ async def test_task_notifications_over_websocket(tmp_path: Path, models_dir: Pat
 
     async with (
         node_in_process(tmp_path / "a", **{"compute.models_dir": str(models_dir)}) as (a, ia),
-        httpx.AsyncClient(timeout=10) as client,
+        httpx.AsyncClient(timeout=10, headers=auth(tmp_path / "a")) as client,
     ):
         ws_url = ia.rpc_url.replace("http://", "ws://") + "/ws"
-        async with open_websocket_url(ws_url) as ws:
+        async with open_websocket_url(ws_url, extra_headers=ws_auth(tmp_path / "a")) as ws:
             await ws.send_message(
                 json.dumps(
                     {

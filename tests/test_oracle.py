@@ -196,12 +196,13 @@ def test_daemon_serves_price_analysis_over_rpc_get_and_cli(
     a = n1.rpc.call("vcoin_oraclePriceAnalysis", {"symbol": "QUBIC", "timeframe": "1h"})
     assert a["price"] == pytest.approx(CHART["prices"][-1][1]) and a["source"]["status"] == "ok"
     url = n1.info["rpc_url"] + "/api/oracle/price_analysis?symbol=QUBIC&timeframe=1h"
-    with urllib.request.urlopen(url) as resp:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=n1.rpc.auth)) as resp:
         got = json.loads(resp.read())
     assert got["price"] == a["price"] and recorded_api.hits == 1  # the cache answered
     s = n1.rpc.call("vcoin_oracleSentiment", {"range": "24h"})
     assert s["articles"] == 6 and [x["status"] for x in s["sources"]] == ["ok", "ok"], s
-    with urllib.request.urlopen(n1.info["rpc_url"] + "/api/oracle/sentiment?range=7d") as resp:
+    week_url = n1.info["rpc_url"] + "/api/oracle/sentiment?range=7d"
+    with urllib.request.urlopen(urllib.request.Request(week_url, headers=n1.rpc.auth)) as resp:
         week = json.loads(resp.read())
     assert week["articles"] == 8 and -1 <= week["sentiment_score"] <= 1
     ov = n1.rpc.call("vcoin_oracleMarketOverview", {"symbol": "QUBIC"})
@@ -216,7 +217,8 @@ def test_daemon_serves_price_analysis_over_rpc_get_and_cli(
     st = n1.rpc.call("vcoin_oracleStatus")
     assert st["sources"][0]["failures"] == 1 and recorded_api.hits > hits
     assert st["cache"]["price_analysis"]["hits"] == 1 and st["cache"]["sentiment"]["hits"] == 1
-    with urllib.request.urlopen(n1.info["rpc_url"] + "/metrics") as resp:
+    metrics_url = n1.info["rpc_url"] + "/metrics"
+    with urllib.request.urlopen(urllib.request.Request(metrics_url, headers=n1.rpc.auth)) as resp:
         metrics = resp.read()
     assert b'vcoin_oracle_cache_total{cache="price_analysis",result="hit"} 1.0' in metrics
     out = subprocess.run(

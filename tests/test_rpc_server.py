@@ -5,21 +5,27 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import trio
 import trio_websocket
+from trio_websocket import WebSocketConnection
 
+from vcoind.config import ConfigError, load
 from vcoind.rpc import (
+    FORBIDDEN,
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
     NOT_FOUND,
     PARSE_ERROR,
+    UNAUTHORIZED,
     MethodRegistry,
     Param,
     RPCConfigError,
@@ -28,8 +34,12 @@ from vcoind.rpc import (
     RPCServer,
     RPCServerConfig,
 )
+from vcoind.rpc.guard import AccessPolicy, parse_authority
+from vcoind.rpc.sessions import MAX_TOKENS, SESSION_TTL_S, TOKEN_TTL_S, Sessions
 
 COOKIE = "s3cret-cookie"
+AUTH = {"Authorization": f"Bearer {COOKIE}"}
+WS_AUTH = [(b"Authorization", f"Bearer {COOKIE}".encode())]
 METRICS = b"# TYPE vcoin_up gauge\nvcoin_up 1\n"
 MAX_BODY = 4096
 
@@ -100,6 +110,10 @@ class Harness:
     def ws_url(self) -> str:
         return self.url.replace("http://", "ws://") + "/ws"
 
+    def ws(self, path: str = "/ws") -> AbstractAsyncContextManager[WebSocketConnection]:
+        url = self.url.replace("http://", "ws://") + path
+        return trio_websocket.open_websocket_url(url, extra_headers=WS_AUTH)
+
     async def post(self, payload: Any) -> httpx.Response:
         return await self.http.post(self.url + "/rpc", json=payload)
 
@@ -118,7 +132,7 @@ class Harness:
 async def rpc(nursery: trio.Nursery) -> AsyncIterator[Harness]:
     holder: list[Harness] = []
     server = RPCServer(
-        RPCServerConfig(max_body_bytes=MAX_BODY, max_batch=5),
+        RPCServerConfig(max_body_bytes=MAX_BODY, max_batch=5, cookie=COOKIE),
         sample_registry(),
         ready=lambda: holder[0].is_ready,
         metrics=lambda: METRICS,
@@ -127,7 +141,7 @@ async def rpc(nursery: trio.Nursery) -> AsyncIterator[Harness]:
         on_call=lambda method, outcome: holder[0].calls.append((method, outcome)),
     )
     url = await nursery.start(server.run)
-    async with httpx.AsyncClient(timeout=10) as http:
+    async with httpx.AsyncClient(timeout=10, headers=AUTH) as http:
         holder.append(Harness(server, url, http))
         yield holder[0]
 
@@ -349,9 +363,9 @@ def test_registry_rejects_duplicates_and_unsupported_schemas() -> None:
     assert registry.names() == ["add", "boom", "echo", "fail", "pick"]
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "::", "example.com"])
-def test_non_loopback_bind_needs_a_cookie(host: str) -> None:
-    with pytest.raises(RPCConfigError, match="not loopback") as raised:
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "0.0.0.0", "example.com"])
+def test_every_bind_needs_a_cookie(host: str) -> None:
+    with pytest.raises(RPCConfigError, match="needs an auth cookie, loopback included") as raised:
         RPCServer(
             RPCServerConfig(host=host), MethodRegistry(), ready=lambda: True, metrics=lambda: b""
         )
@@ -359,36 +373,32 @@ def test_non_loopback_bind_needs_a_cookie(host: str) -> None:
     assert isinstance(raised.value, RPCError)
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "::1", "localhost"])
-def test_loopback_bind_needs_no_cookie(host: str) -> None:
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+async def test_cookie_is_required_on_every_bind(nursery: trio.Nursery, host: str) -> None:
     server = RPCServer(
-        RPCServerConfig(host=host), MethodRegistry(), ready=lambda: True, metrics=lambda: b""
-    )
-    with pytest.raises(RuntimeError, match="not running"):
-        _ = server.url
-
-
-async def test_cookie_is_required_off_loopback(nursery: trio.Nursery) -> None:
-    server = RPCServer(
-        RPCServerConfig(host="0.0.0.0", cookie=COOKIE),
+        RPCServerConfig(host=host, cookie=COOKIE),
         sample_registry(),
         ready=lambda: True,
         metrics=lambda: METRICS,
     )
     await nursery.start(server.run)
-    # Bound on all interfaces, but only ever talk to loopback.
+    # Bound on loopback or on all interfaces, but only ever talk to loopback.
     base = f"http://127.0.0.1:{server.port}"
     request = {"jsonrpc": "2.0", "method": "add", "params": [1, 2], "id": 1}
     async with httpx.AsyncClient(timeout=10) as http:
         denied = await http.post(base + "/rpc", json=request)
         assert denied.status_code == 401
-        assert "error" in denied.json()
+        assert denied.json()["error"]["code"] == UNAUTHORIZED
+        assert "Bearer" in denied.json()["error"]["message"]
         wrong = await http.post(
             base + "/rpc", json=request, headers={"Authorization": "Bearer nope"}
         )
         assert wrong.status_code == 401
-        assert (await http.get(base + "/metrics")).status_code == 401
-        assert (await http.get(base + "/health")).status_code == 200
+        for path in ("/metrics", "/ready", "/"):
+            assert (await http.get(base + path)).status_code == 401, path
+        # /health stays open for probes: it tells nothing but liveness.
+        health = await http.get(base + "/health")
+        assert (health.status_code, health.json()) == (200, {"status": "ok"})
 
         bearer = await http.post(
             base + "/rpc", json=request, headers={"Authorization": f"Bearer {COOKIE}"}
@@ -408,8 +418,7 @@ async def test_cookie_is_required_off_loopback(nursery: trio.Nursery) -> None:
         assert (rejected.status_code, "error" in rejected.json()) == (401, True)
 
     ws_url = f"ws://127.0.0.1:{server.port}/ws"
-    headers = [(b"Authorization", f"Bearer {COOKIE}".encode())]
-    async with trio_websocket.open_websocket_url(ws_url, extra_headers=headers) as ws:
+    async with trio_websocket.open_websocket_url(ws_url, extra_headers=WS_AUTH) as ws:
         await ws.send_message(json.dumps(request))
         assert json.loads(await ws.get_message())["result"] == 3
 
@@ -420,7 +429,7 @@ async def ws_call(ws: trio_websocket.WebSocketConnection, request: Any) -> Any:
 
 
 async def test_websocket_request_response(rpc: Harness) -> None:
-    async with trio_websocket.open_websocket_url(rpc.ws_url) as ws:
+    async with rpc.ws() as ws:
         single = {"jsonrpc": "2.0", "method": "add", "params": [4, 5], "id": "w"}
         assert await ws_call(ws, single) == {"jsonrpc": "2.0", "result": 9, "id": "w"}
         batch = [single, {"jsonrpc": "2.0", "method": "boom", "id": 2}]
@@ -436,7 +445,7 @@ async def test_websocket_request_response(rpc: Harness) -> None:
         assert "too large" in too_large["error"]["message"]
         assert (await ws_call(ws, single))["result"] == 9
     # The root path accepts WebSocket upgrades too.
-    async with trio_websocket.open_websocket_url(rpc.url.replace("http", "ws") + "/") as ws:
+    async with rpc.ws("/") as ws:
         assert (await ws_call(ws, single))["result"] == 9
 
 
@@ -446,7 +455,9 @@ async def test_grossly_oversized_websocket_frame_closes_with_1009(rpc: Harness) 
     port = int(rpc.url.rsplit(":", 1)[1])
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream, trio.open_nursery() as nursery:
-        ws = await trio_websocket.wrap_client_stream(nursery, stream, "127.0.0.1", "/ws")
+        ws = await trio_websocket.wrap_client_stream(
+            nursery, stream, f"127.0.0.1:{port}", "/ws", extra_headers=WS_AUTH
+        )
         await ws.send_message(b" " * (MAX_BODY * 8))
         with pytest.raises(trio_websocket.ConnectionClosed) as closed:
             await ws.get_message()
@@ -460,8 +471,8 @@ async def test_subscriptions_deliver_to_subscribers_of_the_channel(rpc: Harness)
         return {"jsonrpc": "2.0", "method": "vcoin_subscribe", "params": [channel], "id": 1}
 
     async with (
-        trio_websocket.open_websocket_url(rpc.ws_url) as tasks_ws,
-        trio_websocket.open_websocket_url(rpc.ws_url) as peers_ws,
+        rpc.ws() as tasks_ws,
+        rpc.ws() as peers_ws,
     ):
         sub_id = (await ws_call(tasks_ws, subscribe("tasks")))["result"]
         peers_sub = (await ws_call(peers_ws, subscribe("peers:new")))["result"]
@@ -507,17 +518,21 @@ async def test_add_route_serves_extra_endpoints(nursery: trio.Nursery) -> None:
     async def cluster_status(request: Request) -> Response:
         return JSONResponse({"nodes": 3})
 
-    server = RPCServer(RPCServerConfig(), MethodRegistry(), ready=lambda: True, metrics=bytes)
+    server = RPCServer(
+        RPCServerConfig(cookie=COOKIE), MethodRegistry(), ready=lambda: True, metrics=bytes
+    )
     server.add_route("/api/cluster/status", cluster_status, methods=["GET"])
     url = await nursery.start(server.run)
-    async with httpx.AsyncClient(timeout=10) as http:
+    async with httpx.AsyncClient(timeout=10, headers=AUTH) as http:
         assert (await http.get(url + "/api/cluster/status")).json() == {"nodes": 3}
     with pytest.raises(RuntimeError, match="before"):
         server.add_route("/late", cluster_status, methods=["GET"])
 
 
 async def test_cancellation_shuts_down_promptly(caplog: pytest.LogCaptureFixture) -> None:
-    server = RPCServer(RPCServerConfig(), sample_registry(), ready=lambda: True, metrics=bytes)
+    server = RPCServer(
+        RPCServerConfig(cookie=COOKIE), sample_registry(), ready=lambda: True, metrics=bytes
+    )
     stopped = trio.Event()
 
     async def run_server(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -529,7 +544,8 @@ async def test_cancellation_shuts_down_promptly(caplog: pytest.LogCaptureFixture
     with caplog.at_level(logging.DEBUG), trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             url = await nursery.start(run_server)
-            async with trio_websocket.open_websocket_url(url.replace("http", "ws") + "/ws") as ws:
+            ws_url = url.replace("http", "ws") + "/ws"
+            async with trio_websocket.open_websocket_url(ws_url, extra_headers=WS_AUTH) as ws:
                 reply = await ws_call(
                     ws, {"jsonrpc": "2.0", "method": "add", "params": [1, 1], "id": 1}
                 )
@@ -549,3 +565,206 @@ async def test_cancellation_shuts_down_promptly(caplog: pytest.LogCaptureFixture
     async with httpx.AsyncClient() as http:
         with pytest.raises(httpx.ConnectError):
             await http.get(url + "/health")
+
+
+# --- the access guard: Host, Origin, cookie, browser sessions ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [
+        ("127.0.0.1:8645", ("127.0.0.1", 8645)),
+        ("LocalHost:80", ("localhost", 80)),
+        ("[::1]:8645", ("[::1]", 8645)),
+        ("node.lan", ("node.lan", None)),
+        ("evil.example:0", None),
+        ("a:b:c", None),
+        ("[not-v6]:1", None),
+        ("user@127.0.0.1:1", None),
+        ("127.0.0.1:99999", None),
+        ("", None),
+    ],
+)
+def test_parse_authority(value: str, parsed: tuple[str, int | None] | None) -> None:
+    assert parse_authority(value) == parsed
+
+
+def test_hosts_a_daemon_answers_to() -> None:
+    loop = AccessPolicy("127.0.0.1", 8645, (), ())
+    for ok in ("127.0.0.1:8645", "localhost:8645", "[::1]:8645"):
+        assert loop.host_ok(ok), ok
+    for bad in ("evil.example:8645", "127.0.0.1:9999", "127.0.0.1", "10.0.0.5:8645", None):
+        assert not loop.host_ok(bad), bad
+    assert not AccessPolicy("127.0.0.1", None, (), ()).host_ok("127.0.0.1:8645")  # not bound
+    lan = AccessPolicy("10.0.0.5", 8645, ("vcoin.lan", "ops.lan:443"), ())
+    assert lan.host_ok("10.0.0.5:8645") and lan.host_ok("127.0.0.1:8645")
+    assert lan.host_ok("vcoin.lan:1234") and lan.host_ok("ops.lan:443")
+    assert not lan.host_ok("10.0.0.6:8645") and not lan.host_ok("ops.lan:80")
+    # A wildcard bind answers to any IP literal (an IP cannot be rebound), never to a name.
+    anywhere = AccessPolicy("0.0.0.0", 8645, (), ())
+    assert anywhere.host_ok("192.168.1.7:8645") and anywhere.host_ok("[fd00::1]:8645")
+    assert not anywhere.host_ok("rebind.evil.example:8645")
+    with pytest.raises(ValueError, match=r"rpc\.hosts"):
+        AccessPolicy("127.0.0.1", 1, ("bad/name",), ())
+
+
+def test_origins_a_daemon_accepts() -> None:
+    loop = AccessPolicy("127.0.0.1", 8645, ("vcoin.lan",), ("https://ops.example",))
+    host = "127.0.0.1:8645"
+    for ok in ("http://127.0.0.1:8645", "http://localhost:8645", "http://[::1]:8645",
+               "https://ops.example", "HTTPS://OPS.EXAMPLE"):  # fmt: skip
+        assert loop.origin_ok(ok, host), ok
+    for bad in ("https://evil.example", "null", "http://127.0.0.1:9999",
+                "http://localhost", "file://", "http://evil.example:8645"):  # fmt: skip
+        assert not loop.origin_ok(bad, host), bad
+    # The origin a request was sent to (its Host, already allowed) is its own.
+    assert loop.origin_ok("http://vcoin.lan:8645", "vcoin.lan:8645")
+    assert loop.origin_ok("https://vcoin.lan", "vcoin.lan")
+    assert not loop.origin_ok("http://vcoin.lan:8645", "127.0.0.1:8645")
+    anywhere = AccessPolicy("0.0.0.0", 8645, (), ())
+    assert anywhere.origin_ok("http://192.168.1.7:8645", "192.168.1.7:8645")
+    assert not anywhere.origin_ok("http://192.168.1.8:8645", "192.168.1.7:8645")
+
+
+async def test_foreign_origin_and_rebinding_host_are_refused_before_any_method(
+    rpc: Harness,
+) -> None:
+    request = {"jsonrpc": "2.0", "method": "add", "params": [1, 2], "id": 1}
+    port = int(rpc.url.rsplit(":", 1)[1])
+    # Even with the cookie: a page elsewhere (or a rebound name) may not use it.
+    for headers in (
+        {"Origin": "https://evil.example", "Content-Type": "text/plain"},
+        {"Origin": "null"},
+        {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"},
+        {"Host": f"evil.example:{port}"},
+    ):
+        refused = await rpc.http.post(rpc.url + "/rpc", content=json.dumps(request),
+                                      headers=headers)  # fmt: skip
+        assert refused.status_code == 403, headers
+        assert refused.json()["error"]["code"] == FORBIDDEN
+        assert "access-control-allow-origin" not in refused.headers
+    assert rpc.calls == []  # no method ran
+    for own in (f"http://127.0.0.1:{port}", f"http://localhost:{port}"):
+        ok = await rpc.http.post(rpc.url + "/rpc", json=request, headers={"Origin": own})
+        assert (ok.status_code, ok.json()["result"]) == (200, 3)
+        assert "access-control-allow-origin" not in ok.headers  # no CORS by default
+    with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+        async with trio_websocket.open_websocket_url(
+            rpc.ws_url, extra_headers=[*WS_AUTH, (b"Origin", b"https://evil.example")]
+        ):
+            pass
+    assert rejected.value.status_code == 403
+    assert rpc.calls == [("add", "ok"), ("add", "ok")]
+
+
+async def test_a_dashboard_link_opens_one_session_once(nursery: trio.Nursery) -> None:
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse, Response
+
+    async def page(request: Request) -> Response:
+        return PlainTextResponse("the page")
+
+    server = RPCServer(
+        RPCServerConfig(cookie=COOKIE), sample_registry(), ready=lambda: True, metrics=bytes
+    )
+    server.add_page("/page", page)
+    url = await nursery.start(server.run)
+    with pytest.raises(ValueError, match="not a page"):
+        server.login_url("/rpc")
+    link = server.login_url("/page")
+    assert link.startswith(url + "/page?token=")
+    own = {"Origin": url}
+    request = {"jsonrpc": "2.0", "method": "add", "params": [2, 2], "id": 1}
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.get(url + "/page")).status_code == 401
+        opened = await http.get(link)
+        assert (opened.status_code, opened.headers["location"]) == (303, "/page")
+        name, _, rest = opened.headers["set-cookie"].partition("=")
+        session, *attrs = [a.strip() for a in rest.split(";")]
+        assert name == f"vcoin_session_{server.port}"
+        assert {"HttpOnly", "SameSite=Strict", "Path=/"} <= set(attrs)
+        again = await http.get(link)  # spent
+        assert again.status_code == 401 and "already used" in again.json()["error"]["message"]
+        assert "set-cookie" not in again.headers
+        jar = {"Cookie": f"{name}={session}"}
+        assert (await http.get(url + "/page", headers=jar)).text == "the page"
+        assert (
+            await http.get(url + "/page", headers={"Cookie": f"{name}=forged"})
+        ).status_code == 401
+        other_port = {"Cookie": f"vcoin_session_1={session}"}
+        assert (await http.get(url + "/page", headers=other_port)).status_code == 401
+        # The page's own calls: with the Origin that proves they come from it.
+        ok = await http.post(url + "/rpc", json=request, headers={**jar, **own})
+        assert ok.json()["result"] == 4
+        blind = await http.post(url + "/rpc", json=request, headers=jar)
+        assert blind.status_code == 401
+    ws_url = url.replace("http://", "ws://") + "/ws"
+    cookie = [(b"Cookie", f"{name}={session}".encode())]
+    async with trio_websocket.open_websocket_url(
+        ws_url, extra_headers=[*cookie, (b"Origin", url.encode())]
+    ) as ws:
+        assert (await ws_call(ws, request))["result"] == 4
+    with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+        async with trio_websocket.open_websocket_url(ws_url, extra_headers=cookie):
+            pass
+    assert rejected.value.status_code == 401
+
+
+async def test_cors_only_for_configured_origins(nursery: trio.Nursery) -> None:
+    ops = "https://ops.example"
+    server = RPCServer(
+        RPCServerConfig(cookie=COOKIE, origins=(ops,), hosts=("vcoin.lan",)),
+        sample_registry(),
+        ready=lambda: True,
+        metrics=bytes,
+    )
+    url = await nursery.start(server.run)
+    request = {"jsonrpc": "2.0", "method": "add", "params": [1, 1], "id": 1}
+    async with httpx.AsyncClient(timeout=10) as http:
+        preflight = await http.options(url + "/rpc", headers={
+            "Origin": ops, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})  # fmt: skip
+        assert preflight.status_code == 204
+        assert preflight.headers["access-control-allow-origin"] == ops
+        assert "authorization" in preflight.headers["access-control-allow-headers"]
+        assert "access-control-allow-credentials" not in preflight.headers
+        ok = await http.post(url + "/rpc", json=request, headers={**AUTH, "Origin": ops})
+        assert ok.json()["result"] == 2 and ok.headers["access-control-allow-origin"] == ops
+        # A configured origin still needs the cookie.
+        assert (
+            await http.post(url + "/rpc", json=request, headers={"Origin": ops})
+        ).status_code == 401
+        lan = await http.post(url + "/rpc", json=request,
+                              headers={**AUTH, "Host": "vcoin.lan:8645"})  # fmt: skip
+        assert lan.json()["result"] == 2
+
+
+def test_login_tokens_are_spent_once_and_expire() -> None:
+    now = [0.0]
+    sessions = Sessions(clock=lambda: now[0])
+    token = sessions.mint_token()
+    session = sessions.redeem(token)
+    assert session is not None and sessions.valid(session)
+    assert sessions.redeem(token) is None  # spent
+    assert not sessions.valid(token) and not sessions.valid("guess")
+    late = sessions.mint_token()
+    now[0] += TOKEN_TTL_S + 1
+    assert sessions.redeem(late) is None  # expired unused
+    assert sessions.valid(session)
+    now[0] += SESSION_TTL_S
+    assert not sessions.valid(session)
+    tokens = [sessions.mint_token() for _ in range(MAX_TOKENS + 1)]
+    assert sessions.redeem(tokens[0]) is None  # the oldest was forgotten
+    assert sessions.redeem(tokens[-1]) is not None
+
+
+def test_rpc_hosts_and_origins_config(tmp_path: Path) -> None:
+    cfg = load(tmp_path, env={"VCOIN_RPC_HOSTS": "vcoin.lan,ops.lan:8645",
+                              "VCOIN_RPC_ORIGINS": "https://ops.example"}, flags={})  # fmt: skip
+    assert cfg.rpc.hosts == ("vcoin.lan", "ops.lan:8645")
+    assert cfg.rpc.origins == ("https://ops.example",)
+    assert load(tmp_path, env={}, flags={}).rpc.origins == ()  # no CORS by default
+    for key, bad in (("ORIGINS", "ops.example"), ("ORIGINS", "https://ops.example/app"),
+                     ("HOSTS", "http://vcoin.lan")):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"rpc.{key.lower()}"):
+            load(tmp_path, env={f"VCOIN_RPC_{key}": bad}, flags={})

@@ -59,7 +59,7 @@ def test_three_daemons_train_anchor_and_serve_the_adapter(
     wait_until(lambda: all(p["stake"] and p["stake"]["eligible"]
                            for p in n1.rpc.call("vcoin_peers")), 20, "stakes seen")  # fmt: skip
 
-    data = write_dataset(tmp_path / "train.jsonl", 25)  # 3 contiguous shards: 9, 8, 8
+    data = write_dataset(n1.datadir / "train.jsonl", 25)  # 3 contiguous shards: 9, 8, 8
     t = finished(n1, train(n1, data, nodes=3), timeout=300)
     assert t["status"] == "completed", t["error"]
     assert t["type"] == "lora_training"
@@ -136,7 +136,7 @@ def test_killed_training_node_shard_is_reassigned(
     n2 = cluster.start(2, bootstrap=n1, extra=extra)
     n3 = cluster.start(3, bootstrap=n1, extra=extra)
     wait_until(lambda: knows_model(n1, 2), 20, "node 1 sees the model on both peers")
-    data = write_dataset(tmp_path / "train.jsonl", 48)
+    data = write_dataset(n1.datadir / "train.jsonl", 48)
     # 2 nodes of 3 (the third is the spare); 24 examples each, 12 steps an epoch, 3 epochs,
     # a sync after every step: 36 rounds, long enough to kill a node in the middle.
     task_id = train(n1, data, nodes=2, sync_every=1)
@@ -180,7 +180,7 @@ def test_killed_training_node_shard_is_reassigned(
     with pytest.raises(ClientError, match="one of dataset"):
         n4.rpc.call("vcoin_train", {"model": MODEL})
     with pytest.raises(ClientError, match="cannot read dataset"):
-        n4.rpc.call("vcoin_train", {"model": MODEL, "dataset": str(tmp_path / "none.jsonl")})
+        n4.rpc.call("vcoin_train", {"model": MODEL, "dataset": str(n4.datadir / "none.jsonl")})
     with pytest.raises(ClientError, match="r must be a number"):
         n4.rpc.call("vcoin_train", {"model": MODEL, "dataset": str(data), "settings": {"r": 0}})
 
@@ -193,7 +193,7 @@ def test_origin_restarted_mid_training_goes_on_from_its_last_round(
     for i in (2, 3):
         cluster.start(i, bootstrap=n1, extra=serving(models_dir))
     wait_until(lambda: knows_model(n1, 2), 20, "node 1 sees the model on both peers")
-    task_id = train(n1, write_dataset(tmp_path / "train.jsonl", 48), nodes=2, sync_every=1)
+    task_id = train(n1, write_dataset(n1.datadir / "train.jsonl", 48), nodes=2, sync_every=1)
     wait_until(lambda: len(task(n1, task_id)["training"]["history"]) >= 4, 120, "4 rounds")
     n1.proc.send_signal(signal.SIGKILL)
     n1.proc.wait()

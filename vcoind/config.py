@@ -57,6 +57,21 @@ class P2PConfig:
 class RPCConfig:
     addr: str = "127.0.0.1:8645"
     max_body_bytes: int = 1_048_576
+    # Host names the RPC answers to besides loopback names and the bind address ("name"
+    # any port, or "name:port"); any other Host header is refused (DNS rebinding).
+    hosts: tuple[str, ...] = ()
+    # Web origins ("https://ops.example") whose pages may call the RPC (with the cookie);
+    # they get CORS headers. Empty: only the daemon's own pages, no CORS.
+    origins: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for o in self.origins:
+            scheme, sep, rest = o.partition("://")
+            if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+                raise ConfigError("rpc.origins", f"expected scheme://host[:port], got {o!r}")
+        for h in self.hosts:
+            if not h or any(c in h for c in "/@ "):
+                raise ConfigError("rpc.hosts", f"expected a host name or HOST:PORT, got {h!r}")
 
     @property
     def host(self) -> str:

@@ -120,7 +120,8 @@ class Node:
         self.rpc = RPCServer(
             RPCServerConfig(host=cfg.rpc.host, port=cfg.rpc.port,
                             max_body_bytes=cfg.rpc.max_body_bytes,
-                            cookie=datadir.read_cookie()),
+                            cookie=datadir.read_cookie(), hosts=cfg.rpc.hosts,
+                            origins=cfg.rpc.origins),
             self.registry, ready=self.is_ready, metrics=self.render_metrics, title="vcoind",
             version=__version__, on_call=self._rpc_stats.on_call,
         )  # fmt: skip

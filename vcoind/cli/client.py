@@ -45,38 +45,56 @@ class RPCClient:
         self.timeout = timeout
         self._id = 0
 
+    @property
+    def auth(self) -> dict[str, str]:
+        """The header every request to the daemon needs (loopback included)."""
+        return {"Authorization": f"Bearer {self.cookie}"} if self.cookie else {}
+
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         self._id += 1
         body = json.dumps(
             {"jsonrpc": "2.0", "id": self._id, "method": method, "params": params or {}}
         ).encode()
-        req = urllib.request.Request(
-            self.url + "/rpc",
-            data=body,
-            method="POST",
-            headers={"Content-Type": "application/json"},
-        )
-        if self.cookie:
-            req.add_header("Authorization", f"Bearer {self.cookie}")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                reply = json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            raise ClientError(f"{self.url}: HTTP {exc.code} {exc.reason}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise ClientError(f"cannot reach the daemon at {self.url}: {exc}") from None
+        reply = json.loads(self._request("/rpc", body))
         if "error" in reply:
             err = reply["error"]
             raise ClientError(f"{method}: {err.get('message')} (code {err.get('code')})")
         return reply["result"]
 
+    def get(self, path: str) -> bytes:
+        """``GET path`` on the daemon's RPC port (``/metrics``, ``/api/...``), with the cookie."""
+        return self._request(path, None)
+
+    def _request(self, path: str, body: bytes | None) -> bytes:
+        req = urllib.request.Request(
+            self.url + path,
+            data=body,
+            method="GET" if body is None else "POST",
+            headers={"Content-Type": "application/json", **self.auth},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return bytes(resp.read())
+        except urllib.error.HTTPError as exc:
+            raise ClientError(f"{self.url}: HTTP {exc.code} {_refusal(exc)}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise ClientError(f"cannot reach the daemon at {self.url}: {exc}") from None
+
+
+def _refusal(exc: urllib.error.HTTPError) -> str:
+    """The daemon's reason for an HTTP error (a JSON-RPC error body), else the status text."""
+    try:
+        message = json.loads(exc.read(4096))["error"]["message"]
+    except (ValueError, KeyError, TypeError, OSError):
+        return str(exc.reason)
+    return str(message)
+
 
 def _client_from(ns: argparse.Namespace) -> RPCClient:
-    if ns.rpc:
-        cookie = os.environ.get("VCOIN_RPC_COOKIE")
-        return RPCClient(ns.rpc, cookie)
     raw = ns.datadir or os.environ.get("VCOIN_DATADIR") or DEFAULT_DATADIR
     dd = DataDir(Path(raw))
+    if ns.rpc:
+        return RPCClient(ns.rpc, os.environ.get("VCOIN_RPC_COOKIE") or dd.read_cookie())
     info = dd.read_run_file()
     if not info or "rpc_url" not in info:
         raise ClientError(
@@ -94,6 +112,11 @@ CLIENT_COMMANDS: dict[str, tuple[str, str, Callable[[Any], str]]] = {
     ),
     "peers": ("vcoin_peers", "the peer table", fmt_peers),
     "status": ("vcoin_clusterStatus", "cluster status: nodes, load, error rates", fmt_status),
+    "dashboard": (
+        "vcoin_dashboardUrl",
+        "a fresh one-time link that opens the dashboard in a browser",
+        lambda r: str(r["url"]),
+    ),
 }
 
 
@@ -113,7 +136,8 @@ def client_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rpc",
         metavar="URL",
-        help="daemon RPC URL, e.g. http://127.0.0.1:8645 (auth cookie from env VCOIN_RPC_COOKIE)",
+        help="daemon RPC URL, e.g. http://127.0.0.1:8645 (auth cookie from env "
+        "VCOIN_RPC_COOKIE, else DATADIR/rpc.cookie)",
     )
     p.add_argument("--json", action="store_true", help="print raw JSON for scripts")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)

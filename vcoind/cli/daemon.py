@@ -160,7 +160,7 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
         "--rpc-addr",
         metavar="HOST:PORT",
         help="JSON-RPC/HTTP bind address (default 127.0.0.1:8645; port 0 = any; "
-        "a non-loopback host requires the auth cookie)",
+        "every request needs the auth cookie, DATADIR/rpc.cookie)",
     )
 
 

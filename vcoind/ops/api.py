@@ -10,30 +10,38 @@ from vcoind.ops.sla import SLATerms
 from vcoind.rpc import INVALID_PARAMS, NOT_FOUND, MethodRegistry, Param, RPCError
 from vcoind.rpc import RPCMethod as M
 from vcoind.rpc.errors import INVALID_REQUEST
+from vcoind.rpc.sessions import TOKEN_TTL_S
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from vcoind.ops.alerts import AlertEngine
+    from vcoind.rpc import RPCServer
     from vcoind.store import SLAStore
 
 
 DASHBOARD = Path(__file__).resolve().parent / "dashboard"
+# The page runs only its own scripts and is never framed by another site.
+_PAGE_HEADERS = {"content-security-policy": "default-src 'self'; img-src 'self' data:; "
+                 "frame-ancestors 'none'", "x-frame-options": "DENY",
+                 "referrer-policy": "no-referrer"}  # fmt: skip
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
           ".css": "text/css; charset=utf-8"}  # fmt: skip
 
 
-def add_dashboard_routes(server: Any) -> None:
-    """``GET /``: the dashboard; ``GET /dashboard/<file>``: its assets (no CDN)."""
+def add_dashboard_routes(server: RPCServer) -> None:
+    """``GET /dashboard``: the dashboard (a page: it opens from the one-time link
+    ``vcoin_dashboardUrl`` mints); ``GET /dashboard/<file>``: its assets (no CDN);
+    ``GET /``: a redirect to it."""
     from starlette.requests import Request
-    from starlette.responses import Response
+    from starlette.responses import RedirectResponse, Response
 
     def serve(name: str) -> Response:
         path = DASHBOARD / name
         if path.parent != DASHBOARD or path.suffix not in _TYPES or not path.is_file():
             return Response("not found", status_code=404)
         return Response(path.read_bytes(), media_type=_TYPES[path.suffix],
-                        headers={"cache-control": "no-cache"})  # fmt: skip
+                        headers={"cache-control": "no-cache", **_PAGE_HEADERS})  # fmt: skip
 
     async def index(request: Request) -> Response:
         return serve("index.html")
@@ -41,8 +49,21 @@ def add_dashboard_routes(server: Any) -> None:
     async def asset(request: Request) -> Response:
         return serve(request.path_params["name"])
 
-    server.add_route("/", index, ["GET"])
+    async def root(request: Request) -> Response:
+        return RedirectResponse("/dashboard", status_code=303)
+
+    async def dashboard_url(params: dict[str, Any]) -> dict[str, Any]:
+        return {"url": server.login_url("/dashboard"), "expires_in_s": TOKEN_TTL_S}
+
+    server.add_page("/dashboard", index)
+    server.add_route("/", root, ["GET"])
     server.add_route("/dashboard/{name}", asset, ["GET"])
+    server.add_method(M(
+        "vcoin_dashboardUrl",
+        "A fresh one-time link to the dashboard: opening it sets an HttpOnly, SameSite=Strict "
+        "session cookie for this browser, and the link is spent.",
+        (), {"type": "object"}, dashboard_url,
+    ))  # fmt: skip
 
 
 def register_ops_api(

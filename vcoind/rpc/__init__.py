@@ -2,6 +2,7 @@
 
 from vcoind.rpc.errors import (
     CHAIN_ERROR,
+    FORBIDDEN,
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -19,6 +20,7 @@ from vcoind.rpc.server import RPCServer, RPCServerConfig
 
 __all__ = [
     "CHAIN_ERROR",
+    "FORBIDDEN",
     "INTERNAL_ERROR",
     "INVALID_PARAMS",
     "INVALID_REQUEST",

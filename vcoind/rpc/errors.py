@@ -13,6 +13,7 @@ INTERNAL_ERROR = -32603
 
 # Application range (-32000 .. -32099).
 UNAUTHORIZED = -32001
+FORBIDDEN = -32003  # a foreign Origin or an unknown Host (the HTTP status is 403)
 NOT_FOUND = -32004
 LIMIT_EXCEEDED = -32005
 CHAIN_ERROR = -32010  # no chain, chain unreachable, or the contract refused

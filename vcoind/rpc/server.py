@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import json
 import logging
 import secrets
@@ -20,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from vcoind.rpc.dispatch import Dispatcher, OnCall, encode_error
@@ -32,6 +30,7 @@ from vcoind.rpc.errors import (
     RPCConfigError,
     RPCError,
 )
+from vcoind.rpc.guard import WILDCARD_BINDS, AccessGuard, AccessPolicy
 from vcoind.rpc.methods import (
     DISCOVER,
     MethodRegistry,
@@ -40,6 +39,7 @@ from vcoind.rpc.methods import (
     bind_params,
     discover_method,
 )
+from vcoind.rpc.sessions import Sessions
 
 if TYPE_CHECKING:
     # libp2p depends on trio-typing, whose stale trio-stubs shadow trio's own
@@ -71,15 +71,10 @@ class RPCServerConfig:
     max_body_bytes: int = 1_048_576
     max_batch: int = 100
     cookie: str | None = field(default=None, repr=False)
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+    # Host names served besides loopback and the bound address ("name" or "name:port").
+    hosts: tuple[str, ...] = ()
+    # Web origins allowed to call from a browser, with CORS headers (none by default).
+    origins: tuple[str, ...] = ()
 
 
 class _BodyTooLarge(Exception):
@@ -107,46 +102,11 @@ class _WSClient:
             await self.send(text)
 
 
-class _CookieAuth:
-    """ASGI middleware: every path except /health needs the RPC cookie."""
-
-    def __init__(self, app: ASGIApp, cookie: str) -> None:
-        self._app = app
-        self._cookie = cookie.encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] == "/health":
-            await self._app(scope, receive, send)
-            return
-        if self._authorized(scope):
-            await self._app(scope, receive, send)
-            return
-        denial = JSONResponse(
-            {"error": "unauthorized: send the RPC cookie as 'Authorization: Bearer <cookie>'"},
-            status_code=401,
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-        if scope["type"] == "http" or "websocket.http.response" in scope.get("extensions", {}):
-            await denial(scope, receive, send)
-        else:
-            await send({"type": "websocket.close", "code": 1008})
-
-    def _authorized(self, scope: Scope) -> bool:
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                presented = token.strip() if scheme.lower() == b"bearer" else b""
-            elif name == b"x-vcoin-cookie":
-                presented = value.strip()
-            else:
-                continue
-            if hmac.compare_digest(presented, self._cookie):
-                return True
-        return False
-
-
 class RPCServer:
-    """Serves the registry over HTTP POST and WebSocket, plus /health /ready /metrics."""
+    """Serves the registry over HTTP POST and WebSocket, plus /health /ready /metrics.
+
+    Every request passes `AccessGuard` first: Host, Origin, then the cookie or a session.
+    """
 
     def __init__(
         self,
@@ -159,16 +119,23 @@ class RPCServer:
         version: str = "0.0.0",
         on_call: OnCall | None = None,
     ) -> None:
-        if not is_loopback(config.host) and not config.cookie:
+        if not config.cookie:
             raise RPCConfigError(
-                f"RPC bind address {config.host!r} is not loopback: an auth cookie is required"
+                "the RPC needs an auth cookie, loopback included (DATADIR/rpc.cookie, "
+                "written by `vcoind init`)"
             )
+        try:
+            self._policy = AccessPolicy(config.host, config.port, config.hosts, config.origins)
+        except ValueError as exc:
+            raise RPCConfigError(str(exc)) from None
+        self._cookie = config.cookie
+        self._sessions = Sessions()
+        self._pages: set[str] = set()
         self._config = config
         self._registry = registry
         self._ready = ready
         self._metrics = metrics
         self._dispatcher = Dispatcher(registry, max_batch=config.max_batch, on_call=on_call)
-        self._require_cookie = not is_loopback(config.host)
         self._extra_routes: list[BaseRoute] = []
         self._channels: dict[str, dict[str, _WSClient]] = {}  # channel -> sub id -> client
         self._bound_url: str | None = None
@@ -207,6 +174,26 @@ class RPCServer:
             raise RuntimeError("routes must be added before the RPC server runs")
         self._extra_routes.append(Route(path, endpoint, methods=methods))
 
+    def add_page(self, path: str, endpoint: Endpoint) -> None:
+        """Serve ``GET path`` as a browser page: besides the cookie, a session opened by
+        ``GET path?token=...`` with a token from `login_url` reaches it (and every call
+        the page makes from the same origin)."""
+        self.add_route(path, endpoint, ["GET"])
+        self._pages.add(path)
+
+    def login_url(self, path: str) -> str:
+        """A fresh one-time URL that opens the page ``path`` in a browser session."""
+        if path not in self._pages:
+            raise ValueError(f"{path!r} is not a page (add_page)")
+        base = self.url
+        if self._config.host.lower() in WILDCARD_BINDS:  # reach it through loopback
+            base = f"http://127.0.0.1:{self.port}"
+        return f"{base}{path}?token={self._sessions.mint_token()}"
+
+    def add_method(self, method: RPCMethod) -> None:
+        """Register an RPC method that belongs to the server's own HTTP features."""
+        self._registry.add(method)
+
     def add_get_alias(self, path: str, method: str, *, query: bool = False) -> None:
         """Serve ``GET path`` as a thin REST alias of RPC ``method`` called with its defaults
         (with ``query``: the query string's parameters, as strings, override them).
@@ -241,6 +228,7 @@ class RPCServer:
                         partial(self._serve, serve_scope, self._stopping.wait)
                     )
                     self._bound_url = binds[0]
+                    self._policy.port = self.port
                     logger.info("RPC listening on %s", self._bound_url)
                     task_status.started(self._bound_url)
                     await trio.sleep_forever()
@@ -311,10 +299,9 @@ class RPCServer:
             WebSocketRoute("/", self._websocket),
             *self._extra_routes,
         ]
-        app: ASGIApp = Starlette(routes=routes)
-        if self._require_cookie and self._config.cookie:
-            app = _CookieAuth(app, self._config.cookie)
-        return app
+        return AccessGuard(
+            Starlette(routes=routes), self._policy, self._cookie, self._sessions, self._pages
+        )
 
     async def _http_rpc(self, request: Request) -> Response:
         try:

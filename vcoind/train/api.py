@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from vcoind.datadir import DataDir
 from vcoind.market.messages import MODEL_RE
 from vcoind.market.origin import TaskError
 from vcoind.rpc import INVALID_PARAMS, NOT_FOUND, MethodRegistry, Param, RPCError
@@ -33,6 +34,29 @@ OBJ: dict[str, Any] = {"type": "object"}
 MAX_NODES = 64
 
 
+def dataset_path(raw: str, datadir: Path) -> Path:
+    """The dataset ``raw`` names (relative: to the data directory), if it lies under the
+    node's data directory once symlinks and ``..`` are resolved, a directory's files
+    included; never the node's keys or cookie. Otherwise INVALID_PARAMS naming the rule:
+    a caller of the RPC must not make the daemon read files elsewhere on its machine."""
+    root = datadir.expanduser().resolve()
+    dd = DataDir(root)
+    secret = {dd.p2p_key, dd.eth_key, dd.cookie_file}
+    refusal = RPCError(INVALID_PARAMS, f"dataset: {raw!r} is not under the node's data "
+                       f"directory {root}: vcoin_train reads dataset files only there (never "
+                       "its keys or cookie; copy the file there) or takes the examples inline "
+                       "(examples)")  # fmt: skip
+    try:
+        path = (root / Path(raw).expanduser()).resolve()
+        for p in [path, *(path.rglob("*") if path.is_dir() else ())]:
+            real = p.resolve()
+            if not real.is_relative_to(root) or real in secret:
+                raise refusal
+    except (OSError, RuntimeError):  # a symlink loop, an unreadable directory
+        raise refusal from None
+    return path
+
+
 def register_train_api(
     reg: MethodRegistry, service: TrainService, origin: TaskOrigin, view: NetworkView
 ) -> None:
@@ -47,7 +71,9 @@ def register_train_api(
         try:
             settings = LoraSettings.from_dict(params["settings"] or {})
             if params["dataset"] is not None:
-                path = Path(params["dataset"]).expanduser()
+                # DATADIR/train holds the canonical copies; its parent is the data directory.
+                root = service.datasets_dir.parent
+                path = await trio.to_thread.run_sync(dataset_path, params["dataset"], root)
                 examples = await trio.to_thread.run_sync(load_examples, path)
                 name = path.name
             else:
@@ -129,7 +155,8 @@ def register_train_api(
                   description="base model name or id, served by the training nodes"),
             Param("dataset", {"type": "string", "minLength": 1, "maxLength": 4096},
                   default=None, description="JSONL file (text, or prompt/completion) or a "
-                  "`datasets` directory, on the daemon's machine"),
+                  "`datasets` directory under the daemon's data directory (a relative path: "
+                  "relative to it); anything elsewhere is refused"),
             Param("examples", {"type": "array", "maxItems": 100_000},
                   default=None, description="the examples inline, instead of dataset"),
             Param("nodes", {"type": "integer", "minimum": 1, "maximum": MAX_NODES},

@@ -2,16 +2,18 @@
 // All text from the network goes through textContent (never innerHTML).
 "use strict";
 
-const token = new URLSearchParams(location.hash.slice(1)).get("token");
 let rpcId = 0;
 
+// Authorised by the session cookie that the one-time link (`vcoin dashboard`) set: the
+// browser sends it with these same-origin calls and the WebSocket, scripts cannot read it.
+class SessionEnded extends Error {}
+
 async function rpc(method, params = {}) {
-  const headers = { "content-type": "application/json" };
-  if (token) headers.authorization = "Bearer " + token;
   const res = await fetch("/rpc", {
-    method: "POST", headers,
+    method: "POST", headers: { "content-type": "application/json" },
     body: JSON.stringify({ jsonrpc: "2.0", id: ++rpcId, method, params }),
   });
+  if (res.status === 401) throw new SessionEnded();
   const body = await res.json();
   if (body.error) throw new Error(body.error.message);
   return body.result;
@@ -20,7 +22,9 @@ async function rpc(method, params = {}) {
 function el(tag, attrs = {}, ...children) {
   const e = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") e.className = v; else e.setAttribute(k, v);
+    if (k === "class") e.className = v;
+    else if (k === "style") e.style.cssText = v; // CSSOM: allowed by the page's CSP
+    else e.setAttribute(k, v);
   }
   for (const c of children) e.append(c instanceof Node ? c : document.createTextNode(String(c)));
   return e;
@@ -263,7 +267,17 @@ async function refreshAlerts() {
 }
 
 // --- live updates -----------------------------------------------------------------------
+let ended = false;
+
+function sessionEnded() {
+  ended = true;
+  const badge = document.getElementById("live");
+  badge.textContent = "session ended: run `vcoin dashboard` for a new link";
+  badge.className = "badge warning";
+}
+
 function connect() {
+  if (ended) return;
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
   const ws = new WebSocket(`${proto}//${location.host}/ws`);
   const badge = document.getElementById("live");
@@ -288,6 +302,7 @@ function connect() {
     }
   };
   ws.onclose = () => {
+    if (ended) return;
     badge.textContent = "reconnecting";
     badge.className = "badge warning";
     setTimeout(connect, 2000);
@@ -298,14 +313,15 @@ async function tick(fn) {
   try {
     await fn();
   } catch (e) {
-    document.getElementById("live").textContent = "degraded: " + e.message;
+    if (e instanceof SessionEnded) sessionEnded();
+    else if (!ended) document.getElementById("live").textContent = "degraded: " + e.message;
   }
 }
 
 async function loop() {
   await Promise.all([refreshNode, refreshPeers, refreshTasks, refreshConsensus, refreshChain,
     refreshOracle, refreshSLAs, refreshAlerts].map(tick));
-  setTimeout(loop, 2000);
+  if (!ended) setTimeout(loop, 2000);
 }
 
 connect();
