@@ -60,7 +60,7 @@ STRIKE_WINDOW_S = 600.0
 # relay only forwards what it accepted, so it overruns our budget only by timing jitter).
 PENALTY_SENDER = 1.0
 PENALTY_RELAY = 0.1
-PENALTY_INVALID = 10.0
+PENALTY_INVALID = 5.0
 # Which budget a record kind spends; kinds not listed spend the "votes" budget.
 KIND_BUDGETS = {"heartbeat": "heartbeats", "task_announce": "announces", "bid": "bids"}
 

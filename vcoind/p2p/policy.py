@@ -184,7 +184,8 @@ def to_trim(
         if len(pids) > per_ip:
             victims = sorted((p for p in pids if not protected(p)), key=lambda p: (score(p), p))
             drop += victims[: len(pids) - per_ip]
-    remaining = [pid for pid, _ip in peers if pid not in set(drop)]
+    dropped = set(drop)
+    remaining = [pid for pid, _ip in peers if pid not in dropped]
     if len(remaining) > high:
         victims = sorted((p for p in remaining if not protected(p)), key=lambda p: (score(p), p))
         drop += victims[: len(remaining) - low]
