@@ -117,7 +117,7 @@ async def test_fresh_identity_heartbeat_flood_is_capped(
     n1 = await in_thread(cluster.start, 1)
     n2 = await in_thread(lambda: cluster.start(2, bootstrap=n1))
     await in_thread(wait_until, lambda: n2.info["peer_id"] in peers_of(n1), 20, "mesh")
-    sybils = [Identity.fresh() for _ in range(300)]
+    sybils = [Identity.fresh() for _ in range(200)]
     largest = 0
     async with hostile() as h:
         await h.join(n1.p2p_addr, "heartbeat")
@@ -132,7 +132,7 @@ async def test_fresh_identity_heartbeat_flood_is_capped(
                 n1, "heartbeat", "graylisted"
             )
 
-        await in_thread(wait_until, lambda: refused() >= 200, 20, "most sybils ignored")
+        await in_thread(wait_until, lambda: refused() >= 120, 30, "most sybils ignored")
         largest = max(largest, len(await in_thread(peers_of, n1)))
     assert largest <= 20, f"peer table grew to {largest} past its cap of 20"
     assert ignored(n1, "heartbeat", "new_identities") >= 1
@@ -226,7 +226,7 @@ async def test_flooding_peer_is_graylisted(cluster: Cluster) -> None:
         await h.join(n1.p2p_addr, "heartbeat", "tasks")
         await h.publish("heartbeat", h.heartbeat())
         await in_thread(wait_until, lambda: h.peer_id in peers_of(n1), 10, "hostile admitted")
-        for _ in range(400):  # far past its heartbeat budget
+        for _ in range(200):  # far past its heartbeat budget (a burst of 50, then 10/s)
             await room(h, n1)
             await h.publish("heartbeat", h.heartbeat())
         await in_thread(
