@@ -21,6 +21,19 @@ from vcoind.presence.peers import PeerTable
 from vcoind.store import Store
 
 
+class FakePubsub:
+    def set_gate(self, gate: object) -> None:
+        pass
+
+
+class FakeP2P:  # Gossip only needs our peer id and the scoring hooks until it runs
+    peer_id = ID(b"\x00\x01")
+    pubsub = FakePubsub()
+
+    def configure_scoring(self, threshold: float, app_score: object) -> None:
+        pass
+
+
 def test_adaptive_interval_bounds_presence_traffic() -> None:
     assert adaptive_interval(5.0, 0) == 5.0
     assert adaptive_interval(5.0, 200) == 5.0
@@ -142,9 +155,6 @@ async def test_late_older_heartbeat_does_not_roll_back(store: Store) -> None:
 
 
 def test_idle_replay_windows_are_pruned_only_once_stale() -> None:
-    class FakeP2P:  # Gossip only needs our peer id until it runs
-        peer_id = ID(b"\x00\x01")
-
     g = Gossip(FakeP2P(), "devnet", NodeMetrics(), max_age_s=30.0, max_invalid=5)  # type: ignore[arg-type]
     for sender, updated in (("a", 1000.0), ("b", 1025.0)):
         window = g._replay[("heartbeat", sender)] = ReplayWindow()

@@ -51,6 +51,48 @@ class P2PConfig:
     discover: bool = True
     # Invalid gossip messages a forwarder may send before it is blacklisted.
     max_invalid_messages: int = 50
+    # Per-peer gossip budgets: token buckets, a rate per second and a burst, per message
+    # sender (heartbeats, task announces, bids, everything else on the votes topic) plus
+    # bytes per sender. Over budget the message is ignored (not forwarded) and counted,
+    # and the forwarder's gossip score drops.
+    budget_heartbeats: tuple[float, ...] = (10.0, 50.0)
+    budget_announces: tuple[float, ...] = (5.0, 100.0)
+    budget_bids: tuple[float, ...] = (20.0, 400.0)
+    budget_votes: tuple[float, ...] = (50.0, 1000.0)
+    budget_bytes: tuple[float, ...] = (4194304.0, 67108864.0)
+    # Heartbeats of identities not in the peer table, per forwarder.
+    budget_new_identities: tuple[float, ...] = (2.0, 50.0)
+    # The peer table (and so the chain's stake-watch list) holds at most this many peers;
+    # a newcomer evicts the least recently seen peer without stake.
+    max_peers: int = 2000
+    # A peer whose gossip score falls below this is ignored for graylist_s; graylisted
+    # three times within ten minutes it is disconnected and blacklisted.
+    graylist_threshold: float = -50.0
+    graylist_s: float = 30.0
+    # Dial private addresses (RFC 1918, loopback, link-local, CGNAT...) learned from
+    # peers: "auto" = only when none of our announce (else listen) addresses is public.
+    allow_private_dials: str = "auto"
+    allow_dns_dials: bool = False
+    # Connection manager: above conn_high connections the lowest-scored unprotected
+    # peers are dropped down to conn_low; learned peers are dialled only below conn_low.
+    conn_low: int = 64
+    conn_high: int = 96
+    max_conns_per_ip: int = 8
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.name.startswith("budget_"):
+                v = getattr(self, f.name)
+                if len(v) != 2 or not (v[0] > 0 and v[1] >= 1):
+                    raise ConfigError(f"p2p.{f.name}", f"must be [rate > 0, burst >= 1], got {v}")
+        if self.allow_private_dials not in ("auto", "on", "off"):
+            raise ConfigError("p2p.allow_private_dials", "must be auto, on or off")
+        if not 1 <= self.conn_low <= self.conn_high or self.max_conns_per_ip < 1:
+            raise ConfigError(
+                "p2p.conn_low", "needs 1 <= conn_low <= conn_high and max_conns_per_ip >= 1"
+            )
+        if self.max_peers < 1:
+            raise ConfigError("p2p.max_peers", "must be at least 1")
 
 
 @dataclass(frozen=True)

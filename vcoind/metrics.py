@@ -117,6 +117,28 @@ class NodeMetrics:
             "own (an assignment it did not bid on, from a peer other than the task's origin)",
             ["kind", "reason"], registry=r,
         )  # fmt: skip
+        self.gossip_ignored = Counter(
+            "vcoin_gossip_ignored_total",
+            "Valid gossip messages ignored (not forwarded), by kind and reason (budget, bytes, "
+            "new_identities, graylisted, peer_table_full)",
+            ["kind", "reason"], registry=r,
+        )  # fmt: skip
+        self.peers_graylisted = Counter(
+            "vcoin_peers_graylisted_total", "Peers graylisted for a low gossip score", registry=r
+        )
+        self.peers_evicted = Counter(
+            "vcoin_peers_evicted_total", "Peers evicted from a full peer table", registry=r
+        )
+        self.dials_refused = Counter(
+            "vcoin_dials_refused_total",
+            "Learned peer addresses not dialled, by reason (private, bogus, transport, dns)",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.connections_trimmed = Counter(
+            "vcoin_connections_trimmed_total",
+            "Connections closed by the connection manager, by reason (per_ip, watermark)",
+            ["reason"], registry=r,
+        )  # fmt: skip
 
     def rpc_call(self, method: str, outcome: str) -> None:
         self.rpc_calls.labels(method=method, outcome=outcome).inc()

@@ -111,10 +111,11 @@ class Node:
         p2p_cfg = cfg.p2p
         self.gossip = gossip = Gossip(self.p2p, cfg.network, metrics,
                                       max_age_s=p2p_cfg.peer_timeout,
-                                      max_invalid=p2p_cfg.max_invalid_messages)  # fmt: skip
+                                      max_invalid=p2p_cfg.max_invalid_messages,
+                                      cfg=p2p_cfg)  # fmt: skip
         self.streams = streams = StreamService(self.p2p, metrics)
         self.keeper = PeerKeeper(self.p2p, metrics, bootstrap=p2p_cfg.bootstrap,
-                                 discover=p2p_cfg.discover)  # fmt: skip
+                                 discover=p2p_cfg.discover, cfg=p2p_cfg)  # fmt: skip
         self.registry = MethodRegistry()
         self._rpc_stats = RPCStats(metrics)
         self.rpc = RPCServer(

@@ -64,6 +64,8 @@ __all__ = [
 
 T = TypeVar("T")
 DEPOSIT_MAX_AGE_S = 10.0
+# Addresses whose stake is kept fresh (peers seen; the least recently seen forgotten).
+MAX_WATCHED = 4096
 PAYMENTS_SHARED = "paid"
 PAYMENTS_EMBEDDED = "unpaid (embedded chain: private to this node)"
 
@@ -90,7 +92,7 @@ class ChainService:
         )
         self.address = self.link.address
         self._watch_wake = trio.Event()
-        self._watch: set[str] = {self.address}
+        self._watch: dict[str, None] = {self.address: None}  # least recently seen first
         self.stakes: dict[str, StakeInfo] = {}
         self.deposits: dict[str, DepositInfo] = {}
         self._deposit_reads: dict[str, trio.Event] = {}
@@ -209,9 +211,17 @@ class ChainService:
 
     def watch(self, address: str) -> None:
         """Keep ``address``'s stake fresh (a peer we saw)."""
-        if address and address not in self._watch:
-            self._watch.add(address)
+        if not address:
+            return
+        fresh = address not in self._watch
+        self._watch.pop(address, None)
+        self._watch[address] = None
+        if fresh:
             self._watch_wake.set()
+            while len(self._watch) > MAX_WATCHED:  # fresh identities: forget the stalest
+                old = next(a for a in self._watch if a != self.address)
+                del self._watch[old]
+                self.stakes.pop(old.lower(), None)
 
     def stake_of(self, address: str) -> StakeInfo | None:
         return self.stakes.get(address.lower())

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import multiaddr
 from libp2p import new_host
@@ -16,6 +18,7 @@ from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.score import ScoreParams
 from libp2p.pubsub.validators import signature_validator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -32,7 +35,33 @@ GOSSIP_HEARTBEAT_S = 1  # py-libp2p defaults to 120 s, far too slow to repair a 
 MAX_PUBSUB_RPC_BYTES = 1 << 20
 MAX_MESSAGES_PER_TOPIC_PER_S = 1000.0
 
+# Peer scoring (GossipSub v1.1, py-libp2p's PeerScorer): our gossip layer charges a
+# behaviour penalty (P5) for invalid and over-budget messages, decaying to half in about
+# 10 s (one decay step per router heartbeat); our reputation of the peer is the
+# application-specific score (P6). Mesh delivery scores (P1-P4) stay off: py-libp2p
+# counts every validator refusal as invalid, stale relays included.
+PENALTY_DECAY = 0.5 ** (GOSSIP_HEARTBEAT_S / 10.0)
+
 BadSignatureHook = Callable[[ID, rpc_pb2.Message], None]
+Gate = Callable[[ID, rpc_pb2.Message], bool]
+
+
+def score_params(graylist_threshold: float, app_score: Callable[[ID], float] | None) -> ScoreParams:
+    return ScoreParams(
+        p5_behavior_penalty_weight=1.0,
+        p5_behavior_penalty_decay=PENALTY_DECAY,
+        p5_behavior_penalty_threshold=0.0,
+        p6_appl_slack_weight=1.0,
+        p6_appl_slack_decay=1.0,
+        # Graylisted peers are not grafted, gossiped to, or published to.
+        publish_threshold=graylist_threshold,
+        gossip_threshold=graylist_threshold,
+        graylist_threshold=graylist_threshold,
+        # Never accept peer exchange: a PRUNE's peer list would make us dial whatever
+        # addresses a peer names, bypassing the keeper's dial policy.
+        accept_px_threshold=math.inf,
+        app_specific_score_fn=app_score,
+    )
 
 
 class VerifyingPubsub(Pubsub):
@@ -47,15 +76,20 @@ class VerifyingPubsub(Pubsub):
             host, router, strict_signing=True, max_inbound_rpc_size=MAX_PUBSUB_RPC_BYTES
         )
         self._on_bad_signature = on_bad_signature
+        self._gate: Gate = lambda forwarder, msg: True
+
+    def set_gate(self, gate: Gate) -> None:
+        """``gate(forwarder, msg)`` False: drop a peer's message before anything else
+        (a graylisted peer); called for other peers' messages not seen before."""
+        self._gate = gate
 
     async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
-        if (
-            msg_forwarder != self.my_id
-            and not self._is_msg_seen(msg)
-            and not signature_validator(msg)
-        ):
-            self._on_bad_signature(msg_forwarder, msg)
-            return
+        if msg_forwarder != self.my_id and not self._is_msg_seen(msg):
+            if not self._gate(msg_forwarder, msg):
+                return
+            if not signature_validator(msg):
+                self._on_bad_signature(msg_forwarder, msg)
+                return
         await super().push_msg(msg_forwarder, msg)
 
 
@@ -75,6 +109,34 @@ class P2PHost:
     def connected_peers(self) -> set[ID]:
         return set(self.host.get_connected_peers())
 
+    def configure_scoring(
+        self, graylist_threshold: float, app_score: Callable[[ID], float] | None
+    ) -> None:
+        if self.router.scorer is not None:
+            self.router.scorer.params = score_params(graylist_threshold, app_score)
+
+    def score(self, peer: ID) -> float:
+        """The peer's GossipSub score (behaviour penalty, application score)."""
+        scorer = self.router.scorer
+        return scorer.score(peer, []) if scorer is not None else 0.0
+
+    def penalise(self, peer: ID, amount: float) -> None:
+        if self.router.scorer is not None:
+            self.router.scorer.penalize_behavior(peer, amount)
+
+    def remote_ip(self, peer: ID) -> str | None:
+        """The IP of our (first) connection to ``peer``; None if unknown."""
+        try:
+            conns = self.host.get_network().get_connections(peer)
+            for conn in conns:
+                for ma in conn.get_transport_addresses():
+                    for proto in ("ip4", "ip6"):
+                        with contextlib.suppress(Exception):
+                            return str(ma.value_for_protocol(proto))
+        except Exception:  # py-libp2p's connection objects differ by transport
+            return None
+        return None
+
 
 def build_host(key_pair: KeyPair, on_bad_signature: BadSignatureHook) -> P2PHost:
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
@@ -88,9 +150,20 @@ def build_host(key_pair: KeyPair, on_bad_signature: BadSignatureHook) -> P2PHost
         # py-libp2p drops anything past 10 messages/s per peer and topic -- our own
         # publications included -- which silently loses a burst of task announcements.
         max_messages_per_topic_per_second=MAX_MESSAGES_PER_TOPIC_PER_S,
+        score_params=score_params(-math.inf, None),
     )
     pubsub = VerifyingPubsub(host, router, on_bad_signature)
+    # py-libp2p's auto-connector dials whatever the peerstore holds (identify fills it with
+    # the addresses peers claim) to keep 50+ connections: that would bypass the keeper's
+    # dial policy. Only the keeper dials.
+    swarm = cast(Any, host.get_network())
+    if getattr(swarm, "auto_connector", None) is not None:
+        swarm.auto_connector.maybe_connect = _no_auto_dial
     return P2PHost(host=host, pubsub=pubsub, router=router)
+
+
+async def _no_auto_dial() -> None:
+    return None
 
 
 def check_listen_free(listen: Sequence[str]) -> None:

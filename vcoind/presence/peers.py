@@ -6,6 +6,10 @@ peer announces), so a peer that stretched its interval in a big network is
 not dropped early. It rejoins on its next heartbeat. The observer-side health
 score uses the peer's own CPU/memory figures, the publish-to-receive latency we
 measure, and the share of its messages we rejected.
+
+The table holds at most ``max_peers``: a newcomer evicts the least recently seen peer
+whose address has no stake; when every peer is staked, an unstaked newcomer is refused
+(without a stake rule every peer counts as staked: the least recent goes).
 """
 
 from __future__ import annotations
@@ -62,7 +66,11 @@ class PeerTable:
         peer_timeout: float,
         base_interval: float,
         error_rate: Callable[[str], float],
+        max_peers: int = 2000,
+        staked: Callable[[str], bool] = lambda address: True,
     ) -> None:
+        self._max_peers = max_peers
+        self._staked = staked
         self._store = store
         self._metrics = metrics
         self._timeout = peer_timeout
@@ -83,6 +91,27 @@ class PeerTable:
     def get(self, peer_id: str) -> PeerState | None:
         return self._peers.get(peer_id)
 
+    def known(self, peer_id: str) -> bool:
+        return peer_id in self._peers
+
+    def _victim(self, newcomer: Heartbeat) -> str | None:
+        """Whom a newcomer replaces in a full table (None: the newcomer is refused)."""
+        unstaked = [st for st in self._peers.values()
+                    if not self._staked(st.heartbeat.eth_address)]  # fmt: skip
+        if unstaked:
+            return min(unstaked, key=lambda st: st.last_seen).peer_id
+        if not self._staked(newcomer.eth_address):
+            return None
+        return min(self._peers.values(), key=lambda st: st.last_seen).peer_id
+
+    async def _remove(self, peer_id: str, why: str) -> None:
+        st = self._peers.pop(peer_id)
+        log.info("peer left %s (%s)", peer_id, why)
+        self._notify()
+        await self._store.mark_offline(peer_id)
+        for presence in self.on_presence:
+            await presence(peer_id, False, st.last_seen)
+
     def peers(self) -> list[PeerState]:
         return sorted(self._peers.values(), key=lambda p: p.peer_id)
 
@@ -102,6 +131,14 @@ class PeerTable:
         prev = self._peers.get(hb.peer_id)
         if prev is not None and hb.seq <= prev.heartbeat.seq:
             return  # an older beat that arrived late (gossip reorders): keep the newer state
+        if prev is None and len(self._peers) >= self._max_peers:
+            victim = self._victim(hb)
+            if victim is None:
+                self._metrics.gossip_ignored.labels(kind="heartbeat",
+                                                    reason="peer_table_full").inc()  # fmt: skip
+                return
+            self._metrics.peers_evicted.inc()
+            await self._remove(victim, f"evicted for {hb.peer_id}: table full")
         ewma = prev.latency_s if prev is not None else 0.0
         if prev is not None and now - prev.first_seen >= LATENCY_WARMUP_S:
             latency = max(0.0, now - hb.timestamp)
@@ -147,15 +184,9 @@ class PeerTable:
                 await self.flush()
                 now = trio.current_time()
                 for peer_id, st in list(self._peers.items()):
-                    if st.expires_at <= now:
-                        del self._peers[peer_id]
-                        log.info(
-                            "peer left %s (silent for %.1f s)", peer_id, time.time() - st.last_seen
-                        )
-                        self._notify()
-                        await self._store.mark_offline(peer_id)
-                        for presence in self.on_presence:
-                            await presence(peer_id, False, st.last_seen)
+                    if st.expires_at <= now and peer_id in self._peers:
+                        silent = time.time() - st.last_seen
+                        await self._remove(peer_id, f"silent for {silent:.1f} s")
         finally:
             with trio.CancelScope(shield=True):  # keep what we heard before shutdown
                 await self.flush()

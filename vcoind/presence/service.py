@@ -9,6 +9,7 @@ trained) go through :meth:`PresenceService.announce` and are gossiped at once.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ import trio
 
 from vcoind.compute.telemetry import HostSample, Telemetry
 from vcoind.consensus.health import health_score
+from vcoind.consensus.reputation import DEFAULT_REPUTATION, reputation_factor
 from vcoind.metrics import NodeMetrics
 from vcoind.p2p.gossip import Gossip
 from vcoind.presence.heartbeat import BindingCheck, HeartbeatService
@@ -24,12 +26,19 @@ from vcoind.presence.peers import PeerTable
 from vcoind.presence.view import NetworkView
 from vcoind.signer import Signer
 from vcoind.store import Store
+from vcoind.store.consensus import ConsensusStore
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
     from vcoind.config import P2PConfig
     from vcoind.service import Mounts
+
+log = logging.getLogger("vcoind.presence")
+# Reputation -> gossip application score: 0 for a new peer (reputation 100), -10 at
+# reputation 0, +8.2 at the cap; re-read from the store this often.
+REPUTATION_SCORE_WEIGHT = 20.0
+REPUTATION_REFRESH_S = 5.0
 
 
 class PresenceService:
@@ -50,10 +59,12 @@ class PresenceService:
     ) -> None:
         self._gossip = gossip
         self._error_rate = error_rate
+        self._reputations = ConsensusStore(store)
+        self._app_scores: dict[str, float] = {}
         self.telemetry = Telemetry()
         self.peers = PeerTable(
             store, metrics, peer_timeout=cfg.peer_timeout, base_interval=cfg.heartbeat_interval,
-            error_rate=gossip.error_rate,
+            error_rate=gossip.error_rate, max_peers=cfg.max_peers, staked=eligible,
         )  # fmt: skip
         self.heartbeat = HeartbeatService(
             gossip, signer, peer_id, network, base_interval=cfg.heartbeat_interval,
@@ -66,7 +77,25 @@ class PresenceService:
         )  # fmt: skip
 
     def mount(self, m: Mounts) -> None:
-        m.gossip.on("heartbeat", Heartbeat, self.peers.on_heartbeat, check=BindingCheck())
+        m.gossip.on("heartbeat", Heartbeat, self.peers.on_heartbeat, check=BindingCheck(),
+                    known=self.peers.known)  # fmt: skip
+        m.gossip.use_app_score(self.app_score)
+
+    def app_score(self, peer_id: str) -> float:
+        """The gossip application score of a peer: our reputation of it, 0 when new."""
+        return self._app_scores.get(peer_id, 0.0)
+
+    async def _refresh_app_scores(self) -> None:
+        while True:
+            peers = [st.peer_id for st in self.peers.peers()]
+            try:
+                reps = await self._reputations.reputations(peers, DEFAULT_REPUTATION)
+            except Exception:  # the store closing at shutdown; retried next round
+                log.debug("reading reputations failed", exc_info=True)
+            else:
+                self._app_scores = {p: REPUTATION_SCORE_WEIGHT * (reputation_factor(r) - 0.5)
+                                    for p, r in reps.items()}  # fmt: skip
+            await trio.sleep(REPUTATION_REFRESH_S)
 
     def on_seen(self, fn: Callable[[Heartbeat], None]) -> None:
         """Call ``fn`` with every heartbeat the peer table takes (addresses to learn)."""
@@ -91,4 +120,5 @@ class PresenceService:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.peers.run)
             await nursery.start(self.heartbeat.run)
+            nursery.start_soon(self._refresh_app_scores)
             task_status.started()
