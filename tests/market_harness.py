@@ -350,11 +350,13 @@ class MarketNode:
         self.http = HttpAliases()
         self.nursery: trio.Nursery | None = None
         self.finished_at: dict[str, float] = {}  # task id -> virtual time it finished
+        self.held: set[tuple[str, str]] = set()  # (peer, tag): kept connected for work
         self._net = net
         payments = Payments(cfg, self.signer, None, self.view)  # type: ignore[arg-type]
         service = self.service = HarnessMarket(
             cfg, NETWORK, payments, self.store, self.gossip, self.streams,  # type: ignore[arg-type]
             self.metrics, self.presence, compute, publish=self._publish,  # type: ignore[arg-type]
+            hold=self._hold,
         )  # fmt: skip
         mounts = Mounts(rpc=self.rpc, http=self.http, gossip=self.gossip, streams=self.streams)  # type: ignore[arg-type]
         service.mount(mounts)
@@ -371,6 +373,12 @@ class MarketNode:
         """What this node's heartbeat would put in the others' peer tables."""
         return PeerUpdate(self.peer_id, self.signer.address, (), "scripted", 0, "",
                           self.health, "vcoind/harness", time.time())  # fmt: skip
+
+    def _hold(self, peer: str, tag: str, held: bool) -> None:
+        if held:
+            self.held.add((peer, tag))
+        else:
+            self.held.discard((peer, tag))
 
     async def _publish(self, channel: str, payload: Any) -> None:
         """The node's notification port (``RPCServer.publish``): the service publishes a

@@ -154,6 +154,7 @@ class Node:
         self.market = market = MarketService(
             cfg.market, cfg.network, payments, store, gossip, streams, metrics, presence,
             compute, publish=self.rpc.publish, settler=settler, trainer=self.train, chain=chain,
+            hold=self._hold,
         )  # fmt: skip
         self.oracle = OracleNetwork(cfg.oracle, payments, store, metrics, presence, market,
                                     settler=settler)  # fmt: skip
@@ -194,6 +195,15 @@ class Node:
 
     def is_ready(self) -> bool:
         return self._p2p_listening and self.store.is_open
+
+    def _hold(self, peer: str, tag: str, held: bool) -> None:
+        """Work in progress with ``peer``: the connection manager keeps it connected."""
+        if peer == self.identity.peer_id:
+            return
+        if held:
+            self.keeper.protect(peer, tag)
+        else:
+            self.keeper.unprotect(peer, tag)
 
     def render_metrics(self) -> bytes:
         self.metrics.connections.set(len(self.p2p.connected_peers()))

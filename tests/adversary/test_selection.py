@@ -94,3 +94,23 @@ async def test_a_worker_that_accepts_and_stalls_loses_reputation(
         assert row.status == "completed" and row.node_id == other.peer_id
         reps = await origin.reputations([staller.peer_id, other.peer_id])
         assert reps[staller.peer_id] < DEFAULT_REPUTATION, reps
+
+
+async def test_peers_with_work_in_progress_are_held_then_released(
+    clock: trio.testing.MockClock,
+) -> None:
+    """The connection manager never trims a peer we have work with (``Hold``)."""
+    async with market_net(latency_s=LATENCY) as net:
+        origin = await net.add_node("O", cfg=cfg())
+        worker = await net.add_node("W", ["m"])
+        task_id = await origin.origin.submit("m", PROMPT, PARAMS)
+        await net.wait_for(lambda: (worker.peer_id, f"attempt:{task_id}:1") in origin.held)
+        await net.wait_for(lambda: (origin.peer_id, f"job:{task_id}:1") in worker.held)
+        await origin.wait_finished(task_id)
+        await trio.sleep(1)
+        assert origin.held == set() and worker.held == set()
+        task_id = await origin.origin.submit("m", PROMPT, PARAMS, mode="consensus", replicas=1)
+        await net.wait_for(lambda: (worker.peer_id, f"round:{task_id}:1") in origin.held)
+        await origin.wait_finished(task_id)
+        await trio.sleep(10)  # the signatures are collected, the round ends
+        assert origin.held == set() and worker.held == set()

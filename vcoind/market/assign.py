@@ -30,6 +30,7 @@ from vcoind.market.messages import (
     Send,
     TaskBid,
 )
+from vcoind.market.ports import Hold, no_hold
 from vcoind.metrics import NodeMetrics
 from vcoind.p2p.streams import StreamOpenError, StreamProtocolError
 from vcoind.presence.view import NetworkView
@@ -67,9 +68,11 @@ class Assignment:
         update: Update,
         nursery: Callable[[], trio.Nursery],
         stalled: Callable[[str], Awaitable[None]] | None = None,
+        hold: Hold = no_hold,
     ) -> None:
         self._tasks = tasks
         self._stalled = stalled  # a worker accepted and made no progress (reputation)
+        self._hold = hold  # a worker with an attempt of ours stays connected
         self._metrics = metrics
         self._config = config
         self._view = view
@@ -129,6 +132,7 @@ class Assignment:
         live.attempt_peers[n] = peer
         live.attempt_error = None
         self._selection.in_flight[peer] = self._selection.in_flight.get(peer, 0) + 1
+        self._hold(peer, f"attempt:{row.id}:{n}", True)
         try:
             await self._tasks.add_attempt(row.id, n, peer, time.time())
             await self._update(live, phase="assigned", node_id=peer)
@@ -155,6 +159,7 @@ class Assignment:
             return error
         finally:
             self._selection.in_flight[peer] -= 1
+            self._hold(peer, f"attempt:{row.id}:{n}", False)
 
     async def _observe(self, live: LiveTask, peer: str, error: str | None, took: float) -> None:
         """Selection's record of ``peer`` (``Bidding.observed``); a worker that accepted and

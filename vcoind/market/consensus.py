@@ -39,6 +39,7 @@ from vcoind.consensus.tally import Outcome, Revealed, tally
 from vcoind.consensus.weights import NodeRecord, node_weight
 from vcoind.market.messages import Assign, TaskResult
 from vcoind.market.payments import Payments, SignedTicket, outcome_of
+from vcoind.market.ports import Hold, no_hold
 from vcoind.market.votes import (
     MAX_REPLICAS,
     CommitsClosed,
@@ -350,11 +351,13 @@ class Coordinator:
         *,
         eth_address_of: Callable[[str], str | None],
         health_of: Callable[[str], float],
+        hold: Hold = no_hold,
     ) -> None:
         self._ctx = ctx
         self._store = store
         self._eth_address_of = eth_address_of
         self._health_of = health_of
+        self._hold = hold  # a round's replicas stay connected until it ends
         self._rounds: dict[str, RoundState] = {}
         # Rounds that ended, so a commitment that comes after them is still recognised.
         self._ended: OrderedDict[str, dict[int, str]] = OrderedDict()
@@ -427,11 +430,15 @@ class Coordinator:
         st = RoundState(task_id, round_, attempts, time.time(), ticket=ticket,
                         deterministic=deterministic)  # fmt: skip
         self._rounds[task_id] = st
+        for n, peer in attempts.items():
+            self._hold(peer, f"round:{task_id}:{n}", True)
         return st
 
     def end(self, task_id: str) -> None:
         st = self._rounds.pop(task_id, None)
         if st is not None:
+            for n, peer in st.attempts.items():
+                self._hold(peer, f"round:{task_id}:{n}", False)
             self._ended[task_id] = {**self._ended.get(task_id, {}), **st.attempts}
             while len(self._ended) > ENDED_ROUNDS_KEPT:
                 self._ended.popitem(last=False)

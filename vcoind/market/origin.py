@@ -51,7 +51,7 @@ from vcoind.market.messages import (
     TaskResult,
 )
 from vcoind.market.payments import Payments, outcome_of
-from vcoind.market.ports import Pipelines, Trainer
+from vcoind.market.ports import Hold, Pipelines, Trainer, no_hold
 from vcoind.market.rounds import ConsensusRounds
 from vcoind.market.settle import Settled, Vote
 from vcoind.market.views import generation_timings, task_view
@@ -98,6 +98,7 @@ class TaskOrigin:
         trainer: Trainer | None = None,
         payments: Payments | None = None,
         stalled: Callable[[str], Awaitable[None]] | None = None,
+        hold: Hold = no_hold,
     ) -> None:
         self._tasks = tasks
         self._payments = payments
@@ -122,7 +123,7 @@ class TaskOrigin:
         )  # fmt: skip
         self._assignment = Assignment(
             tasks, metrics, config, view, self._bidding, send=send, update=self._update,
-            nursery=self._running_nursery, stalled=stalled,
+            nursery=self._running_nursery, stalled=stalled, hold=hold,
         )  # fmt: skip
         self._rounds: ConsensusRounds | None = None
         if coordinator is not None:

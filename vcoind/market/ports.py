@@ -23,6 +23,13 @@ class WorkError(Exception):
 
 
 OnView = Callable[[dict[str, Any]], Awaitable[None]]
+# (peer, tag, held): keep the connection to a peer we have work in progress with (the
+# connection manager never trims a held peer); held=False lets go of that tag.
+Hold = Callable[[str, str, bool], None]
+
+
+def no_hold(peer: str, tag: str, held: bool) -> None:
+    return None
 
 
 class Trainer(Protocol):

@@ -22,6 +22,7 @@ from vcoind.market.consensus import Coordinator, Replica, VoteContext
 from vcoind.market.messages import Assignments, Bid, Cancel, Progress, TaskAnnounce, TaskResult
 from vcoind.market.origin import TaskOrigin
 from vcoind.market.payments import Payments
+from vcoind.market.ports import Hold, no_hold
 from vcoind.market.protocol import TaskProtocol
 from vcoind.market.routes import Routes
 from vcoind.market.votes import (
@@ -68,6 +69,7 @@ class MarketService:
         settler: Settler | None = None,
         trainer: Trainer | None = None,
         chain: ChainService | None = None,
+        hold: Hold = no_hold,
     ) -> None:
         self.cfg = cfg
         view = self.view = presence.view
@@ -93,7 +95,7 @@ class MarketService:
         self.replica = Replica(ctx, fault=cfg.fault)
         self.coordinator = Coordinator(ctx, self.consensus_store,
                                        eth_address_of=view.eth_address_of,
-                                       health_of=view.health_of)  # fmt: skip
+                                       health_of=view.health_of, hold=hold)  # fmt: skip
         self.routes = Routes(compute, view, metrics)
         self.worker = TaskWorker(
             compute, self.tasks, peer_id=me, network=network,
@@ -102,6 +104,7 @@ class MarketService:
             commit_result=self.replica.commit, payments=payments, pipelines=self.routes,
             trainer=trainer, max_queued_per_origin=cfg.max_queued_per_origin,
             refused=lambda kind, reason: metrics.sign_refused.labels(kind, reason).inc(),
+            hold=hold,
         )  # fmt: skip
         self.origin = TaskOrigin(
             self.tasks, metrics, cfg, peer_id=me, network=network,
@@ -112,7 +115,7 @@ class MarketService:
             reputations=self.reputations, coordinator=self.coordinator,
             settle=settler.settle if settler is not None else None,
             pipelines=self.routes, trainer=trainer, payments=payments,
-            stalled=self._stalled,
+            stalled=self._stalled, hold=hold,
         )  # fmt: skip
 
     async def _stalled(self, peer: str) -> None:

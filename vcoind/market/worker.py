@@ -50,7 +50,7 @@ from vcoind.market.messages import (
     TaskResult,
 )
 from vcoind.market.payments import Payments, outcome_of
-from vcoind.market.ports import Pipelines, Trainer, WorkError
+from vcoind.market.ports import Hold, Pipelines, Trainer, WorkError, no_hold
 from vcoind.p2p.streams import StreamProtocolError
 from vcoind.store import TaskStore
 
@@ -96,6 +96,7 @@ class TaskWorker:
         trainer: Trainer | None = None,
         refused: Callable[[str, str], None] = lambda kind, reason: None,
         max_queued_per_origin: int = 0,
+        hold: Hold = no_hold,
     ) -> None:
         self._compute = compute
         self._models = compute.models
@@ -124,6 +125,7 @@ class TaskWorker:
         self._bid_on: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._refused = refused  # (kind, reason) -> the refusal metric
         self._max_queued_per_origin = max_queued_per_origin  # 0: no cap
+        self._hold = hold  # the origins of our jobs stay connected
 
     @property
     def queue_length(self) -> int:
@@ -247,6 +249,7 @@ class TaskWorker:
             raise StreamProtocolError(f"attempt {a.attempt} of {a.task_id} {ACCEPTED_BEFORE}")
         job = _Job((-a.priority, next(self._arrivals)), origin, a)
         self._jobs[(a.task_id, a.attempt)] = job
+        self._hold(origin, f"job:{a.task_id}:{a.attempt}", True)
         heapq.heappush(self._queue, job)
         self._wake.set()
         self.on_change()
@@ -404,5 +407,6 @@ class TaskWorker:
                 delay = min(delay * 2, 15.0)
 
     async def _finish(self, job: _Job, status: str) -> None:
+        self._hold(job.origin, f"job:{job.assign.task_id}:{job.assign.attempt}", False)
         self._jobs.pop((job.assign.task_id, job.assign.attempt), None)
         await self._tasks.finish_assignment(job.assign.task_id, job.assign.attempt, status)
