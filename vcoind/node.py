@@ -77,24 +77,6 @@ class RunInfo:
         }
 
 
-class RPCStats:
-    """Own response time (EWMA) and error rate, for the node's self-assessed health."""
-
-    def __init__(self, metrics: NodeMetrics) -> None:
-        self._metrics = metrics
-        self.calls = 0
-        self.errors = 0
-
-    def on_call(self, method: str, outcome: str) -> None:
-        self.calls += 1
-        self.errors += outcome != "ok"
-        self._metrics.rpc_call(method, outcome)
-
-    @property
-    def error_rate(self) -> float:
-        return self.errors / self.calls if self.calls else 0.0
-
-
 class Node:
     def __init__(self, config: Config, datadir: DataDir, identity: Identity) -> None:
         self.config = cfg = config
@@ -117,14 +99,13 @@ class Node:
         self.keeper = PeerKeeper(self.p2p, metrics, bootstrap=p2p_cfg.bootstrap,
                                  discover=p2p_cfg.discover, cfg=p2p_cfg)  # fmt: skip
         self.registry = MethodRegistry()
-        self._rpc_stats = RPCStats(metrics)
         self.rpc = RPCServer(
             RPCServerConfig(host=cfg.rpc.host, port=cfg.rpc.port,
                             max_body_bytes=cfg.rpc.max_body_bytes,
                             cookie=datadir.read_cookie(), hosts=cfg.rpc.hosts,
                             origins=cfg.rpc.origins),
             self.registry, ready=self.is_ready, metrics=self.render_metrics, title="vcoind",
-            version=__version__, on_call=self._rpc_stats.on_call,
+            version=__version__, on_call=metrics.rpc_call,
         )  # fmt: skip
         # --- services, in the order of their ports ---------------------------------------
         self.chain: ChainService | None = None
@@ -135,7 +116,10 @@ class Node:
         self.presence = presence = PresenceService(
             p2p_cfg, cfg.network, me, signer, store, gossip, metrics,
             addrs=self.advertised_addrs, connected=self._connected,
-            error_rate=lambda: self._rpc_stats.error_rate,
+            # measured as a worker: failed attempts and time to first token (the market
+            # exists by the first heartbeat)
+            error_rate=lambda: self.market.worker.error_rate,
+            response_s=lambda: self.market.worker.response_s,
             eligible=chain.bid_allowed if chain is not None else lambda address: True,
         )  # fmt: skip
         presence.on_seen(lambda hb: self.keeper.learn(hb.peer_id, hb.listen_addrs))

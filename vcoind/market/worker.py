@@ -23,7 +23,7 @@ import heapq
 import itertools
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -66,6 +66,8 @@ PROGRESS_EVERY_S = 0.25
 RESULT_TRIES = 8  # ~1 min with backoff: long enough for an origin to restart
 DEFAULT_TOKENS_PER_S = 50.0  # until this node has measured itself
 BIDS_REMEMBERED = 8192  # task ids we bid on (an assignment must match one)
+OUTCOMES_KEPT = 100  # the error rate is over this many of our latest attempts
+RESPONSE_EWMA = 0.3
 BID_MEMORY_S = 3600.0  # a ticket's default life: no assignment comes later than that
 
 
@@ -76,6 +78,7 @@ class _Job:
     assign: Assign = field(compare=False)
     scope: trio.CancelScope | None = field(default=None, compare=False)
     cancelled: bool = field(default=False, compare=False)
+    accepted: float = field(default=0.0, compare=False)  # trio clock
 
 
 class TaskWorker:
@@ -126,6 +129,22 @@ class TaskWorker:
         self._refused = refused  # (kind, reason) -> the refusal metric
         self._max_queued_per_origin = max_queued_per_origin  # 0: no cap
         self._hold = hold  # the origins of our jobs stay connected
+        # Our health's measured inputs: time to first token of our jobs (queue wait plus
+        # prefill, smoothed) and the share of our recent attempts that failed.
+        self.response_s: float | None = None
+        self._outcomes: deque[bool] = deque(maxlen=OUTCOMES_KEPT)
+
+    @property
+    def error_rate(self) -> float:
+        """The share of our latest attempts that failed (0 before any)."""
+        return sum(self._outcomes) / len(self._outcomes) if self._outcomes else 0.0
+
+    def _measured(self, job: _Job, started: float, result: TaskResult) -> None:
+        self._outcomes.append(bool(result.error))
+        if not result.error:
+            first = started - job.accepted + result.prefill_s
+            old = self.response_s
+            self.response_s = first if old is None else old + RESPONSE_EWMA * (first - old)
 
     @property
     def queue_length(self) -> int:
@@ -247,7 +266,8 @@ class TaskWorker:
                 raise StreamProtocolError(f"adapter {a.adapter[:12]} is not known to this node")
         if not await self._tasks.claim_assignment(a.task_id, a.attempt, origin, time.time()):
             raise StreamProtocolError(f"attempt {a.attempt} of {a.task_id} {ACCEPTED_BEFORE}")
-        job = _Job((-a.priority, next(self._arrivals)), origin, a)
+        job = _Job((-a.priority, next(self._arrivals)), origin, a,
+                   accepted=trio.current_time())  # fmt: skip
         self._jobs[(a.task_id, a.attempt)] = job
         self._hold(origin, f"job:{a.task_id}:{a.attempt}", True)
         heapq.heappush(self._queue, job)
@@ -327,6 +347,7 @@ class TaskWorker:
                 nursery.start_soon(self._report_progress, job, n)
 
         result: TaskResult
+        started = trio.current_time()
         async with trio.open_nursery() as nursery:
             with trio.CancelScope() as scope:
                 job.scope = scope
@@ -363,6 +384,7 @@ class TaskWorker:
                 await self._finish(job, "cancelled")
                 return
             nursery.cancel_scope.cancel()  # stop pending progress reports: the result follows
+        self._measured(job, started, result)
         await self._finish(job, "failed" if result.error else "completed")
         if a.consensus and not result.error and self._commit_result is not None:
             await self._commit_result(job.origin, result, a)

@@ -149,7 +149,7 @@ def register_status_api(
                     "memory_percent": me.memory_percent,
                     "device_utilization": me.device.utilization,
                     "queue_length": me.queue_length,
-                    "error_rate": 0.0,
+                    "error_rate": round(market.worker.error_rate, 6),  # failed attempts
                 }
             )
         for st in peers_.peers():

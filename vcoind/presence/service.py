@@ -55,10 +55,12 @@ class PresenceService:
         addrs: Callable[[], list[str]],
         connected: Callable[[], set[str]],
         error_rate: Callable[[], float],
+        response_s: Callable[[], float | None] = lambda: None,
         eligible: Callable[[str | None], bool] = lambda address: True,
     ) -> None:
         self._gossip = gossip
-        self._error_rate = error_rate
+        self._error_rate = error_rate  # our failed attempts' share (not clients' RPC errors)
+        self._response_s = response_s  # our measured time to first token
         self._reputations = ConsensusStore(store)
         self._app_scores: dict[str, float] = {}
         self.telemetry = Telemetry()
@@ -114,7 +116,8 @@ class PresenceService:
         )
 
     def _self_health(self, sample: HostSample) -> float:
-        return health_score(sample.cpu_percent, sample.memory_percent, None, self._error_rate())
+        return health_score(sample.cpu_percent, sample.memory_percent, self._response_s(),
+                            self._error_rate())  # fmt: skip
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
