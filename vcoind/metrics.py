@@ -111,6 +111,17 @@ class NodeMetrics:
             "Tensor bytes sent and received by pipelines",
             registry=r,
         )
+        self.sign_refused = Counter(
+            "vcoin_sign_refused_total",
+            "Signature requests refused: not this node's own work (kind: training, oracle, "
+            "result, outcome), by reason",
+            ["kind", "reason"], registry=r,
+        )  # fmt: skip
+        self.budget_refused = Counter(
+            "vcoin_budget_refused_total",
+            "Requests refused over a per-peer or node-wide budget, by resource",
+            ["resource"], registry=r,
+        )  # fmt: skip
 
     def rpc_call(self, method: str, outcome: str) -> None:
         self.rpc_calls.labels(method=method, outcome=outcome).inc()
