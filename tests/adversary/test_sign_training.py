@@ -40,6 +40,7 @@ from vcoind.train.spec import LoraSettings, canonical_jsonl, sha256_hex, total_s
 from vcoind.train.wire import (
     BlobGet,
     RoundDone,
+    TrainAbort,
     TrainFinish,
     TrainJoin,
     TrainProgress,
@@ -50,6 +51,7 @@ from vcoind.train.wire import (
 pytestmark = pytest.mark.slow
 
 ORACLE_STREAM = task_stream((OracleQuery, OracleConfirm))
+MAX_ASKED_PER_PEER = 32  # vcoind.oracle.replicated: pending answers kept for one origin
 NO_POLLS = "quote_poll_s = 0\nnews_poll_s = 0\nmin_interval_s = 0.1\nretries = 1\n"
 
 
@@ -192,10 +194,62 @@ async def test_oracle_confirmations_only_for_the_asker_and_its_own_ticket(
             with pytest.raises(StreamProtocolError, match="signed already"):
                 await h.request(target, ORACLE_STREAM, confirm(q, values, h.eth_address),
                                 OracleSignature)  # fmt: skip
+            # A flood of queries from one peer evicts only its own pending answers.
+            first = OracleQuery(secrets.token_hex(16), "price", "QUBIC", "1h")
+            mine = await other.request(target, ORACLE_STREAM, first, OracleReport)
+            flood = [OracleQuery(secrets.token_hex(16), "price", "QUBIC", "1h")
+                     for _ in range(MAX_ASKED_PER_PEER + 1)]  # fmt: skip
+            for q3 in flood:
+                rep3 = await h.request(target, ORACLE_STREAM, q3, OracleReport)
+            with pytest.raises(StreamProtocolError, match="computed no answer"):
+                c = confirm(flood[0], rep3.values, h.eth_address)
+                await h.request(target, ORACLE_STREAM, c, OracleSignature)
+            with pytest.raises(StreamProtocolError, match="not signed: the ticket hash"):
+                c = confirm(first, mine.values, "0x" + "33" * 20)  # still there: its ticket
+                await other.request(target, ORACLE_STREAM, c, OracleSignature)
             nursery.cancel_scope.cancel()
         text = await in_thread(metrics_of, node)
-        for reason, n in (("not_asked", 2), ("other_origin", 1), ("ticket", 1),
+        for reason, n in (("not_asked", 3), ("other_origin", 1), ("ticket", 2),
                           ("other_query", 1)):  # fmt: skip
             assert f'vcoin_sign_refused_total{{kind="oracle",reason="{reason}"}} {n}.0' in text
     finally:
         api.close()
+
+
+async def test_a_peer_that_joins_another_origins_task_first_blocks_nothing(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """Task ids are public (announced on gossip): a hostile peer that joins a shard of an
+    honest origin's task before the origin does neither blocks the origin's join nor gets
+    anything of it (the host side alone; its peers plain functions)."""
+    from vcoind.train.adapters import AdapterStore, BlobCache
+    from vcoind.train.host import TrainHost
+
+    shard = canonical_jsonl([{"text": "one two three"}, {"text": "four five six"}])
+
+    async def peer(who: str, record: Any, reply: type[Any], *_: Any) -> Any:
+        assert isinstance(record, BlobGet)  # both serve the shard they name
+        return blob_part(shard if record.hash == sha256_hex(shard) else None, record)
+
+    async def limiter() -> trio.CapacityLimiter:
+        return trio.CapacityLimiter(1)
+
+    async def lora() -> Any:
+        import vcoind.train.lora
+
+        return vcoind.train.lora
+
+    models = ModelStore(models_dir)
+    models.scan()
+    host = TrainHost(models, AdapterStore(tmp_path / "adapters"), BlobCache(), peer,
+                     device=lambda: "cpu", limiter=limiter, lora=lora)  # fmt: skip
+    settings = json.dumps(LoraSettings(batch_size=1, max_length=16).as_dict())
+    task = secrets.token_hex(16)
+    join = TrainJoin(task, 0, MODEL, settings, sha256_hex(shard), len(shard), 2)
+    assert isinstance(await host.handle("hostile", join), Ack)
+    assert isinstance(await host.handle("origin", join), Ack)
+    assert host.active == 2
+    with pytest.raises(StreamProtocolError, match="not joined by this origin"):
+        await host.handle("hostile", TrainRound("ef" * 16, 0, 0, 0, 1))
+    await host.handle("hostile", TrainAbort(task))  # drops only the hostile's own
+    assert host.active == 1

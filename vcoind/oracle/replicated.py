@@ -44,6 +44,8 @@ FIELDS = {
 }
 TOLERANCE = {"price": 0.02, "sentiment": 0.05}  # relative for price, absolute for scores
 QUERY_TIMEOUT_S = 30.0
+MAX_ASKED = 1000  # answers kept for confirmation, in all ...
+MAX_ASKED_PER_PEER = 32  # ... and per origin: a flood of queries evicts only its own
 
 
 @message
@@ -199,7 +201,10 @@ class OracleReplica:
         except OracleError as exc:
             return OracleReport(q.task_id, error=str(exc)[:500])
         self.mine[q.task_id] = _Asked(peer, q, values)
-        if len(self.mine) > 1000:
+        theirs = [t for t, a in self.mine.items() if a.origin == peer]
+        for t in theirs[: max(0, len(theirs) - MAX_ASKED_PER_PEER)]:
+            del self.mine[t]
+        if len(self.mine) > MAX_ASKED:
             self.mine.pop(next(iter(self.mine)))
         return OracleReport(q.task_id, values, inputs)
 

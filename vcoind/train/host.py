@@ -109,7 +109,8 @@ class TrainHost:
         self.on_refused = on_refused  # counted by the service
         self.slots = slots
         self.slots_per_peer = slots_per_peer
-        self._shards: dict[tuple[str, int], _Shard] = {}
+        # (origin, task id, shard): one origin's task ids never collide with another's
+        self._shards: dict[tuple[str, str, int], _Shard] = {}
         self._joining: dict[str, int] = {}  # origin -> joins pulling their shard now
         self.on_adapters = on_adapters  # the set of adapters changed
         self.on_rate = on_rate  # (model id, samples per second) measured
@@ -151,10 +152,10 @@ class TrainHost:
         return blob_part(self.blobs.get(r.hash) or self.adapters.get(r.hash), r)
 
     async def _join(self, origin: str, j: TrainJoin) -> Ack:
-        key = (j.task_id, j.shard)
+        key = (origin, j.task_id, j.shard)
         old = self._shards.get(key)
         if old is not None:
-            if old.origin != origin or old.join != j:
+            if old.join != j:
                 raise TrainError(f"shard {j.shard} of {j.task_id} was joined with other terms")
             return Ack()
         if j.shard_bytes > MAX_SHARD_BYTES:
@@ -203,8 +204,8 @@ class TrainHost:
                               f"{self.slots})")  # fmt: skip
 
     def _shard(self, origin: str, task_id: str, shard: int) -> _Shard:
-        sh = self._shards.get((task_id, shard))
-        if sh is None or sh.origin != origin:
+        sh = self._shards.get((origin, task_id, shard))
+        if sh is None:
             raise TrainError(f"shard {shard} of {task_id} was not joined by this origin")
         sh.touched = time.monotonic()
         return sh
@@ -214,9 +215,10 @@ class TrainHost:
         now = time.monotonic()
         stale = [k for k, s in self._shards.items()
                  if now - s.touched > max_idle_s and not s.lock.locked()]  # fmt: skip
-        for task_id, shard in stale:
+        for key in stale:
+            _, task_id, shard = key
             log.info("task %s: dropping shard %d, idle for %.0f s", task_id, shard, max_idle_s)
-            sh = self._shards.pop((task_id, shard))
+            sh = self._shards.pop(key)
             sh.cancel.set()
             sh.trainer = None
         return len(stale)
@@ -285,7 +287,7 @@ class TrainHost:
         """Keep the final adapter and sign it: only for a task whose shards this node
         accepted from ``origin`` and trained to their end, under the unpaid ticket of that
         origin's task as this node computes it (anything else: ``sign_refused``)."""
-        mine = [s for k, s in self._shards.items() if k[0] == f.task_id and s.origin == origin]
+        mine = [s for k, s in self._shards.items() if k[:2] == (origin, f.task_id)]
         if not mine:
             raise _refuse("not_joined", f"this node trains no shard of {f.task_id} for you")
         undone = [s.join.shard for s in mine if not _trained(s)]
@@ -321,7 +323,7 @@ class TrainHost:
         return TrainSigned(address, sig)
 
     def _abort(self, origin: str, task_id: str) -> None:
-        for key in [k for k, s in self._shards.items() if k[0] == task_id and s.origin == origin]:
+        for key in [k for k in self._shards if k[:2] == (origin, task_id)]:
             sh = self._shards.pop(key)
             sh.cancel.set()
             sh.trainer = None
