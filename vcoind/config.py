@@ -104,8 +104,8 @@ class ComputeConfig:
     # in the models dir or split from the whole model on first start.
     serve_layers: tuple[str, ...] = ()
     # Per-peer budgets: one peer cannot take what this node offers to all of them.
-    # Pipeline sessions one peer may hold open on this node's spans (at most half of them).
-    pipeline_sessions_per_peer: int = 8
+    # Pipeline sessions another peer may hold open on this node's spans (at most half).
+    pipeline_sessions_per_peer: int = 16
     # LoRA shards trained at once (each holds a copy of its base model), and for one origin.
     train_slots: int = 4
     train_slots_per_peer: int = 2

@@ -75,6 +75,7 @@ class ComputeService:
                                     slots=cfg.batch_slots, max_context=cfg.max_context,
                                     kernels=None if cfg.triton_kernels else False,
                                     sessions_per_peer=cfg.pipeline_sessions_per_peer,
+                                    me=peer_id,
                                     on_refused=lambda resource: budget_refused.labels(
                                         resource=resource).inc())  # fmt: skip
         self._executor: Executor | None = None

@@ -4,7 +4,7 @@
 directory, or split from the whole model on first start), loaded on first use and run
 by the inference engine (``vcoind.compute.engine``): one static KV cache slot per
 session, at most ``MAX_SESSIONS`` (or ``compute.batch_slots``), and of those at most
-``compute.pipeline_sessions_per_peer`` (never more than half) for one peer, dropped
+``compute.pipeline_sessions_per_peer`` (never more than half) for one other peer, dropped
 after ``SESSION_IDLE_S`` without a step; a session answers only the peer that opened
 it. Compute runs on a worker thread; one-token steps of different sessions that arrive
 together run as one engine batch. The driving side is ``vcoind.market.routes``.
@@ -36,7 +36,7 @@ from vcoind.presence.messages import LayerSpan
 log = logging.getLogger("vcoind.pipeline")
 
 MAX_SESSIONS = 32
-SESSIONS_PER_PEER = 8
+SESSIONS_PER_PEER = 16
 SESSION_IDLE_S = 120.0
 
 
@@ -50,6 +50,8 @@ class Channel(Protocol):
 
 
 class LocalChannel:
+    """Hops on this node: plain calls, as ``peer`` (this node: no per-peer budget)."""
+
     def __init__(self, host: ShardHost, peer: str) -> None:
         self._host = host
         self._peer = peer
@@ -134,13 +136,14 @@ class ShardHost:
         self, device: str = "auto", budget_bytes: int = 0, *, slots: int = 0,
         max_context: int = 4096, kernels: bool | None = None,
         sessions_per_peer: int = SESSIONS_PER_PEER,
-        on_refused: Callable[[str], None] = lambda resource: None,
+        on_refused: Callable[[str], None] = lambda resource: None, me: str = "",
     ) -> None:  # fmt: skip
         self.budget_bytes = budget_bytes  # 0: no limit
         self.max_sessions = slots or MAX_SESSIONS
         # one peer cannot hold every session: at most half of them
         self.sessions_per_peer = max(1, min(sessions_per_peer, self.max_sessions // 2))
         self.on_refused = on_refused  # (resource) a budget refused a request
+        self.me = me  # our own peer id: our own pipelines have no per-peer budget
         self.max_context = max_context
         self.kernels = kernels  # the engines' triton kernels: None = where they work
         self.sessions_served = 0  # sessions opened since start
@@ -174,7 +177,7 @@ class ShardHost:
                 raise StreamProtocolError(f"session {record.session} is another peer's")
             if old is None:
                 held = sum(1 for s in self._sessions.values() if s.peer == peer)
-                if held >= self.sessions_per_peer:
+                if held >= self.sessions_per_peer and peer != self.me:
                     return self._over_budget(peer, "pipeline_sessions_per_peer",
                                              f"pipeline sessions per peer: you hold {held}, "
                                              "the most one peer may (compute."
