@@ -160,6 +160,17 @@ class ComputeConfig:
     # Layer spans served to pipelines, "MODEL:START-END" (inclusive), from a shard directory
     # in the models dir or split from the whole model on first start.
     serve_layers: tuple[str, ...] = ()
+    # Per-peer budgets: one peer cannot take what this node offers to all of them.
+    # Pipeline sessions another peer may hold open on this node's spans (at most half).
+    pipeline_sessions_per_peer: int = 16
+    # LoRA shards trained at once (each holds a copy of its base model), and for one origin.
+    train_slots: int = 4
+    train_slots_per_peer: int = 2
+    # Adapters kept on disk (MiB): those one peer brought (as the training's origin or
+    # as the holder they were fetched from), and all together; over either, the least
+    # recently used go first, and one that cannot fit is refused.
+    adapter_quota_mb_per_peer: float = 256.0
+    adapter_store_mb: float = 4096.0
 
 
 @dataclass(frozen=True)
@@ -487,6 +498,12 @@ def validate(cfg: Config) -> Config:
             parse_serve_spec(spec)
         except ValueError as exc:
             raise ConfigError("compute.serve_layers", str(exc)) from None
+    for key in ("pipeline_sessions_per_peer", "train_slots", "train_slots_per_peer"):
+        if getattr(cfg.compute, key) < 1:
+            raise ConfigError(f"compute.{key}", "must be at least 1")
+    for key in ("adapter_quota_mb_per_peer", "adapter_store_mb"):
+        if getattr(cfg.compute, key) <= 0:
+            raise ConfigError(f"compute.{key}", "must be more than 0")
     if cfg.compute.cpu_threads < 0:
         raise ConfigError("compute.cpu_threads", "must be >= 0 (0 = torch's default)")
     if cfg.compute.memory_budget_mb < 0:

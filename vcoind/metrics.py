@@ -114,8 +114,13 @@ class NodeMetrics:
         self.sign_refused = Counter(
             "vcoin_sign_refused_total",
             "Requests refused because they would make this node sign work that is not its "
-            "own (an assignment it did not bid on, from a peer other than the task's origin)",
+            "own, by kind (assignment, training, oracle) and reason",
             ["kind", "reason"], registry=r,
+        )  # fmt: skip
+        self.budget_refused = Counter(
+            "vcoin_budget_refused_total",
+            "Requests refused over a per-peer or node-wide budget, by resource",
+            ["resource"], registry=r,
         )  # fmt: skip
         self.gossip_ignored = Counter(
             "vcoin_gossip_ignored_total",

@@ -127,14 +127,14 @@ class Node:
             presence.on_seen(lambda hb: chain.watch(hb.eth_address))
         self.compute = compute = ComputeService(
             cfg.compute, cfg.models_dir, datadir.path / "shards", me, streams,
-            announce=presence.announce,
+            announce=presence.announce, metrics=metrics,
         )  # fmt: skip
         payments = Payments(cfg.market, signer, chain, presence.view)
         settler = None
         if chain is not None and cfg.chain.anchor:
             settler = Settler(cfg.chain, chain, presence.view, payments)
         self.train = TrainService(cfg.market, datadir.path, payments, streams, presence,
-                                  compute, settler=settler)  # fmt: skip
+                                  compute, settler=settler, metrics=metrics)  # fmt: skip
         self.market = market = MarketService(
             cfg.market, cfg.network, payments, store, gossip, streams, metrics, presence,
             compute, publish=self.rpc.publish, settler=settler, trainer=self.train, chain=chain,

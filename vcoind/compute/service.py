@@ -26,6 +26,7 @@ from vcoind.compute.shard_host import (
     parse_serve_spec,
 )
 from vcoind.compute.shardwire import SHARD_PROTOCOL, ShardClose, ShardOpen, ShardStep
+from vcoind.metrics import NodeMetrics
 from vcoind.p2p.streams import StreamProtocol, StreamService
 from vcoind.presence.messages import ModelServed
 from vcoind.rpc import MethodRegistry, Param, RPCMethod
@@ -61,8 +62,10 @@ class ComputeService:
         streams: StreamService,
         *,
         announce: Callable[..., None],
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.cfg = cfg
+        budget_refused = (metrics or NodeMetrics()).budget_refused
         self.models = ModelStore(models_dir)
         self._shards_dir = shards_dir
         self._peer_id = peer_id
@@ -70,7 +73,11 @@ class ComputeService:
         self._announce = announce
         self.shard_host = ShardHost(cfg.device, budget_bytes=cfg.memory_budget_mb << 20,
                                     slots=cfg.batch_slots, max_context=cfg.max_context,
-                                    kernels=None if cfg.triton_kernels else False)  # fmt: skip
+                                    kernels=None if cfg.triton_kernels else False,
+                                    sessions_per_peer=cfg.pipeline_sessions_per_peer,
+                                    me=peer_id,
+                                    on_refused=lambda resource: budget_refused.labels(
+                                        resource=resource).inc())  # fmt: skip
         self._executor: Executor | None = None
         self._executor_lock = trio.Lock()
         self._executor_thread_lock = threading.Lock()

@@ -3,16 +3,18 @@
 ``ShardHost``: the spans this node serves (``--serve-layers MODEL:A-B``, from a shard
 directory, or split from the whole model on first start), loaded on first use and run
 by the inference engine (``vcoind.compute.engine``): one static KV cache slot per
-session, at most ``MAX_SESSIONS`` (or ``compute.batch_slots``), dropped after
-``SESSION_IDLE_S`` without a step. Compute runs on a worker thread; one-token steps of
-different sessions that arrive together run as one engine batch. The driving side is
-``vcoind.market.routes``.
+session, at most ``MAX_SESSIONS`` (or ``compute.batch_slots``), and of those at most
+``compute.pipeline_sessions_per_peer`` (never more than half) for one other peer, dropped
+after ``SESSION_IDLE_S`` without a step; a session answers only the peer that opened
+it. Compute runs on a worker thread; one-token steps of different sessions that arrive
+together run as one engine batch. The driving side is ``vcoind.market.routes``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,12 +30,13 @@ from vcoind.compute.shardwire import (
     ShardOutput,
     ShardStep,
 )
-from vcoind.p2p.streams import Ack, StreamProtocolError
+from vcoind.p2p.streams import Ack, ErrorReply, StreamProtocolError
 from vcoind.presence.messages import LayerSpan
 
 log = logging.getLogger("vcoind.pipeline")
 
 MAX_SESSIONS = 32
+SESSIONS_PER_PEER = 16
 SESSION_IDLE_S = 120.0
 
 
@@ -47,12 +50,17 @@ class Channel(Protocol):
 
 
 class LocalChannel:
+    """Hops on this node: plain calls, as ``peer`` (this node: no per-peer budget)."""
+
     def __init__(self, host: ShardHost, peer: str) -> None:
         self._host = host
         self._peer = peer
 
     async def request(self, record: Any, reply_type: type[Any]) -> Any:
-        return await self._host.handle(self._peer, record)
+        reply = await self._host.handle(self._peer, record)
+        if isinstance(reply, ErrorReply):
+            raise StreamProtocolError(f"{self._peer} answered {reply.code}: {reply.message}")
+        return reply
 
     async def aclose(self) -> None:
         return None
@@ -70,6 +78,7 @@ class _Session:
     engine: Any  # vcoind.compute.engine.Engine of the span
     slot: int
     last_used: float
+    peer: str = ""  # who opened it: the only one it answers
     steps: int = 0
 
     def close(self) -> None:
@@ -126,9 +135,15 @@ class ShardHost:
     def __init__(
         self, device: str = "auto", budget_bytes: int = 0, *, slots: int = 0,
         max_context: int = 4096, kernels: bool | None = None,
+        sessions_per_peer: int = SESSIONS_PER_PEER,
+        on_refused: Callable[[str], None] = lambda resource: None, me: str = "",
     ) -> None:  # fmt: skip
         self.budget_bytes = budget_bytes  # 0: no limit
         self.max_sessions = slots or MAX_SESSIONS
+        # one peer cannot hold every session: at most half of them
+        self.sessions_per_peer = max(1, min(sessions_per_peer, self.max_sessions // 2))
+        self.on_refused = on_refused  # (resource) a budget refused a request
+        self.me = me  # our own peer id: our own pipelines have no per-peer budget
         self.max_context = max_context
         self.kernels = kernels  # the engines' triton kernels: None = where they work
         self.sessions_served = 0  # sessions opened since start
@@ -157,8 +172,21 @@ class ShardHost:
             if served is None:
                 raise StreamProtocolError(f"span {record.start}-{record.end} of "
                                           f"{record.model_id} is not served here")  # fmt: skip
-            if len(self._sessions) >= self.max_sessions and record.session not in self._sessions:
-                raise StreamProtocolError(f"busy: {self.max_sessions} pipeline sessions open")
+            old = self._sessions.get(record.session)
+            if old is not None and old.peer != peer:
+                raise StreamProtocolError(f"session {record.session} is another peer's")
+            if old is None:
+                held = sum(1 for s in self._sessions.values() if s.peer == peer)
+                if held >= self.sessions_per_peer and peer != self.me:
+                    return self._over_budget(peer, "pipeline_sessions_per_peer",
+                                             f"pipeline sessions per peer: you hold {held}, "
+                                             "the most one peer may (compute."
+                                             f"pipeline_sessions_per_peer = "
+                                             f"{self.sessions_per_peer})")  # fmt: skip
+                if len(self._sessions) >= self.max_sessions:
+                    return self._over_budget(peer, "pipeline_sessions",
+                                             f"pipeline sessions: {self.max_sessions} open, "
+                                             "the most")  # fmt: skip
             engine = await self._load(served)
             served.last_used = time.monotonic()
             self._drop(record.session)  # re-opened: start over
@@ -166,15 +194,17 @@ class ShardHost:
                 slot = engine.alloc()
             except Exception as exc:  # EngineError: every slot of this span is taken
                 raise StreamProtocolError(f"busy: {exc}") from None
-            self._sessions[record.session] = _Session(engine, slot, time.monotonic())
+            self._sessions[record.session] = _Session(engine, slot, time.monotonic(), peer)
             self.sessions_served += 1
             return Ack()
         if isinstance(record, ShardClose):
-            self._drop(record.session)
+            sess = self._sessions.get(record.session)
+            if sess is not None and sess.peer == peer:
+                self._drop(record.session)
             return Ack()
         if isinstance(record, ShardStep):
             sess = self._sessions.get(record.session)
-            if sess is None:
+            if sess is None or sess.peer != peer:
                 raise StreamProtocolError(f"no session {record.session} (closed or expired)")
             if record.step != sess.steps:
                 raise StreamProtocolError(f"step {record.step} out of order "
@@ -195,6 +225,11 @@ class ShardHost:
             sess.last_used = time.monotonic()
             return ShardOutput(out.dtype, out.shape, out.data, round(compute_s, 6))
         raise StreamProtocolError(f"unexpected {type(record).__name__}")
+
+    def _over_budget(self, peer: str, resource: str, message: str) -> ErrorReply:
+        log.warning("refused a pipeline session to %s: %s", peer, message)
+        self.on_refused(resource)
+        return ErrorReply("over_budget", message)
 
     def _drop(self, session: str) -> None:
         sess = self._sessions.pop(session, None)

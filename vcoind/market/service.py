@@ -104,6 +104,7 @@ class MarketService:
             commit_result=self.replica.commit, payments=payments, pipelines=self.routes,
             trainer=trainer, max_queued_per_origin=cfg.max_queued_per_origin,
             refused=lambda kind, reason: metrics.sign_refused.labels(kind, reason).inc(),
+            over_budget=lambda resource: metrics.budget_refused.labels(resource).inc(),
             hold=hold,
         )  # fmt: skip
         self.origin = TaskOrigin(

@@ -13,7 +13,7 @@ advertises, bids on nothing: it runs the route but signs no Result, the slashing
 evidence). Anything else is refused, logged and counted
 (``vcoin_sign_refused_total{kind="assignment"}``), so no peer can make this node sign a
 result or an outcome for a task it did not bid on. Queued work per requester is capped
-(``market.max_queued_per_origin``).
+(``market.max_queued_per_origin``, ``vcoin_budget_refused_total{resource="queued_per_origin"}``).
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ class TaskWorker:
         pipelines: Pipelines | None = None,
         trainer: Trainer | None = None,
         refused: Callable[[str, str], None] = lambda kind, reason: None,
+        over_budget: Callable[[str], None] = lambda resource: None,
         max_queued_per_origin: int = 0,
         hold: Hold = no_hold,
     ) -> None:
@@ -127,6 +128,7 @@ class TaskWorker:
         # task id -> (the origin whose announce we bid on, trio time): what we accept
         self._bid_on: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._refused = refused  # (kind, reason) -> the refusal metric
+        self._over_budget = over_budget  # resource -> the budget metric
         self._max_queued_per_origin = max_queued_per_origin  # 0: no cap
         self._hold = hold  # the origins of our jobs stay connected
         # Our health's measured inputs: time to first token of our jobs (queue wait plus
@@ -246,7 +248,10 @@ class TaskWorker:
         cap = self._max_queued_per_origin
         if cap and sum(j.origin == origin for j in self._jobs.values()) >= cap:
             why = f"{cap} of this requester's tasks are queued here already"
-            raise self._refuse("queue_full", why + " (market.max_queued_per_origin)", a, origin)
+            log.warning("refused task %s attempt %d from %s: %s", a.task_id, a.attempt,
+                        origin, why)  # fmt: skip
+            self._over_budget("queued_per_origin")
+            raise StreamProtocolError(f"over budget: {why} (market.max_queued_per_origin)")
         if self._payments is not None:
             await self._payments.prefetch([a.ticket], origin)
             refusal = self._payments.ticket_refusal(

@@ -69,7 +69,11 @@ class OracleNetwork:
                 on_cache=lambda cache, hit: metrics.oracle_cache.labels(
                     cache=cache, result="hit" if hit else "miss").inc(),
             )  # fmt: skip
-            self._replica = OracleReplica(self.local, payments)
+            self._replica = OracleReplica(
+                self.local, payments, eth_address_of=presence.view.eth_address_of,
+                on_refused=lambda reason: metrics.sign_refused.labels(
+                    kind="oracle", reason=reason).inc(),
+            )  # fmt: skip
             presence.announce(services=("oracle",))
 
     async def query(self, kind: str, symbol: str, window: str, replicas: int) -> dict[str, Any]:
@@ -106,12 +110,12 @@ class OracleNetwork:
     async def _on_query(self, peer: str, q: OracleQuery) -> Any:
         if self._replica is None:
             raise StreamProtocolError("this node does not run the oracle")
-        return await self._replica.on_query(q)
+        return await self._replica.on_query(peer, q)
 
     async def _on_confirm(self, peer: str, c: OracleConfirm) -> Any:
         if self._replica is None:
             raise StreamProtocolError("this node does not run the oracle")
-        return await self._replica.on_confirm(c)
+        return await self._replica.on_confirm(peer, c)
 
     def mount(self, m: Mounts) -> None:
         self._market.protocol.handle(OracleQuery, self._on_query)

@@ -7,9 +7,11 @@ a replica whose key number (the price, or the sentiment score) is further from t
 median than the tolerance (the larger of 2 % — 0.05 for a sentiment score — and three
 scaled median absolute deviations) is an outlier. The others receive the combined
 answer (``OracleConfirm``), check it against their own, and sign the outcome digest of
-the consensus issue; outliers lose reputation. With a chain, the answer's hash and the
-signatures are anchored through ``TaskAnchor`` like any task (model id: the hash of the
-query, e.g. ``oracle:price:QUBIC:4h``).
+the consensus issue; outliers lose reputation. A replica signs only the answer to a
+query it was asked by that query's origin and computed itself, once, under the unpaid
+ticket of that origin's query as the replica computes it; anything else is refused.
+With a chain, the answer's hash and the signatures are anchored through ``TaskAnchor``
+like any task (model id: the hash of the query, e.g. ``oracle:price:QUBIC:4h``).
 """
 
 from __future__ import annotations
@@ -22,16 +24,17 @@ import math
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import trio
 
-from vcoind.chain.typed import DECISIONS, Outcome
+from vcoind.chain.typed import DECISIONS, MODES, Outcome, Ticket
 from vcoind.consensus.reputation import updated_reputation
 from vcoind.market.messages import TASK_ID_RE
 from vcoind.market.payments import Payments
 from vcoind.oracle import OracleError
 from vcoind.p2p.codec import Message, lim, message
+from vcoind.p2p.streams import StreamProtocolError
 
 log = logging.getLogger("vcoind.oracle")
 
@@ -41,6 +44,8 @@ FIELDS = {
 }
 TOLERANCE = {"price": 0.02, "sentiment": 0.05}  # relative for price, absolute for scores
 QUERY_TIMEOUT_S = 30.0
+MAX_ASKED = 1000  # answers kept for confirmation, in all ...
+MAX_ASKED_PER_PEER = 32  # ... and per origin: a flood of queries evicts only its own
 
 
 @message
@@ -79,8 +84,10 @@ class OracleConfirm(Message):
     result_hash: bytes = field(metadata=lim(exact_len=32, max_len=32))
     model_id: str = field(metadata=lim(max_len=80))
     decision: str = field(metadata=lim(max_len=16))
-    # the struct hash of the origin's (unpaid) ticket the outcome is signed under
+    # the struct hash of the origin's (unpaid) ticket the outcome is signed under; the
+    # replica computes it too (it names the origin and ``replicas``, the nodes asked)
     ticket_hash: bytes = field(default=bytes(32), metadata=lim(exact_len=32, max_len=32))
+    replicas: int = field(default=1, metadata=lim(min=1, max=1024))
 
 
 @message
@@ -139,13 +146,38 @@ def _decision(agreeing: int, k: int) -> str:
     return "majority" if agreeing * 2 > k else "none"
 
 
+class SignRefused(StreamProtocolError):
+    """A confirmation this replica will not sign (the peer gets the message)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"not signed: {message}")
+        self.reason = reason  # the metric's label
+
+
+@dataclass(frozen=True)
+class _Asked:
+    origin: str  # the peer that asked
+    query: OracleQuery
+    values: tuple[float, ...]  # what this node computed
+
+
+def unpaid_ticket_hash(q: OracleQuery, requester: str, replicas: int) -> bytes:
+    """The struct hash of the unpaid ticket an origin signs its oracle answer under
+    (``Payments.unpaid_ticket`` of the origin, as any replica can compute it)."""
+    return Ticket(q.task_id, requester, query_model_id(q), MODES["oracle"], max(1, replicas),
+                  False, 0, 0, 0, 0).hash()  # fmt: skip
+
+
 @dataclass
 class OracleReplica:
     """The replica side: answers queries from the node's own oracle service."""
 
     service: Any  # vcoind.oracle.service.OracleService
     payments: Payments  # signs the answer as a settlement-v2 outcome
-    mine: dict[str, tuple[float, ...]] = field(default_factory=dict)  # task -> own values
+    eth_address_of: Callable[[str], str | None] = lambda peer: None  # the origin's, known
+    on_refused: Callable[[str], None] = lambda reason: None
+    # task -> who asked, what, and what we computed; dropped once signed
+    mine: dict[str, _Asked] = field(default_factory=dict)
 
     async def compute(self, q: OracleQuery) -> tuple[tuple[float, ...], bytes]:
         if q.subject == "price":
@@ -159,28 +191,57 @@ class OracleReplica:
             raise OracleError(f"not enough data for {', '.join(FIELDS[q.subject])}")
         return tuple(float(v) for v in values), bytes.fromhex(r["input_hash"])
 
-    async def on_query(self, q: OracleQuery) -> OracleReport:
+    async def on_query(self, peer: str, q: OracleQuery) -> OracleReport:
+        asked = self.mine.get(q.task_id)
+        if asked is not None and (asked.origin, asked.query) != (peer, q):
+            self._refuse("task_taken", f"oracle task {q.task_id} was asked already, "
+                         "by another node or with other terms")  # fmt: skip
         try:
             values, inputs = await self.compute(q)
         except OracleError as exc:
             return OracleReport(q.task_id, error=str(exc)[:500])
-        self.mine[q.task_id] = values
-        if len(self.mine) > 1000:
+        self.mine[q.task_id] = _Asked(peer, q, values)
+        theirs = [t for t, a in self.mine.items() if a.origin == peer]
+        for t in theirs[: max(0, len(theirs) - MAX_ASKED_PER_PEER)]:
+            del self.mine[t]
+        if len(self.mine) > MAX_ASKED:
             self.mine.pop(next(iter(self.mine)))
         return OracleReport(q.task_id, values, inputs)
 
-    async def on_confirm(self, c: OracleConfirm) -> OracleSignature:
+    async def on_confirm(self, peer: str, c: OracleConfirm) -> OracleSignature:
         q = c.query
-        own = self.mine.get(q.task_id)
-        if own is None:
-            return OracleSignature(q.task_id, reason="no report of ours for this query")
-        if not within(q.subject, own[0], c.values[0]):
-            return OracleSignature(q.task_id, reason=f"{own[0]:.6g} is far from {c.values[0]:.6g}")
+        asked = self.mine.get(q.task_id)
+        if asked is None:
+            self._refuse("not_asked", f"this node computed no answer to oracle task "
+                         f"{q.task_id} (not asked, or signed already)")  # fmt: skip
+        if asked.origin != peer:
+            self._refuse("other_origin", f"oracle task {q.task_id} was asked by another node")
+        if asked.query != q:
+            self._refuse("other_query", f"oracle task {q.task_id} was asked with other terms")
+        own = asked.values
+        if len(c.values) != len(own) or not within(q.subject, own[0], c.values[0]):
+            self._refuse("values", f"the answer {c.values[:1]} is far from ours, {own[0]:.6g}")
         if c.result_hash != result_hash(q, c.values) or c.model_id != query_model_id(q):
-            return OracleSignature(q.task_id, reason="the result hash does not match the values")
-        outcome = Outcome(c.result_hash, DECISIONS.get(c.decision, 0), 0)
+            self._refuse("result_hash", "the result hash does not match the values")
+        if c.decision not in DECISIONS:
+            self._refuse("decision", f"no agreement to sign ({c.decision[:16]!r})")
+        requester = self.eth_address_of(peer)
+        if not requester:
+            self._refuse("unknown_origin", "no Ethereum address of yours is known here "
+                         "(no heartbeat): no ticket to sign under")  # fmt: skip
+        if c.ticket_hash != unpaid_ticket_hash(q, requester, c.replicas):
+            self._refuse("ticket", f"the ticket hash is not that of your unpaid oracle task "
+                         f"{q.task_id} for {c.replicas} node(s)")  # fmt: skip
+        del self.mine[q.task_id]  # one signature per query
+        outcome = Outcome(c.result_hash, DECISIONS[c.decision], 0)
         sig = self.payments.sign_outcome_for(q.task_id, c.ticket_hash, outcome)
         return OracleSignature(q.task_id, sig)
+
+    def _refuse(self, reason: str, message: str) -> NoReturn:
+        exc = SignRefused(reason, message)
+        log.warning("oracle: refused to sign: %s", exc)
+        self.on_refused(reason)
+        raise exc
 
 
 @dataclass(frozen=True)
@@ -240,7 +301,8 @@ async def replicated_query(
     model_id = query_model_id(q)
     signatures: list[tuple[str, bytes]] = []
     if decision != "none":
-        confirm = OracleConfirm(q, combined, rhash, model_id, decision, ticket_hash(model_id))
+        confirm = OracleConfirm(q, combined, rhash, model_id, decision, ticket_hash(model_id),
+                                len(peers))  # fmt: skip
 
         async def sign(peer: str) -> None:
             try:

@@ -7,6 +7,7 @@ check what a peer hands over; nothing unverified is kept or used.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -25,11 +26,34 @@ ID_RE = re.compile(r"[0-9a-f]{64}")
 Request = Callable[[str, Any, type[Any]], Awaitable[Any]]
 
 
-class AdapterStore:
-    """``DATADIR/adapters/<id>.safetensors``: written atomically, only under its own hash."""
+class Refusal(TrainError):
+    """A request this node will not serve: the peer gets an ``ErrorReply`` with ``code``
+    ("over_budget", "sign_refused") and the message; ``label`` is the metric's (the budget,
+    or why a signature was refused)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, code: str, label: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.label = label
+
+
+def over_budget(resource: str, message: str) -> Refusal:
+    return Refusal("over_budget", resource, message)
+
+
+class AdapterStore:
+    """``DATADIR/adapters/<id>.safetensors``: written atomically, only under its own hash.
+
+    An adapter a peer brought (``owner``: the training's origin, or the holder it was
+    fetched from) is recorded beside it (``<id>.owner``) and counts against that peer's
+    ``quota_bytes``; all of them together against ``capacity_bytes``. Over either, the
+    least recently used peers' adapters are dropped first (ours, ``owner`` "", never);
+    one that cannot fit is refused (``Refusal`` "over_budget"). 0 = no limit."""
+
+    def __init__(self, root: Path, *, quota_bytes: int = 0, capacity_bytes: int = 0) -> None:
         self.root = root
+        self.quota_bytes = quota_bytes
+        self.capacity_bytes = capacity_bytes
 
     def path(self, adapter_id: str) -> Path:
         if not ID_RE.fullmatch(adapter_id):
@@ -51,17 +75,84 @@ class AdapterStore:
 
     def get(self, adapter_id: str) -> bytes | None:
         try:
-            return self.path(adapter_id).read_bytes()
+            data = self.path(adapter_id).read_bytes()
         except FileNotFoundError:
             return None
+        self.touch(adapter_id)
+        return data
 
-    def put(self, adapter_id: str, data: bytes) -> Path:
+    def touch(self, adapter_id: str) -> None:
+        """Mark it used now (the least recently used go first)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.path(adapter_id))
+
+    def owner(self, adapter_id: str) -> str:
+        try:
+            return self.path(adapter_id).with_suffix(".owner").read_text().strip()
+        except FileNotFoundError:
+            return ""
+
+    def usage(self) -> dict[str, int]:
+        """Bytes held per owner ("" = ours)."""
+        out: dict[str, int] = {}
+        for a in self.ids():
+            o = self.owner(a)
+            out[o] = out.get(o, 0) + self.path(a).stat().st_size
+        return out
+
+    def _remove(self, adapter_id: str) -> None:
+        path = self.path(adapter_id)
+        path.unlink(missing_ok=True)
+        path.with_suffix(".owner").unlink(missing_ok=True)
+        log.info("adapter %s dropped (storage budget)", adapter_id[:12])
+
+    def _make_room(self, size: int, owner: str) -> None:
+        """Drop least recently used peers' adapters until ``size`` more bytes from
+        ``owner`` fit its quota and the capacity; Refusal when they cannot."""
+        quota, cap = self.quota_bytes, self.capacity_bytes
+        if owner and quota and size > quota:
+            raise over_budget("adapter_quota_per_peer", f"adapter storage per peer: an adapter "
+                              f"of {size} bytes exceeds the quota of {quota} bytes "
+                              "(compute.adapter_quota_mb_per_peer)")  # fmt: skip
+        if cap and size > cap:
+            raise over_budget("adapter_store", f"adapter storage: an adapter of {size} bytes "
+                              f"exceeds the node's {cap} (compute.adapter_store_mb)")  # fmt: skip
+        entries = sorted(((self.path(a).stat(), a, self.owner(a)) for a in self.ids()),
+                         key=lambda e: e[0].st_mtime)  # fmt: skip
+        gone: set[str] = set()
+        if owner and quota:  # the peer's own, least recently used first
+            mine = sum(st.st_size for st, _, o in entries if o == owner)
+            for st, a, o in entries:
+                if mine + size <= quota:
+                    break
+                if o == owner:
+                    self._remove(a)
+                    gone.add(a)
+                    mine -= st.st_size
+        if cap:  # then any peer's
+            total = sum(st.st_size for st, a, _ in entries if a not in gone)
+            for st, a, o in entries:
+                if total + size <= cap:
+                    break
+                if o and a not in gone:
+                    self._remove(a)
+                    total -= st.st_size
+            if total + size > cap:
+                raise over_budget("adapter_store", f"adapter storage: the node's {cap} bytes "
+                                  "(compute.adapter_store_mb) are full")  # fmt: skip
+
+    def put(self, adapter_id: str, data: bytes, owner: str = "") -> Path:
+        """Store ``data`` under its hash, brought by peer ``owner`` ("" = ours)."""
         if sha256_hex(data) != adapter_id:
             raise TrainError(f"adapter bytes do not hash to {adapter_id}")
         path = self.path(adapter_id)
         if path.is_file():
+            self.touch(adapter_id)
             return path
         self.root.mkdir(parents=True, exist_ok=True)
+        self._make_room(len(data), owner)
+        if owner:
+            path.with_suffix(".owner").write_text(owner)
         tmp = path.with_suffix(".part")
         with open(tmp, "wb") as f:
             f.write(data)

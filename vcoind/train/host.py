@@ -21,8 +21,16 @@ import trio
 
 from vcoind.compute.models import ModelError, ModelStore
 from vcoind.market.messages import Ack
-from vcoind.p2p.streams import StreamProtocolError
-from vcoind.train.adapters import AdapterStore, BlobCache, Request, blob_part, pull_blob
+from vcoind.p2p.streams import ErrorReply, StreamProtocolError
+from vcoind.train.adapters import (
+    AdapterStore,
+    BlobCache,
+    Refusal,
+    Request,
+    blob_part,
+    over_budget,
+    pull_blob,
+)
 from vcoind.train.spec import (
     MAX_SHARD_BYTES,
     LoraSettings,
@@ -48,6 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vcoind.train")
 PROGRESS_EVERY_S = 0.25
 MAX_SHARDS = 4  # shards one node trains at once (each holds a copy of its base model)
+MAX_SHARDS_PER_PEER = 2  # ... for one origin (compute.train_slots, train_slots_per_peer)
 SHARD_IDLE_S = 3600.0  # a shard whose origin went silent this long is dropped (its model too)
 
 
@@ -61,6 +70,7 @@ class _Shard:
     model_id: str
     trainer: LoraTrainer | None = None
     last: tuple[TrainRound, RoundDone] | None = None  # answered again if asked again
+    steps: int = 0  # of its schedule, all of which this node trains before it signs
     touched: float = field(default_factory=time.monotonic)
     cancel: threading.Event = field(default_factory=threading.Event)
     lock: trio.Lock = field(default_factory=trio.Lock)
@@ -78,8 +88,12 @@ class TrainHost:
         limiter: Callable[[], Awaitable[trio.CapacityLimiter]],
         lora: Callable[[], Awaitable[Any]],
         sign: Callable[[str, str, bytes], tuple[str, bytes]] | None = None,
+        ticket: Callable[[str, str, str, int], bytes | None] | None = None,
         on_adapters: Callable[[], None] = lambda: None,
         on_rate: Callable[[str, float], None] = lambda model_id, samples_per_s: None,
+        on_refused: Callable[[Refusal], None] = lambda refusal: None,
+        slots: int = MAX_SHARDS,
+        slots_per_peer: int = MAX_SHARDS_PER_PEER,
     ) -> None:
         self._models = models
         self.adapters = adapters
@@ -89,7 +103,15 @@ class TrainHost:
         self._limiter = limiter
         self._lora = lora  # -> the vcoind.train.lora module, imported safely
         self.sign = sign  # (task id, adapter id, ticket hash) -> (eth address, signature)
-        self._shards: dict[tuple[str, int], _Shard] = {}
+        # (origin, task id, model id, replicas) -> the struct hash of the origin's unpaid
+        # ticket, as this node computes it (None: the origin's address is not known)
+        self.ticket = ticket
+        self.on_refused = on_refused  # counted by the service
+        self.slots = slots
+        self.slots_per_peer = slots_per_peer
+        # (origin, task id, shard): one origin's task ids never collide with another's
+        self._shards: dict[tuple[str, str, int], _Shard] = {}
+        self._joining: dict[str, int] = {}  # origin -> joins pulling their shard now
         self.on_adapters = on_adapters  # the set of adapters changed
         self.on_rate = on_rate  # (model id, samples per second) measured
         self.rounds_trained = 0
@@ -100,6 +122,14 @@ class TrainHost:
 
     async def handle(self, peer: str, r: Any) -> Any:
         """A /vcoin/train/1.0.0 request from ``peer`` (origin-side records go elsewhere)."""
+        try:
+            return await self._handle(peer, r)
+        except Refusal as exc:
+            log.warning("refused %s from %s: %s", type(r).__name__, peer, exc)
+            self.on_refused(exc)
+            return ErrorReply(exc.code, str(exc)[:1024])
+
+    async def _handle(self, peer: str, r: Any) -> Any:
         try:
             if isinstance(r, BlobGet):
                 return self.blob(r)
@@ -112,6 +142,8 @@ class TrainHost:
             if isinstance(r, TrainAbort):
                 self._abort(peer, r.task_id)
                 return Ack()
+        except Refusal:
+            raise
         except TrainError as exc:
             raise StreamProtocolError(str(exc)) from None
         raise StreamProtocolError(f"unexpected {type(r).__name__}")
@@ -120,17 +152,16 @@ class TrainHost:
         return blob_part(self.blobs.get(r.hash) or self.adapters.get(r.hash), r)
 
     async def _join(self, origin: str, j: TrainJoin) -> Ack:
-        key = (j.task_id, j.shard)
+        key = (origin, j.task_id, j.shard)
         old = self._shards.get(key)
         if old is not None:
-            if old.origin != origin or old.join != j:
+            if old.join != j:
                 raise TrainError(f"shard {j.shard} of {j.task_id} was joined with other terms")
             return Ack()
         if j.shard_bytes > MAX_SHARD_BYTES:
             raise TrainError(f"a shard of {j.shard_bytes} bytes exceeds the limit of "
                              f"{MAX_SHARD_BYTES}")  # fmt: skip
-        if len(self._shards) >= MAX_SHARDS:
-            raise TrainError(f"this node trains {len(self._shards)} shards already (the most)")
+        self._check_slots(origin)
         try:
             info = self._models.resolve(j.model)
         except ModelError as exc:
@@ -139,19 +170,42 @@ class TrainHost:
             settings = LoraSettings.from_dict(json.loads(j.settings))
         except (ValueError, TypeError, TrainError) as exc:
             raise TrainError(f"settings: {exc}") from None
-        data = await pull_blob(self._request, origin, j.shard_hash, j.shard_bytes)
+        self._joining[origin] = self._joining.get(origin, 0) + 1  # its slot, held meanwhile
+        try:
+            data = await pull_blob(self._request, origin, j.shard_hash, j.shard_bytes)
+        finally:
+            self._joining[origin] -= 1
+            if not self._joining[origin]:
+                del self._joining[origin]
         examples = parse_jsonl(data, f"shard {j.shard}")
         if len(examples) != j.examples:
             raise TrainError(f"shard {j.shard} holds {len(examples)} examples, not {j.examples}")
-        self._shards[key] = _Shard(origin, j, settings, examples, info.path, info.model_id)
+        self._check_slots(origin)  # (others may have joined while we pulled)
+        self._shards[key] = _Shard(origin, j, settings, examples, info.path, info.model_id,
+                                   steps=total_steps(len(examples), settings))  # fmt: skip
         log.info("task %s: shard %d joined (%d examples, %d steps, checked %s)", j.task_id,
                  j.shard, len(examples), total_steps(len(examples), settings),
                  j.shard_hash[:12])  # fmt: skip
         return Ack()
 
+    def _check_slots(self, origin: str) -> None:
+        """Over budget: every training slot of this node taken, or the origin's share."""
+        held = sum(1 for s in self._shards.values() if s.origin == origin)
+        held += self._joining.get(origin, 0)
+        if held >= self.slots_per_peer:
+            n = self.slots_per_peer
+            raise over_budget("train_slots_per_peer", f"training slots per peer: you hold "
+                              f"{held} of this node's shards, the most one origin may "
+                              f"(compute.train_slots_per_peer = {n})")  # fmt: skip
+        busy = len(self._shards) + sum(self._joining.values())
+        if busy >= self.slots:
+            raise over_budget("train_slots", f"training slots: this node trains {busy} "
+                              f"shards already, the most (compute.train_slots = "
+                              f"{self.slots})")  # fmt: skip
+
     def _shard(self, origin: str, task_id: str, shard: int) -> _Shard:
-        sh = self._shards.get((task_id, shard))
-        if sh is None or sh.origin != origin:
+        sh = self._shards.get((origin, task_id, shard))
+        if sh is None:
             raise TrainError(f"shard {shard} of {task_id} was not joined by this origin")
         sh.touched = time.monotonic()
         return sh
@@ -161,9 +215,10 @@ class TrainHost:
         now = time.monotonic()
         stale = [k for k, s in self._shards.items()
                  if now - s.touched > max_idle_s and not s.lock.locked()]  # fmt: skip
-        for task_id, shard in stale:
+        for key in stale:
+            _, task_id, shard = key
             log.info("task %s: dropping shard %d, idle for %.0f s", task_id, shard, max_idle_s)
-            sh = self._shards.pop((task_id, shard))
+            sh = self._shards.pop(key)
             sh.cancel.set()
             sh.trainer = None
         return len(stale)
@@ -229,14 +284,37 @@ class TrainHost:
             log.debug("training progress not delivered: %s", exc)
 
     async def _finish(self, origin: str, f: TrainFinish) -> TrainSigned:
-        if not any(k[0] == f.task_id and s.origin == origin for k, s in self._shards.items()):
-            raise TrainError(f"this node trains no shard of {f.task_id} for that origin")
+        """Keep the final adapter and sign it: only for a task whose shards this node
+        accepted from ``origin`` and trained to their end, under the unpaid ticket of that
+        origin's task as this node computes it (anything else: ``sign_refused``)."""
+        mine = [s for k, s in self._shards.items() if k[:2] == (origin, f.task_id)]
+        if not mine:
+            raise _refuse("not_joined", f"this node trains no shard of {f.task_id} for you")
+        undone = [s.join.shard for s in mine if not _trained(s)]
+        if undone:
+            raise _refuse("not_trained", f"shard(s) {undone} of {f.task_id} are not trained "
+                          "to their end here")  # fmt: skip
+        if f.model_id != mine[0].model_id:
+            raise _refuse("model", f"this node trained {f.task_id} on model "
+                          f"{mine[0].model_id[:19]}, not {f.model_id[:19]}")  # fmt: skip
+        if self.sign is not None:
+            want = None if self.ticket is None else self.ticket(origin, f.task_id, f.model_id,
+                                                                f.replicas)  # fmt: skip
+            if want is None:
+                raise _refuse("unknown_origin", "no Ethereum address of yours is known here "
+                              "(no heartbeat): no ticket to sign under")  # fmt: skip
+            if f.ticket_hash != want:
+                raise _refuse("ticket", f"the ticket hash is not that of your unpaid "
+                              f"lora_training task {f.task_id} for {f.replicas} "
+                              "node(s)")  # fmt: skip
         data = self.adapters.get(f.adapter) or self.blobs.get(f.adapter)
         if data is None:
             data = await pull_blob(self._request, origin, f.adapter, f.adapter_bytes)
         lora = await self._lora()
-        await trio.to_thread.run_sync(lora.adapter_from_bytes, data)  # a usable adapter
-        await trio.to_thread.run_sync(self.adapters.put, f.adapter, data)
+        _, meta = await trio.to_thread.run_sync(lora.adapter_from_bytes, data)  # usable
+        if meta.get("base_model_id") != mine[0].model_id:
+            raise _refuse("adapter", f"adapter {f.adapter[:12]} is not for the model trained")
+        await trio.to_thread.run_sync(self.adapters.put, f.adapter, data, origin)
         self.on_adapters()
         self._abort(origin, f.task_id)
         if self.sign is None:
@@ -245,7 +323,19 @@ class TrainHost:
         return TrainSigned(address, sig)
 
     def _abort(self, origin: str, task_id: str) -> None:
-        for key in [k for k, s in self._shards.items() if k[0] == task_id and s.origin == origin]:
+        for key in [k for k in self._shards if k[:2] == (origin, task_id)]:
             sh = self._shards.pop(key)
             sh.cancel.set()
             sh.trainer = None
+
+
+def _trained(sh: _Shard) -> bool:
+    """This node trained the shard's whole schedule (its last round ends the schedule)."""
+    if sh.last is None:
+        return False
+    r, done = sh.last
+    return r.start_step + len(done.losses) >= sh.steps
+
+
+def _refuse(reason: str, message: str) -> Refusal:
+    return Refusal("sign_refused", reason, f"not signed: {message}")

@@ -347,7 +347,7 @@ class TrainingRun:
             return
 
     async def finish(
-        self, adapter_id: str, ticket_hash: bytes = bytes(32)
+        self, adapter_id: str, ticket_hash: bytes = bytes(32), replicas: int = 1
     ) -> list[tuple[str, TrainSigned]]:
         """Hand the final adapter to every surviving participant: each pulls it, checks
         it, keeps it and signs it. The (peer, signed) answers that came back."""
@@ -356,7 +356,7 @@ class TrainingRun:
         async def one(peer: str) -> None:
             try:
                 rec = TrainFinish(self.task_id, adapter_id, len(self._global), self.model_id,
-                                  ticket_hash)  # fmt: skip
+                                  ticket_hash, replicas)  # fmt: skip
                 out.append((peer, await self._request(peer, rec, TrainSigned, None)))
             except StreamProtocolError as exc:
                 log.info("task %s: %s did not take the final adapter: %s", self.task_id,

@@ -20,15 +20,16 @@ from typing import TYPE_CHECKING, Any
 import trio
 from libp2p.peer.id import ID
 
-from vcoind.chain.typed import Outcome
+from vcoind.chain.typed import MODES, Outcome, Ticket
 from vcoind.market.payments import Payments
 from vcoind.market.ports import OnView
 from vcoind.market.settle import Settled, Settler, Vote
-from vcoind.p2p.streams import StreamProtocol, StreamProtocolError, StreamService
+from vcoind.metrics import NodeMetrics
+from vcoind.p2p.streams import ErrorReply, StreamProtocol, StreamProtocolError, StreamService
 from vcoind.presence.service import PresenceService
 from vcoind.store import TaskRow
-from vcoind.train.adapters import AdapterStore, BlobCache, pull_blob
-from vcoind.train.host import MAX_SHARDS, TrainHost
+from vcoind.train.adapters import AdapterStore, BlobCache, Refusal, pull_blob
+from vcoind.train.host import TrainHost
 from vcoind.train.run import TrainingRun
 from vcoind.train.spec import LoraSettings, TrainError, parse_jsonl, sha256_hex
 from vcoind.train.wire import TRAIN_PROTOCOL, TRAIN_REQUESTS, TrainJoin, TrainProgress
@@ -61,8 +62,10 @@ class TrainService:
         compute: ComputeService,
         *,
         settler: Settler | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self._cfg = cfg
+        self._metrics = metrics or NodeMetrics()
         self._datadir = datadir
         self.datasets_dir = datadir / "train"
         self._payments = payments
@@ -71,14 +74,20 @@ class TrainService:
         self._view = presence.view
         self._compute = compute
         self._settler = settler
-        self.adapters = AdapterStore(datadir / "adapters")
+        cc = compute.cfg
+        self.adapters = AdapterStore(
+            datadir / "adapters", quota_bytes=int(cc.adapter_quota_mb_per_peer * (1 << 20)),
+            capacity_bytes=int(cc.adapter_store_mb * (1 << 20)),
+        )  # fmt: skip
         self.blobs = BlobCache()
         self._rates: dict[str, float] = {}  # model id -> measured samples per second
         self.host = TrainHost(
             compute.models, self.adapters, self.blobs, self.send,
             device=lambda: str(compute.executor_now().device),
             limiter=self._limiter, lora=self.lora, sign=self._sign_adapter,
-            on_adapters=self._announce_adapters, on_rate=self._rates.__setitem__,
+            ticket=self._ticket_hash, on_adapters=self._announce_adapters,
+            on_rate=self._rates.__setitem__, on_refused=self._refused,
+            slots=cc.train_slots, slots_per_peer=cc.train_slots_per_peer,
         )  # fmt: skip
         self._lora_lock = trio.Lock()
         self._trainings: dict[str, TrainingRun] = {}
@@ -110,10 +119,14 @@ class TrainService:
                 try:
                     data = await pull_blob(self.send, peer, adapter_id)
                     await trio.to_thread.run_sync((await self.lora()).adapter_from_bytes, data)
+                    # kept on the holder's quota: a peer that announces adapters cannot
+                    # fill our disk with them
+                    await trio.to_thread.run_sync(self.adapters.put, adapter_id, data, peer)
                 except (StreamProtocolError, TrainError) as exc:
+                    if isinstance(exc, Refusal):
+                        self._refused(exc)
                     errors.append(f"{peer[-8:]}: {exc}")
                     continue
-                await trio.to_thread.run_sync(self.adapters.put, adapter_id, data)
                 log.info("adapter %s fetched from %s", adapter_id[:12], peer)
                 self._announce_adapters()
                 return path
@@ -144,7 +157,7 @@ class TrainService:
             if last is None:
                 log.warning("task %s: the earlier run's adapter is gone; training from the "
                             "start", row.id)  # fmt: skip
-            elif shards > len(peers) * MAX_SHARDS:
+            elif shards > len(peers) * self.host.slots_per_peer:
                 log.warning("task %s: %d node(s) bid, too few for the earlier run's %d shards; "
                             "training from the start", row.id, len(peers), shards)  # fmt: skip
             else:
@@ -191,7 +204,7 @@ class TrainService:
                 survivors = sum(1 for x in run.nodes.values() if x.status != "failed")
                 ticket = self._payments.unpaid_ticket(row.id, run.model_id, "lora_training",
                                                       survivors, False)  # fmt: skip
-                signed = await run.finish(adapter_id, ticket.hash())
+                signed = await run.finish(adapter_id, ticket.hash(), ticket.replicas)
                 nursery.cancel_scope.cancel()
         except BaseException as exc:
             with trio.CancelScope(shield=True):
@@ -248,7 +261,10 @@ class TrainService:
     ) -> Any:
         """A /vcoin/train/1.0.0 request to ``peer``; to ourselves a plain call."""
         if peer == self._view.peer_id:
-            return await self._dispatch(peer, record)
+            reply = await self._dispatch(peer, record)
+            if isinstance(reply, ErrorReply):
+                raise StreamProtocolError(f"{peer} answered {reply.code}: {reply.message}")
+            return reply
         return await self._streams.request(ID.from_base58(peer), TRAIN_STREAM, record,
                                            reply_type, timeout_s=timeout_s)  # fmt: skip
 
@@ -258,6 +274,22 @@ class TrainService:
         outcome = _adapter_outcome(adapter_id)
         return self._payments.address, self._payments.sign_outcome_for(task_id, ticket_hash,
                                                                        outcome)  # fmt: skip
+
+    def _ticket_hash(self, origin: str, task_id: str, model_id: str, replicas: int) -> bytes | None:
+        """The struct hash of ``origin``'s unpaid ticket of a training task
+        (``Payments.unpaid_ticket`` as that origin makes it), from what this node knows:
+        the origin's Ethereum address from its heartbeats (None: not known)."""
+        requester = self._view.eth_address_of(origin)
+        if not requester:
+            return None
+        return Ticket(task_id, requester, model_id, MODES["lora_training"], max(1, replicas),
+                      False, 0, 0, 0, 0).hash()  # fmt: skip
+
+    def _refused(self, r: Refusal) -> None:
+        if r.code == "over_budget":
+            self._metrics.budget_refused.labels(resource=r.label).inc()
+        else:
+            self._metrics.sign_refused.labels(kind="training", reason=r.label).inc()
 
     def _announce_adapters(self) -> None:
         self._presence.announce(adapters=tuple(self.adapters.newest(16)))

@@ -7,7 +7,8 @@ One request, one reply per stream:
   ``TrainRound`` (train steps ``start_step..`` from the global adapter ``adapter``,
   "" = the seeded initial one) -> ``RoundDone`` (samples, losses, the hash of the
   node's adapter, which the origin then pulls); ``TrainFinish`` (the final adapter:
-  the node pulls it, checks it, keeps it and signs it) -> ``TrainSigned``;
+  the node pulls it, checks it, keeps it and signs it, if it trained its shards of that
+  task for that origin to their end) -> ``TrainSigned``;
   ``TrainAbort`` -> ``Ack``;
 - node -> origin: ``TrainProgress`` (step, loss) -> ``Ack``;
 - either way: ``BlobGet`` (hash, offset) -> ``BlobPart``. Shards and adapters travel as
@@ -101,8 +102,11 @@ class TrainFinish(Message):
     adapter: str = field(metadata=_HASH)
     adapter_bytes: int = field(metadata=lim(min=1, max=MAX_BLOB_BYTES))
     model_id: str = field(metadata=lim(max_len=71))
-    # the struct hash of the origin's (unpaid) ticket the outcome is signed under
+    # the struct hash of the origin's (unpaid) ticket the outcome is signed under; the
+    # node computes it too (the ticket names the origin and ``replicas``, the nodes that
+    # finished) and signs only if they agree
     ticket_hash: bytes = field(default=bytes(32), metadata=lim(exact_len=32, max_len=32))
+    replicas: int = field(default=1, metadata=lim(min=1, max=1024))
 
 
 @message
