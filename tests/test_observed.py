@@ -69,3 +69,19 @@ def test_early_reveals_from_strangers_cannot_crowd_out_the_replicas() -> None:
     p.committed.add("replica")
     _keep_early(p, reveal("replica"))
     assert "replica" in p.reveals and len(p.reveals) == MAX_REPLICAS
+
+
+async def test_offers_are_kept_per_origin_and_expire(autojump_clock: object) -> None:
+    import trio
+
+    from vcoind.market.offered import Offered
+
+    o = Offered(kept=3, max_age_s=60)
+    o.add("task", "honest")
+    o.add("task", "hostile")  # the same public task id re-announced: blocks nothing
+    assert ("task", "honest") in o and ("task", "hostile") in o and ("task", "x") not in o
+    for i in range(3):
+        o.add(f"t{i}", "honest")
+    assert ("task", "honest") not in o  # bounded in number
+    await trio.sleep(61)
+    assert ("t2", "honest") not in o  # and in age

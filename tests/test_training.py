@@ -216,11 +216,9 @@ async def test_corrupted_shard_and_adapter_frames_are_refused(
 
     import trio
 
-    from tests.test_gossip_junk import raw_host
+    from tests.adversary.hostile import hostile
     from vcoind.market.messages import Ack
-    from vcoind.metrics import NodeMetrics
-    from vcoind.p2p.keeper import parse_peer_addr
-    from vcoind.p2p.streams import StreamProtocolError, StreamService
+    from vcoind.p2p.streams import StreamProtocolError
     from vcoind.train.adapters import blob_part, pull_blob
     from vcoind.train.lora import adapter_from_bytes
     from vcoind.train.service import TRAIN_STREAM
@@ -228,7 +226,6 @@ async def test_corrupted_shard_and_adapter_frames_are_refused(
     from vcoind.train.wire import BlobGet, RoundDone, TrainJoin, TrainRound
 
     n1 = await trio.to_thread.run_sync(lambda: cluster.start(1, extra=serving(models_dir)))
-    target = parse_peer_addr(n1.p2p_addr)
     good = canonical_jsonl([{"text": f"hello world number {i}"} for i in range(4)])
     served: dict[str, bytes] = {}  # what this fake origin hands out under each hash
 
@@ -237,13 +234,14 @@ async def test_corrupted_shard_and_adapter_frames_are_refused(
             return blob_part(served.get(req.hash), req)
         return Ack()
 
-    async with raw_host() as (host, _pubsub):
-        await host.connect(target)
-        svc = StreamService(type("Raw", (), {"host": host})(), NodeMetrics())  # type: ignore[arg-type]
-        svc.serve(TRAIN_STREAM, handler)
+    async with hostile() as fake:  # an origin the node offered to train for
+        fake.streams.serve(TRAIN_STREAM, handler)
+        await fake.join(n1.p2p_addr, "tasks")
+        await fake.offered_training(n1.info["peer_id"], MODEL, "ab" * 16)
 
         async def ask(record: Any, reply: type[Any] = Ack) -> Any:
-            return await svc.request(target.peer_id, TRAIN_STREAM, record, reply, timeout_s=60)
+            return await fake.request(n1.info["peer_id"], TRAIN_STREAM, record, reply,
+                                      timeout_s=60)  # fmt: skip
 
         settings = json.dumps(LoraSettings(batch_size=2, max_length=16, dropout=0.0).as_dict())
         h = sha256_hex(good)
@@ -282,9 +280,9 @@ async def test_corrupted_shard_and_adapter_frames_are_refused(
         assert done.samples == 4 and len(done.losses) == 2
 
         async def via(peer: str, record: Any, reply: type[Any]) -> Any:
-            return await svc.request(target.peer_id, TRAIN_STREAM, record, reply)
+            return await fake.request(peer, TRAIN_STREAM, record, reply)
 
-        data = await pull_blob(via, str(target.peer_id), done.adapter, done.adapter_bytes)
+        data = await pull_blob(via, n1.info["peer_id"], done.adapter, done.adapter_bytes)
         state, meta = adapter_from_bytes(data)
         assert meta["r"] == "8" and state
     info = await trio.to_thread.run_sync(n1.rpc.call, "vcoin_nodeInfo")
@@ -328,6 +326,7 @@ async def test_a_shard_left_idle_by_its_origin_is_dropped(models_dir: Path, tmp_
     host = TrainHost(models, AdapterStore(tmp_path / "adapters"), BlobCache(), origin,
                      device=lambda: "cpu", limiter=limiter, lora=lora)  # fmt: skip
     settings = json.dumps(LoraSettings(batch_size=1, max_length=16).as_dict())
+    host.offered("cd" * 16, "origin")  # we bid to train it
     await host.handle("origin", TrainJoin("cd" * 16, 0, MODEL, settings, sha256_hex(shard),
                                           len(shard), 2))  # fmt: skip
     done = await host.handle("origin", TrainRound("cd" * 16, 0, 0, 0, 1))

@@ -6,7 +6,9 @@ id. It runs none of vcoind's rules, so a test can make it say anything a peer ca
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -95,6 +97,22 @@ class Hostile:
         )
         return dataclasses.replace(hb, **over)
 
+    async def offered_training(self, node: str, model: str, *task_ids: str) -> None:
+        """Announce ``lora_training`` tasks as their origin and wait for ``node``'s bid on
+        them (a node accepts training joins only for tasks it offered to train). The
+        caller has joined the ``tasks`` topic."""
+        from vcoind.market.messages import AnnouncedTask, Bid, TaskAnnounce
+
+        tasks = tuple(AnnouncedTask(t, model, 1, 0, task_type="lora_training") for t in task_ids)
+        await self.publish("tasks", TaskAnnounce(self.network, self.peer_id, self.seq(),
+                                                 time.time(), tasks))  # fmt: skip
+        want = set(task_ids)
+        with trio.fail_after(30):
+            while want:
+                rec = await self.next_record("tasks")
+                if isinstance(rec, Bid) and rec.peer_id == node and rec.origin == self.peer_id:
+                    want -= {o.task_id for o in rec.offers}
+
     async def request(
         self, peer_id: str, proto: StreamProtocol, record: Any, reply_type: type[R], **kw: Any
     ) -> R:
@@ -112,6 +130,21 @@ async def hostile(network: str = "testnet", account: Any = None) -> AsyncIterato
         yield Hostile(p2p, StreamService(p2p, NodeMetrics()), network,
                       account or Account.create())  # fmt: skip
         await trio.sleep(0)
+
+
+def metrics_text(node: Any) -> str:
+    """A daemon's Prometheus /metrics (``node``: a ``devnet`` DevNode), with its cookie."""
+    req = urllib.request.Request(node.info["rpc_url"] + "/metrics", headers=node.rpc.auth)
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+def metric(node: Any, name: str, **labels: str) -> float:
+    """One sample of a daemon's /metrics (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "") + r" (\S+)"
+    m = re.search("^" + pattern + "$", metrics_text(node), re.M)
+    return float(m.group(1)) if m else 0.0
 
 
 async def in_thread(fn: Any, *args: Any) -> Any:

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import secrets
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from devnet.__main__ import DevNode
-from tests.adversary.hostile import hostile, in_thread
+from tests.adversary.hostile import hostile, in_thread, metrics_text
 from tests.conftest import Cluster
 from tests.test_tasks import MODEL, serving
 from vcoind.compute.models import ModelStore
@@ -33,11 +31,6 @@ from vcoind.train.spec import LoraSettings, canonical_jsonl, sha256_hex
 from vcoind.train.wire import BlobGet, TrainJoin, TrainProgress
 
 pytestmark = pytest.mark.slow
-
-
-def metrics_of(node: DevNode) -> str:
-    with urllib.request.urlopen(node.info["rpc_url"] + "/metrics") as resp:
-        return str(resp.read().decode())
 
 
 async def test_one_peer_cannot_take_every_training_slot(cluster: Cluster, models_dir: Path) -> None:
@@ -59,19 +52,21 @@ async def test_one_peer_cannot_take_every_training_slot(cluster: Cluster, models
     async with hostile() as h, hostile() as other:
         for x in (h, other):
             x.streams.serve(TRAIN_STREAM, serve)
-        target = await h.connect(node.p2p_addr)
-        await other.connect(node.p2p_addr)
-        task = secrets.token_hex(16)
+        target = await h.join(node.p2p_addr, "tasks")
+        await other.join(node.p2p_addr, "tasks")
+        task, task2, task3 = (secrets.token_hex(16) for _ in range(3))
+        await h.offered_training(target, MODEL, task, task2)
+        await other.offered_training(target, MODEL, task3)
         for i in range(2):
             assert isinstance(await h.request(target, TRAIN_STREAM, join(task, i), Ack), Ack)
         with pytest.raises(StreamProtocolError, match="over_budget: training slots per peer: "
                            r"you hold 2 .*compute.train_slots_per_peer = 2"):  # fmt: skip
             await h.request(target, TRAIN_STREAM, join(task, 2), Ack)
         with pytest.raises(StreamProtocolError, match="over_budget"):  # another task of its
-            await h.request(target, TRAIN_STREAM, join(secrets.token_hex(16), 0), Ack)
-        got = await other.request(target, TRAIN_STREAM, join(secrets.token_hex(16), 0), Ack)
+            await h.request(target, TRAIN_STREAM, join(task2, 0), Ack)
+        got = await other.request(target, TRAIN_STREAM, join(task3, 0), Ack)
         assert isinstance(got, Ack)
-    text = await in_thread(metrics_of, node)
+    text = await in_thread(metrics_text, node)
     assert 'vcoin_budget_refused_total{resource="train_slots_per_peer"} 2.0' in text
 
 
@@ -118,7 +113,7 @@ async def test_one_peer_cannot_hold_every_pipeline_session(
         # closing one of its own frees the peer's budget
         await h.request(target, SHARD_STREAM, ShardClose(sids[1]), Ack)
         assert isinstance(await open_(h, sids[2]), Ack)
-    text = await in_thread(metrics_of, node)
+    text = await in_thread(metrics_text, node)
     assert 'vcoin_budget_refused_total{resource="pipeline_sessions_per_peer"} 1.0' in text
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +21,10 @@ import pytest
 import trio
 
 from devnet.__main__ import DevNode
-from tests.adversary.hostile import Hostile, hostile, in_thread
+from tests.adversary.hostile import Hostile, hostile, in_thread, metric
 from tests.conftest import Cluster, wait_until
 from tests.test_tasks import MODEL, finished, knows_model, loaded, serving
 from vcoind.compute.models import ModelStore
-from vcoind.datadir import DataDir
 from vcoind.market.messages import (
     Accepted,
     Ack,
@@ -44,21 +42,6 @@ from vcoind.p2p.streams import StreamProtocolError
 from vcoind.presence.messages import ModelServed
 
 pytestmark = pytest.mark.slow
-
-
-def metric(node: DevNode, name: str, **labels: str) -> float:
-    """A counter from the node's /metrics (0 when absent)."""
-    req = urllib.request.Request(
-        node.info["rpc_url"] + "/metrics",
-        headers={"Authorization": f"Bearer {DataDir(node.datadir).read_cookie()}"},
-    )
-    with urllib.request.urlopen(req) as resp:
-        text = resp.read().decode()
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{{want}}}") or (not labels and line.startswith(name + " ")):
-            return float(line.split()[-1])
-    return 0.0
 
 
 class Worker:

@@ -9,10 +9,8 @@ Every attack must cost the node a bounded amount and leave honest peers working.
 from __future__ import annotations
 
 import dataclasses
-import re
 import secrets
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -26,27 +24,14 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
 
 from devnet.__main__ import DevNode
-from tests.adversary.hostile import Hostile, hostile, in_thread
+from tests.adversary.hostile import Hostile, hostile, in_thread, metric
 from tests.conftest import Cluster, peers_of, wait_until
-from vcoind.datadir import DataDir
 from vcoind.market.messages import AnnouncedTask, TaskAnnounce
 from vcoind.p2p.codec import encode
 from vcoind.presence.messages import Heartbeat, sign_binding
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny-qwen2"
-
-
-def metric(node: DevNode, name: str, **labels: str) -> float:
-    """One sample of the node's Prometheus /metrics (0 when absent)."""
-    req = urllib.request.Request(node.info["rpc_url"] + "/metrics")
-    req.add_header("Authorization", f"Bearer {DataDir(node.datadir).read_cookie()}")
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        text = resp.read().decode()
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    pattern = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "") + r" (\S+)"
-    m = re.search("^" + pattern + "$", text, re.M)
-    return float(m.group(1)) if m else 0.0
 
 
 def ignored(node: DevNode, kind: str, reason: str) -> float:

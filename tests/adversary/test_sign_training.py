@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import trio
 
 from devnet.__main__ import DevNode
 from devnet.replay import RecordedAPI
-from tests.adversary.hostile import Hostile, hostile, in_thread
+from tests.adversary.hostile import Hostile, hostile, in_thread, metrics_text
 from tests.conftest import Cluster
 from tests.test_tasks import MODEL, serving
 from vcoind.chain.typed import MODES, Ticket
@@ -53,11 +52,6 @@ pytestmark = pytest.mark.slow
 ORACLE_STREAM = task_stream((OracleQuery, OracleConfirm))
 MAX_ASKED_PER_PEER = 32  # vcoind.oracle.replicated: pending answers kept for one origin
 NO_POLLS = "quote_poll_s = 0\nnews_poll_s = 0\nmin_interval_s = 0.1\nretries = 1\n"
-
-
-def metrics_of(node: DevNode) -> str:
-    with urllib.request.urlopen(node.info["rpc_url"] + "/metrics") as resp:
-        return str(resp.read().decode())
 
 
 async def beat(h: Hostile, node: DevNode, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -95,7 +89,7 @@ async def test_training_finishes_the_node_did_not_train_are_not_signed(
 
     async with hostile() as h, trio.open_nursery() as nursery:
         h.streams.serve(TRAIN_STREAM, serve)
-        target = await h.join(node.p2p_addr, "heartbeat")
+        target = await h.join(node.p2p_addr, "heartbeat", "tasks")
         await nursery.start(beat, h, node)
 
         async def ask(record: Any, reply: type[Any]) -> Any:
@@ -112,13 +106,18 @@ async def test_training_finishes_the_node_did_not_train_are_not_signed(
         with pytest.raises(StreamProtocolError, match="sign_refused: not signed: this node "
                            "trains no shard"):  # fmt: skip
             await ask(finish(honest_ticket), TrainSigned)
-        # 2. Joined, but nothing trained: the node has no work of its own to sign.
+        # 2. A join for a task the node did not offer to train: refused.
         join = TrainJoin(task, 0, MODEL, json.dumps(settings.as_dict()), sha256_hex(shard),
                          len(shard), 2)  # fmt: skip
+        with pytest.raises(StreamProtocolError, match="sign_refused: not signed: this node "
+                           "did not offer to train"):  # fmt: skip
+            await ask(join, Ack)
+        # 3. Offered and joined, but nothing trained: no work of its own to sign.
+        await h.offered_training(target, MODEL, task)
         assert isinstance(await ask(join, Ack), Ack)
         with pytest.raises(StreamProtocolError, match=r"sign_refused: .* not trained"):
             await ask(finish(honest_ticket), TrainSigned)
-        # 3. Trained to the end, but the finish names a ticket the node does not compute
+        # 4. Trained to the end, but the finish names a ticket the node does not compute
         # for this origin's task (another requester's, another replica count).
         done = await ask(TrainRound(task, 0, 0, 0, steps), RoundDone)
         assert isinstance(done, RoundDone)
@@ -135,8 +134,9 @@ async def test_training_finishes_the_node_did_not_train_are_not_signed(
                                   honest_ticket, 1), TrainSigned)  # fmt: skip
         nursery.cancel_scope.cancel()
 
-    text = await in_thread(metrics_of, node)
-    for reason, n in (("not_joined", 1), ("not_trained", 1), ("ticket", 2), ("model", 1)):
+    text = await in_thread(metrics_text, node)
+    for reason, n in (("not_joined", 1), ("not_bid", 1), ("not_trained", 1), ("ticket", 2),
+                      ("model", 1)):  # fmt: skip
         assert f'vcoin_sign_refused_total{{kind="training",reason="{reason}"}} {n}.0' in text
     assert (await in_thread(node.rpc.call, "vcoin_nodeInfo"))["peer_id"] == target
 
@@ -208,7 +208,7 @@ async def test_oracle_confirmations_only_for_the_asker_and_its_own_ticket(
                 c = confirm(first, mine.values, other.eth_address)  # still there: checked on
                 await other.request(target, ORACLE_STREAM, c, OracleSignature)
             nursery.cancel_scope.cancel()
-        text = await in_thread(metrics_of, node)
+        text = await in_thread(metrics_text, node)
         for reason, n in (("not_asked", 3), ("other_origin", 1), ("ticket", 1),
                           ("other_query", 1), ("unknown_origin", 1)):  # fmt: skip
             assert f'vcoin_sign_refused_total{{kind="oracle",reason="{reason}"}} {n}.0' in text
@@ -246,6 +246,8 @@ async def test_a_peer_that_joins_another_origins_task_first_blocks_nothing(
     settings = json.dumps(LoraSettings(batch_size=1, max_length=16).as_dict())
     task = secrets.token_hex(16)
     join = TrainJoin(task, 0, MODEL, settings, sha256_hex(shard), len(shard), 2)
+    host.offered(task, "origin")  # the node bid on the honest origin's task
+    host.offered(task, "hostile")  # and on the same task id re-announced by a hostile
     assert isinstance(await host.handle("hostile", join), Ack)
     assert isinstance(await host.handle("origin", join), Ack)
     assert host.active == 2

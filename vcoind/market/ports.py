@@ -41,6 +41,10 @@ class Trainer(Protocol):
         """Measured training speed on ``model_id`` (None: not measured yet)."""
         ...
 
+    def offered(self, task_id: str, origin: str) -> None:
+        """We bid to train ``task_id`` for ``origin``: only its joins are accepted."""
+        ...
+
     def adapter_known(self, adapter_id: str) -> bool:
         """The adapter is here or a peer announces it."""
         ...

@@ -23,7 +23,7 @@ import heapq
 import itertools
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -49,6 +49,7 @@ from vcoind.market.messages import (
     TaskAnnounce,
     TaskResult,
 )
+from vcoind.market.offered import Offered
 from vcoind.market.payments import Payments, outcome_of
 from vcoind.market.ports import Hold, Pipelines, Trainer, WorkError, no_hold
 from vcoind.p2p.streams import StreamProtocolError
@@ -65,10 +66,8 @@ log = logging.getLogger("vcoind.worker")
 PROGRESS_EVERY_S = 0.25
 RESULT_TRIES = 8  # ~1 min with backoff: long enough for an origin to restart
 DEFAULT_TOKENS_PER_S = 50.0  # until this node has measured itself
-BIDS_REMEMBERED = 8192  # task ids we bid on (an assignment must match one)
 OUTCOMES_KEPT = 100  # the error rate is over this many of our latest attempts
 RESPONSE_EWMA = 0.3
-BID_MEMORY_S = 3600.0  # a ticket's default life: no assignment comes later than that
 
 
 @dataclass(order=True)
@@ -126,7 +125,7 @@ class TaskWorker:
         self._pipelines = pipelines
         self._trainer = trainer
         # task id -> (the origin whose announce we bid on, trio time): what we accept
-        self._bid_on: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._bid_on = Offered()  # (task id, origin) pairs we bid on: what we accept
         self._refused = refused  # (kind, reason) -> the refusal metric
         self._over_budget = over_budget  # resource -> the budget metric
         self._max_queued_per_origin = max_queued_per_origin  # 0: no cap
@@ -193,15 +192,11 @@ class TaskWorker:
                        if (o := self.make_offer(t, queued_tokens, origin)) is not None)  # fmt: skip
         if not offers:
             return None
-        now = trio.current_time()
+        training = {t.task_id for t in tasks if t.task_type == "lora_training"}
         for o in offers:
-            self._bid_on[o.task_id] = (origin, now)
-            self._bid_on.move_to_end(o.task_id)
-        while self._bid_on and (
-            len(self._bid_on) > BIDS_REMEMBERED
-            or next(iter(self._bid_on.values()))[1] < now - BID_MEMORY_S
-        ):
-            self._bid_on.popitem(last=False)  # fmt: skip
+            self._bid_on.add(o.task_id, origin)
+            if o.task_id in training and self._trainer is not None:
+                self._trainer.offered(o.task_id, origin)
         return Bid(
             network=self._network, peer_id=self._peer_id, seq=0, timestamp=time.time(),
             origin=origin, health=self._health(), queue_length=self.queue_length, offers=offers,
@@ -238,13 +233,9 @@ class TaskWorker:
         return StreamProtocolError(f"refused: {message}")
 
     async def on_assign(self, origin: str, a: Assign) -> Ack:
-        bid = self._bid_on.get(a.task_id)
-        if not a.route and (bid is None or bid[0] != origin):
-            raise self._refuse(
-                "not_bid" if bid is None else "not_origin",
-                "this node did not bid on that task" if bid is None
-                else "the assignment does not come from the task's origin", a, origin,
-            )  # fmt: skip
+        if not a.route and (a.task_id, origin) not in self._bid_on:
+            raise self._refuse("not_bid", "this node did not bid on that task of yours", a,
+                               origin)  # fmt: skip
         cap = self._max_queued_per_origin
         if cap and sum(j.origin == origin for j in self._jobs.values()) >= cap:
             why = f"{cap} of this requester's tasks are queued here already"

@@ -21,6 +21,7 @@ import trio
 
 from vcoind.compute.models import ModelError, ModelStore
 from vcoind.market.messages import Ack
+from vcoind.market.offered import Offered
 from vcoind.p2p.streams import ErrorReply, StreamProtocolError
 from vcoind.train.adapters import (
     AdapterStore,
@@ -115,6 +116,13 @@ class TrainHost:
         self.on_adapters = on_adapters  # the set of adapters changed
         self.on_rate = on_rate  # (model id, samples per second) measured
         self.rounds_trained = 0
+        # (task id, origin) pairs we offered to train: a join for anything else is
+        # refused (sign only our own work)
+        self._offered = Offered()
+
+    def offered(self, task_id: str, origin: str) -> None:
+        """We bid to train ``task_id`` of ``origin``: its joins are welcome."""
+        self._offered.add(task_id, origin)
 
     @property
     def active(self) -> int:
@@ -158,6 +166,9 @@ class TrainHost:
             if old.join != j:
                 raise TrainError(f"shard {j.shard} of {j.task_id} was joined with other terms")
             return Ack()
+        if (j.task_id, origin) not in self._offered:
+            raise _refuse("not_bid", f"this node did not offer to train task {j.task_id} "
+                          "for that origin")  # fmt: skip
         if j.shard_bytes > MAX_SHARD_BYTES:
             raise TrainError(f"a shard of {j.shard_bytes} bytes exceeds the limit of "
                              f"{MAX_SHARD_BYTES}")  # fmt: skip

@@ -101,6 +101,9 @@ class TrainService:
     def samples_per_s(self, model_id: str) -> float | None:
         return self._rates.get(model_id)
 
+    def offered(self, task_id: str, origin: str) -> None:
+        self.host.offered(task_id, origin)
+
     def adapter_known(self, adapter_id: str) -> bool:
         return self.adapters.has(adapter_id) or bool(self._view.holders(adapter_id))
 
