@@ -51,6 +51,9 @@ class P2PConfig:
     discover: bool = True
     # Invalid gossip messages a forwarder may send before it is blacklisted.
     max_invalid_messages: int = 50
+    # Caps the bytes a peer may send on one session stream (0: each protocol's own
+    # budget, 64 of its largest requests); past it the stream is reset.
+    max_stream_bytes: int = 0
 
 
 @dataclass(frozen=True)
