@@ -112,8 +112,9 @@ class Node:
         self.gossip = gossip = Gossip(self.p2p, cfg.network, metrics,
                                       max_age_s=p2p_cfg.peer_timeout,
                                       max_invalid=p2p_cfg.max_invalid_messages)  # fmt: skip
-        self.streams = streams = StreamService(self.p2p, metrics,
-                                               max_stream_bytes=p2p_cfg.max_stream_bytes)
+        self.streams = streams = StreamService(
+            self.p2p, metrics, max_stream_bytes=p2p_cfg.max_stream_bytes
+        )
         self.keeper = PeerKeeper(self.p2p, metrics, bootstrap=p2p_cfg.bootstrap,
                                  discover=p2p_cfg.discover)  # fmt: skip
         self.registry = MethodRegistry()

@@ -301,13 +301,16 @@ async def _close(stream: INetStream) -> None:
 class StreamSession:
     """Requests, one after another, on one stream: ``StreamService.request`` uses one per
     request; a protocol with ``keep_open_s`` serves several on the same stream (no stream
-    setup per request)."""
+    setup per request). A request that would take the stream past the protocol's byte
+    budget goes on a fresh stream (the remote's state is keyed by the records, not the
+    stream)."""
 
     def __init__(self, service: StreamService, peer: ID, proto: StreamProtocol) -> None:
         self._service = service
         self._peer = peer
         self._proto = proto
         self._stream: INetStream | None = None
+        self._sent = 0  # bytes sent on the current stream
         self._lock = trio.Lock()
 
     async def request(
@@ -322,12 +325,17 @@ class StreamSession:
         the stream is opened on first use and reset after any failure."""
         limit = max_reply_bytes or reply_type.MAX_BYTES  # type: ignore[attr-defined]
         proto, peer = self._proto, self._peer
+        request = encode(record)
         async with self._lock:
+            if self._sent + HEADER.size + len(request) > self._service.budget(proto):
+                await self.aclose()
             with trio.move_on_after(timeout_s or proto.timeout_s) as scope:
                 if self._stream is None:
                     self._stream = await self._service._open(peer, proto)
+                    self._sent = 0
                 try:
-                    await write_frame(self._stream, encode(record))
+                    self._sent += HEADER.size + len(request)
+                    await write_frame(self._stream, request)
                     data = await read_frame(self._stream, max(limit, ErrorReply.MAX_BYTES))
                 except BaseLibp2pError as exc:
                     await self._reset()
