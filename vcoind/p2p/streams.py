@@ -158,8 +158,8 @@ Handler = Callable[[ID, Any], Awaitable[Any]]
 class StreamService:
     """Serves registered protocols and sends requests to peers.
 
-    ``max_stream_bytes`` > 0 caps the byte budget of every protocol served here (the
-    ``p2p.max_stream_bytes`` setting); 0 leaves each protocol its own."""
+    ``max_stream_bytes`` > 0 caps the byte budget of every session protocol served here
+    (the ``p2p.max_stream_bytes`` setting); 0 leaves each protocol its own."""
 
     def __init__(self, p2p: P2PHost, metrics: NodeMetrics, *, max_stream_bytes: int = 0) -> None:
         self._p2p = p2p
@@ -169,7 +169,9 @@ class StreamService:
     def budget(self, proto: StreamProtocol) -> int:
         """The bytes one stream of ``proto`` may carry from the peer."""
         cap = self._max_stream_bytes
-        return min(proto.stream_budget, cap) if cap > 0 else proto.stream_budget
+        if cap <= 0 or proto.keep_open_s <= 0:  # one request a stream: max_request_bytes
+            return proto.stream_budget
+        return min(proto.stream_budget, cap)
 
     def serve(self, proto: StreamProtocol, handler: Handler) -> None:
         """Answer ``proto`` requests with ``handler(peer, request) -> reply record``."""
