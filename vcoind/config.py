@@ -79,6 +79,10 @@ class P2PConfig:
     conn_high: int = 96
     max_conns_per_ip: int = 8
 
+    # Caps the bytes a peer may send on one session stream (0: each protocol's own
+    # budget, 64 of its largest requests); past it the stream is reset.
+    max_stream_bytes: int = 0
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             if f.name.startswith("budget_"):

@@ -57,6 +57,10 @@ class TensorFrame:
         want = math.prod(self.shape) * size
         if want > max_bytes:
             raise FrameError(f"frame of {want} bytes exceeds the limit of {max_bytes}")
+        # An empty frame still has strides: torch overflows on (0, 2**24, 2**24, 2**24).
+        extent = math.prod(max(d, 1) for d in self.shape) * size
+        if extent > max_bytes:
+            raise FrameError(f"shape {self.shape} spans {extent} bytes, limit {max_bytes}")
         if len(self.data) != want:
             raise FrameError(f"shape {self.shape} of {self.dtype} needs {want} bytes, "
                              f"got {len(self.data)}")  # fmt: skip

@@ -203,7 +203,7 @@ def decode(data: bytes, expect: type[M] | None = None) -> M:
     if len(data) > cls.MAX_BYTES:
         raise CodecError(f"{kind} message is {len(data)} bytes, limit {cls.MAX_BYTES}")
     version = raw.get("version")
-    if version != cls.VERSION:
+    if type(version) is not int or version != cls.VERSION:  # True == 1.0 == 1 in Python
         raise CodecError(f"{kind}: unsupported version {version!r}"[:120])
     return _record(cls, raw, "")  # type: ignore[no-any-return]
 

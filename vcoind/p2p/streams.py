@@ -8,8 +8,10 @@ back, then closes. The reply is the handler's record, or an ``ErrorReply``.
 Limits are enforced before reading: a declared length above the protocol's
 maximum resets the stream at once (the bytes are never read), a peer that
 stalls mid-frame is cut off by a timeout, and malformed records get an
-``ErrorReply``. Nothing a peer sends can make the node read unbounded data or
-crash a handler loop.
+``ErrorReply``. A session stream (``keep_open_s``) carries at most the
+protocol's byte budget (``stream_budget``): a frame that would pass it resets
+the stream before it is read. Nothing a peer sends can make the node read
+unbounded data or crash a handler loop.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, ClassVar, TypeVar, cast
 import trio
 from libp2p.abc import INetStream
 from libp2p.exceptions import BaseLibp2pError
+from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 
 from vcoind.metrics import NodeMetrics
@@ -34,6 +37,9 @@ log = logging.getLogger("vcoind.streams")
 
 HEADER = struct.Struct(">I")
 DEFAULT_TIMEOUT_S = 30.0
+# A session stream's default byte budget, in requests of the largest size: far above what
+# a pipeline session sends (new positions only, per step), far below "unlimited".
+STREAM_BUDGET_REQUESTS = 64
 R = TypeVar("R")
 
 
@@ -68,30 +74,52 @@ class ErrorReply(Message):
     message: str = field(default="", metadata=lim(max_len=1024))
 
 
+# Characters of an ErrorReply's message we send: under its max_len, and even at 4 bytes
+# a character under its MAX_BYTES.
+_MAX_ERROR_CHARS = 512
+
+
+def error_reply(code: str, text: str) -> ErrorReply:
+    """An ``ErrorReply`` within its limits, whatever the text (it may quote the peer)."""
+    return ErrorReply(code, text if len(text) <= _MAX_ERROR_CHARS else
+                      text[: _MAX_ERROR_CHARS - 3] + "...")  # fmt: skip
+
+
 class _EndOfStream(StreamProtocolError):
     """The peer closed the stream cleanly between two frames."""
 
 
-async def read_frame(stream: INetStream, max_bytes: int) -> bytes:
-    """One length-prefixed frame; StreamProtocolError if too large or cut short."""
-    header = await _read_exactly(stream, HEADER.size)
+class StreamBudgetError(StreamProtocolError):
+    """A session stream would carry more bytes than its protocol's budget."""
+
+
+async def read_frame(stream: INetStream, max_bytes: int, budget: int | None = None) -> bytes:
+    """One length-prefixed frame; StreamProtocolError if too large or cut short, and
+    StreamBudgetError if the frame, header included, takes more than ``budget`` bytes
+    (checked before its body is read)."""
+    header = await _read_exactly(stream, HEADER.size, frame_start=True)
     (length,) = HEADER.unpack(header)
     if length > max_bytes:
         raise StreamProtocolError(f"frame of {length} bytes exceeds the limit of {max_bytes}")
+    if budget is not None and HEADER.size + length > budget:
+        raise StreamBudgetError(f"a frame of {length} bytes with {max(budget, 0)} bytes "
+                                "left of the stream's budget")  # fmt: skip
     return await _read_exactly(stream, length)
 
 
-async def _read_exactly(stream: INetStream, n: int) -> bytes:
+async def _read_exactly(stream: INetStream, n: int, *, frame_start: bool = False) -> bytes:
     buf = bytearray()
     while len(buf) < n:
         try:
             chunk = await stream.read(n - len(buf))
+        except StreamEOF:  # (how py-libp2p reports that the peer closed its side)
+            chunk = b""
         except BaseLibp2pError as exc:
             raise StreamProtocolError(
                 f"stream ended after {len(buf)} of {n} bytes ({exc!r})"
             ) from None
         if not chunk:
-            if not buf and n == HEADER.size:
+            if not buf and frame_start:  # (not a 4-byte body cut off)
                 raise _EndOfStream("stream closed")
             raise StreamProtocolError(f"stream ended after {len(buf)} of {n} bytes")
         buf += chunk
@@ -113,35 +141,65 @@ class StreamProtocol:
     # > 0: a stream may carry further requests (a session), each awaited this long;
     # 0: one request per stream.
     keep_open_s: float = 0.0
+    # Bytes one stream may carry from the peer, frame headers included (0: the default,
+    # STREAM_BUDGET_REQUESTS requests of the largest size); past it the stream is reset.
+    max_stream_bytes: int = 0
+
+    @property
+    def stream_budget(self) -> int:
+        return self.max_stream_bytes or STREAM_BUDGET_REQUESTS * (
+            HEADER.size + self.max_request_bytes
+        )
 
 
 Handler = Callable[[ID, Any], Awaitable[Any]]
 
 
 class StreamService:
-    """Serves registered protocols and sends requests to peers."""
+    """Serves registered protocols and sends requests to peers.
 
-    def __init__(self, p2p: P2PHost, metrics: NodeMetrics) -> None:
+    ``max_stream_bytes`` > 0 caps the byte budget of every session protocol served here
+    (the ``p2p.max_stream_bytes`` setting); 0 leaves each protocol its own."""
+
+    def __init__(self, p2p: P2PHost, metrics: NodeMetrics, *, max_stream_bytes: int = 0) -> None:
         self._p2p = p2p
         self._metrics = metrics
+        self._max_stream_bytes = max_stream_bytes
+
+    def budget(self, proto: StreamProtocol) -> int:
+        """The bytes one stream of ``proto`` may carry from the peer."""
+        cap = self._max_stream_bytes
+        if cap <= 0 or proto.keep_open_s <= 0:  # one request a stream: max_request_bytes
+            return proto.stream_budget
+        return min(proto.stream_budget, cap)
 
     def serve(self, proto: StreamProtocol, handler: Handler) -> None:
         """Answer ``proto`` requests with ``handler(peer, request) -> reply record``."""
+        budget = self.budget(proto)
 
         async def on_stream(stream: INetStream) -> None:
             peer = stream.muxed_conn.peer_id
+            left = budget
             try:
                 with trio.fail_after(proto.timeout_s):
-                    await self._answer(stream, peer, proto, handler)
+                    data = await read_frame(stream, proto.max_request_bytes, left)
+                    left -= HEADER.size + len(data)
+                    await self._answer(stream, peer, proto, handler, data)
                 while proto.keep_open_s > 0:  # a session: more requests on this stream
                     with trio.move_on_after(proto.keep_open_s) as idle:
-                        data = await read_frame(stream, proto.max_request_bytes)
+                        data = await read_frame(stream, proto.max_request_bytes, left)
                     if idle.cancelled_caught:
                         break
+                    left -= HEADER.size + len(data)
                     with trio.fail_after(proto.timeout_s):
                         await self._answer(stream, peer, proto, handler, data)
-            except _EndOfStream:
-                pass
+            except _EndOfStream:  # the peer is done: close our side too
+                await _close(stream)
+            except StreamBudgetError as exc:
+                log.warning("%s from %s: %s (budget %d bytes); resetting the stream",
+                            proto.protocol_id, peer, exc, budget)  # fmt: skip
+                self._metrics.stream_errors.labels(protocol=proto.protocol_id).inc()
+                await _reset(stream)
             except (StreamProtocolError, trio.TooSlowError, BaseLibp2pError) as exc:
                 log.info("%s from %s: %s; resetting the stream", proto.protocol_id, peer, exc)
                 self._metrics.stream_errors.labels(protocol=proto.protocol_id).inc()
@@ -157,26 +215,29 @@ class StreamService:
         peer: ID,
         proto: StreamProtocol,
         handler: Handler,
-        data: bytes | None = None,
+        data: bytes,
     ) -> None:
-        if data is None:
-            data = await read_frame(stream, proto.max_request_bytes)
         try:
             request: Any = decode(data)
             if not isinstance(request, proto.requests):
                 kinds = ", ".join(r.KIND for r in proto.requests)
                 raise CodecError(f"expected {kinds}, got {request.KIND}")
         except CodecError as exc:
-            reply: Any = ErrorReply("bad_request", str(exc))
+            reply: Any = error_reply("bad_request", str(exc))
         else:
             try:
                 reply = await handler(peer, request)
             except StreamProtocolError as exc:
-                reply = ErrorReply("refused", str(exc))
+                reply = error_reply("refused", str(exc))
             except Exception:  # a handler bug answers "internal", the node keeps serving
                 log.exception("%s handler failed", proto.protocol_id)
-                reply = ErrorReply("internal", "internal error")
-        await write_frame(stream, encode(reply))
+                reply = error_reply("internal", "internal error")
+        try:
+            data = encode(reply)
+        except CodecError as exc:  # a handler bug too: a reply over its kind's limit
+            log.error("%s handler replied what cannot be sent: %s", proto.protocol_id, exc)
+            data = encode(error_reply("internal", "internal error"))
+        await write_frame(stream, data)
 
     async def request(
         self,
@@ -242,13 +303,16 @@ async def _close(stream: INetStream) -> None:
 class StreamSession:
     """Requests, one after another, on one stream: ``StreamService.request`` uses one per
     request; a protocol with ``keep_open_s`` serves several on the same stream (no stream
-    setup per request)."""
+    setup per request). A request that would take the stream past the protocol's byte
+    budget goes on a fresh stream (the remote's state is keyed by the records, not the
+    stream)."""
 
     def __init__(self, service: StreamService, peer: ID, proto: StreamProtocol) -> None:
         self._service = service
         self._peer = peer
         self._proto = proto
         self._stream: INetStream | None = None
+        self._sent = 0  # bytes sent on the current stream
         self._lock = trio.Lock()
 
     async def request(
@@ -263,12 +327,17 @@ class StreamSession:
         the stream is opened on first use and reset after any failure."""
         limit = max_reply_bytes or reply_type.MAX_BYTES  # type: ignore[attr-defined]
         proto, peer = self._proto, self._peer
+        request = encode(record)
         async with self._lock:
+            if self._sent + HEADER.size + len(request) > self._service.budget(proto):
+                await self.aclose()
             with trio.move_on_after(timeout_s or proto.timeout_s) as scope:
                 if self._stream is None:
                     self._stream = await self._service._open(peer, proto)
+                    self._sent = 0
                 try:
-                    await write_frame(self._stream, encode(record))
+                    self._sent += HEADER.size + len(request)
+                    await write_frame(self._stream, request)
                     data = await read_frame(self._stream, max(limit, ErrorReply.MAX_BYTES))
                 except BaseLibp2pError as exc:
                     await self._reset()
