@@ -131,3 +131,25 @@ def test_a_resumed_run_keeps_the_earlier_split_whoever_bids() -> None:
 
     with pytest.raises(TrainError, match="does not check out"):
         _run(["a"], {"view": view, "adapter": b"another adapter"})
+
+
+def test_the_cli_sends_a_small_dataset_inline_and_a_large_one_by_path(tmp_path: Path) -> None:
+    """The daemon reads dataset files only under its data directory: ``vcoin train``
+    sends a small JSONL file's examples with the request instead of its path."""
+    import argparse
+
+    from vcoind.train.cli import INLINE_MAX_BYTES, train_request
+
+    small = tmp_path / "small.jsonl"
+    small.write_text('{"text": "one"}\n\n{"prompt": "a", "completion": "b"}\n')
+    ns = argparse.Namespace(model="m", dataset=small, nodes=2, lora_r=8, lora_alpha=16,
+                            lora_dropout=0.0, target_modules="q_proj", epochs=1, batch_size=1,
+                            grad_accum=1, lr=1e-4, sync_every=1, seed=0, max_length=16,
+                            optimizer="sgd")  # fmt: skip
+    req = train_request(ns)
+    assert "dataset" not in req
+    assert req["examples"] == [{"text": "one"}, {"prompt": "a", "completion": "b"}]
+    big = tmp_path / "big.jsonl"
+    big.write_text('{"text": "x"}\n' * (INLINE_MAX_BYTES // 10))
+    req = train_request(argparse.Namespace(**{**vars(ns), "dataset": big}))
+    assert req["dataset"] == str(big.resolve()) and "examples" not in req

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -36,7 +37,9 @@ def add_train_commands(sub: Any) -> None:
     t.add_argument("--model", required=True, help="base model name or id")
     t.add_argument("--dataset", required=True, type=Path,
                    help='JSONL ({"text": ...} or {"prompt": ..., "completion": ...} per line) '
-                   "or a `datasets` directory; read by the daemon")  # fmt: skip
+                   "or a `datasets` directory. A JSONL file up to 768 KiB is sent with the "
+                   "request; a larger one, or a directory, must lie in the daemon's data "
+                   "directory (it reads no file elsewhere)")  # fmt: skip
     t.add_argument("--nodes", type=int, default=1, help="nodes to train on, one shard each")
     t.add_argument("--epochs", type=int, default=1, help="passes over each shard")
     t.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
@@ -59,10 +62,26 @@ def add_train_commands(sub: Any) -> None:
     a.add_argument("--fetch", metavar="ID", help="fetch this adapter from a peer that holds it")
 
 
+INLINE_MAX_BYTES = 768 * 1024  # a JSONL file this small travels in the request itself
+
+
 def train_request(ns: argparse.Namespace) -> dict[str, Any]:
+    """The ``vcoin_train`` request. The daemon reads dataset files only under its data
+    directory: a JSONL file small enough to fit a request is sent inline instead, so a
+    dataset anywhere on this machine works; a larger one (or a ``datasets`` directory)
+    goes by path and must lie in the data directory."""
     settings = {field: getattr(ns, flag) for flag, field in SETTING_FLAGS.items()}
-    dataset = str(ns.dataset.expanduser().resolve())
-    return {"model": ns.model, "dataset": dataset, "nodes": ns.nodes, "settings": settings}
+    req: dict[str, Any] = {"model": ns.model, "nodes": ns.nodes, "settings": settings}
+    path = ns.dataset.expanduser().resolve()
+    if path.is_file() and path.stat().st_size <= INLINE_MAX_BYTES:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+            req["examples"] = [json.loads(line) for line in lines if line.strip()]
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            pass  # not JSONL: the daemon reads it and says what is wrong
+        else:
+            return req
+    return {**req, "dataset": str(path)}
 
 
 def run_train_command(ns: argparse.Namespace, client: _Client) -> tuple[Any, Callable[[Any], str]]:
