@@ -289,16 +289,35 @@ async def test_corrupted_shard_and_adapter_frames_are_refused(
     assert info["peer_id"] == n1.info["peer_id"]  # the daemon is fine
 
 
-async def test_a_shard_left_idle_by_its_origin_is_dropped(models_dir: Path, tmp_path: Path) -> None:
-    """The host side alone, its origin a plain function: a joined shard whose origin goes
-    silent is swept (with its model) and later rounds for it are refused."""
+def local_train_host(models_dir: Path, adapters: Path, request: Any) -> Any:
+    """A ``TrainHost`` alone on CPU, its peers answered by ``request(peer, record, reply)``."""
     import trio
 
     from vcoind.compute.models import ModelStore
+    from vcoind.train.adapters import AdapterStore, BlobCache
+    from vcoind.train.host import TrainHost
+
+    async def limiter() -> trio.CapacityLimiter:
+        return trio.CapacityLimiter(1)
+
+    async def lora() -> Any:
+        import vcoind.train.lora
+
+        return vcoind.train.lora
+
+    models = ModelStore(models_dir)
+    models.scan()
+    return TrainHost(models, AdapterStore(adapters), BlobCache(), request,
+                     device=lambda: "cpu", limiter=limiter, lora=lora)  # fmt: skip
+
+
+async def test_a_shard_left_idle_by_its_origin_is_dropped(models_dir: Path, tmp_path: Path) -> None:
+    """The host side alone, its origin a plain function: a joined shard whose origin goes
+    silent is swept (with its model) and later rounds for it are refused."""
+
     from vcoind.market.messages import Ack
     from vcoind.p2p.streams import StreamProtocolError
-    from vcoind.train.adapters import AdapterStore, BlobCache, blob_part
-    from vcoind.train.host import TrainHost
+    from vcoind.train.adapters import blob_part
     from vcoind.train.spec import LoraSettings, canonical_jsonl, sha256_hex
     from vcoind.train.wire import BlobGet, RoundDone, TrainJoin, TrainProgress, TrainRound
 
@@ -313,18 +332,7 @@ async def test_a_shard_left_idle_by_its_origin_is_dropped(models_dir: Path, tmp_
         assert isinstance(record, BlobGet)
         return blob_part(shard if record.hash == sha256_hex(shard) else None, record)
 
-    async def limiter() -> trio.CapacityLimiter:
-        return trio.CapacityLimiter(1)
-
-    async def lora() -> Any:
-        import vcoind.train.lora
-
-        return vcoind.train.lora
-
-    models = ModelStore(models_dir)
-    models.scan()
-    host = TrainHost(models, AdapterStore(tmp_path / "adapters"), BlobCache(), origin,
-                     device=lambda: "cpu", limiter=limiter, lora=lora)  # fmt: skip
+    host = local_train_host(models_dir, tmp_path / "adapters", origin)
     settings = json.dumps(LoraSettings(batch_size=1, max_length=16).as_dict())
     host.offered("cd" * 16, "origin")  # we bid to train it
     await host.handle("origin", TrainJoin("cd" * 16, 0, MODEL, settings, sha256_hex(shard),

@@ -20,6 +20,7 @@ from devnet.replay import RecordedAPI
 from tests.adversary.hostile import Hostile, hostile, in_thread, metrics_text
 from tests.conftest import Cluster
 from tests.test_tasks import MODEL, serving
+from tests.test_training import local_train_host
 from vcoind.chain.typed import MODES, Ticket
 from vcoind.compute.models import ModelStore
 from vcoind.market.messages import Ack
@@ -222,8 +223,6 @@ async def test_a_peer_that_joins_another_origins_task_first_blocks_nothing(
     """Task ids are public (announced on gossip): a hostile peer that joins a shard of an
     honest origin's task before the origin does neither blocks the origin's join nor gets
     anything of it (the host side alone; its peers plain functions)."""
-    from vcoind.train.adapters import AdapterStore, BlobCache
-    from vcoind.train.host import TrainHost
 
     shard = canonical_jsonl([{"text": "one two three"}, {"text": "four five six"}])
 
@@ -231,18 +230,7 @@ async def test_a_peer_that_joins_another_origins_task_first_blocks_nothing(
         assert isinstance(record, BlobGet)  # both serve the shard they name
         return blob_part(shard if record.hash == sha256_hex(shard) else None, record)
 
-    async def limiter() -> trio.CapacityLimiter:
-        return trio.CapacityLimiter(1)
-
-    async def lora() -> Any:
-        import vcoind.train.lora
-
-        return vcoind.train.lora
-
-    models = ModelStore(models_dir)
-    models.scan()
-    host = TrainHost(models, AdapterStore(tmp_path / "adapters"), BlobCache(), peer,
-                     device=lambda: "cpu", limiter=limiter, lora=lora)  # fmt: skip
+    host = local_train_host(models_dir, tmp_path / "adapters", peer)
     settings = json.dumps(LoraSettings(batch_size=1, max_length=16).as_dict())
     task = secrets.token_hex(16)
     join = TrainJoin(task, 0, MODEL, settings, sha256_hex(shard), len(shard), 2)
