@@ -6,6 +6,8 @@ real market service on scripted compute, one trio loop).
   observed, not on what they claim.
 - One stake behind several peer ids gets one replica slot of a consensus round.
 - A worker that accepts a task and stalls loses reputation, like a silent replica.
+- A replica that commits and never reveals cannot stall the round: it is dropped at the
+  reveal deadline, and the others vote and sign without it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import trio.testing
 from tests.market_harness import MarketNode, market_net, scripted_answer, virtual_time_guards
 from vcoind.config import MarketConfig
 from vcoind.consensus.reputation import DEFAULT_REPUTATION
+from vcoind.market.consensus import REVEAL_TIMEOUT_S, VOTE_WAIT_S
 from vcoind.market.messages import GenParams
+from vcoind.market.votes import ResultReveal
 
 LATENCY = 0.125
 PROMPT = "who wins the slot?"
@@ -114,3 +118,23 @@ async def test_peers_with_work_in_progress_are_held_then_released(
         await origin.wait_finished(task_id)
         await trio.sleep(10)  # the signatures are collected, the round ends
         assert origin.held == set() and worker.held == set()
+
+
+async def test_a_replica_that_never_reveals_cannot_stall_the_vote(
+    clock: trio.testing.MockClock,
+) -> None:
+    async with market_net(latency_s=LATENCY) as net:
+        origin = await net.add_node("O", cfg=cfg())
+        r1 = await net.add_node("R1", ["m"], health=0.9)
+        await net.add_node("R2", ["m"], health=0.8)
+        r3 = await net.add_node("R3", ["m"], health=0.7)
+        net.mute(r3, ResultReveal)  # it commits, then withholds its answer
+        task_id = await origin.origin.submit("m", PROMPT, PARAMS, mode="consensus", replicas=3)
+        row, _ = await origin.wait_finished(task_id)
+        assert row.status == "completed" and row.result == scripted_answer(PROMPT, 8)
+        await trio.sleep(REVEAL_TIMEOUT_S + VOTE_WAIT_S)
+        signed = await origin.consensus_store.signatures(task_id)
+        # the honest two voted on what the origin tallied; the withholder signed nothing
+        assert {net.name_of(s.signer) for s in signed} == {"O", "R1", "R2"}
+        reps = await origin.reputations([r1.peer_id, r3.peer_id])
+        assert reps[r3.peer_id] < DEFAULT_REPUTATION < reps[r1.peer_id]
