@@ -11,7 +11,7 @@ import pytest
 
 from devnet.__main__ import DevNode
 from tests.conftest import Cluster, wait_until
-from tests.test_tasks import MODEL, finished, knows_model, serving, task
+from tests.test_tasks import MODEL, finished, knows_model, loaded, serving, task
 from vcoind.chain.typed import Domain, Outcome, recover
 
 pytestmark = pytest.mark.slow
@@ -30,6 +30,8 @@ def three(cluster: Cluster, models_dir: Path, faulty: str | None = None) -> list
     extra = ["--fault", faulty] if faulty else []
     n3 = cluster.start(3, bootstrap=n1, extra=[*serving(models_dir), *extra])
     wait_until(lambda: knows_model(n1, 2), 20, "node 1 sees the model on both peers")
+    # warm (models loaded): the tests' 3 s commit deadlines are about replicas, not start-up
+    wait_until(lambda: all(loaded(n) for n in (n1, n2, n3)), 90, "every model loaded")
     return [n1, n2, n3]
 
 

@@ -182,6 +182,29 @@ def test_keeper_protect_is_tagged() -> None:
     assert keeper_module.BOOTSTRAP_TAG == "bootstrap"
 
 
+async def test_a_stream_can_dial_a_peer_the_keeper_learned_before_it_connects() -> None:
+    """A peer known from a heartbeat only (not dialled yet): its announced addresses are
+    handed to the stream, so a request does not fail with "no known addresses"."""
+    from vcoind.p2p.host import running
+    from vcoind.p2p.streams import Ack, StreamProtocol, StreamService
+
+    a = build_host(create_new_key_pair(), lambda f, m: None)
+    b = build_host(create_new_key_pair(), lambda f, m: None)
+    keeper = PeerKeeper(a, NodeMetrics(), bootstrap=(), discover=True)
+    proto = StreamProtocol("/vcoin/test-resolve/1.0.0", (Ack,), 256)
+    async with running(a, ["/ip4/127.0.0.1/tcp/0"]), running(b, ["/ip4/127.0.0.1/tcp/0"]):
+        served = StreamService(b, NodeMetrics())
+
+        async def ok(peer: object, req: object) -> Ack:
+            return Ack()
+
+        served.serve(proto, ok)
+        keeper.learn(b.peer_id.to_base58(), tuple(b.addrs()))  # as its heartbeat says
+        assert keeper.addresses(b.peer_id)
+        streams = StreamService(a, NodeMetrics(), resolve=keeper.addresses)
+        assert await streams.request(b.peer_id, proto, Ack(), Ack) == Ack()
+
+
 # --- score and graylist ------------------------------------------------------------------
 
 

@@ -213,36 +213,33 @@ async def test_task_protocol_rejects_oversized_frames_and_replayed_assignments(
 ) -> None:
     import trio
 
-    from tests.test_gossip_junk import raw_host
+    from tests.adversary.hostile import hostile
     from vcoind.market.messages import TASK_PROTOCOL, Accepted, Assign, Assignments, GenParams
     from vcoind.market.protocol import TASK_STREAM
-    from vcoind.metrics import NodeMetrics
     from vcoind.p2p.keeper import parse_peer_addr
-    from vcoind.p2p.streams import HEADER, StreamProtocolError, StreamService, read_frame
+    from vcoind.p2p.streams import HEADER, StreamProtocolError, read_frame
 
     n1 = await trio.to_thread.run_sync(lambda: cluster.start(1, extra=serving(models_dir)))
-    target = parse_peer_addr(n1.p2p_addr)
-    async with raw_host() as (host, _pubsub):
-        await host.connect(target)
-        stream = await host.new_stream(target.peer_id, [TASK_PROTOCOL])
+    node = n1.info["peer_id"]
+    async with hostile() as h:
+        target = await h.join(n1.p2p_addr, "tasks")
+        stream = await h.p2p.host.new_stream(parse_peer_addr(n1.p2p_addr).peer_id,
+                                             [TASK_PROTOCOL])  # fmt: skip
         await stream.write(HEADER.pack(64 * 1024 * 1024))  # declares 64 MiB
         with pytest.raises(StreamProtocolError):
             await read_frame(stream, 4096)
 
-        p2p = type("Raw", (), {"host": host})()  # StreamService only needs .host
-        svc = StreamService(p2p, NodeMetrics())  # type: ignore[arg-type]
+        await h.bids_from(target, MODEL, "ab" * 16)  # the node bid on our task: it takes it
         assign = Assign(task_id="ab" * 16, attempt=1, model=MODEL, input="hi",
                         params=GenParams(max_new_tokens=2))  # fmt: skip
-        first = await svc.request(target.peer_id, TASK_STREAM, Assignments((assign,)), Accepted)
+        first = await h.request(node, TASK_STREAM, Assignments((assign,)), Accepted)
         assert first == Accepted(("",))
-        unknown = Assign(task_id="cd" * 16, attempt=1, model="nope", input="hi")
-        again = await svc.request(
-            target.peer_id, TASK_STREAM, Assignments((assign, unknown)), Accepted
-        )
+        unbid = Assign(task_id="cd" * 16, attempt=1, model="nope", input="hi")
+        again = await h.request(node, TASK_STREAM, Assignments((assign, unbid)), Accepted)
         assert "accepted before" in again.errors[0]
-        assert "unknown model" in again.errors[1]
+        assert "did not bid on that task" in again.errors[1]
         with pytest.raises(StreamProtocolError, match="too few items"):  # an empty batch
-            await svc.request(target.peer_id, TASK_STREAM, Assignments(()), Accepted)
+            await h.request(node, TASK_STREAM, Assignments(()), Accepted)
     info = await trio.to_thread.run_sync(n1.rpc.call, "vcoin_nodeInfo")
     assert info["peer_id"] == n1.info["peer_id"]  # the daemon is fine
 

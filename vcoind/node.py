@@ -95,11 +95,12 @@ class Node:
                                       max_age_s=p2p_cfg.peer_timeout,
                                       max_invalid=p2p_cfg.max_invalid_messages,
                                       cfg=p2p_cfg)  # fmt: skip
-        self.streams = streams = StreamService(
-            self.p2p, metrics, max_stream_bytes=p2p_cfg.max_stream_bytes
-        )
         self.keeper = PeerKeeper(self.p2p, metrics, bootstrap=p2p_cfg.bootstrap,
                                  discover=p2p_cfg.discover, cfg=p2p_cfg)  # fmt: skip
+        self.streams = streams = StreamService(
+            self.p2p, metrics, max_stream_bytes=p2p_cfg.max_stream_bytes,
+            resolve=self.keeper.addresses,
+        )  # fmt: skip
         self.registry = MethodRegistry()
         self.rpc = RPCServer(
             RPCServerConfig(host=cfg.rpc.host, port=cfg.rpc.port,

@@ -97,13 +97,15 @@ class Hostile:
         )
         return dataclasses.replace(hb, **over)
 
-    async def offered_training(self, node: str, model: str, *task_ids: str) -> None:
-        """Announce ``lora_training`` tasks as their origin and wait for ``node``'s bid on
-        them (a node accepts training joins only for tasks it offered to train). The
+    async def bids_from(
+        self, node: str, model: str, *task_ids: str, task_type: str = "inference"
+    ) -> None:
+        """Announce tasks as their origin and wait for ``node``'s bid on them (a node takes
+        an assignment or a training join only for a task it bid on, from its origin). The
         caller has joined the ``tasks`` topic."""
         from vcoind.market.messages import AnnouncedTask, Bid, TaskAnnounce
 
-        tasks = tuple(AnnouncedTask(t, model, 1, 0, task_type="lora_training") for t in task_ids)
+        tasks = tuple(AnnouncedTask(t, model, 2, 0, task_type=task_type) for t in task_ids)
         await self.publish("tasks", TaskAnnounce(self.network, self.peer_id, self.seq(),
                                                  time.time(), tasks))  # fmt: skip
         want = set(task_ids)
@@ -112,6 +114,10 @@ class Hostile:
                 rec = await self.next_record("tasks")
                 if isinstance(rec, Bid) and rec.peer_id == node and rec.origin == self.peer_id:
                     want -= {o.task_id for o in rec.offers}
+
+    async def offered_training(self, node: str, model: str, *task_ids: str) -> None:
+        """``bids_from`` for ``lora_training`` tasks (``node`` offered to train them)."""
+        await self.bids_from(node, model, *task_ids, task_type="lora_training")
 
     async def request(
         self, peer_id: str, proto: StreamProtocol, record: Any, reply_type: type[R], **kw: Any

@@ -162,6 +162,12 @@ class PeerKeeper:
         elif not known.bootstrap:
             known.info, known.forget_at, known.addrs = merged, deadline, kept
 
+    def addresses(self, peer: ID) -> list[Any]:
+        """The addresses ``peer`` announced (dial policy applied), for a stream to it before
+        the keeper has dialled it."""
+        kp = self._known.get(peer)
+        return list(kp.info.addrs) if kp is not None else []
+
     def _forget_oldest(self) -> None:
         learned = [(kp.forget_at, pid) for pid, kp in self._known.items() if not kp.bootstrap]
         if len(learned) > MAX_LEARNED:

@@ -37,6 +37,7 @@ log = logging.getLogger("vcoind.streams")
 
 HEADER = struct.Struct(">I")
 DEFAULT_TIMEOUT_S = 30.0
+RESOLVED_ADDR_TTL_S = 600
 # A session stream's default byte budget, in requests of the largest size: far above what
 # a pipeline session sends (new positions only, per step), far below "unlimited".
 STREAM_BUDGET_REQUESTS = 64
@@ -161,10 +162,16 @@ class StreamService:
     ``max_stream_bytes`` > 0 caps the byte budget of every session protocol served here
     (the ``p2p.max_stream_bytes`` setting); 0 leaves each protocol its own."""
 
-    def __init__(self, p2p: P2PHost, metrics: NodeMetrics, *, max_stream_bytes: int = 0) -> None:
+    def __init__(
+        self, p2p: P2PHost, metrics: NodeMetrics, *, max_stream_bytes: int = 0,
+        resolve: Callable[[ID], list[Any]] = lambda peer: [],
+    ) -> None:  # fmt: skip
         self._p2p = p2p
         self._metrics = metrics
         self._max_stream_bytes = max_stream_bytes
+        # Addresses a peer announced (the keeper's, dial policy applied): a stream to a
+        # peer we are not connected to yet can dial them.
+        self._resolve = resolve
 
     def budget(self, proto: StreamProtocol) -> int:
         """The bytes one stream of ``proto`` may carry from the peer."""
@@ -262,6 +269,9 @@ class StreamService:
         # py-libp2p refuses to redial a peer for 60 s after a failed dial; callers
         # have their own retry policy, so lift that block first.
         cast(Any, self._p2p.host.get_network()).unblock_peer(peer)
+        known = self._resolve(peer)
+        if known:
+            self._p2p.host.get_peerstore().add_addrs(peer, known, RESOLVED_ADDR_TTL_S)
         try:
             stream: INetStream = await self._p2p.host.new_stream(peer, [proto.protocol_id])  # type: ignore[list-item]
         except BaseLibp2pError as exc:
