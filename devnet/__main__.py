@@ -50,7 +50,17 @@ class DevNode:
     datadir: Path
     proc: subprocess.Popen[bytes]
     log_path: Path
-    info: dict[str, Any]
+    _info: dict[str, Any] | None = None
+    timeout: float = 60.0
+    started: float = 0.0  # time.monotonic() at launch
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The daemon's run file once it is up (waits for it: ``start_node(wait=False)``
+        launches several daemons at once and each is waited for when first used)."""
+        if self._info is None:
+            self._info = _wait_up(self)
+        return self._info
 
     @property
     def rpc(self) -> RPCClient:
@@ -77,6 +87,7 @@ def start_node(
     listen: str = "/ip4/127.0.0.1/tcp/0",
     timeout: float = 60.0,
     cpu_threads: int | None = None,
+    wait: bool = True,
 ) -> DevNode:
     datadir = base / f"node{index}"
     datadir.mkdir(parents=True, exist_ok=True)
@@ -108,18 +119,29 @@ def start_node(
     log = log_path.open("ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
-    deadline = time.monotonic() + timeout
+    node = DevNode(index, datadir, proc, log_path, timeout=timeout, started=time.monotonic())
+    if wait:
+        node.info  # noqa: B018 (waits until it is up)
+    return node
+
+
+def _wait_up(node: DevNode) -> dict[str, Any]:
+    dd = DataDir(node.datadir)
+    deadline = node.started + node.timeout
     while time.monotonic() < deadline:
         info = dd.read_run_file()
-        if info and info.get("pid") == proc.pid:
-            return DevNode(index, datadir, proc, log_path, info)
-        if proc.poll() is not None:
+        if info and info.get("pid") == node.proc.pid:
+            return info
+        if node.proc.poll() is not None:
             raise DevnetError(
-                f"node {index} exited with code {proc.returncode}:\n" + tail(log_path)
+                f"node {node.index} exited with code {node.proc.returncode}:\n"
+                + tail(node.log_path)
             )
         time.sleep(0.1)
-    proc.kill()
-    raise DevnetError(f"node {index} did not start within {timeout:.0f} s:\n" + tail(log_path))
+    node.proc.kill()
+    raise DevnetError(
+        f"node {node.index} did not start within {node.timeout:.0f} s:\n" + tail(node.log_path)
+    )
 
 
 def free_port(preferred: int = 0) -> int:
@@ -491,17 +513,20 @@ def main(argv: list[str] | None = None) -> int:
 
         def start(i: int, bootstrap: str | None) -> DevNode:
             """Node 1 serves layers 0-1 of the test model, the others 2-3 (a pipeline
-            route, with a spare for the second half)."""
+            route, with a spare for the second half). Launched without waiting: the
+            others start together once node 1 is up."""
             spans = ["--serve-layers", f"{TEST_MODEL}:{'0-1' if i == 1 else '2-3'}"]
             return start_node(
                 i, base, bootstrap=bootstrap, heartbeat=ns.heartbeat_interval,
                 peer_timeout=ns.peer_timeout, network=ns.network,
-                extra=[*base_extra, *(spans if ns.nodes >= 2 else [])],
+                extra=[*base_extra, *(spans if ns.nodes >= 2 else [])], wait=False,
             )  # fmt: skip
 
         nodes.append(start(1, None))
         for i in range(2, ns.nodes + 1):
             nodes.append(start(i, nodes[0].p2p_addr))
+        for n in nodes:
+            n.info  # noqa: B018 (each is up, or a clear error)
         took = wait_for_mesh(nodes, ns.timeout)
         print(
             f"full mesh: every node lists the other {ns.nodes - 1} "

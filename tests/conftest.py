@@ -54,11 +54,16 @@ class Cluster:
         self.base = base
         self.nodes: list[DevNode] = []
 
-    def start(self, index: int, bootstrap: DevNode | None = None, **kw: Any) -> DevNode:
+    def start(
+        self, index: int, bootstrap: DevNode | None = None, wait: bool = True, **kw: Any
+    ) -> DevNode:
+        """Start a daemon. ``wait=False`` returns once it is launched: the next one starts
+        meanwhile (two cores import at once), and it is waited for when first used."""
         opts = {**FAST, **kw}
         node = start_node(
-            index, self.base, bootstrap=bootstrap.p2p_addr if bootstrap else None, **opts
-        )
+            index, self.base, bootstrap=bootstrap.p2p_addr if bootstrap else None, wait=wait,
+            **opts,
+        )  # fmt: skip
         self.nodes = [n for n in self.nodes if n.index != index] + [node]
         return node
 

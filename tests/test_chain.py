@@ -137,7 +137,7 @@ def three_on_chain(
 ) -> list[DevNode]:
     extra = [*serving(models_dir), *chain.flags()]
     n1 = cluster.start(1, extra=[*extra, "--bid-window", "5"])
-    n2 = cluster.start(2, bootstrap=n1, extra=extra)
+    n2 = cluster.start(2, bootstrap=n1, extra=extra, wait=False)
     n3 = cluster.start(3, bootstrap=n1, extra=[*extra, *(["--fault", faulty] if faulty else [])])
     wait_until(lambda: knows_model(n1, 2), 20, "node 1 sees the model on both peers")
     return [n1, n2, n3]

@@ -26,7 +26,7 @@ def submit_consensus(node: DevNode, prompt: str, replicas: int = 3, **params: An
 def three(cluster: Cluster, models_dir: Path, faulty: str | None = None) -> list[DevNode]:
     bid = ["--bid-window", "5"]  # closes once all three have bid
     n1 = cluster.start(1, extra=[*serving(models_dir), *bid])
-    n2 = cluster.start(2, bootstrap=n1, extra=serving(models_dir))
+    n2 = cluster.start(2, bootstrap=n1, extra=serving(models_dir), wait=False)
     extra = ["--fault", faulty] if faulty else []
     n3 = cluster.start(3, bootstrap=n1, extra=[*serving(models_dir), *extra])
     wait_until(lambda: knows_model(n1, 2), 20, "node 1 sees the model on both peers")
@@ -100,9 +100,16 @@ def test_junk_replica_is_outvoted_and_loses_reputation(cluster: Cluster, models_
     }  # fmt: skip
     assert all(t["status"] == "completed" for t in honest.values())
     wrong_accepted, with_junk, actions = 0, 0, Counter[str]()
-    for trial in range(100):
+    # 100 trials, a few in flight at once (the box has two cores to keep busy)
+    batches = [range(b, b + 4) for b in range(0, 100, 4)]
+    trials = []
+    for batch in batches:
+        ids = [(trial, submit_consensus(n1, prompts[trial % len(prompts)], seed=trial,
+                                        max_new_tokens=8)) for trial in batch]  # fmt: skip
+        trials += [(trial, finished(n1, task_id, timeout=120)) for trial, task_id in ids]
+    assert len(trials) == 100
+    for trial, t in trials:
         prompt = prompts[trial % len(prompts)]
-        t = finished(n1, submit_consensus(n1, prompt, seed=trial, max_new_tokens=8), timeout=120)
         assert t["status"] == "completed", t
         c = t["consensus"]
         actions[c["action"]] += 1

@@ -55,7 +55,7 @@ def test_dashboard_live_in_headless_chromium(
     cluster: Cluster, models_dir: Path, browser: Any
 ) -> None:
     n1 = cluster.start(1, extra=serving(models_dir))
-    n2 = cluster.start(2, bootstrap=n1, extra=serving(models_dir))
+    n2 = cluster.start(2, bootstrap=n1, extra=serving(models_dir), wait=False)
     n3 = cluster.start(3, bootstrap=n1, extra=serving(models_dir))
     wait_until(lambda: knows_model(n1, 2), 20, "node 1 sees both peers")
     # The one-time link (`vcoin dashboard`) becomes an HttpOnly session cookie; the token

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def test_full_mesh_and_clean_sigterm(cluster: Cluster) -> None:
     n1 = cluster.start(1)
-    n2 = cluster.start(2, bootstrap=n1)
+    n2 = cluster.start(2, bootstrap=n1, wait=False)
     n3 = cluster.start(3, bootstrap=n1)
     ids = {n.info["peer_id"] for n in (n1, n2, n3)}
     for n in (n1, n2, n3):
@@ -46,7 +46,7 @@ def test_full_mesh_and_clean_sigterm(cluster: Cluster) -> None:
 
 def test_heartbeat_relayed_when_not_directly_connected(cluster: Cluster) -> None:
     n1 = cluster.start(1)
-    n2 = cluster.start(2, bootstrap=n1, extra=["--no-discover"])
+    n2 = cluster.start(2, bootstrap=n1, extra=["--no-discover"], wait=False)
     n3 = cluster.start(3, bootstrap=n1, extra=["--no-discover"])
     id2, id3 = n2.info["peer_id"], n3.info["peer_id"]
     wait_until(lambda: id2 in peers_of(n3), 15, "node 3 hears node 2")
@@ -58,7 +58,7 @@ def test_heartbeat_relayed_when_not_directly_connected(cluster: Cluster) -> None
 
 def test_killed_node_expires_and_rejoins_with_same_key(cluster: Cluster) -> None:
     n1 = cluster.start(1)
-    n2 = cluster.start(2, bootstrap=n1)
+    n2 = cluster.start(2, bootstrap=n1, wait=False)
     n3 = cluster.start(3, bootstrap=n1)
     id3 = n3.info["peer_id"]
     wait_until(lambda: id3 in peers_of(n1) and id3 in peers_of(n2), 15, "node 3 joined")

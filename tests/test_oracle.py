@@ -265,7 +265,8 @@ def test_replicated_answer_ignores_a_manipulated_feed_and_is_anchored(
             (cluster.base / f"node{i}").mkdir(parents=True, exist_ok=True)
             (cluster.base / f"node{i}" / "config.toml").write_text(api.oracle_toml(NO_POLLS))
         n1 = cluster.start(1, extra=chain.flags())
-        nodes = [n1, *(cluster.start(i, bootstrap=n1, extra=chain.flags()) for i in (2, 3))]
+        nodes = [n1, *(cluster.start(i, bootstrap=n1, extra=chain.flags(), wait=False)
+                       for i in (2, 3))]  # fmt: skip
         fund_nodes(chain.anvil.url, chain.deployment, [n.info["eth_address"] for n in nodes])
         stake_all(nodes, 1000)
         wait_until(lambda: sum("oracle" in p["services"] for p in n1.rpc.call("vcoin_peers"))

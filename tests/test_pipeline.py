@@ -129,7 +129,7 @@ def test_pipelined_consensus_replicas_run_on_disjoint_routes(
 
 def test_three_span_pipeline_matches_single_node(cluster: Cluster, models_dir: Path) -> None:
     n1 = cluster.start(1, extra=spans(models_dir, "0-0"))
-    cluster.start(2, bootstrap=n1, extra=spans(models_dir, "1-2"))
+    cluster.start(2, bootstrap=n1, extra=spans(models_dir, "1-2"), wait=False)
     cluster.start(3, bootstrap=n1, extra=spans(models_dir, "3-3"))
     wait_until(lambda: sees_spans(n1, 2), 20, "node 1 sees both span servers")
     assert parity(n1, PARITY) == len(PARITY)
@@ -139,7 +139,7 @@ def test_killed_span_node_is_replaced_and_the_text_is_unchanged(
     cluster: Cluster, models_dir: Path
 ) -> None:
     n1 = cluster.start(1, extra=spans(models_dir, "0-1"))
-    n2 = cluster.start(2, bootstrap=n1, extra=spans(models_dir, "2-3"))
+    n2 = cluster.start(2, bootstrap=n1, extra=spans(models_dir, "2-3"), wait=False)
     n3 = cluster.start(3, bootstrap=n1, extra=spans(models_dir, "2-3"))
     wait_until(lambda: sees_spans(n1, 2), 20, "node 1 sees both span servers")
     ref = finished(n1, submit(n1, PROMPTS[0], False, n=400))

@@ -55,7 +55,7 @@ def test_submit_completes_and_greedy_output_is_the_same_on_every_node(
     # The bid window closes as soon as all have bid; 5 s only matters on a loaded CI box.
     strategy = ["--strategy", "round_robin", "--bid-window", "5"]
     n1 = cluster.start(1, extra=[*serving(models_dir), *strategy])
-    n2 = cluster.start(2, bootstrap=n1, extra=serving(models_dir))
+    n2 = cluster.start(2, bootstrap=n1, extra=serving(models_dir), wait=False)
     n3 = cluster.start(3, bootstrap=n1, extra=serving(models_dir))
     wait_until(lambda: knows_model(n1, 2), 20, "node 1 sees the model on both peers")
     results = []
@@ -139,7 +139,9 @@ def long_running(origin: DevNode, **kw: Any) -> tuple[str, dict[str, Any]]:
 
 def test_worker_killed_mid_task_is_replaced(cluster: Cluster, models_dir: Path) -> None:
     n1 = cluster.start(1)  # origin only: it serves no model
-    workers = [cluster.start(i, bootstrap=n1, extra=serving(models_dir)) for i in (2, 3)]
+    workers = [
+        cluster.start(i, bootstrap=n1, extra=serving(models_dir), wait=False) for i in (2, 3)
+    ]
     wait_until(lambda: knows_model(n1, 2), 20, "node 1 sees both workers")
     # The survivor must not spend the 5 s timeout loading the model on a loaded box.
     wait_until(lambda: all(loaded(w) for w in workers), 120, "both workers load the model")
@@ -249,7 +251,9 @@ def test_other_strategies_share_concurrent_load(
     cluster: Cluster, models_dir: Path, strategy: str
 ) -> None:
     n1 = cluster.start(1, extra=["--strategy", strategy, "--bid-window", "5"])  # no model
-    workers = [cluster.start(i, bootstrap=n1, extra=serving(models_dir)) for i in (2, 3)]
+    workers = [
+        cluster.start(i, bootstrap=n1, extra=serving(models_dir), wait=False) for i in (2, 3)
+    ]
     wait_until(lambda: knows_model(n1, 2), 20, "node 1 sees both workers")
     ids = [submit(n1, f"prompt {i}", max_new_tokens=2) for i in range(24)]
     done = [finished(n1, i, timeout=120) for i in ids]

@@ -133,7 +133,7 @@ def test_killed_training_node_shard_is_reassigned(
     monkeypatch.setenv("VCOIN_MARKET_TRAIN_ROUND_TIMEOUT_S", "20")
     extra = serving(models_dir)
     n1 = cluster.start(1, extra=[*extra, "--bid-window", "5"])
-    n2 = cluster.start(2, bootstrap=n1, extra=extra)
+    n2 = cluster.start(2, bootstrap=n1, extra=extra, wait=False)
     n3 = cluster.start(3, bootstrap=n1, extra=extra)
     wait_until(lambda: knows_model(n1, 2), 20, "node 1 sees the model on both peers")
     data = write_dataset(n1.datadir / "train.jsonl", 48)
@@ -191,7 +191,7 @@ def test_origin_restarted_mid_training_goes_on_from_its_last_round(
     listen = f"/ip4/127.0.0.1/tcp/{free_port()}"
     n1 = cluster.start(1, listen=listen, extra=["--bid-window", "5"])  # an origin only
     for i in (2, 3):
-        cluster.start(i, bootstrap=n1, extra=serving(models_dir))
+        cluster.start(i, bootstrap=n1, extra=serving(models_dir), wait=False)
     wait_until(lambda: knows_model(n1, 2), 20, "node 1 sees the model on both peers")
     task_id = train(n1, write_dataset(n1.datadir / "train.jsonl", 48), nodes=2, sync_every=1)
     wait_until(lambda: len(task(n1, task_id)["training"]["history"]) >= 4, 120, "4 rounds")

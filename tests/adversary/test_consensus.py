@@ -125,7 +125,7 @@ async def test_a_copied_commitment_is_refused_and_the_copier_is_not_counted(
 ) -> None:
     def start() -> list[DevNode]:
         n1 = cluster.start(1, extra=[*serving(models_dir), "--bid-window", "3",
-                                     "--task-timeout", "15"])  # fmt: skip
+                                     "--task-timeout", "8"])  # fmt: skip
         n2 = cluster.start(2, bootstrap=n1, extra=serving(models_dir))
         wait_until(lambda: knows_model(n1, 1), 20, "node 1 sees node 2's model")
         wait_until(lambda: loaded(n1) and loaded(n2), 60, "both models warm")
