@@ -90,6 +90,16 @@ class SignedTicket:
                    bytes.fromhex(d["signature"]), t.profile)  # fmt: skip
 
 
+def unpaid_ticket_of(
+    requester: str, task_id: str, model_id: str, mode: str, replicas: int,
+    deterministic: bool = False, units: int = 0,
+) -> Ticket:  # fmt: skip
+    """``requester``'s unpaid ticket of a task (``Payments.unpaid_ticket``): what a worker
+    recomputes to check the ticket an origin names (training, oracle answers)."""
+    return Ticket(task_id, requester, model_id, MODES.get(mode, 0), max(1, replicas),
+                  deterministic, 0, units, 0, 0)  # fmt: skip
+
+
 class Payments:
     """Signs and checks the typed data of settlement v2 for this node, as requester and
     as worker. ``chain`` None: no chain (everything unpaid)."""
@@ -152,8 +162,8 @@ class Payments:
         """The ticket of an unpaid task of ours (price 0, no deadline, nonce 0, up to
         ``units`` tokens): the same for the same task, so workers can sign an outcome under
         it before it is anchored (training, oracle answers; tasks between embedded chains)."""
-        return Ticket(task_id, self.address, model_id, MODES.get(mode, 0), max(1, replicas),
-                      deterministic, 0, units, 0, 0)  # fmt: skip
+        return unpaid_ticket_of(self.address, task_id, model_id, mode, replicas,
+                                deterministic, units)  # fmt: skip
 
     def self_ticket(
         self, domain: Domain, task_id: str, model_id: str, mode: str, replicas: int,

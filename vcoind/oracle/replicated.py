@@ -28,10 +28,10 @@ from typing import Any, ClassVar, NoReturn
 
 import trio
 
-from vcoind.chain.typed import DECISIONS, MODES, Outcome, Ticket
+from vcoind.chain.typed import DECISIONS, Outcome
 from vcoind.consensus.reputation import updated_reputation
 from vcoind.market.messages import TASK_ID_RE
-from vcoind.market.payments import Payments
+from vcoind.market.payments import Payments, unpaid_ticket_of
 from vcoind.oracle import OracleError
 from vcoind.p2p.codec import Message, lim, message
 from vcoind.p2p.streams import StreamProtocolError
@@ -164,8 +164,7 @@ class _Asked:
 def unpaid_ticket_hash(q: OracleQuery, requester: str, replicas: int) -> bytes:
     """The struct hash of the unpaid ticket an origin signs its oracle answer under
     (``Payments.unpaid_ticket`` of the origin, as any replica can compute it)."""
-    return Ticket(q.task_id, requester, query_model_id(q), MODES["oracle"], max(1, replicas),
-                  False, 0, 0, 0, 0).hash()  # fmt: skip
+    return unpaid_ticket_of(requester, q.task_id, query_model_id(q), "oracle", replicas).hash()
 
 
 @dataclass

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 from libp2p.peer.id import ID
 
-from vcoind.chain.typed import MODES, Outcome, Ticket
-from vcoind.market.payments import Payments
+from vcoind.chain.typed import Outcome
+from vcoind.market.payments import Payments, unpaid_ticket_of
 from vcoind.market.ports import OnView
 from vcoind.market.settle import Settled, Settler, Vote
 from vcoind.metrics import NodeMetrics
@@ -285,8 +285,7 @@ class TrainService:
         requester = self._view.eth_address_of(origin)
         if not requester:
             return None
-        return Ticket(task_id, requester, model_id, MODES["lora_training"], max(1, replicas),
-                      False, 0, 0, 0, 0).hash()  # fmt: skip
+        return unpaid_ticket_of(requester, task_id, model_id, "lora_training", replicas).hash()
 
     def _refused(self, r: Refusal) -> None:
         if r.code == "over_budget":
