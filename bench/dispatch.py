@@ -61,6 +61,10 @@ def main() -> int:
             wait_for_mesh(nodes, 30)
             while sum(bool(x["models"]) for x in n1.rpc.call("vcoin_peers")) < 2:
                 time.sleep(0.2)
+            # every node warm (its model loaded): the burst measures dispatch, not start-up
+            while not all(any(m["loaded"] for m in n.rpc.call("vcoin_models")["models"])
+                          for n in nodes):  # fmt: skip
+                time.sleep(0.2)
             warm = n1.rpc.call("vcoin_submitTask", {"model": TEST_MODEL, "input": "warm up"})
             while not n1.rpc.call("vcoin_getTask", warm)["finished"]:
                 time.sleep(0.1)

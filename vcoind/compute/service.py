@@ -145,7 +145,6 @@ class ComputeService:
         model into DATADIR/shards once. File work: runs on a worker thread."""
         if not self.cfg.serve_layers:
             return []
-        # torch comes with shards: a node serving no span starts without it (about 2 s).
         from vcoind.compute.shards import ShardManifest, split_model
 
         root = Path(self.models.root or ".")
@@ -227,5 +226,14 @@ class ComputeService:
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self.rescan_models()
+        if self.models.all():
+            # torch in place before the node says it is up: imported later, in the middle
+            # of the first burst of tasks, it cost dispatch ~2 s (bench/dispatch.py). A node
+            # serving no model never needs it (and starts in half the time).
+            await trio.to_thread.run_sync(_import_torch)
         await self._serve_spans()
         task_status.started()
+
+
+def _import_torch() -> None:
+    import torch  # noqa: F401
