@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from vcoind.market.consensus import choose_replicas
 from vcoind.market.messages import TaskBid
 from vcoind.market.observed import UNMEASURED_TOKENS_PER_S, Observations
+from vcoind.market.selection import choose_replicas
 
 
 def bid(peer: str, *, health: float = 1.0, queue: int = 0, tps: float = 1e6) -> TaskBid:

@@ -19,7 +19,6 @@ from vcoind.cli.model import model_main
 from vcoind.config import (
     DEFAULT_DATADIR,
     DEVICES,
-    FAULTS,
     LOG_LEVELS,
     STRATEGIES,
     Config,
@@ -27,6 +26,7 @@ from vcoind.config import (
     load,
     render_toml,
 )
+from vcoind.config_check import FAULTS
 from vcoind.datadir import DataDir, DataDirError, Identity
 from vcoind.p2p.errors import P2PError
 from vcoind.store import StoreError

@@ -586,30 +586,3 @@ class Coordinator:
 
 def _moved(event: str) -> Callable[[float], float]:
     return lambda rep: updated_reputation(rep, event)
-
-
-def choose_replicas(
-    ranked: Sequence[Any], k: int, profile_of: Callable[[str], Any],
-    address_of: Callable[[str], str | None] = lambda peer: None,
-) -> list[Any]:  # fmt: skip
-    """``k`` distinct bidders, best first, preferring the numeric profile most of the
-    best-ranked bidders share (so deterministic answers can match token for token). One
-    slot per staked address: peer ids bound to an address already chosen are skipped (one
-    stake cannot fill a round with its sybils, nor make an honest anchor revert)."""
-    distinct: list[Any] = []
-    taken: set[str] = set()
-    for b in ranked:
-        addr = (address_of(b.peer_id) or "").lower()
-        if addr and addr in taken:
-            continue
-        if all(b.peer_id != d.peer_id for d in distinct):
-            distinct.append(b)
-            if addr:
-                taken.add(addr)
-    groups: dict[Any, list[Any]] = {}
-    for b in distinct:
-        groups.setdefault(profile_of(b.peer_id), []).append(b)
-    best = max(groups.values(), key=len, default=[])
-    if len(best) >= k:
-        return best[:k]
-    return (best + [b for b in distinct if b not in best])[: min(k, MAX_REPLICAS)]

@@ -22,11 +22,12 @@ from vcoind.compute.shard_host import PipelineError
 from vcoind.consensus.outcome import result_hash
 from vcoind.market.assign import Assignment
 from vcoind.market.bidding import Bidding
-from vcoind.market.consensus import Coordinator, RoundResult, RoundState, choose_replicas
+from vcoind.market.consensus import Coordinator, RoundResult, RoundState
 from vcoind.market.live import LiveTask, Update, params_from_dict, since
 from vcoind.market.messages import Assign, GenParams, RouteHop
 from vcoind.market.payments import ticket_hash
 from vcoind.market.ports import Pipelines
+from vcoind.market.selection import choose_replicas
 from vcoind.market.settle import Evidence, Settled, Vote
 from vcoind.market.votes import MAX_REPLICAS
 from vcoind.presence.view import NetworkView

@@ -10,6 +10,8 @@ so any node holding the same bids and state can re-check the origin's choice.
   then the shorter advertised queue.
 - ``resource_aware`` (default): highest score
   ``0.4 health + 0.3 / (1 + queue) + 0.3 / (1 + eta_s)``.
+
+``choose_replicas`` picks a consensus round's replicas from the ranked bids.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 # The names live in the config (it validates market.strategy); the table below must match.
 from vcoind.config import STRATEGIES as STRATEGIES
+from vcoind.market.votes import MAX_REPLICAS
 
 
 class BidLike(Protocol):
@@ -111,6 +114,33 @@ def _smooth_weighted(
     order = sorted(bids, key=lambda b: (-current[b.peer_id], tb(b)))
     current[order[0].peer_id] -= total
     return order
+
+
+def choose_replicas(
+    ranked: Sequence[Any], k: int, profile_of: Callable[[str], Any],
+    address_of: Callable[[str], str | None] = lambda peer: None,
+) -> list[Any]:  # fmt: skip
+    """``k`` distinct bidders, best first, preferring the numeric profile most of the
+    best-ranked bidders share (so deterministic answers can match token for token). One
+    slot per staked address: peer ids bound to an address already chosen are skipped (one
+    stake cannot fill a round with its sybils, nor make an honest anchor revert)."""
+    distinct: list[Any] = []
+    taken: set[str] = set()
+    for b in ranked:
+        addr = (address_of(b.peer_id) or "").lower()
+        if addr and addr in taken:
+            continue
+        if all(b.peer_id != d.peer_id for d in distinct):
+            distinct.append(b)
+            if addr:
+                taken.add(addr)
+    groups: dict[Any, list[Any]] = {}
+    for b in distinct:
+        groups.setdefault(profile_of(b.peer_id), []).append(b)
+    best = max(groups.values(), key=len, default=[])
+    if len(best) >= k:
+        return best[:k]
+    return (best + [b for b in distinct if b not in best])[: min(k, MAX_REPLICAS)]
 
 
 _RANKERS: dict[str, Ranker] = {
