@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from devnet.chain import ANVIL_DEPLOYER_KEY, Anvil, start_anvil
 from vcoind.chain.cli import DEPLOYER_KEY_ENV
 from vcoind.chain.contracts import Contracts, Deployment
 from vcoind.consensus.outcome import task_id_bytes32
+from vcoind.store import Store
 
 # The engine's triton kernels (vcoind.compute.kernels) run on CPU tensors under triton's
 # interpreter: read when the kernels are first loaded.
@@ -79,6 +80,15 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         if n.proc.poll() is None:
             n.proc.kill()
             n.proc.wait()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    """A real SQLite store in the test's directory, opened and closed around it."""
+    s = Store(tmp_path / "db")
+    await s.open()
+    yield s
+    await s.close()
 
 
 def peers_of(node: DevNode) -> set[str]:

@@ -4,8 +4,6 @@ addresses may be dialled, which connections are dropped, and the bounded peer ta
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import trio
@@ -240,14 +238,6 @@ async def test_penalties_graylist_a_peer_and_strikes_blacklist_it() -> None:
 
 
 # --- peer table cap ----------------------------------------------------------------------
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = Store(tmp_path / "db")
-    await s.open()
-    yield s
-    await s.close()
 
 
 async def test_full_peer_table_evicts_unstaked_least_recent_first(store: Store) -> None:

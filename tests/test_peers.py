@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -46,14 +45,6 @@ def mock_clock() -> trio.testing.MockClock:
     # Jump only after 20 ms of real idleness: the store runs in worker threads, and a
     # zero threshold would jump the clock while SQLite is still writing.
     return trio.testing.MockClock(autojump_threshold=0.02)
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = Store(tmp_path / "db")
-    await s.open()
-    yield s
-    await s.close()
 
 
 def table_for(store: Store, error_rate: Callable[[str], float] = lambda _peer: 0.0) -> PeerTable:
