@@ -49,6 +49,7 @@ from vcoind.market.votes import (
     ResultReveal,
     RevealsClosed,
 )
+from vcoind.p2p.streams import StreamProtocolError
 from vcoind.store import ConsensusStore, SignatureRow, ValidationRow
 
 if TYPE_CHECKING:
@@ -179,8 +180,6 @@ class Replica:
         await self._maybe_vote(msg.task_id)
 
     async def _send_reveal(self, peer: str, reveal: ResultReveal) -> None:
-        from vcoind.p2p.streams import StreamProtocolError
-
         try:
             await self._ctx.send_reveal(peer, reveal)
         except StreamProtocolError as exc:
