@@ -165,9 +165,9 @@ class Replica:
             other = next((v for k, v in p.reveals.items() if k != self._ctx.peer_id), None)
             if other is not None:
                 text = other.text
-        result_sig, profile = self._ctx.payments.sign_result(r.task_id, result_hash(text))
-        if not p.evidence:  # a pipeline driver bid on nothing: it signs no Result
-            result_sig = b""
+        pay = self._ctx.payments  # a pipeline driver bid on nothing: it signs no Result
+        result_sig, profile = (pay.sign_result(r.task_id, result_hash(text)) if p.evidence
+                               else (b"", pay.profile()))  # fmt: skip
         reveal = ResultReveal(self._ctx.network, self._ctx.peer_id, 0, 0.0, r.task_id, p.origin,
                               r.attempt, text, r.token_ids, r.finish_reason, salt, profile,
                               result_sig)  # fmt: skip

@@ -124,7 +124,6 @@ class TaskWorker:
         # Pipelined replicas run over their route; LoRA: training, adapters.
         self._pipelines = pipelines
         self._trainer = trainer
-        # task id -> (the origin whose announce we bid on, trio time): what we accept
         self._bid_on = Offered()  # (task id, origin) pairs we bid on: what we accept
         self._refused = refused  # (kind, reason) -> the refusal metric
         self._over_budget = over_budget  # resource -> the budget metric
@@ -394,9 +393,8 @@ class TaskWorker:
         if pay is None or not r.model_id:
             return r
         rh = result_hash(r.text)
-        result_sig, profile = pay.sign_result(a.task_id, rh)
-        if a.route:  # a driver bid on nothing: no Result signature (slashing evidence)
-            result_sig = b""
+        # a driver bid on nothing: no Result signature (slashing evidence)
+        result_sig, profile = (b"", pay.profile()) if a.route else pay.sign_result(a.task_id, rh)
         outcome = outcome_of(rh, "majority", len(r.token_ids), profile,
                              a.params.temperature == 0)  # fmt: skip
         sig = pay.sign_outcome(a.task_id, a.ticket, outcome)
