@@ -36,8 +36,13 @@ from devnet.chain import (
     has_anvil,
     start_anvil,
 )
+from devnet.zygote import ForkedProc, Zygote
 from vcoind.cli import ClientError, RPCClient
 from vcoind.datadir import DataDir
+
+# When set (the test suite does), daemons are forked from it instead of started with
+# ``python -m vcoind``: the same entry point, without re-importing its stack each time.
+ZYGOTE: Zygote | None = None
 
 
 class DevnetError(Exception):
@@ -48,7 +53,7 @@ class DevnetError(Exception):
 class DevNode:
     index: int
     datadir: Path
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | ForkedProc
     log_path: Path
     _info: dict[str, Any] | None = None
     timeout: float = 60.0
@@ -116,9 +121,14 @@ def start_node(
     ]
     dd = DataDir(datadir)
     dd.remove_run_file()  # a stale file from a killed run must not be mistaken for ours
-    log = log_path.open("ab")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
+    proc: subprocess.Popen[bytes] | ForkedProc
+    if ZYGOTE is not None:
+        proc = ZYGOTE.spawn(cmd[3:], dict(os.environ), log_path)
+    else:
+        log = log_path.open("ab")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        log.close()
     node = DevNode(index, datadir, proc, log_path, timeout=timeout, started=time.monotonic())
     if wait:
         node.info  # noqa: B018 (waits until it is up)

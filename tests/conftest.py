@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 from web3 import Web3
 
+import devnet.__main__ as devnet_main
 from devnet.__main__ import DevNode, start_node, stop_all
 from devnet.chain import ANVIL_DEPLOYER_KEY, Anvil, start_anvil
+from devnet.zygote import Zygote
 from vcoind.chain.cli import DEPLOYER_KEY_ENV
 from vcoind.chain.contracts import Contracts, Deployment
 from vcoind.consensus.outcome import task_id_bytes32
@@ -25,6 +27,23 @@ from vcoind.store import Store
 # The engine's triton kernels (vcoind.compute.kernels) run on CPU tensors under triton's
 # interpreter: read when the kernels are first loaded.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _zygote() -> Iterator[None]:
+    """Daemons are forked from one process that imported their stack once (``devnet.zygote``):
+    about 130 starts would each spend 3-7 s of CPU on imports. ``VCOIN_TEST_ZYGOTE=0`` starts
+    each with ``python -m vcoind`` instead."""
+    if os.environ.get("VCOIN_TEST_ZYGOTE", "1") == "0":
+        yield
+        return
+    devnet_main.ZYGOTE = z = Zygote()
+    try:
+        yield
+    finally:
+        devnet_main.ZYGOTE = None
+        z.close()
+
 
 FAST = {"heartbeat": 0.3, "peer_timeout": 3.0, "network": "testnet"}
 

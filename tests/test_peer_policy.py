@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
@@ -240,20 +239,20 @@ async def test_penalties_graylist_a_peer_and_strikes_blacklist_it() -> None:
 # --- peer table cap ----------------------------------------------------------------------
 
 
-async def test_full_peer_table_evicts_unstaked_least_recent_first(store: Store) -> None:
+async def test_full_peer_table_evicts_unstaked_newest_first(store: Store) -> None:
     staked_addrs: set[str] = set()
     metrics = NodeMetrics()
     table = PeerTable(store, metrics, peer_timeout=30.0, base_interval=5.0,
                       error_rate=lambda p: 0.0, max_peers=3,
                       staked=lambda a: a in staked_addrs)  # fmt: skip
     beats = [
-        make(peer_id=f"12D3KooW{'A' * 30}{'BCDEFG'[i]}", eth_address=f"0x{i:040x}")
-        for i in range(6)
+        make(peer_id=f"12D3KooW{'A' * 30}{'BCDEFGH'[i]}", eth_address=f"0x{i:040x}")
+        for i in range(7)
     ]
     staked_addrs |= {beats[0].eth_address, beats[1].eth_address}
     for hb in beats[:3]:
         await table.on_heartbeat(hb)
-        await trio.sleep(0.001)  # distinct last_seen
+        time.sleep(0.001)  # distinct first_seen
     await table.on_heartbeat(beats[3])  # unstaked newcomer replaces the unstaked peer 2
     assert {st.peer_id for st in table.peers()} == {b.peer_id for b in (beats[0], beats[1],
                                                                       beats[3])}  # fmt: skip
@@ -261,8 +260,27 @@ async def test_full_peer_table_evicts_unstaked_least_recent_first(store: Store) 
     await table.on_heartbeat(beats[4])  # all staked: an unstaked newcomer is refused
     assert len(table) == 3 and not table.known(beats[4].peer_id)
     assert metrics.gossip_ignored.labels(kind="heartbeat", reason="peer_table_full")._value.get()
-    staked_addrs.add(beats[5].eth_address)
+    staked_addrs |= {beats[5].eth_address, beats[6].eth_address}
     time.sleep(0.001)
-    await table.on_heartbeat(beats[5])  # a staked newcomer replaces the least recent
+    await table.on_heartbeat(beats[5])  # a staked newcomer replaces the one that came last
+    assert table.known(beats[0].peer_id) and not table.known(beats[3].peer_id)
+    # A peer that missed two of its beats goes before any established one.
+    st = table.get(beats[0].peer_id)
+    assert st is not None
+    st.last_seen -= 3 * beats[0].interval
+    await table.on_heartbeat(beats[6])
     assert not table.known(beats[0].peer_id) and table.known(beats[5].peer_id)
-    assert metrics.peers_evicted._value.get() == 2
+    assert metrics.peers_evicted._value.get() == 3
+
+
+async def test_a_flood_of_fresh_identities_does_not_push_out_an_established_peer(
+    store: Store,
+) -> None:
+    table = PeerTable(store, NodeMetrics(), peer_timeout=30.0, base_interval=5.0,
+                      error_rate=lambda p: 0.0, max_peers=4, staked=lambda a: False)  # fmt: skip
+    honest = make(peer_id=f"12D3KooW{'H' * 31}", eth_address="0x" + "1" * 40)
+    await table.on_heartbeat(honest)
+    for i in range(40):  # each sybil beats once, after the honest peer's last beat
+        time.sleep(0.0005)
+        await table.on_heartbeat(make(peer_id=f"12D3KooW{i:031d}", eth_address=f"0x{i:040x}"))
+    assert table.known(honest.peer_id) and len(table) == 4

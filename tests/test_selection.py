@@ -29,6 +29,28 @@ def test_round_robin_is_even() -> None:
     assert winners("round_robin", bids, 30) == {"a": 10, "b": 10, "c": 10}
 
 
+def test_round_robin_catches_up_a_bidder_missing_from_some_windows() -> None:
+    state = SelectionState()
+    # "c" misses two windows in a row (its bid came late): it goes first in the next ones
+    # until it has had its share, so 30 tasks still split 10/10/10.
+    got = winners("round_robin", [B("a"), B("b"), B("c")], 4, state)
+    got += winners("round_robin", [B("a"), B("b")], 2, state)
+    got += winners("round_robin", [B("a"), B("b"), B("c")], 24, state)
+    assert got == {"a": 10, "b": 10, "c": 10}
+
+
+def test_round_robin_newcomer_joins_level_and_an_absentee_makes_up_at_most_two() -> None:
+    state = SelectionState()
+    winners("round_robin", [B("a"), B("b")], 20, state)  # 10 turns each
+    # A newcomer is not owed 10 turns: it takes its place in the rotation.
+    assert winners("round_robin", [B("a"), B("b"), B("new")], 3, state) == {
+        "a": 1, "b": 1, "new": 1}  # fmt: skip
+    winners("round_robin", [B("a"), B("new")], 10, state)  # "b" away for 10 tasks
+    back = [rank("round_robin", "t", [B("a"), B("b"), B("new")], state)[0].peer_id
+            for _ in range(6)]  # fmt: skip
+    assert back[:2] == ["b", "b"] and sorted(back[2:5]) == ["a", "b", "new"]
+
+
 def test_weighted_round_robin_follows_throughput() -> None:
     bids = [B("fast", tokens_per_s=300), B("slow", tokens_per_s=100)]
     assert winners("weighted_round_robin", bids, 40) == {"fast": 30, "slow": 10}

@@ -203,11 +203,15 @@ def test_50_concurrent_tasks_round_robin_spreads_them_evenly(
     for i in (2, 3):
         cluster.start(i, bootstrap=n1, extra=[*serving(models_dir), "--no-chain"])
     wait_until(lambda: knows_model(n1, 2), 20, "node 1 sees both peers' models")
+    # Warmed up first: three model loads during the burst would starve the heartbeats.
+    wait_until(lambda: all(loaded(n) for n in cluster.nodes), 60, "models loaded")
     ids = [submit(n1, f"prompt {i}", max_new_tokens=2) for i in range(50)]
     done = [finished(n1, i, timeout=120) for i in ids]
     assert all(t["status"] == "completed" for t in done), [t["error"] for t in done]
-    per_node = Counter(t["node_id"] for t in done)
-    assert len(per_node) == 3 and min(per_node.values()) >= 15, per_node
+    # The rotation's choices (each task's first attempt): a burst on a loaded box may lose
+    # an assignment's verdict to a slow connection, and its retry goes to the next bidder.
+    per_node = Counter(t["route"][0]["node_id"] for t in done)
+    assert len(per_node) == 3 and min(per_node.values()) >= 16, per_node
 
 
 async def test_task_protocol_rejects_oversized_frames_and_replayed_assignments(

@@ -221,7 +221,8 @@ class Assignment:
                         else f"{peer} refused: {e}" for e in reply.errors
                     ]  # fmt: skip
                 except (StreamProtocolError, trio.TooSlowError) as exc:
-                    errors = [f"assignment to {peer} failed: {exc or 'timeout'}"] * len(batch)
+                    why = str(exc) or f"no verdict within {ASSIGN_TIMEOUT_S:g} s"
+                    errors = [f"assignment to {peer} failed: {why}"] * len(batch)
                 for (_, verdict), error in zip(batch, errors, strict=True):
                     verdict.error = error
                     verdict.done.set()

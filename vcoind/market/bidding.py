@@ -27,6 +27,10 @@ from vcoind.store import BidRow, TaskStore
 log = logging.getLogger("vcoind.origin")
 
 REANNOUNCE_S = 1.0
+# A restarted origin waits at most this long to hear again from a node serving a resumed
+# task's model before it announces it: its no-bid timeout is for the network's answer, not
+# for reconnecting to it.
+REJOIN_S = 60.0
 LOW_REPUTATION = DEFAULT_REPUTATION / 2
 
 
@@ -112,6 +116,16 @@ class Bidding:
                         await self._publish_bid(own)
                 except Exception as exc:  # the tasks' drivers announce again within 1 s
                     log.warning("announcing %d task(s) failed: %s", len(batch), exc)
+
+    async def rejoined(self, model: str) -> bool:
+        """Wait (up to ``REJOIN_S``) until a node serving ``model`` is in the peer view:
+        after a restart the network comes back a heartbeat at a time."""
+        with trio.move_on_after(REJOIN_S):
+            while not self._view.serving(model):
+                await trio.sleep(0.2)
+            return True
+        log.info("no node serving %s heard from %g s after the restart", model, REJOIN_S)
+        return False
 
     async def collect(self, live: LiveTask, want: int = 1) -> list[TaskBid]:
         """Announce and gather bids; ranked, minus peers that already failed this task.

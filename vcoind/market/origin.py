@@ -300,6 +300,7 @@ class TaskOrigin:
                     for a in await self._tasks.attempts(task_id):
                         live.attempt_peers[a.attempt] = a.peer_id
                         live.attempt = max(live.attempt, a.attempt)
+                    await self._bidding.rejoined(live.row.model)
                 outcome = await self._run_attempts(live, resumed)
             if live.cancelled:
                 outcome = ("cancelled", "cancelled by the client")

@@ -4,7 +4,9 @@ Every strategy returns the bids in preference order (the first wins, the next
 ones are the fallbacks for retries). Ties break by ``sha256(task_id + peer_id)``,
 so any node holding the same bids and state can re-check the origin's choice.
 
-- ``round_robin``: rotate through the bidders by an origin-wide counter.
+- ``round_robin``: each bidder in turn: the one that has had the fewest turns goes first,
+  so a bidder missing from some windows (slow to bid, briefly away) is caught up with
+  (by at most ``CATCH_UP`` turns) instead of skewing the rotation.
 - ``weighted_round_robin``: smooth weighted round robin by measured tokens/s.
 - ``least_connections``: fewest tasks this origin has in flight on the peer,
   then the shorter advertised queue.
@@ -24,6 +26,11 @@ from typing import Any, Protocol
 # The names live in the config (it validates market.strategy); the table below must match.
 from vcoind.config import STRATEGIES as STRATEGIES
 from vcoind.market.votes import MAX_REPLICAS
+
+# round_robin: how many turns a bidder absent from some windows may make up, and how many
+# peers the rotation remembers (the oldest entries go first).
+CATCH_UP = 2
+ROTATION_KEPT = 4096
 
 
 class BidLike(Protocol):
@@ -51,7 +58,7 @@ def resource_score(b: BidLike) -> float:
 class SelectionState:
     """What an origin remembers between choices."""
 
-    rr_counter: int = 0
+    rr_turns: dict[str, int] = field(default_factory=dict)  # peer -> times it went first
     wrr_current: dict[str, float] = field(default_factory=dict)
     in_flight: dict[str, int] = field(default_factory=dict)
 
@@ -75,10 +82,17 @@ Ranker = Callable[[str, Sequence[BidLike], SelectionState, Callable[[BidLike], s
 def _round_robin(
     task_id: str, bids: Sequence[BidLike], state: SelectionState, tb: Callable[[BidLike], str]
 ) -> list[BidLike]:
-    ordered = sorted(bids, key=lambda b: b.peer_id)
-    k = state.rr_counter % len(ordered)
-    state.rr_counter += 1
-    return ordered[k:] + ordered[:k]
+    turns = state.rr_turns
+    # A bidder new to the rotation (or back after a long absence) joins it level with the
+    # others, not owed every turn it was not there for.
+    top = max((turns.get(b.peer_id, 0) for b in bids), default=0)
+    for b in bids:
+        turns[b.peer_id] = max(turns.get(b.peer_id, top), top - CATCH_UP)
+    ordered = sorted(bids, key=lambda b: (turns[b.peer_id], b.peer_id))
+    turns[ordered[0].peer_id] += 1
+    while len(turns) > ROTATION_KEPT:
+        del turns[next(iter(turns))]
+    return ordered
 
 
 def _weighted_round_robin(

@@ -7,9 +7,10 @@ not dropped early. It rejoins on its next heartbeat. The observer-side health
 score uses the peer's own CPU/memory figures, the publish-to-receive latency we
 measure, and the share of its messages we rejected.
 
-The table holds at most ``max_peers``: a newcomer evicts the least recently seen peer
-whose address has no stake; when every peer is staked, an unstaked newcomer is refused
-(without a stake rule every peer counts as staked: the least recent goes).
+The table holds at most ``max_peers``: a newcomer evicts a peer whose address has no
+stake: one that missed two of its beats if any, else the one that joined last (established
+peers stay through a flood of fresh identities); when every peer is staked, an unstaked
+newcomer is refused (without a stake rule every peer counts as staked).
 """
 
 from __future__ import annotations
@@ -99,10 +100,21 @@ class PeerTable:
         unstaked = [st for st in self._peers.values()
                     if not self._staked(st.heartbeat.eth_address)]  # fmt: skip
         if unstaked:
-            return min(unstaked, key=lambda st: st.last_seen).peer_id
+            return self._least_established(unstaked).peer_id
         if not self._staked(newcomer.eth_address):
             return None
-        return min(self._peers.values(), key=lambda st: st.last_seen).peer_id
+        return self._least_established(list(self._peers.values())).peer_id
+
+    @staticmethod
+    def _least_established(peers: list[PeerState]) -> PeerState:
+        """A peer that missed two of its beats (likely gone) goes first, the longest silent;
+        otherwise the one that joined last. Established peers stay: a flood of fresh
+        identities only churns the places it took itself."""
+        now = time.time()
+        silent = [st for st in peers if now - st.last_seen > 2 * st.heartbeat.interval]
+        if silent:
+            return min(silent, key=lambda st: st.last_seen)
+        return max(peers, key=lambda st: st.first_seen)
 
     async def _remove(self, peer_id: str, why: str) -> None:
         st = self._peers.pop(peer_id)
