@@ -39,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -440,9 +440,9 @@ def joined(batcher: Batcher, running: list[list[int]], joiner: list[int]) -> dic
     going = threading.Event()  # all of them decoding
     first: list[float] = []
 
-    def mark(i: int, n: int) -> None:  # on the batcher's thread: must not block
+    def mark(i: int, ids: Sequence[int]) -> None:  # on the batcher's thread: must not block
         stamps[i].append(time.perf_counter())
-        if n == 8 and all(len(ts) >= 8 for ts in stamps):
+        if len(ids) == 8 and all(len(ts) >= 8 for ts in stamps):
             going.set()
 
     params = GenerationParams(max_new_tokens=64 + len(joiner) // 16)
@@ -452,7 +452,7 @@ def joined(batcher: Batcher, running: list[list[int]], joiner: list[int]) -> dic
         raise RuntimeError(f"the running requests did not reach 8 tokens: {futures}")
     t_join = time.perf_counter()
     late = batcher.submit(joiner, GenerationParams(max_new_tokens=4),
-                          on_token=lambda n: first.append(time.perf_counter()))  # fmt: skip
+                          on_token=lambda ids: first.append(time.perf_counter()))  # fmt: skip
     late.result()
     [f.result() for f in futures]
     batcher.close()
@@ -525,8 +525,8 @@ def serve(
     first: list[float] = []
     lock = threading.Lock()
 
-    def on_token(n: int) -> None:
-        if n == 1:
+    def on_token(ids: Sequence[int]) -> None:
+        if len(ids) == 1:
             with lock:
                 first.append(time.perf_counter())
 

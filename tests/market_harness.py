@@ -160,7 +160,8 @@ class ScriptedExecutor:
 
     async def generate(
         self, ref: str, prompt: str, params: GenerationParams, *,
-        on_progress: Callable[[int], None] | None = None, priority: int = 0,
+        on_progress: Callable[[int], None] | None = None,
+        on_text: Callable[[str], None] | None = None, priority: int = 0,
         adapter: tuple[str, Path] | None = None, scope: str = "",
     ) -> GenerationResult:  # fmt: skip
         c = self._compute
@@ -176,6 +177,8 @@ class ScriptedExecutor:
             await trio.sleep(c.per_token_s)
             if on_progress is not None:
                 on_progress(i + 1)
+            if on_text is not None:
+                on_text(scripted_text(tokens[: i + 1]))
         decode_s = trio.current_time() - t0
         if decode_s > 0:
             self.tokens_per_s[info.model_id] = len(tokens) / decode_s

@@ -149,9 +149,12 @@ async def test_models_are_served_and_advertised(tmp_path: Path, models_dir: Path
         with trio.fail_after(15):  # b hears a's heartbeat, which lists the model
             while (st := b.presence.peers.get(ia.peer_id)) is None:
                 await b.presence.peers.wait_changed()
-        assert st.heartbeat.models == (ModelServed("tiny-qwen2", model["model_id"]),)
+        served = ModelServed("tiny-qwen2", model["model_id"], reasoning=True)
+        assert st.heartbeat.models == (served,)
         peers = (await rpc(client, ib.rpc_url, "vcoin_peers", **auth(tmp_path / "b")))["result"]
-        assert peers[0]["models"] == [{"name": "tiny-qwen2", "model_id": model["model_id"]}]
+        assert peers[0]["models"] == [
+            {"name": "tiny-qwen2", "model_id": model["model_id"], "reasoning": True}
+        ]
 
 
 async def test_capability_change_is_announced_at_once(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from vcoind.chain.service import ChainService
 from vcoind.compute.service import ComputeError, ComputeService
 from vcoind.config import Config
 from vcoind.datadir import DataDir, Identity
+from vcoind.gateway.service import GatewayService
 from vcoind.market.payments import Payments
 from vcoind.market.service import MarketService
 from vcoind.market.settle import Settler
@@ -160,7 +161,9 @@ class Node:
         )  # fmt: skip
         # --- mount what they serve ---------------------------------------------------------
         m = Mounts(rpc=self.registry, http=self.rpc, gossip=gossip, streams=streams)
-        for service in (presence, compute, self.train, market, self.oracle, self.ops):
+        self.gateway = GatewayService(market.origin, presence.view, self.registry)
+        for service in (presence, compute, self.train, market, self.oracle, self.ops,
+                        self.gateway):  # fmt: skip
             service.mount(m)
         register_chain_api(m.rpc, chain)
         register_train_api(m.rpc, self.train, market.origin, presence.view)

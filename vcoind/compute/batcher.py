@@ -30,7 +30,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,13 @@ import torch
 
 from vcoind.compute.engine import REUSE_MIN, Engine, EngineError, common_prefix
 from vcoind.compute.params import GenerationParams
-from vcoind.compute.sampling import GenerationCancelled, GenerationResult, TokenStream, sample_rows
+from vcoind.compute.sampling import (
+    GenerationCancelled,
+    GenerationResult,
+    OnToken,
+    TokenStream,
+    sample_rows,
+)
 
 log = logging.getLogger("vcoind.engine")
 
@@ -51,7 +57,7 @@ class _Request:
     prompt_ids: list[int]
     stream: TokenStream
     priority: int
-    on_token: Callable[[int], None] | None
+    on_token: OnToken | None
     cancel: threading.Event | None
     future: concurrent.futures.Future[GenerationResult]
     scope: str = ""
@@ -112,7 +118,7 @@ class Batcher:
         params: GenerationParams,
         *,
         priority: int = 0,
-        on_token: Callable[[int], None] | None = None,
+        on_token: OnToken | None = None,
         cancel: threading.Event | None = None,
         scope: str = "",
     ) -> concurrent.futures.Future[GenerationResult]:
@@ -356,7 +362,7 @@ class Batcher:
 
     def _advance(self, req: _Request, nxt: int | None) -> None:
         if req.on_token is not None and req.stream.out:
-            req.on_token(len(req.stream.out))
+            req.on_token(req.stream.out)
         if nxt is None:
             self._finish(req, None)
         else:

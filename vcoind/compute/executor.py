@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from vcoind.compute.generate import (
     GenerationParams,
     GenerationResult,
     LoadedModel,
+    Prompt,
     default_slots,
     encode_prompt,
     generate,
@@ -196,32 +197,41 @@ class Executor:
     async def generate(
         self,
         ref: str,
-        prompt: str,
+        prompt: Prompt,
         params: GenerationParams,
         *,
         on_progress: Callable[[int], None] | None = None,
+        on_text: Callable[[str], None] | None = None,
         priority: int = 0,
         adapter: tuple[str, Path] | None = None,
         scope: str = "",
     ) -> GenerationResult:
         """Run one request (on the model with ``adapter`` (id, path) merged in, if given);
         cancelling the caller stops it at the next token. ``scope`` (the requester):
-        cached prompt starts are shared within one scope only."""
+        cached prompt starts are shared within one scope only. ``on_progress`` gets the
+        token count and ``on_text`` the text decoded so far, at most every
+        ``PROGRESS_EVERY_S``, on the trio thread."""
         slot = await self._acquire(ref, adapter)
         cancel = threading.Event()
         token = trio.lowlevel.current_trio_token()
         last_report = 0.0
+        tokenizer = slot.lm.tokenizer
 
-        def progress(n: int) -> None:
-            # Called on the engine's thread after every token: hand the count to trio
-            # without waiting for it, and not more often than PROGRESS_EVERY_S.
+        def progress(ids: Sequence[int]) -> None:
+            # Called on the engine's thread after every token: hand the count (and the
+            # text) to trio without waiting for it, and not more often than
+            # PROGRESS_EVERY_S.
             nonlocal last_report
             now = time.monotonic()
-            if on_progress is None or cancel.is_set() or now - last_report < PROGRESS_EVERY_S:
+            if cancel.is_set() or now - last_report < PROGRESS_EVERY_S:
                 return
             last_report = now
             try:
-                token.run_sync_soon(on_progress, n)
+                if on_progress is not None:
+                    token.run_sync_soon(on_progress, len(ids))
+                if on_text is not None:
+                    text = tokenizer.decode(list(ids), skip_special_tokens=True)
+                    token.run_sync_soon(on_text, text)
             except trio.RunFinishedError:
                 cancel.set()
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from vcoind.compute.adapters import adapter_from_bytes, merge_lora
 from vcoind.compute.engine import DEFAULT_MAX_CONTEXT, Engine, Stack, UnsupportedModel, generate_ids
 from vcoind.compute.models import ModelError
 from vcoind.compute.params import GenerationError, GenerationParams
-from vcoind.compute.sampling import GenerationCancelled, GenerationResult, decode_loop
+from vcoind.compute.sampling import GenerationCancelled, GenerationResult, OnToken, decode_loop
 
 __all__ = [
     "GenerationCancelled",
@@ -125,30 +124,37 @@ def warm_up(engine: Any, name: str, compiled: bool = False) -> None:
                     name, exc)  # fmt: skip
 
 
-def encode_prompt(lm: LoadedModel, prompt: str) -> list[int]:
+# A prompt: plain text, or chat messages ({"role", "content"}) for the chat template.
+Prompt = str | list[dict[str, str]]
+
+
+def encode_prompt(lm: LoadedModel, prompt: Prompt) -> list[int]:
     """Token ids of the prompt; chat models get their chat template applied."""
     return encode_text(lm.tokenizer, prompt)
 
 
-def encode_text(tok: Any, prompt: str) -> list[int]:
-    """``encode_prompt`` with a bare tokenizer (a pipeline's origin has no model)."""
+def encode_text(tok: Any, prompt: Prompt) -> list[int]:
+    """``encode_prompt`` with a bare tokenizer (a pipeline's origin has no model). Text
+    goes to a chat model as one user message; messages to a model without a chat
+    template as "role: content" lines, then "assistant:"."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return [int(i) for i in ids]
+    if not isinstance(prompt, str):
+        prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
     return [int(i) for i in tok(prompt)["input_ids"]]
 
 
 @torch.inference_mode()
 def generate(
     lm: LoadedModel,
-    prompt: str,
+    prompt: Prompt,
     params: GenerationParams,
     *,
-    on_token: Callable[[int], None] | None = None,
+    on_token: OnToken | None = None,
     cancel: threading.Event | None = None,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` after ``prompt``; see the module docstring."""

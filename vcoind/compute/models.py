@@ -42,6 +42,9 @@ class ModelInfo:
     vocab_size: int
     weight_bytes: int
     tied_embeddings: bool
+    # A reasoning model: its chat template opens a <think> section (DeepSeek-R1 and its
+    # distills); its answers come as reasoning, "</think>", then the reply.
+    reasoning: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +57,7 @@ class ModelInfo:
             "vocab_size": self.vocab_size,
             "weight_bytes": self.weight_bytes,
             "tied_embeddings": self.tied_embeddings,
+            "reasoning": self.reasoning,
         }
 
 
@@ -116,7 +120,22 @@ def inspect_model(path: Path) -> ModelInfo:
         vocab_size=int(cfg.get("vocab_size", 0)),
         weight_bytes=sum(f.stat().st_size for f in files),
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        reasoning="<think>" in _chat_template(path),
     )
+
+
+def _chat_template(path: Path) -> str:
+    """The model's chat template as text ('' without one)."""
+    try:
+        cfg = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    template = cfg.get("chat_template") if isinstance(cfg, dict) else None
+    if template is None and (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text(errors="replace")
+    if isinstance(template, list):  # named templates: [{"name", "template"}]
+        template = " ".join(str(t.get("template", "")) for t in template if isinstance(t, dict))
+    return template if isinstance(template, str) else ""
 
 
 class ModelStore:

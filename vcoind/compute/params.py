@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 MAX_NEW_TOKENS_LIMIT = 8192
 MAX_STOP_STRINGS = 8
@@ -39,3 +43,36 @@ class GenerationParams:
             raise GenerationError(
                 f"stop: at most {MAX_STOP_STRINGS} non-empty strings of <= 64 chars"
             )
+
+
+# What a request may leave to the model: its generation_config.json's sampling settings.
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k")
+
+
+def model_defaults(model_dir: Path) -> dict[str, float]:
+    """The sampling settings of the model's ``generation_config.json`` (greedy when it says
+    ``do_sample: false``); {} when it has none or the file does not parse."""
+    try:
+        cfg = json.loads((model_dir / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    if cfg.get("do_sample") is False:
+        return {"temperature": 0.0}
+    out: dict[str, float] = {}
+    for name in SAMPLING_DEFAULTS:
+        value = cfg.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = value
+    return out
+
+
+def with_defaults(
+    params: GenerationParams, names: tuple[str, ...], defaults: dict[str, float]
+) -> GenerationParams:
+    """``params`` with each of ``names`` taken from ``defaults`` where it has one."""
+    over: dict[str, Any] = {n: defaults[n] for n in names if n in defaults}
+    if "top_k" in over:
+        over["top_k"] = int(over["top_k"])
+    return dataclasses.replace(params, **over) if over else params

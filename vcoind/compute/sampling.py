@@ -213,6 +213,11 @@ class TokenStream:
                                 prefill_s=prefill_s, decode_s=decode_s)  # fmt: skip
 
 
+# Called after each sampled token with the ids generated so far: the stream's own list,
+# which grows on: copy it to keep it.
+OnToken = Callable[[Sequence[int]], None]
+
+
 class GenerationCancelled(Exception):
     """The request was cancelled between two tokens."""
 
@@ -224,7 +229,7 @@ def decode_loop(
     tokenizer: Any,
     max_positions: int,
     *,
-    on_token: Callable[[int], None] | None = None,
+    on_token: OnToken | None = None,
     cancel: threading.Event | None = None,
 ) -> GenerationResult:
     """Prefill then decode with ``forward(new token ids) -> logits of the last position``
@@ -240,10 +245,10 @@ def decode_loop(
     t1 = time.perf_counter()
     while nxt is not None:
         if on_token is not None:
-            on_token(len(stream.out))
+            on_token(stream.out)
         if cancel is not None and cancel.is_set():
             raise GenerationCancelled()
         nxt = stream.push(forward([nxt]))
     if on_token is not None and stream.out:
-        on_token(len(stream.out))
+        on_token(stream.out)
     return stream.result(t1 - t0, time.perf_counter() - t1)

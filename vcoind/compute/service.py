@@ -134,7 +134,7 @@ class ComputeService:
     async def rescan_models(self) -> None:
         """Re-read the model store (hashing new weights off the trio thread) and announce it."""
         infos = await trio.to_thread.run_sync(self.models.scan)
-        served = tuple(ModelServed(m.name, m.model_id) for m in infos)
+        served = tuple(ModelServed(m.name, m.model_id, m.reasoning) for m in infos)
         if served != self._served:
             log.info("serving models: %s", ", ".join(m.name for m in infos) or "none")
             self._served = served

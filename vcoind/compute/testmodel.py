@@ -34,7 +34,28 @@ Tokens per second measure how fast a model generates text on a given device.
 Peers that vanish are dropped from the table and rejoin with their next heartbeat.
 """
 
-EOS = "<|endoftext|>"
+# DeepSeek-R1-Distill-Qwen's special tokens and chat template (its tokenizer_config.json,
+# less the tool-call branches): a system prompt first, <｜User｜> and <｜Assistant｜>
+# turns, an earlier answer's reasoning dropped, and the reply opened with "<think>\n".
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
+THINK, END_THINK = "<think>", "</think>"  # plain added tokens: they survive decoding
+CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}"
+    "{% endif %}{% set ns = namespace(system_prompt='') %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}"
+    "{{ bos_token }}{{ ns.system_prompt }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{%- endif %}"
+    "{%- if message['role'] == 'assistant' %}{% set content = message['content'] %}"
+    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}"
+    "{% endif %}{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{%- endif %}"
+    "{%- endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
+)
+# As the reference model ships it: sampled at 0.6 / 0.95 unless a request says otherwise.
+GENERATION_CONFIG = {"do_sample": True, "temperature": 0.6, "top_p": 0.95}
 
 
 @dataclass(frozen=True)
@@ -51,28 +72,31 @@ class TinyModelSpec:
 
 
 def _train_tokenizer(out: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
+        vocab_size=vocab_size - 2,  # <think> and </think> are added after
+        special_tokens=[EOS, BOS, USER, ASSISTANT],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     lines = CORPUS.splitlines()
     tok.train_from_iterator([*lines, *(ln.lower() for ln in lines)] * 4, trainer=trainer)
+    tok.add_tokens([AddedToken(THINK, special=False), AddedToken(END_THINK, special=False)])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS, unk_token=EOS
+        tokenizer_object=tok, eos_token=EOS, bos_token=BOS, pad_token=EOS, unk_token=EOS
     )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out))
 
 
 def make_test_model(out: Path, spec: TinyModelSpec | None = None) -> Path:
-    """Write config.json, model.safetensors and the tokenizer to ``out``."""
+    """Write config.json, generation_config.json, model.safetensors and the tokenizer
+    (with the reference model's chat template) to ``out``."""
     import torch
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
     from transformers.utils import logging as hf_logging
@@ -82,6 +106,7 @@ def make_test_model(out: Path, spec: TinyModelSpec | None = None) -> Path:
     _train_tokenizer(out, spec.vocab_size)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(out))
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    bos_id = tokenizer.convert_tokens_to_ids(BOS)
     config = Qwen2Config(
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
@@ -93,7 +118,7 @@ def make_test_model(out: Path, spec: TinyModelSpec | None = None) -> Path:
         tie_word_embeddings=False,
         initializer_range=spec.init_std,
         rms_norm_eps=1e-6,
-        bos_token_id=eos_id,
+        bos_token_id=bos_id,
         eos_token_id=eos_id,
         pad_token_id=eos_id,
     )
@@ -106,6 +131,10 @@ def make_test_model(out: Path, spec: TinyModelSpec | None = None) -> Path:
             p.normal_(0.0, spec.init_std)
     hf_logging.disable_progress_bar()
     model.save_pretrained(str(out))
+    (out / "generation_config.json").write_text(
+        json.dumps({**GENERATION_CONFIG, "bos_token_id": bos_id, "eos_token_id": eos_id}, indent=2)
+        + "\n"
+    )
     (out / "vcoin-test-model.json").write_text(
         json.dumps({"spec": spec.__dict__, "note": "random weights, for tests only"}, indent=2)
         + "\n"

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from vcoind.chain.service import anchor_view
 from vcoind.chain.views import slash_view
-from vcoind.compute.params import GenerationError, GenerationParams
+from vcoind.compute.params import SAMPLING_DEFAULTS, GenerationError, GenerationParams
+from vcoind.market.chat import ChatError, messages_json
 from vcoind.market.messages import MAX_INPUT_CHARS, TASK_ID_RE, GenParams
 from vcoind.market.origin import TaskError, task_view
 from vcoind.rpc import INVALID_PARAMS, NOT_FOUND, MethodRegistry, Param, RPCError, RPCMethod
@@ -41,6 +42,7 @@ PARAM_SCHEMAS: dict[str, tuple[type, ...]] = {
     "top_k": (int,),
     "seed": (int,),
     "stop": (list,),
+    "defaults": (list,),
 }
 
 
@@ -54,12 +56,19 @@ def parse_gen_params(raw: dict[str, Any]) -> GenParams:
             raise RPCError(INVALID_PARAMS, f"parameters.{key}: wrong type")
         if key == "stop" and not all(isinstance(s, str) for s in cast(list[Any], value)):
             raise RPCError(INVALID_PARAMS, "parameters.stop: must be a list of strings")
+    defaults = tuple(raw.get("defaults", ()))
+    if not set(defaults) <= set(SAMPLING_DEFAULTS) or len(set(defaults)) != len(defaults):
+        raise RPCError(INVALID_PARAMS, "parameters.defaults: names among "
+                       f"{', '.join(SAMPLING_DEFAULTS)}, taken from the model's "
+                       "generation_config.json")  # fmt: skip
     merged = {**raw, "stop": tuple(raw.get("stop", ()))}
+    merged.pop("defaults", None)
     try:
         checked = GenerationParams(**merged)
     except GenerationError as exc:
         raise RPCError(INVALID_PARAMS, f"parameters.{exc}") from None
-    return GenParams(**{k: getattr(checked, k) for k in PARAM_SCHEMAS})
+    return GenParams(**{k: getattr(checked, k) for k in PARAM_SCHEMAS if k != "defaults"},
+                     defaults=defaults)  # fmt: skip
 
 
 def register_task_api(
@@ -74,6 +83,17 @@ def register_task_api(
 ) -> None:
     async def submit(params: dict[str, Any]) -> dict[str, Any]:
         known = view.models()
+        if (params["input"] is None) == (params["messages"] is None):
+            raise RPCError(INVALID_PARAMS, "one of input (a prompt) or messages (a chat)")
+        text = params["input"]
+        if params["messages"] is not None:
+            try:
+                text = messages_json(params["messages"])
+            except ChatError as exc:
+                raise RPCError(INVALID_PARAMS, str(exc)) from None
+            if len(text) > MAX_INPUT_CHARS:
+                raise RPCError(INVALID_PARAMS, f"messages: over {MAX_INPUT_CHARS} characters "
+                               "as JSON")  # fmt: skip
         pipelined_replicas = False
         if params["pipeline"]:
             if params["mode"] == "auto":
@@ -103,11 +123,12 @@ def register_task_api(
                            "not pipelines")  # fmt: skip
         try:
             task_id = await origin.submit(
-                params["model"], params["input"], gen, priority=params["priority"],
+                params["model"], text, gen, priority=params["priority"],
                 timeout_s=params["timeout_s"], max_price=params["max_price"], mode=mode,
                 replicas=None if replicas in (None, 1) else replicas,
                 pipeline=pipelined_replicas, customer=params["customer"] or "",
-                adapter=adapter or "",
+                adapter=adapter or "", chat=params["messages"] is not None,
+                stream=params["stream"],
             )  # fmt: skip
         except TaskError as exc:
             raise RPCError(INVALID_PARAMS, str(exc)) from None
@@ -125,6 +146,9 @@ def register_task_api(
             for a in attempts
         ]  # fmt: skip
         view["bids"] = [dataclasses.asdict(b) for b in await tasks.bids(row.id)]
+        live = origin.live(row.id)
+        if live is not None and row.parameters.get("stream"):
+            view["partial"] = live.streamed.shown  # the answer so far
         if chain is not None:
             view["anchor"] = anchor_view(await chain.ops.by_key(f"anchor:{row.id}"))
             if view["anchor"] is not None:
@@ -158,9 +182,16 @@ def register_task_api(
             Param("model", {"type": "string", "minLength": 1, "maxLength": 128}, required=True,
                   description="model name or id, served by some node"),
             Param("input", {"type": "string", "minLength": 1, "maxLength": MAX_INPUT_CHARS},
-                  required=True, description="the prompt"),
+                  default=None, description="the prompt (or messages)"),
+            Param("messages", {"type": "array", "maxItems": 256}, default=None,
+                  description="a chat: [{role: system|user|assistant, content}], run through "
+                  "the model's chat template by the worker"),
             Param("parameters", {"type": "object"}, default=None,
-                  description="max_new_tokens, temperature, top_p, top_k, seed, stop"),
+                  description="max_new_tokens, temperature, top_p, top_k, seed, stop; "
+                  "defaults: names of those to take from the model's generation_config"),
+            Param("stream", {"type": "boolean"}, default=False,
+                  description="the worker sends the text as it grows: vcoin_getTask's "
+                  "partial and the task channel's updates carry it"),
             Param("priority", {"type": "integer", "minimum": -1000, "maximum": 1000}, default=0),
             Param("replicas", {"type": "integer", "minimum": 1, "maximum": 5}, default=None,
                   description="replicas in consensus mode, 2-5 (default 3)"),

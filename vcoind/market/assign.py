@@ -142,6 +142,7 @@ class Assignment:
                 task_id=row.id, attempt=n, model=row.model, input=row.input,
                 params=params_from_dict(row.parameters), priority=row.priority,
                 adapter=str(row.parameters.get("adapter", "")), **terms,
+                chat=bool(row.parameters.get("chat")), stream=bool(row.parameters.get("stream")),
             )  # fmt: skip
             t0 = time.monotonic()
             refused = await self.assign(peer, assign)

@@ -134,7 +134,7 @@ class Replica:
         if self.fault == "copy":  # has nothing to copy yet: commits to a guess
             c = secrets.token_bytes(32)
         self._pending[result.task_id] = _Pending(origin, result, salt, assign.ticket,
-                                                 assign.params.temperature == 0,
+                                                 assign.params.greedy,
                                                  now + PENDING_S,
                                                  assign.input[:PROMPT_HEAD],
                                                  not assign.route)  # fmt: skip

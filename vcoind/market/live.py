@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import trio
 
+from vcoind.market.deltas import StreamedText
 from vcoind.market.messages import GenParams, TaskBid, TaskResult
 from vcoind.market.payments import SignedTicket
 from vcoind.store import TaskRow
@@ -36,6 +37,7 @@ class LiveTask:
     scope: trio.CancelScope | None = None
     submitted_mono: float = field(default_factory=time.monotonic)
     final: dict[str, Any] | None = None  # a consensus task's concluding row changes
+    streamed: StreamedText = field(default_factory=StreamedText)  # what clients were shown
 
     def wake(self) -> None:
         self.changed.set()
@@ -60,12 +62,16 @@ def since(row: TaskRow) -> float:
 
 
 def params_dict(p: GenParams) -> dict[str, Any]:
-    return {"max_new_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
-            "top_k": p.top_k, "seed": p.seed, "stop": list(p.stop)}  # fmt: skip
+    out = {"max_new_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
+           "top_k": p.top_k, "seed": p.seed, "stop": list(p.stop)}  # fmt: skip
+    if p.defaults:  # left to the model's generation_config.json
+        out["defaults"] = list(p.defaults)
+    return out
 
 
 def params_from_dict(d: dict[str, Any]) -> GenParams:
     """The sampling parameters of a task's stored parameters (which may hold more)."""
     names = {f.name for f in dataclasses.fields(GenParams)}
     return GenParams(**{**{k: v for k, v in d.items() if k in names},
-                        "stop": tuple(d.get("stop", ()))})  # fmt: skip
+                        "stop": tuple(d.get("stop", ())),
+                        "defaults": tuple(d.get("defaults", ()))})  # fmt: skip

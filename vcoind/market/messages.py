@@ -34,6 +34,7 @@ TASK_PROTOCOL = "/vcoin/task/1.0.0"
 MODEL_RE = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
 MAX_INPUT_CHARS = 32_768
 MAX_RESULT_CHARS = 262_144
+MAX_DELTA_CHARS = 8192  # characters of streamed text per Progress record
 MAX_BATCH = 64  # tasks per announce, offers per bid
 TASK_TYPES = ("inference", "lora_training")
 # The end of a worker's verdict on an attempt it holds already (a resent assignment)
@@ -55,6 +56,16 @@ class GenParams:
     top_k: int = field(default=0, metadata=lim(min=0, max=1_000_000))
     seed: int = field(default=0, metadata=lim(min=0, max=(1 << 63) - 1))
     stop: tuple[str, ...] = field(default=(), metadata=lim(max_len=8, items={"max_len": 64}))
+    # Parameters the request left out, to be taken from the model's generation_config.json
+    # by the worker that holds it (the origin may not): some of SAMPLING_DEFAULTS.
+    defaults: tuple[str, ...] = field(
+        default=(), metadata=lim(max_len=3, items={"pattern": "temperature|top_p|top_k"})
+    )
+
+    @property
+    def greedy(self) -> bool:
+        """Decoded greedily for sure (the model's default temperature may sample)."""
+        return self.temperature == 0 and "temperature" not in self.defaults
 
     def generation(self) -> GenerationParams:
         """The same parameters for the generation loop (validated there once more)."""
@@ -185,6 +196,10 @@ class Assign:
     ticket: SignedTicket | None = None
     price_per_token: int = field(default=0, metadata=lim(min=0, max=(1 << 63) - 1))
     award: bytes = field(default=b"", metadata=lim(max_len=65))
+    # ``input`` is chat messages (a JSON list of {"role", "content"}) for the model's chat
+    # template; ``stream``: send the answer's text in Progress records as it grows.
+    chat: bool = False
+    stream: bool = False
 
 
 @message
@@ -224,11 +239,15 @@ class Cancel(Message):
 @dataclass(frozen=True)
 class Progress(Message):
     KIND: ClassVar[str] = "task_progress"
-    MAX_BYTES: ClassVar[int] = 256
+    MAX_BYTES: ClassVar[int] = 4 * MAX_DELTA_CHARS + 512
 
     task_id: str = field(metadata=lim(pattern=TASK_ID_RE, max_len=32))
     attempt: int = field(metadata=lim(min=1, max=100))
     tokens: int = field(metadata=lim(min=0, max=1_000_000))
+    # A streamed task (``Assign.stream``): the answer's characters ``offset`` onwards
+    # that are new since the last Progress of this attempt.
+    offset: int = field(default=0, metadata=lim(min=0, max=MAX_RESULT_CHARS))
+    text: str = field(default="", metadata=lim(max_len=MAX_DELTA_CHARS))
 
 
 @message

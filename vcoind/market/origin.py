@@ -149,6 +149,8 @@ class TaskOrigin:
         pipeline: bool = False,
         customer: str = "",
         adapter: str = "",
+        chat: bool = False,
+        stream: bool = False,
     ) -> str:
         """A task as ``vcoind.market.api`` checked it (mode, replicas, parameters, model,
         adapter); refused here only for what the origin knows: whether it runs and has the
@@ -165,10 +167,11 @@ class TaskOrigin:
             raise TaskError("pipeline", "pipelines are not available on this node")
         now = time.time()
         parameters = params_dict(params) | ({"adapter": adapter} if adapter else {})
+        parameters |= ({"chat": True} if chat else {}) | ({"stream": True} if stream else {})
         task_id = secrets.token_hex(16)
         n = (replicas or 3) if mode == "consensus" else 1
         payment = (self._payments.payment_record(
-            task_id, model, mode, n, params.temperature == 0,
+            task_id, model, mode, n, params.greedy,
             max_price, params.max_new_tokens) if self._payments is not None else
             {"paid": False, "reason": "unpaid: no settlement on this node"})  # fmt: skip
         row = TaskRow(
@@ -224,7 +227,9 @@ class TaskOrigin:
         live = self._live.get(task_id)
         return live.progress if live else None
 
-    # --- gossip and stream handlers ---------------------------------------
+    def live(self, task_id: str) -> LiveTask | None:
+        """The task while it runs (its streamed text, its changes); None once it ended."""
+        return self._live.get(task_id)
 
     # --- gossip and stream handlers ---------------------------------------
 
@@ -244,6 +249,8 @@ class TaskOrigin:
         if live is not None and live.attempt_peers.get(p.attempt) == peer:
             if p.attempt == live.attempt:
                 live.last_progress = trio.current_time()
+                if p.text:
+                    live.streamed.add(p.attempt, p.offset, p.text)
             live.progress = max(live.progress, p.tokens)
             live.wake()
         return Ack()
@@ -352,7 +359,7 @@ class TaskOrigin:
             )  # fmt: skip
             if self._settle is not None and r.signature and peer is not None:
                 price = next((b.price_per_token for b in live.bids if b.peer_id == peer), 0)
-                deterministic = params_from_dict(row.parameters).temperature == 0
+                deterministic = params_from_dict(row.parameters).greedy
                 settled = Settled(
                     task_id=row.id, model_id=r.model_id, mode="single",
                     outcome=outcome_of(result_hash(r.text), "majority", tokens, r.profile,

@@ -120,7 +120,7 @@ class ConsensusRounds:
                         routes[live.attempt] = found[i]
                     await self._tasks.add_attempt(row.id, live.attempt, peer, time.time())
                 st = co.open_round(row.id, round_, attempts, live.ticket,
-                                   params_from_dict(row.parameters).temperature == 0)  # fmt: skip
+                                   params_from_dict(row.parameters).greedy)  # fmt: skip
                 await self._update(live, phase="assigned", status="running",
                                    node_id=",".join(attempts.values()))  # fmt: skip
                 params = params_from_dict(row.parameters)
@@ -129,13 +129,15 @@ class ConsensusRounds:
                     n: int, peer: str, params: GenParams = params,
                     routes: dict[int, list[tuple[str, int, int]]] = routes,
                 ) -> None:  # fmt: skip
-                    if params.temperature > 0:  # sampled: each replica draws its own sample
+                    if not params.greedy:
+                        # sampled (or maybe, by the model's defaults): each its own draw
                         params = dataclasses.replace(params, seed=replica_seed(params.seed, n))
                     route = tuple(RouteHop(*h) for h in routes.get(n, ()))
                     others = tuple(sorted({h[0] for m, r in routes.items() if m != n for h in r}))
                     a = Assign(row.id, n, row.model, row.input, params, row.priority, True,
                                route, others, str(row.parameters.get("adapter", "")),
-                               **self._terms(live, peer))  # fmt: skip
+                               **self._terms(live, peer),
+                               chat=bool(row.parameters.get("chat")))  # fmt: skip
                     error = await self._assignment.assign(peer, a)
                     if error is not None:
                         co.on_attempt_failed(row.id, n, error)

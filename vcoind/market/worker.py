@@ -32,8 +32,10 @@ import trio
 
 from vcoind.chain.views import wei
 from vcoind.compute.models import ModelError
-from vcoind.compute.params import GenerationError
+from vcoind.compute.params import GenerationError, GenerationParams, model_defaults, with_defaults
 from vcoind.consensus.outcome import result_hash
+from vcoind.market.chat import ChatError, parse_messages
+from vcoind.market.deltas import TextDeltas
 from vcoind.market.messages import (
     ACCEPTED_BEFORE,
     Accepted,
@@ -59,6 +61,7 @@ if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
     from vcoind.compute.executor import Executor
+    from vcoind.compute.generate import Prompt
     from vcoind.compute.service import ComputeService
 
 log = logging.getLogger("vcoind.worker")
@@ -133,6 +136,7 @@ class TaskWorker:
         # prefill, smoothed) and the share of our recent attempts that failed.
         self.response_s: float | None = None
         self._outcomes: deque[bool] = deque(maxlen=OUTCOMES_KEPT)
+        self._model_defaults: dict[str, dict[str, float]] = {}  # model id -> its settings
 
     @property
     def error_rate(self) -> float:
@@ -331,7 +335,6 @@ class TaskWorker:
 
     async def _execute(self, job: _Job) -> None:
         a = job.assign
-        p = a.params
         last_sent = 0.0
 
         def progress(n: int) -> None:
@@ -356,10 +359,16 @@ class TaskWorker:
                         if a.adapter:
                             assert self._trainer is not None  # adapter_known said yes
                             adapter = (a.adapter, await self._trainer.adapter_path(a.adapter))
+                        on_text = None
+                        if a.stream:
+                            deltas = self._deltas(job)
+                            nursery.start_soon(deltas.run)
+                            on_text = deltas.update
                         # prompt starts cached for one origin are not reused for another's
                         r = await executor.generate(
-                            a.model, a.input, p.generation(), on_progress=progress,
-                            priority=a.priority, adapter=adapter, scope=job.origin,
+                            a.model, self._prompt(a), self._generation(a),
+                            on_progress=progress, on_text=on_text, priority=a.priority,
+                            adapter=adapter, scope=job.origin,
                         )  # fmt: skip
                         model_id = self._models.resolve(a.model).model_id
                         self.tokens_per_s[model_id] = executor.tokens_per_s.get(model_id, 0.0)
@@ -386,6 +395,34 @@ class TaskWorker:
         else:
             await self._report_result(job, result if result.error else self._signed(a, result))
 
+    def _prompt(self, a: Assign) -> Prompt:
+        if not a.chat:
+            return a.input
+        try:
+            return parse_messages(a.input)
+        except ChatError as exc:
+            raise WorkError(str(exc)) from None
+
+    def _generation(self, a: Assign) -> GenerationParams:
+        """The request's sampling, with what it left out from the model's
+        generation_config.json."""
+        gen = a.params.generation()
+        if not a.params.defaults:
+            return gen
+        info = self._models.resolve(a.model)
+        if info.model_id not in self._model_defaults:
+            self._model_defaults[info.model_id] = model_defaults(info.path)
+        return with_defaults(gen, a.params.defaults, self._model_defaults[info.model_id])
+
+    def _deltas(self, job: _Job) -> TextDeltas:
+        a = job.assign
+
+        async def send(p: Progress) -> None:
+            await self._send(job.origin, p, Ack)
+
+        return TextDeltas(a.task_id, a.attempt, send,
+                          hold=max((len(s) for s in a.params.stop), default=0))  # fmt: skip
+
     def _signed(self, a: Assign, r: TaskResult) -> TaskResult:
         """A single-mode result with our signatures: the outcome (one replica, "majority")
         under the task's ticket, and our Result (slashing evidence)."""
@@ -396,7 +433,7 @@ class TaskWorker:
         # a driver bid on nothing: no Result signature (slashing evidence)
         result_sig, profile = (b"", pay.profile()) if a.route else pay.sign_result(a.task_id, rh)
         outcome = outcome_of(rh, "majority", len(r.token_ids), profile,
-                             a.params.temperature == 0)  # fmt: skip
+                             a.params.greedy)  # fmt: skip
         sig = pay.sign_outcome(a.task_id, a.ticket, outcome)
         return dataclasses.replace(r, eth_address=pay.address, signature=sig,
                                    result_sig=result_sig, profile=profile)  # fmt: skip

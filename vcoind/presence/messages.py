@@ -57,6 +57,7 @@ class ModelServed:
 
     name: str = field(metadata=lim(max_len=128, pattern=r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"))
     model_id: str = field(metadata=lim(max_len=71, pattern=r"sha256:[0-9a-f]{64}"))
+    reasoning: bool = False  # it writes a <think> section first (see ModelInfo)
 
 
 @dataclass(frozen=True)

@@ -250,8 +250,13 @@ class AccessGuard:
     async def _deny(
         self, scope: Scope, receive: Receive, send: Send, status: int, code: int, message: str
     ) -> None:
-        body = json.dumps({"jsonrpc": "2.0", "error": {"code": code, "message": message},
-                           "id": None}).encode()  # fmt: skip
+        if scope.get("path", "").startswith("/v1/"):  # the OpenAI API's error shape
+            kind = "authentication_error" if status == 401 else "permission_error"
+            error = {"message": message, "type": kind, "param": None, "code": kind}
+            body = json.dumps({"error": error}).encode()
+        else:
+            body = json.dumps({"jsonrpc": "2.0", "error": {"code": code, "message": message},
+                               "id": None}).encode()  # fmt: skip
         headers = [(b"content-type", b"application/json"),
                    (b"content-length", str(len(body)).encode())]  # fmt: skip
         if status == 401:

@@ -6,7 +6,7 @@ not) with its entry points, ``prefill``, ``prefill_batch`` and ``decode``; and
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from vcoind.compute.engine.fused import fuse, trusted_kernels
 from vcoind.compute.engine.graphs import PREFILL_GRAPH_TOKENS, GraphSteps, buckets, decode_widths
 from vcoind.compute.engine.stack import EngineError, Stack, check_supported
 from vcoind.compute.params import GenerationParams
-from vcoind.compute.sampling import GenerationResult, decode_loop
+from vcoind.compute.sampling import GenerationResult, OnToken, decode_loop
 
 DEFAULT_MAX_CONTEXT = 4096
 STATIC_ROPE = ("default", "linear")  # rotary types whose angles depend on position alone
@@ -241,7 +241,7 @@ def generate_ids(
     params: GenerationParams,
     tokenizer: Any,
     *,
-    on_token: Callable[[int], None] | None = None,
+    on_token: OnToken | None = None,
     cancel: threading.Event | None = None,
 ) -> GenerationResult:
     """One request on the calling thread, on a slot of its own (batch 1)."""

@@ -1,0 +1,144 @@
+"""The OpenAI-compatible API of real daemons, driven by the official ``openai`` client."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from devnet.__main__ import DevNode, stop_all
+from tests.conftest import Cluster, wait_until
+from tests.test_tasks import knows_model, loaded, serving
+from vcoind.datadir import DataDir
+
+MODEL = "tiny-qwen2"
+ASK = [{"role": "system", "content": "Be brief."},
+       {"role": "user", "content": "What is a GPU?"}]  # fmt: skip
+
+
+def client(node: DevNode, key: str | None = None) -> openai.OpenAI:
+    base = node.info["rpc_url"].rstrip("/") + "/v1"
+    return openai.OpenAI(base_url=base, api_key=key or DataDir(node.datadir).read_cookie(),
+                         max_retries=0, timeout=120)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two(
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path
+) -> Iterator[tuple[DevNode, DevNode]]:
+    """Two serving daemons shared by the module's tests (they only submit tasks)."""
+    c = Cluster(tmp_path_factory.mktemp("gateway"))
+    try:
+        n1 = c.start(1, extra=[*serving(models_dir), "--no-chain"])
+        n2 = c.start(2, bootstrap=n1, extra=[*serving(models_dir), "--no-chain"])
+        wait_until(lambda: knows_model(n1, 1), 20, "node 1 sees node 2's model")
+        wait_until(lambda: loaded(n1) and loaded(n2), 60, "models loaded")
+        yield n1, n2
+    finally:
+        stop_all(c.nodes)
+
+
+def test_openai_client_lists_models_chats_and_streams_the_same_answer(
+    two: tuple[DevNode, DevNode],
+) -> None:
+    n1, _ = two
+    c = client(n1)
+    models = c.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    info = models[0].model_extra["vcoin"]
+    assert info["nodes"] == 2 and info["reasoning"] and info["model_id"].startswith("sha256:")
+    assert c.models.retrieve(MODEL).id == MODEL
+
+    whole = c.chat.completions.create(model=MODEL, messages=ASK, max_tokens=24,
+                                      temperature=0)  # fmt: skip
+    msg = whole.choices[0].message
+    vcoin = whole.model_extra["vcoin"]
+    assert vcoin["status"] == "completed" and len(vcoin["workers"]) == 1
+    assert whole.usage is not None and whole.usage.completion_tokens >= 1
+    assert whole.usage.prompt_tokens > 10  # the chat template's tokens and the messages'
+    # The test model opens <think> like DeepSeek-R1: without "</think>" it is all reasoning.
+    thought = msg.model_extra.get("reasoning_content")
+    assert (thought or "") + msg.content
+    # It is a task like any other.
+    task = n1.rpc.call("vcoin_getTask", {"task_id": vcoin["task_id"]})
+    assert task["parameters"]["chat"] and task["status"] == "completed"
+
+    chunks = list(c.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=24, temperature=0, stream=True,
+        stream_options={"include_usage": True}))  # fmt: skip
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    assert deltas[0].role == "assistant"
+    streamed_thought = "".join(d.model_extra.get("reasoning_content") or "" for d in deltas)
+    streamed = "".join(d.content or "" for d in deltas)
+    assert (streamed_thought, streamed) == (thought or "", msg.content)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == (
+        whole.usage.completion_tokens)  # fmt: skip
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] in ("stop", "length")
+
+    text = c.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=8,
+                                temperature=0)  # fmt: skip
+    assert text.choices[0].text and text.model_extra["vcoin"]["mode"] == "single"
+
+
+def test_tokens_arrive_while_the_worker_is_still_generating(two: tuple[DevNode, DevNode]) -> None:
+    n1, _ = two
+    c = client(n1)
+    first: float | None = None
+    task_id = ""
+    pieces = 0
+    stream = c.completions.create(model=MODEL, prompt="Explain how a blockchain orders",
+                                  max_tokens=400, temperature=0, stream=True)  # fmt: skip
+    for ch in stream:
+        if ch.choices and ch.choices[0].text:
+            pieces += 1
+            if first is None:
+                first = time.time()
+        if ch.choices and ch.choices[0].finish_reason:
+            task_id = ch.model_extra["vcoin"]["task_id"]
+    task = n1.rpc.call("vcoin_getTask", {"task_id": task_id})
+    assert task["timings"]["tokens"] >= 100, "the model stopped too early to tell"
+    assert first is not None and pieces >= 3
+    # The first text came well before the task was done, not all at the end.
+    assert first < task["completed_at"] - 0.2 * task["timings"]["decode_s"], (
+        first, task["completed_at"], task["timings"])  # fmt: skip
+
+
+def test_errors_come_as_the_clients_typed_errors(two: tuple[DevNode, DevNode]) -> None:
+    n1, _ = two
+    c = client(n1)
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        c.chat.completions.create(model="nope", messages=ASK)
+    with pytest.raises(openai.BadRequestError, match="n: only 1"):
+        c.chat.completions.create(model=MODEL, messages=ASK, n=2)
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        c.chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "x"}])
+    with pytest.raises(openai.AuthenticationError):
+        client(n1, key="not-the-cookie").models.list()
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("nope")
+
+
+def test_consensus_answer_carries_its_verdict(two: tuple[DevNode, DevNode]) -> None:
+    n1, _ = two
+    c = client(n1)
+    out = c.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=8, temperature=0,
+        extra_body={"vcoin": {"mode": "consensus", "replicas": 2}},
+    )  # fmt: skip
+    vcoin = out.model_extra["vcoin"]
+    assert vcoin["mode"] == "consensus" and len(vcoin["workers"]) == 2, vcoin
+    verdict = vcoin["consensus"]
+    assert verdict["decision"] and 0 <= verdict["confidence"] <= 1, verdict
+    assert sorted(verdict["agreed"]) == sorted(vcoin["workers"])  # greedy: the same answer
+    # streamed, a consensus task sends its agreed answer once decided
+    chunks = list(c.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=8, temperature=0, stream=True,
+        extra_body={"vcoin": {"mode": "consensus", "replicas": 2}}))  # fmt: skip
+    text = "".join((ch.choices[0].delta.content or "")
+                   + (ch.choices[0].delta.model_extra.get("reasoning_content") or "")
+                   for ch in chunks if ch.choices)  # fmt: skip
+    whole = out.choices[0].message
+    assert text == (whole.model_extra.get("reasoning_content") or "") + (whole.content or "")
