@@ -36,6 +36,7 @@ from devnet.chain import (
     has_anvil,
     start_anvil,
 )
+from devnet.chat import ChatDemoError, demo_chat
 from devnet.zygote import ForkedProc, Zygote
 from vcoind.cli import ClientError, RPCClient
 from vcoind.datadir import DataDir
@@ -550,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             deposit_all(nodes, 100)
         if not ns.no_demo:
             demo_task(nodes[0], ns.prompt)
+            demo_chat(nodes[0], "What is a GPU?")
             if ns.nodes >= 2:
                 demo_consensus(nodes[0], ns.prompt, min(3, ns.nodes))
                 demo_pipeline(nodes[0], ns.prompt)
@@ -584,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     print(line, flush=True)
                 time.sleep(2 if sys.stdout.isatty() else 10)
-    except (DevnetError, ChainSetupError) as exc:
+    except (DevnetError, ChainSetupError, ChatDemoError) as exc:
         print(f"devnet: error: {exc}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,3 +144,31 @@ def test_consensus_answer_carries_its_verdict(two: tuple[DevNode, DevNode]) -> N
                    for ch in chunks if ch.choices)  # fmt: skip
     whole = out.choices[0].message
     assert text == (whole.model_extra.get("reasoning_content") or "") + (whole.content or "")
+
+
+def test_vcoin_submit_stream_prints_the_answer_as_it_grows(two: tuple[DevNode, DevNode]) -> None:
+    n1, _ = two
+    cmd = [
+        str(Path(sys.executable).parent / "vcoin"),
+        "--datadir",
+        str(n1.datadir),
+        "submit",
+        "--model",
+        MODEL,
+        "--max-new-tokens",
+        "300",
+        "--stream",
+        "Explain how a blockchain",
+    ]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        first = proc.stdout.read(1)  # the first character, while the worker still generates
+        running = n1.rpc.call("vcoin_listTasks", {"limit": 1})["tasks"][0]
+        out = proc.stdout.read()  # (communicate() would skip what the pipe's buffer holds)
+        err = proc.stderr.read()
+        proc.wait(120)
+    assert proc.returncode == 0, err
+    task = n1.rpc.call("vcoin_getTask", {"task_id": running["task_id"]})
+    assert first + out == task["result"] + "\n" and task["parameters"]["stream"]
+    assert task["timings"]["tokens"] < 100 or running["status"] != "completed"
+    assert f"completed: task {task['task_id']}" in err

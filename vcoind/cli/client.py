@@ -174,6 +174,9 @@ def client_parser() -> argparse.ArgumentParser:
     s.add_argument("--adapter", metavar="ID",
                    help="generate with this LoRA adapter merged in (vcoin adapters)")  # fmt: skip
     s.add_argument("--wait", action="store_true", help="show progress, then print the answer")
+    s.add_argument("--stream", action="store_true",
+                   help="print the answer as the worker generates it (a consensus task's "
+                   "once it is agreed), then a summary line on stderr")  # fmt: skip
     t = sub.add_parser("task", help="one task: status, progress, node, route, timings")
     t.add_argument("task_id")
     t.add_argument("--wait", action="store_true", help="wait until it finishes")
@@ -296,6 +299,32 @@ def _wait_task(client: RPCClient, task_id: str, show_progress: bool) -> dict[str
         time.sleep(0.2)
 
 
+def _stream_task(client: RPCClient, task_id: str) -> dict[str, Any]:
+    """Print the answer's text as it grows (the task's ``partial``), then the rest."""
+    shown = ""
+
+    def show(text: str) -> None:
+        nonlocal shown
+        if not text.startswith(shown):  # a retry wrote something else: say so, start over
+            print("\n[the worker was replaced; the answer starts over]", file=sys.stderr)
+            shown = ""
+        print(text[len(shown) :], end="", flush=True)
+        shown = text
+
+    while True:
+        t: dict[str, Any] = client.call("vcoin_getTask", {"task_id": task_id})
+        if t["finished"]:
+            show(t["result"] or "")
+            print()
+            print(f"{t['status']}: task {task_id}, {t['progress']} tokens, node "
+                  f"{short_id(t['node_id'] or '-')}" + (f" ({t['error']})" if t["error"] else ""),
+                  file=sys.stderr)  # fmt: skip
+            return t
+        if len(t.get("partial") or "") > len(shown):
+            show(t["partial"])
+        time.sleep(0.1)
+
+
 def _task_command(ns: argparse.Namespace, client: RPCClient) -> tuple[Any, Callable[[Any], str]]:
     if ns.command == "submit":
         params = {
@@ -316,7 +345,12 @@ def _task_command(ns: argparse.Namespace, client: RPCClient) -> tuple[Any, Calla
             req["max_price"] = ns.max_price
         if ns.adapter:
             req["adapter"] = ns.adapter
+        if ns.stream:
+            req["stream"] = True
         task_id = client.call("vcoin_submitTask", req)["task_id"]
+        if ns.stream:
+            t = _stream_task(client, task_id)
+            return t, lambda r: ""
         if not ns.wait:
             return {"task_id": task_id}, lambda r: f"submitted {r['task_id']}"
         _wait_task(client, task_id, show_progress=True)
@@ -359,7 +393,10 @@ def client_main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    print(json.dumps(result, indent=2) if ns.json else fmt(result))
+    out = json.dumps(result, indent=2) if ns.json else fmt(result)
+    if out:
+        print(out)
     if ns.command in ("submit", "task", "train") and isinstance(result, dict):
-        return 0 if result.get("status", "completed") == "completed" or not ns.wait else 1
+        waited = ns.wait or getattr(ns, "stream", False)
+        return 0 if result.get("status", "completed") == "completed" or not waited else 1
     return 0
