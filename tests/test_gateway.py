@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
+import trio
 
 from devnet.__main__ import DevNode, stop_all
 from tests.conftest import Cluster, wait_until
@@ -172,3 +176,39 @@ def test_vcoin_submit_stream_prints_the_answer_as_it_grows(two: tuple[DevNode, D
     assert first + out == task["result"] + "\n" and task["parameters"]["stream"]
     assert task["timings"]["tokens"] < 100 or running["status"] != "completed"
     assert f"completed: task {task['task_id']}" in err
+
+
+async def test_task_channel_carries_the_text_deltas(two: tuple[DevNode, DevNode]) -> None:
+    from trio_websocket import open_websocket_url
+
+    n1, _ = two
+    headers = [(k.encode(), v.encode()) for k, v in n1.rpc.auth.items()]
+    url = n1.info["rpc_url"].rstrip("/").replace("http://", "ws://") + "/ws"
+    async with open_websocket_url(url, extra_headers=headers) as ws:
+
+        async def call(i: int, method: str, params: dict[str, Any]) -> Any:
+            await ws.send_message(json.dumps({"jsonrpc": "2.0", "id": i, "method": method,
+                                              "params": params}))  # fmt: skip
+            while "id" not in (reply := json.loads(await ws.get_message())):
+                pass  # a notification that came first
+            return reply["result"]
+
+        req = {"model": MODEL, "input": "Explain how a blockchain", "stream": True,
+               "parameters": {"max_new_tokens": 300}}  # fmt: skip
+        task_id = (await call(1, "vcoin_submitTask", req))["task_id"]
+        await call(2, "vcoin_subscribe", {"channel": f"task:{task_id}"})
+        deltas: list[dict[str, Any]] = []
+        with trio.fail_after(120):
+            while True:
+                note = json.loads(await ws.get_message())["params"]["result"]
+                if "status" not in note:
+                    deltas.append(note)
+                elif note["finished"]:
+                    break
+    task = await trio.to_thread.run_sync(lambda: n1.rpc.call("vcoin_getTask",
+                                                             {"task_id": task_id}))  # fmt: skip
+    assert len(deltas) >= 2 and all(d["restarts"] == 0 for d in deltas), deltas[:3]
+    for a, b in itertools.pairwise(deltas):
+        assert b["offset"] == a["offset"] + len(a["text"])  # contiguous, none lost
+    for d in deltas:
+        assert task["result"][d["offset"] : d["offset"] + len(d["text"])] == d["text"]

@@ -250,10 +250,22 @@ class TaskOrigin:
             if p.attempt == live.attempt:
                 live.last_progress = trio.current_time()
                 if p.text:
-                    live.streamed.add(p.attempt, p.offset, p.text)
+                    await self._stream(live, p)
             live.progress = max(live.progress, p.tokens)
             live.wake()
         return Ack()
+
+    async def _stream(self, live: LiveTask, p: Progress) -> None:
+        """A text delta of a streamed task: what clients see grows; the task's channel
+        gets what is new (``offset``, ``text``; ``restarts`` counts the times a retry
+        started the answer over: a client that missed a notification asks vcoin_getTask
+        for ``partial``)."""
+        st = live.streamed
+        before, restarts = st.shown, st.restarts
+        if st.add(p.attempt, p.offset, p.text):
+            offset = len(before) if st.restarts == restarts else 0
+            await self._notify({"task_id": live.row.id, "offset": offset,
+                                "text": st.shown[offset:], "restarts": st.restarts})  # fmt: skip
 
     async def on_result(self, peer: str, r: TaskResult) -> Ack:
         self._check_running()

@@ -213,6 +213,9 @@ class MarketService:
     # --- notifications ---------------------------------------------------------
 
     async def _notify_task(self, view: dict[str, Any]) -> None:
+        if "status" not in view:  # a streamed task's text delta: on its own channel only
+            await self._publish(f"task:{view['task_id']}", view)
+            return
         self._metrics.tasks_in_flight.set(self.origin.in_flight())
         await self._publish(f"task:{view['task_id']}", view)
         await self._publish("tasks", view)
