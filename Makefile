@@ -37,12 +37,13 @@ $(NODE_DEPS): contracts/package-lock.json
 contracts: $(NODE_DEPS)
 	node contracts/build.js
 
-# The dashboard test drives Debian's chromium headless through its chromedriver.
+# The dashboard test drives Debian's chromium headless through its chromedriver; the
+# REST tests send the planning documents' own curl lines.
 browser:
-	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
-		echo "installing chromium and chromium-driver (the dashboard's browser test)"; \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
-		{ echo "error: chromium/chromedriver missing and could not be installed; install them with your package manager" >&2; exit 1; }; \
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1 || ! command -v curl >/dev/null 2>&1; then \
+		echo "installing chromium, chromium-driver and curl (the dashboard's browser test, the REST tests)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver curl >/dev/null) || \
+		{ echo "error: chromium/chromedriver/curl missing and could not be installed; install them with your package manager" >&2; exit 1; }; \
 	fi
 
 test: install browser

@@ -212,3 +212,33 @@ async def test_task_channel_carries_the_text_deltas(two: tuple[DevNode, DevNode]
         assert b["offset"] == a["offset"] + len(a["text"])  # contiguous, none lost
     for d in deltas:
         assert task["result"][d["offset"] : d["offset"] + len(d["text"])] == d["text"]
+
+
+def test_the_seeds_rest_paths_answer_their_curl_lines(two: tuple[DevNode, DevNode]) -> None:
+    n1, _ = two
+    url = n1.info["rpc_url"].rstrip("/")
+    auth = f"Authorization: Bearer {DataDir(n1.datadir).read_cookie()}"
+
+    def curl(*args: str) -> Any:
+        out = subprocess.run(["curl", "-s", "-H", auth, *args], capture_output=True,
+                             text=True, timeout=120, check=True)  # fmt: skip
+        return json.loads(out.stdout)
+
+    # The seed's own lines: -d with no Content-Type (curl sends a form type).
+    body = '{"model_id": "tiny-qwen2", "input": "介紹人工智慧", "parameters": {"max_length": 8}}'
+    task_id = curl("-X", "POST", f"{url}/api/v1/inference", "-d", body)["task_id"]
+    wait_until(lambda: curl(f"{url}/api/v1/task/{task_id}/status")["status"] == "completed",
+               60, "the seed's task")  # fmt: skip
+    status = curl(f"{url}/api/v1/task/{task_id}/status")
+    assert set(status) == {"task_id", "status", "progress", "result", "node_id"}
+    assert status["progress"] == 8 and status["result"] and status["node_id"]
+    single = curl("-X", "POST", f"{url}/api/ai/single_query", "-d",
+                  '{"model_id": "tiny-qwen2", "input": "What is a GPU?"}')  # fmt: skip
+    assert single["status"] == "completed" and single["mode"] == "single"
+    both = curl("-X", "POST", f"{url}/api/ai/consensus_query", "-d",
+                '{"model": "tiny-qwen2", "query": "What is a GPU?", '
+                '"parameters": {"max_length": 4}}')  # fmt: skip
+    assert both["mode"] == "consensus" and both["consensus"]["decision"], both
+    assert curl("-X", "POST", f"{url}/api/ai/query", "-d", '{"input": "x"}') == {
+        "error": "model_id: the model's name or id"}  # fmt: skip
+    assert "no task" in curl(f"{url}/api/v1/task/{'0' * 32}/status")["error"]

@@ -4,6 +4,7 @@
     GET  /v1/models/{model}
     POST /v1/chat/completions       messages -> a chat task (the worker's chat template)
     POST /v1/completions            prompt -> a task
+    and the planning documents' REST paths (``vcoind.gateway.rest``)
 
 Each request is submitted through ``vcoin_submitTask`` (the same checks, the same task:
 it shows in ``vcoin tasks``, the dashboard and the metrics) and answered when the task
@@ -39,6 +40,7 @@ from vcoind.gateway.openai import (
     usage,
     vcoin_info,
 )
+from vcoind.gateway.rest import SeedREST
 from vcoind.rpc import RPCError
 from vcoind.rpc.methods import bind_params
 
@@ -67,6 +69,8 @@ class GatewayService:
         m.http.add_route("/v1/models/{model:path}", self._model, ["GET"])
         m.http.add_route("/v1/chat/completions", self._chat, ["POST"])
         m.http.add_route("/v1/completions", self._completions, ["POST"])
+        for path, endpoint, method in SeedREST(self._rpc, self._finished).routes():
+            m.http.add_route(path, endpoint, [method])
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -138,11 +142,15 @@ class GatewayService:
             return _error(_task_error(task))
         return JSONResponse(response(req, task, reasoning))
 
+    async def _rpc(self, name: str, params: dict[str, Any]) -> Any:
+        """A JSON-RPC method of this node, with its parameter checks (RPCError)."""
+        method = self._registry.get(name)
+        assert method is not None, name  # the market registered it
+        return await method.handler(bind_params(method, params))
+
     async def _submit(self, req: Request) -> str:
-        method = self._registry.get("vcoin_submitTask")
-        assert method is not None  # the market registered it
         try:
-            result = await method.handler(bind_params(method, req.submit))
+            result = await self._rpc("vcoin_submitTask", req.submit)
         except RPCError as exc:
             message = str(exc.message)
             if message.startswith("model: unknown model"):
@@ -158,9 +166,7 @@ class GatewayService:
         return any(m["vcoin"]["reasoning"] for m in self.model_list() if m["id"] == model)
 
     async def _task(self, task_id: str) -> dict[str, Any]:
-        method = self._registry.get("vcoin_getTask")
-        assert method is not None
-        task: dict[str, Any] = await method.handler({"task_id": task_id})
+        task: dict[str, Any] = await self._rpc("vcoin_getTask", {"task_id": task_id})
         return task
 
     async def _finished(self, task_id: str) -> dict[str, Any]:
