@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import trio
@@ -18,6 +19,7 @@ import trio
 from devnet.__main__ import DevNode, stop_all
 from tests.conftest import Cluster, wait_until
 from tests.test_tasks import knows_model, loaded, serving
+from vcoind.cli import ClientError, RPCClient
 from vcoind.datadir import DataDir
 
 MODEL = "tiny-qwen2"
@@ -242,3 +244,39 @@ def test_the_seeds_rest_paths_answer_their_curl_lines(two: tuple[DevNode, DevNod
     assert curl("-X", "POST", f"{url}/api/ai/query", "-d", '{"input": "x"}') == {
         "error": "model_id: the model's name or id"}  # fmt: skip
     assert "no task" in curl(f"{url}/api/v1/task/{'0' * 32}/status")["error"]
+
+
+def test_api_keys_open_the_gateway_with_limits_and_revocation(
+    two: tuple[DevNode, DevNode],
+) -> None:
+    n1, _ = two
+    vcoind = str(Path(sys.executable).parent / "vcoind")
+
+    def apikey(*args: str) -> str:
+        out = subprocess.run([vcoind, "apikey", *args, "--datadir", str(n1.datadir)],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    key = json.loads(apikey("create", "app", "--rpm", "3", "--json"))
+    assert key["key"].startswith("vk-") and key["rpm"] == 3
+    c = client(n1, key=key["key"])
+    out = c.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0)
+    assert out.usage is not None and out.usage.completion_tokens == 5
+    assert c.models.list().data[0].id == MODEL
+    c.completions.create(model=MODEL, prompt="Hello", max_tokens=2, temperature=0)
+    with pytest.raises(openai.RateLimitError) as limited:  # a fourth request in the minute
+        c.models.list()
+    assert int(limited.value.response.headers["retry-after"]) >= 1
+    # The key opens the gateway only: JSON-RPC (stake, tasks, keys) still needs the cookie.
+    with pytest.raises(ClientError, match=r"401|unauthorized"):
+        RPCClient(n1.info["rpc_url"], key["key"], 5).call("vcoin_nodeInfo")
+    keys = {k["id"]: k for k in n1.rpc.call("vcoin_apiKeys")["keys"]}
+    assert keys[key["id"]]["requests"] == 3 and keys[key["id"]]["tokens"] == 7
+    assert "key" not in keys[key["id"]] and "hash" not in keys[key["id"]]
+    metrics = httpx.get(n1.info["rpc_url"].rstrip("/") + "/metrics", headers=n1.rpc.auth).text
+    assert f'vcoin_gateway_tokens_total{{key="{key["id"]}"}} 7.0' in metrics
+    assert f'vcoin_gateway_requests_total{{key="{key["id"]}",outcome="limited"}} 1.0' in metrics
+    assert "app" in apikey("list") and "revoked" in apikey("revoke", "app")
+    with pytest.raises(openai.AuthenticationError, match="unknown or revoked"):
+        client(n1, key=key["key"]).models.list()

@@ -768,3 +768,47 @@ def test_rpc_hosts_and_origins_config(tmp_path: Path) -> None:
                      ("HOSTS", "http://vcoin.lan")):  # fmt: skip
         with pytest.raises(ConfigError, match=f"rpc.{key.lower()}"):
             load(tmp_path, env={f"VCOIN_RPC_{key}": bad}, flags={})
+
+
+async def test_gateway_paths_take_api_keys_and_the_cookie_only_from_loopback() -> None:
+    from vcoind.rpc.guard import AccessGuard
+    from vcoind.rpc.sessions import Sessions
+
+    reached: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope.get("state", {}).get("api_key", "cookie"))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    guard = AccessGuard(app, AccessPolicy("0.0.0.0", 8645, (), ()), "c00kie", Sessions(), ())
+
+    async def check(key: str | None) -> str | None:
+        return "k1" if key == "vk-k1-good" else None
+
+    guard.api_keys = check
+
+    async def status(path: str, token: str, client: str) -> int:
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b""}
+
+        scope = {"type": "http", "method": "GET", "path": path, "query_string": b"",
+                 "client": (client, 5000), "headers": [
+                     (b"host", b"203.0.113.7:8645"),
+                     (b"authorization", b"Bearer " + token.encode())]}  # fmt: skip
+        await guard(scope, receive, send)
+        return int(sent[0]["status"])
+
+    assert await status("/v1/models", "c00kie", "127.0.0.1") == 200
+    assert await status("/v1/models", "c00kie", "203.0.113.9") == 401  # not off loopback
+    assert await status("/v1/models", "vk-k1-good", "203.0.113.9") == 200
+    assert await status("/api/v1/task/x/status", "vk-k1-good", "203.0.113.9") == 200
+    assert await status("/v1/models", "vk-k1-revoked", "127.0.0.1") == 401
+    assert await status("/rpc", "vk-k1-good", "127.0.0.1") == 401  # keys open nothing else
+    assert await status("/rpc", "c00kie", "203.0.113.9") == 200  # JSON-RPC: as before
+    assert reached == ["cookie", "k1", "k1", "cookie"]

@@ -122,6 +122,15 @@ class NodeMetrics:
             "Requests refused over a per-peer or node-wide budget, by resource",
             ["resource"], registry=r,
         )  # fmt: skip
+        self.gateway_requests = Counter(
+            "vcoin_gateway_requests_total",
+            "OpenAI/REST gateway requests by API key id ('cookie': the RPC cookie) and "
+            "outcome (ok, error, limited)", ["key", "outcome"], registry=r,
+        )  # fmt: skip
+        self.gateway_tokens = Counter(
+            "vcoin_gateway_tokens_total", "Tokens generated for gateway requests, by API key",
+            ["key"], registry=r,
+        )  # fmt: skip
         self.gossip_ignored = Counter(
             "vcoin_gossip_ignored_total",
             "Valid gossip messages ignored (not forwarded), by kind and reason (budget, bytes, "

@@ -161,7 +161,8 @@ class Node:
         )  # fmt: skip
         # --- mount what they serve ---------------------------------------------------------
         m = Mounts(rpc=self.registry, http=self.rpc, gossip=gossip, streams=streams)
-        self.gateway = GatewayService(market.origin, presence.view, self.registry)
+        self.gateway = GatewayService(market.origin, presence.view, self.registry, store,
+                                      metrics)  # fmt: skip
         for service in (presence, compute, self.train, market, self.oracle, self.ops,
                         self.gateway):  # fmt: skip
             service.mount(m)

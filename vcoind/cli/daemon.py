@@ -43,6 +43,7 @@ examples:
   vcoind --datadir /tmp/n2 --listen /ip4/127.0.0.1/tcp/4002 --rpc-addr 127.0.0.1:8646
   vcoind --chain-rpc http://127.0.0.1:8546 --contracts contracts/deployments/devnet.json
   vcoind chain deploy --rpc http://127.0.0.1:8546 --out deployment.json   # see --help
+  vcoind apikey create my-app --rpm 60     # a key for /v1 (OpenAI clients), shown once
 """
 
 
@@ -202,11 +203,12 @@ def daemon_parser(command: str = "run") -> argparse.ArgumentParser:
     else:
         p = argparse.ArgumentParser(
             prog="vcoind",
-            usage="vcoind [init | model ... | chain ...] [options]",
+            usage="vcoind [init | model ... | chain ... | apikey ...] [options]",
             description="VCoin node daemon: joins the network over libp2p, gossips its "
             "capabilities, serves JSON-RPC on loopback. `vcoind init` only creates the data "
             "directory (the daemon also creates it on first start); `vcoind model --help` "
-            "manages the model store; `vcoind chain --help` deploys the contracts.",
+            "manages the model store; `vcoind chain --help` deploys the contracts; "
+            "`vcoind apikey --help` manages the OpenAI gateway's API keys.",
             epilog=DAEMON_EPILOG,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
@@ -237,6 +239,10 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
         return model_main(args[1:])
     if args[:1] == ["chain"]:
         return chain_main(args[1:])
+    if args[:1] == ["apikey"]:
+        from vcoind.cli.apikey import apikey_main
+
+        return apikey_main(args[1:])
     command = "init" if args[:1] == ["init"] else "run"
     if command == "init":
         args = args[1:]

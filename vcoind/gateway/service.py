@@ -13,8 +13,9 @@ its text as it grows (``vcoind.market.deltas``); a consensus task streams its ag
 answer once the vote is in (there is nothing to agree on before); a pipeline streams
 when it ends. If the worker dies and a retry on another one writes something else than
 what was streamed, a chunk with ``vcoin.restarted: true`` says so and the answer starts
-over. Credentials are the RPC's: the cookie as ``Authorization: Bearer`` (the ``openai``
-clients' ``api_key``).
+over. Credentials: an API key (``vcoind apikey``; limits and usage in
+``vcoind.gateway.keys``) as ``Authorization: Bearer`` (the ``openai`` clients'
+``api_key``), or from this machine the RPC cookie.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import trio
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from vcoind.gateway.keys import KeyLimits, retry_after
 from vcoind.gateway.openai import (
     APIError,
     Request,
@@ -40,9 +42,12 @@ from vcoind.gateway.openai import (
     usage,
     vcoin_info,
 )
-from vcoind.gateway.rest import SeedREST
-from vcoind.rpc import RPCError
+from vcoind.gateway.rest import Endpoint, SeedREST
+from vcoind.metrics import NodeMetrics
+from vcoind.rpc import RPCError, RPCMethod
 from vcoind.rpc.methods import bind_params
+from vcoind.store import Store
+from vcoind.store.apikeys import ApiKeyStore
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -59,18 +64,54 @@ KEEPALIVE_S = 15.0  # an SSE comment while a task is quiet (bidding, a long pref
 
 
 class GatewayService:
-    def __init__(self, origin: TaskOrigin, view: NetworkView, registry: MethodRegistry) -> None:
+    def __init__(
+        self, origin: TaskOrigin, view: NetworkView, registry: MethodRegistry, store: Store,
+        metrics: NodeMetrics,
+    ) -> None:  # fmt: skip
         self._origin = origin
         self._view = view
         self._registry = registry
+        self.keys = ApiKeyStore(store)
+        self.limits = KeyLimits(self.keys, metrics)
 
     def mount(self, m: Mounts) -> None:
-        m.http.add_route("/v1/models", self._models, ["GET"])
-        m.http.add_route("/v1/models/{model:path}", self._model, ["GET"])
+        m.http.api_keys = self.limits.check
+        m.http.add_route("/v1/models", self._limited(self._models), ["GET"])
+        m.http.add_route("/v1/models/{model:path}", self._limited(self._model), ["GET"])
         m.http.add_route("/v1/chat/completions", self._chat, ["POST"])
         m.http.add_route("/v1/completions", self._completions, ["POST"])
         for path, endpoint, method in SeedREST(self._rpc, self._finished).routes():
-            m.http.add_route(path, endpoint, [method])
+            m.http.add_route(path, self._limited(endpoint), [method])
+
+        async def api_keys(_: dict[str, Any]) -> dict[str, Any]:
+            return {"keys": [k.view() for k in await self.keys.list()]}
+
+        m.rpc.add(RPCMethod("vcoin_apiKeys", "The gateway's API keys (`vcoind apikey`): "
+                            "limits and usage; never the keys themselves.", (),
+                            {"type": "object"}, api_keys))  # fmt: skip
+
+    def _limited(self, endpoint: Endpoint) -> Endpoint:
+        """``endpoint`` behind its API key's request limit, counted."""
+
+        async def run(request: HTTPRequest) -> Response:
+            key_id = _key_of(request)
+            if (refused := self._admit(key_id)) is not None:
+                return refused
+            response = await endpoint(request)
+            await self.limits.done(key_id, response.status_code < 400, 0)
+            return response
+
+        return run
+
+    def _admit(self, key_id: str | None) -> Response | None:
+        """None if the key may make a request now, else the 429 answer."""
+        wait = self.limits.admit(key_id) if key_id is not None else None
+        if wait is None:
+            return None
+        exc = APIError(429, f"API key {key_id} is over its limit: try again in {wait:.1f} s",
+                       type="rate_limit_error", code="rate_limit_exceeded")  # fmt: skip
+        return JSONResponse(exc.body(), status_code=429,
+                            headers={"Retry-After": retry_after(wait)})  # fmt: skip
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -117,6 +158,9 @@ class GatewayService:
         return await self._complete(request, chat=False)
 
     async def _complete(self, request: HTTPRequest, *, chat: bool) -> Response:
+        key_id = _key_of(request)
+        if (refused := self._admit(key_id)) is not None:
+            return refused
         try:
             raw = await request.body()
             if len(raw) > MAX_BODY_BYTES:
@@ -130,17 +174,18 @@ class GatewayService:
                 raise _unknown_model(req.model)
             task_id = await self._submit(req)
         except APIError as exc:
+            await self.limits.done(key_id, False, 0)
             return _error(exc)
         reasoning = self._reasoning(req.model)
         if req.stream:
             return StreamingResponse(
-                self._events(req, task_id, reasoning), media_type="text/event-stream",
+                self._events(req, task_id, reasoning, key_id), media_type="text/event-stream",
                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
             )  # fmt: skip
         task = await self._finished(task_id)
-        if task["status"] != "completed":
-            return _error(_task_error(task))
-        return JSONResponse(response(req, task, reasoning))
+        ok = task["status"] == "completed"
+        await self.limits.done(key_id, ok, usage(task)["completion_tokens"])
+        return JSONResponse(response(req, task, reasoning)) if ok else _error(_task_error(task))
 
     async def _rpc(self, name: str, params: dict[str, Any]) -> Any:
         """A JSON-RPC method of this node, with its parameter checks (RPCError)."""
@@ -175,7 +220,9 @@ class GatewayService:
             await live.changed.wait()
         return await self._task(task_id)
 
-    async def _events(self, req: Request, task_id: str, reasoning: bool) -> AsyncIterator[str]:
+    async def _events(
+        self, req: Request, task_id: str, reasoning: bool, key_id: str | None
+    ) -> AsyncIterator[str]:
         """The SSE stream: deltas while the task runs, then its end and ``[DONE]``."""
         splitter = ThinkSplitter(reasoning)
         sent = ""  # the answer's text streamed so far
@@ -207,6 +254,8 @@ class GatewayService:
             if timed_out:
                 yield ": keep-alive\n\n"
         task = await self._task(task_id)
+        await self.limits.done(key_id, task["status"] == "completed",
+                               usage(task)["completion_tokens"])  # fmt: skip
         if task["status"] != "completed":
             yield _sse(_task_error(task).body() | {"vcoin": vcoin_info(task)})
             yield "data: [DONE]\n\n"
@@ -226,6 +275,12 @@ class GatewayService:
             end = chunk(req, task_id, None, usage=usage(task))
             yield _sse({**end, "choices": []})
         yield "data: [DONE]\n\n"
+
+
+def _key_of(request: HTTPRequest) -> str | None:
+    """The id of the API key the request came with (None: the RPC cookie)."""
+    key: str | None = request.scope.get("state", {}).get("api_key")
+    return key
 
 
 def _sse(obj: dict[str, Any]) -> str:

@@ -12,8 +12,10 @@ In order, for every HTTP request and WebSocket upgrade:
    get CORS headers; there are none by default.
 3. Credentials: the RPC cookie (``Authorization: Bearer <cookie>``), or a dashboard
    session cookie (for a WebSocket or any non-GET request only together with an allowed
-   ``Origin``). ``GET <page>?token=...`` trades a one-time login token for that session.
-   ``/health`` alone is open; it says nothing but "ok". Otherwise 401.
+   ``Origin``). The gateway's paths (``KEY_PATHS``: ``/v1/``, the seeds' task paths)
+   take an API key instead, from anywhere, and the cookie from loopback clients only;
+   an API key opens nothing else. ``GET <page>?token=...`` trades a one-time login token
+   for that session. ``/health`` alone is open; it says nothing but "ok". Otherwise 401.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import ipaddress
 import json
 import logging
 import string
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,6 +36,8 @@ from vcoind.rpc.sessions import SESSION_TTL_S, Sessions
 logger = logging.getLogger("vcoind.rpc")
 
 OPEN_PATHS = frozenset({"/health"})
+# The gateway's paths: API keys work here (and only here); the cookie from loopback only.
+KEY_PATHS = ("/v1/", "/api/v1/", "/api/ai/")
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "[::1]"})
 WILDCARD_BINDS = frozenset({"0.0.0.0", "::", ""})
 CORS_HEADERS = [
@@ -157,6 +161,8 @@ class AccessGuard:
         self._sessions = sessions
         self._pages = frozenset(pages)
         self._logged: set[tuple[str, str]] = set()
+        # API key -> its id, or None (unknown, revoked): set by the gateway
+        self.api_keys: Callable[[str], Awaitable[str | None]] | None = None
 
     @property
     def session_cookie(self) -> str:
@@ -192,7 +198,13 @@ class AccessGuard:
                 await send({"type": "http.response.start", "status": 204, "headers": []})
                 await send({"type": "http.response.body", "body": b""})
                 return
-        if scope["path"] in OPEN_PATHS or self._bearer_ok(scope):
+        if scope["path"] in OPEN_PATHS:
+            await self._app(scope, receive, send)
+            return
+        if scope["path"].startswith(KEY_PATHS):
+            await self._gateway(scope, receive, send)
+            return
+        if self._bearer_ok(scope):
             await self._app(scope, receive, send)
             return
         is_get = scope["type"] == "http" and scope["method"] in ("GET", "HEAD")
@@ -208,6 +220,30 @@ class AccessGuard:
             return
         self._log("auth", scope["path"][:_MAX_SHOWN], level=logging.DEBUG)
         await self._deny(scope, receive, send, 401, UNAUTHORIZED, UNAUTHORIZED_HINT)
+
+    async def _gateway(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The OpenAI and REST gateway's paths: an API key from anywhere (its id goes in
+        ``scope["state"]["api_key"]``), the cookie from loopback only."""
+        bearer = _bearer(scope)
+        if bearer is not None and bearer.startswith(b"vk-") and self.api_keys is not None:
+            key_id = await self.api_keys(bearer.decode("latin-1"))
+            if key_id is None:
+                await self._deny(scope, receive, send, 401, UNAUTHORIZED,
+                                 "unauthorized: unknown or revoked API key")  # fmt: skip
+                return
+            scope.setdefault("state", {})["api_key"] = key_id
+            await self._app(scope, receive, send)
+            return
+        if self._bearer_ok(scope):
+            if _loopback_client(scope):
+                await self._app(scope, receive, send)
+                return
+            message = ("unauthorized: off loopback the gateway takes an API key "
+                       "(`vcoind apikey create NAME` on the node), not the RPC cookie")  # fmt: skip
+        else:
+            message = ("unauthorized: send an API key (`vcoind apikey create NAME`) or, from "
+                       "this machine, the RPC cookie, as 'Authorization: Bearer ...'")  # fmt: skip
+        await self._deny(scope, receive, send, 401, UNAUTHORIZED, message)
 
     def _bearer_ok(self, scope: Scope) -> bool:
         for name, value in scope["headers"]:
@@ -291,3 +327,20 @@ def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
         await send(message)
 
     return wrapped
+
+
+def _bearer(scope: Scope) -> bytes | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = bytes(value).partition(b" ")
+            if scheme.lower() == b"bearer":
+                return token.strip()
+    return None
+
+
+def _loopback_client(scope: Scope) -> bool:
+    client = scope.get("client")
+    try:
+        return client is not None and ipaddress.ip_address(client[0]).is_loopback
+    except ValueError:
+        return False

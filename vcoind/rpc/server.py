@@ -137,6 +137,8 @@ class RPCServer:
         self._metrics = metrics
         self._dispatcher = Dispatcher(registry, max_batch=config.max_batch, on_call=on_call)
         self._extra_routes: list[BaseRoute] = []
+        # The gateway's API key check (``AccessGuard.api_keys``), set before run()
+        self.api_keys: Callable[[str], Awaitable[str | None]] | None = None
         self._channels: dict[str, dict[str, _WSClient]] = {}  # channel -> sub id -> client
         self._bound_url: str | None = None
         self._running = False
@@ -299,9 +301,11 @@ class RPCServer:
             WebSocketRoute("/", self._websocket),
             *self._extra_routes,
         ]
-        return AccessGuard(
+        guard = AccessGuard(
             Starlette(routes=routes), self._policy, self._cookie, self._sessions, self._pages
         )
+        guard.api_keys = self.api_keys
+        return guard
 
     async def _http_rpc(self, request: Request) -> Response:
         try:

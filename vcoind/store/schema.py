@@ -249,6 +249,21 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE tasks ADD COLUMN payment TEXT NOT NULL DEFAULT '{}';
     """,
+    # 12: API keys of the OpenAI gateway (only their sha256 is kept), limits and usage.
+    """
+    CREATE TABLE api_keys (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL,
+        hash        TEXT UNIQUE NOT NULL,
+        rpm         INTEGER NOT NULL,
+        tpm         INTEGER NOT NULL,
+        created_at  REAL NOT NULL,
+        revoked_at  REAL,
+        requests    INTEGER NOT NULL DEFAULT 0,
+        tokens      INTEGER NOT NULL DEFAULT 0,
+        last_used   REAL
+    );
+    """,
 )
 
 
