@@ -27,6 +27,14 @@ ASK = [{"role": "system", "content": "Be brief."},
        {"role": "user", "content": "What is a GPU?"}]  # fmt: skip
 
 
+def said(chunks: list[Any]) -> str:
+    """A streamed chat's text: its reasoning, then its content."""
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    return "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) + "".join(
+        d.content or "" for d in deltas
+    )
+
+
 def client(node: DevNode, key: str | None = None) -> openai.OpenAI:
     base = node.info["rpc_url"].rstrip("/") + "/v1"
     return openai.OpenAI(base_url=base, api_key=key or DataDir(node.datadir).read_cookie(),

@@ -82,6 +82,17 @@ def test_two_span_pipeline_matches_single_node_and_reports_hops(
     # their decode steps met at node 2's span and ran there as one engine batch
     assert n2.rpc.call("vcoin_nodeInfo")["pipeline_peak_batch"] >= 2
 
+    # Through the OpenAI gateway: a chat streamed over the pipeline (the origin's own loop
+    # decodes it) says what the whole model says.
+    from tests.test_gateway import ASK, client, said
+
+    kw: dict[str, Any] = {"model": MODEL, "messages": ASK, "max_tokens": 12, "temperature": 0}
+    whole = client(n1).chat.completions.create(**kw).choices[0].message
+    chunks = list(client(n1).chat.completions.create(
+        **kw, stream=True, extra_body={"vcoin": {"pipeline": True}}))  # fmt: skip
+    assert said(chunks) == (whole.model_extra.get("reasoning_content") or "") + whole.content
+    assert chunks[-1].model_extra["vcoin"]["mode"] == "pipeline"
+
     # No route: nobody serves layers 2-3 any more.
     n2.proc.send_signal(signal.SIGKILL)
     n2.proc.wait()

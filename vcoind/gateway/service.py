@@ -11,11 +11,13 @@ it shows in ``vcoin tasks``, the dashboard and the metrics) and answered when th
 ends, or streamed as Server-Sent Events while it runs: a single-mode task's worker sends
 its text as it grows (``vcoind.market.deltas``); a consensus task streams its agreed
 answer once the vote is in (there is nothing to agree on before); a pipeline streams
-when it ends. If the worker dies and a retry on another one writes something else than
-what was streamed, a chunk with ``vcoin.restarted: true`` says so and the answer starts
-over. Credentials: an API key (``vcoind apikey``; limits and usage in
-``vcoind.gateway.keys``) as ``Authorization: Bearer`` (the ``openai`` clients'
-``api_key``), or from this machine the RPC cookie.
+from the origin's own decode loop (``vcoind.market.routes``). If the worker dies and a
+retry on another one writes something else than what was streamed, a chunk with
+``vcoin.restarted: true`` says so and the answer starts over.
+
+Credentials: an API key (``vcoind apikey``; limits and usage in ``vcoind.gateway.keys``)
+as ``Authorization: Bearer`` (the ``openai`` clients' ``api_key``), or from this machine
+the RPC cookie.
 """
 
 from __future__ import annotations

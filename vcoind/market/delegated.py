@@ -11,6 +11,7 @@ from typing import Any
 
 from vcoind.compute.shard_host import PipelineError
 from vcoind.market.bidding import Bidding
+from vcoind.market.deltas import sendable
 from vcoind.market.live import LiveTask, Update
 from vcoind.market.ports import Pipelines, Trainer, WorkError
 from vcoind.store import TaskStore
@@ -26,9 +27,15 @@ async def run_pipeline(
         live.progress = n
         live.wake()
 
+    hold = max((len(s) for s in row.parameters.get("stop", ())), default=0)
+
+    def on_text(text: str) -> None:  # a streamed task: the origin's own loop decodes
+        if live.streamed.update(sendable(text, hold)):
+            live.wake()
+
     await update(live, phase="running", status="running")
     try:
-        out = await pipelines.run(row, on_token)
+        out = await pipelines.run(row, on_token, on_text if row.parameters.get("stream") else None)
     except PipelineError as exc:
         return "failed", str(exc)
     now = time.time()

@@ -28,6 +28,15 @@ from vcoind.p2p.streams import StreamProtocolError
 RETRY_S = 0.2  # a delta that was not delivered is sent again (with what grew) after this
 
 
+def sendable(text: str, hold: int) -> str:
+    """What of the text decoded so far may be shown: less the last ``hold`` characters (a
+    stop string could still cut there) and a character still being decoded."""
+    end = len(text) - hold
+    while end > 0 and text[end - 1] == "\ufffd":
+        end -= 1
+    return text[: max(end, 0)]
+
+
 class TextDeltas:
     """The worker side of one streamed attempt (``run`` in a nursery, ``update`` from the
     executor's ``on_text``)."""
@@ -46,11 +55,9 @@ class TextDeltas:
         self._wake = trio.Event()
 
     def update(self, text: str) -> None:
-        end = len(text) - self._hold
-        while end > 0 and text[end - 1] == "\ufffd":  # a character still being decoded
-            end -= 1
-        if end > len(self._text):
-            self._text = text[:end]
+        text = sendable(text, self._hold)
+        if len(text) > len(self._text):
+            self._text = text
             self._wake.set()
 
     async def run(self) -> None:
@@ -90,6 +97,11 @@ class StreamedText:
             return False
         self._text += text
         return self._show(self._text)
+
+    def update(self, text: str) -> bool:
+        """The whole text so far of an attempt the origin runs itself (a pipeline);
+        whether ``shown`` grew."""
+        return self._show(text)
 
     def finish(self, text: str) -> bool:
         """The final answer (the result's text, or the agreed one); whether ``shown`` grew."""

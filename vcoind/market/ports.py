@@ -62,7 +62,10 @@ class Trainer(Protocol):
 
 
 class Pipelines(Protocol):
-    async def run(self, row: TaskRow, on_token: Callable[[int], None]) -> dict[str, Any]:
+    async def run(
+        self, row: TaskRow, on_token: Callable[[int], None],
+        on_text: Callable[[str], None] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
         """A pipelined task from this origin: {"text", "model_id", "tokens", "hops",
         "timings"}; PipelineError when no route serves it."""
         ...

@@ -30,12 +30,14 @@ from vcoind.compute.frames import FrameError, TensorFrame
 from vcoind.compute.params import GenerationError
 from vcoind.compute.shard_host import Channel, PipelineError
 from vcoind.compute.shardwire import CHUNK_TOKENS, ShardClose, ShardOpen, ShardOutput, ShardStep
+from vcoind.market.chat import ChatError, parse_messages
 from vcoind.market.messages import Assign, GenParams
 from vcoind.market.origin import generation_timings, params_from_dict
 from vcoind.p2p.streams import Ack, StreamProtocolError
 from vcoind.presence.messages import LayerSpan
 
 if TYPE_CHECKING:
+    from vcoind.compute.generate import Prompt
     from vcoind.compute.service import ComputeService
     from vcoind.metrics import NodeMetrics
     from vcoind.presence.view import NetworkView
@@ -45,6 +47,7 @@ log = logging.getLogger("vcoind.pipeline")
 
 MAX_REROUTES = 3
 LEARN_TIMEOUT_S = 10.0  # two heartbeats: how long a driver waits to meet its route's nodes
+TEXT_EVERY_S = 0.05  # a streamed pipeline's text is decoded at most this often
 
 
 @dataclass
@@ -263,10 +266,11 @@ class PipelineRun:
 async def generate_pipelined(
     run: PipelineRun,
     tokenizer: Any,
-    prompt: str,
+    prompt: Prompt,
     params: Any,
     max_positions: int,
     on_token: Callable[[int], None] | None = None,
+    on_text: Callable[[str], None] | None = None,
 ) -> Any:
     """The decode loop (sampling, EOS, stop strings: ``TokenStream``) on the trio thread,
     each forward pass through ``run``: per token, sampling is all the origin computes, so
@@ -284,9 +288,13 @@ async def generate_pipelined(
         t0 = time.perf_counter()
         nxt = stream.push(await run.forward(ids))
         t1 = time.perf_counter()
+        shown = 0.0
         while nxt is not None:
             if on_token is not None:
                 on_token(len(stream.out))
+            if on_text is not None and time.monotonic() - shown >= TEXT_EVERY_S:
+                shown = time.monotonic()
+                on_text(tokenizer.decode(stream.out, skip_special_tokens=True))
             nxt = stream.push(await run.forward([nxt]))
         if on_token is not None and stream.out:
             on_token(len(stream.out))
@@ -295,6 +303,11 @@ async def generate_pipelined(
     finally:
         with trio.CancelScope(shield=True):
             await run.close()
+
+
+def _prompt(text: str, chat: bool) -> Prompt:
+    """A task's input as the tokenizer takes it: its messages, for a chat task."""
+    return parse_messages(text) if chat else text
 
 
 class Routes:
@@ -349,8 +362,9 @@ class Routes:
         return tokenizer, config, manifest_id or self._compute.models.resolve(model).model_id
 
     async def _generate(
-        self, model: str, prompt: str, params: GenParams, timeout_s: float, on_token: Any,
+        self, model: str, prompt: Prompt, params: GenParams, timeout_s: float, on_token: Any,
         route: list[tuple[str, int, int]] | None = None, exclude: frozenset[str] = frozenset(),
+        on_text: Callable[[str], None] | None = None,
     ) -> tuple[Any, str, PipelineRun, float]:  # fmt: skip
         tokenizer, config, model_id = await self._model(model)
         run = PipelineRun(self._compute.shard_channel, model_id, int(config.num_hidden_layers),
@@ -361,8 +375,8 @@ class Routes:
         t0 = time.monotonic()
         try:
             r = await generate_pipelined(run, tokenizer, prompt, params.generation(), max_pos,
-                                         on_token)  # fmt: skip
-        except GenerationError as exc:
+                                         on_token, on_text)  # fmt: skip
+        except (GenerationError, ChatError) as exc:
             raise PipelineError(str(exc)) from None
         for h in run.history:
             self._metrics.pipeline_hop.labels(kind="compute").observe(h.compute_s)
@@ -370,10 +384,15 @@ class Routes:
             self._metrics.pipeline_bytes.inc(h.bytes)
         return r, model_id, run, time.monotonic() - t0
 
-    async def run(self, row: TaskRow, on_token: Callable[[int], None]) -> dict[str, Any]:
+    async def run(
+        self, row: TaskRow, on_token: Callable[[int], None],
+        on_text: Callable[[str], None] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
         params = params_from_dict(row.parameters)
-        r, model_id, run, total = await self._generate(row.model, row.input, params,
-                                                       row.timeout_s, on_token)  # fmt: skip
+        prompt = _prompt(row.input, bool(row.parameters.get("chat")))
+        r, model_id, run, total = await self._generate(row.model, prompt, params,
+                                                       row.timeout_s, on_token,
+                                                       on_text=on_text)  # fmt: skip
         hops = [h.view() for h in run.history]
         return {
             "text": r.text, "model_id": model_id, "tokens": len(r.token_ids), "hops": hops,
@@ -387,8 +406,9 @@ class Routes:
         route = [(h.peer, h.start, h.end) for h in a.route]
         try:
             r, model_id, run, _ = await self._generate(
-                a.model, a.input, a.params, 30.0, on_token, route, frozenset(a.exclude)
-            )
+                a.model, _prompt(a.input, a.chat), a.params, 30.0, on_token, route,
+                frozenset(a.exclude),
+            )  # fmt: skip
         except PipelineError as exc:
             raise GenerationError(str(exc)) from None
         log.info("task %s attempt %d: pipelined over %s", a.task_id, a.attempt,
