@@ -93,6 +93,32 @@ def test_dashboard_live_in_headless_chromium(
     wait_until(lambda: "embedded" in text_of(browser, "#chain-body"), 30, "the chain section")
     shot(browser, "task")
 
+    # The chat page: a turn streamed from a worker as it writes, then its verdict; a
+    # consensus turn shows the vote.
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    wait_until(lambda: MODEL in text_of(browser, "#chat-model"), 15, "the chat's models")
+    browser.find_element(By.ID, "chat-input").send_keys("Explain how a blockchain orders")
+    browser.find_element(By.CSS_SELECTOR, "#chat-form button").click()
+    states: list[tuple[str, int]] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        turn = browser.find_elements(By.CSS_SELECTOR, ".turn.assistant")[-1]
+        states.append((turn.get_attribute("data-state") or "", len(turn.text)))
+        if states[-1][0] == "completed":
+            break
+        time.sleep(0.05)
+    assert states[-1][0] == "completed", states[-5:]
+    assert any(st == "streaming" and n > 0 for st, n in states), states  # text before the end
+    assert "one node" in text_of(browser, ".turn.assistant .meta")
+    Select(browser.find_element(By.ID, "chat-mode")).select_by_value("consensus")
+    browser.find_element(By.ID, "chat-input").send_keys("And a Merkle tree?")
+    browser.find_element(By.CSS_SELECTOR, "#chat-form button").click()
+    wait_until(lambda: "consensus" in text_of(browser, ".turn.assistant:last-child .meta"),
+               60, "the consensus turn's verdict")  # fmt: skip
+    shot(browser, "chat")
+
     # node 3 dies: its row turns offline (and an alert appears)
     n3.proc.kill()
     n3.proc.wait()

@@ -88,6 +88,12 @@ class GatewayService:
         async def api_keys(_: dict[str, Any]) -> dict[str, Any]:
             return {"keys": [k.view() for k in await self.keys.list()]}
 
+        async def network_models(_: dict[str, Any]) -> dict[str, Any]:
+            return {"models": self.model_list()}
+
+        m.rpc.add(RPCMethod("vcoin_networkModels", "Every model served in the network, as "
+                            "GET /v1/models lists them (nodes, spans, reasoning).", (),
+                            {"type": "object"}, network_models))  # fmt: skip
         m.rpc.add(RPCMethod("vcoin_apiKeys", "The gateway's API keys (`vcoind apikey`): "
                             "limits and usage; never the keys themselves.", (),
                             {"type": "object"}, api_keys))  # fmt: skip
