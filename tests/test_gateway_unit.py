@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,13 @@ import trio
 from vcoind.compute.params import GenerationParams, model_defaults, with_defaults
 from vcoind.gateway.openai import ThinkSplitter, parse_request, split_text
 from vcoind.gateway.service import _covered
-from vcoind.market.chat import ChatError, check_messages, messages_json, parse_messages
+from vcoind.market.chat import (
+    ChatError,
+    check_messages,
+    final_answer,
+    messages_json,
+    parse_messages,
+)
 from vcoind.market.deltas import StreamedText, TextDeltas
 from vcoind.market.messages import Progress
 from vcoind.presence.messages import LayerSpan
@@ -174,3 +181,32 @@ def test_spans_cover_a_model_only_when_they_join_up() -> None:
     assert not _covered(spans((1, 3)))
     assert not _covered(spans((0, 1), (3, 4)))
     assert not _covered([])
+
+
+def test_consensus_compares_a_reasoning_models_final_answers() -> None:
+    assert final_answer("I think A.\n</think>\n\nParis.") == "Paris."
+    assert final_answer("Paris.") == "Paris."
+    assert final_answer("cut off while thinking </think>  ") == "cut off while thinking </think>  "
+
+
+async def test_replicas_that_reason_differently_but_answer_alike_agree() -> None:
+    from vcoind.consensus.tally import Revealed
+    from vcoind.market.consensus import tally_async
+
+    def bag(text: str) -> tuple[float, ...]:  # a word-count embedding: alike words, alike
+        words = ["paris", "capital", "france", "rome", "think", "maybe", "london"]
+        counts = [float(text.lower().count(w)) for w in words]
+        norm = sum(c * c for c in counts) ** 0.5 or 1.0
+        return tuple(c / norm for c in counts)
+
+    async def embed(texts: Sequence[str]) -> list[tuple[float, ...]]:
+        return [bag(t) for t in texts]
+
+    results = [
+        Revealed("a", 1, "think think maybe rome maybe london\n</think>\nParis, capital of France",
+                 (1,), "eos"),
+        Revealed("b", 2, "think france capital\n</think>\nParis, capital of France", (1,), "eos"),
+        Revealed("c", 3, "think\n</think>\nRome rome", (1,), "eos"),
+    ]  # fmt: skip
+    o = await tally_async("capital of France?", results, [1.0, 1.0, 1.0], embed)
+    assert o.agreed == (True, True, False), o

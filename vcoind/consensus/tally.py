@@ -68,11 +68,17 @@ def tally(
     weights: Sequence[float],
     prompt_vec: Sequence[float],
     answer_vecs: Sequence[Sequence[float]],
+    compare: Sequence[str] | None = None,
 ) -> Outcome:
     """Vote over ``results`` (at least one) with ``weights``; see ``vcoind.consensus``.
     ``prompt_vec`` and ``answer_vecs`` are the sentence embeddings of the prompt and of
-    each result's text."""
-    sim = similarity_matrix([r.text for r in results], answer_vecs, [r.token_ids for r in results])
+    each result's text. ``compare``: the parts of the texts to compare instead (a reasoning
+    model's final answers), then without their token streams (which hold the reasoning)."""
+    if compare is None:
+        sim = similarity_matrix([r.text for r in results], answer_vecs,
+                                [r.token_ids for r in results])  # fmt: skip
+    else:
+        sim = similarity_matrix(compare, answer_vecs)
     v = vote(sim, weights)
     chosen = results[v.answer]
     q = quality(

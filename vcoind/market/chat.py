@@ -60,3 +60,10 @@ def parse_messages(text: str) -> list[dict[str, str]]:
     except ValueError as exc:
         raise ChatError(f"chat input is not JSON: {exc}") from None
     return check_messages(raw)
+
+
+def final_answer(text: str) -> str:
+    """The text after a reasoning model's ``</think>``, or all of it (without one): what
+    consensus compares."""
+    _, sep, tail = text.partition(END_THINK)
+    return tail.strip() if sep and tail.strip() else text

@@ -37,6 +37,7 @@ from vcoind.consensus.outcome import commitment, result_hash
 from vcoind.consensus.reputation import DEFAULT_REPUTATION, updated_reputation
 from vcoind.consensus.tally import Outcome, Revealed, tally
 from vcoind.consensus.weights import NodeRecord, node_weight
+from vcoind.market.chat import final_answer
 from vcoind.market.messages import Assign, TaskResult
 from vcoind.market.payments import Payments, SignedTicket, outcome_of
 from vcoind.market.ports import Hold, no_hold
@@ -296,8 +297,12 @@ async def tally_async(
     weights: Sequence[float],
     embed: Callable[[Sequence[str]], Awaitable[list[tuple[float, ...]]]],
 ) -> Outcome:
-    vectors = await embed([prompt, *(r.text for r in results)])
-    return tally(results, weights, vectors[0], vectors[1:])
+    # A reasoning model's answers are compared on what follows its reasoning: two replicas
+    # that think differently but answer alike agree (what they sign is the whole text).
+    answers = [final_answer(r.text) for r in results]
+    compare = answers if answers != [r.text for r in results] else None
+    vectors = await embed([prompt, *answers])
+    return tally(results, weights, vectors[0], vectors[1:], compare)
 
 
 # --- origin side ------------------------------------------------------------
