@@ -8,6 +8,7 @@ tens of seconds cost milliseconds of real time. Times asserted are virtual
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,45 @@ async def test_failing_worker_is_replaced_at_once(clock: trio.testing.MockClock)
         assert row.status == "completed" and row.node_id == b.peer_id
         first, _ = await origin.tasks.attempts(task_id)
         assert first.error == f"worker {a.peer_id} failed: scripted failure after 3 tokens"
+
+
+async def test_a_task_may_choose_its_own_strategy(clock: trio.testing.MockClock) -> None:
+    async with market_net() as net:
+        origin = await net.add_node("O", cfg=config())  # resource_aware: the healthiest
+        await net.add_node("A", ["m"], health=0.5)
+        await net.add_node("C", ["m"], health=0.9)
+        chosen = []
+        for strategy in (None, None, "round_robin", "round_robin"):
+            task_id = await origin.origin.submit("m", PROMPT, PARAMS, strategy=strategy)
+            row, _ = await origin.wait_finished(task_id)
+            chosen.append(net.name_of(row.node_id))
+    assert chosen[:2] == ["C", "C"] and sorted(chosen[2:]) == ["A", "C"], chosen
+
+
+async def test_a_streamed_task_whose_worker_fails_goes_on_without_repeating(
+    clock: trio.testing.MockClock,
+) -> None:
+    """The replacement replays the same tokens (greedy): clients see the text grow from
+    where it was, never start over and never see a character twice."""
+    cfg = config(task_timeout_s=20.0)
+    async with market_net(latency_s=LATENCY) as net:
+        origin = await net.add_node("O", cfg=cfg)
+        await net.add_node("A", ["m"], health=0.9, behaviour="fail", fail_at=5)
+        await net.add_node("B", ["m"], health=0.8)
+        task_id = await origin.origin.submit("m", PROMPT, PARAMS, stream=True)
+        seen: list[str] = []
+        while (live := origin.origin.live(task_id)) is not None:
+            if not seen or live.streamed.shown != seen[-1]:
+                seen.append(live.streamed.shown)
+            restarts = live.streamed.restarts
+            await live.changed.wait()
+        row, _ = await origin.wait_finished(task_id)
+        first, _ = await origin.tasks.attempts(task_id)
+    assert row.status == "completed" and restarts == 0
+    assert "scripted failure after 5 tokens" in (first.error or "")
+    assert all(row.result.startswith(s) for s in seen)  # every view a prefix of the answer
+    assert all(b.startswith(a) for a, b in itertools.pairwise(seen))  # it only ever grew
+    assert any(0 < len(s) < len(row.result) for s in seen)  # some came before the end
 
 
 # --- 4. retries run out ---------------------------------------------------------------

@@ -12,8 +12,8 @@ What differs from OpenAI, on purpose:
   ``generation_config.json`` on the worker, as the model's authors meant it to run.
 - ``max_tokens`` defaults to ``DEFAULT_MAX_TOKENS`` (the network prices work up front).
 - The network's own options ride in ``vcoin`` (``mode``, ``replicas``, ``pipeline``,
-  ``adapter``, ``priority``, ``timeout_s``); the answer carries ``vcoin`` too (the task id,
-  its workers, the consensus verdict and the anchor).
+  ``adapter``, ``strategy``, ``priority``, ``timeout_s``); the answer carries ``vcoin``
+  too (the task id, its workers, the consensus verdict and the anchor).
 - A reasoning model's ``<think>`` section comes as ``reasoning_content`` (as DeepSeek's
   API does): a model whose chat template opens one writes reasoning until ``</think>``.
 """
@@ -28,7 +28,7 @@ from vcoind.market.chat import END_THINK, ChatError, check_messages
 
 DEFAULT_MAX_TOKENS = 256
 MAX_TOKENS_LIMIT = 8192
-VCOIN_OPTIONS = {"mode", "replicas", "pipeline", "adapter", "priority", "timeout_s"}
+VCOIN_OPTIONS = {"mode", "replicas", "pipeline", "adapter", "priority", "timeout_s", "strategy"}
 # Accepted and ignored when they ask for nothing (their default), refused otherwise.
 NEUTRAL: dict[str, Any] = {
     "user": None, "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {},

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, cast
 from vcoind.chain.service import anchor_view
 from vcoind.chain.views import slash_view
 from vcoind.compute.params import SAMPLING_DEFAULTS, GenerationError, GenerationParams
+from vcoind.config import STRATEGIES
 from vcoind.market.chat import ChatError, messages_json
 from vcoind.market.messages import MAX_INPUT_CHARS, TASK_ID_RE, GenParams
 from vcoind.market.origin import TaskError, task_view
@@ -128,7 +129,7 @@ def register_task_api(
                 replicas=None if replicas in (None, 1) else replicas,
                 pipeline=pipelined_replicas, customer=params["customer"] or "",
                 adapter=adapter or "", chat=params["messages"] is not None,
-                stream=params["stream"],
+                stream=params["stream"], strategy=params["strategy"],
             )  # fmt: skip
         except TaskError as exc:
             raise RPCError(INVALID_PARAMS, str(exc)) from None
@@ -189,6 +190,9 @@ def register_task_api(
             Param("parameters", {"type": "object"}, default=None,
                   description="max_new_tokens, temperature, top_p, top_k, seed, stop; "
                   "defaults: names of those to take from the model's generation_config"),
+            Param("strategy", {"enum": list(STRATEGIES)}, default=None,
+                  description="how this task's worker is chosen among the bids (default "
+                  "the node's market.strategy)"),
             Param("stream", {"type": "boolean"}, default=False,
                   description="the worker sends the text as it grows: vcoin_getTask's "
                   "partial and the task channel's updates carry it"),

@@ -171,7 +171,8 @@ class Bidding:
         # No checkpoint from here to the caller's Assignment.attempt, which counts the
         # winner in flight: tasks whose windows close together must see each other's
         # choices (least_connections would otherwise send a whole burst to one peer).
-        ranked = [b for b in rank(cfg.strategy, row.id, bids, self.selection)
+        strategy = str(row.parameters.get("strategy") or cfg.strategy)  # the task's, or ours
+        ranked = [b for b in rank(strategy, row.id, bids, self.selection)
                   if isinstance(b, TaskBid)]  # fmt: skip
         # Reputation (earned in consensus rounds) decides who goes first: peers that fell
         # under LOW_REPUTATION are only used when nobody else bid.

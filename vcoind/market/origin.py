@@ -151,6 +151,7 @@ class TaskOrigin:
         adapter: str = "",
         chat: bool = False,
         stream: bool = False,
+        strategy: str | None = None,
     ) -> str:
         """A task as ``vcoind.market.api`` checked it (mode, replicas, parameters, model,
         adapter); refused here only for what the origin knows: whether it runs and has the
@@ -168,6 +169,7 @@ class TaskOrigin:
         now = time.time()
         parameters = params_dict(params) | ({"adapter": adapter} if adapter else {})
         parameters |= ({"chat": True} if chat else {}) | ({"stream": True} if stream else {})
+        parameters |= {"strategy": strategy} if strategy else {}
         task_id = secrets.token_hex(16)
         n = (replicas or 3) if mode == "consensus" else 1
         payment = (self._payments.payment_record(
