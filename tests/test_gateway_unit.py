@@ -210,3 +210,19 @@ async def test_replicas_that_reason_differently_but_answer_alike_agree() -> None
     ]  # fmt: skip
     o = await tally_async("capital of France?", results, [1.0, 1.0, 1.0], embed)
     assert o.agreed == (True, True, False), o
+
+
+def test_every_eos_id_of_the_generation_config_ends_a_reply(tmp_path: Path) -> None:
+    from vcoind.compute.params import eos_ids
+    from vcoind.compute.sampling import TokenStream
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    assert eos_ids(tmp_path, 3) == {3, 7, 9} and eos_ids(tmp_path / "none", 3) == {3}
+
+    class Tok:
+        eos_token_id = 3
+        vcoin_eos_ids = eos_ids(tmp_path, 3)
+
+    stream = TokenStream([1, 2], GenerationParams(max_new_tokens=5), Tok())
+    assert stream.accept(5) == 5 and stream.accept(9) is None and stream.finish == "eos"
+    assert stream.out == [5]

@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging
 from vcoind.compute.adapters import adapter_from_bytes, merge_lora
 from vcoind.compute.engine import DEFAULT_MAX_CONTEXT, Engine, Stack, UnsupportedModel, generate_ids
 from vcoind.compute.models import ModelError
-from vcoind.compute.params import GenerationError, GenerationParams
+from vcoind.compute.params import GenerationError, GenerationParams, eos_ids
 from vcoind.compute.sampling import GenerationCancelled, GenerationResult, OnToken, decode_loop
 
 __all__ = [
@@ -86,6 +86,7 @@ def load_model(
     (None: where they work, False: never)."""
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer.vcoin_eos_ids = eos_ids(path, tokenizer.eos_token_id)
     model: Any = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, attn_implementation="sdpa"
     )

@@ -76,3 +76,19 @@ def with_defaults(
     if "top_k" in over:
         over["top_k"] = int(over["top_k"])
     return dataclasses.replace(params, **over) if over else params
+
+
+def eos_ids(model_dir: Path, tokenizer_eos: int | None) -> frozenset[int]:
+    """The tokens that end a reply: the tokenizer's EOS and the ``eos_token_id`` (an id or
+    a list) of the model's generation_config.json (Qwen2.5's chat models end on
+    <|im_end|>, not on the tokenizer's EOS)."""
+    ids = {tokenizer_eos} if tokenizer_eos is not None else set()
+    try:
+        cfg = json.loads((model_dir / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    raw = cfg.get("eos_token_id") if isinstance(cfg, dict) else None
+    for v in raw if isinstance(raw, list) else [raw]:
+        if isinstance(v, int) and not isinstance(v, bool):
+            ids.add(v)
+    return frozenset(ids)

@@ -180,7 +180,10 @@ class TokenStream:
         self.prompt_tokens = len(prompt_ids)
         self.params = params
         self.tokenizer = tokenizer
-        self.eos = tokenizer.eos_token_id
+        # the model's EOS ids (``vcoind.compute.params.eos_ids``), set where it was loaded
+        self.eos = getattr(tokenizer, "vcoin_eos_ids", None) or frozenset(
+            {tokenizer.eos_token_id} - {None}
+        )
         # the request's draws: one uniform per sampled token, from its seed
         self.rng = random.Random(params.seed) if params.temperature > 0 else None
         self.out: list[int] = []
@@ -192,7 +195,7 @@ class TokenStream:
 
     def accept(self, nxt: int) -> int | None:
         p = self.params
-        if self.eos is not None and nxt == self.eos:
+        if nxt in self.eos:
             self.finish = "eos"
             return None
         self.out.append(nxt)

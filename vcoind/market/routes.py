@@ -353,7 +353,11 @@ class Routes:
             def load() -> tuple[Any, Any]:
                 from transformers import AutoConfig, AutoTokenizer
 
-                return AutoTokenizer.from_pretrained(str(src)), AutoConfig.from_pretrained(str(src))
+                from vcoind.compute.params import eos_ids
+
+                tok = AutoTokenizer.from_pretrained(str(src))
+                tok.vcoin_eos_ids = eos_ids(src, tok.eos_token_id)
+                return tok, AutoConfig.from_pretrained(str(src))
 
             self._tokenizers[str(src)] = await trio.to_thread.run_sync(load)
         tokenizer, config = self._tokenizers[str(src)]
