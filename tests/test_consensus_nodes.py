@@ -100,8 +100,8 @@ def test_junk_replica_is_outvoted_and_loses_reputation(cluster: Cluster, models_
     }  # fmt: skip
     assert all(t["status"] == "completed" for t in honest.values())
     wrong_accepted, with_junk, actions = 0, 0, Counter[str]()
-    # 100 trials, ten in flight at once (each round waits on its phases more than on CPU)
-    batches = [range(b, b + 10) for b in range(0, 100, 10)]
+    # 100 trials, a few in flight at once (the box has two cores to keep busy)
+    batches = [range(b, b + 4) for b in range(0, 100, 4)]
     trials = []
     for batch in batches:
         ids = [(trial, submit_consensus(n1, prompts[trial % len(prompts)], seed=trial,

@@ -222,7 +222,8 @@ class TrainingRun:
         self.on_change()
         losses = [h["loss"] for h in self.history]
         summary = {
-            "rounds": len(self.history), "samples": sum(n.samples for n in self.nodes.values()),
+            # from the completed rounds: a restart mid-round counts that round once
+            "rounds": len(self.history), "samples": sum(h["samples"] for h in self.history),
             "steps": sum(s.steps for s in self.shards), "first_loss": losses[0],
             "final_loss": losses[-1], "reassigned": self.reassigned,
             "train_s": round(time.time() - self.started, 3),
