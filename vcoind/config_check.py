@@ -37,6 +37,13 @@ def _check_multiaddrs(key: str, addrs: tuple[str, ...], *, need_peer_id: bool) -
 FAULTS = ("junk", "copy", "slow", "silent")  # market.fault: consensus misbehaviour, tests only
 
 
+def _within(section: str, *checks: tuple[str, float, float, float]) -> None:
+    """Each (key, value, lo, hi): ConfigError ``section.key`` unless lo <= value <= hi."""
+    for key, value, lo, hi in checks:
+        if not lo <= value <= hi:
+            raise ConfigError(f"{section}.{key}", f"must be between {lo:g} and {hi:g}, got {value}")
+
+
 def fault_allowed(network: str) -> bool:
     """Fault injection is a test tool: refused outside devnets and test networks."""
     return network.startswith(("devnet", "test", "bench"))
@@ -103,7 +110,8 @@ def validate(cfg: Config) -> Config:
     m = cfg.market
     if m.strategy not in STRATEGIES:
         raise ConfigError("market.strategy", f"must be one of {', '.join(STRATEGIES)}")
-    for key, value, lo, hi in (
+    _within(
+        "market",
         ("bid_window_s", m.bid_window_s, 0.0, 60.0),
         ("no_bid_timeout_s", m.no_bid_timeout_s, 0.1, 3600.0),
         ("task_timeout_s", m.task_timeout_s, 0.5, 86_400.0),
@@ -113,9 +121,7 @@ def validate(cfg: Config) -> Config:
         ("max_price_per_token", m.max_price_per_token, 0.0, 9.0),
         ("ticket_ttl_s", m.ticket_ttl_s, 60.0, 30 * 86_400.0),
         ("max_queued_per_origin", m.max_queued_per_origin, 0, 1_000_000),
-    ):
-        if not lo <= value <= hi:
-            raise ConfigError(f"market.{key}", f"must be between {lo:g} and {hi:g}, got {value}")
+    )
     ch = cfg.chain
     if ch.rpc and not ch.rpc.startswith(("http://", "https://")):
         raise ConfigError("chain.rpc", f"must be an http(s) URL, got {ch.rpc!r}")
@@ -127,14 +133,13 @@ def validate(cfg: Config) -> Config:
         )
     if ch.require_stake not in REQUIRE_STAKE:
         raise ConfigError("chain.require_stake", f"must be one of {', '.join(REQUIRE_STAKE)}")
-    for key, value, lo, hi in (
+    _within(
+        "chain",
         ("embedded_stake", ch.embedded_stake, 0.0, 1e9),
         ("stake_refresh_s", ch.stake_refresh_s, 0.1, 86_400.0),
         ("retry_max_s", ch.retry_max_s, 0.1, 3600.0),
         ("timeout_s", ch.timeout_s, 0.1, 600.0),
-    ):
-        if not lo <= value <= hi:
-            raise ConfigError(f"chain.{key}", f"must be between {lo:g} and {hi:g}, got {value}")
+    )
     if not 0.1 <= cfg.sla.interval_s <= 86_400 or not 60 <= cfg.sla.window_s <= 90 * 86_400:
         raise ConfigError("sla", "interval_s 0.1..86400 and window_s 60..7776000")
     al = cfg.alerts
