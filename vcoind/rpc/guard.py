@@ -248,8 +248,7 @@ class AccessGuard:
     def _bearer_ok(self, scope: Scope) -> bool:
         for name, value in scope["headers"]:
             if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                presented = token.strip() if scheme.lower() == b"bearer" else b""
+                presented = _bearer_token(value) or b""
             elif name == b"x-vcoin-cookie":
                 presented = value.strip()
             else:
@@ -329,12 +328,18 @@ def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
     return wrapped
 
 
+def _bearer_token(authorization: bytes) -> bytes | None:
+    """The token of an ``Authorization: Bearer <token>`` header's value (None: another
+    scheme)."""
+    scheme, _, token = bytes(authorization).partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else None
+
+
 def _bearer(scope: Scope) -> bytes | None:
+    """The first bearer token among the Authorization headers."""
     for name, value in scope["headers"]:
-        if name == b"authorization":
-            scheme, _, token = bytes(value).partition(b" ")
-            if scheme.lower() == b"bearer":
-                return token.strip()
+        if name == b"authorization" and (token := _bearer_token(value)) is not None:
+            return token
     return None
 
 
