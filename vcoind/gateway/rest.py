@@ -45,14 +45,20 @@ def _error(status: int, message: str) -> Response:
     return JSONResponse({"error": message}, status_code=status)
 
 
-async def _body(request: Request) -> dict[str, Any]:
+async def read_json(request: Request, empty: bytes = b"") -> Any:
+    """The body as JSON, whatever its Content-Type (``empty``: what an empty body reads
+    as); RestError 413 over ``MAX_BODY_BYTES``, 400 when it is not JSON."""
     raw = await request.body()
     if len(raw) > MAX_BODY_BYTES:
         raise RestError(413, f"the body is over {MAX_BODY_BYTES} bytes")
     try:
-        body = json.loads(raw or b"{}")
+        return json.loads(raw or empty)
     except ValueError as exc:
         raise RestError(400, f"the body is not JSON: {exc}") from None
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    body = await read_json(request, b"{}")
     if not isinstance(body, dict):
         raise RestError(400, "the body must be a JSON object")
     return body

@@ -44,7 +44,7 @@ from vcoind.gateway.openai import (
     usage,
     vcoin_info,
 )
-from vcoind.gateway.rest import Endpoint, SeedREST
+from vcoind.gateway.rest import Endpoint, RestError, SeedREST, read_json
 from vcoind.metrics import NodeMetrics
 from vcoind.rpc import RPCError, RPCMethod
 from vcoind.rpc.methods import bind_params
@@ -61,7 +61,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vcoind.gateway")
 
-MAX_BODY_BYTES = 1 << 20
 KEEPALIVE_S = 15.0  # an SSE comment while a task is quiet (bidding, a long prefill)
 
 
@@ -130,8 +129,7 @@ class GatewayService:
         """Every model served in the network we know of: by name, with its id, how many
         nodes serve it whole and how many serve layer spans of it."""
         view = self._view
-        served = [*view.capabilities.models,
-                  *(m for st in view.peers.peers() for m in st.heartbeat.models)]  # fmt: skip
+        served = view.served()
         spans = [sp for peer_spans in view.spans_by_peer().values() for sp in peer_spans]
         out = []
         for name, nodes in view.serving_count_by_model().items():
@@ -170,13 +168,10 @@ class GatewayService:
         if (refused := self._admit(key_id)) is not None:
             return refused
         try:
-            raw = await request.body()
-            if len(raw) > MAX_BODY_BYTES:
-                raise APIError(413, f"the body is over {MAX_BODY_BYTES} bytes")
             try:
-                body = json.loads(raw)
-            except ValueError as exc:
-                raise bad(f"the body is not JSON: {exc}") from None
+                body = await read_json(request)
+            except RestError as exc:
+                raise APIError(exc.status, str(exc)) from None
             req = parse_request(body, chat=chat)
             if not req.submit.get("pipeline") and req.model not in self._view.models():
                 raise _unknown_model(req.model)
@@ -216,7 +211,8 @@ class GatewayService:
         return task_id
 
     def _reasoning(self, model: str) -> bool:
-        return any(m["vcoin"]["reasoning"] for m in self.model_list() if m["id"] == model)
+        """Whether a node serves ``model`` (by name) as a reasoning model."""
+        return any(m.reasoning for m in self._view.served() if m.name == model)
 
     async def _task(self, task_id: str) -> dict[str, Any]:
         task: dict[str, Any] = await self._rpc("vcoin_getTask", {"task_id": task_id})

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vcoind.presence.heartbeat import Capabilities, HeartbeatService
-from vcoind.presence.messages import LayerSpan
+from vcoind.presence.messages import LayerSpan, ModelServed
 from vcoind.presence.peers import PeerTable
 
 
@@ -90,11 +90,14 @@ class NetworkView:
             out.add(self.peer_id)
         return out
 
+    def served(self) -> list[ModelServed]:
+        """Every whole model served in the network we know of, once per node (us first)."""
+        return [*self.capabilities.models,
+                *(m for st in self.peers.peers() for m in st.heartbeat.models)]  # fmt: skip
+
     def serving_count_by_model(self) -> dict[str, int]:
         """How many nodes (us included) serve each model name: the replicas possible."""
-        names = {m.name for m in self.capabilities.models}
-        for st in self.peers.peers():
-            names |= {m.name for m in st.heartbeat.models}
+        names = {m.name for m in self.served()}
         return {name: len(self.serving(name)) for name in sorted(names)}
 
     def model_id_of(self, model: str) -> str | None:
@@ -103,9 +106,7 @@ class NetworkView:
         if model.startswith("sha256:"):
             return model
         counts: dict[str, int] = {}
-        served = [*self.capabilities.models, *(m for st in self.peers.peers()
-                                               for m in st.heartbeat.models)]  # fmt: skip
-        for m in served:
+        for m in self.served():
             if m.name == model:
                 counts[m.model_id] = counts.get(m.model_id, 0) + 1
         return max(sorted(counts), key=lambda k: counts[k]) if counts else None
@@ -113,11 +114,8 @@ class NetworkView:
     def models(self) -> dict[str, str]:
         """Model names and ids served anywhere in the network we know of -> a name."""
         out: dict[str, str] = {}
-        for m in self.capabilities.models:
+        for m in self.served():
             out[m.name] = out[m.model_id] = m.name
-        for st in self.peers.peers():
-            for m in st.heartbeat.models:
-                out[m.name] = out[m.model_id] = m.name
         return out
 
     def spans_by_peer(self) -> dict[str, list[LayerSpan]]:
