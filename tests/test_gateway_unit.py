@@ -131,7 +131,7 @@ async def test_text_deltas_hold_back_stop_strings_and_partial_characters() -> No
         sent.append(p)
         await gate.wait()  # one in flight: what grows meanwhile goes in the next
 
-    d = TextDeltas("ab" * 16, 1, send, hold=2)  # the longest stop string: 2 characters
+    d = TextDeltas("ab" * 16, 1, send, stop=["##", "#"])  # the longest: 2 characters
     async with trio.open_nursery() as nursery:
         nursery.start_soon(d.run)
         d.update("Hello")  # "Hel" may go: "lo" could still begin a stop string

@@ -27,10 +27,10 @@ async def run_pipeline(
         live.progress = n
         live.wake()
 
-    hold = max((len(s) for s in row.parameters.get("stop", ())), default=0)
+    stop = tuple(row.parameters.get("stop", ()))
 
     def on_text(text: str) -> None:  # a streamed task: the origin's own loop decodes
-        if live.streamed.update(sendable(text, hold)):
+        if live.streamed.update(sendable(text, stop)):
             live.wake()
 
     await update(live, phase="running", status="running")

@@ -17,7 +17,7 @@ text from its start.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -28,10 +28,11 @@ from vcoind.p2p.streams import StreamProtocolError
 RETRY_S = 0.2  # a delta that was not delivered is sent again (with what grew) after this
 
 
-def sendable(text: str, hold: int) -> str:
-    """What of the text decoded so far may be shown: less the last ``hold`` characters (a
-    stop string could still cut there) and a character still being decoded."""
-    end = len(text) - hold
+def sendable(text: str, stop: Sequence[str] = ()) -> str:
+    """What of the text decoded so far may be shown: less as many of the last characters
+    as the longest of the ``stop`` strings (one could still cut there) and a character
+    still being decoded."""
+    end = len(text) - max((len(s) for s in stop), default=0)
     while end > 0 and text[end - 1] == "\ufffd":
         end -= 1
     return text[: max(end, 0)]
@@ -46,16 +47,16 @@ class TextDeltas:
         task_id: str,
         attempt: int,
         send: Callable[[Progress], Awaitable[None]],
-        hold: int = 0,
+        stop: Sequence[str] = (),
     ) -> None:
         self._task_id, self._attempt, self._send = task_id, attempt, send
-        self._hold = hold  # characters kept back: the longest stop string
+        self._stop = tuple(stop)  # the request's stop strings: what they may cut is kept back
         self._text = ""  # what may be sent
         self._sent = 0
         self._wake = trio.Event()
 
     def update(self, text: str) -> None:
-        text = sendable(text, self._hold)
+        text = sendable(text, self._stop)
         if len(text) > len(self._text):
             self._text = text
             self._wake.set()

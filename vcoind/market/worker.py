@@ -420,8 +420,7 @@ class TaskWorker:
         async def send(p: Progress) -> None:
             await self._send(job.origin, p, Ack)
 
-        return TextDeltas(a.task_id, a.attempt, send,
-                          hold=max((len(s) for s in a.params.stop), default=0))  # fmt: skip
+        return TextDeltas(a.task_id, a.attempt, send, stop=a.params.stop)
 
     def _signed(self, a: Assign, r: TaskResult) -> TaskResult:
         """A single-mode result with our signatures: the outcome (one replica, "majority")
