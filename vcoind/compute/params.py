@@ -49,15 +49,19 @@ class GenerationParams:
 SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k")
 
 
-def model_defaults(model_dir: Path) -> dict[str, float]:
-    """The sampling settings of the model's ``generation_config.json`` (greedy when it says
-    ``do_sample: false``); {} when it has none or the file does not parse."""
+def generation_config(model_dir: Path) -> dict[str, Any]:
+    """The model's ``generation_config.json``; {} when it has none or it does not parse."""
     try:
         cfg = json.loads((model_dir / "generation_config.json").read_text())
     except (OSError, ValueError):
         return {}
-    if not isinstance(cfg, dict):
-        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def model_defaults(model_dir: Path) -> dict[str, float]:
+    """The sampling settings of the model's ``generation_config.json`` (greedy when it says
+    ``do_sample: false``); {} when it has none or the file does not parse."""
+    cfg = generation_config(model_dir)
     if cfg.get("do_sample") is False:
         return {"temperature": 0.0}
     out: dict[str, float] = {}
@@ -83,11 +87,7 @@ def eos_ids(model_dir: Path, tokenizer_eos: int | None) -> frozenset[int]:
     a list) of the model's generation_config.json (Qwen2.5's chat models end on
     <|im_end|>, not on the tokenizer's EOS)."""
     ids = {tokenizer_eos} if tokenizer_eos is not None else set()
-    try:
-        cfg = json.loads((model_dir / "generation_config.json").read_text())
-    except (OSError, ValueError):
-        cfg = {}
-    raw = cfg.get("eos_token_id") if isinstance(cfg, dict) else None
+    raw = generation_config(model_dir).get("eos_token_id")
     for v in raw if isinstance(raw, list) else [raw]:
         if isinstance(v, int) and not isinstance(v, bool):
             ids.add(v)

@@ -53,8 +53,9 @@ class KeyLimits:
         wait = 0.0
         if key.rpm and len(reqs) >= key.rpm:
             wait = reqs[len(reqs) - key.rpm] + WINDOW_S - now
-        if key.tpm and sum(n for _, n in toks) >= key.tpm:
-            over, acc = sum(n for _, n in toks) - key.tpm, 0
+        used = sum(n for _, n in toks)
+        if key.tpm and used >= key.tpm:
+            over, acc = used - key.tpm, 0
             for t, n in toks:  # the oldest entries whose going makes room
                 acc += n
                 if acc > over:
