@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from devnet.__main__ import TEST_MODEL, ensure_test_model, start_node, stop_all
+from devnet.chat import sse_chunks
 from vcoind.datadir import DataDir
 
 PROMPT = "Explain how a blockchain orders transactions, and why a hash function must be"
@@ -70,27 +69,18 @@ def _stamp(stamps: list[float], ids: object) -> None:
 
 def through_gateway(url: str, cookie: str, model: str, tokens: int) -> dict[str, float]:
     body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-    req = urllib.request.Request(
-        url + "/v1/completions", data=json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {cookie}", "Content-Type": "application/json"},
-    )  # fmt: skip
+            "stream_options": {"include_usage": True}}  # fmt: skip
     t0 = time.perf_counter()
     first = last = 0.0
     chunks = 0
     completion = 0
-    with urllib.request.urlopen(req, timeout=600) as resp:
-        for raw in resp:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            ch: dict[str, Any] = json.loads(line[6:])
-            if ch.get("usage"):
-                completion = int(ch["usage"]["completion_tokens"])
-            if any(c.get("text") for c in ch.get("choices", [])):
-                last = time.perf_counter()
-                first = first or last
-                chunks += 1
+    for ch in sse_chunks(url + "/v1/completions", cookie, body, timeout=600):
+        if ch.get("usage"):
+            completion = int(ch["usage"]["completion_tokens"])
+        if any(c.get("text") for c in ch.get("choices", [])):
+            last = time.perf_counter()
+            first = first or last
+            chunks += 1
     return {"ttft_s": first - t0, "tokens": completion, "chunks": chunks,
             "tps": (completion - 1) / (last - first) if last > first else 0.0}  # fmt: skip
 

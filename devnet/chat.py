@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from vcoind.datadir import DataDir
@@ -21,17 +22,14 @@ class ChatDemoError(Exception):
     pass
 
 
-def stream_chat(
-    node: DevNode, body: dict[str, Any], timeout: float = 120.0
-) -> list[dict[str, Any]]:
-    """POST a streamed chat completion to ``node``; its chunks, printing the text as it
-    comes."""
-    cookie = DataDir(node.datadir).read_cookie()
+def sse_chunks(
+    url: str, cookie: str | None, body: dict[str, Any], timeout: float = 120.0
+) -> Iterator[dict[str, Any]]:
+    """POST ``body`` with ``stream: true`` to ``url`` (a node's /v1 endpoint) and yield
+    its Server-Sent Events' chunks as they arrive, up to ``[DONE]``."""
     headers = {"Authorization": f"Bearer {cookie}", "Content-Type": "application/json"}
-    url = node.info["rpc_url"].rstrip("/") + "/v1/chat/completions"
     data = json.dumps({**body, "stream": True}).encode()
     req = urllib.request.Request(url, data=data, headers=headers)
-    chunks: list[dict[str, Any]] = []
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         for raw in resp:
             line = raw.decode().strip()
@@ -39,14 +37,24 @@ def stream_chat(
                 continue  # blank separators and keep-alive comments
             if line == "data: [DONE]":
                 break
-            ch = json.loads(line[6:])
-            if "error" in ch:
-                raise ChatDemoError(ch["error"]["message"])
-            chunks.append(ch)
-            for choice in ch.get("choices", []):
-                delta = choice.get("delta", {})
-                text = delta.get("reasoning_content") or delta.get("content") or ""
-                print(text, end="", flush=True)
+            yield json.loads(line[6:])
+
+
+def stream_chat(
+    node: DevNode, body: dict[str, Any], timeout: float = 120.0
+) -> list[dict[str, Any]]:
+    """POST a streamed chat completion to ``node``; its chunks, printing the text as it
+    comes."""
+    url = node.info["rpc_url"].rstrip("/") + "/v1/chat/completions"
+    chunks: list[dict[str, Any]] = []
+    for ch in sse_chunks(url, DataDir(node.datadir).read_cookie(), body, timeout):
+        if "error" in ch:
+            raise ChatDemoError(ch["error"]["message"])
+        chunks.append(ch)
+        for choice in ch.get("choices", []):
+            delta = choice.get("delta", {})
+            text = delta.get("reasoning_content") or delta.get("content") or ""
+            print(text, end="", flush=True)
     print(flush=True)
     return chunks
 
