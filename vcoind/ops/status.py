@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vcoind import __version__
+from vcoind.progress import BOARD
 from vcoind.presence.peers import PeerState
 from vcoind.rpc import MethodRegistry, Param, RPCMethod
 
@@ -108,6 +109,8 @@ def register_status_api(
             "health": hb.health if hb else None,
             "capabilities": dataclasses.asdict(heartbeat.capabilities),
             **compute.status(),
+            # long steps in flight (model fetch, split, load, ...) with their fraction
+            "progress": BOARD.snapshot(),
             "datadir": str(facts.datadir),
         }
 
