@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vcoind import __version__
-from vcoind.progress import BOARD
 from vcoind.presence.peers import PeerState
+from vcoind.progress import BOARD
 from vcoind.rpc import MethodRegistry, Param, RPCMethod
 
 if TYPE_CHECKING:
