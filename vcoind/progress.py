@@ -60,7 +60,7 @@ class Step:
         self._logged = self.started
         self._bar: Any = None
         if bar:
-            from tqdm import tqdm
+            from tqdm import tqdm  # type: ignore[import-untyped]
 
             self._bar = tqdm(total=self.total or None, desc=f"{kind} {label}", unit=unit,
                              unit_scale=unit == "B", unit_divisor=1024, leave=True,
