@@ -159,8 +159,18 @@ class ComputeConfig:
     # Several daemons on one box (a devnet) each want 1.
     cpu_threads: int = 0
     # Layer spans served to pipelines, "MODEL:START-END" (inclusive), from a shard directory
-    # in the models dir or split from the whole model on first start.
+    # in the models dir, split from the whole model on first start, or fetched from peers;
+    # "auto" / "auto:N" / "MODEL:auto[:N]": the span (of N layers, or as many as fit in
+    # memory) the fewest nodes serve, re-balanced when span hosts leave.
     serve_layers: tuple[str, ...] = ()
+    # Models (names or ids) to fetch from peers when this node lacks them, then serve.
+    fetch_models: tuple[str, ...] = ()
+    # Weights this node uploads to others (/vcoin/model/1.0.0): MB/s for all peers together
+    # (0 = no limit), and chunk requests one peer may have in flight.
+    upload_mb_s: float = 0.0
+    uploads_per_peer: int = 4
+    # Chunk requests this node keeps in flight to each peer it fetches from.
+    fetch_streams_per_peer: int = 4
     # Per-peer budgets: one peer cannot take what this node offers to all of them.
     # Pipeline sessions another peer may hold open on this node's spans (at most half).
     pipeline_sessions_per_peer: int = 16

@@ -85,13 +85,19 @@ def validate(cfg: Config) -> Config:
     if cfg.compute.device not in DEVICES:
         raise ConfigError("compute.device", f"must be one of {', '.join(DEVICES)}")
     for spec in cfg.compute.serve_layers:
+        from vcoind.compute.autospan import parse_auto
         from vcoind.compute.shard_host import parse_serve_spec
 
         try:
-            parse_serve_spec(spec)
+            if parse_auto(spec) is None:
+                parse_serve_spec(spec)
         except ValueError as exc:
-            raise ConfigError("compute.serve_layers", str(exc)) from None
-    for key in ("pipeline_sessions_per_peer", "train_slots", "train_slots_per_peer"):
+            raise ConfigError("compute.serve_layers", f"{exc}, or auto[:N] / MODEL:auto[:N]"
+                              ) from None  # fmt: skip
+    if cfg.compute.upload_mb_s < 0:
+        raise ConfigError("compute.upload_mb_s", "must be 0 (no limit) or more")
+    for key in ("pipeline_sessions_per_peer", "train_slots", "train_slots_per_peer",
+                "uploads_per_peer", "fetch_streams_per_peer"):  # fmt: skip
         if getattr(cfg.compute, key) < 1:
             raise ConfigError(f"compute.{key}", "must be at least 1")
     for key in ("adapter_quota_mb_per_peer", "adapter_store_mb"):

@@ -131,7 +131,8 @@ class Node:
             presence.on_seen(lambda hb: chain.watch(hb.eth_address))
         self.compute = compute = ComputeService(
             cfg.compute, cfg.models_dir, datadir.path / "shards", me, streams,
-            announce=presence.announce, metrics=metrics,
+            announce=presence.announce, metrics=metrics, view=presence.view,
+            penalise=self._penalise, heartbeat_s=p2p_cfg.heartbeat_interval,
         )  # fmt: skip
         payments = Payments(cfg.market, signer, chain, presence.view)
         settler = None
@@ -174,6 +175,12 @@ class Node:
 
     def _on_bad_signature(self, forwarder: Any, msg: Any) -> None:
         self.gossip.on_bad_signature(forwarder, msg)
+
+    def _penalise(self, peer: str, amount: float) -> None:
+        """A peer that sent bad model bytes: its gossip score drops (see ``Gossip``)."""
+        from libp2p.peer.id import ID
+
+        self.p2p.penalise(ID.from_base58(peer), amount)
 
     def _connected(self) -> set[str]:
         return {p.to_base58() for p in self.p2p.connected_peers()}

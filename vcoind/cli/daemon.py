@@ -98,9 +98,19 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--serve-layers",
         action="append",
-        metavar="MODEL:START-END",
+        metavar="MODEL:START-END|auto[:N]",
         help="serve layers START..END (inclusive) of MODEL to pipelines, repeatable; from a "
-        "shard directory (`vcoind model split`) or the whole model in the models dir",
+        "shard directory (`vcoind model split`), the whole model in the models dir, or "
+        "fetched from peers that serve it. `auto` picks the span the fewest nodes serve (N "
+        "layers, default as many as fit in memory; `MODEL:auto[:N]` for one model), fetches "
+        "it and moves when span hosts leave",
+    )
+    g.add_argument(
+        "--fetch-model",
+        action="append",
+        metavar="MODEL",
+        help="fetch MODEL (short name or model id) from the peers that serve it if it is not "
+        "in the models dir, then serve it; repeatable. Files are checked against the model id",
     )
     g.add_argument(
         "--cpu-threads",
@@ -181,6 +191,7 @@ def _flags(ns: argparse.Namespace) -> dict[str, Any]:
         "compute.device": ns.device,
         "compute.cpu_threads": ns.cpu_threads,
         "compute.serve_layers": ns.serve_layers,
+        "compute.fetch_models": ns.fetch_model,
         "market.strategy": ns.strategy,
         "market.bid_window_s": ns.bid_window,
         "market.price_per_token": ns.price,

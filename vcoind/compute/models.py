@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,14 @@ def weight_files(path: Path) -> list[Path]:
     return sorted(p for p in path.glob("*.safetensors") if p.is_file())
 
 
+def model_id_from(hashes: Iterable[tuple[str, str]]) -> str:
+    """The model id of weight files given as ``(file name, sha256 hex)`` pairs."""
+    h = hashlib.sha256()
+    for name, digest in sorted(hashes):
+        h.update(name.encode() + b"\0" + digest.encode() + b"\n")
+    return "sha256:" + h.hexdigest()
+
+
 def compute_model_id(path: Path) -> str:
     """The model id of the weights in ``path`` (cached by file sizes and mtimes)."""
     files = weight_files(path)
@@ -86,10 +95,7 @@ def compute_model_id(path: Path) -> str:
             return str(cached["model_id"])
     except (OSError, ValueError):
         pass
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0" + _file_sha256(f).encode() + b"\n")
-    model_id = "sha256:" + h.hexdigest()
+    model_id = model_id_from((f.name, _file_sha256(f)) for f in files)
     try:
         cache.write_text(json.dumps({"files": stamp, "model_id": model_id}) + "\n")
     except OSError:  # a read-only model dir still works, just re-hashes next time

@@ -161,14 +161,19 @@ class ShardHost:
     def add(self, served: ServedSpan) -> None:
         self.spans.append(served)
 
-    def _find(self, model_id: str, start: int, end: int) -> ServedSpan | None:
+    def find(self, model_id: str, start: int, end: int) -> ServedSpan | None:
         return next((s for s in self.spans if (s.model_id, s.start, s.end) ==
                      (model_id, start, end)), None)  # fmt: skip
+
+    def remove(self, model_id: str, start: int, end: int) -> None:
+        """Stop serving a span: new sessions are refused; open ones finish on it."""
+        self.spans = [s for s in self.spans if (s.model_id, s.start, s.end) !=
+                      (model_id, start, end)]  # fmt: skip
 
     async def handle(self, peer: str, record: Any) -> Any:
         self._expire()
         if isinstance(record, ShardOpen):
-            served = self._find(record.model_id, record.start, record.end)
+            served = self.find(record.model_id, record.start, record.end)
             if served is None:
                 raise StreamProtocolError(f"span {record.start}-{record.end} of "
                                           f"{record.model_id} is not served here")  # fmt: skip

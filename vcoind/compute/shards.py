@@ -32,6 +32,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from vcoind.progress import BOARD
+
 MANIFEST = "shard.json"
 WEIGHTS = "shard.safetensors"
 MANIFEST_VERSION = 1
@@ -40,7 +42,7 @@ NORM = "model.norm.weight"
 HEAD = "lm_head.weight"
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # Files of a model directory that a shard does not copy (its weights are its own).
-_SKIP = re.compile(r"(\.safetensors|\.safetensors\.index\.json|\.bin|\.pt|\.vcoin-model-id)$")
+_SKIP = re.compile(r"(\.safetensors|\.safetensors\.index\.json|\.bin|\.pt)$|^\.vcoin-")
 SUPPORTED = ("Qwen2ForCausalLM",)
 
 
@@ -184,38 +186,46 @@ def split_model(
     if EMBED not in where or NORM not in where:
         raise ShardError(f"{model_dir}: no {EMBED} / {NORM}: not a complete Qwen2 checkpoint")
     out_dirs = []
-    for start, end in ranges:
-        wanted: dict[str, str] = {}  # name in the shard -> name in the checkpoint
-        for t in where:
-            m = _LAYER.match(t)
-            if m is not None and start <= int(m.group(1)) <= end:
-                wanted[t] = t
-        if start == 0:
-            wanted[EMBED] = EMBED
-        if end == num_layers - 1:
-            wanted[NORM] = NORM
-            wanted[HEAD] = EMBED if tied else HEAD
-        tensors: dict[str, torch.Tensor] = {}
-        with contextlib.ExitStack() as stack:
-            handles: dict[Path, Any] = {}
-            for dst, src in sorted(wanted.items()):
-                f = where[src]
-                if f not in handles:
-                    handles[f] = stack.enter_context(cast(Any, safe_open(str(f), "pt")))
-                tensors[dst] = handles[f].get_tensor(src).contiguous()
-        d = out_root / f"{name}.{start}-{end}"
-        d.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(d / WEIGHTS), metadata={"format": "pt"})
-        for f in model_dir.iterdir():
-            if f.is_file() and not _SKIP.search(f.name) and f.name != MANIFEST:
-                shutil.copy2(f, d / f.name)
-        ShardManifest(
-            model=name, model_id=model_id, start=start, end=end, num_layers=num_layers,
-            embed=start == 0, head=end == num_layers - 1,
-            tensors={k: tensor_hash(v) for k, v in tensors.items()},
-        ).write(d)  # fmt: skip
-        del tensors
-        out_dirs.append(d)
+    step = BOARD.open("split", f"{name} layers " + ",".join(f"{a}-{b}" for a, b in ranges),
+                      total=len(ranges), unit="shards")  # fmt: skip
+    try:
+        for start, end in ranges:
+            wanted: dict[str, str] = {}  # name in the shard -> name in the checkpoint
+            for t in where:
+                m = _LAYER.match(t)
+                if m is not None and start <= int(m.group(1)) <= end:
+                    wanted[t] = t
+            if start == 0:
+                wanted[EMBED] = EMBED
+            if end == num_layers - 1:
+                wanted[NORM] = NORM
+                wanted[HEAD] = EMBED if tied else HEAD
+            tensors: dict[str, torch.Tensor] = {}
+            with contextlib.ExitStack() as stack:
+                handles: dict[Path, Any] = {}
+                for dst, src in sorted(wanted.items()):
+                    f = where[src]
+                    if f not in handles:
+                        handles[f] = stack.enter_context(cast(Any, safe_open(str(f), "pt")))
+                    tensors[dst] = handles[f].get_tensor(src).contiguous()
+            d = out_root / f"{name}.{start}-{end}"
+            d.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(d / WEIGHTS), metadata={"format": "pt"})
+            for f in model_dir.iterdir():
+                if f.is_file() and not _SKIP.search(f.name) and f.name != MANIFEST:
+                    shutil.copy2(f, d / f.name)
+            ShardManifest(
+                model=name, model_id=model_id, start=start, end=end, num_layers=num_layers,
+                embed=start == 0, head=end == num_layers - 1,
+                tensors={k: tensor_hash(v) for k, v in tensors.items()},
+            ).write(d)  # fmt: skip
+            del tensors
+            out_dirs.append(d)
+            step.advance()
+    except BaseException as exc:
+        step.end(f"failed: {exc}"[:200])
+        raise
+    step.end()
     return out_dirs
 
 
