@@ -4,8 +4,9 @@ Serves what ``huggingface_hub`` and ``vcoind model pull`` ask for:
 ``GET /api/models/{repo}/revision/{rev}``, ``GET /api/models/{repo}/tree/{rev}`` and
 ``HEAD``/``GET /{repo}/resolve/{rev}/{path}`` (with ``Range``), with ``X-Repo-Commit``,
 ``ETag`` and ``X-Error-Code`` on 404s, plus knobs for the failures a pull must survive:
-a required bearer token, a connection cut after K bytes of a file (once), a stall after
-K bytes (until ``release``), and a flipped byte in a file. It records every request.
+a required bearer token (for everything, or only for the files of a gated repo), a
+connection cut after K bytes of a file (once), a stall after K bytes (until
+``release``), and a flipped byte in a file. It records every request.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Seen:
 @dataclass
 class HubStub:
     token: str | None = None  # when set, every request needs "Authorization: Bearer <token>"
+    gated: bool = False  # with ``token``: the API answers anyone, the files need the token
     cut_after: dict[str, int] = field(default_factory=dict)  # file -> cut after K bytes, once
     stall_after: dict[str, int] = field(default_factory=dict)  # file -> stall after K bytes
     flip: set[str] = field(default_factory=set)  # files served with one byte flipped
@@ -132,7 +134,10 @@ class _Handler(BaseHTTPRequestHandler):
         path = unquote(urlsplit(self.path).path)
         hub.seen.append(Seen(self.command, path, {k.lower(): v for k, v in self.headers.items()}))
         auth = self.headers.get("Authorization")
-        if hub.token is not None and auth != f"Bearer {hub.token}":
+        if hub.token is not None and auth != f"Bearer {hub.token}" and hub.gated:
+            if "/resolve/" in path:
+                return self._error(401, "GatedRepo", "Access to this model is restricted.")
+        elif hub.token is not None and auth != f"Bearer {hub.token}":
             if auth:
                 return self._error(401, None, "Invalid credentials in Authorization header")
             # what the Hub says about a private repo to an anonymous client

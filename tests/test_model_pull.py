@@ -121,6 +121,17 @@ def test_token_is_sent_and_required(
     assert TOKEN not in out + caplog.text
 
 
+def test_gated_repo_needs_a_token_for_its_files(
+    hub: HubStub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hub.token, hub.gated = TOKEN, True
+    assert cli("pull", REPO, "--endpoint", hub.url, "--models-dir", str(tmp_path)) == 1
+    assert f"{REPO}@main is gated: accept its terms" in capsys.readouterr().err
+    assert not (tmp_path / "tiny-qwen2").exists()
+    assert cli("pull", REPO, "--endpoint", hub.url, "--models-dir", str(tmp_path),
+               "--token", TOKEN) == 0  # fmt: skip
+
+
 def test_interrupted_download_resumes(hub: HubStub, source_id: str, tmp_path: Path) -> None:
     cut = 100_000
     hub.cut_after[WEIGHTS] = cut

@@ -67,6 +67,7 @@ WANTED = ("*.safetensors", "*.safetensors.index.json", "config.json", "generatio
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 REPO_RE = re.compile(r"^(?:\w[\w.-]{0,95}/)?\w[\w.-]{0,95}$")  # as the Hub allows
 RETRY_BACKOFF_S = 2.0
+LOCK = ".lock"  # in the staging directory, flock()ed by the pull writing there
 TIMEOUT = httpx.Timeout(60.0, connect=15.0)
 
 T = TypeVar("T")
@@ -142,6 +143,12 @@ class _Hub:
             "not exist): set HF_TOKEN (or --token) to a token that may read it"
         )
 
+    def gated(self) -> str:
+        return (
+            f"{self.where} is gated: accept its terms on its page at {self.endpoint}, then "
+            "set HF_TOKEN to a token of that account"
+        )
+
     def call(self, fn: Callable[[], T]) -> T:
         """One ``huggingface_hub`` call, its failures turned into one clear line."""
         try:
@@ -149,10 +156,7 @@ class _Hub:
         except RevisionNotFoundError:
             msg = f"{self.where}: no such revision (branch, tag or commit) on {self.endpoint}"
         except GatedRepoError:
-            msg = (
-                f"{self.where} is gated: accept its terms on its page at {self.endpoint}, "
-                "then set HF_TOKEN to a token of that account"
-            )
+            msg = self.gated()
         except HfHubHTTPError as exc:
             status = exc.response.status_code if exc.response is not None else 0
             if status in (401, 403):
@@ -266,7 +270,7 @@ def _download_all(
         step.set(have)
         for f in files:
             url = hf_hub_url(hub.repo, f.path, revision=commit, endpoint=hub.endpoint)
-            _download(client, url, staging, f, step, retries, hub.denied)
+            _download(client, url, staging, f, step, retries, hub)
 
 
 def _existing(target: Path, repo: str, revision: str, commit: str) -> Pulled:
@@ -281,9 +285,6 @@ def _existing(target: Path, repo: str, revision: str, commit: str) -> Pulled:
             else str(src.get("source", "a model that was not pulled")))  # fmt: skip
     raise PullError(f"{target} already exists (it holds {held}, not {repo}@{commit[:12]}): "
                     "pass --name to pull beside it, or remove it first")  # fmt: skip
-
-
-LOCK = ".lock"
 
 
 @contextmanager
@@ -314,13 +315,13 @@ class _Interrupted(Exception):
 
 
 def _download(client: httpx.Client, url: str, staging: Path, f: RemoteFile, step: Step,
-              retries: int, denied: Callable[[int], str]) -> None:  # fmt: skip
+              retries: int, hub: _Hub) -> None:  # fmt: skip
     done, part = staging / f.path, staging / (f.path + ".part")
     if done.is_file() and done.stat().st_size == f.size:
         return  # verified when it took its name
     for attempt in range(retries + 1):
         try:
-            _fetch(client, url, part, f, step, denied)
+            _fetch(client, url, part, f, step, hub)
             break
         except _Interrupted as exc:
             got = part.stat().st_size if part.exists() else 0
@@ -346,14 +347,18 @@ def _download(client: httpx.Client, url: str, staging: Path, f: RemoteFile, step
 
 
 def _fetch(client: httpx.Client, url: str, part: Path, f: RemoteFile, step: Step,
-           denied: Callable[[int], str]) -> None:  # fmt: skip
+           hub: _Hub) -> None:  # fmt: skip
     """Stream the rest of ``f`` into ``part`` (``Range`` from the bytes already there)."""
     have = part.stat().st_size if part.exists() else 0
     if have == f.size:
         return
     try:
         with client.stream("GET", url, headers={"Range": f"bytes={have}-"} if have else {}) as r:
-            _check(r, f, have, denied)
+            if r.status_code == 416:  # the server's file is shorter than the part: start over
+                step.set(step.done - have)
+                part.unlink()
+                raise _Interrupted("HTTP 416 (range not satisfiable)")
+            _check(r, f, have, hub)
             if have and r.status_code == 200:  # the server ignored the range: start over
                 step.set(step.done - have)
                 have = 0
@@ -375,18 +380,20 @@ def _fetch(client: httpx.Client, url: str, part: Path, f: RemoteFile, step: Step
         raise _Interrupted("the connection closed early")
 
 
-def _check(r: httpx.Response, f: RemoteFile, have: int, denied: Callable[[int], str]) -> None:
+def _check(r: httpx.Response, f: RemoteFile, have: int, hub: _Hub) -> None:
     """Go on with a 200 or the 206 asked for; otherwise say what went wrong."""
     if r.status_code == 200 or (
         r.status_code == 206 and r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
     ):
         return
+    if r.headers.get("X-Error-Code") == "GatedRepo":
+        raise PullError(hub.gated())
     if r.status_code in (401, 403):
-        raise PullError(denied(r.status_code))
+        raise PullError(hub.denied(r.status_code))
     if r.status_code == 404:
         code = r.headers.get("X-Error-Code") or "HTTP 404"
         raise PullError(f"{f.path}: the server has no such file ({code}) at {r.url}")
-    if r.status_code in (408, 416, 429) or r.status_code >= 500:
+    if r.status_code in (408, 429) or r.status_code >= 500:
         raise _Interrupted(f"HTTP {r.status_code}")
     raise PullError(f"{f.path}: unexpected HTTP {r.status_code} "
                     f"{r.headers.get('Content-Range', '')} from {r.url}")  # fmt: skip
