@@ -1,9 +1,16 @@
-"""``vcoind model ...``: the model store (make-test, list, info, split)."""
+"""``vcoind model ...``: the model store (pull, make-test, list, info, split).
+
+``pull`` downloads a model from the Hugging Face Hub (or a mirror: ``--endpoint`` /
+``HF_ENDPOINT``) through ``vcoind.compute.hub``; ``list`` says where each model came from.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +23,12 @@ def model_parser() -> argparse.ArgumentParser:
         prog="vcoind model",
         description="Manage the model store: a directory of model directories, each with "
         "config.json, *.safetensors weights and a tokenizer. A model's id is a hash of its "
-        "weight files, so nodes can prove they serve the same weights.",
+        "weight files, so nodes can prove they serve the same weights. `pull` downloads a "
+        "model from the Hugging Face Hub (safetensors only, checksummed, resumable); `list` "
+        "shows each model's source (hub:REPO@COMMIT, peer:PEER, or local).",
     )
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    _pull_parser(sub)
     mk = sub.add_parser(
         "make-test",
         help="write a small random-weight Qwen2 model (the DeepSeek-R1-Distill-Qwen-1.5B "
@@ -49,6 +59,77 @@ def model_parser() -> argparse.ArgumentParser:
     return p
 
 
+PULL_EPILOG = """\
+Only safetensors weights, configs, tokenizer files, LICENSE* and README.md are
+downloaded; a repository with only pickled weights (pytorch_model.bin, *.pt) is
+refused before anything is downloaded. Every file is checked against the hash the
+Hub lists for it (sha256 for LFS files) before it is kept. An interrupted pull
+(network error, Ctrl-C, even kill -9) resumes where it stopped when you run the same
+command again. The model directory appears only when every file is in; its
+.vcoin-source.json records the repository, the revision asked for and the commit.
+
+examples:
+  vcoind model pull deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B
+  vcoind model pull deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B@<commit> --name r1-1.5b
+  HF_TOKEN=hf_... vcoind model pull my-org/private-model
+  HF_ENDPOINT=https://hf-mirror.example vcoind model pull Qwen/Qwen2.5-0.5B-Instruct
+"""
+
+
+def _pull_parser(sub: Any) -> None:
+    sp = sub.add_parser(
+        "pull",
+        help="download a model from the Hugging Face Hub (or a mirror) into the store",
+        description="Download REPO at REVISION (a branch, tag or commit; default main) into\n"
+        "MODELS_DIR/NAME, pinned to the commit that the revision resolves to.",
+        epilog=PULL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sp.add_argument("repo", metavar="REPO[@REVISION]", help="e.g. deepseek-ai/DeepSeek-R1-Distill-"
+                    "Qwen-1.5B or ...@<commit sha>")  # fmt: skip
+    sp.add_argument("--name", help="model directory name (default: the repository's name)")
+    sp.add_argument(
+        "--endpoint", metavar="URL",
+        help="the Hub or a mirror of it (default: env HF_ENDPOINT, else https://huggingface.co)",
+    )  # fmt: skip
+    sp.add_argument(
+        "--token",
+        help="access token for private or gated repositories (default: env HF_TOKEN; "
+        "prefer the variable: a flag shows in the process list)",
+    )
+    sp.add_argument("--datadir", type=Path, metavar="DIR", help="data directory")
+    sp.add_argument("--models-dir", metavar="DIR", help="default DATADIR/models")
+    sp.add_argument("--json", action="store_true", help="print the model as JSON")
+
+
+def _pull(ns: argparse.Namespace, models_dir: Path) -> int:
+    from vcoind.compute.hub import DEFAULT_ENDPOINT, PullError, pull
+    from vcoind.progress import BOARD
+
+    endpoint = ns.endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
+    token = ns.token or os.environ.get("HF_TOKEN") or None
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")  # fmt: skip
+    for noisy in ("httpx", "httpx2", "huggingface_hub"):  # a line per request
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    BOARD.bars = True
+    try:
+        got = pull(ns.repo, models_dir, endpoint=endpoint, token=token, name=ns.name)
+    except PullError as exc:
+        return die(str(exc))
+    except KeyboardInterrupt:
+        return die("interrupted: run the same command again to resume", 130)
+    if ns.json:
+        print(json.dumps(got.as_dict(), indent=2))
+        return 0
+    what = "already pulled" if got.already else "pulled"
+    print(f"{what} {got.repo}@{got.revision} (commit {got.commit}) into {got.info.path}\n"
+          f"model id  {got.info.model_id}\nweights   {got.info.weight_bytes} bytes")  # fmt: skip
+    return 0
+
+
 def model_main(args: list[str]) -> int:
     from vcoind.compute.models import ModelError, ModelStore, inspect_model
 
@@ -64,6 +145,8 @@ def model_main(args: list[str]) -> int:
         cfg = load(flags={"datadir": ns.datadir, "compute.models_dir": ns.models_dir})
     except ConfigError as exc:
         return die(str(exc), EXIT_USAGE)
+    if ns.action == "pull":
+        return _pull(ns, cfg.models_dir)
     store = ModelStore(cfg.models_dir)
     models = store.scan()
     if ns.action == "list":
@@ -79,10 +162,12 @@ def model_main(args: list[str]) -> int:
                     m.architecture,
                     str(m.num_layers),
                     f"{m.weight_bytes / (1 << 20):.1f}",
+                    m.source,
                 ]
                 for m in models
             ]
-            print(fmt_table(rows, ["NAME", "MODEL ID", "ARCHITECTURE", "LAYERS", "MiB"]))
+            head = ["NAME", "MODEL ID", "ARCHITECTURE", "LAYERS", "MiB", "SOURCE"]
+            print(fmt_table(rows, head))
         return 0
     try:
         info = store.resolve(ns.model)

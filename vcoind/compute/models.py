@@ -23,6 +23,9 @@ from typing import Any
 log = logging.getLogger("vcoind.models")
 
 ID_CACHE = ".vcoin-model-id"
+# Where a model came from (written by ``vcoind model pull`` and by a fetch from peers):
+# {"source": "hub", "repo", "revision", "commit", ...} or {"source": "peer", "peers": [...]}.
+SOURCE_FILE = ".vcoin-source.json"
 SHARD_MANIFEST = "shard.json"  # vcoind.compute.shards.MANIFEST (that module imports torch)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -46,6 +49,8 @@ class ModelInfo:
     # A reasoning model: its chat template opens a <think> section (DeepSeek-R1 and its
     # distills); its answers come as reasoning, "</think>", then the reply.
     reasoning: bool = False
+    # Where the weights came from: "hub:<repo>@<commit[:12]>", "peer:<peer id[:12]>…", "local".
+    source: str = "local"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +64,7 @@ class ModelInfo:
             "weight_bytes": self.weight_bytes,
             "tied_embeddings": self.tied_embeddings,
             "reasoning": self.reasoning,
+            "source": self.source,
         }
 
 
@@ -127,7 +133,33 @@ def inspect_model(path: Path) -> ModelInfo:
         weight_bytes=sum(f.stat().st_size for f in files),
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         reasoning="<think>" in _chat_template(path),
+        source=describe_source(read_source(path)),
     )
+
+
+def read_source(path: Path) -> dict[str, Any] | None:
+    """The provenance record of the model in ``path`` (None without one, or unreadable)."""
+    try:
+        record = json.loads((path / SOURCE_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unreadable (%s)", path / SOURCE_FILE, exc)
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def describe_source(record: dict[str, Any] | None) -> str:
+    """A provenance record in a few words: ``hub:org/name@0123456789ab``, ``peer:12D3KooWabcd…``."""
+    if record is None:
+        return "local"
+    kind = str(record.get("source", "unknown"))
+    if kind == "hub":
+        return f"hub:{record.get('repo', '?')}@{str(record.get('commit', '?'))[:12]}"
+    peers = record.get("peers")
+    if kind == "peer" and isinstance(peers, list) and peers:
+        return f"peer:{str(peers[0])[:12]}…"
+    return kind
 
 
 def _chat_template(path: Path) -> str:
