@@ -148,10 +148,14 @@ def main() -> int:
     print(f"{'file copy (shutil)':<28} {mbs(size, copy_s)}")
     print(f"{'hash (sha256 + chunks)':<28} {mbs(size, hash_s)}")
     print(f"{'peer fetch, 1 peer':<28} {mbs(one['bytes'], one['seconds'])}")
-    print(f"{'peer fetch, 2 peers':<28} {mbs(two['bytes'], two['seconds'])}  split "
-          + " / ".join(f"{v / 1e6:.0f} MB" for v in two["peers"].values()))
-    print(f"(RPC to done, 1 peer {one['wall_s']:.2f} s, 2 peers {two['wall_s']:.2f} s; "
-          f"{ns.streams} chunk requests in flight a peer, 1 MiB chunks)")
+    print(
+        f"{'peer fetch, 2 peers':<28} {mbs(two['bytes'], two['seconds'])}  split "
+        + " / ".join(f"{v / 1e6:.0f} MB" for v in two["peers"].values())
+    )
+    print(
+        f"(RPC to done, 1 peer {one['wall_s']:.2f} s, 2 peers {two['wall_s']:.2f} s; "
+        f"{ns.streams} chunk requests in flight a peer, 1 MiB chunks)"
+    )
     return 0
 
 

@@ -9,9 +9,12 @@ span's tensors and the pipeline's text equals the whole model's.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +110,11 @@ def test_a_node_fetches_a_model_it_lacks_and_serves_it_with_the_same_text(
     want_id = inspect_model(big_models / BIG).model_id
     before = greedy(a, BIG, "What is a Merkle tree?")
 
-    job = fetch(b, BIG)
+    # as an operator would: `vcoind model fetch`, which waits and prints the outcome
+    out = subprocess.run([sys.executable, "-m", "vcoind", "model", "fetch", BIG, "--json",
+                          "--datadir", str(b.datadir)], capture_output=True, text=True,
+                         timeout=180, check=True)  # fmt: skip
+    job = json.loads(out.stdout)
     assert job["status"] == "done", job
     assert job["bytes"] == travelling_bytes(big_models / BIG)
     assert list(job["peers"]) == [a.info["peer_id"]]

@@ -29,6 +29,7 @@ def model_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     _pull_parser(sub)
+    _fetch_parser(sub)
     mk = sub.add_parser(
         "make-test",
         help="write a small random-weight Qwen2 model (the DeepSeek-R1-Distill-Qwen-1.5B "
@@ -130,6 +131,71 @@ def _pull(ns: argparse.Namespace, models_dir: Path) -> int:
     return 0
 
 
+def _fetch_parser(sub: Any) -> None:
+    sp = sub.add_parser(
+        "fetch",
+        help="have the running daemon fetch a model (or one layer span) from its peers",
+        description="Ask the daemon on DATADIR to fetch MODEL from the peers that advertise "
+        "it, over /vcoin/model/1.0.0: in 1 MiB chunks from several peers at once, each "
+        "chunk and file checked against the hashes that make up the model id, resumable "
+        "after a restart. A peer that sends bad bytes is dropped and penalised. The model "
+        "(or span) is served once it is in. Shows progress until it ends.",
+    )
+    sp.add_argument("model", help="short name or model id, as peers advertise it")
+    sp.add_argument("--layers", metavar="START-END",
+                    help="only this span (inclusive), into DATADIR/shards")  # fmt: skip
+    sp.add_argument("--datadir", type=Path, metavar="DIR", help="data directory")
+    sp.add_argument("--no-wait", action="store_true", help="start it and return")
+    sp.add_argument("--json", action="store_true", help="print the outcome as JSON")
+
+
+def _fetch(ns: argparse.Namespace, datadir: Path) -> int:
+    import time
+
+    from vcoind.cli.client import ClientError, RPCClient
+    from vcoind.datadir import DataDir
+
+    dd = DataDir(datadir)
+    run = dd.read_run_file()
+    if not run or "rpc_url" not in run:
+        return die(f"no daemon running on {dd.path} (no run.json): start `vcoind --datadir "
+                   f"{dd.path}` first; it fetches from its peers")  # fmt: skip
+    client = RPCClient(str(run["rpc_url"]), dd.read_cookie())
+    try:
+        job = client.call("vcoin_fetchModel", {"model": ns.model, "layers": ns.layers})
+        shown = -1.0
+        while not ns.no_wait and job["status"] == "running":
+            time.sleep(0.5)
+            steps = [p for p in client.call("vcoin_nodeInfo").get("progress", [])
+                     if p["kind"] == "fetch" and p["outcome"] == "running"]  # fmt: skip
+            if steps and not ns.json and steps[0]["fraction"] != shown:
+                st = steps[0]
+                shown = st["fraction"]
+                print(f"\r{st['label']}: {100 * shown:5.1f}%  {st['done'] / 1e6:,.1f} of "
+                      f"{st['total'] / 1e6:,.1f} MB  {st['rate'] / 1e6:.1f} MB/s", end="",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            jobs = client.call("vcoin_models")["fetches"]
+            key = (ns.model, ns.layers)
+            job = next((j for j in jobs if (j["model"], j["layers"]) == key), job)
+    except ClientError as exc:
+        return die(str(exc))
+    except KeyboardInterrupt:
+        return die("stopped watching: the daemon goes on fetching", 130)
+    if shown >= 0:
+        print(file=sys.stderr)
+    if ns.json:
+        print(json.dumps(job, indent=2))
+    elif job["status"] == "done":
+        peers = ", ".join(f"{p[:16]}… {b / 1e6:.1f} MB" for p, b in job["peers"].items())
+        print(f"fetched {ns.model} into {job['path']}: {job['bytes'] / 1e6:.1f} MB in "
+              f"{job['seconds']:.1f} s from {peers}")  # fmt: skip
+        for p, why in job["dropped"].items():
+            print(f"  left out {p}: {why}")
+    elif job["status"] == "running":
+        print(f"fetching {ns.model}: see `vcoind model list` and `vcoin node-info`")
+    return 0 if job["status"] in ("done", "running") else die(f"fetch failed: {job['error']}")
+
+
 def model_main(args: list[str]) -> int:
     from vcoind.compute.models import ModelError, ModelStore, inspect_model
 
@@ -142,11 +208,14 @@ def model_main(args: list[str]) -> int:
         print(f"wrote {out}\nmodel id  {info.model_id}\nweights   {info.weight_bytes} bytes")
         return 0
     try:
-        cfg = load(flags={"datadir": ns.datadir, "compute.models_dir": ns.models_dir})
+        cfg = load(flags={"datadir": ns.datadir,
+                      "compute.models_dir": getattr(ns, "models_dir", None)})  # fmt: skip
     except ConfigError as exc:
         return die(str(exc), EXIT_USAGE)
     if ns.action == "pull":
         return _pull(ns, cfg.models_dir)
+    if ns.action == "fetch":
+        return _fetch(ns, cfg.datadir)
     store = ModelStore(cfg.models_dir)
     models = store.scan()
     if ns.action == "list":

@@ -45,7 +45,6 @@ from vcoind.compute.fetchwire import (
     ModelWant,
 )
 from vcoind.compute.manifest import (
-    SOURCE_FILE,
     ManifestError,
     check_manifest,
     missing_chunks,
@@ -53,6 +52,7 @@ from vcoind.compute.manifest import (
     verify_file,
     verify_shard,
 )
+from vcoind.compute.models import SOURCE_FILE
 from vcoind.p2p.streams import StreamProtocol, StreamProtocolError, StreamService
 from vcoind.progress import BOARD
 

@@ -35,7 +35,6 @@ from vcoind.compute.models import SHARD_MANIFEST, model_id_from
 log = logging.getLogger("vcoind.fetch")
 
 CHUNK_CACHE = ".vcoin-chunks.json"
-SOURCE_FILE = ".vcoin-source.json"
 _TRAVELS = re.compile(
     r"^(config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json"
     r"|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt|tokenizer\.model"
