@@ -166,9 +166,7 @@ async def test_executor_load_shows_its_tensors_on_the_progress_board(models_dir:
     assert step["label"] == "tiny-qwen2 on cpu" and step["unit"] == "tensors"
     assert step["outcome"] == "done" and step["total"] == step["done"] == tensors > 0
     await ex.load("tiny-qwen2")  # warm: nothing to load, no step
-    assert [s for s in BOARD.snapshot() if s["kind"] == "load" and s["id"] not in before] == [
-        step
-    ]
+    assert [s for s in BOARD.snapshot() if s["kind"] == "load" and s["id"] not in before] == [step]
 
 
 async def test_executor_cancel_stops_between_tokens(models_dir: Path) -> None:
