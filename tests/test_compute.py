@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import trio
+from safetensors import safe_open
 
 from vcoind.compute.executor import Executor, ExecutorConfig
 from vcoind.compute.generate import (
@@ -22,6 +23,7 @@ from vcoind.compute.generate import (
 )
 from vcoind.compute.models import ID_CACHE, ModelError, ModelStore, compute_model_id
 from vcoind.compute.testmodel import TinyModelSpec, make_test_model
+from vcoind.progress import BOARD
 
 PROMPTS = [
     "Explain proof of stake",
@@ -150,6 +152,21 @@ async def test_executor_progress_and_warm_models(models_dir: Path) -> None:
     assert ex.tokens_per_s[store.resolve("tiny-qwen2").model_id] > 0
     with pytest.raises(ModelError, match="unknown model"):
         await ex.generate("missing", "x", GenerationParams())
+
+
+async def test_executor_load_shows_its_tensors_on_the_progress_board(models_dir: Path) -> None:
+    store = ModelStore(models_dir)
+    store.scan()
+    ex = Executor(store, ExecutorConfig(device="cpu"))
+    before = {s["id"] for s in BOARD.snapshot()}
+    await ex.load("tiny-qwen2")
+    (step,) = [s for s in BOARD.snapshot() if s["kind"] == "load" and s["id"] not in before]
+    with safe_open(str(models_dir / "tiny-qwen2" / "model.safetensors"), "pt") as f:
+        tensors = len(list(f.keys()))
+    assert step["label"] == "tiny-qwen2 on cpu" and step["unit"] == "tensors"
+    assert step["outcome"] == "done" and step["total"] == step["done"] == tensors > 0
+    await ex.load("tiny-qwen2")  # warm: nothing to load, no step
+    assert [s for s in BOARD.snapshot() if s["kind"] == "load" and s["id"] not in before] == [step]
 
 
 async def test_executor_cancel_stops_between_tokens(models_dir: Path) -> None:

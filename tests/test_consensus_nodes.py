@@ -137,7 +137,11 @@ def test_junk_replica_is_outvoted_and_loses_reputation(cluster: Cluster, models_
         assert junk in {b["peer_id"] for b in t["bids"]}  # it bid, and lost
 
 
-def test_silent_replica_is_left_out(cluster: Cluster, models_dir: Path) -> None:
+def test_silent_replica_is_left_out(
+    cluster: Cluster, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the request's 3 s is the whole commit deadline: no allowance for long answers
+    monkeypatch.setenv("VCOIN_MARKET_DEADLINE_ALLOWANCE_S", "0")
     n1, n2, n3 = three(cluster, models_dir, faulty="silent")
     silent = n3.info["peer_id"]
     req = {"model": MODEL, "input": "What is a hash?", "mode": "consensus", "timeout_s": 3,
@@ -188,8 +192,11 @@ def test_disagreement_recomputes_and_is_recorded(cluster: Cluster, models_dir: P
     assert metrics["recompute_rate"] == 1.0 and metrics["agreement_rate"] == 0.0
 
 
-def test_slow_replica_commits_too_late(cluster: Cluster, models_dir: Path) -> None:
+def test_slow_replica_commits_too_late(
+    cluster: Cluster, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A commitment after the origin closed the commit phase is rejected and costs reputation."""
+    monkeypatch.setenv("VCOIN_MARKET_DEADLINE_ALLOWANCE_S", "0")  # 3 s, as the request says
     n1, _n2, n3 = three(cluster, models_dir, faulty="slow")
     slow = n3.info["peer_id"]
     # commit deadline 3 s; the slow node takes 5

@@ -26,6 +26,7 @@ from vcoind.compute.generate import GenerationParams, encode_prompt, load_model
 from vcoind.compute.models import ModelStore
 from vcoind.compute.sampling import GenerationCancelled, sample_rows
 from vcoind.compute.shards import even_ranges, load_shard, split_model
+from vcoind.progress import BOARD
 
 TOPICS = ["stake", "blocks", "a Merkle tree", "GPU hosts", "rewards", "the quick brown fox",
           "hidden states", "consensus", "peers", "tokens per second"]  # fmt: skip
@@ -149,11 +150,18 @@ def test_graph_padding_run_eagerly_gives_the_same_tokens(
     some captured up front (``warm_up``), the others on first use."""
     padded = padded_engine(models_dir, 5, 600)
     assert padded._widths == [256, 512, 608] and padded._batch_buckets == [1, 2, 4, 5]
+    before = {s["id"] for s in BOARD.snapshot()}
     if replayed:
         replayed_eagerly(monkeypatch, padded)
-        assert padded.warm_up(batch=2, positions=300) == 4  # 1 and 2 slots x 256 and 512
+        assert padded.warm_up(batch=2, positions=300, label="tiny") == 4  # 1, 2 x 256, 512
+        # each capture on the board: the 4 decode graphs and the prefill graphs
+        (step,) = [s for s in BOARD.snapshot() if s["id"] not in before]
+        assert (step["kind"], step["label"], step["outcome"]) == (
+            "graphs", "tiny: 2 slots x 512 positions on cpu", "done")  # fmt: skip
+        assert step["done"] == step["total"] == 4 + len(padded._prefill_graphs) > 4
     else:
         assert padded.warm_up() == 0  # nothing to capture
+        assert [s for s in BOARD.snapshot() if s["id"] not in before] == []  # nor a step
     long_ids = encode_prompt(lm, " ".join(PROMPTS))[:240]  # crosses 256 while decoding
     cases = [(encode_prompt(lm, PROMPTS[i]), GenerationParams(max_new_tokens=12 + 5 * i))
              for i in range(6)] + [(long_ids, GenerationParams(max_new_tokens=40))]  # fmt: skip
@@ -286,7 +294,10 @@ def test_a_refused_graph_capture_falls_back_to_eager_steps(
                    static_shapes=True)  # fmt: skip
     again.cuda_graphs = True
     widest[0] = 0
+    before = {s["id"] for s in BOARD.snapshot()}
     assert again.warm_up() == 0 and not again.cuda_graphs
+    (step,) = [s for s in BOARD.snapshot() if s["id"] not in before]
+    assert step["kind"] == "graphs" and step["outcome"].startswith("failed: capture refused")
     served_as_alone(again, lm, cases[:2])
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import save as st_save
 
 from vcoind.compute.generate import load_model
 from vcoind.compute.testmodel import CORPUS, TinyModelSpec, make_test_model
+from vcoind.progress import BOARD
 from vcoind.train.lora import (
     AdapterError,
     LoraTrainer,
@@ -48,9 +49,15 @@ def test_training_reduces_loss(model_dir: Path) -> None:
     settings = replace(BASE, dropout=0.05, epochs=5)  # 4 steps per epoch
     trainer = LoraTrainer(model_dir, settings)
     seen: list[tuple[int, float]] = []
-    samples, losses = trainer.train(TEXTS, 0, 100, on_step=lambda s, x: seen.append((s, x)))
+    before = {s["id"] for s in BOARD.snapshot()}
+    samples, losses = trainer.train(TEXTS, 0, 100, on_step=lambda s, x: seen.append((s, x)),
+                                    label="t1 shard 0 round 0")  # fmt: skip
     assert samples == 16 * 5 and len(losses) == 20  # clipped at the schedule's end
     assert seen == list(enumerate(losses))
+    (step,) = [s for s in BOARD.snapshot() if s["id"] not in before]  # on the board
+    assert (step["kind"], step["label"], step["unit"], step["outcome"]) == (
+        "train", "t1 shard 0 round 0: steps 0..19", "steps", "done")  # fmt: skip
+    assert step["done"] == step["total"] == 20
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.75 * first, losses
     assert trainer.train(TEXTS, 20, 5) == (0, [])  # past the end: nothing to do

@@ -27,6 +27,7 @@ from vcoind.consensus.reputation import DEFAULT_REPUTATION
 from vcoind.market.assign import REDIAL_WAIT_S
 from vcoind.market.bidding import REANNOUNCE_S
 from vcoind.market.consensus import REVEAL_TIMEOUT_S, VOTE_WAIT_S
+from vcoind.market.deadlines import PREFILL_SPEEDUP, prompt_tokens
 from vcoind.market.messages import Assignments, Bid, GenParams, Progress, TaskAnnounce
 from vcoind.market.votes import ResultCommitment, ResultReveal
 from vcoind.store import AttemptRow, PeerUpdate, Store
@@ -375,6 +376,152 @@ async def test_progress_keeps_a_slow_worker(clock: trio.testing.MockClock) -> No
         assert row.result == scripted_answer(PROMPT, 30) and row.retry_count == 0
         assert attempts_by(net, await origin.tasks.attempts(task_id)) == [("A", "completed")]
         assert assigned(net, task_id, b) == []
+
+
+# --- 8. long answers: deadlines scale with the work ---------------------------------
+
+LONG = GenParams(max_new_tokens=2000)
+
+
+def reference_deadline(cfg: MarketConfig, tokens: int, tokens_per_s: float) -> float:
+    """The commit deadline ``vcoind.market.deadlines`` gives a round over ``PROMPT``."""
+    work = (tokens + prompt_tokens(PROMPT) / PREFILL_SPEEDUP) / tokens_per_s
+    return max(cfg.task_timeout_s, cfg.deadline_allowance_s + cfg.deadline_safety * work)
+
+
+async def test_a_long_consensus_answer_outlasts_the_task_timeout(
+    clock: trio.testing.MockClock,
+) -> None:
+    """2,000 tokens at 32 tokens/s take 62.5 s: the flat 30 s commit deadline failed the
+    round; the scaled one (replicas never measured: 20 tokens/s) waits for them."""
+    cfg = config(task_timeout_s=30.0)
+    async with market_net(latency_s=LATENCY) as net:
+        origin = await net.add_node("O", cfg=cfg)
+        replicas = [await net.add_node(f"R{i}", ["m"], per_token_s=1 / 32, health=h)
+                    for i, h in ((1, 0.9), (2, 0.8), (3, 0.7))]  # fmt: skip
+        task_id = await origin.origin.submit("m", PROMPT, LONG, mode="consensus", replicas=3)
+        row, at = await origin.wait_finished(task_id)
+
+        accepted = max(assigned(net, task_id, r)[0] for r in replicas) + 2 * LATENCY
+        assert row.status == "completed", row.error
+        assert row.result == scripted_answer(PROMPT, 2000)
+        assert at - accepted > 2 * cfg.task_timeout_s  # 62.5 s of decoding, then the vote
+        (first,) = row.consensus["history"]
+        deadline = reference_deadline(cfg, 2000, cfg.reference_tokens_per_s)
+        assert first["commit_deadline_s"] == pytest.approx(deadline, abs=1e-3)
+        assert deadline == pytest.approx(210.05)
+        assert {net.name_of(r["node_id"]) for r in row.consensus["replicas"]} == {
+            "R1", "R2", "R3"}  # fmt: skip
+        assert attempts_by(net, await origin.tasks.attempts(task_id)) == [
+            ("R1", "completed"), ("R2", "completed"), ("R3", "completed")]  # fmt: skip
+
+
+async def test_the_commit_deadline_follows_the_measured_speed(
+    clock: trio.testing.MockClock,
+) -> None:
+    """Replicas measured at ~8 tokens/s need 250 s for 2,000 tokens, past the deadline of
+    unmeasured ones (210 s): the origin waits for what it measured."""
+    cfg = config(task_timeout_s=30.0)
+    async with market_net(latency_s=LATENCY) as net:
+        origin = await net.add_node("O", cfg=cfg)
+        replicas = [await net.add_node(f"R{i}", ["m"], per_token_s=1 / 8) for i in (1, 2, 3)]
+        measured = []
+        for _ in replicas:  # one single task each: the origin clocks them
+            tid = await origin.origin.submit("m", PROMPT, GenParams(max_new_tokens=64),
+                                             strategy="round_robin")  # fmt: skip
+            single, _ = await origin.wait_finished(tid)
+            measured.append(net.name_of(single.node_id))
+        assert sorted(measured) == ["R1", "R2", "R3"]
+        task_id = await origin.origin.submit("m", PROMPT, LONG, mode="consensus", replicas=3)
+        row, at = await origin.wait_finished(task_id)
+
+        accepted = max(assigned(net, task_id, r)[0] for r in replicas) + 2 * LATENCY
+        assert row.status == "completed", row.error
+        assert at - accepted > 250.0 > reference_deadline(cfg, 2000, cfg.reference_tokens_per_s)
+        (first,) = row.consensus["history"]
+        # 64 tokens in 8 s as the origin clocked them (its acceptance to its result)
+        assert first["commit_deadline_s"] == pytest.approx(reference_deadline(cfg, 2000, 8.0))
+
+
+async def test_the_commit_deadline_still_drops_a_replica_too_slow_for_it(
+    clock: trio.testing.MockClock,
+) -> None:
+    """A replica that keeps reporting progress but would need 1,000 s: the round closes at
+    the commit deadline and the other two decide."""
+    cfg = config(task_timeout_s=30.0)
+    async with market_net(latency_s=LATENCY) as net:
+        origin = await net.add_node("O", cfg=cfg)
+        r1 = await net.add_node("R1", ["m"], per_token_s=1 / 32, health=0.9)
+        r2 = await net.add_node("R2", ["m"], per_token_s=1 / 32, health=0.8)
+        r3 = await net.add_node("R3", ["m"], per_token_s=1 / 2, health=0.7)
+        task_id = await origin.origin.submit("m", PROMPT, LONG, mode="consensus", replicas=3)
+        row, at = await origin.wait_finished(task_id)
+
+        accepted = max(assigned(net, task_id, r)[0] for r in (r1, r2, r3)) + 2 * LATENCY
+        deadline = reference_deadline(cfg, 2000, cfg.reference_tokens_per_s)
+        assert at - accepted == pytest.approx(deadline + 2 * LATENCY)
+        assert len(net.deliveries(Progress, src=r3, dst=origin)) > 400  # never stalled
+        assert row.status == "completed" and row.result == scripted_answer(PROMPT, 2000)
+        assert {net.name_of(r["node_id"]) for r in row.consensus["replicas"]} == {"R1", "R2"}
+        attempts = {net.name_of(x.peer_id): x for x in await origin.tasks.attempts(task_id)}
+        assert (attempts["R3"].status, attempts["R3"].error) == (
+            "failed", "no valid commitment or reveal")  # fmt: skip
+        reps = await origin.reputations([r1.peer_id, r3.peer_id])
+        assert reps[r3.peer_id] < DEFAULT_REPUTATION < reps[r1.peer_id]
+
+
+@pytest.mark.parametrize("silence", ["stalls", "never_commits"])
+async def test_a_silent_replica_does_not_hold_a_long_round_to_its_deadline(
+    clock: trio.testing.MockClock, silence: str
+) -> None:
+    """A replica that stops reporting progress (never started, or finished and never
+    committed) leaves the round after the task timeout, not the 210 s commit deadline."""
+    cfg = config(task_timeout_s=30.0)
+    async with market_net(latency_s=LATENCY) as net:
+        origin = await net.add_node("O", cfg=cfg)
+        r1 = await net.add_node("R1", ["m"], per_token_s=1 / 32, health=0.9)
+        r2 = await net.add_node("R2", ["m"], per_token_s=1 / 32, health=0.8)
+        if silence == "stalls":
+            r3 = await net.add_node("R3", ["m"], behaviour="stall", health=0.7)
+        else:  # decodes (faster than the others), then stays silent
+            r3 = await net.add_node("R3", ["m"], per_token_s=1 / 64, health=0.7,
+                                    cfg=MarketConfig(fault="silent"))  # fmt: skip
+        task_id = await origin.origin.submit("m", PROMPT, LONG, mode="consensus", replicas=3)
+        row, at = await origin.wait_finished(task_id)
+
+        accepted = max(assigned(net, task_id, r)[0] for r in (r1, r2, r3)) + 2 * LATENCY
+        attempts = {net.name_of(x.peer_id): x for x in await origin.tasks.attempts(task_id)}
+        assert attempts["R3"].status == "failed"
+        assert attempts["R3"].error == f"no progress from {r3.peer_id} for 30 s"
+        last = max(d.at for d in net.deliveries(Progress, src=r3, dst=origin)) if (
+            silence == "never_commits") else accepted  # fmt: skip
+        assert last < 35.0 + accepted
+        # R1 and R2 commit at ~62.5 s: the round closes then (R3 was dropped at last + 30 s)
+        assert at - accepted < 70.0 < cfg.deadline_allowance_s + 200
+        assert row.status == "completed" and row.result == scripted_answer(PROMPT, 2000)
+        assert {net.name_of(r["node_id"]) for r in row.consensus["replicas"]} == {"R1", "R2"}
+        reps = await origin.reputations([r1.peer_id, r3.peer_id])
+        assert reps[r3.peer_id] < DEFAULT_REPUTATION < reps[r1.peer_id]
+
+
+async def test_a_long_prompt_gets_its_prefill_before_the_first_progress(
+    clock: trio.testing.MockClock,
+) -> None:
+    """30,000 characters (~10,000 tokens) with a 60 s prefill: no progress for 60 s is not
+    a stall (the limit before the first report is 110 s here); the task stays put."""
+    cfg = config(task_timeout_s=30.0)
+    prompt = "a long document. " * 1765
+    async with market_net(latency_s=LATENCY) as net:
+        origin = await net.add_node("O", cfg=cfg)
+        a = await net.add_node("A", ["m"], health=0.9, prefill_s=60.0)
+        b = await net.add_node("B", ["m"], health=0.8)
+        task_id = await origin.origin.submit("m", prompt, PARAMS)
+        row, at = await origin.wait_finished(task_id)
+
+        assert row.status == "completed" and row.node_id == a.peer_id, row.error
+        assert row.retry_count == 0 and assigned(net, task_id, b) == []
+        (to_a,) = assigned(net, task_id, a)
+        assert at - to_a > 60.0
 
 
 # --- the harness's store --------------------------------------------------------------

@@ -193,6 +193,14 @@ class MarketConfig:
     no_bid_timeout_s: float = 10.0  # fail when nobody bids within this
     task_timeout_s: float = 30.0  # no progress for this long -> reassign
     max_retries: int = 3
+    # Waits that cover a whole answer (a consensus round's commit deadline; an attempt's
+    # first progress after a long prompt's prefill) scale with its size and the slowest
+    # worker's measured speed: allowance + safety x (tokens / tokens per second), never
+    # under the task timeout, at most max_deadline_s (see vcoind.market.deadlines).
+    reference_tokens_per_s: float = 20.0  # a worker not measured yet (a T4, 1.5B, fp16)
+    deadline_safety: float = 2.0
+    deadline_allowance_s: float = 10.0
+    max_deadline_s: float = 1800.0
     # LoRA training (as origin): how long one node may take for one sync round
     train_round_timeout_s: float = 900.0
     # Settlement v2 (paid only on a shared chain): what this node asks per generated token

@@ -23,9 +23,11 @@ from transformers.utils import logging as hf_logging
 
 from vcoind.compute.adapters import adapter_from_bytes, merge_lora
 from vcoind.compute.engine import DEFAULT_MAX_CONTEXT, Engine, Stack, UnsupportedModel, generate_ids
+from vcoind.compute.loading import weights_progress
 from vcoind.compute.models import ModelError
 from vcoind.compute.params import GenerationError, GenerationParams, eos_ids
 from vcoind.compute.sampling import GenerationCancelled, GenerationResult, OnToken, decode_loop
+from vcoind.progress import BOARD
 
 __all__ = [
     "GenerationCancelled",
@@ -85,20 +87,23 @@ def load_model(
     trained on ``model_id`` when both name one. ``kernels``: the engine's triton kernels
     (None: where they work, False: never)."""
     hf_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    tokenizer.vcoin_eos_ids = eos_ids(path, tokenizer.eos_token_id)
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, attn_implementation="sdpa"
-    )
-    if adapter is not None:
-        state, meta = adapter_from_bytes(adapter.read_bytes())
-        base = meta.get("base_model_id", "")
-        if base and model_id and base != model_id:
-            raise ModelError(f"adapter {adapter.stem[:12]} was trained on {base[:19]}, "
-                             f"not on {model_id[:19]}")  # fmt: skip
-        merge_lora(model, state, meta)
-    model.to(device)
-    model.eval()
+    # On the board: the checkpoint's tensors as they load (``vcoind.compute.loading``).
+    with BOARD.step("load", f"{path.name} on {device}", unit="tensors") as step:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer.vcoin_eos_ids = eos_ids(path, tokenizer.eos_token_id)
+        with weights_progress(step):
+            model: Any = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dtype, attn_implementation="sdpa"
+            )
+        if adapter is not None:
+            state, meta = adapter_from_bytes(adapter.read_bytes())
+            base = meta.get("base_model_id", "")
+            if base and model_id and base != model_id:
+                raise ModelError(f"adapter {adapter.stem[:12]} was trained on {base[:19]}, "
+                                 f"not on {model_id[:19]}")  # fmt: skip
+            merge_lora(model, state, meta)
+        model.to(device)
+        model.eval()
     lm = LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype)
     if engine:
         try:
@@ -119,7 +124,7 @@ def warm_up(engine: Any, name: str, compiled: bool = False) -> None:
     if compiled:
         return
     try:
-        engine.warm_up()
+        engine.warm_up(label=name)
     except Exception as exc:  # the engine still works; its graphs come lazily
         log.warning("%s: capturing decode graphs failed (%s); capturing on first use",
                     name, exc)  # fmt: skip

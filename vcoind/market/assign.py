@@ -2,9 +2,11 @@
 
 ``Assign`` records go to a worker over ``/vcoin/task/1.0.0``; those for one peer that
 become ready while an earlier request to it is in flight go together in the next one.
-An assignment refused, no progress for the task's ``timeout_s``, or a worker that drops
-out ends the attempt with the reason; a single-mode task then goes to the next bidder
-(fresh bids when the list runs out), at most ``max_retries`` times.
+An assignment refused, no progress for the task's ``timeout_s`` (before the first
+report, for the prefill of a long prompt if that is longer: ``vcoind.market.deadlines``),
+or a worker that drops out ends the attempt with the reason; a single-mode task then
+goes to the next bidder (fresh bids when the list runs out), at most ``max_retries``
+times.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import trio
 
 from vcoind.config import MarketConfig
 from vcoind.market.bidding import Bidding
+from vcoind.market.deadlines import DeadlinePolicy, first_progress_s, prompt_tokens, slowest
 from vcoind.market.live import LiveTask, Update, params_from_dict, since
 from vcoind.market.messages import (
     ACCEPTED_BEFORE,
@@ -153,6 +156,11 @@ class Assignment:
             log.info("task %s attempt %d assigned to %s (%.1f ms)", row.id, n, peer,
                      (time.monotonic() - t0) * 1000)  # fmt: skip
             live.last_progress = started = trio.current_time()
+            policy = DeadlinePolicy.of(self._config, row.timeout_s)
+            tps = self._bidding.observed.get(peer).tokens_per_s
+            live.first_progress_s = first_progress_s(
+                policy, prompt_tokens(row.input), slowest([tps], policy.reference_tokens_per_s)
+            )
             await self._update(live, phase="running", status="running",
                                timings={**row.timings, "assigned_s": since(row)})  # fmt: skip
             error = await self.await_result(live, peer)
@@ -246,10 +254,12 @@ class Assignment:
                 return f"worker {peer} left the network"
             # An absolute deadline: a remainder computed by subtraction can round to a
             # wait shorter than the clock resolves, and the loop would spin at the boundary.
-            deadline = live.last_progress + live.row.timeout_s
+            # (before its first report an attempt may take longer: a long prompt's prefill)
+            limit = max(live.row.timeout_s, live.first_progress_s)
+            deadline = live.last_progress + limit
             now = trio.current_time()
             if now >= deadline:
-                return f"no progress from {peer} for {live.row.timeout_s:g} s"
+                return f"no progress from {peer} for {limit:g} s"
             if live.progress and now - last_written >= PROGRESS_WRITE_EVERY_S:
                 last_written = now
                 await self._update(live, progress=live.progress)

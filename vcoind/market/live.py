@@ -30,6 +30,10 @@ class LiveTask:
     attempt_peers: dict[int, str] = field(default_factory=dict)
     changed: trio.Event = field(default_factory=trio.Event)
     last_progress: float = 0.0
+    # The current attempt may wait this long for its first progress when that is longer
+    # than the task timeout (a long prompt's prefill on a slow worker; 0: the timeout).
+    first_progress_s: float = 0.0
+    attempt_progress: dict[int, float] = field(default_factory=dict)  # attempt -> last seen
     progress: int = 0
     result: TaskResult | None = None
     attempt_error: str | None = None

@@ -129,8 +129,8 @@ class TaskOrigin:
         if coordinator is not None:
             self._rounds = ConsensusRounds(
                 coordinator, tasks, view, self._live, self._bidding, self._assignment,
-                update=self._update, nursery=self._running_nursery, settle=settle,
-                pipelines=pipelines,
+                config=config, update=self._update, nursery=self._running_nursery,
+                settle=settle, pipelines=pipelines, stalled=stalled,
             )  # fmt: skip
 
     # --- API --------------------------------------------------------------
@@ -249,8 +249,10 @@ class TaskOrigin:
         self._check_running()
         live = self._live.get(p.task_id)
         if live is not None and live.attempt_peers.get(p.attempt) == peer:
+            live.attempt_progress[p.attempt] = trio.current_time()
             if p.attempt == live.attempt:
                 live.last_progress = trio.current_time()
+                live.first_progress_s = 0.0
                 if p.text:
                     await self._stream(live, p)
             live.progress = max(live.progress, p.tokens)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -19,10 +20,18 @@ from typing import Any
 import trio
 
 from vcoind.compute.shard_host import PipelineError
+from vcoind.config import MarketConfig
 from vcoind.consensus.outcome import result_hash
 from vcoind.market.assign import Assignment
 from vcoind.market.bidding import Bidding
 from vcoind.market.consensus import Coordinator, RoundResult, RoundState
+from vcoind.market.deadlines import (
+    DeadlinePolicy,
+    commit_deadline_s,
+    first_progress_s,
+    prompt_tokens,
+    slowest,
+)
 from vcoind.market.live import LiveTask, Update, params_from_dict, since
 from vcoind.market.messages import Assign, GenParams, RouteHop
 from vcoind.market.payments import ticket_hash
@@ -52,11 +61,15 @@ class ConsensusRounds:
         bidding: Bidding,
         assignment: Assignment,
         *,
+        config: MarketConfig,
         update: Update,
         nursery: Callable[[], trio.Nursery],
         settle: Callable[[Settled], Awaitable[None]] | None = None,
         pipelines: Pipelines | None = None,
+        stalled: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
+        self._config = config
+        self._stalled = stalled  # a replica that stopped reporting progress (reputation)
         self._coordinator = coordinator
         self._tasks = tasks
         self._view = view
@@ -147,7 +160,19 @@ class ConsensusRounds:
                         nursery.start_soon(assign, n, peer)
                 await self._update(live, phase="committing", timings={
                     **live.row.timings, "assigned_s": since(row)})  # fmt: skip
-                rr = await co.run_round(st, row.input, row.timeout_s)
+                policy = DeadlinePolicy.of(self._config, row.timeout_s)
+                tps = slowest((self._bidding.observed.get(p).tokens_per_s for p in drivers),
+                              policy.reference_tokens_per_s)  # fmt: skip
+                n_prompt = prompt_tokens(row.input)
+                deadline = commit_deadline_s(policy, params.max_new_tokens, n_prompt, tps)
+                log.info("task %s round %d: commit deadline %.0f s (%d new tokens, slowest "
+                         "replica %.1f tokens/s)", row.id, round_, deadline,
+                         params.max_new_tokens, tps)  # fmt: skip
+                async with trio.open_nursery() as watching:
+                    watching.start_soon(self._watch, live, st,
+                                        first_progress_s(policy, n_prompt, tps))  # fmt: skip
+                    rr = await co.run_round(st, row.input, deadline)
+                    watching.cancel_scope.cancel()
                 for n in attempts:
                     ok = rr.outcome is not None and any(r.attempt == n for r in rr.results)
                     await self._tasks.finish_attempt(
@@ -156,14 +181,16 @@ class ConsensusRounds:
                         time.time(),
                     )  # fmt: skip
                 if rr.outcome is None:
-                    rounds.append({"round": round_, "error": rr.error})
+                    rounds.append({"round": round_, "error": rr.error,
+                                   "commit_deadline_s": round(deadline, 3)})  # fmt: skip
                     if last is None and round_ == 1:
                         live.tried = set()
                         continue
                     break
                 await co.record(st, rr)
                 rounds.append({"round": round_, **rr.outcome.view(rr.results),
-                               "phases_s": st.phases})  # fmt: skip
+                               "phases_s": st.phases,
+                               "commit_deadline_s": round(deadline, 3)})  # fmt: skip
                 last = (st, rr)
                 # The seeds' "recompute below 75 %", and, since high disagreement is what a
                 # recompute is for, one more round below 60 % too before falling back.
@@ -205,6 +232,34 @@ class ConsensusRounds:
         finally:
             if not handed_off:
                 co.end(row.id)
+
+    async def _watch(self, live: LiveTask, st: RoundState, first_s: float) -> None:
+        """Replicas that stop reporting progress leave the round at once (none within
+        ``first_s`` of the assignment, then none for the task timeout before they commit)
+        and lose reputation as a silent one does: the commit deadline covers a whole
+        answer, and a replica that died must not hold the round that long."""
+        start, gap = trio.current_time(), live.row.timeout_s
+        while True:
+            now, next_due = trio.current_time(), math.inf
+            for n, peer in st.attempts.items():
+                if n in st.commits or n in st.failed:
+                    continue
+                seen = live.attempt_progress.get(n)
+                due = start + first_s if seen is None else seen + gap
+                if now < due:
+                    next_due = min(next_due, due)
+                    continue
+                waited = first_s if seen is None else gap
+                log.info("task %s attempt %d: no progress from %s for %g s", st.task_id, n,
+                         peer, waited)  # fmt: skip
+                self._coordinator.on_attempt_failed(
+                    st.task_id, n, f"no progress from {peer} for {waited:g} s")  # fmt: skip
+                if self._stalled is not None:
+                    await self._stalled(peer)
+            if next_due == math.inf:
+                return
+            with trio.move_on_at(next_due):
+                await live.changed.wait()
 
     async def _collect_signatures(
         self, live: LiveTask, st: RoundState, rr: RoundResult, model_id: str

@@ -264,8 +264,10 @@ class TrainHost:
                     sh.trainer = lora.LoraTrainer(sh.model_path, sh.settings, self._device())
                 if state is not None:
                     sh.trainer.set_adapter_state(state)
-                samples, losses = sh.trainer.train(sh.examples, r.start_step, r.steps, on_step,
-                                                   sh.cancel)  # fmt: skip
+                samples, losses = sh.trainer.train(
+                    sh.examples, r.start_step, r.steps, on_step, sh.cancel,
+                    label=f"{r.task_id[:12]} shard {r.shard} round {r.round}",
+                )  # fmt: skip
                 return samples, losses, lora.adapter_to_bytes(sh.trainer.adapter_state(),
                                                               sh.trainer.meta)  # fmt: skip
 

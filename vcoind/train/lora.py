@@ -29,6 +29,7 @@ from transformers.utils import logging as hf_logging
 
 from vcoind.compute import adapters
 from vcoind.compute.adapters import FORMAT, MAX_ADAPTER_BYTES, check_adapter
+from vcoind.progress import BOARD
 from vcoind.train.spec import LoraSettings, TrainError, sha256_hex, step_batches, total_steps
 
 
@@ -129,14 +130,31 @@ class LoraTrainer:
         n_steps: int,
         on_step: Callable[[int, float], None] | None = None,
         cancel: threading.Event | None = None,
+        label: str = "",
     ) -> tuple[int, list[float]]:
         """Optimizer steps ``start_step ..`` (at most ``n_steps``, clipped at the schedule's
-        end); returns the examples processed and the loss of each step."""
+        end); returns the examples processed and the loss of each step. The steps show on
+        the progress board (``label``: whose they are)."""
         if not examples:
             raise TrainError("no examples to train on")
         if start_step < 0 or n_steps < 0:
             raise TrainError(f"bad step range {start_step} + {n_steps}")
         end = min(start_step + n_steps, total_steps(len(examples), self.settings))
+        if end <= start_step:
+            return 0, []
+        what = f"{label or 'lora'}: steps {start_step}..{end - 1}"
+        with BOARD.step("train", what, total=end - start_step, unit="steps") as board:
+            return self._steps(examples, start_step, end, on_step, cancel, board.advance)
+
+    def _steps(
+        self,
+        examples: Sequence[dict[str, str]],
+        start_step: int,
+        end: int,
+        on_step: Callable[[int, float], None] | None,
+        cancel: threading.Event | None,
+        stepped: Callable[[], None],
+    ) -> tuple[int, list[float]]:
         samples, losses = 0, []
         for step in range(start_step, end):
             batches = step_batches(len(examples), self.settings, step)
@@ -159,6 +177,7 @@ class LoraTrainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             losses.append(total / len(batches))
+            stepped()
             if on_step is not None:
                 on_step(step, losses[-1])
         return samples, losses

@@ -25,6 +25,7 @@ import trio
 
 from vcoind.market.messages import Ack
 from vcoind.p2p.streams import StreamProtocolError
+from vcoind.progress import BOARD
 from vcoind.train.adapters import BlobCache, pull_blob
 from vcoind.train.spec import (
     LoraSettings,
@@ -211,9 +212,13 @@ class TrainingRun:
         async with trio.open_nursery() as nursery:
             for sh in self.shards:
                 nursery.start_soon(self._place, sh, sh.owner)
-        for k in range(len(self.history), self.rounds):
-            self.round = k
-            await self._round(k)
+        what = f"{self.task_id[:12]} on {len(self.nodes)} node(s)"
+        with BOARD.step("train", what, total=self.rounds, unit="rounds") as step:
+            step.set(len(self.history))  # a resumed run: the rounds done before
+            for k in range(len(self.history), self.rounds):
+                self.round = k
+                await self._round(k)
+                step.advance()
         if not self._global:
             raise TrainError("no round was trained")
         for n in self.nodes.values():

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from vcoind.compute.engine.forward import ForwardPass
+from vcoind.progress import BOARD
 
 log = logging.getLogger("vcoind.engine")
 
@@ -121,11 +122,13 @@ class GraphSteps(ForwardPass):
         return graph.out.index_select(0, index)
 
     @torch.inference_mode()
-    def warm_up(self, batch: int | None = None, positions: int | None = None) -> int:
+    def warm_up(self, batch: int | None = None, positions: int | None = None,
+                label: str = "") -> int:  # fmt: skip
         """Capture the decode graphs now (CUDA graphs only) rather than in the first step
         of each shape, which would stall the requests in it: every batch bucket up to
         ``batch`` slots and width up to ``positions`` (default: all). Returns how many
-        graphs the engine holds."""
+        graphs the engine holds. The captures show on the progress board (``label``:
+        the model's name)."""
         if not self.cuda_graphs:
             return 0
         want_b = min(batch or self.n_slots, self.n_slots)
@@ -133,23 +136,29 @@ class GraphSteps(ForwardPass):
         top_b = next(b for b in self._batch_buckets if b >= want_b)
         top_w = next(w for w in self._widths if w >= want_w)
         t0, before = time.perf_counter(), len(self._graphs)
-        with self.lock:
-            for b in self._batch_buckets:
-                for w in self._widths:
-                    wanted = b <= top_b and w <= top_w and (b, w) not in self._graphs
-                    if wanted and self._capture_or_none(b, w) is None:
-                        return 0
-            prefills = self._capture_prefills()
+        wanted = [(b, w) for b in self._batch_buckets for w in self._widths
+                  if b <= top_b and w <= top_w and (b, w) not in self._graphs]  # fmt: skip
+        prefills_left = sum(b not in self._prefill_graphs for b in self._prefill_buckets
+                            if self._free)  # fmt: skip
+        what = f"{label or 'decode'}: {top_b} slots x {top_w} positions on {self.device}"
+        with self.lock, BOARD.step("graphs", what, total=len(wanted) + prefills_left,
+                                   unit="graphs") as step:  # fmt: skip
+            for b, w in wanted:
+                if self._capture_or_none(b, w) is None:
+                    step.end("failed: capture refused, running without CUDA graphs")
+                    return 0
+                step.advance()
+            prefills = self._capture_prefills(step.advance)
         log.info("%d decode graphs captured in %.1f s (%d slots x %d positions at most), "
                  "%d prefill graphs", len(self._graphs) - before, time.perf_counter() - t0,
                  top_b, top_w, prefills)  # fmt: skip
         return len(self._graphs)
 
-    def _capture_prefills(self) -> int:
+    def _capture_prefills(self, captured: Callable[[], None] = lambda: None) -> int:
         """The prefill graphs, one per ``PREFILL_GRAPH_TOKENS`` length. Capturing runs the
         pass on a slot's cache: a free slot's, whose cached prompt is then forgotten (so
         only here, not on first use, where every slot may be serving). A refused capture
-        leaves prefill eager. Returns how many the engine holds."""
+        leaves prefill eager. Returns how many the engine holds; ``captured()`` after each."""
         if not self._prefill_buckets or not self._free:
             return len(self._prefill_graphs)
         slot = self._free[0]
@@ -168,6 +177,7 @@ class GraphSteps(ForwardPass):
                 self._prefill_buckets = [b for b in self._prefill_buckets if b < bucket]
                 break
             self._prefill_graphs[bucket] = Graph(replay, inp, inp[:bucket], out)
+            captured()
         return len(self._prefill_graphs)
 
     def _capture_or_none(self, bucket: int, width: int) -> Graph | None:
