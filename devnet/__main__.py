@@ -413,11 +413,18 @@ def demo_pipeline(origin: DevNode, prompt: str, timeout: float = 120.0) -> None:
     print(f'\npipeline task: "{prompt}" across layer spans -> node {origin.index}', flush=True)
     req = {"model": TEST_MODEL, "input": prompt, "pipeline": True,
            "parameters": {"max_new_tokens": 48}}  # fmt: skip
-    deadline = time.monotonic() + 20  # the spans arrive with the next heartbeats
-    while not any(p["spans"] for p in origin.rpc.call("vcoin_peers")):
+    deadline = time.monotonic() + 60  # the nodes pick their spans a few heartbeats in
+    while not _spans_cover(origin, 4):
         if time.monotonic() > deadline:
-            raise DevnetError("no peer advertises a layer span")
+            raise DevnetError("the layer spans the nodes serve do not cover the model")
         time.sleep(0.2)
+    spans = {p["peer_id"][-6:]: [f"{s['start']}-{s['end']}" for s in p["spans"]]
+             for p in origin.rpc.call("vcoin_peers") if p["spans"]}  # fmt: skip
+    mine = origin.rpc.call("vcoin_nodeInfo")["capabilities"]["spans"]
+    spans[f"{origin.info['peer_id'][-6:]} (this node)"] = [f"{s['start']}-{s['end']}"
+                                                          for s in mine]  # fmt: skip
+    print("  spans picked by --serve-layers auto:2: " + ", ".join(
+        f"{p} {'/'.join(v)}" for p, v in sorted(spans.items())), flush=True)  # fmt: skip
     t = _run_completed(origin, req, timeout)
     for h in t["timings"]["hops"]:
         print(f"  hop {h['node_id']}  layers {h['layers']}  {h['status']}  compute "
@@ -427,6 +434,17 @@ def demo_pipeline(origin: DevNode, prompt: str, timeout: float = 120.0) -> None:
     print(f"  {tm['tokens']} tokens at {tm['tokens_per_s']:.0f} tokens/s; done after "
           f"{tm['total_s']:.2f} s", flush=True)  # fmt: skip
     print(f"  answer: {t['result']!r}", flush=True)
+
+
+def _spans_cover(origin: DevNode, num_layers: int) -> bool:
+    """Some chain of the spans the origin knows of (its own too) covers every layer."""
+    spans = [(s["start"], s["end"]) for p in origin.rpc.call("vcoin_peers") for s in p["spans"]]
+    spans += [(s["start"], s["end"])
+              for s in origin.rpc.call("vcoin_nodeInfo")["capabilities"]["spans"]]  # fmt: skip
+    reach = {0}
+    for _ in spans:
+        reach |= {b + 1 for a, b in spans if a in reach}
+    return num_layers in reach
 
 
 def demo_training(origin: DevNode, nodes: int, base: Path, timeout: float = 300.0) -> None:
@@ -523,10 +541,11 @@ def main(argv: list[str] | None = None) -> int:
         base_extra = ["--models-dir", str(models), *chain_flags]
 
         def start(i: int, bootstrap: str | None) -> DevNode:
-            """Node 1 serves layers 0-1 of the test model, the others 2-3 (a pipeline
-            route, with a spare for the second half). Launched without waiting: the
-            others start together once node 1 is up."""
-            spans = ["--serve-layers", f"{TEST_MODEL}:{'0-1' if i == 1 else '2-3'}"]
+            """Each node serves a 2-layer span of the test model that it picks itself
+            (``--serve-layers auto:2``: the span the fewest nodes serve), so the spans
+            form a pipeline route. Launched without waiting: the others start together
+            once node 1 is up."""
+            spans = ["--serve-layers", f"{TEST_MODEL}:auto:2"]
             return start_node(
                 i, base, bootstrap=bootstrap, heartbeat=ns.heartbeat_interval,
                 peer_timeout=ns.peer_timeout, network=ns.network,
