@@ -53,6 +53,16 @@ async function refreshNode() {
   document.getElementById("node").replaceChildren(
     el("span", { class: "mono" }, short(n.peer_id)), " · network ", n.network,
     " · health ", num(n.health), " · up ", Math.round(n.uptime_s || 0), " s");
+  // Long steps in flight (model fetch, split, load, CUDA graphs, LoRA), each with a bar.
+  const mb = (x) => (x / 1e6).toFixed(1) + " MB";
+  document.getElementById("progress").replaceChildren(...(n.progress || []).map((s) => {
+    const amount = s.unit === "B" ? `${mb(s.done)} of ${mb(s.total)}, ${mb(s.rate)}/s`
+      : `${Math.round(s.done)} of ${Math.round(s.total)} ${s.unit}`;
+    return el("div", { class: "step", "data-kind": s.kind },
+      el("span", { class: "bar", style: `width:${Math.round(120 * (s.fraction || 0))}px` }),
+      ` ${s.kind} ${s.label}: ${Math.round(100 * (s.fraction || 0))} % (${amount})`,
+      s.outcome === "running" ? "" : ` · ${s.outcome}`);
+  }));
 }
 
 async function refreshPeers() {
