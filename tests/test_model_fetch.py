@@ -189,10 +189,16 @@ def test_a_fetch_cut_by_kill_resumes_from_the_bytes_on_disk(
     staging = [d for d in empty.iterdir() if d.name.startswith(".fetch-")]
     assert len(staging) == 1 and not (empty / BIG).exists()
 
-    b = cluster.start(2, bootstrap=a, extra=opts(empty))
-    wait_until(lambda: advertises(b, BIG, 1), 20, "B sees A's model again")
-    job = fetch(b, BIG)
+    # restarted as configured to serve the model: it fetches it on its own, resuming
+    b = cluster.start(2, bootstrap=a, extra=opts(empty, "--fetch-model", BIG))
+
+    def ended() -> dict[str, Any] | None:
+        jobs = b.rpc.call("vcoin_models")["fetches"]
+        return next((j for j in jobs if j["status"] != "running"), None)
+
+    job = wait_until(ended, 120, "the fetch on start to end")
     assert job["status"] == "done", job
+    assert [m["name"] for m in b.rpc.call("vcoin_models")["models"]] == [BIG]
     # at least one chunk was not fetched again
     assert 0 < job["bytes"] <= travelling_bytes(big_models / BIG) - CHUNK_BYTES
     assert "resuming" in (b.datadir / "vcoind.log").read_text()
@@ -226,3 +232,48 @@ def test_auto_span_hosts_fetch_only_their_spans_and_the_pipeline_matches(
     piped = greedy(a, DEEP, "Explain proof of stake", pipeline=True)
     assert [h["layers"] for h in piped["timings"]["hops"]] == ["0-2", "3-11"]
     assert piped["result"] == single["result"]
+
+
+def test_auto_span_hosts_close_the_gap_a_leaving_host_leaves(
+    cluster: Cluster, models_dir: Path, tmp_path: Path
+) -> None:
+    """Three span hosts with auto:2 on a 4-layer model: two serve 0-1, one 2-3. When the
+    2-3 host dies, one of the others moves there and pipelines work again."""
+    a = cluster.start(1, extra=opts(models_dir))
+    hosts = {}
+    for i in (2, 3, 4):
+        empty = tmp_path / f"models{i}"
+        empty.mkdir()
+        n = cluster.start(i, bootstrap=a, extra=opts(empty, "--serve-layers", "auto:2"))
+        wait_until(lambda n=n: n.rpc.call("vcoin_nodeInfo")["capabilities"]["spans"], 60,
+                   f"node {i} serves a span")  # fmt: skip
+        hosts[i] = n
+
+    def spans_of(n: DevNode) -> list[tuple[int, int]]:
+        return [
+            (s["start"], s["end"]) for s in n.rpc.call("vcoin_nodeInfo")["capabilities"]["spans"]
+        ]
+
+    picked = {i: spans_of(n) for i, n in hosts.items()}
+    assert sorted(map(tuple, picked.values())) == [((0, 1),), ((0, 1),), ((2, 3),)], picked
+    lone = next(i for i, ss in picked.items() if ss == [(2, 3)])
+    hosts[lone].proc.kill()
+    hosts[lone].proc.wait()
+    rest = [n for i, n in hosts.items() if i != lone]
+    wait_until(lambda: sorted(s for n in rest for s in spans_of(n)) == [(0, 1), (2, 3)], 60,
+               "one of the 0-1 hosts moves to 2-3")  # fmt: skip
+
+    def route_ok() -> bool:
+        alive = {p["peer_id"] for p in a.rpc.call("vcoin_peers")}
+        return all(n.info["peer_id"] in alive for n in rest) and lone_gone(a, hosts[lone])
+
+    wait_until(route_ok, 30, "A forgets the dead host")
+    single = greedy(a, "tiny-qwen2", "What is a GPU?")
+    piped = greedy(a, "tiny-qwen2", "What is a GPU?", pipeline=True)
+    assert [h["layers"] for h in piped["timings"]["hops"]] == ["0-1", "2-3"]
+    assert piped["result"] == single["result"]
+
+
+def lone_gone(a: DevNode, dead: DevNode) -> bool:
+    return all(p["peer_id"] != dead.info["peer_id"] or not p["spans"]
+               for p in a.rpc.call("vcoin_peers"))  # fmt: skip

@@ -49,9 +49,10 @@ log = logging.getLogger("vcoind.fetch")
 BAD_PEER_S = 3600.0
 REMOTE_SPLITS = 8
 RETRY_S = 5.0  # a wanted model nobody offers yet: look again this often
-# In heartbeat intervals: after start, hear this long from the network before picking a
-# span; then look at the spans again this often (both with +-25 % jitter).
+# In heartbeat intervals: once a first peer is heard of, hear this long from the network
+# before picking a span; then look at the spans again this often (both with +-25 % jitter).
 SETTLE_BEATS = 2.5
+FIRST_PEER_BEATS = 20  # ... and first wait this long at most to hear of any peer
 REBALANCE_BEATS = 4.0
 PENALTY = 50.0  # gossip score taken from a peer that sent bad bytes
 
@@ -233,6 +234,9 @@ class ModelSupply:
         view = self._view
         if view is None:
             return
+        with trio.move_on_after(FIRST_PEER_BEATS * self._beat):  # joined the network yet?
+            while not view.peers.peers():
+                await trio.sleep(min(0.1, self._beat / 4))
         await trio.sleep(SETTLE_BEATS * self._beat * (0.75 + 0.5 * random.random()))
         while True:
             try:
