@@ -162,3 +162,26 @@ async def test_the_upload_bucket_holds_the_node_wide_rate(
 async def _take(bucket: TokenBucket, times: int, n: int) -> None:
     for _ in range(times):
         await bucket.take(n)
+
+
+async def test_a_peer_cannot_keep_the_node_splitting_spans(model: Path, tmp_path: Path) -> None:
+    from typing import Any, cast
+
+    from vcoind.compute.service import ComputeService
+    from vcoind.compute.supply import SPLITS_PER_PEER_HOUR
+    from vcoind.config import ComputeConfig
+    from vcoind.p2p.streams import StreamProtocolError
+
+    compute = ComputeService(ComputeConfig(), model.parent, tmp_path / "shards", "me",
+                             cast(Any, None), announce=lambda **changes: None)  # fmt: skip
+    compute.models.scan()
+    supply = compute.supply
+    spans = [(0, 0), (1, 1), (2, 2), (3, 3), (0, 1), (2, 3)]
+    for a, b in spans[:SPLITS_PER_PEER_HOUR]:
+        found = await supply.locate(model.name, a, b, peer="greedy")
+        assert found is not None and (found.directory / "shard.json").is_file()
+    with pytest.raises(StreamProtocolError, match="split for you"):
+        await supply.locate(model.name, *spans[SPLITS_PER_PEER_HOUR], peer="greedy")
+    # a span split before costs nothing and is not refused; another peer has its own budget
+    assert await supply.locate(model.name, 0, 0, peer="greedy") is not None
+    assert await supply.locate(model.name, *spans[SPLITS_PER_PEER_HOUR], peer="other")

@@ -180,7 +180,7 @@ class Node:
         """A peer that sent bad model bytes: its gossip score drops (see ``Gossip``)."""
         from libp2p.peer.id import ID
 
-        self.p2p.penalise(ID.from_base58(peer), amount)
+        self.gossip.penalise(ID.from_base58(peer), amount)
 
     def _connected(self) -> set[str]:
         return {p.to_base58() for p in self.p2p.connected_peers()}

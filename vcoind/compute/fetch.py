@@ -96,9 +96,9 @@ class TokenBucket:
                 await trio.sleep(-self._level / self.rate)
 
 
-# Where a served model or span lives: (model or model id, start, end) -> its directory,
-# name, model id and layer count, or None when this node holds neither.
-Locate = Callable[[str, int, int], Awaitable["Located | None"]]
+# Where a served model or span lives: (asking peer, model or model id, start, end) -> its
+# directory, name, model id and layer count, or None when this node holds neither.
+Locate = Callable[[str, str, int, int], Awaitable["Located | None"]]
 
 
 @dataclass(frozen=True)
@@ -124,13 +124,14 @@ class ModelServer:
 
     async def handle(self, peer: str, request: Any) -> ModelManifest | ChunkData:
         if isinstance(request, ModelWant):
-            return (await self._manifest(request.model, request.start, request.end))[1]
+            return (await self._manifest(peer, request.model, request.start, request.end))[1]
         return await self._chunk(peer, request)
 
-    async def _manifest(self, model: str, start: int, end: int) -> tuple[Path, ModelManifest]:
+    async def _manifest(self, peer: str, model: str, start: int, end: int
+                        ) -> tuple[Path, ModelManifest]:  # fmt: skip
         if (start == WHOLE) != (end == WHOLE) or (start != WHOLE and start > end):
             raise StreamProtocolError(f"bad layer range {start}-{end}")
-        found = await self._locate(model, start, end)
+        found = await self._locate(peer, model, start, end)
         if found is None:
             what = model if start == WHOLE else f"{model} layers {start}-{end}"
             raise StreamProtocolError(f"this node does not hold {what}")
@@ -147,7 +148,7 @@ class ModelServer:
     async def _chunk(self, peer: str, want: ChunkWant) -> ChunkData:
         key = (want.model_id, want.start, want.end)
         if key not in self._manifests:
-            await self._manifest(want.model_id, want.start, want.end)
+            await self._manifest(peer, want.model_id, want.start, want.end)
         directory, m = self._manifests[key]
         entry = m.file(want.file)
         if entry is None or want.index >= entry.count:

@@ -192,14 +192,11 @@ class ComputeService:
     def split_span(self, info: ModelInfo, start: int, end: int, for_peer: bool = False) -> Path:
         """Layers ``start``-``end`` of a local model as a shard directory under
         DATADIR/shards (split once, then reused). Blocking: call it on a worker thread."""
-        from vcoind.compute.shards import ShardError, ShardManifest, split_model
+        from vcoind.compute.shards import ShardError, split_model
 
-        d = self.shards_dir / f"{info.name}.{start}-{end}"
-        try:
-            if ShardManifest.read(d).model_id == info.model_id:
-                return d
-        except ShardError:
-            pass
+        done = self.split_before(info, start, end)
+        if done is not None:
+            return done
         if for_peer:  # spans split for peers: a bounded number, the oldest go first
             prune_splits(self.shards_dir, {sp.path for sp in self.shard_host.spans})
         log.info("splitting layers %d-%d out of %s", start, end, info.name)
@@ -208,6 +205,16 @@ class ComputeService:
                                model_id=info.model_id, partial=True)[0]  # fmt: skip
         except ShardError as exc:
             raise ComputeError(f"layers {start}-{end} of {info.name}: {exc}") from None
+
+    def split_before(self, info: ModelInfo, start: int, end: int) -> Path | None:
+        """The shard directory of that span split earlier, if it is there and whole."""
+        from vcoind.compute.shards import ShardError, ShardManifest
+
+        d = self.shards_dir / f"{info.name}.{start}-{end}"
+        try:
+            return d if ShardManifest.read(d).model_id == info.model_id else None
+        except ShardError:
+            return None
 
     @staticmethod
     def read_shard(path: Path) -> ShardManifest:

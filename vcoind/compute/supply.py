@@ -36,6 +36,7 @@ from vcoind.compute.fetch import (
 from vcoind.compute.fetchwire import WHOLE
 from vcoind.compute.models import SHARD_MANIFEST, ModelError
 from vcoind.compute.shard_host import ServedSpan
+from vcoind.p2p.streams import StreamProtocolError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -54,7 +55,10 @@ RETRY_S = 5.0  # a wanted model nobody offers yet: look again this often
 SETTLE_BEATS = 2.5
 FIRST_PEER_BEATS = 20  # ... and first wait this long at most to hear of any peer
 REBALANCE_BEATS = 4.0
-PENALTY = 50.0  # gossip score taken from a peer that sent bad bytes
+PENALTY = 20.0  # gossip score taken from a peer that sent bad bytes (4 invalid messages)
+# Spans split out of a whole model at one peer's request, at most this many an hour: a
+# split reads the model, so a peer cannot keep the node splitting.
+SPLITS_PER_PEER_HOUR = 4
 
 
 @dataclass
@@ -90,11 +94,12 @@ class ModelSupply:
     def __init__(self, compute: ComputeService, streams: StreamService,
                  view: NetworkView | None, penalise: Callable[[str, float], None],
                  on_refused: Callable[[str], None], heartbeat_s: float = 5.0) -> None:  # fmt: skip
+        self._compute_refused = on_refused
         cfg = compute.cfg
         self._compute = compute
         self._view = view
         self._penalise_peer = penalise
-        self.server = ModelServer(self.locate, uploads_per_peer=cfg.uploads_per_peer,
+        self.server = ModelServer(self._locate_for, uploads_per_peer=cfg.uploads_per_peer,
                                   upload_bytes_per_s=cfg.upload_mb_s * 1e6,
                                   on_refused=on_refused)  # fmt: skip
         self.fetcher = ModelFetcher(streams, workers_per_peer=cfg.fetch_streams_per_peer,
@@ -102,6 +107,7 @@ class ModelSupply:
         self.jobs: dict[str, FetchJob] = {}
         self._bad: dict[str, float] = {}  # peer -> until (monotonic)
         self._split_lock = trio.Lock()
+        self._splits: dict[str, list[float]] = {}  # peer -> when we split a span for it
         self._nursery: trio.Nursery | None = None
         self.auto_span: tuple[str, int, int] | None = None  # (model id, start, end)
         self._beat = max(heartbeat_s, 0.25)
@@ -111,7 +117,12 @@ class ModelSupply:
     def mount(self, streams: StreamService) -> None:
         streams.serve(MODEL_STREAM, lambda peer, r: self.server.handle(peer.to_base58(), r))
 
-    async def locate(self, model: str, start: int, end: int) -> Located | None:
+    async def _locate_for(self, peer: str, model: str, start: int, end: int) -> Located | None:
+        return await self.locate(model, start, end, peer=peer)
+
+    async def locate(self, model: str, start: int, end: int, *, peer: str = "") -> Located | None:
+        """Where a model (or span) this node can serve lives; a span it does not hold is
+        split out of its whole model (for a ``peer``: within its split budget)."""
         c = self._compute
         if start == WHOLE:
             try:
@@ -128,6 +139,17 @@ class ModelSupply:
             return None
         if not 0 <= start <= end < info.num_layers:
             return None
+        done = c.split_before(info, start, end)
+        if done is not None:
+            return Located(done, info.name, info.model_id, info.num_layers)
+        if peer:
+            now = time.monotonic()
+            recent = [t for t in self._splits.get(peer, []) if t > now - 3600.0]
+            if len(recent) >= SPLITS_PER_PEER_HOUR:
+                self._compute_refused("model_splits")
+                raise StreamProtocolError(f"{SPLITS_PER_PEER_HOUR} spans split for you in the "
+                                          "last hour already")  # fmt: skip
+            self._splits[peer] = [*recent, now]
         async with self._split_lock:  # one split at a time, whoever asks
             path = await trio.to_thread.run_sync(c.split_span, info, start, end, True)
         return Located(path, info.name, info.model_id, info.num_layers)

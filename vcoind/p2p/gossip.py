@@ -246,6 +246,11 @@ class Gossip:
             self._penalise(forwarder, penalty)
         return False
 
+    def penalise(self, peer: ID, amount: float) -> None:
+        """Lower a peer's score for misbehaviour seen outside gossip (bad model bytes, ...);
+        past the threshold it is graylisted like a gossip offender."""
+        self._penalise(peer, amount)
+
     def _penalise(self, peer: ID, amount: float) -> None:
         self._p2p.penalise(peer, amount)
         if peer not in self._graylisted and self.score(peer) < self._graylist_at:
