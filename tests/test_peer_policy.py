@@ -109,7 +109,10 @@ def test_dial_verdicts() -> None:
     assert v("/dns4/example.com/tcp/4001") == "dns"
     assert v("/dns4/example.com/tcp/4001", dns=True) == DIAL_OK
     assert v("/ip4/8.8.8.8/udp/4001/quic-v1") == "transport"
-    assert v("/ip4/8.8.8.8/tcp/4001/p2p/" + PID + "/p2p-circuit") == "transport"
+    # through a relay (circuit relay v2): the relay's address decides
+    assert v("/ip4/8.8.8.8/tcp/4001/p2p/" + PID + "/p2p-circuit") == DIAL_OK
+    assert v("/ip4/10.1.2.3/tcp/4001/p2p/" + PID + "/p2p-circuit") == "private"
+    assert v("/ip4/8.8.8.8/udp/4001/quic-v1/p2p/" + PID + "/p2p-circuit") == "transport"
     assert dial_verdict("/ip4/8.8.8.8/tcp/4001", allow_private=True, allow_dns=True) == (
         "transport"  # no peer id
     )

@@ -80,6 +80,21 @@ class P2PConfig:
     # budget, 64 of its largest requests); past it the stream is reset.
     max_stream_bytes: int = 0
 
+    # Circuit relay v2. relay_service: relay for others (hop) "auto" = when one of our
+    # announce (else listen) addresses is public; within these limits per relayed
+    # connection and for all of them.
+    relay_service: str = "auto"
+    relay_max_reservations: int = 128
+    relay_max_circuits: int = 64
+    relay_circuit_s: int = 3600
+    relay_circuit_mb: int = 1024
+    # Relays (multiaddrs with /p2p/ID) to reserve a slot at: this node is then reachable
+    # at RELAY/p2p-circuit/p2p/<our id>, which it advertises. reachability "private" =
+    # advertise only those (behind a NAT our own addresses reach nobody); "auto"/"public"
+    # = our own addresses too.
+    relays: tuple[str, ...] = ()
+    reachability: str = "auto"
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             if f.name.startswith("budget_"):
@@ -88,6 +103,24 @@ class P2PConfig:
                     raise ConfigError(f"p2p.{f.name}", f"must be [rate > 0, burst >= 1], got {v}")
         if self.allow_private_dials not in ("auto", "on", "off"):
             raise ConfigError("p2p.allow_private_dials", "must be auto, on or off")
+        if self.relay_service not in ("auto", "on", "off"):
+            raise ConfigError("p2p.relay_service", "must be auto, on or off")
+        if self.reachability not in ("auto", "public", "private"):
+            raise ConfigError("p2p.reachability", "must be auto, public or private")
+        if self.reachability == "private" and not self.relays:
+            raise ConfigError(
+                "p2p.reachability",
+                "private needs at least one relay "
+                "(p2p.relays / --relay): else nobody can reach this node",
+            )
+        for key in (
+            "relay_max_reservations",
+            "relay_max_circuits",
+            "relay_circuit_s",
+            "relay_circuit_mb",
+        ):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"p2p.{key}", "must be at least 1")
         if not 1 <= self.conn_low <= self.conn_high or self.max_conns_per_ip < 1:
             raise ConfigError(
                 "p2p.conn_low", "needs 1 <= conn_low <= conn_high and max_conns_per_ip >= 1"

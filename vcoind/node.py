@@ -36,6 +36,7 @@ from vcoind.oracle.network import OracleNetwork
 from vcoind.p2p.gossip import Gossip
 from vcoind.p2p.host import P2PHost, build_host, running
 from vcoind.p2p.keeper import PeerKeeper
+from vcoind.p2p.relay import Relays
 from vcoind.p2p.streams import StreamService
 from vcoind.presence.service import PresenceService
 from vcoind.rpc import MethodRegistry, RPCServer, RPCServerConfig
@@ -96,11 +97,13 @@ class Node:
                                       max_age_s=p2p_cfg.peer_timeout,
                                       max_invalid=p2p_cfg.max_invalid_messages,
                                       cfg=p2p_cfg)  # fmt: skip
+        self.relays = Relays(self.p2p, p2p_cfg)
         self.keeper = PeerKeeper(self.p2p, metrics, bootstrap=p2p_cfg.bootstrap,
-                                 discover=p2p_cfg.discover, cfg=p2p_cfg)  # fmt: skip
+                                 discover=p2p_cfg.discover, cfg=p2p_cfg,
+                                 connect=self.relays.connect)  # fmt: skip
         self.streams = streams = StreamService(
             self.p2p, metrics, max_stream_bytes=p2p_cfg.max_stream_bytes,
-            resolve=self.keeper.addresses,
+            resolve=self.keeper.addresses, connect=self.relays.connect,
         )  # fmt: skip
         self.registry = MethodRegistry()
         self.rpc = RPCServer(
@@ -155,6 +158,7 @@ class Node:
             datadir.path,
             self.advertised_addrs,
             lambda: self.info.rpc_url if self.info else None,
+            self.relays.status,
         )
         self.ops = OpsService(
             cfg.alerts, cfg.sla, facts, store, gossip, metrics, presence, compute, market,
@@ -186,10 +190,15 @@ class Node:
         return {p.to_base58() for p in self.p2p.connected_peers()}
 
     def advertised_addrs(self) -> list[str]:
+        """Where peers can reach us: our announce (else listen) addresses and our addresses
+        through relays; with ``p2p.reachability = private`` only the latter."""
         pid = self.identity.peer_id
+        relayed = self.relays.circuit_addrs()
+        if self.relays.private:
+            return relayed
         if self.config.p2p.announce:
-            return [f"{a}/p2p/{pid}" for a in self.config.p2p.announce]
-        return self.p2p.addrs()
+            return [f"{a}/p2p/{pid}" for a in self.config.p2p.announce] + relayed
+        return self.p2p.addrs() + relayed
 
     def is_ready(self) -> bool:
         return self._p2p_listening and self.store.is_open
@@ -227,6 +236,7 @@ class Node:
                     except* ChainError as group:
                         raise NodeError(f"chain: {first_leaf(group)}") from None
                 await nursery.start(self.gossip.run)
+                await nursery.start(self.relays.run)
                 await nursery.start(self.presence.run)
                 await nursery.start(self.keeper.run)
                 for service in (self.train, self.oracle, self.ops, self.market):

@@ -72,6 +72,25 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
         help="address to advertise instead of the listen address (e.g. public IP)",
     )
     g.add_argument(
+        "--relay",
+        action="append",
+        metavar="MULTIADDR",
+        help="a circuit relay (/ip4/H/tcp/P/p2p/<peer id>) to hold a slot at, repeatable: "
+        "peers reach this node at RELAY/p2p-circuit/p2p/<our id> (for a node behind NAT)",
+    )
+    g.add_argument(
+        "--reachability",
+        choices=("auto", "public", "private"),
+        help="private: advertise only addresses through --relay (behind a NAT our own "
+        "addresses reach nobody); default auto: our addresses and the relayed ones",
+    )
+    g.add_argument(
+        "--relay-service",
+        choices=("auto", "on", "off"),
+        help="relay for nodes behind NAT (circuit relay v2, with limits); default auto: "
+        "when an announce (else listen) address is public",
+    )
+    g.add_argument(
         "--heartbeat-interval",
         type=float,
         metavar="SECONDS",
@@ -183,6 +202,9 @@ def _flags(ns: argparse.Namespace) -> dict[str, Any]:
         "p2p.listen": ns.listen,
         "p2p.bootstrap": ns.bootstrap,
         "p2p.announce": ns.announce,
+        "p2p.relays": ns.relay,
+        "p2p.reachability": ns.reachability,
+        "p2p.relay_service": ns.relay_service,
         "p2p.heartbeat_interval": ns.heartbeat_interval,
         "p2p.peer_timeout": ns.peer_timeout,
         "p2p.discover": False if ns.no_discover else None,

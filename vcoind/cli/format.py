@@ -44,6 +44,16 @@ def fmt_node_info(r: dict[str, Any]) -> str:
         f"util {dev.get('utilization', 0):.0f}%",
         f"health       {r['health']}",
     ]
+    reach = r.get("reachability") or {}
+    if reach:
+        lines.append(
+            f"reach        {reach.get('reachability', '?')}   relaying for others "
+            f"{'yes' if reach.get('relay_service') else 'no'}   relay slots "
+            f"{len(reach.get('reservations', []))} of {len(reach.get('relays', []))}"
+        )
+    for step in r.get("progress") or []:
+        lines.append(f"progress     {step['kind']} {step['label']}: "
+                     f"{100 * step['fraction']:.0f}% ({step['outcome']})")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -75,6 +75,8 @@ class NodeFacts:
     datadir: Path
     addrs: Callable[[], list[str]]  # advertised p2p addresses
     rpc_url: Callable[[], str | None]
+    # relay service, reachability, relays and the reservations held (``Relays.status``)
+    reach: Callable[[], dict[str, Any]] = dict
 
 
 def register_status_api(
@@ -100,6 +102,7 @@ def register_status_api(
             "network": facts.network,
             "version": __version__,
             "p2p_addrs": facts.addrs(),
+            "reachability": facts.reach(),
             "rpc_url": facts.rpc_url(),
             "uptime_s": round(time.time() - facts.started_at, 3),
             "heartbeat_interval": heartbeat.interval,

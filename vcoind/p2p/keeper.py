@@ -17,6 +17,7 @@ progress), are never dropped.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -79,8 +80,11 @@ class PeerKeeper:
         bootstrap: tuple[str, ...],
         discover: bool,
         cfg: P2PConfig | None = None,
+        connect: Callable[[PeerInfo, float], Awaitable[None]] | None = None,
     ) -> None:
         cfg = cfg or P2PConfig()
+        # How a peer is dialled: its direct addresses, else its relayed ones (``Relays``).
+        self._connect = connect
         self._p2p = p2p
         self._metrics = metrics
         self._discover = discover
@@ -242,8 +246,11 @@ class PeerKeeper:
         pid = kp.info.peer_id
         try:
             cast(Any, host.get_network()).unblock_peer(pid)  # Swarm, not in the interface
-            with trio.fail_after(DIAL_TIMEOUT_S):
-                await host.connect(kp.info)
+            if self._connect is not None:
+                await self._connect(kp.info, DIAL_TIMEOUT_S)
+            else:
+                with trio.fail_after(DIAL_TIMEOUT_S):
+                    await host.connect(kp.info)
         except Exception as exc:  # py-libp2p raises many unrelated types on dial failure
             kp.failures += 1
             # Bootstrap peers are retried within BACKOFF_MAX_S; a learned peer that keeps

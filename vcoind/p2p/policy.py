@@ -121,13 +121,19 @@ def dial_verdict(addr: str, *, allow_private: bool, allow_dns: bool) -> str:
     """``DIAL_OK`` or why a learned peer address must not be dialled.
 
     Only ``/ip4|ip6/HOST/tcp/PORT/p2p/ID`` (or ``/dns*/...`` when ``allow_dns``), with a
-    non-zero port, an IP that can be a peer, and a private IP only when ``allow_private``.
+    non-zero port, an IP that can be a peer, and a private IP only when ``allow_private``;
+    or such a relay's address followed by ``/p2p-circuit/p2p/ID`` (circuit relay v2).
     """
     try:
         ma = multiaddr.Multiaddr(addr)
         protos = [p.name for p in ma.protocols()]
     except Exception:  # multiaddr raises assorted types for bad input
         return "malformed"
+    if "p2p-circuit" in protos:  # RELAY/p2p-circuit/p2p/ID: the relay's address decides
+        relay = addr.partition("/p2p-circuit")[0]
+        if protos.count("p2p-circuit") != 1 or protos[-2:] != ["p2p-circuit", "p2p"]:
+            return "transport"
+        return dial_verdict(relay, allow_private=allow_private, allow_dns=allow_dns)
     dns = protos[0] in ("dns", "dns4", "dns6")
     if len(protos) != 3 or protos[1:] != ["tcp", "p2p"] or not (protos[0] in ("ip4", "ip6") or dns):
         return "transport"

@@ -27,6 +27,7 @@ from libp2p.abc import INetStream
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 
 from vcoind.metrics import NodeMetrics
 from vcoind.p2p.codec import Message, decode, encode, lim, message
@@ -37,6 +38,7 @@ log = logging.getLogger("vcoind.streams")
 
 HEADER = struct.Struct(">I")
 DEFAULT_TIMEOUT_S = 30.0
+DIAL_TIMEOUT_S = 5.0
 RESOLVED_ADDR_TTL_S = 600
 # A session stream's default byte budget, in requests of the largest size: far above what
 # a pipeline session sends (new positions only, per step), far below "unlimited".
@@ -165,6 +167,7 @@ class StreamService:
     def __init__(
         self, p2p: P2PHost, metrics: NodeMetrics, *, max_stream_bytes: int = 0,
         resolve: Callable[[ID], list[Any]] = lambda peer: [],
+        connect: Callable[[PeerInfo, float], Awaitable[None]] | None = None,
     ) -> None:  # fmt: skip
         self._p2p = p2p
         self._metrics = metrics
@@ -172,6 +175,8 @@ class StreamService:
         # Addresses a peer announced (the keeper's, dial policy applied): a stream to a
         # peer we are not connected to yet can dial them.
         self._resolve = resolve
+        # Dials a peer's direct addresses, else its relayed ones (``Relays.connect``).
+        self._connect = connect
 
     def budget(self, proto: StreamProtocol) -> int:
         """The bytes one stream of ``proto`` may carry from the peer."""
@@ -270,13 +275,32 @@ class StreamService:
         # have their own retry policy, so lift that block first.
         cast(Any, self._p2p.host.get_network()).unblock_peer(peer)
         known = self._resolve(peer)
-        if known:
-            self._p2p.host.get_peerstore().add_addrs(peer, known, RESOLVED_ADDR_TTL_S)
+        direct = [a for a in known if "/p2p-circuit" not in str(a)]
+        if direct:
+            self._p2p.host.get_peerstore().add_addrs(peer, direct, RESOLVED_ADDR_TTL_S)
+        relayed = len(direct) < len(known) and self._connect is not None
+        if relayed and peer not in self._p2p.host.get_connected_peers() and not direct:
+            await self._dial(peer, known)  # only reachable through a relay
         try:
             stream: INetStream = await self._p2p.host.new_stream(peer, [proto.protocol_id])  # type: ignore[list-item]
         except BaseLibp2pError as exc:
-            raise StreamOpenError(f"cannot open {proto.protocol_id} to {peer}: {exc}") from None
+            if not relayed:
+                raise StreamOpenError(f"cannot open {proto.protocol_id} to {peer}: {exc}"
+                                      ) from None  # fmt: skip
+            await self._dial(peer, known)  # direct failed: through a relay
+            try:
+                stream = await self._p2p.host.new_stream(peer, [proto.protocol_id])  # type: ignore[list-item]
+            except BaseLibp2pError as exc2:
+                raise StreamOpenError(f"cannot open {proto.protocol_id} to {peer}: "
+                                      f"{exc2}") from None  # fmt: skip
         return stream
+
+    async def _dial(self, peer: ID, addrs: list[Any]) -> None:
+        assert self._connect is not None
+        try:
+            await self._connect(PeerInfo(peer, addrs), DIAL_TIMEOUT_S)
+        except Exception as exc:  # py-libp2p raises many unrelated types on dial failure
+            raise StreamOpenError(f"cannot reach {peer}: {exc}") from None
 
     def session(self, peer: ID, proto: StreamProtocol) -> StreamSession:
         return StreamSession(self, peer, proto)

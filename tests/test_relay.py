@@ -1,0 +1,83 @@
+"""Circuit relay v2 between real daemons on loopback: two nodes that advertise only relayed
+addresses (as nodes behind NATs would) meet through the relay, and one serves the other's
+task."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cluster, wait_until
+from tests.test_tasks import MODEL, finished
+from vcoind.p2p.policy import DIAL_OK, dial_verdict
+
+pytestmark = pytest.mark.slow
+
+
+def test_circuit_addresses_pass_the_dial_policy_on_their_relay() -> None:
+    relay = "/ip4/8.8.8.8/tcp/4001/p2p/12D3KooWPessSF7sRVXrgnYe6hrdDy5X3mup64jGv9u8TrHAQySy"
+    target = "/p2p/12D3KooWJBiP2a2PjHqHFr6sRuDMtdSjowSTCjbSjoPWDPNB3raw"
+    assert dial_verdict(f"{relay}/p2p-circuit{target}", allow_private=False,
+                        allow_dns=False) == DIAL_OK  # fmt: skip
+    private = relay.replace("8.8.8.8", "10.0.0.1")
+    assert dial_verdict(f"{private}/p2p-circuit{target}", allow_private=False,
+                        allow_dns=False) == "private"  # fmt: skip
+    assert dial_verdict(f"{relay}/p2p-circuit{target}/p2p-circuit{target}",
+                        allow_private=False, allow_dns=False) == "transport"  # fmt: skip
+    assert dial_verdict(f"{relay}/p2p-circuit", allow_private=False,
+                        allow_dns=False) == "transport"  # fmt: skip
+
+
+def test_a_node_reachable_only_through_a_relay_serves_a_task(
+    cluster: Cluster, models_dir: Path
+) -> None:
+    relay = cluster.start(1, extra=["--no-chain", "--relay-service", "on"])
+    info = relay.rpc.call("vcoin_nodeInfo")
+    assert info["reachability"]["relay_service"] is True
+    hidden = cluster.start(2, bootstrap=relay, extra=[
+        "--no-chain", "--models-dir", str(models_dir), "--relay", relay.p2p_addr,
+        "--reachability", "private"])  # fmt: skip
+    # the origin too (two nodes behind NATs): they can only meet through the relay
+    origin = cluster.start(3, bootstrap=relay, extra=[
+        "--no-chain", "--relay", relay.p2p_addr, "--reachability", "private"])  # fmt: skip
+
+    def advertised() -> list[str]:
+        return list(hidden.rpc.call("vcoin_nodeInfo")["p2p_addrs"])
+
+    addrs = wait_until(advertised, 20, "the hidden node's reservation")
+    # only its address through the relay: nobody dials it directly
+    assert addrs == [f"{relay.p2p_addr}/p2p-circuit/p2p/{hidden.info['peer_id']}"]
+    assert hidden.rpc.call("vcoin_nodeInfo")["reachability"]["reservations"] == [relay.p2p_addr]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from vcoind.cli.client import client_main; raise SystemExit(client_main())",
+            "--datadir",
+            str(hidden.datadir),
+            "node-info",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert "reach        private   relaying for others no   relay slots 1 of 1" in out.stdout
+
+    def sees_model() -> bool:
+        return any(any(m["name"] == MODEL for m in p["models"])
+                   for p in origin.rpc.call("vcoin_peers"))  # fmt: skip
+
+    wait_until(sees_model, 20, "the origin hears of the hidden node's model")
+    tid = origin.rpc.call("vcoin_submitTask", {
+        "model": MODEL, "input": "What is a Merkle tree?",
+        "parameters": {"max_new_tokens": 8, "temperature": 0}})["task_id"]  # fmt: skip
+    t = finished(origin, tid, timeout=90)
+    assert t["status"] == "completed", t
+    assert t["node_id"] == hidden.info["peer_id"]
+    logs = [(n.datadir / "vcoind.log").read_text() for n in (origin, hidden)]
+    assert (f"connected to {hidden.info['peer_id']} through a relay" in logs[0]
+            or f"connected to {origin.info['peer_id']} through a relay" in logs[1])  # fmt: skip
