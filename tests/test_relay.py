@@ -1,6 +1,6 @@
 """Circuit relay v2 between real daemons on loopback: two nodes that advertise only relayed
-addresses (as nodes behind NATs would) meet through the relay, and one serves the other's
-task."""
+addresses (as nodes behind NATs would) meet through the relay, one serves the other's
+task, and DCUtR upgrades their connection to a direct one."""
 
 from __future__ import annotations
 
@@ -81,3 +81,15 @@ def test_a_node_reachable_only_through_a_relay_serves_a_task(
     logs = [(n.datadir / "vcoind.log").read_text() for n in (origin, hidden)]
     assert (f"connected to {hidden.info['peer_id']} through a relay" in logs[0]
             or f"connected to {origin.info['peer_id']} through a relay" in logs[1])  # fmt: skip
+
+    # DCUtR then upgrades the relayed connection to a direct one (on loopback the
+    # addresses each was seen at are dialable; the namespaced testbed punches a NAT)
+    def punched() -> bool:
+        return any(n.rpc.call("vcoin_nodeInfo")["reachability"]["hole_punched"]
+                   for n in (origin, hidden))  # fmt: skip
+
+    wait_until(punched, 30, "a direct connection after the relayed one")
+    t = finished(origin, origin.rpc.call("vcoin_submitTask", {
+        "model": MODEL, "input": "What is a GPU?",
+        "parameters": {"max_new_tokens": 8, "temperature": 0}})["task_id"])  # fmt: skip
+    assert t["status"] == "completed" and t["node_id"] == hidden.info["peer_id"], t

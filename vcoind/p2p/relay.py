@@ -10,11 +10,18 @@ heartbeats; with ``p2p.reachability = private`` only those addresses.
 py-libp2p's ``host.connect`` refuses circuit addresses, so dialling goes through ``dial``
 here: the keeper and the stream service try a peer's direct addresses first and fall
 back to its circuit addresses (each passes the dial policy on its relay's address).
+
+Every node also runs DCUtR (``/libp2p/dcutr``): two peers on a relayed connection
+exchange the addresses they were seen at and dial each other at once, so a TCP hole
+punch through port-preserving NATs gives them a direct connection and the relay steps
+out. The addresses a peer names pass the same dial policy as any learned address
+before they are dialled (a hostile peer cannot make the node dial what it never would).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import multiaddr
@@ -22,6 +29,7 @@ import trio
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.resources import RelayLimits
@@ -30,7 +38,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from vcoind.config import P2PConfig
 from vcoind.p2p.host import P2PHost
-from vcoind.p2p.policy import is_public_node
+from vcoind.p2p.policy import DIAL_OK, is_public_node
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -41,6 +49,7 @@ CIRCUIT = "/p2p-circuit"
 RESERVE_TIMEOUT_S = 10.0
 RESERVE_CHECK_S = 5.0  # how often a lost reservation (relay gone, connection cut) is noticed
 RETRY_MAX_S = 60.0
+HOLE_PUNCH_DIAL_S = 3  # DEPENDENCIES.md: 3 s punched through port-preserving NATs 9/9
 
 
 def is_circuit(addr: Any) -> bool:
@@ -52,8 +61,35 @@ def split_addrs(addrs: list[Any]) -> tuple[list[Any], list[Any]]:
     return [a for a in addrs if not is_circuit(a)], [a for a in addrs if is_circuit(a)]
 
 
+class PolicedDCUtR(DCUtRProtocol):
+    """DCUtR that dials only what the dial policy allows, and counts its upgrades."""
+
+    def __init__(self, host: Any, verdict: Callable[[str], str]) -> None:
+        super().__init__(host, dial_timeout=HOLE_PUNCH_DIAL_S)
+        self._verdict = verdict
+        self.upgraded: set[ID] = set()
+        self.refused = 0
+
+    async def _dial_peer(self, peer_id: ID, addr: Any, source: tuple[str, int] | None = None,
+                         as_responder: bool = False) -> None:  # fmt: skip
+        why = self._verdict(f"{addr}/p2p/{peer_id}")
+        if why != DIAL_OK:
+            self.refused += 1
+            log.debug("hole punch: not dialling %s at %s (%s address)", peer_id, addr, why)
+            return
+        await super()._dial_peer(peer_id, addr, source=source, as_responder=as_responder)
+
+    async def initiate_hole_punch(self, peer_id: ID) -> bool:
+        ok = await super().initiate_hole_punch(peer_id)
+        if ok and peer_id not in self.upgraded:
+            self.upgraded.add(peer_id)
+            log.info("direct connection to %s: the relayed one was upgraded (DCUtR)", peer_id)
+        return ok
+
+
 class Relays:
-    def __init__(self, p2p: P2PHost, cfg: P2PConfig) -> None:
+    def __init__(self, p2p: P2PHost, cfg: P2PConfig,
+                 verdict: Callable[[str], str] = lambda addr: DIAL_OK) -> None:  # fmt: skip
         self._p2p = p2p
         self._cfg = cfg
         own = cfg.announce or cfg.listen
@@ -69,6 +105,7 @@ class Relays:
         self._relays = [info_from_p2p_addr(multiaddr.Multiaddr(a)) for a in cfg.relays]
         self._relay_addrs = {i.peer_id: a for i, a in zip(self._relays, cfg.relays, strict=True)}
         self.reserved: dict[ID, float] = {}  # relay -> when the reservation was made
+        self.dcutr = PolicedDCUtR(p2p.host, verdict)
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -86,6 +123,7 @@ class Relays:
             "reachability": self._cfg.reachability,
             "relays": list(self._cfg.relays),
             "reservations": [self._relay_addrs[r] for r in self.reserved],
+            "hole_punched": len(self.dcutr.upgraded),
         }
 
     async def dial(self, addr: Any) -> None:
@@ -151,7 +189,11 @@ class Relays:
             )
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with background_trio_service(self.protocol), trio.open_nursery() as nursery:
+        async with (
+            background_trio_service(self.protocol),
+            background_trio_service(self.dcutr),
+            trio.open_nursery() as nursery,
+        ):
             self._nursery = nursery
             if self.hop:
                 log.info("relaying for others (circuit relay v2): %d reservations, %d "
