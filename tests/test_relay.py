@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from devnet.__main__ import DevNode
 from tests.conftest import Cluster, wait_until
 from tests.test_tasks import MODEL, finished
 from vcoind.p2p.policy import DIAL_OK, dial_verdict
@@ -65,7 +66,8 @@ def test_a_node_reachable_only_through_a_relay_serves_a_task(
         timeout=30,
         check=True,
     )
-    assert "reach        private   relaying for others no   relay slots 1 of 1" in out.stdout
+    assert "reach        private (dial-back: " in out.stdout
+    assert "relaying for others no   relay slots 1 of 1" in out.stdout
 
     def sees_model() -> bool:
         return any(any(m["name"] == MODEL for m in p["models"])
@@ -93,3 +95,24 @@ def test_a_node_reachable_only_through_a_relay_serves_a_task(
         "model": MODEL, "input": "What is a GPU?",
         "parameters": {"max_new_tokens": 8, "temperature": 0}})["task_id"])  # fmt: skip
     assert t["status"] == "completed" and t["node_id"] == hidden.info["peer_id"], t
+
+
+def test_a_dial_back_tells_a_reachable_node_from_an_unreachable_one(cluster: Cluster) -> None:
+    """A peer dials our advertised address over a fresh connection: a node whose announced
+    address leads nowhere (as behind a NAT) learns that it is private."""
+    import socket
+
+    a = cluster.start(1, extra=["--no-chain"])
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    b = cluster.start(2, bootstrap=a, extra=[
+        "--no-chain", "--announce", f"/ip4/127.0.0.1/tcp/{dead}"])  # fmt: skip
+    c = cluster.start(3, bootstrap=a, extra=["--no-chain"])
+
+    def observed(n: DevNode) -> str:
+        return str(n.rpc.call("vcoin_nodeInfo")["reachability"]["observed"])
+
+    wait_until(lambda: observed(b) == "private", 40, "B learns it cannot be dialled")
+    wait_until(lambda: observed(c) == "public", 40, "C learns it can be dialled")
+    assert c.rpc.call("vcoin_nodeInfo")["reachability"]["confirmed"] == [c.p2p_addr]

@@ -33,6 +33,7 @@ from vcoind.metrics import NodeMetrics
 from vcoind.ops.service import OpsService
 from vcoind.ops.status import NodeFacts
 from vcoind.oracle.network import OracleNetwork
+from vcoind.p2p.dialback import DialBack
 from vcoind.p2p.gossip import Gossip
 from vcoind.p2p.host import P2PHost, build_host, running
 from vcoind.p2p.keeper import PeerKeeper
@@ -105,6 +106,9 @@ class Node:
             self.p2p, metrics, max_stream_bytes=p2p_cfg.max_stream_bytes,
             resolve=self.keeper.addresses, connect=self.relays.connect,
         )  # fmt: skip
+        self.dialback = DialBack(self.p2p, streams, verdict=self.keeper.dialable,
+                                 own_addrs=self.direct_addrs)  # fmt: skip
+        self.dialback.mount(streams)
         self.registry = MethodRegistry()
         self.rpc = RPCServer(
             RPCServerConfig(host=cfg.rpc.host, port=cfg.rpc.port,
@@ -158,7 +162,7 @@ class Node:
             datadir.path,
             self.advertised_addrs,
             lambda: self.info.rpc_url if self.info else None,
-            self.relays.status,
+            lambda: {**self.relays.status(), **self.dialback.status()},
         )
         self.ops = OpsService(
             cfg.alerts, cfg.sla, facts, store, gossip, metrics, presence, compute, market,
@@ -189,16 +193,18 @@ class Node:
     def _connected(self) -> set[str]:
         return {p.to_base58() for p in self.p2p.connected_peers()}
 
+    def direct_addrs(self) -> list[str]:
+        """Our own addresses (announce, else listen): what a dial-back check tries."""
+        pid = self.identity.peer_id
+        if self.config.p2p.announce:
+            return [f"{a}/p2p/{pid}" for a in self.config.p2p.announce]
+        return self.p2p.addrs()
+
     def advertised_addrs(self) -> list[str]:
         """Where peers can reach us: our announce (else listen) addresses and our addresses
         through relays; with ``p2p.reachability = private`` only the latter."""
-        pid = self.identity.peer_id
         relayed = self.relays.circuit_addrs()
-        if self.relays.private:
-            return relayed
-        if self.config.p2p.announce:
-            return [f"{a}/p2p/{pid}" for a in self.config.p2p.announce] + relayed
-        return self.p2p.addrs() + relayed
+        return relayed if self.relays.private else self.direct_addrs() + relayed
 
     def is_ready(self) -> bool:
         return self._p2p_listening and self.store.is_open
@@ -239,6 +245,7 @@ class Node:
                 await nursery.start(self.relays.run)
                 await nursery.start(self.presence.run)
                 await nursery.start(self.keeper.run)
+                await nursery.start(self.dialback.run)
                 for service in (self.train, self.oracle, self.ops, self.market):
                     await nursery.start(service.run)
                 try:

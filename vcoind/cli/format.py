@@ -47,7 +47,8 @@ def fmt_node_info(r: dict[str, Any]) -> str:
     reach = r.get("reachability") or {}
     if reach:
         lines.append(
-            f"reach        {reach.get('reachability', '?')}   relaying for others "
+            f"reach        {reach.get('reachability', '?')} (dial-back: "
+            f"{reach.get('observed', '?')})   relaying for others "
             f"{'yes' if reach.get('relay_service') else 'no'}   relay slots "
             f"{len(reach.get('reservations', []))} of {len(reach.get('relays', []))}"
         )
