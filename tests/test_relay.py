@@ -99,10 +99,11 @@ def test_a_node_reachable_only_through_a_relay_serves_a_task(
 
 def test_a_dial_back_tells_a_reachable_node_from_an_unreachable_one(cluster: Cluster) -> None:
     """A peer dials our advertised address over a fresh connection: a node whose announced
-    address leads nowhere (as behind a NAT) learns that it is private."""
+    address leads nowhere (as behind a NAT) learns that it is private, and then holds a
+    slot at its bootstrap peer (a relay) and advertises its address through it."""
     import socket
 
-    a = cluster.start(1, extra=["--no-chain"])
+    a = cluster.start(1, extra=["--no-chain", "--relay-service", "on"])
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
@@ -116,3 +117,10 @@ def test_a_dial_back_tells_a_reachable_node_from_an_unreachable_one(cluster: Clu
     wait_until(lambda: observed(b) == "private", 40, "B learns it cannot be dialled")
     wait_until(lambda: observed(c) == "public", 40, "C learns it can be dialled")
     assert c.rpc.call("vcoin_nodeInfo")["reachability"]["confirmed"] == [c.p2p_addr]
+    wait_until(lambda: b.rpc.call("vcoin_nodeInfo")["reachability"]["reservations"] ==
+               [a.p2p_addr], 20, "B holds a slot at its bootstrap relay")  # fmt: skip
+    assert (
+        f"{a.p2p_addr}/p2p-circuit/p2p/{b.info['peer_id']}"
+        in (b.rpc.call("vcoin_nodeInfo")["p2p_addrs"])
+    )
+    assert c.rpc.call("vcoin_nodeInfo")["reachability"]["reservations"] == []

@@ -107,7 +107,8 @@ class Node:
             resolve=self.keeper.addresses, connect=self.relays.connect,
         )  # fmt: skip
         self.dialback = DialBack(self.p2p, streams, verdict=self.keeper.dialable,
-                                 own_addrs=self.direct_addrs)  # fmt: skip
+                                 own_addrs=self.direct_addrs,
+                                 on_private=self._unreachable)  # fmt: skip
         self.dialback.mount(streams)
         self.registry = MethodRegistry()
         self.rpc = RPCServer(
@@ -192,6 +193,13 @@ class Node:
 
     def _connected(self) -> set[str]:
         return {p.to_base58() for p in self.p2p.connected_peers()}
+
+    def _unreachable(self) -> None:
+        """The dial-back found us unreachable: with no relay set, hold slots at the
+        bootstrap peers (those that relay accept; the others are let go)."""
+        p2p = self.config.p2p
+        if p2p.reachability == "auto" and not p2p.relays:
+            self.relays.add_relays(list(p2p.bootstrap))
 
     def direct_addrs(self) -> list[str]:
         """Our own addresses (announce, else listen): what a dial-back check tries."""

@@ -70,11 +70,13 @@ DIALBACK_STREAM = StreamProtocol(DIALBACK_PROTOCOL, (DialBackRequest,),
 
 class DialBack:
     def __init__(self, p2p: P2PHost, streams: StreamService, *, verdict: Callable[[str], str],
-                 own_addrs: Callable[[], list[str]]) -> None:  # fmt: skip
+                 own_addrs: Callable[[], list[str]],
+                 on_private: Callable[[], None] = lambda: None) -> None:  # fmt: skip
         self._p2p = p2p
         self._streams = streams
         self._verdict = verdict
         self._own = own_addrs
+        self._on_private = on_private
         self._asked: dict[str, float] = {}  # peer -> when it last asked us
         self.observed = "unknown"  # public | private | unknown
         self.confirmed: list[str] = []  # our addresses some peer reached
@@ -158,6 +160,8 @@ class DialBack:
             confirmed = sorted({a for ans in answers for a in ans})
             before, self.observed = self.observed, "public" if confirmed else "private"
             self.confirmed, self.checked_at = confirmed, time.time()
+            if self.observed == "private":
+                self._on_private()
             if self.observed != before:
                 log.log(logging.INFO if confirmed else logging.WARNING,
                         "reachability: %s (%d of %d peers asked reached us%s)", self.observed,

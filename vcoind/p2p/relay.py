@@ -49,6 +49,7 @@ CIRCUIT = "/p2p-circuit"
 RESERVE_TIMEOUT_S = 10.0
 RESERVE_CHECK_S = 5.0  # how often a lost reservation (relay gone, connection cut) is noticed
 RETRY_MAX_S = 60.0
+GIVE_UP_AFTER = 4  # refusals in a row before an automatic relay is let go
 HOLE_PUNCH_DIAL_S = 3  # DEPENDENCIES.md: 3 s punched through port-preserving NATs 9/9
 
 
@@ -121,7 +122,7 @@ class Relays:
         return {
             "relay_service": self.hop,
             "reachability": self._cfg.reachability,
-            "relays": list(self._cfg.relays),
+            "relays": [self._relay_addrs[r.peer_id] for r in self._relays],
             "reservations": [self._relay_addrs[r] for r in self.reserved],
             "hole_punched": len(self.dcutr.upgraded),
         }
@@ -156,10 +157,24 @@ class Relays:
                 errors.append(f"{addr}: {exc or type(exc).__name__}")
         raise ConnectionError("; ".join(errors) or "no address")
 
-    async def _keep_reservation(self, relay: PeerInfo) -> None:
+    def add_relays(self, addrs: list[str]) -> None:
+        """Hold slots at these relays too (a node found to be unreachable uses its
+        bootstrap peers); one that refuses ``GIVE_UP_AFTER`` times in a row is let go."""
+        for a in addrs:
+            try:
+                info = info_from_p2p_addr(multiaddr.Multiaddr(a))
+            except Exception:  # multiaddr raises assorted types for bad input
+                continue
+            if info.peer_id in self._relay_addrs or self._nursery is None:
+                continue
+            self._relays.append(info)
+            self._relay_addrs[info.peer_id] = a
+            self._nursery.start_soon(self._keep_reservation, info, GIVE_UP_AFTER)
+
+    async def _keep_reservation(self, relay: PeerInfo, give_up: int = 0) -> None:
         host = self._p2p.host
         failures = 0
-        while True:
+        while not give_up or failures < give_up:
             if relay.peer_id in self.reserved and relay.peer_id in host.get_connected_peers():
                 await trio.sleep(RESERVE_CHECK_S)
                 continue
