@@ -435,3 +435,34 @@ def start_daemon(host: NetHost, index: int, base: Path, *, bootstrap: str | None
                                 start_new_session=True)  # fmt: skip
     return NsNode(index, datadir, proc, log_path, timeout=timeout, started=time.monotonic(),
                   host=host)  # fmt: skip
+
+
+# --- the network: three daemons --------------------------------------------------------
+
+ROLES = {
+    "public": "public node, no model: its tasks go to a NATed worker",
+    "worker": "NATed worker, serves the test model",
+    "requester": "NATed requester, no model: its tasks need the worker",
+}
+
+
+def start_network(bed: Testbed, base: Path, models: Path, *, heartbeat: float = 0.5,
+                  peer_timeout: float = 5.0, network: str = "devnet",
+                  extra: list[str] | None = None) -> list[NsNode]:  # fmt: skip
+    """The public node and the two NATed nodes (``ROLES``, in that order), all launched at
+    once: the public node's identity is made first, so the others can bootstrap to its
+    address while it starts (their dials retry). No chain (``--no-chain``). Returns at
+    once; ``node.info`` waits for each."""
+    empty = base / "no-models"
+    empty.mkdir(parents=True, exist_ok=True)
+    pub_dir = base / f"node1-{bed.public.ns.rsplit('-', 1)[1]}"
+    dd = DataDir(pub_dir)
+    dd.init(exist_ok=True)
+    boot = f"{bed.public.p2p_listen()}/p2p/{dd.load_identity().peer_id}"
+    plan = [(bed.public, None, empty), (bed.nated[0], boot, models), (bed.nated[1], boot, empty)]
+    return [
+        start_daemon(host, i, base, bootstrap=b, heartbeat=heartbeat, network=network,
+                     peer_timeout=peer_timeout,
+                     extra=["--no-chain", "--models-dir", str(m), *(extra or [])])
+        for i, (host, b, m) in enumerate(plan, 1)
+    ]  # fmt: skip
