@@ -255,6 +255,8 @@ class Testbed:
             bed.public, bed.nated[0], bed.nated[1]   # NetHost: ns, ip, role
     """
 
+    __test__ = False  # not a pytest test class, whatever its name
+
     def __init__(self, *, random_ports: bool = False) -> None:
         self.id = f"{NS_PREFIX}{os.getpid()}-{secrets.token_hex(2)}"
         self.subnet = 16 + secrets.randbelow(200)  # 10.X.0.0/24: distinct in logs only
