@@ -171,7 +171,7 @@ def run(ns: argparse.Namespace) -> int:
         code = 1
     elif nodes:
         print(f"stopped {len(nodes)} nodes cleanly; namespaces removed", flush=True)
-    if temp and code == 0:
+    if temp and (code == 0 or not nodes):  # no daemon started: no logs worth keeping
         shutil.rmtree(base, ignore_errors=True)
     elif code != 0:
         print(f"devnet --netns: logs kept in {base}", file=sys.stderr)
