@@ -36,10 +36,12 @@ the only addresses it learns are inside these namespaces. The namespaces have no
 link, so nothing else is reachable anyway.
 
 Relay (issue 25, later): the public node is where a circuit-relay v2 hop service will run;
-the NATed nodes will reserve a slot on it and announce ``/ip4/10.X.0.10/tcp/4001/p2p/
-<relay>/p2p-circuit`` addresses, and DCUtR upgrades a relayed connection to a direct one
-through the port-preserving NATs. The daemon flags for that go in ``extra`` of
-``start_daemon``; ``NODES`` says which node is meant to be the relay.
+the NATed nodes will reserve a slot on it (reaching it at ``/ip4/10.X.0.10/tcp/4001/p2p/
+<id>``, their bootstrap address already), publish ``.../p2p/<relay>/p2p-circuit/p2p/<me>``
+addresses, and DCUtR upgrades a relayed connection to a direct one through the
+port-preserving NATs (``Testbed(random_ports=True)`` makes a NAT that defeats it). The
+daemon flags for that go in ``start_network(role_flags={"public": [...], "worker": [...],
+"requester": [...]})``.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import http.client
 import os
 import re
 import secrets
@@ -57,7 +60,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+import urllib.parse
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -361,9 +365,6 @@ class NetnsRPCClient(RPCClient):
         self.ns = ns
 
     def _request(self, path: str, body: bytes | None) -> bytes:
-        import http.client
-        import urllib.parse
-
         u = urllib.parse.urlsplit(self.url)
         host, port = u.hostname or "127.0.0.1", u.port or 80
         where = f"the daemon at {self.url} in {self.ns}"
@@ -385,19 +386,6 @@ class NetnsRPCClient(RPCClient):
         if resp.status >= 400:
             raise ClientError(f"{self.url}: HTTP {resp.status} {data[:200]!r}")
         return data
-
-
-def wait_port(ns: str, ip: str, port: int, timeout: float) -> None:
-    """Until something accepts on ``ip:port`` inside ``ns``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            connect_in(ns, ip, port, 1.0).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 @dataclass
@@ -450,11 +438,12 @@ ROLES = {
 
 def start_network(bed: Testbed, base: Path, models: Path, *, heartbeat: float = 0.5,
                   peer_timeout: float = 5.0, network: str = "devnet",
-                  extra: list[str] | None = None) -> list[NsNode]:  # fmt: skip
+                  role_flags: Mapping[str, list[str]] | None = None) -> list[NsNode]:  # fmt: skip
     """The public node and the two NATed nodes (``ROLES``, in that order), all launched at
     once: the public node's identity is made first, so the others can bootstrap to its
-    address while it starts (their dials retry). No chain (``--no-chain``). Returns at
-    once; ``node.info`` waits for each."""
+    address while it starts (their dials retry). No chain (``--no-chain``). ``role_flags``:
+    more daemon flags per role (a relay's, later). Returns at once; ``node.info`` waits
+    for each."""
     empty = base / "no-models"
     empty.mkdir(parents=True, exist_ok=True)
     pub_dir = base / f"node1-{bed.public.ns.rsplit('-', 1)[1]}"
@@ -462,9 +451,10 @@ def start_network(bed: Testbed, base: Path, models: Path, *, heartbeat: float = 
     dd.init(exist_ok=True)
     boot = f"{bed.public.p2p_listen()}/p2p/{dd.load_identity().peer_id}"
     plan = [(bed.public, None, empty), (bed.nated[0], boot, models), (bed.nated[1], boot, empty)]
+    flags = role_flags or {}
     return [
         start_daemon(host, i, base, bootstrap=b, heartbeat=heartbeat, network=network,
                      peer_timeout=peer_timeout,
-                     extra=["--no-chain", "--models-dir", str(m), *(extra or [])])
-        for i, (host, b, m) in enumerate(plan, 1)
+                     extra=["--no-chain", "--models-dir", str(m), *flags.get(role, [])])
+        for i, ((host, b, m), role) in enumerate(zip(plan, ROLES, strict=True), 1)
     ]  # fmt: skip
