@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # npm writes this file on every install: it stands for "contracts/node_modules matches the lock".
 NODE_DEPS := contracts/node_modules/.package-lock.json
 
-.PHONY: install browser test lint contracts devnet devnet-check bench clean
+.PHONY: install browser netns-deps test lint contracts devnet devnet-check bench clean
 
 install: $(STAMP) $(NODE_DEPS)
 
@@ -46,7 +46,16 @@ browser:
 		{ echo "error: chromium/chromedriver/curl missing and could not be installed; install them with your package manager" >&2; exit 1; }; \
 	fi
 
-test: install browser
+# The namespace testbed (`--netns`, tests/test_netns.py) needs root and nftables' nft; where
+# either is missing the test is skipped with the reason, so a failed install is only a note.
+netns-deps:
+	@if [ "$$(id -u)" = 0 ] && ! command -v nft >/dev/null 2>&1; then \
+		echo "installing nftables (the NAT of the --netns testbed)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables >/dev/null) || \
+		echo "note: nftables could not be installed: the --netns testbed and its test are unavailable" >&2; \
+	fi
+
+test: install browser netns-deps
 	$(BIN)/ruff check vcoind tests devnet bench
 	$(BIN)/ruff format --check vcoind tests devnet bench
 	$(BIN)/mypy
@@ -57,10 +66,10 @@ lint: install
 	$(BIN)/ruff format --check vcoind tests devnet bench
 	$(BIN)/mypy
 
-devnet: install
+devnet: install $(if $(findstring --netns,$(DEVNET_ARGS)),netns-deps)
 	$(BIN)/python -m devnet $(DEVNET_ARGS)
 
-devnet-check: install
+devnet-check: install $(if $(findstring --netns,$(DEVNET_ARGS)),netns-deps)
 	$(BIN)/python -m devnet --check $(DEVNET_ARGS)
 
 bench: install

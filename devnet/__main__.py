@@ -4,6 +4,8 @@
     python -m devnet --nodes 5
     python -m devnet --check         # bring up, verify full mesh, stop cleanly; exit 0/1
     python -m devnet --chain embedded  # no anvil: each daemon has its own in-process EVM
+    python -m devnet --netns         # as root: a public node and two behind NATs, each in
+                                     # its own network namespace (devnet/netns.py)
 
 Node 1 starts first; the others bootstrap to it and learn each other through
 gossip. Each node has its own datadir (keys, config, SQLite, log) under --dir.
@@ -513,7 +515,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="anvil: one shared chain (default); embedded: an in-process EVM per "
                    "daemon; none: no chain")  # fmt: skip
     p.add_argument("--chain-port", type=int, default=0, help="anvil's port (default: free)")
+    p.add_argument("--netns", action="store_true",
+                   help="as root: a public node and two NATed nodes in network namespaces "
+                   "(nftables NAT), no chain; --nodes and --chain do not apply")  # fmt: skip
     ns = p.parse_args(argv)
+    if ns.netns:
+        from devnet import netns_demo
+
+        return netns_demo.run(ns)
     if ns.nodes < 1:
         p.error("--nodes must be at least 1")
     base = ns.dir or Path(tempfile.mkdtemp(prefix="vcoin-devnet-"))
