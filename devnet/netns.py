@@ -35,13 +35,15 @@ private and ``p2p.allow_private_dials = auto`` lets it dial the others' private 
 the only addresses it learns are inside these namespaces. The namespaces have no other
 link, so nothing else is reachable anyway.
 
-Relay (issue 25, later): the public node is where a circuit-relay v2 hop service will run;
-the NATed nodes will reserve a slot on it (reaching it at ``/ip4/10.X.0.10/tcp/4001/p2p/
-<id>``, their bootstrap address already), publish ``.../p2p/<relay>/p2p-circuit/p2p/<me>``
-addresses, and DCUtR upgrades a relayed connection to a direct one through the
-port-preserving NATs (``Testbed(random_ports=True)`` makes a NAT that defeats it). The
-daemon flags for that go in ``start_network(role_flags={"public": [...], "worker": [...],
-"requester": [...]})``.
+Relay: the public node runs the circuit relay v2 hop service (``--relay-service on``: its
+10.x address is not public, so not by default). The NATed nodes find by a dial-back that
+nobody can dial them, reserve a slot on it (their bootstrap peer), and advertise
+``.../p2p/<relay>/p2p-circuit/p2p/<me>``; they reach each other through it. DCUtR then
+dials the NATs' public addresses (learnt from the dial-back) from the listen ports, at
+once from both sides; through these nftables NATs that has not produced a direct
+connection yet (with the forward filter flushed too): the next thing to find out.
+``Testbed(random_ports=True)`` makes a NAT that would defeat it anyway. More daemon flags
+go in ``start_network(role_flags={"public": [...], "worker": [...], "requester": [...]})``.
 """
 
 from __future__ import annotations
@@ -451,7 +453,10 @@ def start_network(bed: Testbed, base: Path, models: Path, *, heartbeat: float = 
     dd.init(exist_ok=True)
     boot = f"{bed.public.p2p_listen()}/p2p/{dd.load_identity().peer_id}"
     plan = [(bed.public, None, empty), (bed.nated[0], boot, models), (bed.nated[1], boot, empty)]
-    flags = role_flags or {}
+    # The public node relays for the NATed ones (its 10.x address is not public, so it
+    # would not by default); they find out by a dial-back that nobody can dial them and
+    # hold a slot at it, their bootstrap peer, then punch through to each other (DCUtR).
+    flags = {"public": ["--relay-service", "on"], **(role_flags or {})}
     return [
         start_daemon(host, i, base, bootstrap=b, heartbeat=heartbeat, network=network,
                      peer_timeout=peer_timeout,

@@ -98,7 +98,8 @@ class Node:
                                       max_age_s=p2p_cfg.peer_timeout,
                                       max_invalid=p2p_cfg.max_invalid_messages,
                                       cfg=p2p_cfg)  # fmt: skip
-        self.relays = Relays(self.p2p, p2p_cfg, verdict=lambda a: self.keeper.dialable(a))
+        self.relays = Relays(self.p2p, p2p_cfg, verdict=lambda a: self.keeper.dialable(a),
+                             seen_at=lambda: self.dialback.wan_ips)  # fmt: skip
         self.keeper = PeerKeeper(self.p2p, metrics, bootstrap=p2p_cfg.bootstrap,
                                  discover=p2p_cfg.discover, cfg=p2p_cfg,
                                  connect=self.relays.connect)  # fmt: skip

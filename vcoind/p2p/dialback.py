@@ -61,6 +61,7 @@ class DialBackReply(Message):
     MAX_BYTES: ClassVar[int] = 2048
 
     reachable: tuple[str, ...] = field(metadata=lim(max_len=MAX_ADDRS, items={"max_len": 256}))
+    observed_ip: str = field(default="", metadata=lim(max_len=64))  # where we see the asker
 
 
 DIALBACK_STREAM = StreamProtocol(DIALBACK_PROTOCOL, (DialBackRequest,),
@@ -81,10 +82,13 @@ class DialBack:
         self.observed = "unknown"  # public | private | unknown
         self.confirmed: list[str] = []  # our addresses some peer reached
         self.checked_at: float | None = None
+        # The IPs peers see us at: behind a NAT, its public address (DCUtR predicts our
+        # hole-punch address from it and our listen port).
+        self.wan_ips: list[str] = []
 
     def status(self) -> dict[str, Any]:
         return {"observed": self.observed, "confirmed": self.confirmed,
-                "checked_at": self.checked_at}  # fmt: skip
+                "checked_at": self.checked_at, "seen_at": self.wan_ips}  # fmt: skip
 
     # --- answering ---------------------------------------------------------------
 
@@ -107,7 +111,7 @@ class DialBack:
                 continue
             if await self._dial(addr, peer):
                 reached.append(addr)
-        return DialBackReply(tuple(reached))
+        return DialBackReply(tuple(reached), ip or "")
 
     def _dialable(self, addr: str, ip: str, who: str) -> bool:
         """At the asking peer's own IP, ending in its own id, allowed by the dial policy."""
@@ -152,6 +156,8 @@ class DialBack:
                 log.debug("dial-back check by %s: %s", peer, exc)
                 return
             answers.append(tuple(a for a in r.reachable if a in mine))
+            if r.observed_ip and r.observed_ip not in self.wan_ips:
+                self.wan_ips = [*self.wan_ips[-3:], r.observed_ip]
 
         async with trio.open_nursery() as nursery:
             for p in peers[:ASK_PEERS]:

@@ -8,8 +8,9 @@ relay restarts or drops it) and advertises ``RELAY/p2p-circuit/p2p/<our id>`` in
 heartbeats; with ``p2p.reachability = private`` only those addresses.
 
 py-libp2p's ``host.connect`` refuses circuit addresses, so dialling goes through ``dial``
-here: the keeper and the stream service try a peer's direct addresses first and fall
-back to its circuit addresses (each passes the dial policy on its relay's address).
+here: the keeper and the stream service dial a peer that advertises circuit addresses
+through its relays first, its own addresses after (each circuit address passes the dial
+policy on its relay's address).
 
 Every node also runs DCUtR (``/libp2p/dcutr``): two peers on a relayed connection
 exchange the addresses they were seen at and dial each other at once, so a TCP hole
@@ -65,23 +66,46 @@ def split_addrs(addrs: list[Any]) -> tuple[list[Any], list[Any]]:
 class PolicedDCUtR(DCUtRProtocol):
     """DCUtR that dials only what the dial policy allows, and counts its upgrades."""
 
-    def __init__(self, host: Any, verdict: Callable[[str], str]) -> None:
+    def __init__(self, host: Any, verdict: Callable[[str], str],
+                 seen_at: Callable[[], list[str]] = list) -> None:  # fmt: skip
         super().__init__(host, dial_timeout=HOLE_PUNCH_DIAL_S)
         self._verdict = verdict
+        self._seen_at = seen_at
         self.upgraded: set[ID] = set()
         self.refused = 0
 
     async def _dial_peer(self, peer_id: ID, addr: Any, source: tuple[str, int] | None = None,
                          as_responder: bool = False) -> None:  # fmt: skip
-        why = self._verdict(f"{addr}/p2p/{peer_id}")
+        full = str(addr) if "/p2p/" in str(addr) else f"{addr}/p2p/{peer_id}"
+        why = self._verdict(full)
         if why != DIAL_OK:
             self.refused += 1
             log.debug("hole punch: not dialling %s at %s (%s address)", peer_id, addr, why)
             return
+        log.debug("hole punch: dialling %s at %s from %s", peer_id, addr, source)
         await super()._dial_peer(peer_id, addr, source=source, as_responder=as_responder)
+
+    async def _get_observed_addrs(self) -> list[bytes]:
+        """The addresses we tell the peer to dial: first the IPs peers see us at (the
+        dial-back's answers: a NAT's public address) with our listen ports, since the
+        punch leaves from the listen port and NATs mostly keep it; then py-libp2p's own."""
+        ports = {
+            a.value_for_protocol("tcp")
+            for a in self.host.get_addrs()
+            if "/p2p-circuit" not in str(a) and "tcp" in {p.name for p in a.protocols()}
+        }
+        ours = [
+            multiaddr.Multiaddr(f"/ip4/{ip}/tcp/{port}").to_bytes()
+            for ip in self._seen_at()
+            if ":" not in ip
+            for port in sorted(ports)
+        ]
+        rest = [b for b in await super()._get_observed_addrs() if b not in ours]
+        return (ours + rest)[:8]
 
     async def initiate_hole_punch(self, peer_id: ID) -> bool:
         ok = await super().initiate_hole_punch(peer_id)
+        log.debug("hole punch to %s: %s", peer_id, "direct" if ok else "failed")
         if ok and peer_id not in self.upgraded:
             self.upgraded.add(peer_id)
             log.info("direct connection to %s: the relayed one was upgraded (DCUtR)", peer_id)
@@ -90,7 +114,8 @@ class PolicedDCUtR(DCUtRProtocol):
 
 class Relays:
     def __init__(self, p2p: P2PHost, cfg: P2PConfig,
-                 verdict: Callable[[str], str] = lambda addr: DIAL_OK) -> None:  # fmt: skip
+                 verdict: Callable[[str], str] = lambda addr: DIAL_OK,
+                 seen_at: Callable[[], list[str]] = list) -> None:  # fmt: skip
         self._p2p = p2p
         self._cfg = cfg
         own = cfg.announce or cfg.listen
@@ -106,7 +131,7 @@ class Relays:
         self._relays = [info_from_p2p_addr(multiaddr.Multiaddr(a)) for a in cfg.relays]
         self._relay_addrs = {i.peer_id: a for i, a in zip(self._relays, cfg.relays, strict=True)}
         self.reserved: dict[ID, float] = {}  # relay -> when the reservation was made
-        self.dcutr = PolicedDCUtR(p2p.host, verdict)
+        self.dcutr = PolicedDCUtR(p2p.host, verdict, seen_at)
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -132,18 +157,11 @@ class Relays:
         await self.transport.dial(multiaddr.Multiaddr(str(addr)))
 
     async def connect(self, info: PeerInfo, timeout_s: float) -> None:
-        """Connect to a peer: its direct addresses, else through its relays."""
+        """Connect to a peer. One that advertises relayed addresses is behind a NAT: its
+        own addresses most likely lead nowhere (or time out), so through its relays first
+        (DCUtR then upgrades the connection to a direct one), its own addresses last."""
         direct, circuit = split_addrs(list(info.addrs))
         errors: list[str] = []
-        if direct:
-            try:
-                with trio.fail_after(timeout_s):
-                    await self._p2p.host.connect(PeerInfo(info.peer_id, direct))
-                return
-            except Exception as exc:  # py-libp2p raises many unrelated types on dial failure
-                if not circuit:
-                    raise
-                errors.append(f"direct: {exc or type(exc).__name__}")
         for addr in circuit:
             full = str(addr)
             if full.endswith(CIRCUIT):  # a PeerInfo's addresses lack the final /p2p/ID
@@ -155,6 +173,15 @@ class Relays:
                 return
             except Exception as exc:  # the relay may be gone, its slot expired...
                 errors.append(f"{addr}: {exc or type(exc).__name__}")
+        if direct:
+            try:
+                with trio.fail_after(timeout_s):
+                    await self._p2p.host.connect(PeerInfo(info.peer_id, direct))
+                return
+            except Exception as exc:  # py-libp2p raises many unrelated types on dial failure
+                if not circuit:
+                    raise
+                errors.append(f"direct: {exc or type(exc).__name__}")
         raise ConnectionError("; ".join(errors) or "no address")
 
     def add_relays(self, addrs: list[str]) -> None:

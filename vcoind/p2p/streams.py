@@ -279,8 +279,8 @@ class StreamService:
         if direct:
             self._p2p.host.get_peerstore().add_addrs(peer, direct, RESOLVED_ADDR_TTL_S)
         relayed = len(direct) < len(known) and self._connect is not None
-        if relayed and peer not in self._p2p.host.get_connected_peers() and not direct:
-            await self._dial(peer, known)  # only reachable through a relay
+        if relayed and peer not in self._p2p.host.get_connected_peers():
+            await self._dial(peer, known)  # behind a NAT: through its relay first
         try:
             stream: INetStream = await self._p2p.host.new_stream(peer, [proto.protocol_id])  # type: ignore[list-item]
         except BaseLibp2pError as exc:
