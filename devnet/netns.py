@@ -40,9 +40,11 @@ Relay: the public node runs the circuit relay v2 hop service (``--relay-service 
 nobody can dial them, reserve a slot on it (their bootstrap peer), and advertise
 ``.../p2p/<relay>/p2p-circuit/p2p/<me>``; they reach each other through it. DCUtR then
 dials the NATs' public addresses (learnt from the dial-back) from the listen ports, at
-once from both sides; through these nftables NATs that has not produced a direct
-connection yet (with the forward filter flushed too): the next thing to find out.
-``Testbed(random_ports=True)`` makes a NAT that would defeat it anyway. More daemon flags
+once from both sides: the first SYN is dropped by the far NAT, the second finds the
+near NAT's mapping and the simultaneous open gives a direct connection. The routers drop
+unsolicited inbound packets (forward and input) as home routers do: a router that
+answered them with RST (no input rule) would tear its own mapping down and defeat the
+punch. ``Testbed(random_ports=True)`` makes a NAT that defeats it too. More daemon flags
 go in ``start_network(role_flags={"public": [...], "worker": [...], "requester": [...]})``.
 """
 
@@ -219,6 +221,11 @@ table ip filter {{
     type filter hook forward priority filter; policy accept;
     ct state established,related accept
     iifname "wan" drop
+  }}
+  chain input {{
+    type filter hook input priority filter; policy accept;
+    ct state established,related accept
+    iifname "wan" ct state new drop
   }}
 }}
 """

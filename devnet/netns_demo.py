@@ -5,8 +5,8 @@ Checked (``--check`` exits 1 if one fails): the NAT hides the NATed nodes, they 
 dialled from the public LAN, the three form a network, a task on the public node is
 served by the NATed worker over the connection it dialled out, and a task between the
 two NATed nodes goes through the public node's relay (each found by a dial-back that it
-cannot be dialled and holds a slot there). Reported, not checked: whether DCUtR punched
-a direct connection through the two NATs (not yet, here).
+cannot be dialled and holds a slot there), after which DCUtR punches a direct connection
+between them through both NATs.
 """
 
 from __future__ import annotations
@@ -97,6 +97,25 @@ def _connections(n: NsNode, names: dict[str, str]) -> str:
     return f"direct: {', '.join(direct) or '-'}; through gossip only: {', '.join(gossip) or '-'}"
 
 
+def hole_punched(bed: Testbed, worker: NsNode, requester: NsNode, timeout: float = 60.0
+                 ) -> Outcome:  # fmt: skip
+    """DCUtR upgraded the NATed nodes' relayed connection: the worker's namespace has a
+    direct connection from the requester's NAT."""
+    nat2 = bed.nated[1].nat_ip
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if nat2 in established_peers(bed.nated[0].ns):
+            return Outcome(True, "hole punched between the NATed nodes",
+                           f"a direct connection from {nat2} (NAT 2) to the worker "
+                           f"{time.monotonic() - t0:.1f} s after the relayed task")  # fmt: skip
+        time.sleep(0.5)
+    return Outcome(
+        False,
+        "hole punched between the NATed nodes",
+        f"no direct connection after {timeout:.0f} s (still relayed)",
+    )
+
+
 def _demo(bed: Testbed, base: Path, ns: argparse.Namespace, nodes: list[NsNode]) -> int:
     """Start the daemons (appended to ``nodes`` at once, for the caller to stop), check,
     report; with ``ns.check`` returns, else runs until Ctrl-C."""
@@ -133,10 +152,9 @@ def _demo(bed: Testbed, base: Path, ns: argparse.Namespace, nodes: list[NsNode])
                            60.0, ns.prompt)  # fmt: skip
     checks.append(relayed)
     print(f"  {'ok  ' if relayed.ok else 'FAIL'}  {relayed.what}: {relayed.detail}", flush=True)
-    punched = sum(n.rpc.call("vcoin_nodeInfo")["reachability"]["hole_punched"]
-                  for n in (worker, requester))  # fmt: skip
-    print(f"not yet: a direct connection between the NATed nodes (DCUtR hole punches: "
-          f"{punched})", flush=True)  # fmt: skip
+    checks.append(hole_punched(bed, worker, requester))
+    print(f"  {'ok  ' if checks[-1].ok else 'FAIL'}  {checks[-1].what}: {checks[-1].detail}",
+          flush=True)  # fmt: skip
     if ns.check:
         return 0 if all(c.ok for c in checks) else 1
     print("running; Ctrl-C stops all nodes and removes the namespaces", flush=True)

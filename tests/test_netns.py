@@ -128,11 +128,12 @@ def test_a_task_on_the_public_node_is_served_behind_the_nat(net: Net) -> None:
     assert t["result"]
 
 
-def test_a_task_between_nated_nodes_goes_through_the_relay(net: Net) -> None:
+def test_a_task_between_nated_nodes_goes_through_the_relay_then_direct(net: Net) -> None:
     """The requester (behind NAT 2, no model) submits; the worker (behind NAT 1) serves it
-    over their connection through the public node's relay. (DCUtR then tries to punch a
-    direct connection, dialling the NATs' public addresses from the listen ports; through
-    these two nftables NATs it does not succeed yet, see the module docstring.)"""
+    over their connection through the public node's relay; DCUtR then punches a direct
+    connection through both NATs (each dials the other's NAT from its listen port), which
+    the kernel in the worker's namespace shows as a connection from NAT 2's public IP, and
+    the next task goes over it."""
     worker = net.worker.info["peer_id"]
 
     def sees_worker() -> bool:
@@ -141,12 +142,22 @@ def test_a_task_between_nated_nodes_goes_through_the_relay(net: Net) -> None:
 
     wait_until(sees_worker, 20, "the requester hears that the worker serves the model")
     req = {"model": TEST_MODEL, "input": "hello", "parameters": {"max_new_tokens": 8}}
-    for _ in range(2):  # and again, on the connection the first one opened
-        t = run_task(net.requester, req, 60)
-        assert t["status"] == "completed", t.get("error")
-        assert t["node_id"] == worker
+    t = run_task(net.requester, req, 60)
+    assert t["status"] == "completed", t.get("error")
+    assert t["node_id"] == worker
     logs = [(n.datadir / "vcoind.log").read_text() for n in (net.worker, net.requester)]
     assert any("through a relay" in text for text in logs)
+
+    def punched() -> bool:
+        return any(n.rpc.call("vcoin_nodeInfo")["reachability"]["hole_punched"]
+                   for n in (net.worker, net.requester))  # fmt: skip
+
+    wait_until(punched, 60, "a hole punched between the NATed nodes")
+    nat2 = net.bed.nated[1].nat_ip
+    wait_until(lambda: nat2 in established_peers(net.bed.nated[0].ns), 10,
+               f"a direct connection from {nat2} in the worker's namespace")  # fmt: skip
+    t = run_task(net.requester, req, 60)
+    assert t["status"] == "completed" and t["node_id"] == worker, t.get("error")
 
 
 def test_skip_reason_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
