@@ -26,7 +26,9 @@ import heapq
 import math
 import random
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 D, D_HIGH = 6, 12
 CONN_LOW = 64
@@ -187,3 +189,25 @@ def print_sim(rows: list[SimFigures]) -> None:
             "-" if f.cpu_pct is None else f"{f.cpu_pct:.1f}",
         )
         print(" ".join(f"{v:>10}" for v in vals))
+
+
+def growth(real: Sequence[Any], sim: list[SimFigures], base: float) -> dict[str, float | None]:
+    """Growth exponents in N. Real rates are rescaled to one interval (``base``) first:
+    the real runs stretch the interval with N, the daemon's figures at ``base`` do not."""
+    ns = [f.n for f in real]
+    out = {
+        "real msgs/s/node in (at the base interval)":
+            fit_exponent(ns, [f.msgs_in_per_s * f.interval_s / base for f in real]),
+        "real KB/s/node in (at the base interval)":
+            fit_exponent(ns, [f.kb_in_per_s * f.interval_s / base for f in real]),
+        "real CPU/node (as measured)": fit_exponent(ns, [f.cpu_pct for f in real]),
+        "real convergence time": fit_exponent(
+            [f.n for f in real if f.convergence_s], [f.convergence_s or 0.0 for f in real
+                                                    if f.convergence_s]),
+        "real announce -> last bid": fit_exponent(ns, [f.bid_last_ms or 0.0 for f in real]),
+    }  # fmt: skip
+    sn = [f.n for f in sim]
+    out["sim msgs/s/node"] = fit_exponent(sn, [f.msgs_in_per_s for f in sim])
+    out["sim KB/s/node"] = fit_exponent(sn, [f.kb_in_per_s for f in sim])
+    out["sim projected CPU/node"] = fit_exponent(sn, [f.cpu_pct or 0.0 for f in sim])
+    return out
