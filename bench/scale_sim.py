@@ -80,14 +80,21 @@ def fit_exponent(ns: list[int], ys: list[float]) -> float | None:
 
 
 def fit_cpu(hb_per_s: list[float], cpu_pct: list[float]) -> CpuModel | None:
-    """Least squares of CPU % against unique heartbeats per second (intercept: idle)."""
-    if len(hb_per_s) < 2:
+    """Least squares of CPU % against unique heartbeats per second (intercept: idle).
+
+    When the sizes took about the same heartbeat rate (``--interval auto`` holds it), the
+    line is not determined: then all the CPU is charged to the heartbeats (no idle part),
+    an upper bound of the marginal cost.
+    """
+    pts = [(x, y) for x, y in zip(hb_per_s, cpu_pct, strict=True) if x > 0]
+    if not pts:
         return None
-    mx, my = statistics.mean(hb_per_s), statistics.mean(cpu_pct)
-    sxx = sum((x - mx) ** 2 for x in hb_per_s)
-    if not sxx:
-        return None
-    slope = sum((x - mx) * (y - my) for x, y in zip(hb_per_s, cpu_pct, strict=True)) / sxx
+    xs = [x for x, _ in pts]
+    if len(pts) < 2 or max(xs) < 1.5 * min(xs):
+        return CpuModel(0.0, statistics.mean(10.0 * y / x for x, y in pts))
+    mx, my = statistics.mean(xs), statistics.mean(y for _, y in pts)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sxx
     return CpuModel(idle_pct=max(0.0, my - slope * mx), ms_per_hb=max(0.0, 10.0 * slope))
 
 

@@ -62,3 +62,7 @@ def test_fits() -> None:
     assert cpu is not None
     assert cpu.idle_pct == pytest.approx(2.0) and cpu.ms_per_hb == pytest.approx(10.0)
     assert cpu.project(10.0) == pytest.approx(12.0)
+    # the same rate at every size: everything charged to the heartbeats
+    flat = fit_cpu([2.0, 2.1], [5.0, 6.3])
+    assert flat is not None and flat.idle_pct == 0.0
+    assert flat.ms_per_hb == pytest.approx((25.0 + 30.0) / 2)
