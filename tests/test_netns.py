@@ -111,16 +111,17 @@ def test_the_three_daemons_form_a_network(net: Net) -> None:
                "the NATed nodes connect to each other (through the relay)")  # fmt: skip
 
 
+def serves_a_model(node: NsNode, peer: str) -> bool:
+    """``node`` has heard from ``peer`` that it serves a model."""
+    return any(p["peer_id"] == peer and p["models"] for p in node.rpc.call("vcoin_peers"))
+
+
 def test_a_task_on_the_public_node_is_served_behind_the_nat(net: Net) -> None:
     """The public node serves no model: its task reaches the NATed worker over the
     connection the worker dialled out."""
     worker = net.worker.info["peer_id"]
-
-    def worker_serves() -> bool:
-        peers = net.public.rpc.call("vcoin_peers")
-        return any(p["peer_id"] == worker and p["models"] for p in peers)
-
-    wait_until(worker_serves, 20, "the public node to hear that the worker serves the model")
+    wait_until(lambda: serves_a_model(net.public, worker), 20,
+               "the public node to hear that the worker serves the model")  # fmt: skip
     req = {"model": TEST_MODEL, "input": "hello", "parameters": {"max_new_tokens": 8}}
     t = run_task(net.public, req, 60)
     assert t["status"] == "completed", t.get("error")
@@ -135,12 +136,8 @@ def test_a_task_between_nated_nodes_goes_through_the_relay_then_direct(net: Net)
     the kernel in the worker's namespace shows as a connection from NAT 2's public IP, and
     the next task goes over it."""
     worker = net.worker.info["peer_id"]
-
-    def sees_worker() -> bool:
-        peers = net.requester.rpc.call("vcoin_peers")
-        return any(p["peer_id"] == worker and p["models"] for p in peers)
-
-    wait_until(sees_worker, 20, "the requester hears that the worker serves the model")
+    wait_until(lambda: serves_a_model(net.requester, worker), 20,
+               "the requester hears that the worker serves the model")  # fmt: skip
     req = {"model": TEST_MODEL, "input": "hello", "parameters": {"max_new_tokens": 8}}
     t = run_task(net.requester, req, 60)
     assert t["status"] == "completed", t.get("error")

@@ -30,7 +30,7 @@ from vcoind.compute.fetchwire import (
     FileEntry,
     ModelManifest,
 )
-from vcoind.compute.models import SHARD_MANIFEST, model_id_from
+from vcoind.compute.models import SHARD_MANIFEST, file_sha256, model_id_from
 
 log = logging.getLogger("vcoind.fetch")
 
@@ -164,7 +164,7 @@ def preallocate(path: Path, size: int) -> None:
 def verify_file(path: Path, entry: FileEntry) -> None:
     if path.stat().st_size != entry.size:
         raise ManifestError(f"{path.name}: {path.stat().st_size} bytes, want {entry.size}")
-    digest, _ = hash_file(path)
+    digest = file_sha256(path)
     if digest != entry.sha256:
         raise ManifestError(f"{path.name}: sha256 {digest}, want {entry.sha256}")
 

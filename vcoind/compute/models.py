@@ -68,7 +68,7 @@ class ModelInfo:
         }
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -101,7 +101,7 @@ def compute_model_id(path: Path) -> str:
             return str(cached["model_id"])
     except (OSError, ValueError):
         pass
-    model_id = model_id_from((f.name, _file_sha256(f)) for f in files)
+    model_id = model_id_from((f.name, file_sha256(f)) for f in files)
     try:
         cache.write_text(json.dumps({"files": stamp, "model_id": model_id}) + "\n")
     except OSError:  # a read-only model dir still works, just re-hashes next time

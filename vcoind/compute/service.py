@@ -222,12 +222,15 @@ class ComputeService:
 
         return ShardManifest.read(path)
 
-    def serve_span(self, span: ServedSpan, replace: tuple[str, int, int] | None = None) -> None:
-        """Serve ``span`` to pipelines (instead of ``replace``: model id, start, end)."""
+    def serve_span(self, *spans: ServedSpan, replace: tuple[str, int, int] | None = None
+                   ) -> None:  # fmt: skip
+        """Serve ``spans`` to pipelines (instead of ``replace``: model id, start, end), and
+        announce what this node now serves."""
         if replace is not None:
             self.shard_host.remove(*replace)
-        if self.shard_host.find(span.model_id, span.start, span.end) is None:
-            self.shard_host.add(span)
+        for span in spans:
+            if self.shard_host.find(span.model_id, span.start, span.end) is None:
+                self.shard_host.add(span)
         self._announce(spans=tuple(sp.span() for sp in self.shard_host.spans))
         log.info("serving layer spans: %s", ", ".join(
             f"{sp.model}:{sp.start}-{sp.end}" for sp in self.shard_host.spans))  # fmt: skip
@@ -250,12 +253,8 @@ class ComputeService:
         """Resolve ``--serve-layers`` and announce the spans; what is left for the supply
         (auto specs, spans to fetch)."""
         served, fetch = await trio.to_thread.run_sync(self._resolve_spans)
-        for sp in served:
-            self.shard_host.add(sp)
         if served:
-            self._announce(spans=tuple(sp.span() for sp in served))
-            log.info("serving layer spans: %s", ", ".join(
-                f"{sp.model}:{sp.start}-{sp.end}" for sp in served))  # fmt: skip
+            self.serve_span(*served)
         autos = [a for a in map(parse_auto, self.cfg.serve_layers) if a is not None]
         return autos, fetch
 

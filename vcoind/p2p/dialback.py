@@ -26,7 +26,7 @@ from libp2p.peer.id import ID
 
 from vcoind.p2p.codec import Message, lim, message
 from vcoind.p2p.host import P2PHost
-from vcoind.p2p.policy import DIAL_OK
+from vcoind.p2p.policy import DIAL_OK, is_circuit
 from vcoind.p2p.streams import StreamProtocol, StreamProtocolError, StreamService
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ class DialBack:
 
     async def check(self, peers: list[ID]) -> str:
         """Ask up to ``ASK_PEERS`` of ``peers`` to dial our direct addresses back."""
-        mine = [a for a in self._own() if "/p2p-circuit" not in a][:MAX_ADDRS]
+        mine = [a for a in self._own() if not is_circuit(a)][:MAX_ADDRS]
         if not mine or not peers:
             return self.observed
         answers: list[tuple[str, ...]] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import multiaddr
 
@@ -115,6 +116,11 @@ def is_public_node(own_addrs: Iterable[str]) -> bool:
         except Exception:  # a malformed address of our own config was refused at load
             continue
     return False
+
+
+def is_circuit(addr: Any) -> bool:
+    """A circuit relay address (``RELAY/p2p-circuit/p2p/ID``), as text or a multiaddr."""
+    return "/p2p-circuit" in str(addr)
 
 
 def dial_verdict(addr: str, *, allow_private: bool, allow_dns: bool) -> str:

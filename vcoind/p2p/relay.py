@@ -39,7 +39,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from vcoind.config import P2PConfig
 from vcoind.p2p.host import P2PHost
-from vcoind.p2p.policy import DIAL_OK, is_public_node
+from vcoind.p2p.policy import DIAL_OK, is_circuit, is_public_node
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -52,10 +52,6 @@ RESERVE_CHECK_S = 5.0  # how often a lost reservation (relay gone, connection cu
 RETRY_MAX_S = 60.0
 GIVE_UP_AFTER = 4  # refusals in a row before an automatic relay is let go
 HOLE_PUNCH_DIAL_S = 3  # DEPENDENCIES.md: 3 s punched through port-preserving NATs 9/9
-
-
-def is_circuit(addr: Any) -> bool:
-    return CIRCUIT in str(addr)
 
 
 def split_addrs(addrs: list[Any]) -> tuple[list[Any], list[Any]]:
@@ -92,7 +88,7 @@ class PolicedDCUtR(DCUtRProtocol):
         ports = {
             a.value_for_protocol("tcp")
             for a in self.host.get_addrs()
-            if "/p2p-circuit" not in str(a) and "tcp" in {p.name for p in a.protocols()}
+            if not is_circuit(a) and "tcp" in {p.name for p in a.protocols()}
         }
         ours = [
             multiaddr.Multiaddr(f"/ip4/{ip}/tcp/{port}").to_bytes()

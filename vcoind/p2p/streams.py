@@ -33,6 +33,7 @@ from vcoind.metrics import NodeMetrics
 from vcoind.p2p.codec import Message, decode, encode, lim, message
 from vcoind.p2p.errors import CodecError, P2PError
 from vcoind.p2p.host import P2PHost
+from vcoind.p2p.policy import is_circuit
 
 log = logging.getLogger("vcoind.streams")
 
@@ -275,7 +276,7 @@ class StreamService:
         # have their own retry policy, so lift that block first.
         cast(Any, self._p2p.host.get_network()).unblock_peer(peer)
         known = self._resolve(peer)
-        direct = [a for a in known if "/p2p-circuit" not in str(a)]
+        direct = [a for a in known if not is_circuit(a)]
         if direct:
             self._p2p.host.get_peerstore().add_addrs(peer, direct, RESOLVED_ADDR_TTL_S)
         relayed = len(direct) < len(known) and self._connect is not None
