@@ -196,7 +196,14 @@ def test_a_fetch_cut_by_kill_resumes_from_the_bytes_on_disk(
         jobs = b.rpc.call("vcoin_models")["fetches"]
         return next((j for j in jobs if j["status"] != "running"), None)
 
-    job = wait_until(ended, 120, "the fetch on start to end")
+    try:
+        job = wait_until(ended, 120, "the fetch on start to end")
+    except AssertionError as exc:  # say what B knew, and what its log says
+        peers = [(p["peer_id"][:12], [m["name"] for m in p["models"]])
+                 for p in b.rpc.call("vcoin_peers")]  # fmt: skip
+        tail = (b.datadir / "vcoind.log").read_text().splitlines()[-40:]
+        raise AssertionError(f"{exc}; jobs {b.rpc.call('vcoin_models')['fetches']}; "
+                             f"peers {peers}; log:\n" + "\n".join(tail)) from None
     assert job["status"] == "done", job
     assert [m["name"] for m in b.rpc.call("vcoin_models")["models"]] == [BIG]
     # at least one chunk was not fetched again

@@ -153,20 +153,45 @@ def test_backoff_is_exponential_and_capped() -> None:
 
 
 def test_trim_drops_lowest_scored_unprotected_down_to_low_watermark() -> None:
-    peers = [(f"p{i}", f"8.8.8.{i}") for i in range(10)]
+    peers = [(f"p{i}", f"8.8.8.{i}", None) for i in range(10)]
     scores = {f"p{i}": float(i) for i in range(10)}
     drop = to_trim(peers, low=6, high=8, per_ip=4, protected=lambda p: p in ("p0", "p1"),
                    score=scores.__getitem__)  # fmt: skip
-    assert drop == ["p2", "p3", "p4", "p5"]  # p0 and p1 are protected (bootstrap, work)
+    # p0 and p1 are protected (bootstrap, work)
+    assert drop == [(p, "watermark") for p in ("p2", "p3", "p4", "p5")]
     assert to_trim(peers, low=6, high=10, per_ip=4, protected=lambda p: False,
                    score=scores.__getitem__) == []  # fmt: skip
 
 
 def test_trim_caps_connections_per_ip_but_not_loopback() -> None:
-    peers = [(f"a{i}", "1.2.3.4") for i in range(5)] + [(f"l{i}", "127.0.0.1") for i in range(9)]
+    peers = [(f"a{i}", "1.2.3.4", None) for i in range(5)] + [
+        (f"l{i}", "127.0.0.1", None) for i in range(9)
+    ]
     drop = to_trim(peers, low=50, high=100, per_ip=2, protected=lambda p: p == "a0",
                    score=lambda p: 0.0)  # fmt: skip
-    assert sorted(drop) == ["a1", "a2", "a3"]
+    assert sorted(drop) == [("a1", "per_ip"), ("a2", "per_ip"), ("a3", "per_ip")]
+
+
+def test_trim_counts_relayed_peers_per_relay_not_under_the_relays_ip() -> None:
+    """Ten NATed peers reached through one public relay are ten peers, not ten connections
+    from the relay's IP; but one relay may bring at most ``per_relay``."""
+    behind = [(f"n{i}", None, "RELAY1") for i in range(10)]
+    direct = [("relay1", "5.6.7.8", None), ("d0", "5.6.7.8", None)]
+    keep_all = to_trim(behind + direct, low=50, high=100, per_ip=2, per_relay=10,
+                       protected=lambda p: False, score=lambda p: 0.0)  # fmt: skip
+    assert keep_all == []
+    capped = to_trim(behind + direct, low=50, high=100, per_ip=2, per_relay=6,
+                     protected=lambda p: p == "n0", score=lambda p: 0.0)  # fmt: skip
+    assert sorted(capped) == [(f"n{i}", "per_relay") for i in range(1, 5)]  # n0 is protected
+
+
+def test_trim_over_the_watermark_drops_relayed_before_direct_at_the_same_score() -> None:
+    peers = [("d1", "8.8.8.1", None), ("r1", None, "R"), ("d2", "8.8.8.2", None),
+             ("r2", None, "R"), ("low", "8.8.8.3", None)]  # fmt: skip
+    score = {"low": -5.0}.get
+    drop = to_trim(peers, low=2, high=4, per_ip=4, protected=lambda p: False,
+                   score=lambda p: score(p, 0.0))  # fmt: skip
+    assert drop == [("low", "watermark"), ("r1", "watermark"), ("r2", "watermark")]
 
 
 def test_keeper_protect_is_tagged() -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import multiaddr
 import pytest
 
 from devnet.__main__ import DevNode
@@ -124,3 +125,45 @@ def test_a_dial_back_tells_a_reachable_node_from_an_unreachable_one(cluster: Clu
         in (b.rpc.call("vcoin_nodeInfo")["p2p_addrs"])
     )
     assert c.rpc.call("vcoin_nodeInfo")["reachability"]["reservations"] == []
+
+
+async def test_the_connection_manager_sees_a_relayed_peer_as_relayed_and_keeps_its_relay() -> None:
+    """Real hosts on loopback: C reaches H only through relay R. C's connection manager
+    counts H under R (not under R's IP) and H keeps R, where it holds its slot."""
+    import trio
+    from libp2p.crypto.secp256k1 import create_new_key_pair
+    from libp2p.peer.peerinfo import PeerInfo
+
+    from vcoind.config import P2PConfig
+    from vcoind.metrics import NodeMetrics
+    from vcoind.p2p.host import build_host, running
+    from vcoind.p2p.keeper import PeerKeeper
+    from vcoind.p2p.relay import Relays
+
+    r, h, c = (build_host(create_new_key_pair(), lambda f, m: None) for _ in range(3))
+    async with (
+        running(r, ["/ip4/127.0.0.1/tcp/0"]),
+        running(h, ["/ip4/127.0.0.1/tcp/0"]),
+        running(c, ["/ip4/127.0.0.1/tcp/0"]),
+        trio.open_nursery() as nursery,
+    ):
+        relay_addr = f"{r.addrs()[0]}/p2p/{r.peer_id}"
+        r_relays = Relays(r, P2PConfig(relay_service="on"))
+        h_cfg = P2PConfig(relays=(relay_addr,), reachability="private")
+        h_keeper = PeerKeeper(h, NodeMetrics(), bootstrap=(), discover=True, cfg=h_cfg)
+        h_relays = Relays(h, h_cfg, protect=lambda p, on: (
+            h_keeper.protect if on else h_keeper.unprotect)(p, "relay"))  # fmt: skip
+        c_relays = Relays(c, P2PConfig(relay_service="off"))
+        for relays in (r_relays, h_relays, c_relays):
+            await nursery.start(relays.run)
+        with trio.fail_after(20):
+            while not h_relays.reserved:
+                await trio.sleep(0.05)
+        assert h_keeper.is_protected(r.peer_id)
+        circuit = h_relays.circuit_addrs()[0]
+        await c_relays.connect(PeerInfo(h.peer_id, [multiaddr.Multiaddr(
+            circuit.rsplit("/p2p/", 1)[0])]), 10.0)  # fmt: skip
+        assert c.remote(h.peer_id) == (None, r.peer_id.to_base58())
+        assert c.relayed(h.peer_id.to_base58()) == r.peer_id.to_base58()
+        assert c.remote(r.peer_id) == ("127.0.0.1", None)
+        nursery.cancel_scope.cancel()

@@ -75,6 +75,9 @@ class P2PConfig:
     conn_low: int = 64
     conn_high: int = 96
     max_conns_per_ip: int = 8
+    # Peers reached only through one relay (circuit relay v2) are counted per relay, not
+    # under the relay's IP; at most this many through one relay.
+    max_relayed_per_relay: int = 32
 
     # Caps the bytes a peer may send on one session stream (0: each protocol's own
     # budget, 64 of its largest requests); past it the stream is reset.
@@ -125,6 +128,8 @@ class P2PConfig:
             raise ConfigError(
                 "p2p.conn_low", "needs 1 <= conn_low <= conn_high and max_conns_per_ip >= 1"
             )
+        if self.max_relayed_per_relay < 1:
+            raise ConfigError("p2p.max_relayed_per_relay", "must be at least 1")
         if self.max_peers < 1:
             raise ConfigError("p2p.max_peers", "must be at least 1")
 

@@ -150,7 +150,8 @@ class NodeMetrics:
         )  # fmt: skip
         self.connections_trimmed = Counter(
             "vcoin_connections_trimmed_total",
-            "Connections closed by the connection manager, by reason (per_ip, watermark)",
+            "Connections closed by the connection manager, by reason "
+            "(per_ip, per_relay, watermark)",
             ["reason"], registry=r,
         )  # fmt: skip
 

@@ -99,7 +99,8 @@ class Node:
                                       max_invalid=p2p_cfg.max_invalid_messages,
                                       cfg=p2p_cfg)  # fmt: skip
         self.relays = Relays(self.p2p, p2p_cfg, verdict=lambda a: self.keeper.dialable(a),
-                             seen_at=lambda: self.dialback.wan_ips)  # fmt: skip
+                             seen_at=lambda: self.dialback.wan_ips,
+                             protect=lambda r, on: self._hold(str(r), "relay", on))  # fmt: skip
         self.keeper = PeerKeeper(self.p2p, metrics, bootstrap=p2p_cfg.bootstrap,
                                  discover=p2p_cfg.discover, cfg=p2p_cfg,
                                  connect=self.relays.connect)  # fmt: skip
@@ -165,6 +166,7 @@ class Node:
             self.advertised_addrs,
             lambda: self.info.rpc_url if self.info else None,
             lambda: {**self.relays.status(), **self.dialback.status()},
+            self.p2p.relayed,
         )
         self.ops = OpsService(
             cfg.alerts, cfg.sla, facts, store, gossip, metrics, presence, compute, market,

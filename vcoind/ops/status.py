@@ -77,6 +77,8 @@ class NodeFacts:
     rpc_url: Callable[[], str | None]
     # relay service, reachability, relays and the reservations held (``Relays.status``)
     reach: Callable[[], dict[str, Any]] = dict
+    # peer id -> the relay's peer id when that peer is reached only through a relay
+    via_relay: Callable[[str], str | None] = lambda peer: None
 
 
 def register_status_api(
@@ -123,6 +125,7 @@ def register_status_api(
         reps = await market.consensus_store.reputations([p["peer_id"] for p in out], 100.0)
         for p in out:
             p["reputation_score"] = reps[p["peer_id"]]
+            p["via_relay"] = facts.via_relay(p["peer_id"]) if p["connected"] else None
             p["stake"] = stake_view(chain, p["eth_address"])
         if params["include_offline"]:
             online = {p["peer_id"] for p in out}

@@ -25,6 +25,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
 from vcoind.p2p.errors import P2PError
+from vcoind.p2p.policy import CIRCUIT
 
 # GossipSub v1.1 only. py-libp2p's v1.2 sends an IDONTWANT to every mesh peer, awaited,
 # before forwarding each message: measured with bench/gossip.py-style runs on 3 processes,
@@ -124,18 +125,40 @@ class P2PHost:
         if self.router.scorer is not None:
             self.router.scorer.penalize_behavior(peer, amount)
 
-    def remote_ip(self, peer: ID) -> str | None:
-        """The IP of our (first) connection to ``peer``; None if unknown."""
+    def remote(self, peer: ID) -> tuple[str | None, str | None]:
+        """How we are connected to ``peer``: (its IP, None) over a direct connection;
+        (None, the relay's peer id) when only through a relay (a circuit's transport
+        address is the relay's, ``RELAY/p2p/RELAY_ID/p2p-circuit``, never the peer's);
+        (None, None) when unknown."""
+        relay: str | None = None
         try:
             conns = self.host.get_network().get_connections(peer)
             for conn in conns:
                 for ma in conn.get_transport_addresses():
+                    text = str(ma)
+                    if CIRCUIT in text:
+                        relay = relay or _relay_of(text)
+                        continue
                     for proto in ("ip4", "ip6"):
                         with contextlib.suppress(Exception):
-                            return str(ma.value_for_protocol(proto))
+                            return str(ma.value_for_protocol(proto)), None
         except Exception:  # py-libp2p's connection objects differ by transport
-            return None
-        return None
+            return None, None
+        return None, relay
+
+    def remote_ip(self, peer: ID) -> str | None:
+        """The IP of our direct connection to ``peer``; None if unknown or relayed."""
+        return self.remote(peer)[0]
+
+    def relayed(self, peer: ID | str) -> str | None:
+        """The relay's peer id when we reach ``peer`` only through a relay."""
+        return self.remote(ID.from_base58(peer) if isinstance(peer, str) else peer)[1]
+
+
+def _relay_of(addr: str) -> str:
+    """The relay's peer id in ``.../p2p/RELAY_ID/p2p-circuit...`` ("?" when absent)."""
+    head = addr.split(CIRCUIT, 1)[0]
+    return head.rsplit("/p2p/", 1)[1] if "/p2p/" in head else "?"
 
 
 def build_host(key_pair: KeyPair, on_bad_signature: BadSignatureHook) -> P2PHost:

@@ -9,9 +9,10 @@ Learned addresses pass the dial policy first (``policy.dial_verdict``): TCP over
 only, and private addresses only when we are not a public node (or the operator allows
 them); refusals are counted, never dialled. The connection manager keeps the count
 between watermarks: learned peers are dialled only below ``conn_low``; above
-``conn_high`` (or above ``max_conns_per_ip`` from one IP) the lowest-scored unprotected
-peers are dropped. Bootstrap peers, and peers a service protects (``protect``: work in
-progress), are never dropped.
+``conn_high`` (or above ``max_conns_per_ip`` from one IP, or ``max_relayed_per_relay``
+through one relay) the lowest-scored unprotected peers are dropped, relayed ones first.
+Bootstrap peers, the relays this node holds a slot at, and peers a service protects
+(``protect``: work in progress) are never dropped.
 """
 
 from __future__ import annotations
@@ -189,19 +190,16 @@ class PeerKeeper:
         connected = list(self._p2p.connected_peers())
         by_b58 = {p.to_base58(): p for p in connected}
         drop = to_trim(
-            [(b58, self._p2p.remote_ip(p)) for b58, p in by_b58.items()],
+            [(b58, *self._p2p.remote(p)) for b58, p in by_b58.items()],
             low=self._cfg.conn_low, high=self._cfg.conn_high,
-            per_ip=self._cfg.max_conns_per_ip,
+            per_ip=self._cfg.max_conns_per_ip, per_relay=self._cfg.max_relayed_per_relay,
             protected=lambda b58: self.is_protected(by_b58[b58]),
             score=lambda b58: self._p2p.score(by_b58[b58]),
         )  # fmt: skip
-        over_high = len(connected) > self._cfg.conn_high
         out = []
-        for b58 in drop:
+        for b58, why in drop:
             pid = by_b58[b58]
-            self._metrics.connections_trimmed.labels(
-                reason="watermark" if over_high else "per_ip"
-            ).inc()
+            self._metrics.connections_trimmed.labels(reason=why).inc()
             kp = self._known.get(pid)
             if kp is not None:
                 kp.next_attempt = trio.current_time() + TRIMMED_BACKOFF_S

@@ -118,9 +118,12 @@ def is_public_node(own_addrs: Iterable[str]) -> bool:
     return False
 
 
+CIRCUIT = "/p2p-circuit"
+
+
 def is_circuit(addr: Any) -> bool:
     """A circuit relay address (``RELAY/p2p-circuit/p2p/ID``), as text or a multiaddr."""
-    return "/p2p-circuit" in str(addr)
+    return CIRCUIT in str(addr)
 
 
 def dial_verdict(addr: str, *, allow_private: bool, allow_dns: bool) -> str:
@@ -173,32 +176,43 @@ def backoff_after(failures: int, base: float, cap: float) -> float:
 
 
 def to_trim(
-    peers: Sequence[tuple[str, str | None]],
+    peers: Sequence[tuple[str, str | None, str | None]],
     *,
     low: int,
     high: int,
     per_ip: int,
     protected: Callable[[str], bool],
     score: Callable[[str], float],
-) -> list[str]:
-    """Which connected peers to drop: ``peers`` are (peer id, remote IP or None).
+    per_relay: int = 32,
+) -> list[tuple[str, str]]:
+    """Which connected peers to drop, and why (``per_ip``, ``per_relay``, ``watermark``):
+    ``peers`` are (peer id, remote IP or None, relay peer id when reached only through a
+    relay, else None).
 
-    Above ``per_ip`` connections from one IP (loopback exempt: a local attacker owns the
-    box anyway) the lowest-scored extra ones go; above ``high`` in all, the lowest-scored
-    unprotected peers go until ``low`` remain. Protected peers are never dropped.
+    Above ``per_ip`` direct connections from one IP (loopback exempt: a local attacker
+    owns the box anyway) the lowest-scored extra ones go. A relayed peer is not counted
+    under its relay's IP (every peer behind one public relay would look like a single
+    host), but at most ``per_relay`` come through one relay: a hostile relay could mint
+    peers as cheaply as one IP can. Above ``high`` in all, the lowest-scored unprotected
+    peers go until ``low`` remain, relayed ones before direct ones of the same score (a
+    circuit also costs its relay). Protected peers are never dropped.
     """
-    drop: list[str] = []
-    by_ip: dict[str, list[str]] = {}
-    for pid, ip in peers:
-        if ip is not None and not ipaddress.ip_address(ip).is_loopback:
-            by_ip.setdefault(ip, []).append(pid)
-    for pids in by_ip.values():
-        if len(pids) > per_ip:
+    drop: list[tuple[str, str]] = []
+    groups: dict[tuple[str, str], list[str]] = {}
+    for pid, ip, relay in peers:
+        if relay is not None:
+            groups.setdefault(("per_relay", relay), []).append(pid)
+        elif ip is not None and not ipaddress.ip_address(ip).is_loopback:
+            groups.setdefault(("per_ip", ip), []).append(pid)
+    for (why, _source), pids in groups.items():
+        cap = per_relay if why == "per_relay" else per_ip
+        if len(pids) > cap:
             victims = sorted((p for p in pids if not protected(p)), key=lambda p: (score(p), p))
-            drop += victims[: len(pids) - per_ip]
-    dropped = set(drop)
-    remaining = [pid for pid, _ip in peers if pid not in dropped]
-    if len(remaining) > high:
-        victims = sorted((p for p in remaining if not protected(p)), key=lambda p: (score(p), p))
-        drop += victims[: len(remaining) - low]
+            drop += [(p, why) for p in victims[: len(pids) - cap]]
+    dropped = {p for p, _why in drop}
+    relayed = {pid: relay is not None for pid, _ip, relay in peers if pid not in dropped}
+    if len(relayed) > high:
+        last = sorted((p for p in relayed if not protected(p)),
+                      key=lambda p: (score(p), not relayed[p], p))  # fmt: skip
+        drop += [(p, "watermark") for p in last[: len(relayed) - low]]
     return drop

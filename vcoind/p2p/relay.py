@@ -39,14 +39,13 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from vcoind.config import P2PConfig
 from vcoind.p2p.host import P2PHost
-from vcoind.p2p.policy import DIAL_OK, is_circuit, is_public_node
+from vcoind.p2p.policy import CIRCUIT, DIAL_OK, is_circuit, is_public_node
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
 log = logging.getLogger("vcoind.relay")
 
-CIRCUIT = "/p2p-circuit"
 RESERVE_TIMEOUT_S = 10.0
 RESERVE_CHECK_S = 5.0  # how often a lost reservation (relay gone, connection cut) is noticed
 RETRY_MAX_S = 60.0
@@ -111,8 +110,10 @@ class PolicedDCUtR(DCUtRProtocol):
 class Relays:
     def __init__(self, p2p: P2PHost, cfg: P2PConfig,
                  verdict: Callable[[str], str] = lambda addr: DIAL_OK,
-                 seen_at: Callable[[], list[str]] = list) -> None:  # fmt: skip
+                 seen_at: Callable[[], list[str]] = list,
+                 protect: Callable[[ID, bool], None] = lambda relay, on: None) -> None:  # fmt: skip
         self._p2p = p2p
+        self._protect = protect  # the connection manager keeps a relay we hold a slot at
         self._cfg = cfg
         own = cfg.announce or cfg.listen
         self.hop = cfg.relay_service == "on" or (cfg.relay_service == "auto" and
@@ -201,7 +202,8 @@ class Relays:
             if relay.peer_id in self.reserved and relay.peer_id in host.get_connected_peers():
                 await trio.sleep(RESERVE_CHECK_S)
                 continue
-            self.reserved.pop(relay.peer_id, None)
+            if self.reserved.pop(relay.peer_id, None) is not None:
+                self._protect(relay.peer_id, False)
             try:
                 with trio.fail_after(RESERVE_TIMEOUT_S):
                     await host.connect(relay)
@@ -220,6 +222,7 @@ class Relays:
                 continue
             failures = 0
             self.reserved[relay.peer_id] = trio.current_time()
+            self._protect(relay.peer_id, True)
             log.info(
                 "reserved a slot at relay %s: reachable at %s",
                 relay.peer_id,
