@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import time
 
+import multiaddr
 import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 
 from tests.test_codec import make
 from vcoind.config import ConfigError, P2PConfig
@@ -312,3 +314,30 @@ async def test_a_flood_of_fresh_identities_does_not_push_out_an_established_peer
         time.sleep(0.0005)
         await table.on_heartbeat(make(peer_id=f"12D3KooW{i:031d}", eth_address=f"0x{i:040x}"))
     assert table.known(honest.peer_id) and len(table) == 4
+
+
+async def test_a_dead_pubsub_stream_of_a_connected_peer_keeps_its_subscriptions() -> None:
+    """One of B's pubsub streams dies while B stays connected (a restart before the old
+    connection's end was read, a relayed connection closed after DCUtR): A still sends
+    B what it publishes on the topic B subscribed to (py-libp2p alone forgot B's
+    subscriptions, and B never sent them again)."""
+    import trio
+
+    from vcoind.p2p.host import running
+
+    a = build_host(create_new_key_pair(), lambda f, m: None)
+    b = build_host(create_new_key_pair(), lambda f, m: None)
+    async with running(a, ["/ip4/127.0.0.1/tcp/0"]), running(b, ["/ip4/127.0.0.1/tcp/0"]):
+        await a.pubsub.subscribe("t")
+        sub = await b.pubsub.subscribe("t")
+        await b.host.connect(PeerInfo(a.peer_id, [multiaddr.Multiaddr(a.addrs()[0])]))
+        with trio.fail_after(10):
+            while b.peer_id not in a.pubsub.peer_topics.get("t", set()):
+                await trio.sleep(0.02)
+            await a.pubsub.peers[b.peer_id].reset()  # A's stream to B dies; B stays
+            got: list[bytes] = []
+            while not got or got[-1] != b"after":
+                await a.pubsub.publish("t", b"after")
+                with trio.move_on_after(0.2):
+                    got.append((await sub.get()).data)
+        assert b.peer_id in a.pubsub.peer_topics["t"]

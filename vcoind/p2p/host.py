@@ -93,6 +93,24 @@ class VerifyingPubsub(Pubsub):
                 return
         await super().push_msg(msg_forwarder, msg)
 
+    def _handle_dead_peer(self, peer_id: ID) -> None:
+        # py-libp2p forgets a peer's subscriptions whenever one of its pubsub streams dies,
+        # even when the peer is still connected over another connection: a daemon that
+        # restarted before its old connection's end was read, a relayed connection closed
+        # after DCUtR, a simultaneous dial. The peer does not send its subscriptions
+        # again, so it would never hear from us. While it stays connected, keep them
+        # (the stream itself is re-opened by py-libp2p); they go when it disconnects.
+        if not self._peer_is_connected(peer_id):
+            super()._handle_dead_peer(peer_id)
+            return
+        topics = [t for t, peers in self.peer_topics.items() if peer_id in peers]
+        count = self._peer_subscription_count.get(peer_id)
+        super()._handle_dead_peer(peer_id)
+        for t in topics:
+            self.peer_topics.setdefault(t, set()).add(peer_id)
+        if count:
+            self._peer_subscription_count[peer_id] = count
+
 
 @dataclass
 class P2PHost:
