@@ -623,16 +623,24 @@ def main(argv: list[str] | None = None) -> int:
         problems = stop_all(nodes)
         if anvil is not None:
             anvil.stop()
-        for pr in problems:
-            print(f"devnet: {pr}", file=sys.stderr)
-        if problems:
-            code = 1
-        elif nodes:
-            print(f"stopped {len(nodes)} nodes cleanly", flush=True)
-        if temp and code == 0:
-            shutil.rmtree(base, ignore_errors=True)
-        elif code != 0:
-            print(f"devnet: logs kept in {base}", file=sys.stderr)
+        code = report_stop("devnet", problems, len(nodes), code, base, temp and code == 0)
+    return code
+
+
+def report_stop(who: str, problems: list[str], started: int, code: int, base: Path,
+                remove: bool, done: str = "") -> int:  # fmt: skip
+    """Say how the nodes stopped; remove ``base`` when asked (and all went well), else say
+    where the logs are. Returns the exit code (1 if any node stopped badly)."""
+    for pr in problems:
+        print(f"{who}: {pr}", file=sys.stderr)
+    if problems:
+        code = 1
+    elif started:
+        print(f"stopped {started} nodes cleanly{done}", flush=True)
+    if remove and (code == 0 or not started):
+        shutil.rmtree(base, ignore_errors=True)
+    elif code != 0:
+        print(f"{who}: logs kept in {base}", file=sys.stderr)
     return code
 
 

@@ -12,7 +12,6 @@ between them through both NATs.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ from devnet.__main__ import (
     TEST_MODEL,
     DevnetError,
     ensure_test_model,
+    report_stop,
     run_task,
     status_line,
     stop_all,
@@ -188,14 +188,7 @@ def run(ns: argparse.Namespace) -> int:
     except (NetnsError, DevnetError) as exc:
         print(f"devnet --netns: error: {exc}", file=sys.stderr)
         code = 1
-    for pr in problems:
-        print(f"devnet --netns: {pr}", file=sys.stderr)
-    if problems:
-        code = 1
-    elif nodes:
-        print(f"stopped {len(nodes)} nodes cleanly; namespaces removed", flush=True)
-    if temp and (code == 0 or not nodes):  # no daemon started: no logs worth keeping
-        shutil.rmtree(base, ignore_errors=True)
-    elif code != 0:
-        print(f"devnet --netns: logs kept in {base}", file=sys.stderr)
+    # no daemon started: no logs worth keeping
+    code = report_stop("devnet --netns", problems, len(nodes), code, base, temp,
+                       "; namespaces removed")  # fmt: skip
     return code
