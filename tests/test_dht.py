@@ -42,10 +42,13 @@ def _verdict(addr: str) -> str:
 
 
 @asynccontextmanager
-async def dht_node(cfg: P2PConfig) -> AsyncIterator[tuple[P2PHost, Dht]]:
+async def dht_node(
+    cfg: P2PConfig, reach: list[str] | None = None
+) -> AsyncIterator[tuple[P2PHost, Dht]]:
     p2p = build_host(create_new_key_pair(), lambda fwd, msg: None)
+    seen = reach or ["unknown"]
     async with running(p2p, ["/ip4/127.0.0.1/tcp/0"]), trio.open_nursery() as nursery:
-        dht = Dht(p2p, cfg, verdict=_verdict, own_addrs=p2p.addrs)
+        dht = Dht(p2p, cfg, verdict=_verdict, own_addrs=p2p.addrs, reachability=lambda: seen[0])
         await nursery.start(dht.run)
         yield p2p, dht
         nursery.cancel_scope.cancel()
@@ -83,6 +86,28 @@ async def test_model_and_span_records_are_found_by_their_keys() -> None:
         # unloading withdraws ours at once; the copies at others lapse after the TTL
         db.provide_keys(set())
         assert db.store.get_providers(span_key(NET, M, 0, 1)) == []
+
+
+async def test_auto_mode_serves_once_reachable_and_its_peers_then_use_it() -> None:
+    reach = ["unknown"]
+    async with (
+        dht_node(P2PConfig(), reach) as (a, da),
+        dht_node(P2PConfig(dht="client")) as (
+            b,
+            db,
+        ),
+    ):
+        await connect(b, a)
+        await trio.sleep(0.5)
+        assert (da.mode, db.kad.get_routing_table_size()) == ("client", 0)
+        reach[0] = "public"  # the dial-back found us reachable
+        await until(lambda: da.mode == "server", "a serves")
+        # a told b (identify push): b puts a in its table and stores its records there
+        await until(lambda: db.kad.get_routing_table_size() == 1, "b adds a")
+        db.provide_keys({model_key(NET, M)})
+        await until(lambda: da.store._count() == 1, "a stores b's record")
+        reach[0] = "private"
+        await until(lambda: da.mode == "client", "a stops serving")
 
 
 async def _add_provider(src: P2PHost, dst: ID, key: bytes, addrs: list[str]) -> None:

@@ -27,7 +27,8 @@ What py-libp2p 0.8.1's KadDHT does not bound, and what we do about it here:
   ``PolicedHost``, which drops addresses the dial policy refuses and dials a peer we are
   not connected to only at allowed addresses.
 - Inbound KAD streams add the caller to the routing table even when it is a client: we
-  add only peers whose identify lists the KAD protocol or that answered a KAD stream.
+  add only peers whose identify lists the KAD protocol; a node that switches mode pushes
+  identify to its peers (py-libp2p pushes only when listen addresses change).
 - Provider records carry ``host.get_addrs()`` (listen addresses, never relayed ones): we
   send our advertised addresses (announce, relays).
 """
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import multiaddr
 import trio
+from libp2p.identity.identify_push.identify_push import push_identify_to_peers
 from libp2p.kad_dht.common import ALPHA, PROTOCOL_ID, QUERY_TIMEOUT
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.pb.kademlia_pb2 import Message as KadMessage
@@ -67,7 +69,6 @@ MAX_ADDRS = 8
 MAX_PROVIDERS = 20  # per key, stored and returned (Kademlia's k)
 DIAL_S = 5.0
 SYNC_S = 2.0  # how often connected peers are offered to the routing table
-PROBE_AGAIN_S = 60.0
 
 
 def model_key(network: str, model_id: str) -> bytes:
@@ -333,7 +334,6 @@ class Dht:
         self.kad.provider_store = self.store
         self._provided: set[bytes] = set()
         self._kick = trio.Event()
-        self._probed: dict[ID, float] = {}
         self.last_provided: float | None = None
 
     @property
@@ -375,32 +375,20 @@ class Dht:
             if wanted != self.kad.mode:
                 await self.kad.switch_mode(wanted)
                 log.info("DHT mode: %s", self.mode)
+                # py-libp2p pushes identify only when listen addresses change: tell our
+                # peers we now do (or no longer do) speak KAD, so they add us (or not).
+                with trio.move_on_after(DIAL_S):
+                    try:
+                        await push_identify_to_peers(self._p2p.host)
+                    except Exception as exc:  # best effort: a peer may be gone
+                        log.debug("identify push: %s", exc)
                 self._kick.set()
-            now = trio.current_time()
+            table = self.kad.routing_table
             for peer in list(self._p2p.connected_peers()):
-                if self.kad.routing_table.peer_in_table(peer):
-                    continue
-                if self.kad.is_server(peer):
-                    if await self.kad.routing_table.add_peer(peer):
-                        self._kick.set()
-                elif now >= self._probed.get(peer, 0.0):
-                    self._probed[peer] = now + PROBE_AGAIN_S
-                    if await self._answers_kad(peer):
-                        await self.kad.routing_table.add_peer(peer, skip_server_mode_check=True)
-                        self._kick.set()
-            if len(self._probed) > 4096:
-                self._probed = {p: t for p, t in self._probed.items() if t > now}
+                new = not table.peer_in_table(peer) and self.kad.is_server(peer)
+                if new and await table.add_peer(peer):
+                    self._kick.set()
             await trio.sleep(SYNC_S)
-
-    async def _answers_kad(self, peer: ID) -> bool:
-        """A peer that switched to server mode after identify: does it take a KAD stream?"""
-        try:
-            with trio.fail_after(DIAL_S):
-                stream = await self._p2p.host.new_stream(peer, [PROTOCOL_ID])
-                await stream.close()
-            return True
-        except Exception:  # a client: no KAD handler
-            return False
 
     async def _reprovide(self) -> None:
         while True:
