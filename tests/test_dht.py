@@ -255,3 +255,28 @@ async def test_a_node_finds_a_worker_through_the_dht_alone(
         "parameters": {"max_new_tokens": 4, "temperature": 0}}))["task_id"]  # fmt: skip
     t = await in_thread(lambda: finished(origin, tid, timeout=60))
     assert t["status"] == "completed" and t["node_id"] == wid, t
+
+
+async def test_mdns_finds_a_peer_on_the_local_network_and_the_keeper_dials_it() -> None:
+    from vcoind.metrics import NodeMetrics
+    from vcoind.p2p.keeper import PeerKeeper
+    from vcoind.p2p.mdns import LanDiscovery
+
+    cfg = P2PConfig(listen=("/ip4/127.0.0.1/tcp/0",))
+    a = build_host(create_new_key_pair(), lambda fwd, msg: None)
+    b = build_host(create_new_key_pair(), lambda fwd, msg: None)
+    async with (
+        running(a, ["/ip4/127.0.0.1/tcp/0"]),
+        running(b, ["/ip4/127.0.0.1/tcp/0"]),
+        trio.open_nursery() as nursery,
+    ):
+        keeper = PeerKeeper(a, NodeMetrics(), bootstrap=(), discover=True, cfg=cfg)
+        await nursery.start(keeper.run)
+        lan_a = LanDiscovery(a, keeper.learn, a.addrs)
+        lan_b = LanDiscovery(b, lambda peer, addrs: None, b.addrs)
+        await nursery.start(lan_a.run)
+        await nursery.start(lan_b.run)
+        if lan_a.error or lan_b.error:
+            pytest.skip(f"no multicast here: {lan_a.error or lan_b.error}")
+        await until(lambda: b.peer_id in a.connected_peers(), "a dials b", timeout=20)
+        nursery.cancel_scope.cancel()

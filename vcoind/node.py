@@ -39,6 +39,7 @@ from vcoind.p2p.dialback import DialBack
 from vcoind.p2p.gossip import Gossip
 from vcoind.p2p.host import P2PHost, build_host, running
 from vcoind.p2p.keeper import PeerKeeper
+from vcoind.p2p.mdns import LanDiscovery
 from vcoind.p2p.relay import Relays
 from vcoind.p2p.streams import StreamService
 from vcoind.presence.service import PresenceService
@@ -113,6 +114,7 @@ class Node:
                                  own_addrs=self.direct_addrs,
                                  on_private=self._unreachable)  # fmt: skip
         self.dialback.mount(streams)
+        self.mdns = LanDiscovery(self.p2p, self.keeper.learn, self.direct_addrs)
         self.dht: Dht | None = None
         if p2p_cfg.dht != "off":
             self.dht = Dht(self.p2p, p2p_cfg, verdict=self.keeper.dialable,
@@ -276,6 +278,8 @@ class Node:
                 await nursery.start(self.keeper.run)
                 await nursery.start(self.dialback.run)
                 await nursery.start(self.discovery.run)
+                if self.config.p2p.mdns:
+                    await nursery.start(self.mdns.run)
                 for service in (self.train, self.oracle, self.ops, self.market):
                     await nursery.start(service.run)
                 try:
