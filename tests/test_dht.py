@@ -25,6 +25,7 @@ from libp2p.utils.varint import encode_uvarint
 from tests.adversary.hostile import hostile, in_thread
 from tests.conftest import Cluster, peers_of, wait_until
 from tests.test_tasks import MODEL, finished
+from vcoind.cli.model import model_main
 from vcoind.config import P2PConfig
 from vcoind.discovery import CAPABILITY_STREAM, CapabilityRequest
 from vcoind.p2p.dht import MAX_PROVIDERS, Dht, model_key, span_key
@@ -202,7 +203,7 @@ def _model_id(node: object) -> str:
 
 @pytest.mark.slow
 async def test_a_node_finds_a_worker_through_the_dht_alone(
-    cluster: Cluster, models_dir: Path
+    cluster: Cluster, models_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     boot = await in_thread(lambda: cluster.start(1, extra=["--no-chain", "--dht", "server"]))
     # The worker's heartbeats: one at start and one when its model is loaded, then none
@@ -250,6 +251,10 @@ async def test_a_node_finds_a_worker_through_the_dht_alone(
         (liar.peer_id, "its heartbeat does not list the model")], found  # fmt: skip
     known = await in_thread(peers_of, origin)
     assert wid in known and liar.peer_id not in known
+    # the same from the command line
+    argv = ["find", model_id, "--datadir", str(origin.datadir)]
+    assert await in_thread(model_main, argv) == 0
+    assert f"{model_id}: 1 verified\n  {wid}  " in capsys.readouterr().out
     tid = (await in_thread(origin.rpc.call, "vcoin_submitTask", {
         "model": MODEL, "input": "What is a DHT?",
         "parameters": {"max_new_tokens": 4, "temperature": 0}}))["task_id"]  # fmt: skip

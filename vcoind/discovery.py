@@ -48,6 +48,7 @@ ASK_EVERY_S = 1.0
 BUILD_EVERY_S = 1.0
 CONNECT_S = 5.0
 VERIFY_AT_ONCE = 8
+PROOF_REUSE_S = 10.0  # a peer's heartbeat, once fetched, answers lookups this long
 WATCH_S = 1.0
 MODEL_ID = r"sha256:[0-9a-f]{64}"
 
@@ -117,6 +118,7 @@ class DiscoveryService:
         self._built: tuple[float, Heartbeat] | None = None
         self._nursery: trio.Nursery | None = None
         self._looking: set[str] = set()
+        self._proofs: dict[ID, tuple[float, Heartbeat]] = {}
         self.refuted = 0  # providers whose heartbeat did not back their record
 
     # --- serving our proof ----------------------------------------------------------
@@ -202,20 +204,27 @@ class DiscoveryService:
                       ) -> str:  # fmt: skip
         """ "" when ``info`` proved it serves the model (and is admitted), else why not."""
         peer = info.peer_id
-        try:
-            if peer not in self._view_connected():
-                await self._connect(info, CONNECT_S)
-            hb = await self._streams.request(peer, CAPABILITY_STREAM,
-                                             CapabilityRequest(model_id), Heartbeat)  # fmt: skip
-        except (StreamProtocolError, OSError, trio.TooSlowError) as exc:
-            return f"unreachable: {exc}"
-        except Exception as exc:  # py-libp2p raises many unrelated types on dial failure
-            return f"unreachable: {exc or type(exc).__name__}"
+        now = time.monotonic()
+        kept = self._proofs.get(peer)
+        if kept is not None and now - kept[0] < PROOF_REUSE_S:
+            hb = kept[1]
+        else:
+            try:
+                if peer not in self._view_connected():
+                    await self._connect(info, CONNECT_S)
+                ask = CapabilityRequest(model_id)
+                hb = await self._streams.request(peer, CAPABILITY_STREAM, ask, Heartbeat)
+            except (StreamProtocolError, OSError, trio.TooSlowError) as exc:
+                return f"unreachable: {exc}"
+            except Exception as exc:  # py-libp2p raises many unrelated types on dial failure
+                return f"unreachable: {exc or type(exc).__name__}"
+            self._proofs = {p: v for p, v in self._proofs.items() if now - v[0] < PROOF_REUSE_S}
+            self._proofs[peer] = (now, hb)
         if hb.peer_id != peer.to_base58():
             return "its heartbeat names another peer"
         if hb.network != self._network:
             return f"network {hb.network}"
-        if abs(time.time() - hb.timestamp) > self._cfg.peer_timeout:
+        if abs(time.time() - hb.timestamp) > self._cfg.peer_timeout + PROOF_REUSE_S:
             return "a stale heartbeat"
         if self._check(hb) is not None:
             return "a forged eth binding"
