@@ -238,6 +238,11 @@ async def test_a_node_finds_a_worker_through_the_dht_alone(
                         "the worker's and the liar's records at the bootstrap node")  # fmt: skip
         # gossip replays a few seconds of history to a joining peer: join after it
         await trio.sleep(max(0.0, 6.0 - (time.monotonic() - heard_at)))
+        # a node that wants the model: its fetch finds the worker through the DHT by itself
+        fetcher = await in_thread(lambda: cluster.start(
+            4, bootstrap=boot, peer_timeout=1200.0, wait=False, extra=[
+                "--no-chain", "--fetch-model", model_id,
+                "--models-dir", str(cluster.base / "models4")]))  # fmt: skip
         origin = await in_thread(lambda: cluster.start(
             3, bootstrap=boot, peer_timeout=1200.0, extra=["--no-chain"]))  # fmt: skip
         await in_thread(wait_until, lambda: boot.info["peer_id"] in peers_of(origin), 30,
@@ -260,6 +265,12 @@ async def test_a_node_finds_a_worker_through_the_dht_alone(
         "parameters": {"max_new_tokens": 4, "temperature": 0}}))["task_id"]  # fmt: skip
     t = await in_thread(lambda: finished(origin, tid, timeout=60))
     assert t["status"] == "completed" and t["node_id"] == wid, t
+
+    def fetched() -> list[dict[str, object]]:
+        return [j for j in fetcher.rpc.call("vcoin_models")["fetches"] if j["status"] == "done"]
+
+    jobs = await in_thread(wait_until, fetched, 60, "the fetcher gets the model from the worker")
+    assert list(jobs[0]["peers"]) == [wid], jobs  # type: ignore[call-overload]
 
 
 async def test_mdns_finds_a_peer_on_the_local_network_and_the_keeper_dials_it() -> None:

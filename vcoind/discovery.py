@@ -48,6 +48,7 @@ ASK_EVERY_S = 1.0
 BUILD_EVERY_S = 1.0
 CONNECT_S = 5.0
 VERIFY_AT_ONCE = 8
+LOOK_UP_EVERY_S = 30.0  # a background lookup of one model (or span), at most this often
 PROOF_REUSE_S = 10.0  # a peer's heartbeat, once fetched, answers lookups this long
 WATCH_S = 1.0
 MODEL_ID = r"sha256:[0-9a-f]{64}"
@@ -117,7 +118,7 @@ class DiscoveryService:
         self._asked: dict[str, float] = {}
         self._built: tuple[float, Heartbeat] | None = None
         self._nursery: trio.Nursery | None = None
-        self._looking: set[str] = set()
+        self._looking: dict[str, float] = {}  # background lookups: tag -> when started
         self._proofs: dict[ID, tuple[float, Heartbeat]] = {}
         self.refuted = 0  # providers whose heartbeat did not back their record
 
@@ -241,17 +242,21 @@ class DiscoveryService:
         asks when no heartbeat names a provider (found ones join the peer table)."""
         span = None if start < 0 else (start, end)
         tag = f"{model}:{span}"
-        if self._nursery is None or self.dht is None or tag in self._looking:
+        now = time.monotonic()
+        if self._nursery is None or self.dht is None:
             return
+        if now - self._looking.get(tag, -LOOK_UP_EVERY_S) < LOOK_UP_EVERY_S:
+            return
+        self._looking = {t: at for t, at in self._looking.items()
+                         if now - at < LOOK_UP_EVERY_S}  # fmt: skip
+        self._looking[tag] = now
+        self._nursery.start_soon(self._look_up, model, span)
 
-        async def go() -> None:
-            try:
-                await self.find_workers(model, span)
-            finally:
-                self._looking.discard(tag)
-
-        self._looking.add(tag)
-        self._nursery.start_soon(go)
+    async def _look_up(self, model: str, span: tuple[int, int] | None) -> None:
+        try:
+            await self.find_workers(model, span)
+        except Exception:  # a failed background lookup is retried at the next ask
+            log.warning("DHT lookup of %s failed", model, exc_info=True)
 
     async def _rpc_find(self, params: dict[str, Any]) -> dict[str, Any]:
         model, layers = params["model"], params["layers"]
