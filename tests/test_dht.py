@@ -193,6 +193,20 @@ async def test_records_expire_after_the_ttl() -> None:
         assert da.store._count() == 0
 
 
+def test_a_heartbeat_backs_a_record_only_for_what_it_lists() -> None:
+    from vcoind.discovery import serves
+    from vcoind.presence.messages import LayerSpan, ModelServed
+
+    hb = Heartbeat(network=NET, peer_id="p", eth_address="0x" + "00" * 20, eth_sig=b"",
+                   seq=1, timestamp=0.0, interval=5.0, models=(ModelServed("m", M),),
+                   spans=(LayerSpan(OTHER, 2, 5), LayerSpan("m", 0, 1)))  # fmt: skip
+    assert serves(hb, M, None) and serves(hb, M, (7, 9))  # whole: any span
+    assert not serves(hb, OTHER, None)  # only a span of OTHER
+    assert serves(hb, OTHER, (2, 5)) and serves(hb, OTHER, (3, 4))
+    assert not serves(hb, OTHER, (1, 3)) and not serves(hb, OTHER, (5, 6))
+    assert not serves(hb, "sha256:" + "ef" * 32, (0, 1))
+
+
 # --- real daemons --------------------------------------------------------------------
 
 
