@@ -202,8 +202,10 @@ def test_a_fetch_cut_by_kill_resumes_from_the_bytes_on_disk(
         peers = [(p["peer_id"][:12], [m["name"] for m in p["models"]])
                  for p in b.rpc.call("vcoin_peers")]  # fmt: skip
         tail = (b.datadir / "vcoind.log").read_text().splitlines()[-40:]
-        raise AssertionError(f"{exc}; jobs {b.rpc.call('vcoin_models')['fetches']}; "
-                             f"peers {peers}; log:\n" + "\n".join(tail)) from None
+        raise AssertionError(
+            f"{exc}; jobs {b.rpc.call('vcoin_models')['fetches']}; "
+            f"peers {peers}; log:\n" + "\n".join(tail)
+        ) from None
     assert job["status"] == "done", job
     assert [m["name"] for m in b.rpc.call("vcoin_models")["models"]] == [BIG]
     # at least one chunk was not fetched again

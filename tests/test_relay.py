@@ -97,6 +97,17 @@ def test_a_node_reachable_only_through_a_relay_serves_a_task(
         "parameters": {"max_new_tokens": 8, "temperature": 0}})["task_id"])  # fmt: skip
     assert t["status"] == "completed" and t["node_id"] == hidden.info["peer_id"], t
 
+    # the hidden node (a DHT client) provides its model with its relayed address: the
+    # relay (a DHT server) holds the record, and the origin's DHT lookup finds it there
+    model_id = next(m["model_id"] for m in hidden.rpc.call("vcoin_models")["models"])
+
+    def found() -> list[dict[str, object]]:
+        return list(origin.rpc.call("vcoin_findProviders", {"model": model_id})["workers"])
+
+    workers = wait_until(found, 20, "the hidden node's provider record")
+    assert [(w["peer_id"], w["addrs"]) for w in workers] == [(hidden.info["peer_id"], addrs)]
+    assert hidden.rpc.call("vcoin_nodeInfo")["reachability"]["dht"]["mode"] == "client"
+
 
 def test_a_dial_back_tells_a_reachable_node_from_an_unreachable_one(cluster: Cluster) -> None:
     """A peer dials our advertised address over a fresh connection: a node whose announced

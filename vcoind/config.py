@@ -98,6 +98,21 @@ class P2PConfig:
     relays: tuple[str, ...] = ()
     reachability: str = "auto"
 
+    # Kademlia DHT (``vcoind.p2p.dht``): provider records "who serves model id M" and
+    # "who serves span A-B of M". dht "auto" = a DHT server once the dial-back finds us
+    # publicly reachable (or reachability = public), a client otherwise (private);
+    # "server" / "client" force the mode; "off" = no DHT. Records others store at us
+    # expire after dht_record_ttl seconds (ours are re-provided every dht_reprovide_s);
+    # we hold at most dht_max_records of them, dht_max_keys_per_peer from any one peer.
+    dht: str = "auto"
+    dht_record_ttl: float = 1800.0
+    dht_reprovide_s: float = 300.0
+    dht_max_records: int = 8192
+    dht_max_keys_per_peer: int = 256
+    # mDNS (``--mdns``): find peers on the local network segment; what it finds is dialled
+    # under the same dial policy as any learned address.
+    mdns: bool = False
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             if f.name.startswith("budget_"):
@@ -110,6 +125,15 @@ class P2PConfig:
             raise ConfigError("p2p.relay_service", "must be auto, on or off")
         if self.reachability not in ("auto", "public", "private"):
             raise ConfigError("p2p.reachability", "must be auto, public or private")
+        if self.dht not in ("auto", "server", "client", "off"):
+            raise ConfigError("p2p.dht", "must be auto, server, client or off")
+        if not 0 < self.dht_reprovide_s < self.dht_record_ttl:
+            raise ConfigError("p2p.dht_reprovide_s", "needs 0 < dht_reprovide_s < dht_record_ttl")
+        if self.dht_max_records < 1 or self.dht_max_keys_per_peer < 1:
+            raise ConfigError(
+                "p2p.dht_max_records",
+                "dht_max_records and dht_max_keys_per_peer must be at least 1",
+            )
         if self.reachability == "private" and not self.relays:
             raise ConfigError(
                 "p2p.reachability",

@@ -25,6 +25,7 @@ from vcoind.chain.service import ChainService
 from vcoind.compute.service import ComputeError, ComputeService
 from vcoind.config import Config
 from vcoind.datadir import DataDir, Identity
+from vcoind.discovery import DiscoveryService
 from vcoind.gateway.service import GatewayService
 from vcoind.market.payments import Payments
 from vcoind.market.service import MarketService
@@ -33,10 +34,12 @@ from vcoind.metrics import NodeMetrics
 from vcoind.ops.service import OpsService
 from vcoind.ops.status import NodeFacts
 from vcoind.oracle.network import OracleNetwork
+from vcoind.p2p.dht import Dht
 from vcoind.p2p.dialback import DialBack
 from vcoind.p2p.gossip import Gossip
 from vcoind.p2p.host import P2PHost, build_host, running
 from vcoind.p2p.keeper import PeerKeeper
+from vcoind.p2p.mdns import LanDiscovery
 from vcoind.p2p.relay import Relays
 from vcoind.p2p.streams import StreamService
 from vcoind.presence.service import PresenceService
@@ -112,6 +115,12 @@ class Node:
                                  own_addrs=self.direct_addrs,
                                  on_private=self._unreachable)  # fmt: skip
         self.dialback.mount(streams)
+        self.mdns = LanDiscovery(self.p2p, self.keeper.learn, self.direct_addrs)
+        self.dht: Dht | None = None
+        if p2p_cfg.dht != "off":
+            self.dht = Dht(self.p2p, p2p_cfg, verdict=self.keeper.dialable,
+                           own_addrs=self.advertised_addrs,
+                           reachability=lambda: self.dialback.observed)  # fmt: skip
         self.registry = MethodRegistry()
         self.rpc = RPCServer(
             RPCServerConfig(host=cfg.rpc.host, port=cfg.rpc.port,
@@ -144,6 +153,15 @@ class Node:
             announce=presence.announce, metrics=metrics, view=presence.view,
             penalise=self._penalise, heartbeat_s=p2p_cfg.heartbeat_interval,
         )  # fmt: skip
+        # A provider the DHT names proves what it serves with its heartbeat, then joins
+        # the peer table like a gossiped one; a model fetch with no provider in sight asks
+        # the DHT.
+        self.discovery = DiscoveryService(
+            p2p_cfg, cfg.network, self.dht, streams, presence.view,
+            proof=presence.heartbeat.build, admit=presence.peers.on_heartbeat,
+            connect=self.relays.connect,
+        )  # fmt: skip
+        compute.supply.use_discovery(self.discovery.look_up)
         payments = Payments(cfg.market, signer, chain, presence.view)
         settler = None
         if chain is not None and cfg.chain.anchor:
@@ -165,7 +183,11 @@ class Node:
             datadir.path,
             self.advertised_addrs,
             lambda: self.info.rpc_url if self.info else None,
-            lambda: {**self.relays.status(), **self.dialback.status()},
+            lambda: {
+                **self.relays.status(),
+                **self.dialback.status(),
+                "dht": self.dht.status() if self.dht else None,
+            },
             self.p2p.relayed,
         )
         self.ops = OpsService(
@@ -176,8 +198,8 @@ class Node:
         m = Mounts(rpc=self.registry, http=self.rpc, gossip=gossip, streams=streams)
         self.gateway = GatewayService(market.origin, presence.view, self.registry, store,
                                       metrics)  # fmt: skip
-        for service in (presence, compute, self.train, market, self.oracle, self.ops,
-                        self.gateway):  # fmt: skip
+        for service in (presence, compute, self.discovery, self.train, market, self.oracle,
+                        self.ops, self.gateway):  # fmt: skip
             service.mount(m)
         register_chain_api(m.rpc, chain)
         register_train_api(m.rpc, self.train, market.origin, presence.view)
@@ -257,6 +279,9 @@ class Node:
                 await nursery.start(self.presence.run)
                 await nursery.start(self.keeper.run)
                 await nursery.start(self.dialback.run)
+                await nursery.start(self.discovery.run)
+                if self.config.p2p.mdns:
+                    await nursery.start(self.mdns.run)
                 for service in (self.train, self.oracle, self.ops, self.market):
                     await nursery.start(service.run)
                 try:

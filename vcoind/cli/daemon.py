@@ -91,6 +91,17 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
         "when an announce (else listen) address is public",
     )
     g.add_argument(
+        "--dht",
+        choices=("auto", "server", "client", "off"),
+        help="Kademlia DHT mode (provider records: who serves a model or span); default "
+        "auto: server once the node is found publicly reachable, client otherwise",
+    )
+    g.add_argument(
+        "--mdns",
+        action="store_true",
+        help="find peers on the local network (mDNS); they pass the dial policy",
+    )
+    g.add_argument(
         "--heartbeat-interval",
         type=float,
         metavar="SECONDS",
@@ -205,6 +216,8 @@ def _flags(ns: argparse.Namespace) -> dict[str, Any]:
         "p2p.relays": ns.relay,
         "p2p.reachability": ns.reachability,
         "p2p.relay_service": ns.relay_service,
+        "p2p.dht": ns.dht,
+        "p2p.mdns": True if ns.mdns else None,
         "p2p.heartbeat_interval": ns.heartbeat_interval,
         "p2p.peer_timeout": ns.peer_timeout,
         "p2p.discover": False if ns.no_discover else None,

@@ -52,6 +52,10 @@ def fmt_node_info(r: dict[str, Any]) -> str:
             f"{'yes' if reach.get('relay_service') else 'no'}   relay slots "
             f"{len(reach.get('reservations', []))} of {len(reach.get('relays', []))}"
         )
+    dht = reach.get("dht")
+    if dht:
+        lines.append(f"dht          {dht['mode']}   routing table {dht['routing_table']}   "
+                     f"providing {dht['provided']}   records held {dht['records']}")  # fmt: skip
     for step in r.get("progress") or []:
         lines.append(f"progress     {step['kind']} {step['label']}: "
                      f"{100 * step['fraction']:.0f}% ({step['outcome']})")  # fmt: skip

@@ -1,4 +1,5 @@
-"""``vcoind model ...``: the model store (pull, make-test, list, info, split).
+"""``vcoind model ...``: the model store (pull, make-test, list, info, split), and asking
+the running daemon to fetch a model from peers (fetch) or to find its servers (find).
 
 ``pull`` downloads a model from the Hugging Face Hub (or a mirror: ``--endpoint`` /
 ``HF_ENDPOINT``) through ``vcoind.compute.hub``; ``list`` says where each model came from.
@@ -30,6 +31,7 @@ def model_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     _pull_parser(sub)
     _fetch_parser(sub)
+    _find_parser(sub)
     mk = sub.add_parser(
         "make-test",
         help="write a small random-weight Qwen2 model (the DeepSeek-R1-Distill-Qwen-1.5B "
@@ -196,6 +198,54 @@ def _fetch(ns: argparse.Namespace, datadir: Path) -> int:
     return 0 if job["status"] in ("done", "running") else die(f"fetch failed: {job['error']}")
 
 
+def _find_parser(sub: Any) -> None:
+    sp = sub.add_parser(
+        "find",
+        help="ask the running daemon's DHT which nodes serve a model (or a layer span)",
+        description="Look MODEL up in the Kademlia DHT through the daemon on DATADIR: the "
+        "nodes that provide it, each verified over a direct stream (its own heartbeat must "
+        "list the model) before it is counted; verified ones join the daemon's peer table. "
+        "Give the model id (sha256:...) unless the daemon already knows the name.",
+    )
+    sp.add_argument("model", help="model id, or a short name the daemon knows the id of")
+    sp.add_argument("--layers", metavar="START-END", help="providers of this span (inclusive)")
+    sp.add_argument("--datadir", type=Path, metavar="DIR", help="data directory")
+    sp.add_argument("--json", action="store_true", help="print the answer as JSON")
+
+
+def _find(ns: argparse.Namespace, datadir: Path) -> int:
+    from vcoind.cli.client import ClientError, RPCClient
+    from vcoind.datadir import DataDir
+
+    layers = None
+    if ns.layers:
+        try:
+            a, b = (int(x) for x in ns.layers.split("-"))
+        except ValueError:
+            return die(f"--layers {ns.layers!r}: expected START-END", EXIT_USAGE)
+        layers = [a, b]
+    dd = DataDir(datadir)
+    run = dd.read_run_file()
+    if not run or "rpc_url" not in run:
+        return die(f"no daemon running on {dd.path} (no run.json)")
+    try:
+        found = RPCClient(str(run["rpc_url"]), dd.read_cookie()).call(
+            "vcoin_findProviders", {"model": ns.model, "layers": layers}
+        )
+    except ClientError as exc:
+        return die(str(exc))
+    if ns.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    span = f" layers {layers[0]}-{layers[1]}" if layers else ""
+    print(f"{found['model_id']}{span}: {len(found['workers'])} verified")
+    for w in found["workers"]:
+        print(f"  {w['peer_id']}  {' '.join(w['addrs'][:2])}")
+    for w in found["unverified"]:
+        print(f"  not counted {w['peer_id']}: {w['reason']}")
+    return 0
+
+
 def model_main(args: list[str]) -> int:
     from vcoind.compute.models import ModelError, ModelStore, inspect_model
 
@@ -216,6 +266,8 @@ def model_main(args: list[str]) -> int:
         return _pull(ns, cfg.models_dir)
     if ns.action == "fetch":
         return _fetch(ns, cfg.datadir)
+    if ns.action == "find":
+        return _find(ns, cfg.datadir)
     store = ModelStore(cfg.models_dir)
     models = store.scan()
     if ns.action == "list":

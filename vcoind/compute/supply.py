@@ -111,6 +111,13 @@ class ModelSupply:
         self._nursery: trio.Nursery | None = None
         self.auto_span: tuple[str, int, int] | None = None  # (model id, start, end)
         self._beat = max(heartbeat_s, 0.25)
+        self._discover: Callable[[str, int, int], None] = lambda model, start, end: None
+
+    def use_discovery(self, look_up: Callable[[str, int, int], None]) -> None:
+        """DHT fallback (``vcoind.discovery``): when no heartbeat names a provider,
+        ``look_up(model, start, end)`` searches the DHT in the background; verified
+        providers join the peer table, so the next ``providers`` call finds them."""
+        self._discover = look_up
 
     # --- serving ----------------------------------------------------------------
 
@@ -180,6 +187,8 @@ class ModelSupply:
                                           (start, end) for s in hb.spans)  # fmt: skip
             if whole or span:
                 out.append(st)
+        if not out:  # DHT fallback: nobody we heard of serves it (see use_discovery)
+            self._discover(model_id, start, end)
         return [st.peer_id for st in sorted(out, key=lambda st: (-round(st.health, 1),
                                                                  st.peer_id))]  # fmt: skip
 
