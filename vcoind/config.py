@@ -301,7 +301,15 @@ class ChainConfig:
     embedded_stake: float = 1000.0
     stake_refresh_s: float = 10.0  # how often peers' stakes are re-read
     retry_max_s: float = 10.0  # longest wait between retries of a chain write
+    # A chain write (an anchor, a payment, a stake) counts as done once its block has this
+    # many blocks on top of it, counting its own (1: as soon as it is mined); a chain
+    # reorganisation that drops it before then makes the node send it again.
+    confirmations: int = 1
     timeout_s: float = 10.0  # one JSON-RPC request
+
+    def __post_init__(self) -> None:
+        if self.confirmations < 1:
+            raise ConfigError("chain.confirmations", "must be at least 1")
 
 
 REQUIRE_STAKE = ("auto", "on", "off")

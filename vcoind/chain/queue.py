@@ -2,7 +2,10 @@
 
 Every chain write (an anchor, a stake, a governance vote) is first a row. The writer takes
 the oldest pending row, signs its transaction with the node's Ethereum key (nonces counted
-locally), stores the signed bytes, then broadcasts them and waits for the receipt. A
+locally), stores the signed bytes, then broadcasts them and waits for the receipt, and for
+``chain.confirmations`` blocks on top of it: a chain reorganisation that drops it before
+then is met by sending the same bytes again (only then is the op done, its rewards
+recorded). A
 failure to reach the chain leaves the row pending with a growing delay (at most
 ``chain.retry_max_s``); a restart resends the same signed bytes. A transaction can
 therefore be delayed by an outage but never lost and never executed twice; the contract
@@ -48,6 +51,7 @@ from vcoind.store import ChainOp, ChainStore, RewardRow
 log = logging.getLogger("vcoind.chain")
 
 RECEIPT_TIMEOUT_S = 30.0
+CONFIRM_POLL_S = 0.5  # how often the chain's head is read while a write waits for depth
 MAX_FAILED_ATTEMPTS = 8  # errors that are not an outage (nor a revert) give up after this
 GOV_STATE_QUEUED, GOV_STATE_EXECUTED = 5, 7
 OWN_CHANGES = ("stake", "unstake", "withdraw", "deposit", "withdraw_request", "withdraw_deposit")
@@ -256,6 +260,7 @@ class WriteQueue:
             assert tx_hash is not None
             receipt = await link.call(self._broadcast, raw, tx_hash)
             link.mark(True)
+            receipt = await self._confirmed(op, raw, tx_hash, receipt)
             if receipt["status"] != 1:
                 # Reverted on chain although the estimate passed (a race): build it again,
                 # which reports the revert by name or finds the work already done.
@@ -278,6 +283,32 @@ class WriteQueue:
             link.mark(False, f"{type(exc).__name__}: {exc}")
             await self._retry(op, f"chain unreachable: {type(exc).__name__}: {exc}",
                               outage=True)  # fmt: skip
+
+    async def _confirmed(self, op: ChainOp, raw: bytes, tx_hash: str, receipt: Any) -> Any:
+        """The receipt once it is ``chain.confirmations`` blocks deep (1: as mined). A
+        reorganisation that drops the transaction meanwhile is met by sending the same
+        signed bytes again: its nonce lets it run once at most, wherever it lands."""
+        need = self.link.cfg.confirmations
+        while need > 1:
+            head, now = await self.link.call(self._head_and_receipt, tx_hash)
+            if now is None:
+                log.warning("chain %s #%d: transaction %s was dropped by a chain reorganisation;"
+                            " sending it again", op.kind, op.id, tx_hash)  # fmt: skip
+                self.link.metrics.chain_writes.labels(kind=op.kind, outcome="reorged").inc()
+                now = await self.link.call(self._broadcast, raw, tx_hash)
+            elif now["blockHash"] != receipt["blockHash"]:
+                log.info("chain %s #%d: transaction %s moved to block %d by a chain "
+                         "reorganisation", op.kind, op.id, tx_hash, now["blockNumber"])  # fmt: skip
+            receipt = now
+            if head - int(receipt["blockNumber"]) + 1 >= need:
+                break
+            await trio.sleep(CONFIRM_POLL_S)
+        return receipt
+
+    def _head_and_receipt(self, tx_hash: str) -> tuple[int, Any]:
+        signer, w3 = self.link.signer, self.link.w3
+        assert signer is not None and w3 is not None
+        return int(w3.eth.block_number), signer.receipt(tx_hash)
 
     def _broadcast(self, raw: bytes, tx_hash: str) -> Any:
         signer = self.link.signer
