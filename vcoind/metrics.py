@@ -58,6 +58,12 @@ class NodeMetrics:
             ["protocol"],
             registry=r,
         )
+        self.stream_requests = Counter(
+            "vcoin_stream_requests_total",
+            "Requests on direct streams, by protocol, record kind and direction (in, out)",
+            ["protocol", "kind", "direction"],
+            registry=r,
+        )
         self.tasks = Counter(
             "vcoin_tasks_total", "Tasks at this origin by outcome (submitted, completed, ...)",
             ["status"], registry=r,

@@ -16,7 +16,7 @@ import trio
 
 from vcoind.config import MarketConfig
 from vcoind.consensus.reputation import DEFAULT_REPUTATION
-from vcoind.market.live import LiveTask
+from vcoind.market.live import LiveTask, since
 from vcoind.market.messages import MAX_BATCH, AnnouncedTask, Bid, TaskAnnounce, TaskBid
 from vcoind.market.observed import Observations
 from vcoind.market.payments import Payments
@@ -109,6 +109,9 @@ class Bidding:
                 own = self._local_bid(self._peer_id, batch)
                 if own is not None:
                     self.take(own)
+                for t in batch:
+                    self._live[t.task_id].dispatch.setdefault("announced_s", since(
+                        self._live[t.task_id].row))  # fmt: skip
                 ann = TaskAnnounce(self._network, self._peer_id, 0, 0.0, tuple(batch))
                 try:  # seq and timestamp are stamped by gossip
                     await self._publish_announce(ann)
@@ -135,6 +138,7 @@ class Bidding:
         """
         cfg = self._config
         live.bids = []
+        live.dispatch.clear()
         row = live.row
         task = AnnouncedTask(
             task_id=row.id, model=row.model,
@@ -162,6 +166,7 @@ class Bidding:
         with trio.move_on_after(cfg.bid_window_s):
             while not live.cancelled and not enough():
                 await live.changed.wait()
+        live.dispatch["bids_s"] = since(row)
         await self._tasks.add_bids(row.id, [_bid_row(b) for b in live.bids])
         flight = self.selection.in_flight
         bids = [self.observed.adjust(b, flight.get(b.peer_id, 0), task.max_new_tokens,

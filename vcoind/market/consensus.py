@@ -451,6 +451,7 @@ class Coordinator:
         """Commit phase, close, reveals, tally. The replicas were assigned already."""
         want = set(st.attempts)
         await st.wait(lambda: set(st.commits) | set(st.failed) >= want, commit_timeout_s)
+        st.mark("committed")  # the slowest replica's commitment is in (or the deadline)
         silent = [a for a in want if a not in st.commits and a not in st.failed]
         for a in silent:
             await self._store.adjust_reputation(st.attempts[a], _moved("timeout"))
