@@ -123,6 +123,12 @@ class NodeMetrics:
             "own, by kind (assignment, training, oracle) and reason",
             ["kind", "reason"], registry=r,
         )  # fmt: skip
+        self.bids_refused = Counter(
+            "vcoin_bids_refused_total",
+            "Direct bids refused: from a peer other than the bidder (not_author), for no task "
+            "of ours that is taking bids (not_announced)",
+            ["reason"], registry=r,
+        )  # fmt: skip
         self.budget_refused = Counter(
             "vcoin_budget_refused_total",
             "Requests refused over a per-peer or node-wide budget, by resource",

@@ -1,7 +1,8 @@
 """Bidding, the origin's first step: announce a task, gather its bids, rank them.
 
 Tasks waiting to be announced leave together (one ``TaskAnnounce`` per burst, so one
-``Bid`` per bidder per burst as well); this node bids on them too. The bid window
+``Bid`` per bidder per burst as well); this node bids on them too. Bids come to the
+origin alone, on the task protocol (``take_direct``). The bid window
 closes early once every node known to serve the model has bid, and the bids are ranked
 with the configured strategy, then by reputation, on what this origin measured of each
 bidder rather than what the bid claims (``vcoind.market.observed``).
@@ -47,7 +48,6 @@ class Bidding:
         network: str,
         publish_announce: Callable[[TaskAnnounce], Awaitable[None]],
         local_bid: Callable[[str, list[AnnouncedTask]], Bid | None],
-        publish_bid: Callable[[Bid], Awaitable[None]],
         view: NetworkView,
         reputations: Callable[[list[str]], Awaitable[dict[str, float]]],
         payments: Payments | None = None,
@@ -60,7 +60,6 @@ class Bidding:
         self._network = network
         self._publish_announce = publish_announce
         self._local_bid = local_bid
-        self._publish_bid = publish_bid
         self._view = view
         self._reputations = reputations
         self._to_announce: list[AnnouncedTask] = []
@@ -90,6 +89,11 @@ class Bidding:
                 live.bids.append(tb)
                 live.wake()
 
+    def taking_bids(self, task_id: str) -> bool:
+        """Whether ``task_id`` is ours, announced and not yet decided."""
+        live = self._live.get(task_id)
+        return live is not None and "announced_s" in live.dispatch and "bids_s" not in live.dispatch
+
     def _announce(self, task: AnnouncedTask) -> None:
         self._to_announce.append(task)
         self._announce_wake.set()
@@ -115,8 +119,6 @@ class Bidding:
                 ann = TaskAnnounce(self._network, self._peer_id, 0, 0.0, tuple(batch))
                 try:  # seq and timestamp are stamped by gossip
                     await self._publish_announce(ann)
-                    if own is not None:  # public like every bid: anyone can re-check the choice
-                        await self._publish_bid(own)
                 except Exception as exc:  # the tasks' drivers announce again within 1 s
                     log.warning("announcing %d task(s) failed: %s", len(batch), exc)
 

@@ -1,7 +1,7 @@
 """``/vcoin/task/1.0.0``: the direct request/response protocol of the task market.
 
 One handler per record kind: services register theirs with :meth:`TaskProtocol.handle`
-(the market its assignments, cancels, progress and results; the oracle its queries and
+(the market its bids, assignments, cancels, progress and results; the oracle its queries and
 confirmations) before the node starts; the stream is served with every registered kind.
 :meth:`TaskProtocol.send` is the one way to send a record to a peer, and to ourselves it
 is a plain call (the origin may be its own worker).
@@ -14,13 +14,20 @@ from typing import Any, TypeVar
 
 from libp2p.peer.id import ID
 
-from vcoind.market.messages import TASK_PROTOCOL, Assignments, Cancel, Progress, TaskResult
+from vcoind.market.messages import (
+    TASK_PROTOCOL,
+    Assignments,
+    Bid,
+    Cancel,
+    Progress,
+    TaskResult,
+)
 from vcoind.p2p.streams import StreamProtocol, StreamProtocolError, StreamService
 
 R = TypeVar("R")
 Handler = Callable[[str, Any], Awaitable[Any]]
 
-MARKET_RECORDS: tuple[type[Any], ...] = (Assignments, Cancel, Progress, TaskResult)
+MARKET_RECORDS: tuple[type[Any], ...] = (Assignments, Bid, Cancel, Progress, TaskResult)
 
 
 def task_stream(records: tuple[type[Any], ...] = MARKET_RECORDS) -> StreamProtocol:

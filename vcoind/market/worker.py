@@ -91,7 +91,6 @@ class TaskWorker:
         *,
         peer_id: str,
         network: str,
-        publish_bid: Callable[[Bid], Awaitable[None]],
         send: Send,
         health: Callable[[], float],
         payments: Payments | None = None,
@@ -109,7 +108,7 @@ class TaskWorker:
         self._tasks = tasks
         self._peer_id = peer_id
         self._network = network
-        self._publish_bid = publish_bid
+        self._nursery: trio.Nursery | None = None  # run()'s: our bids go out from it
         self._send = send
         self._health = health
         # Settlement v2: tickets checked, prices and results signed (None: unpaid work)
@@ -209,8 +208,20 @@ class TaskWorker:
         if self._payments is not None:  # the requesters' deposits, fresh enough to judge
             await self._payments.prefetch([t.ticket for t in ann.tasks], ann.peer_id)
         bid = self.make_bid(ann.peer_id, ann.tasks)
-        if bid is not None:
-            await self._publish_bid(bid)
+        if bid is None:
+            return
+        if self._nursery is None:
+            await self._send_bid(bid)
+        else:  # not from the gossip handler: the next announcement must not wait for it
+            self._nursery.start_soon(self._send_bid, bid)
+
+    async def _send_bid(self, bid: Bid) -> None:
+        """Our bid, to the origin alone (on the task protocol, not gossip)."""
+        try:
+            await self._send(bid.origin, bid, Ack)
+        except StreamProtocolError as exc:  # it announces again while nobody bid
+            log.info("bid for %d task(s) of %s not delivered: %s", len(bid.offers),
+                     bid.origin, exc)  # fmt: skip
 
     # --- assignments ------------------------------------------------------
 
@@ -287,6 +298,7 @@ class TaskWorker:
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             if self._models.all():  # import torch and load models off the trio thread, early
                 nursery.start_soon(self._warm_up)
             while True:
