@@ -65,11 +65,13 @@ from libp2p.peer.id import ID
 from vcoind.compute.models import ModelError, ModelInfo
 from vcoind.compute.params import GenerationError, GenerationParams
 from vcoind.compute.sampling import GenerationResult
-from vcoind.config import MarketConfig
+from vcoind.config import MarketConfig, P2PConfig
 from vcoind.market.payments import Payments
 from vcoind.market.service import MarketService
 from vcoind.metrics import NodeMetrics
 from vcoind.p2p.codec import decode, encode
+from vcoind.p2p.gossip import budget_limits
+from vcoind.p2p.policy import Budgets
 from vcoind.p2p.streams import ErrorReply, StreamOpenError, StreamProtocol, StreamProtocolError
 from vcoind.rpc import MethodRegistry
 from vcoind.service import Mounts
@@ -234,6 +236,7 @@ class MemoryGossip:
         self._net = net
         self._me = me
         self._routes: dict[tuple[str, type[Any]], Handler] = {}
+        self.budgets = Budgets(budget_limits(P2PConfig()))  # the real per-sender budgets
 
     def on(self, name: str, cls: type[Any], handler: Handler) -> None:
         self._routes[(name, cls)] = handler
