@@ -228,16 +228,36 @@ class TaskWorker:
     async def on_assignments(self, origin: str, batch: Assignments) -> Accepted:
         """Accept or refuse each; claimed together (one store transaction for the lot)."""
         errors = [""] * len(batch.items)
+        queued = sum(j.origin == origin for j in self._jobs.values())
+        passed: list[int] = []
 
-        async def one(i: int, a: Assign) -> None:
+        async def check(i: int, a: Assign) -> None:
             try:
-                await self.on_assign(origin, a)
+                await self._check_assign(origin, a)
             except StreamProtocolError as exc:
                 errors[i] = str(exc)[:1024]
+            else:
+                passed.append(i)
 
         async with trio.open_nursery() as nursery:
             for i, a in enumerate(batch.items):
-                nursery.start_soon(one, i, a)
+                try:  # the per-requester cap counts this batch's earlier ones too
+                    self._check_queued(origin, a, queued)
+                except StreamProtocolError as exc:
+                    errors[i] = str(exc)[:1024]
+                    continue
+                queued += 1
+                nursery.start_soon(check, i, a)
+        passed.sort()
+        claimed = await self._tasks.claim_assignments(
+            [(batch.items[i].task_id, batch.items[i].attempt) for i in passed], origin, time.time()
+        )
+        for i, new in zip(passed, claimed, strict=True):
+            a = batch.items[i]
+            if new:
+                self._enqueue(origin, a)
+            else:
+                errors[i] = f"attempt {a.attempt} of {a.task_id} {ACCEPTED_BEFORE}"
         return Accepted(tuple(errors))
 
     def _refuse(self, reason: str, message: str, a: Assign, origin: str) -> StreamProtocolError:
@@ -246,17 +266,21 @@ class TaskWorker:
         self._refused("assignment", reason)
         return StreamProtocolError(f"refused: {message}")
 
-    async def on_assign(self, origin: str, a: Assign) -> Ack:
-        if not a.route and (a.task_id, origin) not in self._bid_on:
-            raise self._refuse("not_bid", "this node did not bid on that task of yours", a,
-                               origin)  # fmt: skip
+    def _check_queued(self, origin: str, a: Assign, queued: int) -> None:
+        """Refuse ``a`` when ``queued`` of its requester's tasks wait here (the cap)."""
         cap = self._max_queued_per_origin
-        if cap and sum(j.origin == origin for j in self._jobs.values()) >= cap:
+        if cap and queued >= cap:
             why = f"{cap} of this requester's tasks are queued here already"
             log.warning("refused task %s attempt %d from %s: %s", a.task_id, a.attempt,
                         origin, why)  # fmt: skip
             self._over_budget("queued_per_origin")
             raise StreamProtocolError(f"over budget: {why} (market.max_queued_per_origin)")
+
+    async def _check_assign(self, origin: str, a: Assign) -> None:
+        """Refuse what we did not bid on, cannot run, or would not be paid for."""
+        if not a.route and (a.task_id, origin) not in self._bid_on:
+            raise self._refuse("not_bid", "this node did not bid on that task of yours", a,
+                               origin)  # fmt: skip
         if self._payments is not None:
             await self._payments.prefetch([a.ticket], origin)
             refusal = self._payments.ticket_refusal(
@@ -274,8 +298,9 @@ class TaskWorker:
                 raise StreamProtocolError(str(exc)) from None
             if a.adapter and not self._adapter_known(a.adapter):
                 raise StreamProtocolError(f"adapter {a.adapter[:12]} is not known to this node")
-        if not await self._tasks.claim_assignment(a.task_id, a.attempt, origin, time.time()):
-            raise StreamProtocolError(f"attempt {a.attempt} of {a.task_id} {ACCEPTED_BEFORE}")
+
+    def _enqueue(self, origin: str, a: Assign) -> None:
+        """An accepted (and claimed) assignment joins the queue."""
         job = _Job((-a.priority, next(self._arrivals)), origin, a,
                    accepted=trio.current_time())  # fmt: skip
         self._jobs[(a.task_id, a.attempt)] = job
@@ -284,7 +309,6 @@ class TaskWorker:
         self._wake.set()
         self.on_change()
         log.info("accepted task %s attempt %d from %s", a.task_id, a.attempt, origin)
-        return Ack()
 
     async def on_cancel(self, origin: str, c: Cancel) -> Ack:
         job = self._jobs.get((c.task_id, c.attempt))
@@ -363,7 +387,7 @@ class TaskWorker:
                 job.scope = scope
                 try:
                     if a.route:
-                        assert self._pipelines is not None  # on_assign checked
+                        assert self._pipelines is not None  # _check_assign checked
                         r, model_id = await self._pipelines.run_route(a, progress)
                     else:
                         executor = await self.executor()
