@@ -258,10 +258,29 @@ class MemoryStreams:
         self.handler: Callable[[ID, Any], Awaitable[Any]] | None = None
 
     def serve(self, proto: StreamProtocol, handler: Callable[[ID, Any], Awaitable[Any]]) -> None:
-        self.proto, self.handler = proto, handler
+        # The market serves the task and the bid protocols with one handler (its dispatch).
+        self.proto = self.proto or proto
+        self.handler = handler
 
     async def request(self, peer: ID, proto: StreamProtocol, record: Any, reply_type: type[T]) -> T:
         return await self._net.request(self._me, peer.to_base58(), proto, record, reply_type)
+
+    def session(self, peer: ID, proto: StreamProtocol) -> MemorySession:
+        return MemorySession(self, peer, proto)
+
+
+class MemorySession:
+    """``StreamSession``: requests to one peer (each delivered like a stream's)."""
+
+    def __init__(self, streams: MemoryStreams, peer: ID, proto: StreamProtocol) -> None:
+        self._streams, self._peer, self._proto = streams, peer, proto
+        self.is_open = True
+
+    async def request(self, record: Any, reply_type: type[T]) -> T:
+        return await self._streams.request(self._peer, self._proto, record, reply_type)
+
+    async def aclose(self) -> None:
+        self.is_open = False
 
 
 class HarnessView:

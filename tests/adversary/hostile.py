@@ -105,8 +105,8 @@ class Hostile:
     ) -> None:
         """Announce tasks as their origin and wait for ``node``'s bid on them (a node takes
         an assignment or a training join only for a task it bid on, from its origin). The
-        caller has joined the ``tasks`` topic; bids come to us on the task protocol, which
-        this serves (for bids only) from the first call on."""
+        caller has joined the ``tasks`` topic; bids come to us on the bid protocol, which
+        this serves from the first call on."""
         from vcoind.market.messages import AnnouncedTask, TaskAnnounce
 
         self.serve_bids()
@@ -124,9 +124,9 @@ class Hostile:
                 await self._bid_in.wait()
 
     def serve_bids(self) -> None:
-        """Take the bids nodes send us on the task protocol (into ``bids``)."""
-        from vcoind.market.messages import Ack, Bid
-        from vcoind.market.protocol import task_stream
+        """Take the bids nodes send us on the bid protocol (into ``bids``)."""
+        from vcoind.market.messages import Ack
+        from vcoind.market.protocol import BID_STREAM
 
         async def take(peer: Any, bid: Any) -> Ack:
             self.bids.append(bid)
@@ -136,7 +136,7 @@ class Hostile:
 
         if not self._serving_bids:
             self._serving_bids = True
-            self.streams.serve(task_stream((Bid,)), take)
+            self.streams.serve(BID_STREAM, take)
 
     async def offered_training(self, node: str, model: str, *task_ids: str) -> None:
         """``bids_from`` for ``lora_training`` tasks (``node`` offered to train them)."""

@@ -1,6 +1,7 @@
-"""Bids on the task protocol, from the attacker's side: a bid must come from its bidder,
-on this network, for a task of the origin that takes bids, within the kind's size limit;
-anything else is refused and counted, and an honest direct bid wins the assignment."""
+"""Direct bids, from the attacker's side: a bid must come from its bidder, on this network,
+for a task of the origin that takes bids, within a bid's size; anything else is refused
+and counted (on the bid protocol, and on the task protocol where a bid is taken too), and
+an honest direct bid wins the assignment."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from vcoind.market.messages import (
     Offer,
     TaskAnnounce,
 )
-from vcoind.market.protocol import TASK_STREAM, task_stream
+from vcoind.market.protocol import BID_PROTOCOL, BID_STREAM, TASK_STREAM, task_stream
 from vcoind.p2p.codec import decode
 from vcoind.p2p.keeper import parse_peer_addr
 from vcoind.p2p.streams import ErrorReply, StreamProtocolError, read_frame, write_frame
@@ -81,12 +82,12 @@ async def test_direct_bids_are_refused_unless_from_the_bidder_for_an_announced_t
         async with hostile() as other:
             forged = bid(h, origin, task_id, peer_id=other.peer_id)
         with pytest.raises(StreamProtocolError, match="from its bidder"):
-            await h.request(origin, TASK_STREAM, forged, Ack)
+            await h.request(origin, BID_STREAM, forged, Ack)
         with pytest.raises(StreamProtocolError, match="from its bidder"):
             await h.request(origin, TASK_STREAM, bid(h, origin, task_id, network="other"), Ack)
         # A task that was never announced, or another origin's: refused.
         with pytest.raises(StreamProtocolError, match="takes bids"):
-            await h.request(origin, TASK_STREAM, bid(h, origin, "cd" * 16), Ack)
+            await h.request(origin, BID_STREAM, bid(h, origin, "cd" * 16), Ack)
         with pytest.raises(StreamProtocolError, match="takes bids"):
             await h.request(origin, TASK_STREAM, bid(h, h.peer_id, task_id), Ack)
         # Over the bid kind's size limit (the task protocol's frames may be larger).
@@ -96,10 +97,16 @@ async def test_direct_bids_are_refused_unless_from_the_bidder_for_an_announced_t
                                                  "pad": "x" * (Bid.MAX_BYTES + 1)}))  # fmt: skip
         reply = decode(await read_frame(stream, 4096))
         assert isinstance(reply, ErrorReply) and reply.code == "bad_request", reply
+        # On the bid protocol a frame over a bid's size is not even read: the stream is reset.
+        stream = await h.p2p.host.new_stream(parse_peer_addr(n1.p2p_addr).peer_id,
+                                             [BID_PROTOCOL])  # fmt: skip
+        await write_frame(stream, b"\x00" * (Bid.MAX_BYTES + 1))
+        with pytest.raises(StreamProtocolError):
+            await read_frame(stream, 4096)
         assert assigned == []  # nothing of that won the task
 
         # Our own bid for the announced task: taken, and the task is ours.
-        assert await h.request(origin, TASK_STREAM, bid(h, origin, task_id), Ack) == Ack()
+        assert await h.request(origin, BID_STREAM, bid(h, origin, task_id), Ack) == Ack()
         with trio.fail_after(20):
             while not assigned:
                 await trio.sleep(0.05)
@@ -112,17 +119,17 @@ async def test_direct_bids_are_refused_unless_from_the_bidder_for_an_announced_t
 
 
 def wire(node: Any) -> dict[str, float]:
-    """Task-protocol requests and tasks/votes gossip of a node, from its /metrics."""
+    """Task- and bid-protocol requests and tasks/votes gossip of a node (its /metrics)."""
     out = {}
     for topic in ("tasks", "votes"):
         out[f"gossip out {topic}"] = metric(node, "vcoin_gossip_published_total", topic=topic)
         out[f"gossip in {topic}"] = metric(node, "vcoin_gossip_received_total", topic=topic)
     for kind in ("bid", "task_assignments", "task_progress", "task_result"):
+        proto = BID_PROTOCOL if kind == "bid" else TASK_PROTOCOL
         for way in ("in", "out"):
             out[f"{way} {kind}"] = metric(
-                node, "vcoin_stream_requests_total", protocol=TASK_PROTOCOL, kind=kind,
-                direction=way,
-            )  # fmt: skip
+                node, "vcoin_stream_requests_total", protocol=proto, kind=kind, direction=way
+            )
     return out
 
 

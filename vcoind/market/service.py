@@ -100,7 +100,8 @@ class MarketService:
         self.routes = Routes(compute, view, metrics)
         self.worker = TaskWorker(
             compute, self.tasks, peer_id=me, network=network,
-            send=self.protocol.send, health=lambda: view.health_of(me),
+            send=self.protocol.send, send_bid=self.protocol.send_bid,
+            health=lambda: view.health_of(me),
             on_change=self._worker_changed,
             commit_result=self.replica.commit, payments=payments, pipelines=self.routes,
             trainer=trainer, max_queued_per_origin=cfg.max_queued_per_origin,

@@ -93,6 +93,7 @@ class TaskWorker:
         network: str,
         send: Send,
         health: Callable[[], float],
+        send_bid: Callable[[str, Bid], Awaitable[None]] | None = None,
         payments: Payments | None = None,
         on_change: Callable[[], None] = lambda: None,
         commit_result: Callable[[str, TaskResult, Assign], Awaitable[None]] | None = None,
@@ -109,6 +110,9 @@ class TaskWorker:
         self._peer_id = peer_id
         self._network = network
         self._nursery: trio.Nursery | None = None  # run()'s: our bids go out from it
+        # Bids to their origin (``TaskProtocol.send_bid``: a kept stream); by default on
+        # the task protocol.
+        self._send_bid_to = send_bid or (lambda peer, bid: send(peer, bid, Ack))
         self._send = send
         self._health = health
         # Settlement v2: tickets checked, prices and results signed (None: unpaid work)
@@ -216,9 +220,9 @@ class TaskWorker:
             self._nursery.start_soon(self._send_bid, bid)
 
     async def _send_bid(self, bid: Bid) -> None:
-        """Our bid, to the origin alone (on the task protocol, not gossip)."""
+        """Our bid, to the origin alone (a direct stream, not gossip)."""
         try:
-            await self._send(bid.origin, bid, Ack)
+            await self._send_bid_to(bid.origin, bid)
         except StreamProtocolError as exc:  # it announces again while nobody bid
             log.info("bid for %d task(s) of %s not delivered: %s", len(bid.offers),
                      bid.origin, exc)  # fmt: skip

@@ -390,6 +390,11 @@ class StreamSession:
                 raise StreamProtocolError(f"{proto.protocol_id} to {peer}: no reply in time")
         return _decode_reply(data, reply_type, peer, proto)
 
+    @property
+    def is_open(self) -> bool:
+        """Whether a stream is open (a failed request resets it)."""
+        return self._stream is not None
+
     async def _reset(self) -> None:
         stream, self._stream = self._stream, None
         if stream is not None:
