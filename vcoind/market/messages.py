@@ -16,8 +16,10 @@ Direct protocol ``/vcoin/task/1.0.0`` (one request, one reply per stream):
   it can run; reply ``Ack``), ``Progress`` and ``TaskResult`` (reply ``Ack``). A bid goes
   to the origin alone: gossiped, every node would receive every bid. Only its author may
   send it, for tasks the origin announced and still takes bids for, within the sender's
-  bid budget. The origin keeps bids per task as ``TaskBid`` and shows them with the task
-  (``vcoin_getTask``: with each bid's signed price), so its choice can still be re-checked.
+  bid budget. They travel on ``/vcoin/bid/1.0.0`` (``vcoind.market.protocol``), a session
+  per origin; the task protocol takes them too. The origin keeps bids per task as
+  ``TaskBid`` and shows them with the task (``vcoin_getTask``), so its choice can be
+  re-checked from its record (no longer by every node watching the gossip).
 """
 
 from __future__ import annotations
