@@ -38,6 +38,7 @@ from vcoind.market.chat import ChatError, parse_messages
 from vcoind.market.deltas import TextDeltas
 from vcoind.market.messages import (
     ACCEPTED_BEFORE,
+    MAX_BATCH,
     Accepted,
     Ack,
     AnnouncedTask,
@@ -110,6 +111,7 @@ class TaskWorker:
         self._peer_id = peer_id
         self._network = network
         self._nursery: trio.Nursery | None = None  # run()'s: our bids go out from it
+        self._bids_out: dict[str, list[Bid]] = {}  # origin -> bids waiting to be sent
         # Bids to their origin (``TaskProtocol.send_bid``: a kept stream); by default on
         # the task protocol.
         self._send_bid_to = send_bid or (lambda peer, bid: send(peer, bid, Ack))
@@ -216,8 +218,30 @@ class TaskWorker:
             return
         if self._nursery is None:
             await self._send_bid(bid)
-        else:  # not from the gossip handler: the next announcement must not wait for it
-            self._nursery.start_soon(self._send_bid, bid)
+            return
+        # Not from the gossip handler (the next announcement must not wait for it), and
+        # bids made while an earlier one to the same origin is in flight go together in the
+        # next (a burst's announcements would otherwise queue a round trip each).
+        queue = self._bids_out.get(bid.origin)
+        if queue is None:
+            self._bids_out[bid.origin] = [bid]
+            self._nursery.start_soon(self._bid_sender, bid.origin)
+        else:
+            queue.append(bid)
+
+    async def _bid_sender(self, origin: str) -> None:
+        queue = self._bids_out[origin]
+        try:
+            while queue:
+                batch = [queue.pop(0)]
+                n = len(batch[0].offers)
+                while queue and n + len(queue[0].offers) <= MAX_BATCH:
+                    n += len(queue[0].offers)
+                    batch.append(queue.pop(0))
+                offers = tuple(o for b in batch for o in b.offers)
+                await self._send_bid(dataclasses.replace(batch[-1], offers=offers))
+        finally:
+            del self._bids_out[origin]
 
     async def _send_bid(self, bid: Bid) -> None:
         """Our bid, to the origin alone (a direct stream, not gossip)."""
