@@ -245,6 +245,9 @@ class TaskOrigin:
     async def on_direct_bid(self, peer: str, bid: Bid) -> Ack:
         """A bid on the task protocol: from its author, on our network, for tasks of ours
         still taking bids, within the sender's bid budget; else refused and counted."""
+        if not self._spend_bid(peer):  # every request spends it, a refused one too
+            self._metrics.budget_refused.labels(resource="bids").inc()
+            raise StreamProtocolError("over budget: bids")
         if bid.peer_id != peer or bid.network != self._network:
             self._metrics.bids_refused.labels(reason="not_author").inc()
             raise StreamProtocolError("refused: a bid must come from its bidder, on this network")
@@ -253,9 +256,6 @@ class TaskOrigin:
         ):
             self._metrics.bids_refused.labels(reason="not_announced").inc()
             raise StreamProtocolError("refused: no task of this origin takes bids")
-        if not self._spend_bid(peer):
-            self._metrics.budget_refused.labels(resource="bids").inc()
-            raise StreamProtocolError("over budget: bids")
         self._bidding.take(bid)
         return Ack()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import trio
 from libp2p.peer.id import ID
 
 from vcoind.market.messages import (
@@ -53,6 +54,7 @@ TASK_STREAM = task_stream()
 
 BID_PROTOCOL = "/vcoin/bid/1.0.0"
 BID_SESSION_IDLE_S = 30.0
+BID_RETRY_S = 0.2  # before a bid goes again on a new stream (a reset connection redials)
 MAX_BID_SESSIONS = 64  # origins whose bid stream we keep; the oldest is closed past it
 BID_STREAM = StreamProtocol(
     BID_PROTOCOL, (Bid,), max_request_bytes=Bid.MAX_BYTES, keep_open_s=BID_SESSION_IDLE_S
@@ -97,23 +99,25 @@ class TaskProtocol:
         return await self._streams.request(ID.from_base58(peer), stream, record, reply_type)
 
     async def send_bid(self, peer: str, bid: Bid) -> None:
-        """Our bid to the origin ``peer``, on the session we keep with it (a fresh one
-        when the kept one was closed meanwhile)."""
+        """Our bid to the origin ``peer``, on the session we keep with it; once more on a
+        fresh stream when the kept one was closed or the connection was lost meanwhile
+        (a refusal is not sent again)."""
         if peer == self._peer_id:
             await self.dispatch(peer, bid)
             return
-        session = self._bid_sessions.get(peer)
-        reused = session is not None and session.is_open
-        if session is None or not session.is_open:
-            if session is None and len(self._bid_sessions) >= MAX_BID_SESSIONS:
-                oldest = next(iter(self._bid_sessions))
-                await self._bid_sessions.pop(oldest).aclose()
-            session = self._bid_sessions[peer] = self._streams.session(
-                ID.from_base58(peer), BID_STREAM
-            )
-        try:
-            await session.request(bid, Ack)
-        except StreamProtocolError:
-            if not reused or session.is_open:  # a refusal, or a new stream that failed
-                raise
-            await self.send_bid(peer, bid)  # the origin had closed the idle stream
+        for last in (False, True):
+            session = self._bid_sessions.get(peer)
+            if session is None or not session.is_open:
+                if session is None and len(self._bid_sessions) >= MAX_BID_SESSIONS:
+                    oldest = next(iter(self._bid_sessions))
+                    await self._bid_sessions.pop(oldest).aclose()
+                session = self._bid_sessions[peer] = self._streams.session(
+                    ID.from_base58(peer), BID_STREAM
+                )
+            try:
+                await session.request(bid, Ack)
+                return
+            except StreamProtocolError:
+                if last or session.is_open:  # a refusal keeps the stream open
+                    raise
+            await trio.sleep(BID_RETRY_S)
