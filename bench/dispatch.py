@@ -4,8 +4,15 @@
 
 Starts three real vcoind processes serving the random test model, submits --tasks
 prompts to node 1 (all at once, or --rate per second) and reports submit -> assigned
-latency (p50/p95/max; the seeds ask < 100 ms), end-to-end completion time, the
-spread over nodes, bids per task and the workers' decode speed.
+latency (p50/p95/max) split into protocol time and queueing, end-to-end completion time,
+the spread over nodes, bids per task, the workers' decode speed and the wire messages each
+node spent per task (``bench/wire.py``).
+
+Protocol time (issue 25's target: p95 < 20 ms for a burst of 50) is announce -> bids
+closed (the bid window) plus the assignment's round trip (request sent -> accepted).
+Queueing is the rest of submit -> assigned: submit -> announce (waiting for the
+announcer, which sends a burst in one message) and bids closed -> request sent (waiting
+behind an earlier request to the same worker, with which it is batched).
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from wire import per_task, snapshot
 
 from devnet.__main__ import (
     TEST_MODEL,
@@ -76,6 +85,7 @@ def main() -> int:
                        "parameters": {"max_new_tokens": ns.tokens}}  # fmt: skip
                 return str(n1.rpc.call("vcoin_submitTask", req)["task_id"])
 
+            before = [snapshot(n) for n in nodes]
             t0 = time.monotonic()
             with ThreadPoolExecutor(max_workers=16) as pool:
                 ids = list(pool.map(one, range(ns.tasks)))
@@ -88,6 +98,8 @@ def main() -> int:
                             done[tid] = t
                 time.sleep(0.05)
             wall = time.monotonic() - t0
+            time.sleep(0.5)  # the last results' acknowledgements
+            after = [snapshot(n) for n in nodes]
             rejected = n1.rpc.call("vcoin_gossipStats")["rejected"]
         finally:
             problems = stop_all(nodes)
@@ -105,11 +117,26 @@ def main() -> int:
           f"p95 {pct(assigned, 0.95):7.1f} ms  max {max(assigned):7.1f} ms")  # fmt: skip
     print(f"submit -> completed p50 {statistics.median(total):7.3f} s   "
           f"p95 {pct(total, 0.95):7.3f} s   max {max(total):7.3f} s")  # fmt: skip
+    tm = [t["timings"] for t in ok if "sent_s" in t["timings"]]
+    if tm:
+        proto = [1000 * (x["bids_s"] - x["announced_s"] + x["assigned_s"] - x["sent_s"])
+                 for x in tm]  # fmt: skip
+        queue = [1000 * (x["announced_s"] + x["sent_s"] - x["bids_s"]) for x in tm]
+        window = [1000 * (x["bids_s"] - x["announced_s"]) for x in tm]
+        rtt = [1000 * (x["assigned_s"] - x["sent_s"]) for x in tm]
+        for name, xs in (("protocol", proto), ("  bid window", window),
+                         ("  assign rtt", rtt), ("queueing", queue)):  # fmt: skip
+            print(f"{name:<18}  p50 {statistics.median(xs):7.1f} ms  "
+                  f"p95 {pct(xs, 0.95):7.1f} ms  max {max(xs):7.1f} ms")  # fmt: skip
     bids = [len(t["bids"]) for t in ok]
     print(f"bids per task: min {min(bids)}, median {statistics.median(bids)}; "
           f"gossip rejected at node 1: {rejected or 'none'}")  # fmt: skip
     if tps:
         print(f"worker decode speed median {statistics.median(tps):.0f} tokens/s")
+    print("wire messages per task (gossip: valid receipts after de-duplication; streams:")
+    print("requests, replies not counted apart; heartbeats left out):")
+    for line in per_task(before, after, ns.tasks):
+        print(f"  {line}")
     for pr in problems:
         print(f"bench: {pr}", file=sys.stderr)
     return 0 if len(ok) == len(tasks) and not problems else 1

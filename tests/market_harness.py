@@ -65,11 +65,13 @@ from libp2p.peer.id import ID
 from vcoind.compute.models import ModelError, ModelInfo
 from vcoind.compute.params import GenerationError, GenerationParams
 from vcoind.compute.sampling import GenerationResult
-from vcoind.config import MarketConfig
+from vcoind.config import MarketConfig, P2PConfig
 from vcoind.market.payments import Payments
 from vcoind.market.service import MarketService
 from vcoind.metrics import NodeMetrics
 from vcoind.p2p.codec import decode, encode
+from vcoind.p2p.gossip import budget_limits
+from vcoind.p2p.policy import Budgets
 from vcoind.p2p.streams import ErrorReply, StreamOpenError, StreamProtocol, StreamProtocolError
 from vcoind.rpc import MethodRegistry
 from vcoind.service import Mounts
@@ -234,6 +236,7 @@ class MemoryGossip:
         self._net = net
         self._me = me
         self._routes: dict[tuple[str, type[Any]], Handler] = {}
+        self.budgets = Budgets(budget_limits(P2PConfig()))  # the real per-sender budgets
 
     def on(self, name: str, cls: type[Any], handler: Handler) -> None:
         self._routes[(name, cls)] = handler
@@ -255,10 +258,29 @@ class MemoryStreams:
         self.handler: Callable[[ID, Any], Awaitable[Any]] | None = None
 
     def serve(self, proto: StreamProtocol, handler: Callable[[ID, Any], Awaitable[Any]]) -> None:
-        self.proto, self.handler = proto, handler
+        # The market serves the task and the bid protocols with one handler (its dispatch).
+        self.proto = self.proto or proto
+        self.handler = handler
 
     async def request(self, peer: ID, proto: StreamProtocol, record: Any, reply_type: type[T]) -> T:
         return await self._net.request(self._me, peer.to_base58(), proto, record, reply_type)
+
+    def session(self, peer: ID, proto: StreamProtocol) -> MemorySession:
+        return MemorySession(self, peer, proto)
+
+
+class MemorySession:
+    """``StreamSession``: requests to one peer (each delivered like a stream's)."""
+
+    def __init__(self, streams: MemoryStreams, peer: ID, proto: StreamProtocol) -> None:
+        self._streams, self._peer, self._proto = streams, peer, proto
+        self.is_open = True
+
+    async def request(self, record: Any, reply_type: type[T]) -> T:
+        return await self._streams.request(self._peer, self._proto, record, reply_type)
+
+    async def aclose(self) -> None:
+        self.is_open = False
 
 
 class HarnessView:

@@ -174,6 +174,9 @@ async def test_task_tables_round_trip(tmp_path: Path) -> None:
     assert (att.attempt, att.peer_id, att.status, att.error) == (1, "p1", "failed", "boom")
     assert await tasks.claim_assignment("a" * 32, 1, "origin", 6.0) is True
     assert await tasks.claim_assignment("a" * 32, 1, "origin", 7.0) is False  # never twice
+    # a batch: claimed in one transaction, each at most once (a repeat inside it too)
+    claims = [("a" * 32, 1), ("a" * 32, 2), ("b" * 32, 1), ("a" * 32, 2)]
+    assert await tasks.claim_assignments(claims, "origin", 8.0) == [False, True, True, False]
     await store.close()
 
 

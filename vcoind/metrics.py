@@ -58,6 +58,12 @@ class NodeMetrics:
             ["protocol"],
             registry=r,
         )
+        self.stream_requests = Counter(
+            "vcoin_stream_requests_total",
+            "Requests on direct streams, by protocol, record kind and direction (in, out)",
+            ["protocol", "kind", "direction"],
+            registry=r,
+        )
         self.tasks = Counter(
             "vcoin_tasks_total", "Tasks at this origin by outcome (submitted, completed, ...)",
             ["status"], registry=r,
@@ -116,6 +122,12 @@ class NodeMetrics:
             "Requests refused because they would make this node sign work that is not its "
             "own, by kind (assignment, training, oracle) and reason",
             ["kind", "reason"], registry=r,
+        )  # fmt: skip
+        self.bids_refused = Counter(
+            "vcoin_bids_refused_total",
+            "Direct bids refused: from a peer other than the bidder (not_author), for no task "
+            "of ours that is taking bids (not_announced)",
+            ["reason"], registry=r,
         )  # fmt: skip
         self.budget_refused = Counter(
             "vcoin_budget_refused_total",

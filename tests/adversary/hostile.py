@@ -37,6 +37,9 @@ class Hostile:
     account: Any  # eth_account LocalAccount: the key its binding names
     _seq: int = 0
     subs: dict[str, Any] = dataclasses.field(default_factory=dict)  # topic name -> queue
+    bids: list[Any] = dataclasses.field(default_factory=list)  # Bids sent to us directly
+    _bid_in: trio.Event = dataclasses.field(default_factory=trio.Event)
+    _serving_bids: bool = False
 
     @property
     def peer_id(self) -> str:
@@ -102,18 +105,38 @@ class Hostile:
     ) -> None:
         """Announce tasks as their origin and wait for ``node``'s bid on them (a node takes
         an assignment or a training join only for a task it bid on, from its origin). The
-        caller has joined the ``tasks`` topic."""
-        from vcoind.market.messages import AnnouncedTask, Bid, TaskAnnounce
+        caller has joined the ``tasks`` topic; bids come to us on the bid protocol, which
+        this serves from the first call on."""
+        from vcoind.market.messages import AnnouncedTask, TaskAnnounce
 
+        self.serve_bids()
         tasks = tuple(AnnouncedTask(t, model, 2, 0, task_type=task_type) for t in task_ids)
         await self.publish("tasks", TaskAnnounce(self.network, self.peer_id, self.seq(),
                                                  time.time(), tasks))  # fmt: skip
         want = set(task_ids)
         with trio.fail_after(30):
-            while want:
-                rec = await self.next_record("tasks")
-                if isinstance(rec, Bid) and rec.peer_id == node and rec.origin == self.peer_id:
-                    want -= {o.task_id for o in rec.offers}
+            while True:
+                for rec in self.bids:
+                    if rec.peer_id == node and rec.origin == self.peer_id:
+                        want -= {o.task_id for o in rec.offers}
+                if not want:
+                    return
+                await self._bid_in.wait()
+
+    def serve_bids(self) -> None:
+        """Take the bids nodes send us on the bid protocol (into ``bids``)."""
+        from vcoind.market.messages import Ack
+        from vcoind.market.protocol import BID_STREAM
+
+        async def take(peer: Any, bid: Any) -> Ack:
+            self.bids.append(bid)
+            self._bid_in.set()
+            self._bid_in = trio.Event()
+            return Ack()
+
+        if not self._serving_bids:
+            self._serving_bids = True
+            self.streams.serve(BID_STREAM, take)
 
     async def offered_training(self, node: str, model: str, *task_ids: str) -> None:
         """``bids_from`` for ``lora_training`` tasks (``node`` offered to train them)."""

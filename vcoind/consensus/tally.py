@@ -3,7 +3,7 @@
 Input: the prompt, the revealed results in the order the origin listed their
 commitments, and the weights it listed. Output: similarity matrix, decision,
 confidence, the chosen answer and its hash. Pure: the caller embeds the texts
-(``vcoind.market.consensus.tally_async``).
+(``vcoind.market.tallying.tally_async``).
 """
 
 from __future__ import annotations

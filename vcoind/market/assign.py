@@ -50,6 +50,7 @@ PROGRESS_WRITE_EVERY_S = 0.5
 class _Verdict:
     done: trio.Event = field(default_factory=trio.Event)
     error: str | None = None
+    sent: float = 0.0  # wall clock: when the request carrying it went out
 
 
 class Assignment:
@@ -148,7 +149,9 @@ class Assignment:
                 chat=bool(row.parameters.get("chat")), stream=bool(row.parameters.get("stream")),
             )  # fmt: skip
             t0 = time.monotonic()
-            refused = await self.assign(peer, assign)
+            verdict = await self._assign(peer, assign)
+            refused = verdict.error
+            live.dispatch["sent_s"] = round(verdict.sent - row.created_at, 6)
             if refused is not None:
                 self._bidding.observed.failed(peer)
                 return refused
@@ -162,7 +165,8 @@ class Assignment:
                 policy, prompt_tokens(row.input), slowest([tps], policy.reference_tokens_per_s)
             )
             await self._update(live, phase="running", status="running",
-                               timings={**row.timings, "assigned_s": since(row)})  # fmt: skip
+                               timings={**row.timings, **live.dispatch,
+                                        "assigned_s": since(row)})  # fmt: skip
             error = await self.await_result(live, peer)
             await self._observe(live, peer, error, trio.current_time() - started)
             return error
@@ -187,6 +191,9 @@ class Assignment:
         Assignments for one peer that become ready while an earlier request to it is
         in flight go together in the next one.
         """
+        return (await self._assign(peer, assign)).error
+
+    async def _assign(self, peer: str, assign: Assign) -> _Verdict:
         verdict = _Verdict()
         queue = self._to_assign.get(peer)
         if queue is None:
@@ -194,7 +201,7 @@ class Assignment:
             self._nursery().start_soon(self._assigner, peer, queue)
         queue.append((assign, verdict))
         await verdict.done.wait()
-        return verdict.error
+        return verdict
 
     async def _assigner(self, peer: str, queue: list[tuple[Assign, _Verdict]]) -> None:
         try:
@@ -207,6 +214,9 @@ class Assignment:
                         break
                     batch.append(queue.pop(0))
                 request = Assignments(tuple(a for a, _ in batch))
+                sent = time.time()
+                for _, v in batch:
+                    v.sent = sent
                 resent = False
                 try:
                     with trio.fail_after(ASSIGN_TIMEOUT_S):

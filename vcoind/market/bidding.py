@@ -1,7 +1,8 @@
 """Bidding, the origin's first step: announce a task, gather its bids, rank them.
 
 Tasks waiting to be announced leave together (one ``TaskAnnounce`` per burst, so one
-``Bid`` per bidder per burst as well); this node bids on them too. The bid window
+``Bid`` per bidder per burst as well); this node bids on them too. Bids come to the
+origin alone, on the task protocol (``take_direct``). The bid window
 closes early once every node known to serve the model has bid, and the bids are ranked
 with the configured strategy, then by reputation, on what this origin measured of each
 bidder rather than what the bid claims (``vcoind.market.observed``).
@@ -16,7 +17,7 @@ import trio
 
 from vcoind.config import MarketConfig
 from vcoind.consensus.reputation import DEFAULT_REPUTATION
-from vcoind.market.live import LiveTask
+from vcoind.market.live import LiveTask, since
 from vcoind.market.messages import MAX_BATCH, AnnouncedTask, Bid, TaskAnnounce, TaskBid
 from vcoind.market.observed import Observations
 from vcoind.market.payments import Payments
@@ -47,7 +48,6 @@ class Bidding:
         network: str,
         publish_announce: Callable[[TaskAnnounce], Awaitable[None]],
         local_bid: Callable[[str, list[AnnouncedTask]], Bid | None],
-        publish_bid: Callable[[Bid], Awaitable[None]],
         view: NetworkView,
         reputations: Callable[[list[str]], Awaitable[dict[str, float]]],
         payments: Payments | None = None,
@@ -60,7 +60,6 @@ class Bidding:
         self._network = network
         self._publish_announce = publish_announce
         self._local_bid = local_bid
-        self._publish_bid = publish_bid
         self._view = view
         self._reputations = reputations
         self._to_announce: list[AnnouncedTask] = []
@@ -90,6 +89,11 @@ class Bidding:
                 live.bids.append(tb)
                 live.wake()
 
+    def taking_bids(self, task_id: str) -> bool:
+        """Whether ``task_id`` is ours, announced and not yet decided."""
+        live = self._live.get(task_id)
+        return live is not None and "announced_s" in live.dispatch and "bids_s" not in live.dispatch
+
     def _announce(self, task: AnnouncedTask) -> None:
         self._to_announce.append(task)
         self._announce_wake.set()
@@ -109,11 +113,12 @@ class Bidding:
                 own = self._local_bid(self._peer_id, batch)
                 if own is not None:
                     self.take(own)
+                for t in batch:
+                    self._live[t.task_id].dispatch.setdefault("announced_s", since(
+                        self._live[t.task_id].row))  # fmt: skip
                 ann = TaskAnnounce(self._network, self._peer_id, 0, 0.0, tuple(batch))
                 try:  # seq and timestamp are stamped by gossip
                     await self._publish_announce(ann)
-                    if own is not None:  # public like every bid: anyone can re-check the choice
-                        await self._publish_bid(own)
                 except Exception as exc:  # the tasks' drivers announce again within 1 s
                     log.warning("announcing %d task(s) failed: %s", len(batch), exc)
 
@@ -135,6 +140,7 @@ class Bidding:
         """
         cfg = self._config
         live.bids = []
+        live.dispatch.clear()
         row = live.row
         task = AnnouncedTask(
             task_id=row.id, model=row.model,
@@ -162,6 +168,7 @@ class Bidding:
         with trio.move_on_after(cfg.bid_window_s):
             while not live.cancelled and not enough():
                 await live.changed.wait()
+        live.dispatch["bids_s"] = since(row)
         await self._tasks.add_bids(row.id, [_bid_row(b) for b in live.bids])
         flight = self.selection.in_flight
         bids = [self.observed.adjust(b, flight.get(b.peer_id, 0), task.max_new_tokens,

@@ -35,12 +35,12 @@ import trio
 from vcoind.chain.typed import Outcome as TypedOutcome
 from vcoind.consensus.outcome import commitment, result_hash
 from vcoind.consensus.reputation import DEFAULT_REPUTATION, updated_reputation
-from vcoind.consensus.tally import Outcome, Revealed, tally
+from vcoind.consensus.tally import Outcome, Revealed
 from vcoind.consensus.weights import NodeRecord, node_weight
-from vcoind.market.chat import final_answer
 from vcoind.market.messages import Assign, TaskResult
-from vcoind.market.payments import Payments, SignedTicket, outcome_of
+from vcoind.market.payments import Payments, SignedTicket
 from vcoind.market.ports import Hold, no_hold
+from vcoind.market.tallying import ordered_results, settled_outcome, tally_async
 from vcoind.market.votes import (
     MAX_REPLICAS,
     CommitsClosed,
@@ -266,45 +266,6 @@ def _check_reveal(closed: CommitsClosed, r: ResultReveal) -> str | None:
     return None
 
 
-def ordered_results(
-    closed: CommitsClosed, reveals: dict[str, ResultReveal]
-) -> tuple[list[Revealed], list[float]]:
-    """The revealed results and their weights, in the order the origin listed them."""
-    results, weights = [], []
-    for c in closed.committers:
-        r = reveals.get(c.peer_id)
-        if r is not None:
-            results.append(Revealed(c.peer_id, c.attempt, r.text, r.token_ids, r.finish_reason))
-            weights.append(c.weight)
-    return results, weights
-
-
-def settled_outcome(
-    o: Outcome, results: Sequence[Revealed], reveals: dict[str, ResultReveal],
-    deterministic: bool,
-) -> TypedOutcome:  # fmt: skip
-    """What the agreeing replicas sign for the chain: the agreed result, the decision, the
-    agreed answer's tokens (what each is paid for) and, for a deterministic task, the
-    numeric profile its author revealed (a slash needs the same profile)."""
-    chosen = results[o.answer]
-    profile = reveals[chosen.peer_id].profile if chosen.peer_id in reveals else bytes(32)
-    return outcome_of(o.result_hash, o.decision, len(chosen.token_ids), profile, deterministic)
-
-
-async def tally_async(
-    prompt: str,
-    results: Sequence[Revealed],
-    weights: Sequence[float],
-    embed: Callable[[Sequence[str]], Awaitable[list[tuple[float, ...]]]],
-) -> Outcome:
-    # A reasoning model's answers are compared on what follows its reasoning: two replicas
-    # that think differently but answer alike agree (what they sign is the whole text).
-    answers = [final_answer(r.text) for r in results]
-    compare = answers if answers != [r.text for r in results] else None
-    vectors = await embed([prompt, *answers])
-    return tally(results, weights, vectors[0], vectors[1:], compare)
-
-
 # --- origin side ------------------------------------------------------------
 
 
@@ -448,9 +409,28 @@ class Coordinator:
                 self._ended.popitem(last=False)
 
     async def run_round(self, st: RoundState, prompt: str, commit_timeout_s: float) -> RoundResult:
-        """Commit phase, close, reveals, tally. The replicas were assigned already."""
+        """Commit phase, close, reveals, tally. The replicas were assigned already; the
+        prompt's embedding (for the tally) is computed meanwhile."""
+        prompt_vec: list[tuple[float, ...]] = []
+        embedded = trio.Event()
+
+        async def embed_prompt() -> None:
+            prompt_vec.extend(await self._ctx.embed([prompt[:PROMPT_HEAD]]))
+            embedded.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(embed_prompt)
+            rr = await self._run_round(st, prompt, commit_timeout_s, embedded, prompt_vec)
+            nursery.cancel_scope.cancel()  # a round that ended before its tally
+        return rr
+
+    async def _run_round(
+        self, st: RoundState, prompt: str, commit_timeout_s: float, embedded: trio.Event,
+        prompt_vec: list[tuple[float, ...]],
+    ) -> RoundResult:  # fmt: skip
         want = set(st.attempts)
         await st.wait(lambda: set(st.commits) | set(st.failed) >= want, commit_timeout_s)
+        st.mark("committed")  # the slowest replica's commitment is in (or the deadline)
         silent = [a for a in want if a not in st.commits and a not in st.failed]
         for a in silent:
             await self._store.adjust_reputation(st.attempts[a], _moved("timeout"))
@@ -482,7 +462,9 @@ class Coordinator:
                 self._ctx.network, self._ctx.peer_id, 0, 0.0, st.task_id, st.round,
                 tuple(r.peer_id for r in results),
             ))  # fmt: skip
-        outcome = await tally_async(prompt[:PROMPT_HEAD], results, ws, self._ctx.embed)
+        await embedded.wait()
+        outcome = await tally_async(prompt[:PROMPT_HEAD], results, ws, self._ctx.embed,
+                                    prompt_vec[0])  # fmt: skip
         st.mark("tallied")
         return RoundResult(outcome, results, closed)
 

@@ -42,6 +42,9 @@ class LiveTask:
     submitted_mono: float = field(default_factory=time.monotonic)
     final: dict[str, Any] | None = None  # a consensus task's concluding row changes
     streamed: StreamedText = field(default_factory=StreamedText)  # what clients were shown
+    # When (s after submit) the current attempt's dispatch reached each step: announced,
+    # bids closed, assignment sent; kept in the row's timings with assigned_s.
+    dispatch: dict[str, float] = field(default_factory=dict)
 
     def wake(self) -> None:
         self.changed.set()

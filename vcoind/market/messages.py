@@ -6,15 +6,20 @@ like every gossip record: sender, network, freshness, sequence):
 - ``TaskAnnounce``: the origin offers tasks (``AnnouncedTask``, up to
   ``MAX_BATCH`` per message: a burst of submissions costs a few messages, not one
   per task).
-- ``Bid``: a node's offers (``Offer``, one per task of one origin that it can run).
-  Bids are public so any node can re-check the origin's choice. The origin keeps
-  them per task as ``TaskBid``.
+- ``Bid`` from nodes of an earlier version (they gossiped their bids; still taken).
 
 Direct protocol ``/vcoin/task/1.0.0`` (one request, one reply per stream):
 
 - origin -> worker: ``Assignments`` (one or more ``Assign``; reply ``Accepted``,
   one verdict per assignment), ``Cancel`` (reply ``Ack``)
-- worker -> origin: ``Progress`` and ``TaskResult`` (reply ``Ack``)
+- worker -> origin: ``Bid`` (a node's offers, ``Offer``, one per task of that origin
+  it can run; reply ``Ack``), ``Progress`` and ``TaskResult`` (reply ``Ack``). A bid goes
+  to the origin alone: gossiped, every node would receive every bid. Only its author may
+  send it, for tasks the origin announced and still takes bids for, within the sender's
+  bid budget. They travel on ``/vcoin/bid/1.0.0`` (``vcoind.market.protocol``), a session
+  per origin; the task protocol takes them too. The origin keeps bids per task as
+  ``TaskBid`` and shows them with the task (``vcoin_getTask``), so its choice can be
+  re-checked from its record (no longer by every node watching the gossip).
 """
 
 from __future__ import annotations

@@ -87,7 +87,6 @@ class TaskOrigin:
         network: str,
         publish_announce: Callable[[TaskAnnounce], Awaitable[None]],
         local_bid: Callable[[str, list[AnnouncedTask]], Bid | None],
-        publish_bid: Callable[[Bid], Awaitable[None]],
         send: Send,
         notify: Callable[[dict[str, Any]], Awaitable[None]],
         view: NetworkView,
@@ -99,8 +98,11 @@ class TaskOrigin:
         payments: Payments | None = None,
         stalled: Callable[[str], Awaitable[None]] | None = None,
         hold: Hold = no_hold,
+        spend_bid: Callable[[str], bool] = lambda peer: True,
     ) -> None:
         self._tasks = tasks
+        self._network = network
+        self._spend_bid = spend_bid  # the sender's bid budget (shared with gossiped bids)
         self._payments = payments
         self._metrics = metrics
         self.config = config
@@ -118,7 +120,7 @@ class TaskOrigin:
         self._nursery: trio.Nursery | None = None
         self._bidding = Bidding(
             tasks, config, self._live, peer_id=peer_id, network=network,
-            publish_announce=publish_announce, local_bid=local_bid, publish_bid=publish_bid,
+            publish_announce=publish_announce, local_bid=local_bid,
             view=view, reputations=reputations, payments=payments,
         )  # fmt: skip
         self._assignment = Assignment(
@@ -236,8 +238,26 @@ class TaskOrigin:
     # --- gossip and stream handlers ---------------------------------------
 
     async def on_bid(self, bid: Bid) -> None:
+        """A gossiped bid (a node of an earlier version; gossip checked sender and budget)."""
         if bid.origin == self._peer_id:
             self._bidding.take(bid)
+
+    async def on_direct_bid(self, peer: str, bid: Bid) -> Ack:
+        """A bid on the task protocol: from its author, on our network, for tasks of ours
+        still taking bids, within the sender's bid budget; else refused and counted."""
+        if not self._spend_bid(peer):  # every request spends it, a refused one too
+            self._metrics.budget_refused.labels(resource="bids").inc()
+            raise StreamProtocolError("over budget: bids")
+        if bid.peer_id != peer or bid.network != self._network:
+            self._metrics.bids_refused.labels(reason="not_author").inc()
+            raise StreamProtocolError("refused: a bid must come from its bidder, on this network")
+        if bid.origin != self._peer_id or not any(
+            self._bidding.taking_bids(o.task_id) for o in bid.offers
+        ):
+            self._metrics.bids_refused.labels(reason="not_announced").inc()
+            raise StreamProtocolError("refused: no task of this origin takes bids")
+        self._bidding.take(bid)
+        return Ack()
 
     def _check_running(self) -> None:
         """Until the tasks of an earlier run are resumed, a result for one of them would be

@@ -2,7 +2,7 @@
 
 It builds the worker, the origin, the consensus roles (replica and coordinator) and the
 pipeline client from the market config and its ports, and mounts their gossip routes
-(tasks: announcements and bids; votes: commitments, closes, reveals, outcome votes),
+(tasks: announcements; votes: commitments, closes, reveals, outcome votes),
 their handlers on ``/vcoin/task/1.0.0`` and the task and consensus RPC methods. The
 path of one task: ``market.api`` -> ``TaskOrigin`` -> ``TaskProtocol`` -> ``TaskWorker``
 -> ``compute.executor`` -> back to the origin -> ``settle`` -> the chain's queue.
@@ -11,6 +11,7 @@ path of one task: ``market.api`` -> ``TaskOrigin`` -> ``TaskProtocol`` -> ``Task
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -99,8 +100,9 @@ class MarketService:
         self.routes = Routes(compute, view, metrics)
         self.worker = TaskWorker(
             compute, self.tasks, peer_id=me, network=network,
-            publish_bid=lambda bid: gossip.publish("tasks", bid), send=self.protocol.send,
-            health=lambda: view.health_of(me), on_change=self._worker_changed,
+            send=self.protocol.send, send_bid=self.protocol.send_bid,
+            health=lambda: view.health_of(me),
+            on_change=self._worker_changed,
             commit_result=self.replica.commit, payments=payments, pipelines=self.routes,
             trainer=trainer, max_queued_per_origin=cfg.max_queued_per_origin,
             refused=lambda kind, reason: metrics.sign_refused.labels(kind, reason).inc(),
@@ -110,13 +112,13 @@ class MarketService:
         self.origin = TaskOrigin(
             self.tasks, metrics, cfg, peer_id=me, network=network,
             publish_announce=lambda ann: gossip.publish("tasks", ann),
-            local_bid=self.worker.make_bid,
-            publish_bid=lambda bid: gossip.publish("tasks", bid),
-            send=self.protocol.send, notify=self._notify_task, view=view,
+            local_bid=self.worker.make_bid, send=self.protocol.send, notify=self._notify_task,
+            view=view,
             reputations=self.reputations, coordinator=self.coordinator,
             settle=settler.settle if settler is not None else None,
             pipelines=self.routes, trainer=trainer, payments=payments,
             stalled=self._stalled, hold=hold,
+            spend_bid=lambda peer: gossip.budgets.take("bids", peer, time.monotonic()),
         )  # fmt: skip
 
     async def _stalled(self, peer: str) -> None:
@@ -133,12 +135,13 @@ class MarketService:
 
     def mount(self, m: Mounts) -> None:
         m.gossip.on("tasks", TaskAnnounce, self.worker.on_announce)
-        m.gossip.on("tasks", Bid, self.origin.on_bid)
+        m.gossip.on("tasks", Bid, self.origin.on_bid)  # from nodes of an earlier version
         # Hashes only on gossip; reveals (answers) come on the task protocol.
         for record in (ResultCommitment, CommitsClosed, RevealsClosed, OutcomeVote):
             m.gossip.on("votes", record, self._on_vote_record)
         p = self.protocol
         p.handle(ResultReveal, self._on_direct_reveal)
+        p.handle(Bid, self.origin.on_direct_bid)
         p.handle(Assignments, self.worker.on_assignments)
         p.handle(Cancel, self.worker.on_cancel)
         p.handle(Progress, self.origin.on_progress)

@@ -38,6 +38,7 @@ from vcoind.market.chat import ChatError, parse_messages
 from vcoind.market.deltas import TextDeltas
 from vcoind.market.messages import (
     ACCEPTED_BEFORE,
+    MAX_BATCH,
     Accepted,
     Ack,
     AnnouncedTask,
@@ -91,9 +92,9 @@ class TaskWorker:
         *,
         peer_id: str,
         network: str,
-        publish_bid: Callable[[Bid], Awaitable[None]],
         send: Send,
         health: Callable[[], float],
+        send_bid: Callable[[str, Bid], Awaitable[None]] | None = None,
         payments: Payments | None = None,
         on_change: Callable[[], None] = lambda: None,
         commit_result: Callable[[str, TaskResult, Assign], Awaitable[None]] | None = None,
@@ -109,7 +110,11 @@ class TaskWorker:
         self._tasks = tasks
         self._peer_id = peer_id
         self._network = network
-        self._publish_bid = publish_bid
+        self._nursery: trio.Nursery | None = None  # run()'s: our bids go out from it
+        self._bids_out: dict[str, list[Bid]] = {}  # origin -> bids waiting to be sent
+        # Bids to their origin (``TaskProtocol.send_bid``: a kept stream); by default on
+        # the task protocol.
+        self._send_bid_to = send_bid or (lambda peer, bid: send(peer, bid, Ack))
         self._send = send
         self._health = health
         # Settlement v2: tickets checked, prices and results signed (None: unpaid work)
@@ -209,24 +214,78 @@ class TaskWorker:
         if self._payments is not None:  # the requesters' deposits, fresh enough to judge
             await self._payments.prefetch([t.ticket for t in ann.tasks], ann.peer_id)
         bid = self.make_bid(ann.peer_id, ann.tasks)
-        if bid is not None:
-            await self._publish_bid(bid)
+        if bid is None:
+            return
+        if self._nursery is None:
+            await self._send_bid(bid)
+            return
+        # Not from the gossip handler (the next announcement must not wait for it), and
+        # bids made while an earlier one to the same origin is in flight go together in the
+        # next (a burst's announcements would otherwise queue a round trip each).
+        queue = self._bids_out.get(bid.origin)
+        if queue is None:
+            self._bids_out[bid.origin] = [bid]
+            self._nursery.start_soon(self._bid_sender, bid.origin)
+        else:
+            queue.append(bid)
+
+    async def _bid_sender(self, origin: str) -> None:
+        queue = self._bids_out[origin]
+        try:
+            while queue:
+                batch = [queue.pop(0)]
+                n = len(batch[0].offers)
+                while queue and n + len(queue[0].offers) <= MAX_BATCH:
+                    n += len(queue[0].offers)
+                    batch.append(queue.pop(0))
+                offers = tuple(o for b in batch for o in b.offers)
+                await self._send_bid(dataclasses.replace(batch[-1], offers=offers))
+        finally:
+            del self._bids_out[origin]
+
+    async def _send_bid(self, bid: Bid) -> None:
+        """Our bid, to the origin alone (a direct stream, not gossip)."""
+        try:
+            await self._send_bid_to(bid.origin, bid)
+        except StreamProtocolError as exc:  # it announces again while nobody bid
+            log.info("bid for %d task(s) of %s not delivered: %s", len(bid.offers),
+                     bid.origin, exc)  # fmt: skip
 
     # --- assignments ------------------------------------------------------
 
     async def on_assignments(self, origin: str, batch: Assignments) -> Accepted:
         """Accept or refuse each; claimed together (one store transaction for the lot)."""
         errors = [""] * len(batch.items)
+        queued = sum(j.origin == origin for j in self._jobs.values())
+        passed: list[int] = []
 
-        async def one(i: int, a: Assign) -> None:
+        async def check(i: int, a: Assign) -> None:
             try:
-                await self.on_assign(origin, a)
+                await self._check_assign(origin, a)
             except StreamProtocolError as exc:
                 errors[i] = str(exc)[:1024]
+            else:
+                passed.append(i)
 
         async with trio.open_nursery() as nursery:
             for i, a in enumerate(batch.items):
-                nursery.start_soon(one, i, a)
+                try:  # the per-requester cap counts this batch's earlier ones too
+                    self._check_queued(origin, a, queued)
+                except StreamProtocolError as exc:
+                    errors[i] = str(exc)[:1024]
+                    continue
+                queued += 1
+                nursery.start_soon(check, i, a)
+        passed.sort()
+        claimed = await self._tasks.claim_assignments(
+            [(batch.items[i].task_id, batch.items[i].attempt) for i in passed], origin, time.time()
+        )
+        for i, new in zip(passed, claimed, strict=True):
+            a = batch.items[i]
+            if new:
+                self._enqueue(origin, a)
+            else:
+                errors[i] = f"attempt {a.attempt} of {a.task_id} {ACCEPTED_BEFORE}"
         return Accepted(tuple(errors))
 
     def _refuse(self, reason: str, message: str, a: Assign, origin: str) -> StreamProtocolError:
@@ -235,17 +294,21 @@ class TaskWorker:
         self._refused("assignment", reason)
         return StreamProtocolError(f"refused: {message}")
 
-    async def on_assign(self, origin: str, a: Assign) -> Ack:
-        if not a.route and (a.task_id, origin) not in self._bid_on:
-            raise self._refuse("not_bid", "this node did not bid on that task of yours", a,
-                               origin)  # fmt: skip
+    def _check_queued(self, origin: str, a: Assign, queued: int) -> None:
+        """Refuse ``a`` when ``queued`` of its requester's tasks wait here (the cap)."""
         cap = self._max_queued_per_origin
-        if cap and sum(j.origin == origin for j in self._jobs.values()) >= cap:
+        if cap and queued >= cap:
             why = f"{cap} of this requester's tasks are queued here already"
             log.warning("refused task %s attempt %d from %s: %s", a.task_id, a.attempt,
                         origin, why)  # fmt: skip
             self._over_budget("queued_per_origin")
             raise StreamProtocolError(f"over budget: {why} (market.max_queued_per_origin)")
+
+    async def _check_assign(self, origin: str, a: Assign) -> None:
+        """Refuse what we did not bid on, cannot run, or would not be paid for."""
+        if not a.route and (a.task_id, origin) not in self._bid_on:
+            raise self._refuse("not_bid", "this node did not bid on that task of yours", a,
+                               origin)  # fmt: skip
         if self._payments is not None:
             await self._payments.prefetch([a.ticket], origin)
             refusal = self._payments.ticket_refusal(
@@ -263,8 +326,9 @@ class TaskWorker:
                 raise StreamProtocolError(str(exc)) from None
             if a.adapter and not self._adapter_known(a.adapter):
                 raise StreamProtocolError(f"adapter {a.adapter[:12]} is not known to this node")
-        if not await self._tasks.claim_assignment(a.task_id, a.attempt, origin, time.time()):
-            raise StreamProtocolError(f"attempt {a.attempt} of {a.task_id} {ACCEPTED_BEFORE}")
+
+    def _enqueue(self, origin: str, a: Assign) -> None:
+        """An accepted (and claimed) assignment joins the queue."""
         job = _Job((-a.priority, next(self._arrivals)), origin, a,
                    accepted=trio.current_time())  # fmt: skip
         self._jobs[(a.task_id, a.attempt)] = job
@@ -273,7 +337,6 @@ class TaskWorker:
         self._wake.set()
         self.on_change()
         log.info("accepted task %s attempt %d from %s", a.task_id, a.attempt, origin)
-        return Ack()
 
     async def on_cancel(self, origin: str, c: Cancel) -> Ack:
         job = self._jobs.get((c.task_id, c.attempt))
@@ -287,6 +350,7 @@ class TaskWorker:
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             if self._models.all():  # import torch and load models off the trio thread, early
                 nursery.start_soon(self._warm_up)
             while True:
@@ -351,7 +415,7 @@ class TaskWorker:
                 job.scope = scope
                 try:
                     if a.route:
-                        assert self._pipelines is not None  # on_assign checked
+                        assert self._pipelines is not None  # _check_assign checked
                         r, model_id = await self._pipelines.run_route(a, progress)
                     else:
                         executor = await self.executor()

@@ -238,6 +238,7 @@ class StreamService:
         except CodecError as exc:
             reply: Any = error_reply("bad_request", str(exc))
         else:
+            self._metrics.stream_requests.labels(proto.protocol_id, request.KIND, "in").inc()
             try:
                 reply = await handler(peer, request)
             except StreamProtocolError as exc:
@@ -302,6 +303,9 @@ class StreamService:
             await self._connect(PeerInfo(peer, addrs), DIAL_TIMEOUT_S)
         except Exception as exc:  # py-libp2p raises many unrelated types on dial failure
             raise StreamOpenError(f"cannot reach {peer}: {exc}") from None
+
+    def count_out(self, proto: StreamProtocol, record: Any) -> None:
+        self._metrics.stream_requests.labels(proto.protocol_id, record.KIND, "out").inc()
 
     def session(self, peer: ID, proto: StreamProtocol) -> StreamSession:
         return StreamSession(self, peer, proto)
@@ -372,6 +376,7 @@ class StreamSession:
                     self._sent = 0
                 try:
                     self._sent += HEADER.size + len(request)
+                    self._service.count_out(proto, record)
                     await write_frame(self._stream, request)
                     data = await read_frame(self._stream, max(limit, ErrorReply.MAX_BYTES))
                 except BaseLibp2pError as exc:
@@ -384,6 +389,11 @@ class StreamSession:
                 await self._reset()
                 raise StreamProtocolError(f"{proto.protocol_id} to {peer}: no reply in time")
         return _decode_reply(data, reply_type, peer, proto)
+
+    @property
+    def is_open(self) -> bool:
+        """Whether a stream is open (a failed request resets it)."""
+        return self._stream is not None
 
     async def _reset(self) -> None:
         stream, self._stream = self._stream, None

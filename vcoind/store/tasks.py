@@ -219,13 +219,19 @@ class TaskStore:
 
     async def claim_assignment(self, task_id: str, attempt: int, origin: str, at: float) -> bool:
         """Worker side: record an accepted attempt; False if it was accepted before."""
+        return (await self.claim_assignments([(task_id, attempt)], origin, at))[0]
 
-        def q(c: sqlite3.Connection) -> bool:
-            cur = c.execute(
-                "INSERT OR IGNORE INTO assignments VALUES (?, ?, ?, 'running', ?)",
-                (task_id, attempt, origin, at),
-            )
-            return cur.rowcount == 1
+    async def claim_assignments(
+        self, attempts: list[tuple[str, int]], origin: str, at: float
+    ) -> list[bool]:
+        """``claim_assignment`` for several (task id, attempt) in one transaction."""
+
+        def q(c: sqlite3.Connection) -> list[bool]:
+            return [
+                c.execute("INSERT OR IGNORE INTO assignments VALUES (?, ?, ?, 'running', ?)",
+                          (task_id, attempt, origin, at)).rowcount == 1
+                for task_id, attempt in attempts
+            ]  # fmt: skip
 
         return await self._store._run(q)
 
