@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import trio
+from loop_meter import IdleMeter
 from scale import make_node, serve_stand_in
 
 from vcoind.p2p.codec import decode
@@ -50,20 +51,6 @@ def _ts(msg: Any) -> float | None:
         except Exception:  # not ours: no timestamp
             _TS[key] = None
     return _TS[key]
-
-
-class IdleMeter(trio.abc.Instrument):
-    """Time the loop spends waiting for I/O (idle) against the wall."""
-
-    def __init__(self) -> None:
-        self.idle = 0.0
-        self._t = 0.0
-
-    def before_io_wait(self, timeout: float) -> None:
-        self._t = time.perf_counter()
-
-    def after_io_wait(self, timeout: float) -> None:
-        self.idle += time.perf_counter() - self._t
 
 
 def instrument(node: Any, ages: dict[str, list[float]]) -> None:

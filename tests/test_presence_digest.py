@@ -88,7 +88,7 @@ async def test_unchanged_beats_are_small_and_a_change_goes_out_full_at_once(
             await publish(name, record)
 
         a.gossip.publish = spy  # type: ignore[method-assign]
-        with trio.fail_after(20):
+        with trio.fail_after(90):  # a hang guard: the box is shared
             while b.presence.peers.get(ia.peer_id) is None:
                 await trio.sleep(0.05)
             while len(sent) < FULL_EVERY + 2:
@@ -128,7 +128,7 @@ async def test_receiver_with_a_stale_digest_fetches_the_full_state(tmp_path: Pat
         node_in_process(tmp_path / "a", **{"p2p.heartbeat_interval": 0.3}) as (a, ia),
         node_in_process(tmp_path / "b", **{"p2p.bootstrap": [ia.p2p_addrs[0]]}) as (b, _ib),
     ):
-        with trio.fail_after(20):
+        with trio.fail_after(90):  # a hang guard: the box is shared
             while b.presence.sync.digest_of(ia.peer_id) is None:
                 await trio.sleep(0.05)
         route = b.gossip._routes[b.gossip.topic("heartbeat")]["heartbeat"]
@@ -140,7 +140,7 @@ async def test_receiver_with_a_stale_digest_fetches_the_full_state(tmp_path: Pat
 
         route.handler = drop_fulls
         a.presence.announce(models=(MODEL,))
-        with trio.fail_after(20):
+        with trio.fail_after(90):  # a hang guard: the box is shared
             while ia.peer_id not in b.presence.view.serving(MODEL.name):
                 await trio.sleep(0.05)
         route.handler = take_full
