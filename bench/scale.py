@@ -19,15 +19,14 @@ discovery (the daemon's default) dials the rest. Per N it measures:
 - announce -> bids: every node advertises a stand-in model (announced, not loaded), one
   node submits tasks and times the remote bids reaching it (first, median, last).
 
-The heartbeat interval is per N: --interval S, or "auto" (default) which stretches it so
-the predicted presence CPU of all N nodes stays under half the box's cores (the cost per
-received heartbeat is measured at each size and used for the next). Rates are printed as
-measured; CPU is also given per received heartbeat, which does not depend on the interval.
-
+The base heartbeat interval is per N: --interval S, or "auto" (default): max(5 s, (N-1)/2 s)
+so that the box (all N nodes on its cores) keeps up; the daemon stretches it further when
+its own max(base, N / log2 N) is longer. "loop %" is the share of the window the workers'
+trio loops were busy (not waiting for I/O). CPU is also given per received heartbeat.
 Simulated part (``bench/scale_sim.py``): the same heartbeat publication over a model of
-GossipSub (mesh forwarding with duplicates, IHAVE gossip), CPU projected from the real
-run's measured costs. Finally the growth exponent of each figure: the slope of a least
-squares fit of log(figure) against log(N) (1.0: linear in N).
+GossipSub (mesh forwarding with duplicates, IHAVE gossip) at the daemon's adaptive
+interval (--sim-fixed: the base at every N), CPU projected from the real run's costs.
+Finally each figure's growth exponent: the slope of log(figure) against log(N) (1: linear).
 """
 
 from __future__ import annotations
@@ -54,7 +53,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loop_meter import IdleMeter
 from scale_sim import fit_cpu, growth, print_sim, simulate
+
+from vcoind.presence.heartbeat import adaptive_interval
 
 MODEL_NAME = "scale-bench"
 MODEL_ID = "sha256:" + "5c" * 32
@@ -265,14 +267,18 @@ async def _window(nodes: list[Any], counters: list[NodeCounters], t0: float,
     before = [c.snapshot() for c in counters]
     for c in counters:
         c.latencies.clear()
+    meter = IdleMeter()
+    trio.lowlevel.add_instrument(meter)
     cpu0, wall0 = time.process_time(), time.monotonic()
     await trio.sleep(length)
     cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    trio.lowlevel.remove_instrument(meter)
     after = [c.snapshot() for c in counters]
     topic = nodes[0].gossip.topic("heartbeat")
     return {
         "wall_s": wall,
         "cpu_s": cpu,
+        "idle_s": meter.idle,
         "nodes": len(nodes),
         "deltas": [{k: a[k] - b[k] for k in a} for a, b in zip(after, before, strict=True)],
         "latencies": [x for c in counters for x in c.latencies],
@@ -353,6 +359,7 @@ class RealFigures:
     cpu_pct: float = 0.0  # of one core, per node
     cpu_ms_per_hb: float = 0.0  # CPU per node / unique heartbeats taken (idle included)
     box_load_pct: float = 0.0  # all workers' CPU / (cores x wall)
+    loop_busy_pct: float = 0.0  # share of the wall the workers' trio loops were not idle
     p50_ms: float = 0.0
     p95_ms: float = 0.0
     stale_pct: float = 0.0
@@ -461,6 +468,7 @@ def _fill_window(f: RealFigures, parts: list[dict[str, Any]]) -> None:
     f.cpu_pct = 100 * cpu / len(deltas) / wall
     f.cpu_ms_per_hb = 1000 * cpu / max(1, sum(d["hb_taken"] for d in deltas))
     f.box_load_pct = 100 * cpu / wall / (os.cpu_count() or 1)
+    f.loop_busy_pct = 100 * (1 - statistics.mean(p.get("idle_s", 0.0) / p["wall_s"] for p in parts))
     lat = [x for p in parts for x in p["latencies"]]
     f.p50_ms, f.p95_ms = 1000 * pct(lat, 0.5), 1000 * pct(lat, 0.95)
     taken = sum(d["hb_taken"] for d in deltas)
@@ -498,8 +506,8 @@ def _ms(x: float | None) -> str:
 def print_real(rows: list[RealFigures]) -> None:
     print("\nReal hosts (in-process vcoind nodes, loopback TCP); per node, over the window")
     head = ("N", "int s", "conv s", "hb/s", "msg/s in", "msg/s out", "IHAVE id/s", "KB/s in",
-            "KB/s out", "CPU %", "ms/hb", "box %", "p50 ms", "p95 ms", "stale %", "bid1 ms",
-            "bid50 ms", "bidN ms", "bids", "mesh", "conns", "min peers")  # fmt: skip
+            "KB/s out", "CPU %", "ms/hb", "box %", "loop %", "p50 ms", "p95 ms", "stale %",
+            "bid1 ms", "bid50 ms", "bidN ms", "bids", "mesh", "conns", "min peers")  # fmt: skip
     print(" ".join(f"{h:>9}" for h in head))
     for f in rows:
         conv = "no" if f.convergence_s is None else f"{f.convergence_s:.1f}"
@@ -507,6 +515,7 @@ def print_real(rows: list[RealFigures]) -> None:
                 f"{f.hb_in_per_s:.2f}", f"{f.msgs_in_per_s:.1f}", f"{f.msgs_out_per_s:.1f}",
                 f"{f.ihave_ids_in_per_s:.0f}", f"{f.kb_in_per_s:.1f}", f"{f.kb_out_per_s:.1f}",
                 f"{f.cpu_pct:.1f}", f"{f.cpu_ms_per_hb:.1f}", f"{f.box_load_pct:.0f}",
+                f"{f.loop_busy_pct:.0f}",
                 f"{f.p50_ms:.0f}", f"{f.p95_ms:.0f}", f"{f.stale_pct:.1f}", _ms(f.bid_first_ms),
                 _ms(f.bid_median_ms), _ms(f.bid_last_ms), f"{f.bids_per_task:.0f}",
                 f"{f.mesh_degree:.1f}", f"{f.connections:.0f}", f.min_peers)  # fmt: skip
@@ -524,19 +533,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", default="auto",
                    help=f"heartbeat interval, s; auto: max({AUTO_BASE_S:g}, (N-1)/"
                         f"{AUTO_HB_PER_S:g})")  # fmt: skip
-    p.add_argument(
-        "--sim-interval",
-        type=float,
-        default=AUTO_BASE_S,
-        help="the simulated heartbeat interval (the daemon's default)",
-    )
+    p.add_argument("--sim-interval", type=float, default=AUTO_BASE_S,
+                   help="the simulated base heartbeat interval (the daemon's default)")  # fmt: skip
+    p.add_argument("--sim-fixed", action="store_true",
+                   help="simulate the base interval at every size (default: the daemon's "
+                        "adaptive interval, max(base, N / log2 N))")  # fmt: skip
     p.add_argument("--window", type=float, default=20.0, help="steady window, s (>= 2 beats)")
-    p.add_argument(
-        "--per-process",
-        type=int,
-        default=0,
-        help="nodes per worker process (0: N spread over the cores, at most 25)",
-    )
+    p.add_argument("--per-process", type=int, default=0,
+                   help="nodes a worker process (0: N over the cores, at most 25)")  # fmt: skip
     p.add_argument("--announces", type=int, default=5, help="tasks announced per size")
     p.add_argument("--json", type=Path, help="write every figure here")
     ns = p.parse_args(argv)
@@ -560,7 +564,11 @@ def main(argv: list[str] | None = None) -> int:
     wire = [f for f in measured if f.rpcs_in_per_s > 0]
     msg_bytes = (statistics.mean(1024 * f.kb_in_per_s / f.rpcs_in_per_s for f in wire)
                  if wire else 1230.0)  # fmt: skip
-    sim = [simulate(n, interval=ns.sim_interval, msg_bytes=msg_bytes, cpu=cpu)
+
+    def sim_interval(n: int) -> float:
+        return ns.sim_interval if ns.sim_fixed else adaptive_interval(ns.sim_interval, n - 1)
+
+    sim = [simulate(n, interval=sim_interval(n), msg_bytes=msg_bytes, cpu=cpu)
            for n in sim_sizes]  # fmt: skip
     if real:
         print_real(real)

@@ -182,7 +182,7 @@ def print_sim(rows: list[SimFigures]) -> None:
     for f in rows:
         vals = (
             f.n,
-            f.interval_s,
+            f"{f.interval_s:.1f}",
             f.mesh,
             f.conns,
             f"{f.hb_in_per_s:.1f}",

@@ -35,9 +35,9 @@ class FakeP2P:  # Gossip only needs our peer id and the scoring hooks until it r
 
 def test_adaptive_interval_bounds_presence_traffic() -> None:
     assert adaptive_interval(5.0, 0) == 5.0
-    assert adaptive_interval(5.0, 200) == 5.0
-    assert adaptive_interval(5.0, 1000) == 20.0  # 1000 peers / 50 per second
-    assert adaptive_interval(5.0, 5000) == 100.0
+    assert adaptive_interval(5.0, 20) == 5.0  # 21 nodes: 21 / log2(21) = 4.8 s
+    assert adaptive_interval(5.0, 1023) == 102.4  # 1024 nodes / (1 x log2 1024) per second
+    assert adaptive_interval(200.0, 1023) == 200.0
 
 
 @pytest.fixture

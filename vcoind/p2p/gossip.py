@@ -62,7 +62,12 @@ PENALTY_SENDER = 1.0
 PENALTY_RELAY = 0.1
 PENALTY_INVALID = 5.0
 # Which budget a record kind spends; kinds not listed spend the "votes" budget.
-KIND_BUDGETS = {"heartbeat": "heartbeats", "task_announce": "announces", "bid": "bids"}
+KIND_BUDGETS = {
+    "heartbeat": "heartbeats",
+    "beat": "heartbeats",
+    "task_announce": "announces",
+    "bid": "bids",
+}
 
 Handler = Callable[[Any], Awaitable[None]]
 # Extra per-kind check: returns a rejection reason or None.

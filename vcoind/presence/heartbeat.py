@@ -1,13 +1,21 @@
-"""Heartbeat publisher: presence + capability every interval, and at once on a change.
+"""Heartbeat publisher: presence every interval, capability when it changes.
 
-The interval adapts to the network size: max(configured, N / 50 s) for N known
-peers, so each node receives a bounded ~50 presence messages per second however
-large the network grows.
+A beat whose capability is unchanged goes out small (a :class:`Beat`: liveness, load and
+the digest of the full state); the full :class:`Heartbeat` goes out when the capability
+changes (at once, not at the next beat) and every ``FULL_EVERY`` beats, so a receiver that
+missed a change learns it within that many beats even if it never asks.
+
+The interval grows with the network: for N nodes (the peer table + us) it is
+max(configured, N / (PRESENCE_RATE x log2 N)) seconds, so each node takes about
+PRESENCE_RATE x log2 N presence messages a second (plus GossipSub's duplicates, a
+constant factor): logarithmic in N, where a fixed interval is linear. Receivers expire a
+peer after a multiple of the interval it announces (``PeerTable.expiry_for``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,12 +27,15 @@ from vcoind import __version__
 from vcoind.compute.telemetry import HostSample, Telemetry, package_version
 from vcoind.p2p.gossip import Gossip
 from vcoind.presence.messages import (
+    Beat,
     DeviceInfo,
     Heartbeat,
     LayerSpan,
     ModelServed,
     NumericProfile,
+    beat_of,
     binding_text,
+    capability_digest,
     recover_binding,
 )
 from vcoind.signer import Signer
@@ -34,7 +45,11 @@ if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
 log = logging.getLogger("vcoind.heartbeat")
-PRESENCE_BUDGET_PER_S = 50.0
+# Presence messages a node takes per second, per log2 of the network's size (N = 1000:
+# about 10 a second, the interval 100 s).
+PRESENCE_RATE = 1.0
+# A full heartbeat at least every this many beats (the rest are Beats, unless it changed).
+FULL_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -49,7 +64,12 @@ class Capabilities:
 
 
 def adaptive_interval(base: float, peer_count: int) -> float:
-    return max(base, peer_count / PRESENCE_BUDGET_PER_S)
+    """The heartbeat interval for a node that knows ``peer_count`` peers:
+    max(base, N / (PRESENCE_RATE x log2 N)) with N = peer_count + 1 nodes."""
+    n = peer_count + 1
+    if n < 2:
+        return base
+    return max(base, n / (PRESENCE_RATE * math.log2(n)))
 
 
 class HeartbeatService:
@@ -78,7 +98,10 @@ class HeartbeatService:
         self._binding = signer.sign_text(binding_text(network, peer_id, signer.address))
         self._wake = trio.Event()
         self.capabilities = Capabilities()
-        self.last: Heartbeat | None = None
+        self.last: Heartbeat | None = None  # what we announced last (either form)
+        self.last_full: Heartbeat | None = None  # the last full heartbeat we published
+        self._sent_digest = b""
+        self._since_full = 0
         self._profile = NumericProfile(
             device_kind="cuda" if telemetry.has_gpu else "cpu",
             dtype="float16" if telemetry.has_gpu else "float32",
@@ -133,14 +156,32 @@ class HeartbeatService:
             software=f"vcoind/{__version__}",
         )
 
+    def next_message(self, hb: Heartbeat) -> Heartbeat | Beat:
+        """What to publish for ``hb``: itself when the capability changed or a full one is
+        due, else its :class:`Beat`."""
+        digest = capability_digest(hb)
+        if digest != self._sent_digest or self._since_full >= FULL_EVERY - 1:
+            return hb
+        return beat_of(hb, digest)
+
+    async def beat(self) -> None:
+        """Build and publish one beat (full or small)."""
+        hb = await self.build()
+        msg = self.next_message(hb)
+        await self._gossip.publish("heartbeat", msg)
+        if isinstance(msg, Heartbeat):
+            self._sent_digest, self._since_full = capability_digest(hb), 0
+            self.last_full = hb
+        else:
+            self._since_full += 1
+        self.last = hb
+
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
             self._wake = trio.Event()
             try:
-                hb = await self.build()
-                await self._gossip.publish("heartbeat", hb)
-                self.last = hb
+                await self.beat()
             except Exception:  # a failed beat is logged and retried at the next one
                 log.exception("heartbeat failed")
             with trio.move_on_after(self.interval):

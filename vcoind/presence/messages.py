@@ -9,6 +9,8 @@ gossip layer at publication) let receivers drop stale and replayed messages.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -17,7 +19,7 @@ from eth_account.messages import encode_defunct
 from eth_keys.exceptions import BadSignature
 from eth_utils.exceptions import ValidationError as EthKeysValidationError
 
-from vcoind.p2p.codec import Message, lim, message
+from vcoind.p2p.codec import Message, encode, lim, message
 
 PEER_ID_RE = r"[1-9A-HJ-NP-Za-km-z]{32,64}"  # base58btc
 ETH_ADDRESS_RE = r"0x[0-9a-fA-F]{40}"
@@ -110,6 +112,105 @@ class Heartbeat(Message):
     adapters: tuple[str, ...] = field(
         default=(), metadata=lim(max_len=16, items={"pattern": r"[0-9a-f]{64}", "max_len": 64})
     )
+
+
+@message
+@dataclass(frozen=True)
+class Beat(Message):
+    """A heartbeat whose capability is unchanged: liveness, load and a digest of the rest.
+
+    Gossiped on the heartbeat topic between full :class:`Heartbeat` records (sent when the
+    capability changes and every few beats). ``digest`` is :func:`capability_digest` of the
+    sender's current full heartbeat; a receiver holding a full heartbeat of the sender with
+    that digest applies the load figures to it (:func:`apply_beat`), one holding another
+    digest (or none) asks a peer for the full heartbeat over ``/vcoin/presence/1.0.0``, or
+    waits for the next full one. Fields mean what they mean in :class:`Heartbeat`.
+    """
+
+    KIND: ClassVar[str] = "beat"
+    MAX_BYTES: ClassVar[int] = 512
+
+    network: str = field(metadata=lim(pattern=NETWORK_RE, max_len=32))
+    peer_id: str = field(metadata=lim(pattern=PEER_ID_RE, max_len=64))
+    seq: int = field(metadata=lim(min=0, max=(1 << 63) - 1))
+    timestamp: float = field(metadata=lim(min=0))
+    interval: float = field(metadata=lim(min=0.01, max=86_400))
+    digest: bytes = field(metadata=lim(exact_len=32, max_len=32))
+    cpu_percent: float = field(default=0.0, metadata=lim(min=0, max=100))
+    memory_percent: float = field(default=0.0, metadata=lim(min=0, max=100))
+    utilization: float = field(default=0.0, metadata=lim(min=0, max=100))
+    memory_used_mb: int = field(default=0, metadata=lim(min=0, max=1 << 31))
+    temperature_c: float | None = field(default=None, metadata=lim(min=-50, max=200))
+    queue_length: int = field(default=0, metadata=lim(min=0, max=1_000_000))
+    health: float = field(default=1.0, metadata=lim(min=0, max=1))
+
+
+def _capability_part(hb: Heartbeat) -> Heartbeat:
+    """The heartbeat with what a :class:`Beat` carries (and seq, time, interval) zeroed."""
+    device = dataclasses.replace(hb.device, utilization=0.0, memory_used_mb=0, temperature_c=None)
+    return dataclasses.replace(
+        hb, seq=0, timestamp=0.0, interval=1.0, cpu_percent=0.0, memory_percent=0.0,
+        queue_length=0, health=1.0, device=device,
+    )  # fmt: skip
+
+
+def capability_digest(hb: Heartbeat) -> bytes:
+    """sha256 of the codec encoding of ``hb`` with the fields a :class:`Beat` carries, and
+    ``seq``, ``timestamp`` and ``interval``, set to their defaults (interval 1.0): it
+    changes only when the node's capability (models, spans, addresses, device, ...) does."""
+    return hashlib.sha256(encode(_capability_part(hb))).digest()
+
+
+def beat_of(hb: Heartbeat, digest: bytes) -> Beat:
+    """The small form of ``hb`` (``digest``: its :func:`capability_digest`)."""
+    d = hb.device
+    return Beat(
+        network=hb.network, peer_id=hb.peer_id, seq=hb.seq, timestamp=hb.timestamp,
+        interval=hb.interval, digest=digest, cpu_percent=hb.cpu_percent,
+        memory_percent=hb.memory_percent, utilization=d.utilization,
+        memory_used_mb=d.memory_used_mb, temperature_c=d.temperature_c,
+        queue_length=hb.queue_length, health=hb.health,
+    )  # fmt: skip
+
+
+def apply_beat(full: Heartbeat, beat: Beat) -> Heartbeat:
+    """``full`` (the sender's capability, digest ``beat.digest``) as of ``beat``."""
+    device = dataclasses.replace(
+        full.device, utilization=beat.utilization, memory_used_mb=beat.memory_used_mb,
+        temperature_c=beat.temperature_c,
+    )  # fmt: skip
+    return dataclasses.replace(
+        full, seq=beat.seq, timestamp=beat.timestamp, interval=beat.interval,
+        cpu_percent=beat.cpu_percent, memory_percent=beat.memory_percent,
+        queue_length=beat.queue_length, health=beat.health, device=device,
+    )  # fmt: skip
+
+
+@message
+@dataclass(frozen=True)
+class PresenceRequest(Message):
+    """Ask a peer (``/vcoin/presence/1.0.0``) for the full heartbeats it holds of ``peer_ids``
+    (the peer itself included); the answer is a :class:`PresenceReply`."""
+
+    KIND: ClassVar[str] = "presence_request"
+    MAX_BYTES: ClassVar[int] = 4 * 1024
+
+    peer_ids: tuple[str, ...] = field(
+        default=(), metadata=lim(max_len=32, items={"pattern": PEER_ID_RE, "max_len": 64})
+    )
+
+
+@message
+@dataclass(frozen=True)
+class PresenceReply(Message):
+    """The full heartbeats asked for that the peer holds (others are left out). The asker
+    takes one only if its :func:`capability_digest` is the one a fresh :class:`Beat` of that
+    sender announced, and its eth binding checks out: who relays it does not matter."""
+
+    KIND: ClassVar[str] = "presence_reply"
+    MAX_BYTES: ClassVar[int] = 32 * Heartbeat.MAX_BYTES + 1024
+
+    heartbeats: tuple[Heartbeat, ...] = field(default=(), metadata=lim(max_len=32))
 
 
 def binding_text(network: str, peer_id: str, eth_address: str) -> str:

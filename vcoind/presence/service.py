@@ -1,6 +1,7 @@
 """The presence service: our heartbeat out, others' heartbeats into the peer table.
 
-It mounts the heartbeat gossip route (with the binding check), teaches the peer keeper
+It mounts the heartbeat gossip routes (full heartbeats with the binding check, and the
+small beats between them, resolved by :class:`PresenceSync`), teaches the peer keeper
 the addresses heartbeats carry, and offers the :class:`NetworkView` the other services
 ask about the network. Capability changes (a model loaded, a span served, an adapter
 trained) go through :meth:`PresenceService.announce` and are gossiped at once.
@@ -21,8 +22,9 @@ from vcoind.consensus.reputation import DEFAULT_REPUTATION, reputation_factor
 from vcoind.metrics import NodeMetrics
 from vcoind.p2p.gossip import Gossip
 from vcoind.presence.heartbeat import BindingCheck, HeartbeatService
-from vcoind.presence.messages import Heartbeat
+from vcoind.presence.messages import Beat, Heartbeat
 from vcoind.presence.peers import PeerTable
+from vcoind.presence.sync import PresenceSync
 from vcoind.presence.view import NetworkView
 from vcoind.signer import Signer
 from vcoind.store import Store
@@ -73,14 +75,21 @@ class PresenceService:
             telemetry=self.telemetry, peer_count=lambda: len(self.peers), addrs=addrs,
             health=self._self_health,
         )  # fmt: skip
+        self._binding = BindingCheck()
+        self.sync = PresenceSync(
+            self.peers, self._binding, own_full=lambda: self.heartbeat.last_full,
+            connected=connected,
+        )  # fmt: skip
         self.view = NetworkView(
             peer_id, signer.address, self.peers, self.heartbeat, connected=connected,
             eligible=eligible,
         )  # fmt: skip
 
     def mount(self, m: Mounts) -> None:
-        m.gossip.on("heartbeat", Heartbeat, self.peers.on_heartbeat, check=BindingCheck(),
+        m.gossip.on("heartbeat", Heartbeat, self.sync.on_full, check=self._binding,
                     known=self.peers.known)  # fmt: skip
+        m.gossip.on("heartbeat", Beat, self.sync.on_beat, known=self.peers.known)
+        self.sync.mount(m.streams)
         m.gossip.use_app_score(self.app_score)
 
     def app_score(self, peer_id: str) -> float:
@@ -122,6 +131,7 @@ class PresenceService:
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.peers.run)
+            await nursery.start(self.sync.run)
             await nursery.start(self.heartbeat.run)
             nursery.start_soon(self._refresh_app_scores)
             task_status.started()
