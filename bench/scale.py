@@ -192,6 +192,10 @@ def make_node(base: Path, name: str, interval: float, seed: str | None) -> Any:
         "chain.enabled": False,
         "compute.models_dir": str(models),
         "compute.cpu_threads": 1,
+        # Bids go to the origin directly and count only while its bid window is open; the
+        # bench times every node's bid, so the window stays open until all have bid (it
+        # closes early then) or 10 s, not the daemon's 0.25 s.
+        "market.bid_window_s": 10.0,
     }
     dd = DataDir(datadir)
     dd.init(exist_ok=True)
