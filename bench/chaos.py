@@ -142,6 +142,13 @@ class Run:
         stake_all(nodes, 1000, timeout=120)
         deposit_all(nodes, 100)
         self.peer_of = {i: str(n.info["peer_id"]) for i, n in self.nodes.items()}
+        # Workers refuse a requester whose deposit they do not see yet: 3 blocks deep at a
+        # block a second, then their next stake refresh (1 s).
+        time.sleep(6)
+        warm = {"model": TEST_MODEL, "input": "warm up", "mode": "consensus", "replicas": 3,
+                "parameters": {"max_new_tokens": 4}}  # fmt: skip
+        for n in nodes:  # every node loads the model before the RSS baseline
+            self._wait(n.index, str(n.rpc.call("vcoin_submitTask", warm)["task_id"]), 120)
 
     def _miner(self) -> None:
         """A block a second (anvil mines one per transaction, then waits for more): chain
@@ -206,12 +213,15 @@ class Run:
                 pass
             time.sleep(0.2)
 
-    def client(self, queue: list[Spec], stop_at: float) -> None:
-        while time.monotonic() < stop_at:
+    def client(self, queue: list[Spec], t0: float, window: float) -> None:
+        """Submits in turn, each task not before its share of the window (so the faults meet
+        tasks throughout), and waits for it."""
+        while time.monotonic() < t0 + window:
             with self.lock:
                 if not queue:
                     return
                 s = queue.pop(0)
+            time.sleep(max(0.0, t0 + 0.9 * window * s.n / self.ns.tasks - time.monotonic()))
             try:
                 task_id = self._submit(s)
             except Exception as exc:
@@ -232,8 +242,7 @@ class Run:
         rss_warm = {i: rss_kib(n.proc.pid) for i, n in self.nodes.items()}
         t0 = time.monotonic()
         self.started = time.time()
-        stop_at = t0 + window
-        clients = [threading.Thread(target=self.client, args=(queue, stop_at)) for _ in range(2)]
+        clients = [threading.Thread(target=self.client, args=(queue, t0, window)) for _ in range(2)]
         for c in clients:
             c.start()
         log(f"client started: {self.ns.tasks} tasks, {len(faults)} faults in {window:g} s")

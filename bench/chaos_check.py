@@ -145,12 +145,14 @@ def deterministic_answers(dbs: dict[int, Path], subs: Iterable[Submitted]) -> Ve
 
 
 def settlements(dbs: dict[int, Path], anchored: dict[str, int], paid: list[Paid]) -> Verdict:
-    """Each task's anchor op is ``done`` exactly once across the nodes (none left pending or
-    failed), the chain has exactly one ``Anchored`` event for it, and the chain's ``Paid``
-    events equal the ``rewards`` rows the nodes recorded."""
+    """Each task's anchor op is ``done`` exactly once across the nodes (none left pending
+    or failed, except one declined by rule: ``not anchored: ...``), the chain has exactly
+    one ``Anchored`` event for it, and the chain's ``Paid`` events equal the ``rewards``
+    rows the nodes recorded."""
     v = Verdict("every settlement landed exactly once, payments = rewards rows")
     done: dict[str, list[int]] = defaultdict(list)
     rewards: dict[tuple[str, str], int] = {}
+    refused = 0
     for i, p in sorted(dbs.items()):
         with connect(p) as c:
             for r in c.execute("SELECT kind, key, payload, status, error FROM chain_ops "
@@ -158,6 +160,8 @@ def settlements(dbs: dict[int, Path], anchored: dict[str, int], paid: list[Paid]
                 tid = str(json.loads(r["payload"] or "{}").get("task_id", r["key"]))
                 if r["status"] == "done":
                     done[tid].append(i)
+                elif r["status"] == "failed" and (r["error"] or "").startswith(REFUSED):
+                    refused += 1  # the node decided not to settle, and said why
                 else:
                     v.fail(f"node {i}: {r['kind']} of {tid} {r['status']}: {r['error']}")
             for r in c.execute("SELECT task_id, node, amount FROM rewards"):
@@ -181,10 +185,12 @@ def settlements(dbs: dict[int, Path], anchored: dict[str, int], paid: list[Paid]
     for k in sorted(set(on_chain) | set(rewards)):
         if on_chain.get(k) != rewards.get(k):
             v.fail(f"{k[0]} to {k[1]}: chain paid {on_chain.get(k)}, rewards {rewards.get(k)}")
-    v.note = f"{len(done)} settled, {len(paid)} Paid events"
+    v.note = f"{len(done)} settled, {refused} not settled by rule, {len(paid)} Paid events"
     return v
 
 
+# An anchor the origin declined by rule (e.g. too few eligible signatures), not a chain error.
+REFUSED = "not anchored:"
 TRACEBACK = "Traceback (most recent call last):"
 CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
 # A log record as vcoind's logging writes it: "<date> <time> LEVEL name: message"

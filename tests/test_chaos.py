@@ -82,10 +82,10 @@ def test_deterministic_answers_differ(tmp_path: Path) -> None:
     assert check.deterministic_answers(dbs, [*subs, check.Submitted("c", 1, "pipeline", True)]).ok
 
 
-def anchor_op(tid: str, status: str = "done") -> tuple[str, tuple[object, ...]]:
-    return ("INSERT INTO chain_ops (kind, key, payload, status, next_at, created_at, updated_at) "
-            "VALUES ('anchor', ?, ?, ?, 0, 0, 0)",
-            (f"anchor:{tid}", json.dumps({"task_id": tid}), status))  # fmt: skip
+def anchor_op(tid: str, status: str = "done", error: str = "") -> tuple[str, tuple[object, ...]]:
+    return ("INSERT INTO chain_ops (kind, key, payload, status, next_at, created_at, updated_at, "
+            "error) VALUES ('anchor', ?, ?, ?, 0, 0, 0, ?)",
+            (f"anchor:{tid}", json.dumps({"task_id": tid}), status, error))  # fmt: skip
 
 
 def reward(tid: str, node: str, amount: int) -> tuple[str, tuple[object, ...]]:
@@ -93,9 +93,12 @@ def reward(tid: str, node: str, amount: int) -> tuple[str, tuple[object, ...]]:
 
 
 def test_settlements_catch_double_missing_and_unequal_payments(tmp_path: Path) -> None:
-    dbs = {1: db(tmp_path / "1.db", anchor_op("a"), reward("a", "0xW", 90), anchor_op("b"))}
+    declined = anchor_op("d", "failed", "not anchored: 1 of 3 replicas signed")
+    dbs = {1: db(tmp_path / "1.db", anchor_op("a"), reward("a", "0xW", 90), anchor_op("b"),
+                 declined, anchor_op("e", "failed", "reverted"))}  # fmt: skip
     paid = [check.Paid("a", "0xw", 90)]
-    assert check.settlements(dbs, {"a": 1, "b": 1}, paid).ok
+    v = check.settlements(dbs, {"a": 1, "b": 1}, paid)
+    assert v.count == 1 and "anchor of e failed: reverted" in v.problems[0], v
     # twice on chain; never on chain; paid more than recorded
     v = check.settlements(dbs, {"a": 2}, [check.Paid("a", "0xW", 90), check.Paid("a", "0xW", 1)])
     text = "\n".join(v.problems)
