@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -341,7 +342,7 @@ class Run:
             if nxt is not None:
                 recovery.setdefault(f.fault.kind, []).append(nxt - f.start)
         rec = {k: {"n": len(v), "p50_s": round(statistics.median(v), 1),
-                   "p95_s": round(sorted(v)[max(0, int(0.95 * len(v)) - 1)], 1)}
+                   "p95_s": round(sorted(v)[math.ceil(0.95 * len(v)) - 1], 1)}
                for k, v in recovery.items()}  # fmt: skip
         rss = {i: {"warm_mib": rss_warm[i] // 1024, "end_mib": rss_end.get(i, 0) // 1024,
                    "restarted": i in self.restarted} for i in rss_warm}  # fmt: skip

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from devnet.__main__ import DevNode
 from devnet.chain import Anvil
+from vcoind.datadir import DataDir
 
 KINDS = ("kill", "stop", "anvil", "reorg", "rpc_junk")
 
@@ -96,26 +97,31 @@ def rpc_junk(node: DevNode) -> tuple[str, str]:
     clear HTTP error (or a close for bytes that are not HTTP), and the node must still answer
     afterwards. Returns (detail, error)."""
     port = int(str(node.info["rpc_url"]).rstrip("/").rsplit(":", 1)[1])
+    # With the cookie: the bodies must reach the size limit and the JSON parser, not stop
+    # at the authorisation check.
+    auth = f"Authorization: Bearer {DataDir(node.datadir).read_cookie()}\r\n".encode()
     rng = random.Random(port)
     junk = bytes(rng.getrandbits(8) for _ in range(512))
     big = b"[" + b"1," * (2 * 1024 * 1024) + b"1]"
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + auth
     tries = {
         "bytes": junk,
-        "body": b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 512\r\n\r\n" + junk,
-        "oversized": b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(big)}\r\n\r\n".encode()
-        + big,
+        "body": head + b"Content-Length: 512\r\n\r\n" + junk,
+        "oversized": head + f"Content-Length: {len(big)}\r\n\r\n".encode() + big,
     }
     seen, errors = [], []
     for name, payload in tries.items():
         try:
-            head = raw_http(port, payload).split(b"\r\n", 1)[0].decode(errors="replace")
+            reply = raw_http(port, payload)
         except OSError as exc:
-            head = f"({type(exc).__name__})"
-        seen.append(f"{name}: {head or '(closed)'}")
-        if name != "bytes" and not head.startswith(("HTTP/1.1 4", "HTTP/1.0 4")):
-            errors.append(f"{name} got {head or 'no answer'}")
+            reply = f"({type(exc).__name__})".encode()
+        status = reply.split(b"\r\n", 1)[0].decode(errors="replace")
+        seen.append(f"{name}: {status or '(closed)'}")
+        # A clear error: an HTTP 4xx, or a JSON-RPC error object (HTTP 200, as the spec says)
+        clear = status.startswith(("HTTP/1.1 4", "HTTP/1.0 4")) or (
+            status.startswith("HTTP/1.1 200") and b'"error"' in reply)  # fmt: skip
+        if name != "bytes" and not clear:
+            errors.append(f"{name} got {status or 'no answer'}")
     try:
         node.rpc.call("vcoin_nodeInfo")
     except Exception as exc:
