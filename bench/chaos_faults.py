@@ -103,7 +103,11 @@ def rpc_junk(node: DevNode) -> tuple[str, str]:
     rng = random.Random(port)
     junk = bytes(rng.getrandbits(8) for _ in range(512))
     big = b"[" + b"1," * (2 * 1024 * 1024) + b"1]"
-    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + auth
+    head = (
+        f"POST / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()
+        + auth
+        + (b"Content-Type: application/json\r\n")
+    )
     tries = {
         "bytes": junk,
         "body": head + b"Content-Length: 512\r\n\r\n" + junk,
