@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 
@@ -38,6 +39,10 @@ def test_adaptive_interval_bounds_presence_traffic() -> None:
     assert adaptive_interval(5.0, 20) == 5.0  # 21 nodes: 21 / log2(21) = 4.8 s
     assert adaptive_interval(5.0, 1023) == 102.4  # 1024 nodes / (1 x log2 1024) per second
     assert adaptive_interval(200.0, 1023) == 200.0
+    # a faster configured pace (devnet 1 s, tests 0.3 s) scales the budget up in proportion
+    assert adaptive_interval(0.3, 2) == 0.3
+    assert adaptive_interval(1.0, 2) == 1.0
+    assert math.isclose(adaptive_interval(1.0, 99), 0.2 * 100 / math.log2(100))  # 3 s
 
 
 @pytest.fixture

@@ -6,10 +6,13 @@ changes (at once, not at the next beat) and every ``FULL_EVERY`` beats, so a rec
 missed a change learns it within that many beats even if it never asks.
 
 The interval grows with the network: for N nodes (the peer table + us) it is
-max(configured, N / (PRESENCE_RATE x log2 N)) seconds, so each node takes about
-PRESENCE_RATE x log2 N presence messages a second (plus GossipSub's duplicates, a
-constant factor): logarithmic in N, where a fixed interval is linear. Receivers expire a
-peer after a multiple of the interval it announces (``PeerTable.expiry_for``).
+max(configured, s x N / (PRESENCE_RATE x log2 N)) seconds, with s = 1 at the default 5 s
+interval (or slower), so each node takes about PRESENCE_RATE x log2 N presence messages a
+second (plus GossipSub's duplicates, a constant factor): logarithmic in N, where a fixed
+interval is linear. A faster configured interval (a devnet's 1 s, tests' 0.3 s) scales the
+budget up in proportion (s = configured / 5 s), so small fast networks keep their pace.
+Receivers expire a peer after a multiple of the interval it announces
+(``PeerTable.expiry_for``).
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ log = logging.getLogger("vcoind.heartbeat")
 # Presence messages a node takes per second, per log2 of the network's size (N = 1000:
 # about 10 a second, the interval 100 s).
 PRESENCE_RATE = 1.0
+# The interval PRESENCE_RATE is stated for (the daemon's default); a faster configured one
+# raises the budget in proportion.
+REFERENCE_INTERVAL_S = 5.0
 # A full heartbeat at least every this many beats (the rest are Beats, unless it changed).
 FULL_EVERY = 10
 
@@ -65,11 +71,13 @@ class Capabilities:
 
 def adaptive_interval(base: float, peer_count: int) -> float:
     """The heartbeat interval for a node that knows ``peer_count`` peers:
-    max(base, N / (PRESENCE_RATE x log2 N)) with N = peer_count + 1 nodes."""
+    max(base, s x N / (PRESENCE_RATE x log2 N)) with N = peer_count + 1 nodes and
+    s = min(base, REFERENCE_INTERVAL_S) / REFERENCE_INTERVAL_S."""
     n = peer_count + 1
     if n < 2:
         return base
-    return max(base, n / (PRESENCE_RATE * math.log2(n)))
+    scale = min(base, REFERENCE_INTERVAL_S) / REFERENCE_INTERVAL_S
+    return max(base, scale * n / (PRESENCE_RATE * math.log2(n)))
 
 
 class HeartbeatService:
