@@ -32,6 +32,9 @@ REANNOUNCE_S = 1.0
 # task's model before it announces it: its no-bid timeout is for the network's answer, not
 # for reconnecting to it.
 REJOIN_S = 60.0
+# A consensus task with fewer bids than replicas when its window closes, while nodes known
+# to serve the model have not bid, waits up to this many more windows for them.
+SHORT_OF_REPLICAS_WINDOWS = 4
 LOW_REPUTATION = DEFAULT_REPUTATION / 2
 
 
@@ -167,6 +170,16 @@ class Bidding:
 
         with trio.move_on_after(cfg.bid_window_s):
             while not live.cancelled and not enough():
+                await live.changed.wait()
+
+        def short() -> bool:  # a consensus task without its replicas, known servers silent
+            bidders = {b.peer_id for b in live.bids}
+            return len(bidders) < want and bool(expected - bidders)
+
+        # A consensus task short of replicas while known servers have not bid yet (a busy
+        # node's bid is late) waits a little longer for them rather than run with fewer.
+        with trio.move_on_after(SHORT_OF_REPLICAS_WINDOWS * cfg.bid_window_s):
+            while not live.cancelled and short():
                 await live.changed.wait()
         live.dispatch["bids_s"] = since(row)
         await self._tasks.add_bids(row.id, [_bid_row(b) for b in live.bids])
