@@ -144,11 +144,14 @@ def test_schedule_is_seeded_and_has_every_kind() -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not has_anvil(), reason="anvil is not installed")
+@pytest.mark.skipif(os.environ.get("VCOIN_CHAOS") != "1",
+                    reason="the short chaos run takes about 4 min on 2 cores and CI's 30-minute "
+                    "budget has no room for it yet: VCOIN_CHAOS=1 runs it")  # fmt: skip
 def test_short_seeded_chaos_run_passes_every_invariant(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     t0 = time.monotonic()
     r = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "chaos.py"), "--tasks", "30", "--minutes", "1.5",
+        [sys.executable, str(ROOT / "bench" / "chaos.py"), "--tasks", "16", "--minutes", "0.75",
          "--seed", "7", "--dir", str(tmp_path / "run"), "--json", str(out)],
         capture_output=True, text=True, timeout=420, env={**os.environ, "TRITON_INTERPRET": "1"},
     )  # fmt: skip
