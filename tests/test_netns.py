@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,16 +117,23 @@ def serves_a_model(node: NsNode, peer: str) -> bool:
     return any(p["peer_id"] == peer and p["models"] for p in node.rpc.call("vcoin_peers"))
 
 
+def served_by_the_worker(net: Net, origin: NsNode) -> dict[str, Any]:
+    """A task submitted at ``origin``, once it has heard that the NATed worker serves the
+    model, completed by the worker."""
+    worker = net.worker.info["peer_id"]
+    wait_until(lambda: serves_a_model(origin, worker), 20,
+               "the origin to hear that the worker serves the model")  # fmt: skip
+    req = {"model": TEST_MODEL, "input": "hello", "parameters": {"max_new_tokens": 8}}
+    t = run_task(origin, req, 60)
+    assert t["status"] == "completed", t.get("error")
+    assert t["node_id"] == worker
+    return t
+
+
 def test_a_task_on_the_public_node_is_served_behind_the_nat(net: Net) -> None:
     """The public node serves no model: its task reaches the NATed worker over the
     connection the worker dialled out."""
-    worker = net.worker.info["peer_id"]
-    wait_until(lambda: serves_a_model(net.public, worker), 20,
-               "the public node to hear that the worker serves the model")  # fmt: skip
-    req = {"model": TEST_MODEL, "input": "hello", "parameters": {"max_new_tokens": 8}}
-    t = run_task(net.public, req, 60)
-    assert t["status"] == "completed", t.get("error")
-    assert t["node_id"] == worker
+    t = served_by_the_worker(net, net.public)
     assert t["result"]
 
 
@@ -135,13 +143,7 @@ def test_a_task_between_nated_nodes_goes_through_the_relay_then_direct(net: Net)
     connection through both NATs (each dials the other's NAT from its listen port), which
     the kernel in the worker's namespace shows as a connection from NAT 2's public IP, and
     the next task goes over it."""
-    worker = net.worker.info["peer_id"]
-    wait_until(lambda: serves_a_model(net.requester, worker), 20,
-               "the requester hears that the worker serves the model")  # fmt: skip
-    req = {"model": TEST_MODEL, "input": "hello", "parameters": {"max_new_tokens": 8}}
-    t = run_task(net.requester, req, 60)
-    assert t["status"] == "completed", t.get("error")
-    assert t["node_id"] == worker
+    served_by_the_worker(net, net.requester)
     logs = [(n.datadir / "vcoind.log").read_text() for n in (net.worker, net.requester)]
     assert any("through a relay" in text for text in logs)
 
@@ -153,8 +155,7 @@ def test_a_task_between_nated_nodes_goes_through_the_relay_then_direct(net: Net)
     nat2 = net.bed.nated[1].nat_ip
     wait_until(lambda: nat2 in established_peers(net.bed.nated[0].ns), 10,
                f"a direct connection from {nat2} in the worker's namespace")  # fmt: skip
-    t = run_task(net.requester, req, 60)
-    assert t["status"] == "completed" and t["node_id"] == worker, t.get("error")
+    served_by_the_worker(net, net.requester)
 
 
 def test_skip_reason_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
