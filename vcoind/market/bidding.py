@@ -2,8 +2,9 @@
 
 Tasks waiting to be announced leave together (one ``TaskAnnounce`` per burst, so one
 ``Bid`` per bidder per burst as well); this node bids on them too. Bids come to the
-origin alone, on the task protocol (``take_direct``). The bid window
-closes early once every node known to serve the model has bid, and the bids are ranked
+origin alone, on ``/vcoin/bid/1.0.0`` (``Origin.on_direct_bid``). The bid window closes
+early once every node known to serve the model has bid (a consensus task short of replicas
+waits a few windows more for known servers), and the bids are ranked
 with the configured strategy, then by reputation, on what this origin measured of each
 bidder rather than what the bid claims (``vcoind.market.observed``).
 """
